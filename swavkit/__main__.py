@@ -1,0 +1,7 @@
+"""``python -m swavkit`` and ``torchrun -m swavkit``."""
+
+import sys
+
+from swavkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,360 @@
+"""The one typed source of defaults: dataclasses, YAML files that hold only what they change, and
+``key=value`` overrides. Unknown keys and wrong types raise :class:`ConfigError` with one line.
+
+Defaults follow the SwAV paper (ImageNet, ResNet-50, 2x224 + 6x96 crops); ``configs/`` holds recipes
+that change only what they need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, described in one line that names the key."""
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class DataConfig:
+    path: str = _help("folder of images, flat or nested; class folders are ignored. Empty = the bundled "
+                      "Fashion-MNIST sample", default="")
+    num_workers: int = _help("DataLoader worker processes; 0 decodes in the training process", default=4)
+    pin_memory: bool = _help("page-locked host memory for faster host-to-GPU copies", default=True)
+    prefetch_factor: int = _help("batches each worker prepares ahead", default=4)
+
+
+@dataclass
+class CropsConfig:
+    """Multi-crop recipe, one entry per resolution group, large crops first."""
+    counts: list[int] = _help("crops per resolution group", default_factory=lambda: [2, 6])
+    sizes_px: list[int] = _help("output side length of each group's crops", default_factory=lambda: [224, 96])
+    min_scales: list[float] = _help("smallest crop area as a fraction of the image", default_factory=lambda: [0.14, 0.05])
+    max_scales: list[float] = _help("largest crop area as a fraction of the image", default_factory=lambda: [1.0, 0.14])
+    color_jitter_strength: float = _help("s in ColorJitter(0.8s, 0.8s, 0.8s, 0.2s); lower it if training collapses",
+                                         default=1.0)
+    color_jitter_probability: float = _help("probability of applying colour jitter", default=0.8)
+    grayscale_probability: float = _help("probability of converting a crop to grey", default=0.2)
+    blur_probability: float = _help("probability of Gaussian blur (sigma 0.1..2); usually 0 for 32 px data",
+                                    default=0.5)
+    mean: list[float] = _help("normalisation mean (RGB)", default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = _help("normalisation std (RGB)", default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = _help("any timm model name, created with num_classes=0 (e.g. resnet18, resnet50, "
+                          "vit_small_patch16_224)", default="resnet50")
+    backbone_kwargs: dict = _help("extra keyword arguments for timm.create_model", default_factory=dict)
+    hidden_dim: int = _help("projection head hidden width; 0 = a single linear layer", default=2048)
+    output_dim: int = _help("embedding dimension fed to the prototypes", default=128)
+    n_prototypes: int = _help("K, number of prototypes (clusters); ~10x the number of classes you expect. "
+                              "Collapse shows as loss at ln K", default=3000)
+    sync_batchnorm: str = _help("none | node | global: BatchNorm statistics across GPUs (per node like the "
+                                "reference, or the whole job)", default="none")
+    channels_last: bool = _help("NHWC memory format for convolutional backbones (faster on GPUs with bf16)",
+                                default=False)
+    compile: bool = _help("torch.compile the backbone (opt-in; the first steps are slow while it compiles)",
+                          default=False)
+
+
+@dataclass
+class SwAVConfig:
+    epsilon: float = _help("Sinkhorn entropy regulariser; lower = sharper codes. If the loss sits at ln K, "
+                           "try 0.03", default=0.05)
+    sinkhorn_iterations: int = _help("Sinkhorn-Knopp iterations", default=3)
+    sinkhorn_fp64: bool = _help("run Sinkhorn in float64 (slower; for very small epsilon)", default=False)
+    temperature: float = _help("softmax temperature of the swapped prediction", default=0.1)
+    assignment_crops: list[int] = _help("indices of the crops whose codes are predicted", default_factory=lambda: [0, 1])
+    queue_length: int = _help("global queue of past embeddings per assignment crop (0 = off); needs to be a "
+                              "multiple of the global batch. Use it when batch < ~1000", default=0)
+    queue_start_epoch: int = _help("epoch at which the queue starts filling; it is used once full", default=15)
+    freeze_prototypes_epochs: float = _help("epochs (fractions allowed) during which prototypes get no gradient",
+                                            default=1.0)
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = _help("lars | sgd | adamw | auto (adamw for transformer backbones, lars otherwise)",
+                           default="auto")
+    base_lr: float = _help("learning rate at a global batch of reference_batch_size; scaled linearly",
+                           default=0.6)
+    reference_batch_size: int = _help("global batch at which base_lr applies", default=256)
+    final_lr: float = _help("LR at the end of the cosine, as a fraction of the peak LR", default=0.001)
+    warmup_epochs: float = _help("linear warm-up length", default=10.0)
+    warmup_start_lr: float = _help("LR at step 0, as a fraction of the peak LR", default=0.5)
+    weight_decay: float = _help("weight decay (not applied to biases and norm layers)", default=1e-6)
+    momentum: float = _help("SGD/LARS momentum", default=0.9)
+    lars_trust_coefficient: float = _help("LARS trust coefficient", default=0.001)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _help("passes over the data", default=100)
+    batch_size: int = _help("GLOBAL batch (all processes together); must divide by the number of processes",
+                            default=256)
+    precision: str = _help("auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs that support it, fp32 on CPU)",
+                           default="auto")
+    device: str = _help("auto | cpu | cuda", default="auto")
+    log_every_steps: int = _help("steps between metrics.jsonl lines", default=10)
+    checkpoint_every_minutes: float = _help("wall time between checkpoints (also saved each epoch and at exit)",
+                                            default=10.0)
+    checkpoint_every_steps: int = _help("steps between checkpoints (0 = by time only)", default=0)
+    skip_nonfinite_steps: int = _help("non-finite losses to skip before stopping (0 = stop at the first)",
+                                      default=0)
+    collapse_patience_steps: int = _help("steps with the loss within 1% of ln K before the collapse warning",
+                                         default=200)
+
+
+@dataclass
+class MonitorConfig:
+    """Online k-NN on a labelled folder while pretraining."""
+    knn_data: str = _help("ImageFolder tree with train/ and val/ (or class folders); empty = off", default="")
+    every_epochs: int = _help("epochs between k-NN evaluations", default=1)
+    k: int = _help("neighbours", default=20)
+    image_size: int = _help("eval image side (0 = the large crop size)", default=0)
+    max_images: int = _help("cap on train images used (0 = all)", default=5000)
+
+
+@dataclass
+class Config:
+    out_dir: str = _help("run directory: config.yaml, metrics.jsonl, checkpoints/, backbone/", default="runs/swav")
+    seed: int = _help("seed for weights, sampling and augmentation", default=0)
+    data: DataConfig = field(default_factory=DataConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    swav: SwAVConfig = field(default_factory=SwAVConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+
+# ----------------------------------------------------------------------------------------------------
+# dict <-> dataclass with type checking
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check/convert one value against its annotation; YAML already parsed numbers and bools."""
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if annotation is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def _apply(obj, updates: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for name, value in updates.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            close = [n for n in names if n.startswith(str(name)[:3])]
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(f"unknown config key '{key}'{hint}; see `swavkit pretrain --help-config`")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping of sub-keys, got {value!r}")
+            _apply(current, value, prefix=f"{key}.")
+        else:
+            setattr(obj, name, _coerce(value, hints[name], key))
+
+
+def from_dict(data: dict) -> Config:
+    cfg = Config()
+    _apply(cfg, data or {})
+    return cfg
+
+
+def parse_override(text: str) -> dict:
+    """``a.b.c=value`` -> {"a": {"b": {"c": value}}}; the value is parsed as YAML (numbers, lists, bools)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not key=value (e.g. train.epochs=10)")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    if value is None:
+        value = ""
+    nested: dict = {}
+    node = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict, update: dict) -> dict:
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    return data
+
+
+def load_config(config_files: list[str | Path] = (), overrides: list[str] = ()) -> Config:
+    """Defaults <- each YAML file in order <- key=value overrides; then validated."""
+    merged: dict = {}
+    for path in config_files:
+        _merge(merged, read_yaml(path))
+    for text in overrides:
+        _merge(merged, parse_override(text))
+    cfg = from_dict(merged)
+    validate(cfg)
+    return cfg
+
+
+def save_yaml(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------------------
+# validation: every message names the key
+
+CHOICES = {
+    "model.sync_batchnorm": ("none", "node", "global"),
+    "optim.optimizer": ("auto", "lars", "sgd", "adamw"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    c = cfg.crops
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(choices)}")
+    n_groups = len(c.counts)
+    for name in ("sizes_px", "min_scales", "max_scales"):
+        if len(getattr(c, name)) != n_groups:
+            raise ConfigError(f"crops.{name}: has {len(getattr(c, name))} entries but crops.counts has {n_groups}; "
+                              "give one value per resolution group")
+    if n_groups == 0:
+        raise ConfigError("crops.counts: needs at least one resolution group")
+    for i in range(n_groups):
+        if c.counts[i] < 1:
+            raise ConfigError(f"crops.counts[{i}]: must be >= 1, got {c.counts[i]}")
+        if c.sizes_px[i] < 1:
+            raise ConfigError(f"crops.sizes_px[{i}]: must be >= 1, got {c.sizes_px[i]}")
+        if not 0.0 < c.min_scales[i] <= c.max_scales[i] <= 1.0:
+            raise ConfigError(f"crops.min_scales[{i}]/max_scales[{i}]: need 0 < min <= max <= 1, got "
+                              f"{c.min_scales[i]}..{c.max_scales[i]}")
+    if list(c.sizes_px) != sorted(c.sizes_px, reverse=True):
+        raise ConfigError("crops.sizes_px: list the resolution groups from largest to smallest")
+    n_crops = sum(c.counts)
+    if n_crops < 2:
+        raise ConfigError("crops.counts: swapped prediction needs at least 2 crops in total")
+    for i in cfg.swav.assignment_crops:
+        if not 0 <= i < n_crops:
+            raise ConfigError(f"swav.assignment_crops: crop index {i} is outside 0..{n_crops - 1}")
+    if not cfg.swav.assignment_crops:
+        raise ConfigError("swav.assignment_crops: needs at least one crop index")
+    if len(c.mean) != 3 or len(c.std) != 3:
+        raise ConfigError("crops.mean/crops.std: give three values (RGB)")
+    positive = {
+        "model.n_prototypes": cfg.model.n_prototypes, "model.output_dim": cfg.model.output_dim,
+        "train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
+        "train.log_every_steps": cfg.train.log_every_steps, "swav.sinkhorn_iterations": cfg.swav.sinkhorn_iterations,
+        "optim.reference_batch_size": cfg.optim.reference_batch_size,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    strictly_positive_floats = {"swav.epsilon": cfg.swav.epsilon, "swav.temperature": cfg.swav.temperature,
+                                "optim.base_lr": cfg.optim.base_lr}
+    for key, value in strictly_positive_floats.items():
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"{key}: must be a positive number, got {value}")
+    non_negative = {"model.hidden_dim": cfg.model.hidden_dim, "data.num_workers": cfg.data.num_workers,
+                    "swav.queue_length": cfg.swav.queue_length, "swav.queue_start_epoch": cfg.swav.queue_start_epoch,
+                    "swav.freeze_prototypes_epochs": cfg.swav.freeze_prototypes_epochs,
+                    "optim.warmup_epochs": cfg.optim.warmup_epochs, "optim.weight_decay": cfg.optim.weight_decay,
+                    "train.checkpoint_every_steps": cfg.train.checkpoint_every_steps,
+                    "train.skip_nonfinite_steps": cfg.train.skip_nonfinite_steps}
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if cfg.train.batch_size % world_size:
+        raise ConfigError(f"train.batch_size: the global batch {cfg.train.batch_size} does not divide by "
+                          f"{world_size} processes; use a multiple of {world_size}")
+    if cfg.swav.queue_length and cfg.swav.queue_length % cfg.train.batch_size:
+        raise ConfigError(f"swav.queue_length: {cfg.swav.queue_length} is not a multiple of the global batch "
+                          f"{cfg.train.batch_size}; try {max(1, round(cfg.swav.queue_length / cfg.train.batch_size)) * cfg.train.batch_size}")
+
+
+def describe(cls=Config, prefix: str = "") -> list[str]:
+    """Lines ``key (type, default): help`` for --help-config."""
+    lines = []
+    default = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(default, f.name)
+        if dataclasses.is_dataclass(value):
+            lines.extend(describe(type(value), f"{prefix}{f.name}."))
+        else:
+            type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            lines.append(f"{prefix}{f.name} ({type_name}, default {value!r}): {f.metadata.get('help', '')}")
+    return lines
+

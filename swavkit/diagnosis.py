@@ -1,0 +1,71 @@
+"""Collapse diagnosis: recognise the loss sitting at ln K (every sample gets the uniform code).
+
+When the codes are uniform the swapped cross-entropy is exactly ln K whatever the predictions, so a
+loss that stays within a small margin of ln K means nothing is being learned. A healthy run leaves
+ln K within the first few hundred steps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LEVERS = (
+    "lower swav.epsilon (e.g. 0.05 -> 0.03) so the codes are sharper",
+    "freeze the prototypes longer (swav.freeze_prototypes_epochs)",
+    "start the queue later or make it shorter (swav.queue_start_epoch, swav.queue_length)",
+    "soften the augmentation (crops.color_jitter_strength, larger crops.min_scales)",
+    "lower the learning rate (optim.base_lr)",
+)
+
+
+@torch.no_grad()
+def code_statistics(codes: torch.Tensor) -> dict:
+    """Usage of the prototypes by a batch of codes Q [B, K] (rows sum to 1).
+
+    Returns the number of prototypes that are some sample's argmax, and the entropy (nats) of the mean
+    code distribution; ln K means the batch spreads over all prototypes evenly.
+    """
+    K = codes.shape[1]
+    used = int(torch.bincount(codes.argmax(dim=1), minlength=K).count_nonzero())
+    mean_code = codes.float().mean(dim=0)
+    entropy = float(-(mean_code * mean_code.clamp_min(1e-12).log()).sum())
+    return {"prototypes_used": used, "code_entropy": entropy}
+
+
+class CollapseMonitor:
+    """Feed it (step, loss) at every logging step; ``update`` returns a warning text once, when the loss has
+    stayed within ``relative_margin`` of ln K for ``patience_steps`` steps."""
+
+    def __init__(self, n_prototypes: int, patience_steps: int = 200, relative_margin: float = 0.01):
+        self.ln_k = math.log(n_prototypes)
+        self.patience_steps = patience_steps
+        self.relative_margin = relative_margin
+        self.since_step: int | None = None
+        self.warned = False
+
+    def is_near_ln_k(self, loss: float) -> bool:
+        return abs(loss - self.ln_k) <= self.relative_margin * self.ln_k
+
+    def update(self, step: int, loss: float, prototypes_used: int | None = None) -> str | None:
+        if not self.is_near_ln_k(loss):
+            self.since_step = None
+            return None
+        if self.since_step is None:
+            self.since_step = step
+        if self.warned or step - self.since_step < self.patience_steps:
+            return None
+        self.warned = True
+        usage = f", {prototypes_used} prototypes in use" if prototypes_used is not None else ""
+        levers = "; ".join(f"({i}) {lever}" for i, lever in enumerate(LEVERS, 1))
+        return (f"collapse: the loss has stayed at ln K = {self.ln_k:.3f} (now {loss:.3f}{usage}) since step "
+                f"{self.since_step}, so every image gets the same uniform code and nothing is learned. "
+                f"Try, in this order: {levers}.")
+
+    def state_dict(self) -> dict:
+        return {"since_step": -1 if self.since_step is None else self.since_step, "warned": self.warned}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.since_step = None if state.get("since_step", -1) < 0 else int(state["since_step"])
+        self.warned = bool(state.get("warned", False))

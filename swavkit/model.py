@@ -1,0 +1,111 @@
+"""Backbone (any timm model, wrapped, never copied) + projection head + L2-normalised prototypes."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import timm
+
+# Families that take several input resolutions only when told so (multi-crop feeds 224 and 96 px).
+_DYNAMIC_SIZE_PREFIXES = ("vit_", "deit", "eva", "beit", "flexivit", "vit-", "samvit")
+
+
+def is_transformer(name: str) -> bool:
+    return name.startswith(_DYNAMIC_SIZE_PREFIXES) or "vit" in name.split("_")[0]
+
+
+def create_backbone(name: str, **kwargs) -> nn.Module:
+    """``timm.create_model(name, num_classes=0)`` returning pooled features [N, num_features].
+
+    Never downloads weights (pretrained=False). Vision transformers get ``dynamic_img_size=True`` so the
+    small crops go through the same model.
+    """
+    if not timm.is_model(name):
+        raise ValueError(f"model.backbone: '{name}' is not a timm model name (see timm.list_models())")
+    kwargs = dict(kwargs)
+    if is_transformer(name):
+        kwargs.setdefault("dynamic_img_size", True)
+    return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+
+
+class ProjectionHead(nn.Module):
+    """Linear(d, hidden) -> BN -> ReLU -> Linear(hidden, out); hidden_dim=0 gives a single Linear."""
+
+    def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 128):
+        super().__init__()
+        if hidden_dim:
+            self.layers = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim),
+                                        nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+        else:
+            self.layers = nn.Sequential(nn.Linear(in_dim, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, in_dim] -> [N, out_dim]"""
+        return self.layers(x)
+
+
+class Prototypes(nn.Module):
+    """K prototype vectors c_k (rows of ``weight``, [K, dim]); scores are z @ C^T."""
+
+    def __init__(self, dim: int, n_prototypes: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_prototypes, dim))
+        nn.init.normal_(self.weight)
+        self.normalize_()
+
+    @torch.no_grad()
+    def normalize_(self) -> None:
+        """Project rows back onto the unit sphere (done before each step, so scores are cosines)."""
+        self.weight.copy_(F.normalize(self.weight, dim=1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """[N, dim] unit embeddings -> [N, K] scores."""
+        return F.linear(z, self.weight)
+
+
+class SwAVModel(nn.Module):
+    """Composes backbone, head and prototypes; forward takes the list of crops of one batch.
+
+    Grouped forward: consecutive crops of the same size are concatenated and run through the backbone in
+    one call per resolution (BN statistics are per resolution group, as in the reference); the head
+    and prototypes then run once over all crops.
+    """
+
+    def __init__(self, backbone: nn.Module, head: ProjectionHead, prototypes: Prototypes):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.prototypes = prototypes
+
+    @property
+    def n_prototypes(self) -> int:
+        return self.prototypes.weight.shape[0]
+
+    def embed(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        """V crops of [B, 3, H_v, W_v] -> backbone features [V*B, d], crop-major."""
+        features = []
+        start = 0
+        while start < len(crops):
+            end = start
+            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+                end += 1
+            features.append(self.backbone(torch.cat(crops[start:end])))
+            start = end
+        return torch.cat(features)
+
+    def forward(self, crops: list[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (z [V*B, out_dim] unit-norm embeddings, scores [V*B, K]) in crop-major order."""
+        if isinstance(crops, torch.Tensor):
+            crops = [crops]
+        z = self.head(self.embed(crops))
+        # Normalising here, not in the caller, makes it impossible to feed raw embeddings to the
+        # prototypes (the classic source of NaNs in Sinkhorn).
+        z = F.normalize(z.float(), dim=1).to(z.dtype)
+        return z, self.prototypes(z)
+
+
+def build_model(backbone: str, n_prototypes: int, hidden_dim: int = 2048, output_dim: int = 128,
+                backbone_kwargs: dict | None = None) -> SwAVModel:
+    net = create_backbone(backbone, **(backbone_kwargs or {}))
+    return SwAVModel(net, ProjectionHead(net.num_features, hidden_dim, output_dim), Prototypes(output_dim, n_prototypes))
