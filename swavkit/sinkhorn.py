@@ -9,6 +9,8 @@ iteration and never writes it; the result is the same as the reference's alterna
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from swavkit import distributed
@@ -20,8 +22,7 @@ class NonFiniteCodesError(FloatingPointError):
 
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3, *,
-             dtype: torch.dtype = torch.float32, distributed_sums: bool = True,
-             check_finite: bool = False) -> torch.Tensor:
+             dtype: torch.dtype = torch.float32, distributed_sums: bool = True) -> torch.Tensor:
     """Equipartitioned soft codes for a batch of prototype scores.
 
     Args:
@@ -32,25 +33,34 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3, *,
         dtype: float32 by default; float64 for very small epsilon.
         distributed_sums: in a torch.distributed run, all-reduce the per-prototype sums so the
             constraint "every prototype gets 1/K of the mass" holds over the global batch.
-        check_finite: raise :class:`NonFiniteCodesError` on NaN/inf (one host sync).
+
+    Raises NonFiniteCodesError when the scores themselves hold NaN/inf (checked with one host sync).
 
     Returns:
         Q: [B, K] codes in ``dtype``; every row (sample) sums to 1 and every column (prototype) sums
         to about B_global / K over all ranks.
     """
     B, K = scores.shape
-    # Subtracting each sample's own max cannot change the result (a per-sample factor is absorbed by
-    # v) but it bounds every exponent by 0, so nothing can overflow, even at epsilon 0.01 in fp16
-    # inputs, and it needs no communication since a sample lives on one rank.
-    P = scores.detach().to(dtype)
-    P = (P - P.amax(dim=1, keepdim=True)).mul_(1.0 / epsilon).exp_()  # [B, K], values in (0, 1]
+    # Overflow: exp(scores / epsilon) is e^20 at cosine 1 and epsilon 0.05 (fp16 max is 65504), and far
+    # more for unnormalised scores. We factor Q0 = exp((S - m) / epsilon) with m the global max as
+    # P * v0, where P = exp((S - m_b) / epsilon) uses each sample's own max m_b (every column of P has
+    # a 1, so it never underflows to all zeros) and v0_b = exp((m_b - m) / epsilon) <= 1. A global
+    # factor is removed by the first prototype step, so this is exactly the reference algorithm, with
+    # every exponent <= 0. Where the reference's columns underflow to 0/0 = NaN, v0_b is 0 and the
+    # first sample step restores a finite scaling.
+    S = scores.detach().to(dtype)
+    sample_max = S.amax(dim=1, keepdim=True)  # [B, 1]
+    global_max = sample_max.max().reshape(1)
+    if distributed_sums:
+        distributed.all_reduce_max(global_max)
+    P = (S - sample_max).mul_(1.0 / epsilon).exp_()  # [B, K], values in (0, 1]
+    v = (sample_max.squeeze(1) - global_max).mul_(1.0 / epsilon).exp_()  # [B] per-sample scaling
 
     B_global = torch.tensor([float(B)], dtype=dtype, device=P.device)
     if distributed_sums:
         distributed.all_reduce_sum(B_global)
 
     tiny = torch.finfo(dtype).tiny
-    v = torch.ones(B, dtype=dtype, device=P.device)  # per-sample scaling
     u = torch.empty(K, dtype=dtype, device=P.device)  # per-prototype scaling
     for _ in range(n_iters):
         # prototype step: row sums of Q = Diag(u) P^T Diag(v) must be 1/K
@@ -66,8 +76,36 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3, *,
 
     # Final column normalisation to sum 1 (reference: Q *= B after the last 1/B step).
     Q = P.mul_(u).mul_((v * B_global).unsqueeze(1))
-    if check_finite and not bool(torch.isfinite(Q).all()):
-        raise NonFiniteCodesError(
-            "Sinkhorn produced non-finite codes: the prototype scores contain NaN/inf. Likely causes: a "
-            "learning rate that is too high, or fp16 overflow in the backbone (use precision=bf16 or fp32)")
+    # Beyond about 87 nats of spread (fp32), e.g. epsilon 0.01 with outlying samples, the scalings
+    # themselves leave the float range; the log-domain version then gives the same answer slowly.
+    if not bool(torch.isfinite(Q).all()):
+        if not bool(torch.isfinite(scores).all()):
+            raise NonFiniteCodesError(
+                "Sinkhorn got non-finite prototype scores (NaN/inf). Likely causes: a learning rate that is too "
+                "high, or fp16 overflow in the backbone (use train.precision=bf16 or fp32)")
+        Q = _sinkhorn_log_domain(S, epsilon, n_iters, B_global, distributed_sums)
     return Q
+
+
+def _logsumexp_over_samples(L: torch.Tensor, distributed_sums: bool) -> torch.Tensor:
+    """log sum_b exp(L[b, k]) over the samples of every rank -> [K]."""
+    m = L.amax(dim=0)
+    if distributed_sums:
+        distributed.all_reduce_max(m)
+    total = (L - m).exp().sum(dim=0)
+    if distributed_sums:
+        distributed.all_reduce_sum(total)
+    return m + total.log()
+
+
+def _sinkhorn_log_domain(S: torch.Tensor, epsilon: float, n_iters: int, B_global: torch.Tensor,
+                         distributed_sums: bool) -> torch.Tensor:
+    """Same iterations on log u and log v with log-sum-exp: never overflows, about 3x slower. S: [B, K]."""
+    B, K = S.shape
+    L = S / epsilon
+    log_v = torch.zeros(B, dtype=S.dtype, device=S.device)
+    log_B = B_global.log()
+    for _ in range(n_iters):
+        log_u = -math.log(K) - _logsumexp_over_samples(L + log_v.unsqueeze(1), distributed_sums)
+        log_v = -log_B - torch.logsumexp(L + log_u.unsqueeze(0), dim=1)
+    return (L + log_u.unsqueeze(0) + (log_v + log_B).unsqueeze(1)).exp_()

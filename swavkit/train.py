@@ -223,13 +223,14 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
     # ================================================================================================
     # 6. resume: weights, optimiser, step, queue, RNG
     # ================================================================================================
-    step, nonfinite_skipped = 0, 0
+    step, nonfinite_skipped, last_loss = 0, 0, float("nan")
     skipped_files: set[str] = set()
     if resume is not None:
         core.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])
         step, nonfinite_skipped = int(resume["step"]), int(resume.get("nonfinite_skipped", 0))
+        last_loss = float(resume.get("last_loss", float("nan")))
         collapse.load_state_dict(resume.get("collapse", {}))
         skipped_files = set(resume.get("skipped_files", []))
         per_rank = resume["per_rank"]
@@ -254,7 +255,7 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
             save_atomic({"format": CHECKPOINT_FORMAT, "config": to_dict(cfg), "step": step,
                          "model": core.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "per_rank": per_rank, "collapse": collapse.state_dict(),
-                         "nonfinite_skipped": nonfinite_skipped, "skipped_files": sorted(skipped_files)},
+                         "nonfinite_skipped": nonfinite_skipped, "last_loss": last_loss, "skipped_files": sorted(skipped_files)},
                         checkpoint_path)
         distributed.barrier()
 
@@ -274,7 +275,6 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
     # ================================================================================================
     model.train()
     V, B = n_crops, per_rank_batch
-    last_loss = float("nan")
     last_save_time = time.monotonic()
     window = {"loss": torch.zeros((), device=device), "steps": 0, "wait_s": 0.0, "start": time.perf_counter()}
     bar = tqdm(total=total_steps, initial=step, disable=not (progress and is_main), desc="pretrain",

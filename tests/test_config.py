@@ -1,0 +1,63 @@
+import subprocess
+import sys
+
+import pytest
+
+from swavkit.config import Config, ConfigError, load_config, parse_override, validate
+
+
+def test_defaults_follow_the_paper():
+    cfg = Config()
+    assert cfg.crops.counts == [2, 6] and cfg.crops.sizes_px == [224, 96]
+    assert cfg.model.n_prototypes == 3000 and cfg.swav.epsilon == 0.05 and cfg.swav.temperature == 0.1
+    validate(cfg)
+
+
+def test_yaml_then_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  backbone: resnet18\ntrain:\n  epochs: 3\n")
+    cfg = load_config([recipe], ["train.epochs=5", "crops.sizes_px=[64,32]", "swav.epsilon=0.03"])
+    assert cfg.model.backbone == "resnet18" and cfg.train.epochs == 5
+    assert cfg.crops.sizes_px == [64, 32] and cfg.swav.epsilon == 0.03
+    assert cfg.model.n_prototypes == 3000  # untouched default
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.n_protos=10", "model.n_protos"),
+    ("train.epochs=ten", "train.epochs"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("model.n_prototypes=0", "model.n_prototypes"),
+    ("crops.sizes_px=[224]", "crops.sizes_px"),
+    ("crops.min_scales=[0.5,2.0]", "crops.min_scales"),
+    ("swav.epsilon=-1", "swav.epsilon"),
+    ("train.precision=fp8", "train.precision"),
+    ("swav.queue_length=1000", "swav.queue_length"),
+    ("nonsense=1", "nonsense"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace(".", r"\.")):
+        load_config([], [override])
+
+
+def test_batch_must_divide_by_world_size():
+    cfg = Config()
+    cfg.train.batch_size = 10
+    with pytest.raises(ConfigError, match="train.batch_size.*4 processes"):
+        validate(cfg, world_size=4)
+
+
+def test_override_parsing():
+    assert parse_override("a.b=[1, 2]") == {"a": {"b": [1, 2]}}
+    assert parse_override("out_dir=runs/x") == {"out_dir": "runs/x"}
+    with pytest.raises(ConfigError):
+        parse_override("novalue")
+
+
+@pytest.mark.parametrize("argv", [["model.n_protos=10"], ["train.epochs=abc"], ["--config", "missing.yaml"]])
+def test_cli_bad_config_exit_2_one_line(tmp_path, argv):
+    proc = subprocess.run([sys.executable, "-m", "swavkit", "pretrain", f"out_dir={tmp_path}", *argv],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "error" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,101 @@
+"""End-to-end training contracts: resume == uninterrupted, export round trip, run-directory layout."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+from conftest import tiny_overrides
+from swavkit import load_backbone
+from swavkit.checkpoint import load_training_checkpoint
+from swavkit.config import ConfigError, load_config
+from swavkit.train import train
+
+
+def run(overrides, **kwargs):
+    return train(load_config([], overrides), progress=False, **kwargs)
+
+
+def assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{key} differs")
+
+
+def test_resume_equals_uninterrupted(image_folder, tmp_path):
+    # Queue of 16 (2 batches) from epoch 0, used once full; 3 epochs x 4 steps; interruptions mid-epoch.
+    extra = {"train.epochs": 3, "swav.queue_length": 16, "swav.queue_start_epoch": 0}
+    full = run(tiny_overrides(image_folder, tmp_path / "full", **extra))
+    assert full.completed and full.step == 12
+
+    parts = tmp_path / "parts"
+    first = run(tiny_overrides(image_folder, parts, **extra), stop_after_steps=3)
+    assert not first.completed and first.step == 3
+    second = run(tiny_overrides(image_folder, parts, **extra), stop_after_steps=6)
+    assert second.step == 6
+    last = run(tiny_overrides(image_folder, parts, **extra))
+    assert last.completed and last.step == 12
+
+    a = load_training_checkpoint(full.checkpoint)
+    b = load_training_checkpoint(last.checkpoint)
+    assert_same_state(a["model"], b["model"])
+    assert_same_state(a["per_rank"][0]["queue"], b["per_rank"][0]["queue"])
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert_same_state(pa, pb)
+    assert full.final_loss == pytest.approx(last.final_loss, abs=1e-6)
+
+
+def test_run_directory_and_export_round_trip(image_folder, tmp_path):
+    result = run(tiny_overrides(image_folder, tmp_path / "run"))
+    out = tmp_path / "run"
+    assert (out / "config.yaml").is_file() and result.checkpoint == out / "checkpoints" / "last.pt"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows and {"step", "epoch", "loss", "lr", "images_per_s", "data_wait_fraction", "prototypes_used",
+                     "ln_k"} <= rows[-1].keys()
+    assert all(0.0 <= r["data_wait_fraction"] <= 1.0 for r in rows)
+
+    # timm loads the export by itself, strictly, with identical outputs
+    net = timm.create_model(f"local-dir:{out / 'backbone'}", pretrained=True).eval()
+    ours = load_backbone(out / "backbone")
+    from_checkpoint = load_backbone(out / "checkpoints" / "last.pt")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ours(x), rtol=0, atol=0)
+        torch.testing.assert_close(net(x), from_checkpoint(x), rtol=0, atol=0)
+    missing, unexpected = net.load_state_dict(ours.state_dict(), strict=False)
+    assert not missing and not unexpected
+
+    # `swavkit export` gives the same folder layout from the checkpoint
+    exported = tmp_path / "exported"
+    proc = subprocess.run([sys.executable, "-m", "swavkit", "export", str(result.checkpoint), str(exported)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    again = timm.create_model(f"local-dir:{exported}", pretrained=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), net(x), rtol=0, atol=0)
+
+
+def test_same_out_dir_with_other_config_refuses_then_restart(image_folder, tmp_path):
+    run(tiny_overrides(image_folder, tmp_path / "r", **{"train.epochs": 1}))
+    with pytest.raises(ConfigError, match="different config.*model.n_prototypes"):
+        run(tiny_overrides(image_folder, tmp_path / "r", **{"model.n_prototypes": 7}))
+    restarted = train(load_config([], tiny_overrides(image_folder, tmp_path / "r", **{"model.n_prototypes": 7,
+                                                                                        "train.epochs": 1})),
+                      restart=True, progress=False)
+    assert restarted.completed and restarted.step == 4
+
+
+@pytest.mark.parametrize("layout", ["flat", "nested"])
+def test_cli_end_to_end(layout, image_folder, nested_image_folder, tmp_path):
+    data = image_folder if layout == "flat" else nested_image_folder
+    out = tmp_path / "cli"
+    proc = subprocess.run([sys.executable, "-m", "swavkit", "pretrain", "--no-progress",
+                           *tiny_overrides(data, out, **{"train.epochs": 1})], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "32 images" in proc.stdout
+    assert f"checkpoint: {out / 'checkpoints' / 'last.pt'}" in proc.stdout
+    assert f"backbone:   {out / 'backbone'}" in proc.stdout
+    assert (out / "backbone" / "model.safetensors").is_file() and (out / "backbone" / "config.json").is_file()
