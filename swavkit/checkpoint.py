@@ -7,6 +7,7 @@ own ``save_for_hf``, so ``timm.create_model("local-dir:" + path, pretrained=True
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import shutil
@@ -36,10 +37,36 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def state_digest(obj, digest=None) -> str:
+    """SHA-256 over every tensor's bytes and every primitive in a nested state, in a fixed order.
+
+    torch's zip format has no checksum on tensor data, so a flipped byte in a weight would load
+    silently; this digest, stored in the file, catches it."""
+    top = digest is None
+    digest = digest or hashlib.sha256()
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"T{obj.dtype}{tuple(obj.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, dict):
+        for key in sorted(obj, key=str):
+            digest.update(f"K{key!s}".encode())
+            state_digest(obj[key], digest)
+    elif isinstance(obj, (list, tuple)):
+        digest.update(f"L{len(obj)}".encode())
+        for item in obj:
+            state_digest(item, digest)
+    else:
+        digest.update(f"V{obj!r}".encode())
+    return digest.hexdigest() if top else ""
+
+
 def save_atomic(state: dict, path: str | Path) -> Path:
     """Write ``state`` to ``path`` so that a kill or a full disk at any moment leaves either the old
-    complete file or the new complete file, never a partial one (temp file + fsync + rename)."""
+    complete file or the new complete file, never a partial one (temp file + fsync + rename).
+    A ``sha256`` entry (see :func:`state_digest`) lets loading detect tampering or bit rot."""
     path = Path(path)
+    state = {**state, "sha256": state_digest(state)}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -61,7 +88,7 @@ def load_state(path: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         first = str(err).splitlines()[0] if str(err) else ""
         raise CheckpointError(f"refused to load {path}: it holds Python objects that a weights-only load does "
@@ -71,6 +98,12 @@ def load_state(path: str | Path) -> dict:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({first[:160]}); delete it to start "
                               "over, or restore a copy") from None
+    if isinstance(state, dict) and "sha256" in state:
+        stored = state.pop("sha256")
+        if stored != state_digest(state):
+            raise CheckpointError(f"checkpoint {path} fails its SHA-256 check: its contents changed after it was "
+                                  "written (tampering or disk corruption); restore a copy or delete it to start over")
+    return state
 
 
 def load_training_checkpoint(path: str | Path) -> dict:

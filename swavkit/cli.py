@@ -15,10 +15,12 @@ from swavkit.config import ConfigError
 from swavkit.data import DataError
 from swavkit.distributed import LaunchError
 from swavkit.pretrained import LoadError
+from swavkit.train import DataLoaderCrashed, TrainingDiverged
 
 # Exceptions whose message is meant for the user as is: printed as one line, exit code 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, LoadError, CheckpointError, LaunchError,
-                                                 FileNotFoundError, NotADirectoryError)
+                                                 FileNotFoundError, NotADirectoryError, TrainingDiverged,
+                                                 DataLoaderCrashed)
 
 
 def quickstart_config_path() -> Path:
@@ -90,6 +92,174 @@ def _add_export(subparsers) -> None:
 
 def add_eval_commands(subparsers) -> None:
     """``knn`` and ``linear`` sub-commands."""
+    def positive_int(text: str) -> int:
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        return int(text)
+
+    def non_negative_int(text: str) -> int:
+        if not text.isdigit():
+            raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+        return int(text)
+
+    def positive_float(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        return value
+
+    def add_common(p, evaluation: str) -> None:
+        p.add_argument("--backbone", required=True, metavar="SRC",
+                       help="exported folder (swavkit export), run folder, training checkpoint (.pt), released "
+                            "SwAV checkpoint (.pth), timm:<name> (random init: the floor) or 'pixels' (raw "
+                            "pixels, each image's mean removed: the other floor)")
+        p.add_argument("--train", required=True, metavar="DIR", help="labelled folder DIR/<class>/<image>")
+        p.add_argument("--val", required=True, metavar="DIR",
+                       help="labelled folder with the same class names; the reported split")
+        p.add_argument("--image-size", type=positive_int, default=None, metavar="PX",
+                       help="eval side length (default: the export's input_size, else the checkpoint's large crop, "
+                            "else 224); images <= 64 px are resized whole, larger ones resized to PX/0.875 and "
+                            "centre-cropped")
+        p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass (default 256)")
+        p.add_argument("--workers", "--num-workers", dest="workers", type=non_negative_int, default=4,
+                       help="DataLoader decoding processes (default 4; 0 decodes in this process)")
+        p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+        p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                       help="auto = bf16 autocast on GPUs that support it, fp32 on CPU")
+        p.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convnets on GPUs)")
+        p.add_argument("--max-per-class", type=non_negative_int, default=0, metavar="N",
+                       help="use at most N images per class in each split, a deterministic subset (default 0 = all)")
+        p.add_argument("--out", default=None, metavar="JSON",
+                       help=f"result file (default results/{evaluation}-<backbone>-<UTC YYYYmmdd-HHMMSS>.json "
+                            "under the current folder)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    def finish(result: dict) -> int:
+        from swavkit import distributed
+        from swavkit.report import format_table, summary_rows
+
+        if distributed.is_main_process():
+            print(format_table(summary_rows(result)))
+            print(f"wrote {result['result_path']}")
+        distributed.shutdown()
+        return 0
+
+    def cmd_knn(args) -> int:
+        from swavkit.knn import evaluate_knn
+
+        return finish(evaluate_knn(
+            args.backbone, args.train, args.val, k=args.k, temperature=args.temperature,
+            image_size_px=args.image_size, batch_size=args.batch_size, num_workers=args.workers,
+            device=args.device, out_json=args.out, max_per_class=args.max_per_class, index=args.index,
+            n_lists=args.ivf_lists, n_probe=args.ivf_probe, precision=args.precision,
+            channels_last=args.channels_last, progress=not args.no_progress))
+
+    def cmd_linear(args) -> int:
+        from swavkit.linear_probe import evaluate_linear
+
+        return finish(evaluate_linear(
+            args.backbone, args.train, args.val, recipe=args.recipe, image_size_px=args.image_size,
+            batch_size=args.batch_size, num_workers=args.workers, device=args.device, out_json=args.out,
+            max_per_class=args.max_per_class, precision=args.precision, channels_last=args.channels_last,
+            progress=not args.no_progress, seed=args.seed, weight_decays=args.weight_decays,
+            holdout_fraction=args.holdout_fraction, lbfgs_iterations=args.lbfgs_iterations, epochs=args.epochs,
+            lr=args.lr, weight_decay=args.weight_decay, min_crop_scale=args.min_crop_scale))
+
+    p = subparsers.add_parser(
+        "knn", help="weighted k-NN accuracy of a frozen backbone on labelled train/val folders",
+        description="k-NN evaluation (InstDisc/DINO protocol): L2-normalised frozen features, cosine similarity, "
+                    "each of the k nearest train images votes for its class with weight exp(sim/T); top-1 and "
+                    "top-5 (with more than 5 classes) on --val. Prints a table and writes a JSON record with the "
+                    "protocol, data sizes, swavkit version and git commit. Works under torchrun.",
+        epilog="examples:\n  swavkit knn --backbone runs/swav --train data/train --val data/val\n"
+               "  swavkit knn --backbone timm:resnet18 --train data/train --val data/val --image-size 32",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common(p, "knn")
+    p.add_argument("--k", type=positive_int, default=20, help="neighbours (default 20)")
+    p.add_argument("--temperature", type=positive_float, default=0.07, help="T in exp(sim/T) (default 0.07)")
+    p.add_argument("--index", choices=("exact", "ivf"), default="exact",
+                   help="faiss search: exact (default) or ivf, approximate, for train sets of millions")
+    p.add_argument("--ivf-lists", type=non_negative_int, default=0, metavar="N",
+                   help="ivf cells (default 0 = ~4 sqrt(N_train))")
+    p.add_argument("--ivf-probe", type=non_negative_int, default=0, metavar="N",
+                   help="ivf cells searched per query (default 0 = 16; more = closer to exact)")
+    p.set_defaults(func=cmd_knn)
+
+    p = subparsers.add_parser(
+        "linear", help="linear-probe accuracy of a frozen backbone on labelled train/val folders",
+        description="Linear probe on a frozen backbone. --recipe fast (default): cached centre-crop features, "
+                    "standardised, softmax regression by L-BFGS; the weight decay is chosen on a held-out part "
+                    "of --train, the classifier refitted on all of --train, and --val evaluated once. "
+                    "--recipe reference (GPU): random-resized-crop + flip, SGD momentum 0.9, lr 0.3 x batch/256 "
+                    "cosine, --epochs 100, last epoch reported. Nothing is ever selected on --val.",
+        epilog="examples:\n  swavkit linear --backbone runs/swav --train data/train --val data/val\n"
+               "  torchrun --nproc_per_node=8 -m swavkit linear --recipe reference --backbone runs/swav "
+               "--train imagenet/train --val imagenet/val",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common(p, "linear")
+    p.add_argument("--recipe", choices=("fast", "reference"), default="fast", help="default fast")
+    p.add_argument("--seed", type=int, default=0, help="held-out split / training order seed (default 0)")
+    p.add_argument("--weight-decays", type=positive_float, nargs="+", default=[1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1],
+                   metavar="WD", help="fast: L2 grid searched on held-out train (default 1e-6 ... 1e-1)")
+    p.add_argument("--holdout-fraction", type=positive_float, default=0.2,
+                   help="fast: fraction of each train class held out for the choice (default 0.2)")
+    p.add_argument("--lbfgs-iterations", type=positive_int, default=300, help="fast: L-BFGS iteration cap (default 300)")
+    p.add_argument("--epochs", type=positive_int, default=100, help="reference: epochs (default 100)")
+    p.add_argument("--lr", type=positive_float, default=0.3, help="reference: LR at batch 256, scaled linearly "
+                                                                  "with --batch-size (default 0.3)")
+    p.add_argument("--weight-decay", type=float, default=1e-6, help="reference: SGD weight decay (default 1e-6)")
+    p.add_argument("--min-crop-scale", type=positive_float, default=0.08,
+                   help="reference: smallest random-resized-crop area fraction (default 0.08)")
+    p.set_defaults(func=cmd_linear)
+
+
+# ----------------------------------------------------------------------------------------------------
+# cluster
+
+def _cmd_cluster(args) -> int:
+    from swavkit.cluster import explore_clusters
+
+    result = explore_clusters(args.checkpoint, args.data, args.out, top_per_cluster=args.top,
+                              batch_size=args.batch_size, device=args.device, num_workers=args.num_workers,
+                              image_size_px=args.image_size, progress=not args.no_progress)
+    print(f"{result['n_images']} images in {result['clusters_used']} of {result['n_prototypes']} clusters "
+          f"({result['n_skipped']} unreadable files skipped)")
+    for path, reason in result["skipped"][:5]:
+        print(f"  skipped {path}: {reason}")
+    print(f"wrote {result['assignments_csv']}, {result['histogram_png']}")
+    print(f"open {Path(result['index_html']).absolute().as_uri()}")
+    return 0
+
+
+def _add_cluster(subparsers) -> None:
+    def positive_int(text: str) -> int:
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        return int(text)
+
+    p = subparsers.add_parser(
+        "cluster", help="assign images to prototypes; write a CSV, a size histogram and a browsable page",
+        description="Assign every image of a folder to its SwAV prototype (argmax of the scores; confidence = "
+                    "softmax(scores / swav.temperature) at that prototype) and write OUT/assignments.csv, "
+                    "OUT/cluster_sizes.png and OUT/index.html, a static page of each cluster's most confident "
+                    "images that opens from disk.",
+        epilog="example:\n  swavkit cluster --checkpoint runs/swav/checkpoints/last.pt --data /data/imgs --out clusters",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="swavkit checkpoints/last.pt, or a released SwAV checkpoint")
+    p.add_argument("--data", required=True, metavar="DIR", help="folder of images, flat or nested")
+    p.add_argument("--out", required=True, metavar="OUT", help="folder for assignments.csv, cluster_sizes.png, "
+                                                               "index.html and thumbs/")
+    p.add_argument("--top", type=positive_int, default=16, metavar="N", help="thumbnails per cluster (default 16)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass (default 128)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader decoding processes (default 0)")
+    p.add_argument("--image-size", type=positive_int, default=None, metavar="PX",
+                   help="centre-crop side fed to the model (default: the checkpoint's large crop size)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_cluster)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -100,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pretrain(subparsers)
     _add_export(subparsers)
     add_eval_commands(subparsers)
+    _add_cluster(subparsers)
     return parser
 
 
@@ -112,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        # An error raised inside a DataLoader worker arrives as "Caught X in DataLoader worker ...",
+        # the traceback, then the original message on the last line: show that line.
+        message = lines[-1].split(": ", 1)[-1] if lines[0].startswith("Caught ") else lines[0]
         print(f"swavkit {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -82,6 +82,20 @@ def read_rgb(path: str | os.PathLike) -> Image.Image:
         return img
 
 
+def check_readable(paths: list[str], root: str | Path) -> int:
+    """Index of the first decodable image; DataError naming the folder when none is (a folder of only
+    broken files would otherwise fail deep inside a data-loading worker)."""
+    first_error = None
+    for index, path in enumerate(paths):
+        try:
+            read_rgb(path)
+            return index
+        except Exception as err:  # any decoder failure
+            first_error = first_error or f"{path}: {type(err).__name__}"
+    raise DataError(f"data.path: none of the {len(paths)} image files under {root} can be decoded "
+                    f"(first: {first_error})")
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """Deterministic 63-bit seed for one sample's augmentation in one epoch."""
     return ((seed * 1_000_003 + epoch) * 2_654_435_761 + index * 40_503 + 17) % (2**63 - 1)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from swavkit import distributed
 from swavkit.checkpoint import CHECKPOINT_FORMAT, backbone_state, export_backbone, load_training_checkpoint, save_atomic
 from swavkit.config import Config, ConfigError, save_yaml, to_dict, validate
-from swavkit.data import BUNDLED_SAMPLE, EpochSampler, MultiCropTransform, UnlabeledImageFolder, collate_crops, find_images
+from swavkit.data import BUNDLED_SAMPLE, EpochSampler, check_readable, MultiCropTransform, UnlabeledImageFolder, collate_crops, find_images
 from swavkit.diagnosis import CollapseMonitor, code_statistics
 from swavkit.loss import FeatureQueue, swapped_prediction_loss
 from swavkit.model import build_model, create_backbone
@@ -162,6 +162,7 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
     # ================================================================================================
     data_root = cfg.data.path or str(BUNDLED_SAMPLE / "train")
     paths = find_images(data_root)
+    check_readable(paths, data_root)
     per_rank_batch = cfg.train.batch_size // world
     if len(paths) < cfg.train.batch_size:
         raise ConfigError(f"train.batch_size: the global batch {cfg.train.batch_size} is larger than the "
@@ -275,6 +276,8 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
     # ================================================================================================
     model.train()
     V, B = n_crops, per_rank_batch
+    buffers = [b for b in core.buffers()]
+    buffer_backup = [b.detach().clone() for b in buffers]
     last_save_time = time.monotonic()
     window = {"loss": torch.zeros((), device=device), "steps": 0, "wait_s": 0.0, "start": time.perf_counter()}
     bar = tqdm(total=total_steps, initial=step, disable=not (progress and is_main), desc="pretrain",
@@ -312,6 +315,8 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
                 core.prototypes.normalize_()
 
                 # ---- 7c. forward: grouped by resolution, then head, L2 norm, prototypes
+                # (BN running statistics change in forward: keep a copy so a non-finite step leaves no trace)
+                torch._foreach_copy_(buffer_backup, buffers)
                 with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                     z, scores = model(crops)
                 scores = scores.float().view(V, B, K)
@@ -330,6 +335,7 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
                 # ---- 7e. swapped-prediction loss; refuse to step on a non-finite loss
                 loss = swapped_prediction_loss(scores, codes, cfg.swav.temperature)
                 if not torch.isfinite(loss):
+                    torch._foreach_copy_(buffers, buffer_backup)
                     nonfinite_skipped += 1
                     if nonfinite_skipped > cfg.train.skip_nonfinite_steps:
                         save_checkpoint()  # the weights are still those of the last good step

@@ -53,11 +53,20 @@ def test_override_parsing():
         parse_override("novalue")
 
 
-@pytest.mark.parametrize("argv", [["model.n_protos=10"], ["train.epochs=abc"], ["--config", "missing.yaml"]])
-def test_cli_bad_config_exit_2_one_line(tmp_path, argv):
-    proc = subprocess.run([sys.executable, "-m", "swavkit", "pretrain", f"out_dir={tmp_path}", *argv],
+def test_cli_bad_config_exit_2_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "swavkit", "pretrain", f"out_dir={tmp_path}", "model.n_protos=10"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "error" in lines[0], proc.stderr
+    assert len(lines) == 1 and "model.n_protos" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("argv, key", [(["train.epochs=abc"], "train.epochs"), (["--config", "missing.yaml"], "missing.yaml"),
+                                       (["crops.counts=[2,0]"], "crops.counts[1]")])
+def test_cli_bad_config_in_process(tmp_path, capsys, argv, key):
+    from swavkit.cli import main
+
+    assert main(["pretrain", f"out_dir={tmp_path}", *argv]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and key in lines[0]

@@ -1,0 +1,442 @@
+"""Frozen-backbone features of a labelled image folder: the input of k-NN and the linear probe.
+
+``LabelledImageFolder`` reads ``DIR/<class>/<image>`` (images may sit in sub-folders of a class folder).
+``extract_features`` runs a backbone over it in batches and returns ``(features [N, D], labels [N])`` in
+the dataset's order, on CPU or GPU, in one process or under ``torchrun`` (every process extracts a
+1/world_size share and all of them receive the full result, identical to a single-process run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from swavkit import distributed
+from swavkit.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_state
+from swavkit.config import ConfigError
+from swavkit.data import IMAGE_EXTENSIONS, DataError, eval_transform, read_rgb
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_IMAGE_SIZE_PX = 224
+# At CIFAR-like sizes the usual 0.875 centre crop throws away an eighth of an already tiny image.
+FULL_IMAGE_MAX_SIZE_PX = 64
+# Backbone source that stands for "no network": flattened pixels, the floor every result must beat.
+RAW_PIXELS_SOURCE = "pixels"
+
+
+# ----------------------------------------------------------------------------------------------------
+# labelled folders
+
+def find_classes(root: str | Path) -> list[str]:
+    """Sorted names of the class folders of ``root``; DataError (naming the folder) if there are none."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{root}: folder does not exist (expected {root}/<class>/<image>)")
+    if not root.is_dir():
+        raise DataError(f"{root}: is a file; give a folder laid out as <folder>/<class>/<image>")
+    classes = sorted(entry.name for entry in os.scandir(root)
+                     if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root}: has no class folders (expected {root}/<class>/<image>)")
+    return classes
+
+
+def _images_under(folder: str) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [os.path.join(dirpath, name) for name in filenames
+                  if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")]
+    return sorted(found)
+
+
+def _selection_key(class_name: str, path: str, class_folder: str) -> str:
+    # Hash of the path inside its class folder: a file is kept or dropped regardless of where the tree
+    # lives or which other files exist, and the kept subset is not biased by file-name order.
+    relative = os.path.relpath(path, class_folder).replace(os.sep, "/")
+    return hashlib.sha256(f"swavkit-eval-subset|{class_name}/{relative}".encode()).hexdigest()
+
+
+class LabelledImageFolder(Dataset):
+    """``root/<class>/<image>`` -> items ``(transform(image), label)``; labels index ``classes``.
+
+    Args:
+        root: the folder of class folders.
+        transform: applied to the decoded RGB PIL image (None returns the PIL image).
+        classes: class names that define the label indices. Pass the TRAIN split's ``classes`` when
+            reading its val split, so a class missing from val cannot shift the other labels.
+            A class folder outside this list is an error. Default: the sorted class folders of root.
+        max_per_class: keep at most this many images per class (0 = all). The subset is deterministic
+            (smallest sha256 of each file's path inside its class folder) and the same on every machine.
+
+    Attributes: ``classes``, ``class_to_idx``, ``samples`` (list of (path, label)), ``targets``.
+    """
+
+    def __init__(self, root: str | Path, transform=None, *, classes: list[str] | None = None,
+                 max_per_class: int = 0):
+        self.root = Path(root)
+        self.transform = transform
+        present = find_classes(self.root)
+        self.classes = list(classes) if classes is not None else present
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+        unknown = [name for name in present if name not in self.class_to_idx]
+        if unknown:
+            raise DataError(f"{self.root}: class folder(s) {', '.join(unknown[:5])} are not among the "
+                            f"{len(self.classes)} training classes; train and val need the same class names")
+        self.samples: list[tuple[str, int]] = []
+        for name in present:
+            folder = str(self.root / name)
+            paths = _images_under(folder)
+            if max_per_class and len(paths) > max_per_class:
+                keep = set(sorted(paths, key=lambda p: _selection_key(name, p, folder))[:max_per_class])
+                paths = [p for p in paths if p in keep]
+            self.samples += [(p, self.class_to_idx[name]) for p in paths]
+        if not self.samples:
+            raise DataError(f"{self.root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
+        self.targets = [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        image = read_rgb(path)
+        return (self.transform(image) if self.transform is not None else image), label
+
+
+# ----------------------------------------------------------------------------------------------------
+# the raw-pixel "backbone" (the floor)
+
+class RawPixels(torch.nn.Module):
+    """[B, 3, H, W] -> [B, 3*H*W]: each image flattened with its own mean removed.
+
+    Subtracting the per-image mean makes cosine similarity ignore overall brightness; feed it pixels in
+    [0, 1] (mean 0, std 1 "normalisation"), so no per-channel offset is shared by all images.
+    """
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        flat = images.flatten(1).float()
+        return flat - flat.mean(dim=1, keepdim=True)
+
+
+def load_eval_backbone(source: str | Path) -> torch.nn.Module:
+    """``load_backbone(source)``, plus ``"pixels"`` for the raw-pixel floor. Eval mode, on CPU."""
+    if str(source) == RAW_PIXELS_SOURCE:
+        return RawPixels().eval()
+    from swavkit.pretrained import load_backbone  # heavy (timm registry); only when needed
+
+    return load_backbone(source)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images become backbone inputs; recorded in every result."""
+    image_size_px: int
+    crop_fraction: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    size_from: str  # where image_size_px came from: "argument", "export config", "checkpoint config", "default"
+
+    def transform(self):
+        return eval_transform(self.image_size_px, self.mean, self.std, self.crop_fraction)
+
+    def as_dict(self) -> dict:
+        return {"image_size_px": self.image_size_px, "crop_fraction": self.crop_fraction,
+                "mean": list(self.mean), "std": list(self.std), "image_size_from": self.size_from}
+
+
+def _export_pretrained_cfg(source: Path) -> dict | None:
+    for folder in (source, source / "backbone"):
+        config = folder / "config.json"
+        if config.is_file() and (folder / "model.safetensors").is_file():
+            try:
+                return json.loads(config.read_text()).get("pretrained_cfg", {})
+            except ValueError:
+                return None
+    return None
+
+
+def resolve_preprocessing(source: str | Path, image_size_px: int | None = None) -> Preprocessing:
+    """Image size and normalisation for a backbone source.
+
+    Size: ``image_size_px`` if given, else the ``input_size`` an exported folder records, else the
+    large-crop size of a swavkit training checkpoint, else 224. Mean/std follow the same sources (ImageNet
+    statistics by default); ``"pixels"`` uses mean 0, std 1. Images of at most 64 px are not cropped
+    (crop fraction 1.0); larger ones are resized to size/0.875 and centre-cropped.
+    """
+    size, mean, std, origin = None, IMAGENET_MEAN, IMAGENET_STD, "default"
+    if str(source) == RAW_PIXELS_SOURCE:
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    elif not str(source).startswith("timm:"):
+        path = Path(source)
+        pretrained_cfg = _export_pretrained_cfg(path) if path.is_dir() else None
+        if pretrained_cfg:
+            if pretrained_cfg.get("input_size"):
+                size, origin = int(pretrained_cfg["input_size"][-1]), "export config"
+            mean = tuple(pretrained_cfg.get("mean", mean))
+            std = tuple(pretrained_cfg.get("std", std))
+        elif path.is_file() and path.suffix == ".pt":
+            try:
+                state = load_state(path)
+            except CheckpointError:
+                state = None  # load_backbone will report the problem with its own message
+            if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+                crops = state.get("config", {}).get("crops", {})
+                if crops.get("sizes_px"):
+                    size, origin = int(crops["sizes_px"][0]), "checkpoint config"
+                mean, std = tuple(crops.get("mean", mean)), tuple(crops.get("std", std))
+    if image_size_px:
+        size, origin = int(image_size_px), "argument"
+    if size is None:
+        size = DEFAULT_IMAGE_SIZE_PX
+    crop_fraction = 1.0 if size <= FULL_IMAGE_MAX_SIZE_PX else 0.875
+    return Preprocessing(size, crop_fraction, tuple(float(m) for m in mean), tuple(float(s) for s in std), origin)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" -> this process's GPU if there is one, else CPU."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device '{device}': no CUDA GPU is visible; use cpu")
+        if resolved.index is None:
+            resolved = torch.device("cuda", torch.cuda.current_device())
+    return resolved
+
+
+def init_processes(device: str | torch.device = "auto") -> torch.device:
+    """Join the process group when launched by torchrun/srun (no-op otherwise); the device to use."""
+    wants_cuda = str(device).startswith("cuda") or (str(device) == "auto" and torch.cuda.is_available())
+    distributed.init("cuda" if wants_cuda else "cpu")
+    return resolve_device(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# extraction
+
+class SafeItems(Dataset):
+    """Items (index, image, label, error): a decoding failure travels back as text instead of raising
+    inside a worker, so the main process can report it in one line naming the file."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            image, label = self.dataset[index][:2]
+            return index, image, int(label), None
+        except Exception as err:  # any decoder failure: name the file, let the caller decide
+            samples = getattr(self.dataset, "samples", None)
+            where = samples[index][0] if samples is not None else f"item {index}"
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            return index, None, -1, f"{where}: unreadable image ({reason[:200]})"
+
+
+def collate_safe_items(items):
+    """[(index, image, label, error)] -> (indices [B], images [B, ...], labels [B], errors); on any error
+    only the error texts (the other entries are None)."""
+    errors = [item[3] for item in items if item[3] is not None]
+    if errors:
+        return None, None, None, errors
+    indices = torch.tensor([item[0] for item in items], dtype=torch.long)
+    images = torch.stack([item[1] for item in items])
+    labels = torch.tensor([item[2] for item in items], dtype=torch.long)
+    return indices, images, labels, []
+
+
+def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 or None (no autocast) for precision "auto" | "fp32" | "bf16" on this device."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    raise ConfigError(f"precision: '{precision}' is not one of auto, fp32, bf16")
+
+
+def _gather_in_order(features: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, n_items: int,
+                     device: torch.device, chunk_rows: int = 65536):
+    """Every rank's rows -> all rows, sorted by dataset index, on CPU in every process.
+
+    Gathered in chunks of rows so a large feature matrix never has to sit on one GPU at once (NCCL
+    gathers only device tensors). Every rank holds ceil(n/world) or one fewer rows, so all ranks agree on
+    the number of chunks without communicating.
+    """
+    world = distributed.world_size()
+    if world == 1:
+        return features, labels
+    comm_device = device if device.type == "cuda" else torch.device("cpu")
+    n_chunks = math.ceil(math.ceil(n_items / world) / chunk_rows)
+    parts_f, parts_l, parts_i = [], [], []
+    for c in range(n_chunks):
+        rows = slice(c * chunk_rows, (c + 1) * chunk_rows)
+        parts_f.append(distributed.all_gather_cat(features[rows].to(comm_device)).cpu())
+        parts_l.append(distributed.all_gather_cat(labels[rows].to(comm_device)).cpu())
+        parts_i.append(distributed.all_gather_cat(indices[rows].to(comm_device)).cpu())
+    all_indices = torch.cat(parts_i)
+    order = torch.argsort(all_indices)
+    if not torch.equal(all_indices[order], torch.arange(n_items)):
+        raise RuntimeError(f"feature gather returned {len(all_indices)} rows for {n_items} images")
+    return torch.cat(parts_f)[order], torch.cat(parts_l)[order]
+
+
+def check_errors(errors: list[str]) -> None:
+    """Raise one DataError line for the decoding failures of a batch (none: return)."""
+    if errors:
+        more = f" (and {len(errors) - 1} more in this batch)" if len(errors) > 1 else ""
+        raise DataError(f"{errors[0]}{more}; remove or replace it")
+
+
+def extract_features(backbone: torch.nn.Module, data: Dataset | DataLoader, device: str | torch.device = "cpu",
+                     batch_size: int = 256, num_workers: int = 4, *, precision: str = "auto",
+                     channels_last: bool = False, progress: bool = True,
+                     description: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled backbone features of every item, in the dataset's order.
+
+    Args:
+        backbone: maps images [B, 3, H, W] to features [B, D]. Moved to ``device`` (in place) and run in
+            eval mode; its train/eval mode is restored before returning.
+        data: a map-style dataset of (image [3, H, W] float, label int) items, e.g. LabelledImageFolder.
+            Under torchrun each process reads every world_size-th item (no padding duplicates) and the
+            results are gathered, so every process returns exactly what one process would.
+            A DataLoader yielding (images, labels, ...) is also accepted; it is used as given (no sharding,
+            no gathering).
+        device: "auto", "cpu", "cuda", "cuda:1", or a torch.device.
+        batch_size: images per forward pass in each process.
+        num_workers: DataLoader decoding processes (0 = decode in this process).
+        precision: "auto" (bf16 autocast on GPUs that support it, else fp32), "fp32" or "bf16".
+            Features are returned as float32 either way.
+        channels_last: NHWC inputs and weights (converts the module in place); faster for convnets on GPUs.
+        progress: show a tqdm bar (on the main process only).
+
+    Returns:
+        features [N, D] float32 on CPU, labels [N] int64 on CPU.
+
+    Raises:
+        DataError naming the file when an image cannot be decoded: dropping it silently would change the
+        denominator of every reported accuracy.
+    """
+    device = resolve_device(device)
+    autocast_dtype = autocast_dtype_for(precision, device)
+    was_training = backbone.training
+    backbone.to(device).eval()
+    if channels_last:
+        backbone.to(memory_format=torch.channels_last)
+    given_loader = isinstance(data, DataLoader)
+    if given_loader:
+        loader, n_items = data, None
+    else:
+        n_items = len(data)
+        if n_items < distributed.world_size():
+            raise DataError(f"{getattr(data, 'root', 'dataset')}: {n_items} images for "
+                            f"{distributed.world_size()} processes; use fewer processes")
+        # Strided shards: disjoint, cover everything, sizes differ by at most one.
+        shard = list(range(distributed.rank(), n_items, distributed.world_size()))
+        loader = DataLoader(SafeItems(data), batch_size=batch_size, sampler=shard, num_workers=num_workers,
+                            collate_fn=collate_safe_items, pin_memory=device.type == "cuda",
+                            persistent_workers=False)
+    features, labels, indices = [], [], []
+    try:
+        bar = tqdm(loader, desc=description, unit="batch", leave=False, dynamic_ncols=True,
+                   disable=not (progress and distributed.is_main_process()))
+        for batch in bar:
+            if given_loader:
+                images, batch_labels = batch[0], batch[1]
+            else:
+                batch_indices, images, batch_labels, errors = batch
+                check_errors(errors)
+                indices.append(batch_indices)
+            with torch.inference_mode():
+                images = images.to(device, non_blocking=True)
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                    enabled=autocast_dtype is not None):
+                    out = backbone(images)
+                features.append(out.float().cpu())
+            labels.append(torch.as_tensor(batch_labels, dtype=torch.long).cpu())
+    finally:
+        backbone.train(was_training)
+    if not features:
+        raise DataError("extract_features: the data loader yielded no batches")
+    # Concatenated outside inference mode: the result is an ordinary tensor that a linear probe may
+    # train on (inference tensors cannot be saved for backward).
+    features_t, labels_t = torch.cat(features), torch.cat(labels)
+    if given_loader:
+        return features_t, labels_t
+    return _gather_in_order(features_t, labels_t, torch.cat(indices), n_items, device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the common front half of `swavkit knn` and `swavkit linear`
+
+@dataclass
+class SplitFeatures:
+    """Features of a train/val pair of labelled folders, plus what produced them (for the result JSON)."""
+    train_features: torch.Tensor  # [N_train, D] float32
+    train_labels: torch.Tensor  # [N_train] int64
+    val_features: torch.Tensor  # [N_val, D] float32
+    val_labels: torch.Tensor  # [N_val] int64
+    classes: list[str]
+    preprocessing: Preprocessing
+    backbone_name: str
+    extraction_s: float
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.train_features.shape[1])
+
+    def data_record(self, train_dir, val_dir, max_per_class: int) -> dict:
+        """The ``data`` section of a result record."""
+        return {"train_dir": str(train_dir), "val_dir": str(val_dir), "n_train": int(len(self.train_labels)),
+                "n_val": int(len(self.val_labels)), "n_classes": len(self.classes), "classes": self.classes,
+                "max_per_class": max_per_class}
+
+
+def backbone_name(backbone: torch.nn.Module) -> str:
+    """timm architecture name when known, else the class name."""
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(backbone).__name__
+
+
+def extract_split_features(backbone: torch.nn.Module, train_dir: str | Path, val_dir: str | Path,
+                           preprocessing: Preprocessing, *, device: str | torch.device = "auto",
+                           batch_size: int = 256, num_workers: int = 4, max_per_class: int = 0,
+                           precision: str = "auto", channels_last: bool = False,
+                           progress: bool = True) -> SplitFeatures:
+    """Read both folders (val labels follow train's class list; ``max_per_class`` caps both) and extract
+    their features."""
+    transform = preprocessing.transform()
+    train = LabelledImageFolder(train_dir, transform, max_per_class=max_per_class)
+    val = LabelledImageFolder(val_dir, transform, classes=train.classes, max_per_class=max_per_class)
+    start = time.perf_counter()
+    common = dict(device=device, batch_size=batch_size, num_workers=num_workers, precision=precision,
+                  channels_last=channels_last, progress=progress)
+    train_features, train_labels = extract_features(backbone, train, description="train features", **common)
+    val_features, val_labels = extract_features(backbone, val, description="val features", **common)
+    return SplitFeatures(train_features, train_labels, val_features, val_labels, train.classes, preprocessing,
+                         backbone_name(backbone), time.perf_counter() - start)
+
+
+__all__ = ["LabelledImageFolder", "SafeItems", "collate_safe_items", "check_errors", "RawPixels",
+           "Preprocessing", "SplitFeatures", "find_classes", "load_eval_backbone", "resolve_preprocessing",
+           "resolve_device", "init_processes", "autocast_dtype_for", "extract_features", "extract_split_features", "backbone_name",
+           "RAW_PIXELS_SOURCE"]

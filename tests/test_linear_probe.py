@@ -1,0 +1,117 @@
+"""Linear probe: ceilings and floors, no selection on the reported split, both recipes, CLI end to end."""
+
+import json
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from labelled_images import write_labelled_folders
+from swavkit.data import eval_transform
+from swavkit.features import LabelledImageFolder, Preprocessing, load_eval_backbone
+from swavkit.linear_probe import (evaluate_linear, fit_softmax_regression, linear_probe_fast,
+                                  linear_probe_reference, stratified_holdout, train_transform)
+from swavkit.report import RESULT_KEYS
+
+
+def clusters(n: int, n_classes: int, dim: int, spread: float, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_classes, dim, generator=torch.Generator().manual_seed(1234))
+    labels = torch.arange(n) % n_classes
+    return centres[labels] + spread * torch.randn(n, dim, generator=generator), labels
+
+
+def test_stratified_holdout_is_a_deterministic_per_class_partition():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 10 + [3])
+    fit, held = stratified_holdout(labels, 0.2, seed=3)
+    assert sorted(torch.cat([fit, held]).tolist()) == list(range(len(labels)))
+    assert [int((labels[held] == c).sum()) for c in range(4)] == [10, 6, 2, 0]  # a lone image stays in fit
+    again_fit, again_held = stratified_holdout(labels, 0.2, seed=3)
+    assert torch.equal(fit, again_fit) and torch.equal(held, again_held)
+    assert not torch.equal(held, stratified_holdout(labels, 0.2, seed=4)[1])
+
+
+def test_lbfgs_reaches_the_regularised_optimum():
+    features, labels = clusters(600, 4, 16, spread=2.0, seed=0)
+    weight, bias = fit_softmax_regression(features, labels, 4, weight_decay=1e-2)
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    loss = F.cross_entropy(features @ weight.T + bias, labels) + 0.5 * 1e-2 * weight.pow(2).sum()
+    loss.backward()
+    assert weight.grad.abs().max() < 1e-4 and bias.grad.abs().max() < 1e-4
+
+
+def test_fast_probe_separable_reaches_100_and_random_labels_chance():
+    train, train_labels = clusters(2000, 10, 64, spread=0.5, seed=0)
+    val, val_labels = clusters(500, 10, 64, spread=0.5, seed=1)
+    separable = linear_probe_fast(train, train_labels, val, val_labels)
+    assert separable["top1"] == 100.0 and separable["top5"] == 100.0
+    shuffled = train_labels[torch.randperm(2000, generator=torch.Generator().manual_seed(0))]
+    chance = linear_probe_fast(train, shuffled, val, val_labels)
+    assert 4.0 < chance["top1"] < 17.0  # chance is 10 %
+    assert chance["train_top1"] > chance["top1"] + 5  # it did fit the noise it was given
+
+
+def test_fast_probe_never_looks_at_val_labels_for_selection():
+    train, train_labels = clusters(1000, 5, 32, spread=3.0, seed=0)
+    val, val_labels = clusters(300, 5, 32, spread=3.0, seed=1)
+    honest = linear_probe_fast(train, train_labels, val, val_labels)
+    scrambled = linear_probe_fast(train, train_labels, val, (val_labels + 1) % 5)
+    assert honest["selected_weight_decay"] == scrambled["selected_weight_decay"]
+    assert honest["holdout_top1"] == scrambled["holdout_top1"]
+    assert honest["n_fit"] + honest["n_holdout"] == 1000 and honest["n_holdout"] == 200
+    assert honest["top1"] > 60.0 and scrambled["top1"] < 40.0  # the same classifier, judged differently
+
+
+def test_reference_recipe_trains_only_the_head(tmp_path):
+    train_dir, val_dir = write_labelled_folders(tmp_path, n_train=8, n_val=4)
+    preprocessing = Preprocessing(32, 1.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "argument")
+    train = LabelledImageFolder(train_dir, train_transform(preprocessing, min_crop_scale=0.5))
+    val = LabelledImageFolder(val_dir, eval_transform(32, preprocessing.mean, preprocessing.std, 1.0),
+                              classes=train.classes)
+    backbone = load_eval_backbone("timm:resnet10t")
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    metrics = linear_probe_reference(backbone, train, val, n_classes=3, epochs=3, batch_size=8, lr=3.0,
+                                     num_workers=0, device="cpu", progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())  # frozen, BN stats too
+    assert metrics["steps"] == 9 and metrics["feature_dim"] == 512
+    assert abs(metrics["peak_lr"] - 3.0 * 8 / 256) < 1e-12
+    assert 0.0 <= metrics["top1"] <= 100.0 and metrics["final_train_loss"] < 5.0
+
+
+def test_evaluate_linear_reference_writes_its_protocol(tmp_path):
+    train_dir, val_dir = write_labelled_folders(tmp_path / "data", n_train=4, n_val=2)
+    result = evaluate_linear("timm:resnet10t", train_dir, val_dir, recipe="reference", epochs=2, batch_size=4,
+                             image_size_px=32, num_workers=0, device="cpu", out_json=tmp_path / "ref.json",
+                             progress=False)
+    assert json.loads((tmp_path / "ref.json").read_text()) == json.loads(json.dumps(result))
+    assert set(RESULT_KEYS) <= set(result)
+    protocol = result["protocol"]
+    assert protocol["recipe"] == "reference" and protocol["epochs"] == 2 and protocol["steps"] == 6
+    assert protocol["momentum"] == 0.9 and protocol["base_lr_at_batch_256"] == 0.3
+    assert result["data"]["n_train"] == 12 and result["backbone"]["feature_dim"] == 512
+
+
+def test_cli_linear_end_to_end(tmp_path):
+    train_dir, val_dir = write_labelled_folders(tmp_path / "data", n_train=10, n_val=4)
+    out = tmp_path / "linear.json"
+    done = subprocess.run([sys.executable, "-m", "swavkit", "linear", "--backbone", "timm:resnet10t",
+                           "--train", str(train_dir), "--val", str(val_dir), "--image-size", "32", "--workers", "0",
+                           "--weight-decays", "1e-4", "1e-2", "--out", str(out), "--no-progress"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "top1 %" in done.stdout and "held-out train" in done.stdout
+    result = json.loads(out.read_text())
+    assert set(RESULT_KEYS) <= set(result) and result["evaluation"] == "linear"
+    protocol = result["protocol"]
+    assert protocol["recipe"] == "fast" and protocol["weight_decay_grid"] == [1e-4, 1e-2]
+    assert protocol["selected_weight_decay"] in (1e-4, 1e-2)
+    assert set(protocol["holdout_top1"]) == {"0.0001", "0.01"}
+    assert protocol["n_fit"] + protocol["n_holdout"] == result["data"]["n_train"] == 30
+    assert result["metrics"]["top1"] > 90.0 and "top5" not in result["metrics"]  # 3 colour classes
+
+    bad = subprocess.run([sys.executable, "-m", "swavkit", "linear", "--backbone", "timm:resnet10t", "--train",
+                          str(train_dir), "--val", str(tmp_path / "missing")], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "missing" in bad.stderr and "Traceback" not in bad.stderr
