@@ -43,9 +43,41 @@ def _cmd_pretrain(args) -> int:
         files = [quickstart_config_path()]
         print("swavkit: no --config and no data.path given: the quickstart recipe on the bundled Fashion-MNIST "
               f"sample ({files[0]})")
-    cfg = load_config(files, overrides)
+    if args.auto:
+        cfg = _auto_config(files, overrides)
+    else:
+        cfg = load_config(files, overrides)
     result = train(cfg, restart=args.restart, progress=not args.no_progress)
     return 0 if result.completed else 3
+
+
+def _auto_config(files, overrides):
+    """--auto: derive what the user did not set from the data and the hardware, and say why."""
+    import torch
+
+    from swavkit import presets
+    from swavkit.config import from_dict, merge_sources, validate
+    from swavkit.data import BUNDLED_SAMPLE, find_images
+    from swavkit.distributed import detect_launch, is_main_process
+
+    tree = merge_sources(files, overrides)
+    chosen = presets.explicit_keys(tree)
+    data_root = tree.get("data", {}).get("path") or str(BUNDLED_SAMPLE / "train")
+    paths = find_images(data_root)
+    launch = detect_launch()
+    world = launch.world_size
+    suggestions = presets.derive(len(paths), presets.typical_side_px(paths), world,
+                                 local_world_size=launch.local_world_size,
+                                 global_batch=tree["train"]["batch_size"] if "train.batch_size" in chosen else None,
+                                 on_gpu=torch.cuda.is_available(),
+                                 epochs=tree["train"]["epochs"] if "train.epochs" in chosen else None)
+    applied = presets.apply(tree, suggestions, chosen)
+    cfg = from_dict(tree)
+    validate(cfg, world_size=world)
+    if is_main_process():
+        print(f"swavkit: --auto derived from {len(paths)} images in {data_root} and {world} process(es) "
+              f"(keys you set are kept):\n{presets.describe(applied)}")
+    return cfg
 
 
 def _add_pretrain(subparsers) -> None:
@@ -58,6 +90,9 @@ def _add_pretrain(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", metavar="FILE.yaml", help="YAML recipe (repeatable; later wins)")
     p.add_argument("--restart", action="store_true", help="discard the checkpoint in out_dir and start over")
+    p.add_argument("--auto", action="store_true",
+                   help="derive crops, batch, prototypes, queue, freezing, warm-up and epochs from the data and the "
+                        "hardware for every key not set explicitly, and print each value with its reason")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=10 model.backbone=resnet18")
@@ -121,8 +156,8 @@ def add_eval_commands(subparsers) -> None:
                        help="labelled folder with the same class names; the reported split")
         p.add_argument("--image-size", type=positive_int, default=None, metavar="PX",
                        help="eval side length (default: the export's input_size, else the checkpoint's large crop, "
-                            "else 224); images <= 64 px are resized whole, larger ones resized to PX/0.875 and "
-                            "centre-cropped")
+                            "else 224; 32 for pixels); images <= 64 px are resized whole, larger ones resized to "
+                            "PX/0.875 and centre-cropped")
         p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass (default 256)")
         p.add_argument("--workers", "--num-workers", dest="workers", type=non_negative_int, default=4,
                        help="DataLoader decoding processes (default 4; 0 decodes in this process)")

@@ -253,14 +253,19 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(config_files: list[str | Path] = (), overrides: list[str] = ()) -> Config:
-    """Defaults <- each YAML file in order <- key=value overrides; then validated."""
+def merge_sources(config_files: list[str | Path] = (), overrides: list[str] = ()) -> dict:
+    """The nested dict of what the user set: each YAML file in order, then key=value overrides."""
     merged: dict = {}
     for path in config_files:
         _merge(merged, read_yaml(path))
     for text in overrides:
         _merge(merged, parse_override(text))
-    cfg = from_dict(merged)
+    return merged
+
+
+def load_config(config_files: list[str | Path] = (), overrides: list[str] = ()) -> Config:
+    """Defaults <- each YAML file in order <- key=value overrides; then validated."""
+    cfg = from_dict(merge_sources(config_files, overrides))
     validate(cfg)
     return cfg
 

@@ -1,0 +1,40 @@
+import pytest
+
+from swavkit import presets
+from swavkit.config import from_dict, validate
+
+
+@pytest.mark.parametrize("n_images, side_px, world", [(2_000, 28, 1), (50_000, 32, 1), (100_000, 96, 2),
+                                                      (1_281_167, 400, 64), (300, 500, 1)])
+def test_derived_configs_are_valid_and_follow_the_data(n_images, side_px, world):
+    tree: dict = {}
+    applied = presets.apply(tree, presets.derive(n_images, side_px, world), chosen=set())
+    cfg = from_dict(tree)
+    validate(cfg, world_size=world)
+    assert all(s.reason for s in applied)
+    assert cfg.crops.sizes_px[0] <= max(32, side_px) or side_px > 200
+    assert cfg.train.batch_size <= n_images and cfg.train.batch_size % world == 0
+    assert 10 <= cfg.model.n_prototypes <= 3000
+    if cfg.swav.queue_length:
+        assert cfg.swav.queue_length % cfg.train.batch_size == 0 and cfg.swav.queue_length <= n_images
+
+
+def test_imagenet_scale_gets_the_paper_recipe():
+    tree: dict = {}
+    presets.apply(tree, presets.derive(1_281_167, 400, 64, global_batch=4096, epochs=800), chosen=set())
+    cfg = from_dict(tree)
+    assert cfg.crops.sizes_px == [224, 96] and cfg.crops.counts == [2, 6]
+    assert cfg.model.n_prototypes == 3000 and cfg.swav.queue_length == 0
+    assert cfg.swav.freeze_prototypes_epochs == 1.0  # 313 steps = one epoch at batch 4096
+
+
+def test_user_choices_win(tmp_path, capsys):
+    from conftest import write_images
+    from swavkit.cli import _auto_config
+
+    write_images(tmp_path / "imgs", 40)
+    cfg = _auto_config([], [f"data.path={tmp_path / 'imgs'}", "model.n_prototypes=7", "train.batch_size=8"])
+    assert cfg.model.n_prototypes == 7 and cfg.train.batch_size == 8
+    assert cfg.crops.sizes_px == [32, 16]  # derived from the 24 px images
+    printed = capsys.readouterr().out
+    assert "crops.sizes_px = [32, 16]" in printed and "model.n_prototypes" not in printed
