@@ -87,8 +87,9 @@ class SwAVConfig:
 class OptimConfig:
     optimizer: str = _help("lars | sgd | adamw | auto (adamw for transformer backbones, lars otherwise)",
                            default="auto")
-    base_lr: float = _help("learning rate at a global batch of reference_batch_size; scaled linearly",
-                           default=0.6)
+    base_lr: float = _help("learning rate at a global batch of reference_batch_size, scaled linearly; 0 = the "
+                           "optimiser's reference value: 0.6 for LARS/SGD (SwAV), 5e-4 for AdamW (ViTs, as in DINO)",
+                           default=0.0)
     reference_batch_size: int = _help("global batch at which base_lr applies", default=256)
     final_lr: float = _help("LR at the end of the cosine, as a fraction of the peak LR", default=0.001)
     warmup_epochs: float = _help("linear warm-up length", default=10.0)
@@ -328,8 +329,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
-    strictly_positive_floats = {"swav.epsilon": cfg.swav.epsilon, "swav.temperature": cfg.swav.temperature,
-                                "optim.base_lr": cfg.optim.base_lr}
+    strictly_positive_floats = {"swav.epsilon": cfg.swav.epsilon, "swav.temperature": cfg.swav.temperature}
+    if not (cfg.optim.base_lr >= 0 and math.isfinite(cfg.optim.base_lr)):
+        raise ConfigError(f"optim.base_lr: must be >= 0 (0 = the optimiser's reference value), got {cfg.optim.base_lr}")
     for key, value in strictly_positive_floats.items():
         if not (value > 0 and math.isfinite(value)):
             raise ConfigError(f"{key}: must be a positive number, got {value}")

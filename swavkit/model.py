@@ -7,25 +7,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 import timm
 
-# Families that take several input resolutions only when told so (multi-crop feeds 224 and 96 px).
-_DYNAMIC_SIZE_PREFIXES = ("vit_", "deit", "eva", "beit", "flexivit", "vit-", "samvit")
-
-
-def is_transformer(name: str) -> bool:
-    return name.startswith(_DYNAMIC_SIZE_PREFIXES) or "vit" in name.split("_")[0]
+def is_transformer(backbone: nn.Module) -> bool:
+    """Patch-based models (ViT, DeiT, Swin, ...): they want AdamW rather than LARS."""
+    return hasattr(backbone, "patch_embed")
 
 
 def create_backbone(name: str, **kwargs) -> nn.Module:
     """``timm.create_model(name, num_classes=0)`` returning pooled features [N, num_features].
 
-    Never downloads weights (pretrained=False). Vision transformers get ``dynamic_img_size=True`` so the
-    small crops go through the same model.
+    Never downloads weights (pretrained=False). Models that can take several input resolutions only when
+    told so (vision transformers) get ``dynamic_img_size=True``, so the small crops go through the same
+    model; models that have no such option are created without it.
     """
     if not timm.is_model(name):
         raise ValueError(f"model.backbone: '{name}' is not a timm model name (see timm.list_models())")
-    kwargs = dict(kwargs)
-    if is_transformer(name):
-        kwargs.setdefault("dynamic_img_size", True)
+    if "dynamic_img_size" not in kwargs:
+        try:
+            return timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs)
+        except TypeError as err:
+            if "dynamic_img_size" not in str(err):
+                raise
     return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
 
 

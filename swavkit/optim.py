@@ -21,10 +21,14 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def resolve_optimizer_name(name: str, backbone: str) -> str:
+def resolve_optimizer_name(name: str, backbone: torch.nn.Module) -> str:
     if name != "auto":
         return name
     return "adamw" if is_transformer(backbone) else "lars"
+
+
+# Reference learning rates at a global batch of 256, used when optim.base_lr is 0.
+REFERENCE_BASE_LR = {"lars": 0.6, "sgd": 0.6, "adamw": 5e-4}
 
 
 def build_optimizer(model: torch.nn.Module, name: str, *, lr: float, weight_decay: float, momentum: float,

@@ -109,8 +109,9 @@ def derive(n_images: int, side_px: int, world_size: int = 1, global_batch: int |
     warmup = min(10.0, round(0.05 * epochs, 1))
     out.append(Suggestion("optim.warmup_epochs", warmup, "5% of training, at most the paper's 10 epochs"))
     peak = 0.6 * global_batch / 256
-    out.append(Suggestion("optim.base_lr", 0.6,
-                          f"the paper's 0.6 per 256 images, scaled linearly: peak LR {peak:.3g} at batch {global_batch}"))
+    out.append(Suggestion("optim.base_lr", 0.0,
+                          f"the optimiser's reference LR per 256 images (LARS: the paper's 0.6, peak {peak:.3g} at "
+                          f"batch {global_batch}; AdamW: 5e-4), scaled linearly"))
     return out
 
 

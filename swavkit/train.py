@@ -25,7 +25,8 @@ from swavkit.data import BUNDLED_SAMPLE, EpochSampler, check_readable, MultiCrop
 from swavkit.diagnosis import CollapseMonitor, code_statistics
 from swavkit.loss import FeatureQueue, swapped_prediction_loss
 from swavkit.model import build_model, create_backbone
-from swavkit.optim import build_optimizer, resolve_optimizer_name
+from swavkit.presets import typical_side_px
+from swavkit.optim import REFERENCE_BASE_LR, build_optimizer, resolve_optimizer_name
 from swavkit.schedule import lr_at_step, scaled_lr
 from swavkit.sinkhorn import sinkhorn
 
@@ -174,6 +175,10 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
                         num_workers=workers, collate_fn=collate_crops,
                         pin_memory=cfg.data.pin_memory and device.type == "cuda",
                         persistent_workers=workers > 0, prefetch_factor=cfg.data.prefetch_factor if workers else None)
+    typical_side = typical_side_px(paths, sample=50)
+    if cfg.crops.sizes_px[0] > 2 * typical_side:
+        say(f"warning: crops.sizes_px[0]={cfg.crops.sizes_px[0]} is over twice the typical image side ({typical_side} "
+            "px): crops are upsampled and small crops hold almost nothing; use smaller crops or --auto")
     steps_per_epoch = len(sampler) // per_rank_batch
     total_steps = steps_per_epoch * cfg.train.epochs
     n_crops = sum(cfg.crops.counts)
@@ -201,8 +206,9 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
     # ================================================================================================
     # 5. optimiser, schedules, queue, prototype freezing
     # ================================================================================================
-    optimizer_name = resolve_optimizer_name(cfg.optim.optimizer, m.backbone)
-    peak_lr = scaled_lr(cfg.optim.base_lr, cfg.train.batch_size, cfg.optim.reference_batch_size)
+    optimizer_name = resolve_optimizer_name(cfg.optim.optimizer, core.backbone)
+    base_lr = cfg.optim.base_lr or REFERENCE_BASE_LR[optimizer_name]
+    peak_lr = scaled_lr(base_lr, cfg.train.batch_size, cfg.optim.reference_batch_size)
     optimizer = build_optimizer(core, optimizer_name, lr=peak_lr, weight_decay=cfg.optim.weight_decay,
                                 momentum=cfg.optim.momentum, trust_coefficient=cfg.optim.lars_trust_coefficient)
     schedule = dict(peak_lr=peak_lr, total_steps=total_steps,
@@ -216,7 +222,7 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
         queue = FeatureQueue(len(assignment_crops), cfg.swav.queue_length // world, m.output_dim).to(device)
     sinkhorn_dtype = torch.float64 if cfg.swav.sinkhorn_fp64 else torch.float32
     collapse = CollapseMonitor(K, cfg.train.collapse_patience_steps)
-    say(f"optimiser: {optimizer_name}, peak LR {peak_lr:.4g} (base {cfg.optim.base_lr} x {cfg.train.batch_size}/"
+    say(f"optimiser: {optimizer_name}, peak LR {peak_lr:.4g} (base {base_lr:g} x {cfg.train.batch_size}/"
         f"{cfg.optim.reference_batch_size}), {schedule['warmup_steps']} warm-up steps, {total_steps} steps; "
         f"prototypes frozen for {freeze_prototype_steps} steps"
         + (f"; queue {cfg.swav.queue_length} from epoch {cfg.swav.queue_start_epoch}" if queue is not None else ""))

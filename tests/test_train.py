@@ -99,3 +99,16 @@ def test_cli_end_to_end(layout, image_folder, nested_image_folder, tmp_path):
     assert f"checkpoint: {out / 'checkpoints' / 'last.pt'}" in proc.stdout
     assert f"backbone:   {out / 'backbone'}" in proc.stdout
     assert (out / "backbone" / "model.safetensors").is_file() and (out / "backbone" / "config.json").is_file()
+
+
+def test_bf16_channels_last_and_vit_with_adamw(image_folder, tmp_path, capsys):
+    result = run(tiny_overrides(image_folder, tmp_path / "bf16", **{"train.epochs": 1, "train.precision": "bf16",
+                                                                     "model.channels_last": "true"}))
+    assert result.completed and result.final_loss == result.final_loss  # finite, not NaN
+    vit = run(tiny_overrides(image_folder, tmp_path / "vit", **{"train.epochs": 1, "model.backbone": "test_vit"}))
+    printed = capsys.readouterr().out
+    assert vit.completed and "optimiser: adamw, peak LR 1.563e-05 (base 0.0005 x 8/256)" in printed
+    assert "warning: crops.sizes_px[0]" not in printed
+    net = timm.create_model(f"local-dir:{vit.backbone_dir}", pretrained=True).eval()
+    with torch.no_grad():  # the export keeps dynamic_img_size: both crop sizes still work
+        assert net(torch.randn(1, 3, 32, 32)).shape == net(torch.randn(1, 3, 16, 16)).shape
