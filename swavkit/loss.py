@@ -41,6 +41,9 @@ class FeatureQueue(torch.nn.Module):
         super().__init__()
         self.register_buffer("embeddings", torch.zeros(n_crops, length, dim))
         self.register_buffer("n_filled", torch.zeros((), dtype=torch.long))
+        # Host-side mirror of n_filled: asking "is it full?" every step must not wait for the GPU.
+        self._n_filled = 0
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_n_filled", int(module.n_filled)))
 
     @property
     def length(self) -> int:
@@ -48,7 +51,7 @@ class FeatureQueue(torch.nn.Module):
 
     @property
     def is_full(self) -> bool:
-        return int(self.n_filled) >= self.length
+        return self._n_filled >= self.length
 
     @torch.no_grad()
     def push(self, batch: torch.Tensor) -> None:
@@ -59,4 +62,5 @@ class FeatureQueue(torch.nn.Module):
         else:
             self.embeddings[:, B:] = self.embeddings[:, :-B].clone()
             self.embeddings[:, :B] = batch.to(self.embeddings.dtype)
-        self.n_filled.add_(B).clamp_(max=self.length)
+        self._n_filled = min(self.length, self._n_filled + B)
+        self.n_filled.fill_(self._n_filled)

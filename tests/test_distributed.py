@@ -122,3 +122,28 @@ def test_torchrun_cli_killed_then_resumed(image_folder, tmp_path):
     final = load_training_checkpoint(checkpoint)
     assert final["step"] == 12 and len(final["per_rank"]) == 2
     assert (out / "backbone" / "model.safetensors").is_file()
+
+
+def test_launch_detection_torchrun_and_slurm(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    assert distributed.detect_launch().launcher == "none"
+    monkeypatch.setenv("SLURM_PROCID", "9")
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_TASKS_PER_NODE", "8(x2)")
+    assert distributed.detect_launch() == distributed.ProcessInfo(9, 16, 1, 8, "slurm")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert distributed.detect_launch() == distributed.ProcessInfo(3, 4, 1, 2, "torchrun")  # torchrun wins
+
+
+def test_preflight_refuses_more_processes_than_gpus(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(distributed.LaunchError, match="8 processes per node but only 4 GPU"):
+        distributed.init("cuda")
