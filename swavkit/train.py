@@ -168,6 +168,8 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
     if len(paths) < cfg.train.batch_size:
         raise ConfigError(f"train.batch_size: the global batch {cfg.train.batch_size} is larger than the "
                           f"{len(paths)} images in {data_root}; lower it")
+    if cfg.monitor.knn_data:
+        _monitor_folders(cfg)  # a wrong monitoring folder should fail now, not after the first epoch
     dataset = UnlabeledImageFolder(data_root, MultiCropTransform.from_config(cfg.crops), paths=paths)
     sampler = EpochSampler(len(paths), rank, world, cfg.seed)
     workers = cfg.data.num_workers
@@ -445,14 +447,20 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
     return TrainResult(out_dir, checkpoint_path, backbone_dir, step, last_loss, completed=completed)
 
 
+def _monitor_folders(cfg: Config) -> tuple[Path, Path | None]:
+    """``monitor.knn_data`` -> (train folder, val folder or None); "bundled" = the bundled sample."""
+    from swavkit.knn import monitor_folders
+
+    return monitor_folders(BUNDLED_SAMPLE if cfg.monitor.knn_data == "bundled" else cfg.monitor.knn_data)
+
+
 def _monitor_knn(backbone: torch.nn.Module, cfg: Config, device: torch.device) -> dict:
-    """k-NN top-1/top-5 of the current backbone on ``monitor.knn_data`` (train/ and val/ inside)."""
+    """k-NN top-1/top-5 of the current backbone on the labelled ``monitor.knn_data``."""
     from swavkit.knn import knn_monitor
 
-    root = BUNDLED_SAMPLE if cfg.monitor.knn_data == "bundled" else Path(cfg.monitor.knn_data)
-    size = cfg.monitor.image_size or cfg.crops.sizes_px[0]
-    result = knn_monitor(backbone, root / "train", root / "val", image_size_px=size, k=cfg.monitor.k,
-                         device=device, max_images=cfg.monitor.max_images, batch_size=256,
+    train_dir, val_dir = _monitor_folders(cfg)
+    result = knn_monitor(backbone, train_dir, val_dir, image_size_px=cfg.monitor.image_size or cfg.crops.sizes_px[0],
+                         k=cfg.monitor.k, device=device, max_images=cfg.monitor.max_images, batch_size=256,
                          mean=cfg.crops.mean, std=cfg.crops.std)
     return {"knn_top1": result["top1"], "knn_top5": result.get("top5")}
 

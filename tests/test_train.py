@@ -112,3 +112,17 @@ def test_bf16_channels_last_and_vit_with_adamw(image_folder, tmp_path, capsys):
     net = timm.create_model(f"local-dir:{vit.backbone_dir}", pretrained=True).eval()
     with torch.no_grad():  # the export keeps dynamic_img_size: both crop sizes still work
         assert net(torch.randn(1, 3, 32, 32)).shape == net(torch.randn(1, 3, 16, 16)).shape
+
+
+def test_online_knn_monitoring_is_logged(image_folder, tmp_path):
+    from labelled_images import write_labelled_folders
+
+    write_labelled_folders(tmp_path / "labelled", n_train=6, n_val=3, size_px=32)
+    run(tiny_overrides(image_folder, tmp_path / "mon", **{"train.epochs": 2, "monitor.knn_data": tmp_path / "labelled",
+                                                           "monitor.every_epochs": 1, "monitor.k": 5}))
+    rows = [json.loads(line) for line in (tmp_path / "mon" / "metrics.jsonl").read_text().splitlines()]
+    knn_rows = [r for r in rows if "knn_top1" in r]
+    assert [r["epoch"] for r in knn_rows] == [1, 2]
+    assert all(0.0 <= r["knn_top1"] <= 100.0 for r in knn_rows)
+    with pytest.raises(Exception, match="missing"):
+        run(tiny_overrides(image_folder, tmp_path / "mon2", **{"monitor.knn_data": tmp_path / "missing"}))
