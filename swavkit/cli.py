@@ -199,9 +199,10 @@ def add_eval_commands(subparsers) -> None:
             args.backbone, args.train, args.val, recipe=args.recipe, image_size_px=args.image_size,
             batch_size=args.batch_size, num_workers=args.workers, device=args.device, out_json=args.out,
             max_per_class=args.max_per_class, precision=args.precision, channels_last=args.channels_last,
-            progress=not args.no_progress, seed=args.seed, weight_decays=args.weight_decays,
-            holdout_fraction=args.holdout_fraction, lbfgs_iterations=args.lbfgs_iterations, epochs=args.epochs,
-            lr=args.lr, weight_decay=args.weight_decay, min_crop_scale=args.min_crop_scale))
+            progress=not args.no_progress, seed=args.seed, holdout_fraction=args.holdout_fraction,
+            lbfgs_iterations=args.lbfgs_iterations, epochs=args.epochs, lr=args.lr,
+            weight_decay=args.weight_decay, min_crop_scale=args.min_crop_scale,
+            **({"weight_decays": args.weight_decays} if args.weight_decays else {})))
 
     p = subparsers.add_parser(
         "knn", help="weighted k-NN accuracy of a frozen backbone on labelled train/val folders",
@@ -237,8 +238,8 @@ def add_eval_commands(subparsers) -> None:
     add_common(p, "linear")
     p.add_argument("--recipe", choices=("fast", "reference"), default="fast", help="default fast")
     p.add_argument("--seed", type=int, default=0, help="held-out split / training order seed (default 0)")
-    p.add_argument("--weight-decays", type=positive_float, nargs="+", default=[1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1],
-                   metavar="WD", help="fast: L2 grid searched on held-out train (default 1e-6 ... 1e-1)")
+    p.add_argument("--weight-decays", type=positive_float, nargs="+", default=None, metavar="WD",
+                   help="fast: L2 grid searched on held-out train (default 1e-4 1e-3 1e-2 0.1 1 10)")
     p.add_argument("--holdout-fraction", type=positive_float, default=0.2,
                    help="fast: fraction of each train class held out for the choice (default 0.2)")
     p.add_argument("--lbfgs-iterations", type=positive_int, default=300, help="fast: L-BFGS iteration cap (default 300)")

@@ -32,6 +32,7 @@ DEFAULT_IMAGE_SIZE_PX = 224
 FULL_IMAGE_MAX_SIZE_PX = 64
 # Backbone source that stands for "no network": flattened pixels, the floor every result must beat.
 RAW_PIXELS_SOURCE = "pixels"
+RAW_PIXELS_DEFAULT_SIZE_PX = 32
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -129,13 +130,22 @@ class RawPixels(torch.nn.Module):
         return flat - flat.mean(dim=1, keepdim=True)
 
 
+RANDOM_INIT_SEED = 0
+
+
 def load_eval_backbone(source: str | Path) -> torch.nn.Module:
-    """``load_backbone(source)``, plus ``"pixels"`` for the raw-pixel floor. Eval mode, on CPU."""
+    """``load_backbone(source)``, plus ``"pixels"`` for the raw-pixel floor. Eval mode, on CPU.
+
+    ``timm:<name>`` weights are drawn with seed ``RANDOM_INIT_SEED`` (without touching the caller's RNG),
+    so the random-init floor is the same number on every run.
+    """
     if str(source) == RAW_PIXELS_SOURCE:
         return RawPixels().eval()
     from swavkit.pretrained import load_backbone  # heavy (timm registry); only when needed
 
-    return load_backbone(source)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return load_backbone(source)
 
 
 @dataclass(frozen=True)
@@ -170,13 +180,14 @@ def resolve_preprocessing(source: str | Path, image_size_px: int | None = None) 
     """Image size and normalisation for a backbone source.
 
     Size: ``image_size_px`` if given, else the ``input_size`` an exported folder records, else the
-    large-crop size of a swavkit training checkpoint, else 224. Mean/std follow the same sources (ImageNet
-    statistics by default); ``"pixels"`` uses mean 0, std 1. Images of at most 64 px are not cropped
-    (crop fraction 1.0); larger ones are resized to size/0.875 and centre-cropped.
+    large-crop size of a swavkit training checkpoint, else 224 (32 for ``"pixels"``). Mean/std follow the
+    same sources (ImageNet statistics by default); ``"pixels"`` uses mean 0, std 1. Images of at most
+    64 px are not cropped (crop fraction 1.0); larger ones are resized to size/0.875 and centre-cropped.
     """
     size, mean, std, origin = None, IMAGENET_MEAN, IMAGENET_STD, "default"
     if str(source) == RAW_PIXELS_SOURCE:
-        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        # 224 px would give 150,528-dimensional "features"; compare at the size of the backbone you test
+        size, mean, std = RAW_PIXELS_DEFAULT_SIZE_PX, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     elif not str(source).startswith("timm:"):
         path = Path(source)
         pretrained_cfg = _export_pretrained_cfg(path) if path.is_dir() else None
@@ -411,6 +422,14 @@ class SplitFeatures:
                 "max_per_class": max_per_class}
 
 
+def backbone_record(source, architecture: str, feature_dim: int) -> dict:
+    """The ``backbone`` section of a result record."""
+    record = {"source": str(source), "architecture": architecture, "feature_dim": int(feature_dim)}
+    if str(source).startswith("timm:"):
+        record["random_init_seed"] = RANDOM_INIT_SEED
+    return record
+
+
 def backbone_name(backbone: torch.nn.Module) -> str:
     """timm architecture name when known, else the class name."""
     cfg = getattr(backbone, "pretrained_cfg", None) or {}
@@ -438,5 +457,5 @@ def extract_split_features(backbone: torch.nn.Module, train_dir: str | Path, val
 
 __all__ = ["LabelledImageFolder", "SafeItems", "collate_safe_items", "check_errors", "RawPixels",
            "Preprocessing", "SplitFeatures", "find_classes", "load_eval_backbone", "resolve_preprocessing",
-           "resolve_device", "init_processes", "autocast_dtype_for", "extract_features", "extract_split_features", "backbone_name",
-           "RAW_PIXELS_SOURCE"]
+           "resolve_device", "init_processes", "autocast_dtype_for", "extract_features",
+           "extract_split_features", "backbone_name", "backbone_record", "RAW_PIXELS_SOURCE"]

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 
 from swavkit import distributed
 from swavkit.config import ConfigError
-from swavkit.features import (LabelledImageFolder, Preprocessing, extract_features, extract_split_features,
-                              find_classes, init_processes, load_eval_backbone, resolve_preprocessing)
+from swavkit.features import (FULL_IMAGE_MAX_SIZE_PX, LabelledImageFolder, Preprocessing, SplitFeatures,
+                              backbone_record, extract_features, extract_split_features, find_classes,
+                              init_processes, load_eval_backbone, resolve_preprocessing)
 from swavkit.report import build_result, default_result_path, utc_now, write_result
 
 INDEX_TYPES = ("exact", "ivf")
@@ -172,7 +173,8 @@ def evaluate_knn(backbone_source: str | Path, train_dir: str | Path, val_dir: st
                  temperature: float = 0.07, image_size_px: int | None = None, batch_size: int = 256,
                  num_workers: int = 4, device: str = "auto", out_json: str | Path | None = None,
                  max_per_class: int = 0, index: str = "exact", n_lists: int = 0, n_probe: int = 0,
-                 precision: str = "auto", channels_last: bool = False, progress: bool = True) -> dict:
+                 precision: str = "auto", channels_last: bool = False, progress: bool = True,
+                 features: SplitFeatures | None = None) -> dict:
     """k-NN top-1/top-5 of a frozen backbone on a train/val pair of labelled folders.
 
     Args:
@@ -182,17 +184,21 @@ def evaluate_knn(backbone_source: str | Path, train_dir: str | Path, val_dir: st
         image_size_px: default from the export's config / the checkpoint's crops, else 224.
         max_per_class: cap images per class in both splits (0 = all), deterministic.
         out_json: result file (None = ``results/knn-<backbone>-<UTC time>.json``; "" = do not write).
+        features: features already extracted from these folders with this backbone (e.g. shared with a
+            linear probe); then nothing is loaded or extracted again.
         Others: see :func:`knn_classify` and :func:`swavkit.features.extract_features`.
     Returns:
         the result record (see :func:`swavkit.report.build_result`); identical on every process.
     """
     started_at, start = utc_now(), time.perf_counter()
     device = init_processes(device)
-    preprocessing = resolve_preprocessing(backbone_source, image_size_px)
-    backbone = load_eval_backbone(backbone_source)
-    split = extract_split_features(backbone, train_dir, val_dir, preprocessing, device=device,
-                                   batch_size=batch_size, num_workers=num_workers, max_per_class=max_per_class,
-                                   precision=precision, channels_last=channels_last, progress=progress)
+    split = features
+    if split is None:
+        preprocessing = resolve_preprocessing(backbone_source, image_size_px)
+        split = extract_split_features(load_eval_backbone(backbone_source), train_dir, val_dir, preprocessing,
+                                       device=device, batch_size=batch_size, num_workers=num_workers,
+                                       max_per_class=max_per_class, precision=precision,
+                                       channels_last=channels_last, progress=progress)
     result = None
     if distributed.is_main_process():
         search_start = time.perf_counter()
@@ -206,10 +212,9 @@ def evaluate_knn(backbone_source: str | Path, train_dir: str | Path, val_dir: st
                     "n_probe": n_probe or None, "precision": precision, "split_selection": "none (no tuning)"}
         result = build_result(
             evaluation="knn", metrics=metrics, protocol=protocol,
-            backbone={"source": str(backbone_source), "architecture": split.backbone_name,
-                      "feature_dim": split.feature_dim},
+            backbone=backbone_record(backbone_source, split.backbone_name, split.feature_dim),
             data=split.data_record(train_dir, val_dir, max_per_class),
-            preprocessing=preprocessing.as_dict(), device=device, started_at=started_at,
+            preprocessing=split.preprocessing.as_dict(), device=device, started_at=started_at,
             wall_time_s=time.perf_counter() - start, world_size=distributed.world_size(),
             extra={"timings_s": {"features": round(split.extraction_s, 3),
                                  "search": round(time.perf_counter() - search_start, 3)}})
@@ -269,7 +274,8 @@ def knn_monitor(backbone_module: torch.nn.Module, train_dir: str | Path, val_dir
     """
     start = time.perf_counter()
     size = int(image_size_px)
-    preprocessing = Preprocessing(size, 1.0 if size <= 64 else 0.875, tuple(mean), tuple(std), "argument")
+    crop_fraction = 1.0 if size <= FULL_IMAGE_MAX_SIZE_PX else 0.875  # as resolve_preprocessing does
+    preprocessing = Preprocessing(size, crop_fraction, tuple(mean), tuple(std), "argument")
     transform = preprocessing.transform()
     n_classes = len(find_classes(train_dir))
     per_class = math.ceil(max_images / n_classes) if max_images else 0

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from labelled_images import write_labelled_folders, write_labelled_split
+from evaluation_fixtures import one_thread, write_labelled_folders, write_labelled_split  # noqa: F401
 from swavkit.checkpoint import export_backbone
 from swavkit.data import DataError, eval_transform
 from swavkit.features import (LabelledImageFolder, RawPixels, extract_features, load_eval_backbone,
@@ -175,3 +175,21 @@ def test_two_process_extraction_equals_single_process(tmp_path):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert got["labels"].tolist() == single_labels.tolist() == [i % 3 for i in range(11)]
         torch.testing.assert_close(got["features"], single_features, rtol=1e-5, atol=1e-6)
+
+
+def test_random_init_floor_is_reproducible():
+    state = torch.random.get_rng_state()
+    first = load_eval_backbone("timm:resnet10t").state_dict()
+    second = load_eval_backbone("timm:resnet10t").state_dict()
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_a_given_dataloader_is_used_as_is():
+    items = _Items(7)
+    loader = torch.utils.data.DataLoader(items, batch_size=3, shuffle=False)
+    features, labels = extract_features(_small_net(), loader, "cpu", progress=False)
+    with torch.no_grad():
+        expected = _small_net().eval()(items.images)
+    torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-6)
+    assert labels.tolist() == [i % 3 for i in range(7)]

@@ -8,19 +8,11 @@ import sys
 import pytest
 import torch
 
-from labelled_images import write_labelled_folders
+from evaluation_fixtures import ONE_THREAD_ENV, clusters, one_thread, write_labelled_folders  # noqa: F401
 from swavkit.features import load_eval_backbone
 from swavkit.knn import (build_index, knn_accuracy, knn_classify, knn_classify_bruteforce, knn_monitor,
                          monitor_folders, topk_accuracy)
 from swavkit.report import RESULT_KEYS
-
-
-def clusters(n: int, n_classes: int, dim: int, spread: float, seed: int):
-    """n features around n_classes random centres; labels cycle through the classes."""
-    generator = torch.Generator().manual_seed(seed)
-    centres = torch.randn(n_classes, dim, generator=torch.Generator().manual_seed(1234))
-    labels = torch.arange(n) % n_classes
-    return centres[labels] + spread * torch.randn(n, dim, generator=generator), labels
 
 
 def test_vote_weights_are_exp_similarity_over_temperature():
@@ -97,7 +89,7 @@ def test_knn_monitor_restores_the_training_mode(tmp_path):
 
 def _cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "swavkit", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=ONE_THREAD_ENV)
 
 
 def test_cli_knn_end_to_end(tmp_path):
@@ -112,7 +104,8 @@ def test_cli_knn_end_to_end(tmp_path):
     assert result["protocol"]["k"] == 5 and math.isclose(result["protocol"]["temperature"], 0.07)
     assert result["protocol"]["index"] == "exact"
     assert result["data"]["n_train"] == 24 and result["data"]["n_val"] == 12 and result["data"]["n_classes"] == 3
-    assert result["backbone"] == {"source": "timm:resnet10t", "architecture": "resnet10t", "feature_dim": 512}
+    assert result["backbone"] == {"source": "timm:resnet10t", "architecture": "resnet10t", "feature_dim": 512,
+                                  "random_init_seed": 0}
     assert result["preprocessing"]["image_size_px"] == 32 and result["preprocessing"]["crop_fraction"] == 1.0
     assert {"swavkit_version", "git_commit", "device", "torch_version"} <= set(result["environment"])
     assert result["metrics"]["top1"] > 90.0  # colour classes: even random conv features separate them

@@ -7,19 +7,12 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from labelled_images import write_labelled_folders
+from evaluation_fixtures import ONE_THREAD_ENV, clusters, one_thread, write_labelled_folders  # noqa: F401
 from swavkit.data import eval_transform
 from swavkit.features import LabelledImageFolder, Preprocessing, load_eval_backbone
 from swavkit.linear_probe import (evaluate_linear, fit_softmax_regression, linear_probe_fast,
                                   linear_probe_reference, stratified_holdout, train_transform)
 from swavkit.report import RESULT_KEYS
-
-
-def clusters(n: int, n_classes: int, dim: int, spread: float, seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    centres = torch.randn(n_classes, dim, generator=torch.Generator().manual_seed(1234))
-    labels = torch.arange(n) % n_classes
-    return centres[labels] + spread * torch.randn(n, dim, generator=generator), labels
 
 
 def test_stratified_holdout_is_a_deterministic_per_class_partition():
@@ -99,7 +92,8 @@ def test_cli_linear_end_to_end(tmp_path):
     done = subprocess.run([sys.executable, "-m", "swavkit", "linear", "--backbone", "timm:resnet10t",
                            "--train", str(train_dir), "--val", str(val_dir), "--image-size", "32", "--workers", "0",
                            "--weight-decays", "1e-4", "1e-2", "--out", str(out), "--no-progress"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=ONE_THREAD_ENV)
     assert done.returncode == 0, done.stderr
     assert "top1 %" in done.stdout and "held-out train" in done.stdout
     result = json.loads(out.read_text())
@@ -113,5 +107,5 @@ def test_cli_linear_end_to_end(tmp_path):
 
     bad = subprocess.run([sys.executable, "-m", "swavkit", "linear", "--backbone", "timm:resnet10t", "--train",
                           str(train_dir), "--val", str(tmp_path / "missing")], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=300, env=ONE_THREAD_ENV)
     assert bad.returncode == 2 and "missing" in bad.stderr and "Traceback" not in bad.stderr

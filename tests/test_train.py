@@ -115,7 +115,7 @@ def test_bf16_channels_last_and_vit_with_adamw(image_folder, tmp_path, capsys):
 
 
 def test_online_knn_monitoring_is_logged(image_folder, tmp_path):
-    from labelled_images import write_labelled_folders
+    from evaluation_fixtures import write_labelled_folders
 
     write_labelled_folders(tmp_path / "labelled", n_train=6, n_val=3, size_px=32)
     run(tiny_overrides(image_folder, tmp_path / "mon", **{"train.epochs": 2, "monitor.knn_data": tmp_path / "labelled",
