@@ -198,12 +198,14 @@ class UnlabeledImageFolder(Dataset):
             return image, index, skipped
         if seed is None:
             return self.transform(image), index, skipped
+        # Only the CPU generator drives the transforms; torch.manual_seed would also (lazily) seed CUDA,
+        # which costs ~100x more per sample on CUDA builds.
         if torch.utils.data.get_worker_info() is None:
             # In the training process, do not disturb the global RNG stream.
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                torch.default_generator.manual_seed(seed)
                 return self.transform(image), index, skipped
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         return self.transform(image), index, skipped
 
     def describe_reading(self) -> list[str]:

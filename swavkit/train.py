@@ -284,6 +284,7 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
     # ================================================================================================
     model.train()
     V, B = n_crops, per_rank_batch
+    code_buffers: dict[int, torch.Tensor] = {}  # Sinkhorn output per assignment crop, reused every step
     buffers = [b for b in core.buffers()]
     buffer_backup = [b.detach().clone() for b in buffers]
     last_save_time = time.monotonic()
@@ -324,7 +325,8 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
 
                 # ---- 7c. forward: grouped by resolution, then head, L2 norm, prototypes
                 # (BN running statistics change in forward: keep a copy so a non-finite step leaves no trace)
-                torch._foreach_copy_(buffer_backup, buffers)
+                if buffers:
+                    torch._foreach_copy_(buffer_backup, buffers)
                 with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                     z, scores = model(crops)
                 scores = scores.float().view(V, B, K)
@@ -337,13 +339,18 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
                         crop_scores = scores[i].detach()
                         if use_queue_now and queue.is_full:
                             crop_scores = torch.cat([queue.embeddings[j] @ core.prototypes.weight.t().float(), crop_scores])
+                        buffer = code_buffers.get(j)
+                        if buffer is None or buffer.shape != crop_scores.shape:  # first step, or the queue joined
+                            buffer = code_buffers[j] = torch.empty(crop_scores.shape, dtype=sinkhorn_dtype,
+                                                                   device=device)
                         codes[i] = sinkhorn(crop_scores, cfg.swav.epsilon, cfg.swav.sinkhorn_iterations,
-                                            dtype=sinkhorn_dtype)[-B:]
+                                            dtype=sinkhorn_dtype, out=buffer)[-B:]
 
                 # ---- 7e. swapped-prediction loss; refuse to step on a non-finite loss
                 loss = swapped_prediction_loss(scores, codes, cfg.swav.temperature)
                 if not torch.isfinite(loss):
-                    torch._foreach_copy_(buffers, buffer_backup)
+                    if buffers:
+                        torch._foreach_copy_(buffers, buffer_backup)
                     nonfinite_skipped += 1
                     if nonfinite_skipped > cfg.train.skip_nonfinite_steps:
                         save_checkpoint()  # the weights are still those of the last good step

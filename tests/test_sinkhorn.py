@@ -94,3 +94,11 @@ def test_log_domain_fallback_equals_reference():
     scores = cosine_scores(48, 20, seed=6).double()
     Q = _sinkhorn_log_domain(scores, 0.05, 3, torch.tensor([48.0], dtype=torch.float64), False)
     torch.testing.assert_close(Q, reference_sinkhorn(scores, 0.05, 3), rtol=1e-9, atol=1e-12)
+
+
+def test_out_buffer_is_used_and_result_unchanged():
+    scores = cosine_scores(32, 12, seed=7)
+    buffer = torch.empty(32, 12)
+    Q = sinkhorn(scores, 0.05, 3, out=buffer)
+    assert Q.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(Q, sinkhorn(scores, 0.05, 3), rtol=0, atol=0)
