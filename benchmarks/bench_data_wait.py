@@ -1,0 +1,126 @@
+"""Data wait: the fraction of each training step spent blocked on the DataLoader, as swavkit logs it.
+
+    .venv/bin/python benchmarks/bench_data_wait.py [--epochs 2] [--no-variants]
+
+Runs the default CPU recipe exactly as a user would (the quickstart preset: bundled Fashion-MNIST sample,
+resnet10t, batch 128, crops 2x32 + 4x16, 2 workers):
+
+    python -m swavkit pretrain --no-progress --restart train.epochs=2 out_dir=benchmarks/_work/dw
+
+and reads ``data_wait_fraction`` and ``images_per_s`` from its metrics.jsonl (one row per 5 steps).
+The first row includes worker start-up; "steady state" = the later rows.
+Target (ours; issue 5 asks only that the pipeline keep the model fed and that the number be reported):
+steady-state median data_wait_fraction <= 0.10.
+
+Informational runs (skipped with --no-variants): the same command with OMP_NUM_THREADS=1 (one compute
+thread, so the 2 workers and the model do not oversubscribe the 2 cores), and that again with
+swavkit's MultiCropTransform / collate_crops swapped, in that process only, for the batched prototype
+(benchmarks/_batched_multicrop.py): what the recommended changes would do to the real loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (BENCH_DIR, PYTHON, REPO_ROOT, WORK_DIR, Verdicts, environment, markdown_table,  # noqa: E402
+                     report, stats)
+
+TARGET = 0.10
+
+
+def run_pretrain(out_dir: Path, epochs: int, prototype: bool, threads: int | None) -> tuple[list[dict], float, str]:
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    overrides = [f"train.epochs={epochs}", f"out_dir={out_dir.relative_to(REPO_ROOT)}"]
+    if prototype:
+        command = [PYTHON, str((BENCH_DIR / "_pretrain_with_prototype.py").relative_to(REPO_ROOT)), *overrides]
+    else:
+        command = [PYTHON, "-m", "swavkit", "pretrain", "--no-progress", "--restart", *overrides]
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    start = time.perf_counter()
+    proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800, env=env)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+        raise RuntimeError(f"{' '.join(command)} failed with exit code {proc.returncode}")
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "data_wait_fraction" in r or "images_per_s" in r]
+    shown = (f"OMP_NUM_THREADS={threads} " if threads else "") + " ".join(["python"] + command[1:])
+    return rows, wall, shown
+
+
+def summarise(rows: list[dict]) -> dict:
+    steady = rows[1:] if len(rows) > 1 else rows
+    return {"rows": len(rows),
+            "data_wait_fraction_all": stats([r["data_wait_fraction"] for r in rows]),
+            "data_wait_fraction_steady": stats([r["data_wait_fraction"] for r in steady]),
+            "images_per_s_steady": stats([r["images_per_s"] for r in steady], 2),
+            "per_row": [{k: r.get(k) for k in ("step", "data_wait_fraction", "images_per_s", "loss")} for r in rows]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--no-variants", action="store_true", help="only the judged default run")
+    parser.add_argument("--no-readme", action="store_true")
+    args = parser.parse_args()
+    env = environment()
+    verdicts, results, table_rows = Verdicts(), {}, []
+    runs = [("library", False, None)]
+    if not args.no_variants:
+        runs += [("library_1_thread", False, 1), ("prototype_1_thread", True, 1)]
+    labels = {"library": "swavkit (library), torch default threads",
+              "library_1_thread": "swavkit (library), OMP_NUM_THREADS=1 (informational)",
+              "prototype_1_thread": "batched prototype pipeline, OMP_NUM_THREADS=1 (informational)"}
+    commands = {}
+    for name, prototype, threads in runs:
+        print(f"pretrain ({name}) ...", flush=True)
+        rows, wall, command = run_pretrain(WORK_DIR / f"dw_{name}" if name != "library" else WORK_DIR / "dw",
+                                           args.epochs, prototype, threads)
+        missing = [r.get("step") for r in rows if "data_wait_fraction" not in r]
+        if name == "library":
+            verdicts.check("metrics.jsonl has data_wait_fraction in every logging row", not missing and bool(rows),
+                           "present", not missing and bool(rows))
+        s = summarise(rows)
+        s.update(wall_s=round(wall, 1), command=command)
+        results[name] = s
+        commands[name] = command
+        dw, ips = s["data_wait_fraction_steady"], s["images_per_s_steady"]
+        table_rows.append([labels[name], f"{dw['median']:.3f} ({dw['min']:.3f}..{dw['max']:.3f})",
+                           f"{s['data_wait_fraction_all']['median']:.3f}",
+                           f"{ips['median']:.1f} ({ips['min']:.1f}..{ips['max']:.1f})", s["rows"], f"{wall:.0f}"])
+        if name == "library":
+            verdicts.check("quickstart recipe: steady-state data_wait_fraction (median of logged windows)",
+                           dw["median"], f"<= {TARGET} (ours)", dw["median"] <= TARGET)
+            verdicts.info("quickstart recipe: steady-state images/s", ips["median"])
+        else:
+            verdicts.info(f"{labels[name]}: steady-state data_wait_fraction", dw["median"])
+            verdicts.info(f"{labels[name]}: steady-state images/s", ips["median"])
+    tables = ("Quickstart recipe (bundled Fashion-MNIST sample, 2,000 images 28x28; resnet10t; batch 128; crops "
+              f"2x32 + 4x16; 2 workers; fp32 CPU), {args.epochs} epochs, metrics every 5 steps:\n\n"
+              + markdown_table(["pipeline", "data_wait_fraction, steady (median, min..max)", "all rows (median)",
+                                "images/s, steady", "logged rows", "wall s"], table_rows)
+              + "\n\nCommands: `" + "`; `".join(commands.values()) + "`")
+    if "prototype_1_thread" in results:
+        tables += ("\n\nThe prototype run is the same CLI with `swavkit.train.MultiCropTransform` / `collate_crops` "
+                   "replaced in that process by `benchmarks/_batched_multicrop.py` (benchmarks/_pretrain_with_prototype.py).")
+    protocol = ("data_wait_fraction = time blocked in `next(batches)` / wall time of the logging window, as "
+                "train.py logs it; on 2 cores the 2 workers and the 2 compute threads share the same cores.")
+    return report("data_wait", "Data wait (default CPU recipe)", "python benchmarks/bench_data_wait.py"
+                  + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""),
+                  protocol, tables, verdicts, env, {"results": results}, write_readme=not args.no_readme)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Representation quality benchmark: pretrain (optionally), then k-NN and fast linear probe of
+(a) the pretrained backbone, (b) the same architecture randomly initialised, (c) raw pixels,
+all on the same real labelled data, at the same image size, with the same protocol.
+
+    python benchmarks/run_eval_benchmark.py --data cifar10-small --config configs/cifar10_resnet18.yaml \
+        --pretrain-minutes 30
+    python benchmarks/run_eval_benchmark.py --data cifar10-tiny --config configs/tiny_cpu_debug.yaml \
+        --pretrain-epochs 1            # smoke test: seconds to minutes on a CPU
+    python benchmarks/run_eval_benchmark.py --data cifar10-small --backbone runs/a/backbone   # no pretraining
+
+Data come from the team's shared folder (``../shared/data`` next to the repository, or
+``--shared-data``), unpacked once into ``benchmarks/_work/data/<name>`` (git-ignored). Pretraining reads
+only ``<name>/train`` and never its labels. Writes ``benchmarks/results/eval-<name>.json`` and prints a
+markdown table; ``--readme`` also replaces this run's block in benchmarks/README.md ("## Evaluation").
+Missing data: one line on stderr, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+WORK_DIR = BENCH_DIR / "_work"
+RESULTS_DIR = BENCH_DIR / "results"
+README = BENCH_DIR / "README.md"
+DEFAULT_SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
+
+# name -> (dataset in the shared folder, train images per class, val images per class; 0 = all)
+DATASETS = {
+    "cifar10-tiny": ("cifar10", 20, 10),  # 200 / 100 images: a smoke test, not a result
+    "cifar10-small": ("cifar10", 500, 100),  # 5,000 / 1,000: the quick CPU benchmark
+    "cifar10": ("cifar10", 0, 0),
+    "fashion-mnist-small": ("fashion-mnist", 500, 100),
+    "fashion-mnist": ("fashion-mnist", 0, 0),
+}
+
+
+def fail(message: str) -> None:
+    print(f"run_eval_benchmark: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def prepare_data(name: str, shared_data: Path) -> Path:
+    """``benchmarks/_work/data/<name>`` with train/ and val/, unpacked from the shared folder if needed."""
+    dest = WORK_DIR / "data" / name
+    if (dest / "train").is_dir() and (dest / "val").is_dir():
+        return dest
+    dataset, train_per_class, val_per_class = DATASETS[name]
+    script = shared_data / "materialize.py"
+    if not script.is_file() or not (shared_data / dataset).exists():
+        fail(f"{dataset} data not found: need {shared_data / dataset} and {script} (pass --shared-data DIR)")
+    if dest.exists() and any(dest.iterdir()):
+        fail(f"{dest} exists but has no train/ and val/; delete it and rerun")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    print(f"unpacking {name} into {dest} ...", flush=True)
+    subprocess.run([sys.executable, str(script), dataset, str(dest), "--train-per-class", str(train_per_class),
+                    "--val-per-class", str(val_per_class)], check=True)
+    return dest
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except OSError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# pretraining
+
+def pretrain(config_files: list[str], overrides: list[str], data: Path, run_dir: Path, epochs: int | None,
+             minutes: float | None, progress: bool) -> dict:
+    """SwAV on ``data/train`` (labels ignored); returns what was run and how long it took.
+
+    A time budget is turned into an epoch count from a one-epoch calibration run, so the LR schedule of
+    the real run still ends where the recipe says (a run cut off mid-cosine would understate the recipe).
+    """
+    from swavkit.config import load_config
+    from swavkit.train import train
+
+    base = [f"data.path={data / 'train'}", *overrides]
+    calibration_s = None
+    if minutes is not None:
+        cfg = load_config(config_files, base + [f"out_dir={run_dir}-calibration", "train.epochs=1"])
+        start = time.perf_counter()
+        train(cfg, restart=True, progress=progress)
+        calibration_s = time.perf_counter() - start
+        epochs = max(1, int((minutes * 60 - calibration_s) // calibration_s))
+        print(f"calibration: one epoch took {calibration_s:.0f} s -> {epochs} epoch(s) fit the remaining "
+              f"{minutes * 60 - calibration_s:.0f} s", flush=True)
+    cfg = load_config(config_files, base + [f"out_dir={run_dir}"] + ([f"train.epochs={epochs}"] if epochs else []))
+    start = time.perf_counter()
+    result = train(cfg, restart=True, progress=progress)
+    wall_s = time.perf_counter() - start
+    if not result.completed:
+        fail(f"pretraining stopped early at step {result.step}; see {run_dir}")
+    return {"config_files": [str(f) for f in config_files], "overrides": base, "epochs": cfg.train.epochs,
+            "steps": result.step, "final_loss": result.final_loss, "wall_time_s": round(wall_s, 1),
+            "calibration_epoch_s": round(calibration_s, 1) if calibration_s else None, "run_dir": str(run_dir),
+            "backbone": cfg.model.backbone, "image_size_px": cfg.crops.sizes_px[0],
+            "budget_minutes": minutes}
+
+
+# ----------------------------------------------------------------------------------------------------
+# evaluation of one backbone
+
+def evaluate(label: str, source: str, data: Path, image_size_px: int, args) -> dict:
+    """k-NN and fast linear probe of one backbone, sharing one feature extraction."""
+    from swavkit.features import (extract_split_features, init_processes, load_eval_backbone,
+                                  resolve_preprocessing)
+    from swavkit.knn import evaluate_knn
+    from swavkit.linear_probe import evaluate_linear
+
+    device = init_processes(args.device)
+    preprocessing = resolve_preprocessing(source, image_size_px)
+    start = time.perf_counter()
+    split = extract_split_features(load_eval_backbone(source), data / "train", data / "val", preprocessing,
+                                   device=device, batch_size=args.batch_size, num_workers=args.workers,
+                                   progress=not args.no_progress)
+    common = dict(features=split, out_json="", device=args.device)
+    knn = evaluate_knn(source, data / "train", data / "val", k=20, temperature=0.07, **common)
+    linear = evaluate_linear(source, data / "train", data / "val", recipe="fast", **common)
+    wall_s = time.perf_counter() - start
+    print(f"{label}: k-NN top-1 {knn['metrics']['top1']:.2f} %, linear top-1 {linear['metrics']['top1']:.2f} % "
+          f"({wall_s:.0f} s)", flush=True)
+    return {"label": label, "source": source, "knn": knn, "linear": linear, "wall_time_s": round(wall_s, 1)}
+
+
+def markdown(rows: list[dict]) -> str:
+    def cell(record: dict, key: str) -> str:
+        value = record["metrics"].get(key)
+        return f"{value:.2f}" if value is not None else "-"
+
+    lines = ["| backbone | k-NN top-1 % | k-NN top-5 % | linear top-1 % | linear top-5 % | feature dim | "
+             "linear weight decay | eval time s |", "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        knn, linear = row["knn"], row["linear"]
+        lines.append(f"| {row['label']} | {cell(knn, 'top1')} | {cell(knn, 'top5')} | {cell(linear, 'top1')} | "
+                     f"{cell(linear, 'top5')} | {knn['backbone']['feature_dim']} | "
+                     f"{linear['protocol']['selected_weight_decay']:g} | {row['wall_time_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def protocol_text(rows: list[dict], data_name: str, pretraining: dict | None) -> str:
+    first = rows[0]["knn"]
+    data, pre = first["data"], first["preprocessing"]
+    lines = [f"Data: `{data_name}` ({data['n_train']} train / {data['n_val']} val images, {data['n_classes']} "
+             f"classes; pretraining used the train images without labels). Images {pre['image_size_px']} px, "
+             f"crop fraction {pre['crop_fraction']}.",
+             "k-NN: 20 neighbours, cosine similarity on L2-normalised frozen features, votes weighted "
+             "exp(sim/0.07), faiss exact search. Linear: fast recipe (standardised frozen features, softmax "
+             "regression by L-BFGS; weight decay chosen on a stratified 20 % of train, refitted on all train, "
+             "val evaluated once). Floors: same architecture randomly initialised (timm, eval-mode BN) and raw "
+             "pixels in [0, 1] with each image's mean removed."]
+    if pretraining:
+        lines.append(f"Pretraining: {pretraining['backbone']}, {pretraining['epochs']} epoch(s) = "
+                     f"{pretraining['steps']} steps in {pretraining['wall_time_s'] / 60:.1f} min "
+                     f"(final loss {pretraining['final_loss']:.3f}); config "
+                     f"{', '.join(pretraining['config_files']) or 'defaults'}.")
+    return "\n".join(lines)
+
+
+def update_readme(name: str, block_markdown: str) -> None:
+    """Replace this run's block (between markers) in the "## Evaluation" section of benchmarks/README.md."""
+    heading = "## Evaluation"
+    start, end = f"<!-- eval:{name}:start -->", f"<!-- eval:{name}:end -->"
+    block = f"{start}\n{block_markdown.strip()}\n{end}"
+    text = README.read_text() if README.exists() else "# Benchmarks\n"
+    if start in text and end in text:
+        text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        if heading not in text:
+            text = text.rstrip("\n") + f"\n\n{heading}\n"
+        at = text.index(heading) + len(heading)
+        following = re.search(r"^## ", text[at:], flags=re.M)
+        cut = at + following.start() if following else len(text)
+        text = text[:cut].rstrip("\n") + "\n\n" + block + "\n" + ("\n" + text[cut:] if text[cut:] else "")
+    tmp = README.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, README)
+    print(f"updated {README.relative_to(REPO_ROOT)} (block '{name}')")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", choices=sorted(DATASETS), default="cifar10-small")
+    parser.add_argument("--shared-data", type=Path, default=Path(os.environ.get("SWAVKIT_SHARED_DATA",
+                                                                                 DEFAULT_SHARED_DATA)),
+                        help=f"the team's data folder (default {DEFAULT_SHARED_DATA} or $SWAVKIT_SHARED_DATA)")
+    parser.add_argument("--config", action="append", default=[], metavar="FILE.yaml",
+                        help="pretraining recipe (repeatable); default configs/cifar10_resnet18.yaml")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--pretrain-epochs", type=int, default=None, help="pretraining epochs (default: the config's)")
+    budget.add_argument("--pretrain-minutes", type=float, default=None,
+                        help="pretraining wall-time budget; converted to epochs by a one-epoch calibration run")
+    budget.add_argument("--backbone", default=None, metavar="SRC",
+                        help="evaluate this backbone (export/run folder/checkpoint) instead of pretraining; its "
+                             "architecture floor needs --architecture")
+    parser.add_argument("--architecture", default=None, help="timm name for the random-init floor (default: the "
+                                                             "config's model.backbone)")
+    parser.add_argument("--image-size", type=int, default=None, help="eval side length (default: the config's "
+                                                                     "large crop size)")
+    parser.add_argument("--name", default=None, help="result name (default eval-<data>)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--readme", action="store_true", help="also update this run's block in benchmarks/README.md")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="pretraining config overrides")
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    data = prepare_data(args.data, args.shared_data)
+    from swavkit.config import load_config
+    from swavkit.report import environment, utc_now
+
+    config_files = args.config or [str(REPO_ROOT / "configs" / "cifar10_resnet18.yaml")]
+    cfg = load_config(config_files, args.overrides)
+    architecture = args.architecture or cfg.model.backbone
+    image_size_px = args.image_size or cfg.crops.sizes_px[0]
+    name = args.name or f"eval-{args.data}"
+    command = "python benchmarks/run_eval_benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    pretraining = None
+    if args.backbone:
+        source = args.backbone
+    else:
+        pretraining = pretrain(config_files, args.overrides, data, WORK_DIR / "runs" / name, args.pretrain_epochs,
+                               args.pretrain_minutes, not args.no_progress)
+        source = str(Path(pretraining["run_dir"]) / "backbone")
+
+    label = (f"SwAV {architecture}, {pretraining['epochs']} ep ({pretraining['wall_time_s'] / 60:.1f} min)"
+             if pretraining else f"{source}")
+    rows = [evaluate(label, source, data, image_size_px, args),
+            evaluate(f"{architecture} random init", f"timm:{architecture}", data, image_size_px, args),
+            evaluate("raw pixels", "pixels", data, image_size_px, args)]
+
+    table = markdown(rows)
+    protocol = protocol_text(rows, args.data, pretraining)
+    total_s = time.perf_counter() - started
+    commit = git_commit()
+    block = (f"### {name}\n\n`{command}`  \ncommit `{(commit or 'unknown')[:12]}`, {utc_now():%Y-%m-%d %H:%M} UTC, "
+             f"{rows[0]['knn']['environment']['device']}, total wall time {total_s / 60:.1f} min\n\n"
+             f"{protocol}\n\n{table}\n\n(raw records: `benchmarks/results/{name}.json`)\n")
+    print("\n" + block)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    payload = {"benchmark": name, "command": command, "data": args.data, "git_commit": commit,
+               "environment": environment(rows[0]["knn"]["environment"]["device"].split(" ")[0]),
+               "pretraining": pretraining, "image_size_px": image_size_px, "total_wall_time_s": round(total_s, 1),
+               "rows": rows, "markdown": table}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path.relative_to(REPO_ROOT)}")
+    if args.readme:
+        update_readme(name, block)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
