@@ -196,23 +196,23 @@ def write_result(name: str, payload: dict) -> Path:
 PERFORMANCE_HEADING = "## Performance"
 
 
-def update_readme(name: str, markdown: str) -> None:
-    """Replace this benchmark's block inside the README's Performance section (created if missing).
+def update_readme(name: str, markdown: str, *, prefix: str = "perf", heading: str = PERFORMANCE_HEADING) -> None:
+    """Replace this benchmark's block inside the README's ``heading`` section (created if missing).
 
     The file is re-read right before writing and only the text between this benchmark's markers (or the
     end of the Performance section, for a new block) changes: other sections (e.g. "Evaluation", written
     by someone else) are left byte-for-byte alone.
     """
-    start, end = f"<!-- perf:{name}:start -->", f"<!-- perf:{name}:end -->"
+    start, end = f"<!-- {prefix}:{name}:start -->", f"<!-- {prefix}:{name}:end -->"
     block = f"{start}\n{markdown.strip()}\n{end}"
     text = README.read_text() if README.exists() else "# Benchmarks\n"
     if start in text and end in text:
         text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     else:
-        if PERFORMANCE_HEADING not in text:
-            text = text.rstrip("\n") + f"\n\n{PERFORMANCE_HEADING}\n\n"
+        if heading not in text:
+            text = text.rstrip("\n") + f"\n\n{heading}\n\n"
         # insert at the end of the Performance section: before the next "## " heading, or at the end
-        at = text.index(PERFORMANCE_HEADING) + len(PERFORMANCE_HEADING)
+        at = text.index(heading) + len(heading)
         following = re.search(r"^## ", text[at:], flags=re.M)
         cut = at + following.start() if following else len(text)
         head, tail = text[:cut].rstrip("\n"), text[cut:]

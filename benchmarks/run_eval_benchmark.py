@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ RESULTS_DIR = BENCH_DIR / "results"
 README = BENCH_DIR / "README.md"
 DEFAULT_SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
+from _common import update_readme  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 # name -> (dataset in the shared folder, train images per class, val images per class; 0 = all)
 DATASETS = {
@@ -170,27 +170,6 @@ def protocol_text(rows: list[dict], data_name: str, pretraining: dict | None) ->
     return "\n".join(lines)
 
 
-def update_readme(name: str, block_markdown: str) -> None:
-    """Replace this run's block (between markers) in the "## Evaluation" section of benchmarks/README.md."""
-    heading = "## Evaluation"
-    start, end = f"<!-- eval:{name}:start -->", f"<!-- eval:{name}:end -->"
-    block = f"{start}\n{block_markdown.strip()}\n{end}"
-    text = README.read_text() if README.exists() else "# Benchmarks\n"
-    if start in text and end in text:
-        text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    else:
-        if heading not in text:
-            text = text.rstrip("\n") + f"\n\n{heading}\n"
-        at = text.index(heading) + len(heading)
-        following = re.search(r"^## ", text[at:], flags=re.M)
-        cut = at + following.start() if following else len(text)
-        text = text[:cut].rstrip("\n") + "\n\n" + block + "\n" + ("\n" + text[cut:] if text[cut:] else "")
-    tmp = README.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, README)
-    print(f"updated {README.relative_to(REPO_ROOT)} (block '{name}')")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", choices=sorted(DATASETS), default="cifar10-small")
@@ -262,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path.relative_to(REPO_ROOT)}")
     if args.readme:
-        update_readme(name, block)
+        update_readme(name, block, prefix="eval", heading="## Evaluation")
     return 0
 
 
