@@ -48,7 +48,12 @@ def _cmd_pretrain(args) -> int:
         cfg = _auto_config(files, overrides)
     else:
         cfg = load_config(files, overrides)
-    result = train(cfg, restart=args.restart, progress=not args.no_progress)
+    from swavkit import distributed
+
+    try:
+        result = train(cfg, restart=args.restart, progress=not args.no_progress)
+    finally:
+        distributed.shutdown()  # no-op in a single process; avoids torch's "not destroyed" warning
     return 0 if result.completed else 3
 
 
