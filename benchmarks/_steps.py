@@ -60,6 +60,7 @@ class SwavkitStep:
         self.freeze_prototype_steps = 0
         self.trivial_loss = trivial_loss  # attribution arm: model forward, no Sinkhorn / swapped loss
         # train.py keeps a copy of the BN buffers, refreshed before every forward (undo on a non-finite loss)
+        self.code_buffers: dict[int, torch.Tensor] = {}
         self.buffers = list(self.core.buffers())
         self.buffer_backup = [b.detach().clone() for b in self.buffers]
 
@@ -69,7 +70,8 @@ class SwavkitStep:
         for group in optimizer.param_groups:
             group["lr"] = OPTIM["lr"]
         core.prototypes.normalize_()
-        torch._foreach_copy_(self.buffer_backup, self.buffers)
+        if self.buffers:
+            torch._foreach_copy_(self.buffer_backup, self.buffers)
         with torch.autocast("cpu", dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
             z, scores = core(crops)
         if self.trivial_loss:
@@ -79,11 +81,16 @@ class SwavkitStep:
             z = z.detach().float().view(V, B, -1)
             codes = {}
             with torch.no_grad():
-                for i in ASSIGNMENT_CROPS:
-                    codes[i] = sinkhorn(scores[i].detach(), EPSILON, SINKHORN_ITERS, dtype=torch.float32)[-B:]
+                for j, i in enumerate(ASSIGNMENT_CROPS):
+                    buffer = self.code_buffers.get(j)
+                    if buffer is None or buffer.shape != scores[i].shape:  # as train.py: reused across steps
+                        buffer = self.code_buffers[j] = torch.empty(scores[i].shape, dtype=torch.float32)
+                    codes[i] = sinkhorn(scores[i].detach(), EPSILON, SINKHORN_ITERS, dtype=torch.float32,
+                                        out=buffer)[-B:]
             loss = swapped_prediction_loss(scores, codes, TEMPERATURE)
             if not torch.isfinite(loss):
-                torch._foreach_copy_(self.buffers, self.buffer_backup)
+                if self.buffers:
+                    torch._foreach_copy_(self.buffers, self.buffer_backup)
                 raise FloatingPointError("non-finite loss in benchmark step")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
