@@ -7,6 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import timm
 
+from swavkit.config import ConfigError
+
 def is_transformer(backbone: nn.Module) -> bool:
     """Patch-based models (ViT, DeiT, Swin, ...): they want AdamW rather than LARS."""
     return hasattr(backbone, "patch_embed")
@@ -20,7 +22,7 @@ def create_backbone(name: str, **kwargs) -> nn.Module:
     model; models that have no such option are created without it.
     """
     if not timm.is_model(name):
-        raise ValueError(f"model.backbone: '{name}' is not a timm model name (see timm.list_models())")
+        raise ConfigError(f"model.backbone: '{name}' is not a timm model name (see timm.list_models())")
     if "dynamic_img_size" not in kwargs:
         try:
             return timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs)
