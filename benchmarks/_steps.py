@@ -25,7 +25,7 @@ OPTIM = dict(lr=0.3, weight_decay=1e-6, momentum=0.9, trust_coefficient=0.001)
 
 def make_crops(batch: int, counts: list[int], sizes: list[int], seed: int = 0,
                memory_format=torch.contiguous_format) -> list[torch.Tensor]:
-    """V crop tensors [B, 3, s, s], large crops first (what collate_crops yields)."""
+    """V crop tensors [B, 3, s, s], large crops first (what MultiCropTransform.collate yields)."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(batch, 3, s, s, generator=g).contiguous(memory_format=memory_format)
             for c, s in zip(counts, sizes) for _ in range(c)]

@@ -12,10 +12,8 @@ The first row includes worker start-up; "steady state" = the later rows.
 Target (ours; issue 5 asks only that the pipeline keep the model fed and that the number be reported):
 steady-state median data_wait_fraction <= 0.10.
 
-Informational runs (skipped with --no-variants): the same command with OMP_NUM_THREADS=1 (one compute
-thread, so the 2 workers and the model do not oversubscribe the 2 cores), and that again with
-swavkit's MultiCropTransform / collate_crops swapped, in that process only, for the batched prototype
-(benchmarks/_batched_multicrop.py): what the recommended changes would do to the real loop.
+Informational run (skipped with --no-variants): the same command with OMP_NUM_THREADS=1 (one compute
+thread, so the 2 workers and the model do not oversubscribe the 2 cores).
 """
 
 from __future__ import annotations
@@ -31,20 +29,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (BENCH_DIR, PYTHON, REPO_ROOT, WORK_DIR, Verdicts, environment, markdown_table,  # noqa: E402
+from _common import (PYTHON, REPO_ROOT, WORK_DIR, Verdicts, environment, markdown_table,  # noqa: E402
                      report, stats)
 
 TARGET = 0.10
 
 
-def run_pretrain(out_dir: Path, epochs: int, prototype: bool, threads: int | None) -> tuple[list[dict], float, str]:
+def run_pretrain(out_dir: Path, epochs: int, threads: int | None) -> tuple[list[dict], float, str]:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     overrides = [f"train.epochs={epochs}", f"out_dir={out_dir.relative_to(REPO_ROOT)}"]
-    if prototype:
-        command = [PYTHON, str((BENCH_DIR / "_pretrain_with_prototype.py").relative_to(REPO_ROOT)), *overrides]
-    else:
-        command = [PYTHON, "-m", "swavkit", "pretrain", "--no-progress", "--restart", *overrides]
+    command = [PYTHON, "-m", "swavkit", "pretrain", "--no-progress", "--restart", *overrides]
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -77,17 +72,16 @@ def main() -> int:
     args = parser.parse_args()
     env = environment()
     verdicts, results, table_rows = Verdicts(), {}, []
-    runs = [("library", False, None)]
+    runs = [("library", None)]
     if not args.no_variants:
-        runs += [("library_1_thread", False, 1), ("prototype_1_thread", True, 1)]
+        runs += [("library_1_thread", 1)]
     labels = {"library": "swavkit (library), torch default threads",
-              "library_1_thread": "swavkit (library), OMP_NUM_THREADS=1 (informational)",
-              "prototype_1_thread": "batched prototype pipeline, OMP_NUM_THREADS=1 (informational)"}
+              "library_1_thread": "swavkit (library), OMP_NUM_THREADS=1 (informational)"}
     commands = {}
-    for name, prototype, threads in runs:
+    for name, threads in runs:
         print(f"pretrain ({name}) ...", flush=True)
         rows, wall, command = run_pretrain(WORK_DIR / f"dw_{name}" if name != "library" else WORK_DIR / "dw",
-                                           args.epochs, prototype, threads)
+                                           args.epochs, threads)
         missing = [r.get("step") for r in rows if "data_wait_fraction" not in r]
         if name == "library":
             verdicts.check("metrics.jsonl has data_wait_fraction in every logging row", not missing and bool(rows),
@@ -112,9 +106,6 @@ def main() -> int:
               + markdown_table(["pipeline", "data_wait_fraction, steady (median, min..max)", "all rows (median)",
                                 "images/s, steady", "logged rows", "wall s"], table_rows)
               + "\n\nCommands: `" + "`; `".join(commands.values()) + "`")
-    if "prototype_1_thread" in results:
-        tables += ("\n\nThe prototype run is the same CLI with `swavkit.train.MultiCropTransform` / `collate_crops` "
-                   "replaced in that process by `benchmarks/_batched_multicrop.py` (benchmarks/_pretrain_with_prototype.py).")
     protocol = ("data_wait_fraction = time blocked in `next(batches)` / wall time of the logging window, as "
                 "train.py logs it; on 2 cores the 2 workers and the 2 compute threads share the same cores.")
     return report("data_wait", "Data wait (default CPU recipe)", "python benchmarks/bench_data_wait.py"

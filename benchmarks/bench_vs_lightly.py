@@ -11,10 +11,9 @@
               overflows fp32 (epsilon 0.01 on trained-like cosines; unnormalised scores x10).
 (c) data      images/s delivered by a DataLoader over the CIFAR-10 train JPEGs (unpacked from
               ../shared/data into benchmarks/_work/cifar10), 0/1/2 workers: swavkit's
-              UnlabeledImageFolder + MultiCropTransform + EpochSampler + collate_crops vs lightly's
-              LightlyDataset + SwaVTransform, same crop recipe (configs/cifar10_resnet18.yaml). Target
-              >= 2x. A third, informational arm measures a benchmark-local prototype of a faster
-              pipeline (benchmarks/_batched_multicrop.py) as a recommendation.
+              UnlabeledImageFolder + MultiCropTransform (swavkit/multicrop.py, colour ops batched in the
+              collate function) + EpochSampler vs lightly's LightlyDataset + SwaVTransform, same crop
+              recipe (configs/cifar10_resnet18.yaml). Target >= 2x.
 Exit code 1 when a target is missed, 2 when lightly or the data are missing.
 """
 
@@ -236,25 +235,6 @@ def part_sinkhorn(reps: int, verdicts: Verdicts) -> tuple[dict, str]:
 # ----------------------------------------------------------------------------------------------------
 # (c) data pipeline
 
-class ThreadsFolder:
-    """The library's dataset item computed with torch limited to ``threads`` intra-op threads (only
-    meaningful in the training process, num_workers=0; workers always run 1 thread)."""
-
-    def __init__(self, dataset, threads: int):
-        self.dataset, self.threads = dataset, threads
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        previous = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
-            return self.dataset[key]
-        finally:
-            torch.set_num_threads(previous)
-
-
 def seeding_cost_us() -> dict:
     """Per-sample seeding as UnlabeledImageFolder does it (torch.manual_seed, which in a CUDA build also
     queues lazy CUDA seeding and formats a stack trace) vs seeding only the CPU generator."""
@@ -279,19 +259,15 @@ def part_data(reps: int, verdicts: Verdicts, workers_list=(0, 1, 2), batch: int 
     from lightly.transforms import SwaVTransform
     from torch.utils.data import DataLoader
 
-    from _batched_multicrop import BatchedMultiCrop
-    from swavkit.data import EpochSampler, MultiCropTransform, UnlabeledImageFolder, collate_crops, find_images
+    from swavkit.data import EpochSampler, UnlabeledImageFolder, find_images
+    from swavkit.multicrop import MultiCropTransform
 
     root = require_cifar10() / "train"
     r = DATA_RECIPE
     paths = find_images(root)
-    swav_ds = UnlabeledImageFolder(root, MultiCropTransform(**r), paths=paths)
-    batched_tf = BatchedMultiCrop(**r)
+    transform = MultiCropTransform(**r)
+    swav_ds = UnlabeledImageFolder(root, transform, paths=paths)
     used_threads = torch.get_num_threads()
-    datasets = {"swavkit": (swav_ds, collate_crops),
-                "swavkit_other_threads": (ThreadsFolder(swav_ds, 1 if used_threads != 1 else TORCH_DEFAULT_THREADS),
-                                          collate_crops),
-                "prototype": (UnlabeledImageFolder(root, batched_tf, paths=paths), batched_tf.collate)}
     s = r["color_jitter_strength"]
     lightly_tf = SwaVTransform(crop_sizes=tuple(r["sizes_px"]), crop_counts=tuple(r["counts"]),
                                crop_min_scales=tuple(r["min_scales"]), crop_max_scales=tuple(r["max_scales"]),
@@ -312,8 +288,7 @@ def part_data(reps: int, verdicts: Verdicts, workers_list=(0, 1, 2), batch: int 
             else:
                 sampler = EpochSampler(len(paths), 0, 1, seed=0)
                 sampler.set_epoch(epoch[0])
-                ds, collate = datasets[kind]
-                loader = DataLoader(ds, sampler=sampler, collate_fn=collate, **common)
+                loader = DataLoader(swav_ds, sampler=sampler, collate_fn=transform.collate, **common)
             epoch[0] += 1
             it = iter(loader)
             for _ in range(1 + workers):  # worker start-up and the first batch are not timed
@@ -330,28 +305,14 @@ def part_data(reps: int, verdicts: Verdicts, workers_list=(0, 1, 2), batch: int 
 
     result, rows = {"recipe": r, "batch": batch, "workers": {}, "seeding_us_per_call": seeding_cost_us()}, []
     for workers in workers_list:
-        other = workers == 0 and (used_threads != 1 or TORCH_DEFAULT_THREADS != 1)
-        kinds = ["swavkit", "lightly", "prototype"] + (["swavkit_other_threads"] if other else [])
-        times = interleaved({kind: make_arm(kind, workers) for kind in kinds}, reps, warmup=0,
+        times = interleaved({kind: make_arm(kind, workers) for kind in ("swavkit", "lightly")}, reps, warmup=0,
                             progress=f"data workers={workers}")
         ips = {k: stats([1 / t for t in v], 1) for k, v in times.items()}
         speedup = ratio_stats(times["lightly"], times["swavkit"])
-        proto = ratio_stats(times["lightly"], times["prototype"])
-        proto_vs_lib = ratio_stats(times["swavkit"], times["prototype"])
-        entry = {"images_per_s": ips, "speedup_swavkit_over_lightly": speedup,
-                 "speedup_prototype_over_lightly": proto, "speedup_prototype_over_swavkit": proto_vs_lib}
-        single = "-"
-        if "swavkit_other_threads" in times:
-            entry["speedup_other_threads_over_lightly"] = ratio_stats(times["lightly"], times["swavkit_other_threads"])
-            single = (f"{fmt_spread(ips['swavkit_other_threads'])} "
-                      f"({fmt_spread(entry['speedup_other_threads_over_lightly'])} x lightly)")
-        result["workers"][workers] = entry
-        rows.append([workers, fmt_spread(ips["swavkit"]), fmt_spread(ips["lightly"]), f"**{fmt_spread(speedup)}**",
-                     single, fmt_spread(ips["prototype"]), fmt_spread(proto), fmt_spread(proto_vs_lib)])
+        result["workers"][workers] = {"images_per_s": ips, "speedup_swavkit_over_lightly": speedup}
+        rows.append([workers, fmt_spread(ips["swavkit"]), fmt_spread(ips["lightly"]), f"**{fmt_spread(speedup)}**"])
         verdicts.check(f"(c) data pipeline, {workers} worker(s): swavkit images/s / lightly images/s",
                        speedup["median"], f">= {TARGETS['data']}", speedup["median"] >= TARGETS["data"])
-        verdicts.info(f"(c) {workers} worker(s): prototype images/s / lightly images/s", proto["median"],
-                      "informational (benchmark-local prototype, not the library)")
     crops_txt = " + ".join(f"{c}x{s}" for c, s in zip(r["counts"], r["sizes_px"]))
     table = (f"**(c) Multi-crop data pipeline** - CIFAR-10 train JPEGs (32x32), crops {crops_txt} at scales "
              f"{r['min_scales']}..{r['max_scales']}, jitter 0.8/0.8/0.8/0.2 p 0.8, grayscale 0.2, no blur "
@@ -359,20 +320,16 @@ def part_data(reps: int, verdicts: Verdicts, workers_list=(0, 1, 2), batch: int 
              f"persistent, so idle arms cannot prefetch while another is timed), 1 + workers untimed batches, then "
              f">= {min_batches} batches and >= {min_seconds} s timed; {reps} interleaved reps. images/s = images "
              "delivered to the training loop:\n\n" + markdown_table(
-                 ["workers", "swavkit images/s", "lightly images/s", "swavkit / lightly",
-                  f"swavkit, item at {1 if used_threads != 1 else TORCH_DEFAULT_THREADS} thread(s) (0 workers only)",
-                  "prototype images/s", "prototype / lightly",
-                  "prototype / swavkit"], rows))
+                 ["workers", "swavkit images/s", "lightly images/s", "swavkit / lightly"], rows))
     seed = result["seeding_us_per_call"]
-    table += ("\n\n*prototype* = `benchmarks/_batched_multicrop.py`: geometric crop per image with PIL, every "
-              "random number drawn per image (one RNG call) from the per-sample seed, colour jitter / grayscale / "
-              "blur / normalisation vectorised over the batch in the collate function (inside the workers; "
-              "single-threaded in the training process), a recommendation, not library code. With 0 workers "
-              f"the training process runs the transform at the script's {used_threads} thread(s); the extra column "
-              "shows the library's item at the other thread count. Per-sample seeding as the library does it: `torch.manual_seed` "
+    table += ("\n\nswavkit = `swavkit/multicrop.py` as the trainer uses it: geometric crop per image with PIL, "
+              "every random number drawn per image (one RNG call) from the per-sample seed, colour jitter / "
+              "grayscale / blur / normalisation vectorised over the batch in the collate function (inside the "
+              f"workers, or in the training process at its {used_threads} thread(s) with 0 workers). "
+              "Per-sample seeding: `torch.manual_seed` "
               f"{fmt_spread(seed['torch.manual_seed'], ' us')} per call (a CUDA build also queues lazy CUDA "
               f"seeding with a formatted stack trace) vs `torch.default_generator.manual_seed` "
-              f"{fmt_spread(seed['torch.default_generator.manual_seed'], ' us')}.")
+              f"{fmt_spread(seed['torch.default_generator.manual_seed'], ' us')}, which the library uses.")
     return result, table
 
 

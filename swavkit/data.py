@@ -1,4 +1,6 @@
-"""Unlabeled image folders, robust decoding, the multi-crop transform, and the evaluation transform.
+"""Unlabeled image folders, robust decoding, per-sample seeding, and the evaluation transform.
+
+The multi-crop augmentation itself lives in swavkit/multicrop.py.
 
 Pretraining reads a flat or nested folder (class folders, if any, are ignored). Every sample's
 augmentation is seeded from (seed, epoch, index), so the crops an image gets do not depend on the number
@@ -101,44 +103,6 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return ((seed * 1_000_003 + epoch) * 2_654_435_761 + index * 40_503 + 17) % (2**63 - 1)
 
 
-class MultiCropTransform:
-    """PIL image -> list of V normalised float crops [3, s_v, s_v], large crops first.
-
-    Each crop: RandomResizedCrop(size, scale) -> flip p=0.5 -> ColorJitter(0.8s,0.8s,0.8s,0.2s) p=0.8 ->
-    grayscale p=0.2 -> Gaussian blur p (sigma 0.1..2) -> normalise. The image is converted to a uint8
-    tensor once and cropped/resized before any colour operation, so colour work scales with the crop,
-    not with the image.
-    """
-
-    def __init__(self, counts, sizes_px, min_scales, max_scales, color_jitter_strength=1.0,
-                 color_jitter_probability=0.8, grayscale_probability=0.2, blur_probability=0.5,
-                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
-        s = color_jitter_strength
-        self.pipelines = []
-        for count, size, lo, hi in zip(counts, sizes_px, min_scales, max_scales):
-            steps = [v2.RandomResizedCrop(size, scale=(lo, hi), antialias=True), v2.RandomHorizontalFlip(0.5)]
-            if color_jitter_probability > 0 and s > 0:
-                steps.append(v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)],
-                                            p=color_jitter_probability))
-            if grayscale_probability > 0:
-                steps.append(v2.RandomGrayscale(grayscale_probability))
-            if blur_probability > 0:
-                kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # ~10% of the crop, odd
-                steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_probability))
-            steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-            self.pipelines += [v2.Compose(steps)] * count
-
-    @classmethod
-    def from_config(cls, crops_cfg) -> "MultiCropTransform":
-        c = crops_cfg
-        return cls(c.counts, c.sizes_px, c.min_scales, c.max_scales, c.color_jitter_strength,
-                   c.color_jitter_probability, c.grayscale_probability, c.blur_probability, c.mean, c.std)
-
-    def __call__(self, image: Image.Image) -> list[torch.Tensor]:
-        pixels = v2.functional.pil_to_tensor(image)  # uint8 [3, H, W]
-        return [pipeline(pixels) for pipeline in self.pipelines]
-
-
 def eval_transform(size_px: int, mean, std, crop_fraction: float = 0.875):
     """Resize the short side to size/crop_fraction, centre-crop size_px, normalise -> [3, s, s]."""
     return v2.Compose([
@@ -210,14 +174,6 @@ class UnlabeledImageFolder(Dataset):
 
     def describe_reading(self) -> list[str]:
         return [self.paths[i] for i in self.reading.tolist() if 0 <= i < len(self.paths)]
-
-
-def collate_crops(items):
-    """[(crops, index, skipped)] -> (list of V tensors [B, 3, s_v, s_v], indices [B], skipped list)."""
-    crops = [torch.stack(group) for group in zip(*(item[0] for item in items))]
-    indices = torch.tensor([item[1] for item in items])
-    skipped = [entry for item in items for entry in item[2]]
-    return crops, indices, skipped
 
 
 class EpochSampler(Sampler):

@@ -21,7 +21,8 @@ from tqdm import tqdm
 from swavkit import distributed
 from swavkit.checkpoint import CHECKPOINT_FORMAT, backbone_state, export_backbone, load_training_checkpoint, save_atomic
 from swavkit.config import Config, ConfigError, save_yaml, to_dict, validate
-from swavkit.data import BUNDLED_SAMPLE, EpochSampler, check_readable, MultiCropTransform, UnlabeledImageFolder, collate_crops, find_images
+from swavkit.data import BUNDLED_SAMPLE, EpochSampler, check_readable, UnlabeledImageFolder, find_images
+from swavkit.multicrop import MultiCropTransform
 from swavkit.diagnosis import CollapseMonitor, code_statistics
 from swavkit.loss import FeatureQueue, swapped_prediction_loss
 from swavkit.model import build_model, create_backbone
@@ -170,11 +171,12 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
                           f"{len(paths)} images in {data_root}; lower it")
     if cfg.monitor.knn_data:
         _monitor_folders(cfg)  # a wrong monitoring folder should fail now, not after the first epoch
-    dataset = UnlabeledImageFolder(data_root, MultiCropTransform.from_config(cfg.crops), paths=paths)
+    transform = MultiCropTransform.from_config(cfg.crops)
+    dataset = UnlabeledImageFolder(data_root, transform, paths=paths)
     sampler = EpochSampler(len(paths), rank, world, cfg.seed)
     workers = cfg.data.num_workers
     loader = DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler, drop_last=True,
-                        num_workers=workers, collate_fn=collate_crops,
+                        num_workers=workers, collate_fn=transform.collate,
                         pin_memory=cfg.data.pin_memory and device.type == "cuda",
                         persistent_workers=workers > 0, prefetch_factor=cfg.data.prefetch_factor if workers else None)
     typical_side = typical_side_px(paths, sample=50)
