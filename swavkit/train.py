@@ -116,6 +116,24 @@ def _write_jsonl(path: Path, row: dict) -> None:
         handle.write(json.dumps(row) + "\n")
 
 
+def gradient_norm_sum(module: torch.nn.Module) -> torch.Tensor:
+    """Sum of the per-parameter gradient L2 norms (fp32 scalar, on the parameters' device): non-finite
+    exactly when some gradient is, and also when one is so large (> ~1e19) that its square overflows -
+    the kind of garbage a broken kernel returns. One fused pass, no host sync."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.stack(torch._foreach_norm(grads)).float().sum()
+
+
+def nonfinite_gradient_name(module: torch.nn.Module) -> str:
+    """Name of the first parameter whose gradient is non-finite (for the error message only)."""
+    for name, p in module.named_parameters():
+        if p.grad is not None and not bool(torch.isfinite(p.grad.float().norm())):
+            return name
+    return "unknown parameter"
+
+
 def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = None,
           progress: bool = True) -> TrainResult:
     """Pretrain with SwAV as described by ``cfg``; resume from ``out_dir/checkpoints/last.pt`` if present.
@@ -183,6 +201,12 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
     if cfg.crops.sizes_px[0] > 2 * typical_side:
         say(f"warning: crops.sizes_px[0]={cfg.crops.sizes_px[0]} is over twice the typical image side ({typical_side} "
             "px): crops are upsampled and small crops hold almost nothing; use smaller crops or --auto")
+    if device.type == "cpu" and precision == "bf16" and min(cfg.crops.sizes_px) < 32:
+        # Measured with torch 2.14.1: the CPU bf16 weight gradient of a stride-2 3x3 convolution whose input
+        # is 1x1 (a ResNet's last stage on crops under 32 px) is garbage or NaN in most calls.
+        say(f"warning: train.precision=bf16 on CPU with {min(cfg.crops.sizes_px)} px crops: torch's CPU bf16 "
+            "convolutions return corrupt gradients on 1x1 feature maps; use train.precision=fp32 (bad steps are "
+            "detected and skipped, see train.skip_nonfinite_steps)")
     steps_per_epoch = len(sampler) // per_rank_batch
     total_steps = steps_per_epoch * cfg.train.epochs
     n_crops = sum(cfg.crops.counts)
@@ -348,30 +372,38 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
                         codes[i] = sinkhorn(crop_scores, cfg.swav.epsilon, cfg.swav.sinkhorn_iterations,
                                             dtype=sinkhorn_dtype, out=buffer)[-B:]
 
-                # ---- 7e. swapped-prediction loss; refuse to step on a non-finite loss
+                # ---- 7e. swapped-prediction loss
                 loss = swapped_prediction_loss(scores, codes, cfg.swav.temperature)
-                if not torch.isfinite(loss):
-                    if buffers:
-                        torch._foreach_copy_(buffers, buffer_backup)
-                    nonfinite_skipped += 1
-                    if nonfinite_skipped > cfg.train.skip_nonfinite_steps:
-                        save_checkpoint()  # the weights are still those of the last good step
-                        raise TrainingDiverged(
-                            f"non-finite loss at step {step} (epoch {epoch}); the last good state is saved in "
-                            f"{checkpoint_path}. Likely causes: learning rate too high (optim.base_lr), "
-                            f"swav.epsilon too small for fp32 (try swav.sinkhorn_fp64=true), or fp16 overflow "
-                            "(use train.precision=bf16). train.skip_nonfinite_steps=N skips up to N bad steps")
-                    tqdm.write(f"step {step}: non-finite loss, step skipped ({nonfinite_skipped} so far)")
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    step_in_epoch += 1
-                    continue
 
-                # ---- 7f. backward and update (prototypes frozen for the first steps)
+                # ---- 7f. backward; refuse to step on a non-finite loss or gradient (one host sync)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if step < freeze_prototype_steps:
                     core.prototypes.weight.grad = None
+                # With fp16 the GradScaler already skips steps with inf/NaN gradients (and lowers its scale).
+                check_grads = not scaler.is_enabled()
+                if not bool(torch.isfinite(loss.detach() + (gradient_norm_sum(core) if check_grads else 0.0))):
+                    if buffers:
+                        torch._foreach_copy_(buffers, buffer_backup)
+                    nonfinite_skipped += 1
+                    what = "loss" if not torch.isfinite(loss) else f"gradient ({nonfinite_gradient_name(core)})"
+                    if nonfinite_skipped > cfg.train.skip_nonfinite_steps:
+                        optimizer.zero_grad(set_to_none=True)
+                        save_checkpoint()  # the weights are still those of the last good step
+                        hint = (f"CPU bf16 convolutions return corrupt weight gradients in torch {torch.__version__} "
+                                "when a stride-2 3x3 convolution sees a 1x1 map (crops under 32 px): use "
+                                "train.precision=fp32" if what != "loss" and device.type == "cpu"
+                                and autocast_dtype == torch.bfloat16 else
+                                "Likely causes: learning rate too high (optim.base_lr), swav.epsilon too small for "
+                                "fp32 (try swav.sinkhorn_fp64=true), or fp16 overflow (use train.precision=bf16)")
+                        raise TrainingDiverged(
+                            f"non-finite {what} at step {step} (epoch {epoch}); the last good state is saved in "
+                            f"{checkpoint_path}. {hint}. train.skip_nonfinite_steps=N skips up to N bad steps")
+                    tqdm.write(f"step {step}: non-finite {what}, step skipped ({nonfinite_skipped} so far)")
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    step_in_epoch += 1
+                    continue
                 scaler.step(optimizer)
                 scaler.update()
                 if use_queue_now:

@@ -233,6 +233,36 @@ def test_non_finite_loss_stops_after_saving_last_good_state(image_folder, tmp_pa
     assert result.completed and load_training_checkpoint(result.checkpoint)["nonfinite_skipped"] == 1
 
 
+def test_non_finite_gradient_is_never_applied(image_folder, tmp_path, monkeypatch):
+    """A finite loss whose backward returns NaN (a broken kernel, an fp overflow in one layer): the step is
+    refused like a non-finite loss, naming the parameter, and the saved state is the last good one."""
+    import swavkit.train as train_module
+
+    real_build = train_module.build_model
+    calls = {"n": 0}
+
+    def build_with_poisoned_gradient(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+
+        def poison(grad):
+            calls["n"] += 1
+            return grad * float("nan") if calls["n"] == 3 else grad
+
+        model.head.layers[0].weight.register_hook(poison)
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", build_with_poisoned_gradient)
+    with pytest.raises(TrainingDiverged, match=r"non-finite gradient \(head\.layers\.0\.weight\) at step 2"):
+        train(load_config([], tiny_overrides(image_folder, tmp_path / "nan")), progress=False)
+    saved = load_training_checkpoint(tmp_path / "nan" / "checkpoints" / "last.pt")
+    monkeypatch.setattr(train_module, "build_model", real_build)
+    good = train(load_config([], tiny_overrides(image_folder, tmp_path / "good")), progress=False, stop_after_steps=2)
+    reference = load_training_checkpoint(good.checkpoint)
+    assert saved["step"] == 2
+    for key in reference["model"]:
+        torch.testing.assert_close(saved["model"][key], reference["model"][key], rtol=0, atol=0)
+
+
 def test_dying_worker_names_the_file(image_folder, tmp_path):
     write_images(image_folder / "z", 1)
     poison = next((image_folder / "z").iterdir())
