@@ -2,8 +2,8 @@
 
 ``SwavkitStep`` replicates stage 7 of ``swavkit.train.train`` (7b-7f) line for line: normalise the
 prototypes, back up the BN buffers, grouped forward under autocast, fp32 Sinkhorn on the assignment crops, swapped-prediction
-loss, finiteness check, backward through the (disabled) GradScaler, prototype-freeze gate, optimiser
-step. Nothing is factored out of the library; if train.py changes, this file must follow it.
+loss, backward through the (disabled) GradScaler, prototype-freeze gate, loss + gradient-norm
+finiteness check (one host sync), optimiser step. Nothing is factored out of the library; if train.py changes, this file must follow it.
 
 ``BareBackboneStep`` is the floor: the same timm backbone, the same crop tensors grouped per resolution
 exactly as ``SwAVModel.embed`` groups them, a trivial loss, backward and the same optimiser (LARS).
@@ -17,6 +17,7 @@ from swavkit.loss import swapped_prediction_loss
 from swavkit.model import build_model, create_backbone
 from swavkit.optim import build_optimizer
 from swavkit.sinkhorn import sinkhorn
+from swavkit.train import gradient_norm_sum
 
 # the library defaults (swavkit.config) that the step uses
 EPSILON, SINKHORN_ITERS, TEMPERATURE, ASSIGNMENT_CROPS = 0.05, 3, 0.1, (0, 1)
@@ -88,14 +89,17 @@ class SwavkitStep:
                     codes[i] = sinkhorn(scores[i].detach(), EPSILON, SINKHORN_ITERS, dtype=torch.float32,
                                         out=buffer)[-B:]
             loss = swapped_prediction_loss(scores, codes, TEMPERATURE)
-            if not torch.isfinite(loss):
-                if self.buffers:
-                    torch._foreach_copy_(self.buffers, self.buffer_backup)
-                raise FloatingPointError("non-finite loss in benchmark step")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if self.step_index < self.freeze_prototype_steps:
             core.prototypes.weight.grad = None
+        if not self.trivial_loss:
+            # as train.py 7f: loss and gradient norms checked in one host sync before the update
+            check_grads = not scaler.is_enabled()
+            if not bool(torch.isfinite(loss.detach() + (gradient_norm_sum(core) if check_grads else 0.0))):
+                if self.buffers:
+                    torch._foreach_copy_(self.buffers, self.buffer_backup)
+                raise FloatingPointError("non-finite loss or gradient in benchmark step")
         scaler.step(optimizer)
         scaler.update()
         return loss.detach()
