@@ -110,9 +110,8 @@ class MultiCropTransform:
         """[(crops, index, skipped)] from UnlabeledImageFolder -> (V normalised float tensors
         [B, 3, s_v, s_v], indices [B], skipped list).
 
-        Runs at the process's torch thread count. (Dropping to one thread around it in the training
-        process was tried: toggling torch.set_num_threads between bf16 oneDNN convolutions on CPU made
-        them return NaN now and then.)"""
+        Runs in the DataLoader workers (one thread each), or with num_workers=0 in the training process
+        at its torch thread count."""
         n_views, batch = len(items[0][0]), len(items)
         pixels = [torch.stack([item[0][v][0] for item in items]) for v in range(n_views)]
         params = [torch.stack([item[0][v][1] for item in items]) for v in range(n_views)]
