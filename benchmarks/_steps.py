@@ -60,6 +60,8 @@ class SwavkitStep:
         self.step_index = 10**6  # past the prototype-freeze window: the steady state
         self.freeze_prototype_steps = 0
         self.trivial_loss = trivial_loss  # attribution arm: model forward, no Sinkhorn / swapped loss
+        self.skip_nonfinite = False  # True: count and skip refused steps instead of raising
+        self.nonfinite_steps = 0
         # train.py keeps a copy of the BN buffers, refreshed before every forward (undo on a non-finite loss)
         self.code_buffers: dict[int, torch.Tensor] = {}
         self.buffers = list(self.core.buffers())
@@ -99,7 +101,11 @@ class SwavkitStep:
             if not bool(torch.isfinite(loss.detach() + (gradient_norm_sum(core) if check_grads else 0.0))):
                 if self.buffers:
                     torch._foreach_copy_(self.buffers, self.buffer_backup)
-                raise FloatingPointError("non-finite loss or gradient in benchmark step")
+                if not self.skip_nonfinite:
+                    raise FloatingPointError("non-finite loss or gradient in benchmark step")
+                self.nonfinite_steps += 1  # as train.py with train.skip_nonfinite_steps: no update
+                optimizer.zero_grad(set_to_none=True)
+                return loss.detach()
         scaler.step(optimizer)
         scaler.update()
         return loss.detach()
