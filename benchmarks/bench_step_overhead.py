@@ -1,6 +1,6 @@
 """Step overhead: a full swavkit training step vs the bare timm backbone on the SAME crop tensors.
 
-    .venv/bin/python benchmarks/bench_step_overhead.py [--reps 9] [--reps50 4] [--skip-resnet50] [--no-levers]
+    .venv/bin/python benchmarks/bench_step_overhead.py [--reps 9] [--reps50 4] [--skip-resnet50] [--no-levers] [--with-compile]
 
 Arms (one process, interleaved A/B/C, alternating order, medians over repetitions, torch threads 1 unless
 --threads says otherwise):
@@ -90,7 +90,7 @@ def run_config(name: str, cfg: dict, reps: int, with_model_arm: bool) -> dict:
     return out
 
 
-def run_levers(cfg: dict, reps: int) -> dict:
+def run_levers(cfg: dict, reps: int, with_compile: bool = False) -> dict:
     crops = make_crops(cfg["batch"], cfg["counts"], cfg["sizes"])
     crops_cl = [c.contiguous(memory_format=torch.channels_last) for c in crops]
     base = SwavkitStep(cfg["backbone"], cfg["K"])
@@ -101,6 +101,15 @@ def run_levers(cfg: dict, reps: int) -> dict:
     arms = {"fp32": timed(base, crops, cfg["steps"]),
             "bf16_autocast": timed(bf16, crops, cfg["steps"]),
             "channels_last": timed(SwavkitStep(cfg["backbone"], cfg["K"], channels_last=True), crops_cl, cfg["steps"])}
+    compile_s = None
+    if with_compile:  # as train.py with model.compile=true; compiled (and timed) before the interleaving
+        compiled = SwavkitStep(cfg["backbone"], cfg["K"])
+        compiled.core.backbone.compile()
+        start = time.perf_counter()
+        for _ in range(2):
+            compiled(crops)
+        compile_s = time.perf_counter() - start
+        arms["compile"] = timed(compiled, crops, cfg["steps"])
     threads = torch.get_num_threads()
     if TORCH_DEFAULT_THREADS != threads:
         arms[f"threads_{TORCH_DEFAULT_THREADS}"] = timed(base, crops, cfg["steps"], threads=TORCH_DEFAULT_THREADS)
@@ -109,6 +118,9 @@ def run_levers(cfg: dict, reps: int) -> dict:
            "speedup_bf16_autocast": ratio_stats(times["fp32"], times["bf16_autocast"]),
            "speedup_channels_last": ratio_stats(times["fp32"], times["channels_last"]),
            "bf16_refused_steps": bf16.nonfinite_steps, "bf16_steps": (reps + 1) * cfg["steps"]}
+    if with_compile:
+        out["speedup_compile"] = ratio_stats(times["fp32"], times["compile"])
+        out["compile_first_two_steps_s"] = round(compile_s, 1)
     if TORCH_DEFAULT_THREADS != threads:
         out["speedup_default_threads"] = ratio_stats(times["fp32"], times[f"threads_{TORCH_DEFAULT_THREADS}"])
     return out
@@ -120,6 +132,8 @@ def main() -> int:
     parser.add_argument("--reps50", type=int, default=4, help="interleaved repetitions, resnet50 (1 step each)")
     parser.add_argument("--skip-resnet50", action="store_true", help="resnet50 paper crops take most of the time")
     parser.add_argument("--no-levers", action="store_true", help="skip the bf16 / channels_last measurements")
+    parser.add_argument("--with-compile", action="store_true",
+                        help="also measure torch.compile of the backbone (model.compile=true); ~1 min to compile")
     parser.add_argument("--no-readme", action="store_true")
     add_threads_argument(parser)
     args = parser.parse_args()
@@ -155,7 +169,7 @@ def main() -> int:
                              "swavkit / bare from CPU time (cross-check)",
                              "arithmetic floor: swavkit / bare FLOPs", "A/A control: bare / identical bare"], rows)
     if not args.no_levers:
-        lever = run_levers(CONFIGS["resnet18"], max(3, args.reps - 6))
+        lever = run_levers(CONFIGS["resnet18"], max(3, args.reps - 6), args.with_compile)
         results["levers_resnet18"] = lever
         s = lever["seconds_per_step"]
         tables += ("\n\nLevers on the swavkit step (resnet18 config, same interleaved protocol; speed-up = fp32 time / "
@@ -168,6 +182,9 @@ def main() -> int:
              fmt_spread(lever["speedup_bf16_autocast"])],
             ["channels_last (model.channels_last=true)", fmt_spread(s["channels_last"], " s"),
              fmt_spread(lever["speedup_channels_last"])]]
+            + ([[f"torch.compile of the backbone (model.compile=true; first 2 steps took "
+                 f"{lever['compile_first_two_steps_s']} s; a warm inductor cache makes this short)", fmt_spread(s["compile"], " s"),
+                 fmt_spread(lever["speedup_compile"])]] if "speedup_compile" in lever else [])
             + ([[f"fp32 at torch's default {TORCH_DEFAULT_THREADS} threads (instead of {lever['threads']})",
                  fmt_spread(s[f"threads_{TORCH_DEFAULT_THREADS}"], " s"), fmt_spread(lever["speedup_default_threads"])]]
                if "speedup_default_threads" in lever else []))
@@ -175,6 +192,8 @@ def main() -> int:
         verdicts.info("resnet18: bf16 steps refused for non-finite gradients (fraction)",
                       round(lever["bf16_refused_steps"] / lever["bf16_steps"], 3))
         verdicts.info("resnet18: channels_last speed-up on CPU", lever["speedup_channels_last"]["median"])
+        if "speedup_compile" in lever:
+            verdicts.info("resnet18: torch.compile speed-up on CPU", lever["speedup_compile"]["median"])
         if "speedup_default_threads" in lever:
             verdicts.info(f"resnet18: speed-up of {TORCH_DEFAULT_THREADS} threads over {lever['threads']} on this shared machine",
                           lever["speedup_default_threads"]["median"])
