@@ -35,6 +35,13 @@ def test_user_choices_win(tmp_path, capsys):
     write_images(tmp_path / "imgs", 40)
     cfg = _auto_config([], [f"data.path={tmp_path / 'imgs'}", "model.n_prototypes=7", "train.batch_size=8"])
     assert cfg.model.n_prototypes == 7 and cfg.train.batch_size == 8
-    assert cfg.crops.sizes_px == [32, 16]  # derived from the 24 px images
+    assert cfg.crops.sizes_px == [32] and cfg.crops.counts == [2]  # derived from the 24 px images, on a CPU
     printed = capsys.readouterr().out
-    assert "crops.sizes_px = [32, 16]" in printed and "model.n_prototypes" not in printed
+    assert "crops.sizes_px = [32]" in printed and "model.n_prototypes" not in printed
+
+
+def test_small_images_get_small_crops_only_on_gpus():
+    on_gpu = {s.key: s.value for s in presets.derive(50_000, 32, on_gpu=True)}
+    on_cpu = {s.key: s.value for s in presets.derive(50_000, 32, on_gpu=False)}
+    assert on_gpu["crops.sizes_px"] == [32, 16] and on_gpu["crops.counts"] == [2, 4]
+    assert on_cpu["crops.sizes_px"] == [32] and on_cpu["crops.counts"] == [2]
