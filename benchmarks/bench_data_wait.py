@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/bench_data_wait.py [--epochs 2] [--no-variants]
 
-Runs the default CPU recipe exactly as a user would (the quickstart preset: bundled Fashion-MNIST sample,
-resnet10t, batch 128, crops 2x32 + 4x16, 2 workers):
+Runs the default CPU recipe exactly as a user would (the quickstart preset, swavkit/presets/quickstart.yaml:
+bundled Fashion-MNIST sample, resnet10t, batch 128, 2 workers):
 
     python -m swavkit pretrain --no-progress --restart train.epochs=2 out_dir=benchmarks/_work/dw
 
@@ -101,8 +101,14 @@ def main() -> int:
         else:
             verdicts.info(f"{labels[name]}: steady-state data_wait_fraction", dw["median"])
             verdicts.info(f"{labels[name]}: steady-state images/s", ips["median"])
-    tables = ("Quickstart recipe (bundled Fashion-MNIST sample, 2,000 images 28x28; resnet10t; batch 128; crops "
-              f"2x32 + 4x16; 2 workers; fp32 CPU), {args.epochs} epochs, metrics every 5 steps:\n\n"
+    from swavkit.cli import quickstart_config_path
+    from swavkit.config import load_config
+
+    qs = load_config([quickstart_config_path()])
+    crops_txt = " + ".join(f"{c}x{s}" for c, s in zip(qs.crops.counts, qs.crops.sizes_px))
+    tables = (f"Quickstart recipe (bundled Fashion-MNIST sample, 2,000 images 28x28; {qs.model.backbone}; batch "
+              f"{qs.train.batch_size}; crops {crops_txt}; {qs.data.num_workers} workers; fp32 CPU), {args.epochs} "
+              f"epochs, metrics every {qs.train.log_every_steps} steps:\n\n"
               + markdown_table(["pipeline", "data_wait_fraction, steady (median, min..max)", "all rows (median)",
                                 "images/s, steady", "logged rows", "wall s"], table_rows)
               + "\n\nCommands: `" + "`; `".join(commands.values()) + "`")
