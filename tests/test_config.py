@@ -63,7 +63,8 @@ def test_cli_bad_config_exit_2_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("argv, key", [(["train.epochs=abc"], "train.epochs"), (["--config", "missing.yaml"], "missing.yaml"),
-                                       (["crops.counts=[2,0]"], "crops.counts[1]"),
+                                       (["crops.counts=[0]"], "crops.counts[0]"),
+                                       (["crops.counts=[2,2]"], "crops.sizes_px: has 1 entries"),
                                        (["model.backbone=resnet_nope"], "model.backbone")])
 def test_cli_bad_config_in_process(tmp_path, capsys, argv, key):
     from swavkit.cli import main
