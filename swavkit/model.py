@@ -9,6 +9,7 @@ import timm
 
 from swavkit.config import ConfigError
 
+
 def is_transformer(backbone: nn.Module) -> bool:
     """Patch-based models (ViT, DeiT, Swin, ...): they want AdamW rather than LARS."""
     return hasattr(backbone, "patch_embed")

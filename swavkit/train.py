@@ -22,12 +22,12 @@ from swavkit import distributed
 from swavkit.checkpoint import CHECKPOINT_FORMAT, backbone_state, export_backbone, load_training_checkpoint, save_atomic
 from swavkit.config import Config, ConfigError, save_yaml, to_dict, validate
 from swavkit.data import BUNDLED_SAMPLE, EpochSampler, check_readable, UnlabeledImageFolder, find_images
-from swavkit.multicrop import MultiCropTransform
 from swavkit.diagnosis import CollapseMonitor, code_statistics
 from swavkit.loss import FeatureQueue, swapped_prediction_loss
 from swavkit.model import build_model, create_backbone
-from swavkit.presets import typical_side_px
+from swavkit.multicrop import MultiCropTransform
 from swavkit.optim import REFERENCE_BASE_LR, build_optimizer, resolve_optimizer_name
+from swavkit.presets import typical_side_px
 from swavkit.schedule import lr_at_step, scaled_lr
 from swavkit.sinkhorn import sinkhorn
 
@@ -385,22 +385,24 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
                 if not bool(torch.isfinite(loss.detach() + (gradient_norm_sum(core) if check_grads else 0.0))):
                     if buffers:
                         torch._foreach_copy_(buffers, buffer_backup)
+                    bad_loss = not bool(torch.isfinite(loss))
+                    what = "loss" if bad_loss else f"gradient ({nonfinite_gradient_name(core)})"
+                    optimizer.zero_grad(set_to_none=True)
                     nonfinite_skipped += 1
-                    what = "loss" if not torch.isfinite(loss) else f"gradient ({nonfinite_gradient_name(core)})"
                     if nonfinite_skipped > cfg.train.skip_nonfinite_steps:
-                        optimizer.zero_grad(set_to_none=True)
                         save_checkpoint()  # the weights are still those of the last good step
-                        hint = (f"CPU bf16 convolutions return corrupt weight gradients in torch {torch.__version__} "
-                                "when a stride-2 3x3 convolution sees a 1x1 map (crops under 32 px): use "
-                                "train.precision=fp32" if what != "loss" and device.type == "cpu"
-                                and autocast_dtype == torch.bfloat16 else
-                                "Likely causes: learning rate too high (optim.base_lr), swav.epsilon too small for "
-                                "fp32 (try swav.sinkhorn_fp64=true), or fp16 overflow (use train.precision=bf16)")
+                        if not bad_loss and device.type == "cpu" and autocast_dtype == torch.bfloat16:
+                            hint = (f"CPU bf16 convolutions return corrupt weight gradients in torch "
+                                    f"{torch.__version__} when a stride-2 3x3 convolution sees a 1x1 map (crops "
+                                    "under 32 px): use train.precision=fp32")
+                        else:
+                            hint = ("Likely causes: learning rate too high (optim.base_lr), swav.epsilon too small "
+                                    "for fp32 (try swav.sinkhorn_fp64=true), or fp16 overflow (use "
+                                    "train.precision=bf16)")
                         raise TrainingDiverged(
                             f"non-finite {what} at step {step} (epoch {epoch}); the last good state is saved in "
                             f"{checkpoint_path}. {hint}. train.skip_nonfinite_steps=N skips up to N bad steps")
                     tqdm.write(f"step {step}: non-finite {what}, step skipped ({nonfinite_skipped} so far)")
-                    optimizer.zero_grad(set_to_none=True)
                     step += 1
                     step_in_epoch += 1
                     continue

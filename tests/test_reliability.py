@@ -203,6 +203,18 @@ def test_sigterm_saves_and_exits_cleanly(image_folder, tmp_path):
     assert f"stopped at step {saved}/80" in stdout
 
 
+def _assert_saved_equals_clean_run(image_folder, tmp_path, steps: int) -> None:
+    """The checkpoint a refused step left in tmp_path/nan holds exactly the weights of a clean run stopped
+    after ``steps`` steps: nothing of the bad step reached the model."""
+    saved = load_training_checkpoint(tmp_path / "nan" / "checkpoints" / "last.pt")
+    good = train(load_config([], tiny_overrides(image_folder, tmp_path / "good")), progress=False,
+                 stop_after_steps=steps)
+    reference = load_training_checkpoint(good.checkpoint)
+    assert saved["step"] == steps
+    for key in reference["model"]:
+        torch.testing.assert_close(saved["model"][key], reference["model"][key], rtol=0, atol=0)
+
+
 def test_non_finite_loss_stops_after_saving_last_good_state(image_folder, tmp_path, monkeypatch):
     import swavkit.train as train_module
 
@@ -217,13 +229,8 @@ def test_non_finite_loss_stops_after_saving_last_good_state(image_folder, tmp_pa
     monkeypatch.setattr(train_module, "swapped_prediction_loss", poisoned)
     with pytest.raises(TrainingDiverged, match="step 2.*learning rate"):
         train(load_config([], tiny_overrides(image_folder, tmp_path / "nan")), progress=False)
-    saved = load_training_checkpoint(tmp_path / "nan" / "checkpoints" / "last.pt")
     monkeypatch.setattr(train_module, "swapped_prediction_loss", real_loss)
-    good = train(load_config([], tiny_overrides(image_folder, tmp_path / "good")), progress=False, stop_after_steps=2)
-    reference = load_training_checkpoint(good.checkpoint)
-    assert saved["step"] == 2
-    for key in reference["model"]:
-        torch.testing.assert_close(saved["model"][key], reference["model"][key], rtol=0, atol=0)
+    _assert_saved_equals_clean_run(image_folder, tmp_path, steps=2)
 
     # with skip_nonfinite_steps=1 the bad step is skipped and training finishes
     calls["n"] = 0
@@ -254,13 +261,8 @@ def test_non_finite_gradient_is_never_applied(image_folder, tmp_path, monkeypatc
     monkeypatch.setattr(train_module, "build_model", build_with_poisoned_gradient)
     with pytest.raises(TrainingDiverged, match=r"non-finite gradient \(head\.layers\.0\.weight\) at step 2"):
         train(load_config([], tiny_overrides(image_folder, tmp_path / "nan")), progress=False)
-    saved = load_training_checkpoint(tmp_path / "nan" / "checkpoints" / "last.pt")
     monkeypatch.setattr(train_module, "build_model", real_build)
-    good = train(load_config([], tiny_overrides(image_folder, tmp_path / "good")), progress=False, stop_after_steps=2)
-    reference = load_training_checkpoint(good.checkpoint)
-    assert saved["step"] == 2
-    for key in reference["model"]:
-        torch.testing.assert_close(saved["model"][key], reference["model"][key], rtol=0, atol=0)
+    _assert_saved_equals_clean_run(image_folder, tmp_path, steps=2)
 
 
 def test_dying_worker_names_the_file(image_folder, tmp_path):
