@@ -77,7 +77,8 @@ def environment() -> dict:
     changed = _git("status", "--porcelain", "--", "swavkit", "benchmarks", "pyproject.toml")
     uncommitted = [line[3:] for line in changed.splitlines()] if changed != "unknown" else None
     return {
-        "commit": _git("rev-parse", "HEAD"),
+        # a machine that got a copy of the working tree without .git (a lent GPU) is told via BENCH_COMMIT
+        "commit": os.environ.get("BENCH_COMMIT") or _git("rev-parse", "HEAD"),
         "working_tree_modified": bool(uncommitted) if uncommitted is not None else None,
         "uncommitted_files": uncommitted,
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -224,14 +225,17 @@ def update_readme(name: str, markdown: str, *, prefix: str = "perf", heading: st
 
 
 def report(name: str, title: str, command: str, protocol: str, tables: str, verdicts: Verdicts, env: dict,
-           payload: dict, write_readme: bool = True) -> int:
-    """Print the markdown, write results/<name>.json and the README block; return the exit code."""
+           payload: dict, write_readme: bool = True, machine: str | None = None) -> int:
+    """Print the markdown, write results/<name>.json and the README block; return the exit code.
+    ``machine``: a description that replaces the shared-CPU-machine sentence (e.g. a lent GPU machine)."""
+    machine = machine or (f"{env['cpu_count']} CPUs ({env['cpu_model']}), "
+                          f"torch threads {env['torch_threads']} (default {env['torch_threads_default']}), "
+                          f"load average at start {env['load_average_at_start']}. **Machine shared with other "
+                          "engineers: noisy timings; medians over interleaved repetitions, spread in brackets "
+                          "(min..max).**")
     md = (f"### {title}\n\n`{command}`  \n"
           f"commit `{env['commit'][:12]}`{' (+ uncommitted changes)' if env.get('working_tree_modified') else ''}, "
-          f"{env['date_utc']}, torch {env['torch']}, {env['cpu_count']} CPUs ({env['cpu_model']}), "
-          f"torch threads {env['torch_threads']} (default {env['torch_threads_default']}), "
-          f"load average at start {env['load_average_at_start']}. **Machine shared with other engineers: "
-          f"noisy timings; medians over interleaved repetitions, spread in brackets (min..max).**\n\n"
+          f"{env['date_utc']}, torch {env['torch']}, timm {env['timm']}, {machine}\n\n"
           f"{protocol.strip()}\n\n{tables.strip()}\n\nTargets:\n\n{verdicts.markdown()}\n\n"
           f"Overall: {'all targets met' if verdicts.exit_code == 0 else '**at least one target MISSED**'} "
           f"(raw numbers: `benchmarks/results/{name}.json`).\n")

@@ -25,10 +25,10 @@ OPTIM = dict(lr=0.3, weight_decay=1e-6, momentum=0.9, trust_coefficient=0.001)
 
 
 def make_crops(batch: int, counts: list[int], sizes: list[int], seed: int = 0,
-               memory_format=torch.contiguous_format) -> list[torch.Tensor]:
+               memory_format=torch.contiguous_format, device: str | torch.device = "cpu") -> list[torch.Tensor]:
     """V crop tensors [B, 3, s, s], large crops first (what MultiCropTransform.collate yields)."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, 3, s, s, generator=g).contiguous(memory_format=memory_format)
+    return [torch.randn(batch, 3, s, s, generator=g).to(device).contiguous(memory_format=memory_format)
             for c, s in zip(counts, sizes) for _ in range(c)]
 
 
@@ -43,18 +43,19 @@ def group_by_size(crops: list[torch.Tensor]) -> list[list[torch.Tensor]]:
 
 
 class SwavkitStep:
-    """One swavkit training step (train.py stage 7b-7f), on CPU."""
+    """One swavkit training step (train.py stage 7b-7f), on ``device`` (CPU unless told)."""
 
     def __init__(self, backbone: str, n_prototypes: int, hidden_dim: int = 2048, output_dim: int = 128,
                  autocast_dtype: torch.dtype | None = None, channels_last: bool = False, seed: int = 0,
-                 trivial_loss: bool = False):
+                 trivial_loss: bool = False, device: str | torch.device = "cpu"):
         torch.manual_seed(seed)
-        self.core = build_model(backbone, n_prototypes, hidden_dim, output_dim)
+        self.device = torch.device(device)
+        self.core = build_model(backbone, n_prototypes, hidden_dim, output_dim).to(self.device)
         if channels_last:
             self.core = self.core.to(memory_format=torch.channels_last)
         self.core.train()
         self.optimizer = build_optimizer(self.core, "lars", **OPTIM)
-        self.scaler = torch.amp.GradScaler("cpu", enabled=False)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
         self.autocast_dtype = autocast_dtype
         self.K = n_prototypes
         self.step_index = 10**6  # past the prototype-freeze window: the steady state
@@ -75,7 +76,8 @@ class SwavkitStep:
         core.prototypes.normalize_()
         if self.buffers:
             torch._foreach_copy_(self.buffer_backup, self.buffers)
-        with torch.autocast("cpu", dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
             z, scores = core(crops)
         if self.trivial_loss:
             loss = scores.float().mean()
@@ -87,7 +89,8 @@ class SwavkitStep:
                 for j, i in enumerate(ASSIGNMENT_CROPS):
                     buffer = self.code_buffers.get(j)
                     if buffer is None or buffer.shape != scores[i].shape:  # as train.py: reused across steps
-                        buffer = self.code_buffers[j] = torch.empty(scores[i].shape, dtype=torch.float32)
+                        buffer = self.code_buffers[j] = torch.empty(scores[i].shape, dtype=torch.float32,
+                                                                    device=self.device)
                     codes[i] = sinkhorn(scores[i].detach(), EPSILON, SINKHORN_ITERS, dtype=torch.float32,
                                         out=buffer)[-B:]
             loss = swapped_prediction_loss(scores, codes, TEMPERATURE)
@@ -115,9 +118,10 @@ class BareBackboneStep:
     """The same timm backbone alone: grouped forward, trivial loss, backward, the same LARS optimiser."""
 
     def __init__(self, backbone: str, autocast_dtype: torch.dtype | None = None, channels_last: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, device: str | torch.device = "cpu"):
         torch.manual_seed(seed)
-        self.net = create_backbone(backbone)
+        self.device = torch.device(device)
+        self.net = create_backbone(backbone).to(self.device)
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.net.train()
@@ -125,7 +129,8 @@ class BareBackboneStep:
         self.autocast_dtype = autocast_dtype
 
     def __call__(self, crops: list[torch.Tensor]) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
             loss = sum(self.net(torch.cat(group)).float().mean() for group in group_by_size(crops))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -81,9 +81,14 @@ class LightlyStep:
     """lightly's documented training step; ``grouped=True`` batches equal-size crops through the
     backbone (an attribution arm: how much of the difference is the grouped forward)."""
 
-    def __init__(self, cfg: dict, grouped: bool = False, seed: int = 0):
+    def __init__(self, cfg: dict, grouped: bool = False, seed: int = 0, device: str | torch.device = "cpu",
+                 autocast_dtype: torch.dtype | None = None, channels_last: bool = False):
         torch.manual_seed(seed)
-        self.model = LightlySwaV(cfg["backbone"], cfg["hidden"], cfg["out"], cfg["K"]).train()
+        self.device = torch.device(device)
+        self.model = LightlySwaV(cfg["backbone"], cfg["hidden"], cfg["out"], cfg["K"]).to(self.device).train()
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.autocast_dtype = autocast_dtype
         self.criterion = SwaVLoss()  # temperature 0.1, 3 Sinkhorn iterations, epsilon 0.05: swavkit's defaults
         self.optimizer = build_optimizer(self.model, "lars", **OPTIM)
         self.grouped = grouped
@@ -91,12 +96,16 @@ class LightlyStep:
 
     def __call__(self, views):
         self.model.prototypes.normalize()
-        if self.grouped:
-            outputs = []
-            for group in group_by_size(views):
-                outputs += list(self.model(torch.cat(group)).split(group[0].shape[0]))
-        else:
-            outputs = [self.model(view) for view in views]
+        # lightly's example has no autocast; on a GPU it gets the same bf16 autocast as swavkit
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            if self.grouped:
+                outputs = []
+                for group in group_by_size(views):
+                    outputs += list(self.model(torch.cat(group)).split(group[0].shape[0]))
+            else:
+                outputs = [self.model(view) for view in views]
+        outputs = [o.float() for o in outputs]
         loss = self.criterion(outputs[:self.n_high], outputs[self.n_high:])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -254,7 +263,10 @@ def seeding_cost_us() -> dict:
 
 
 def part_data(reps: int, verdicts: Verdicts, workers_list=(0, 1, 2), batch: int = 128,
-              min_seconds: float = 2.5, min_batches: int = 2) -> tuple[dict, str]:
+              min_seconds: float = 2.5, min_batches: int = 2, root: Path | None = None,
+              recipe: dict = DATA_RECIPE) -> tuple[dict, str]:
+    """``root``: a folder of images (default: the CIFAR-10 train JPEGs); ``recipe``: MultiCropTransform's
+    arguments, given to both libraries."""
     from lightly.data import LightlyDataset
     from lightly.transforms import SwaVTransform
     from torch.utils.data import DataLoader
@@ -262,8 +274,8 @@ def part_data(reps: int, verdicts: Verdicts, workers_list=(0, 1, 2), batch: int 
     from swavkit.data import EpochSampler, UnlabeledImageFolder, find_images
     from swavkit.multicrop import MultiCropTransform
 
-    root = require_cifar10() / "train"
-    r = DATA_RECIPE
+    root = root or require_cifar10() / "train"
+    r = recipe
     paths = find_images(root)
     transform = MultiCropTransform(**r)
     swav_ds = UnlabeledImageFolder(root, transform, paths=paths)
@@ -295,9 +307,13 @@ def part_data(reps: int, verdicts: Verdicts, workers_list=(0, 1, 2), batch: int 
                 next(it)
             n, start = 0, time.perf_counter()
             while n < min_batches or time.perf_counter() - start < min_seconds:
-                views = next(it)[0]
+                batch_out = next(it, None)
+                if batch_out is None:  # the epoch ran out first (a small folder, fast workers): time what ran
+                    break
+                views = batch_out[0]
                 n += 1
             elapsed = time.perf_counter() - start
+            assert n > 0, f"{kind}: the folder holds too few images for one timed batch"
             assert len(views) == sum(r["counts"]) and views[0].shape == (batch, 3, r["sizes_px"][0], r["sizes_px"][0])
             del it
             return elapsed / (n * batch)  # seconds per image

@@ -1,0 +1,364 @@
+"""GPU check (issue 5): the paper recipe on one CUDA GPU, bf16 autocast + channels_last.
+
+    python benchmarks/bench_gpu.py [--parts step,compile,sinkhorn,data,e2e] [--batch 64] [--workers 14]
+
+Needs a CUDA GPU and lightly (the benchmark-only extra); exit 2 without them. Each part writes its own
+results/gpu_<part>.json and README block, so a part that fails or runs out of time loses nothing else.
+
+step      resnet50, crops 2x224 + 6x96, K 3000, per-GPU batch 64 (the paper's 4096 over 64 GPUs), bf16
+          autocast, channels_last, LARS, one process, interleaved arms, CUDA-synchronised timing:
+          bare timm backbone (grouped forward, trivial loss) vs the full swavkit step (benchmarks/_steps.py,
+          = train.py 7b-7f) vs lightly's SwaV example step. Issue 5 targets: swavkit / bare <= 1.05,
+          swavkit >= 1.2x lightly's images/s. Levers against the judged swavkit arm: fp32 (no autocast),
+          NCHW, and cudnn.benchmark off.
+compile   the same bare and swavkit steps with the backbone under torch.compile (as model.compile=true),
+          against their eager twins; compile time of the first steps reported.
+sinkhorn  codes alone on the GPU, K 3000, 3 iterations, fp32, B 1024 and 4096: swavkit vs lightly
+          (target >= 2x), and finiteness where exp(scores / epsilon) overflows fp32.
+data      images/s delivered by the DataLoader with --workers workers on synthetic ImageNet-sized JPEGs
+          (448x336, made here with PIL): swavkit's MultiCropTransform vs lightly's SwaVTransform, paper
+          recipe (2x224 + 6x96, blur p 0.5). Target >= 2x.
+e2e       `swavkit pretrain` (configs/imagenet_resnet50.yaml, no launcher, so no NCCL) on those JPEGs:
+          end-to-end images/s and the data-wait fraction from metrics.jsonl; the export is then loaded
+          strictly by swavkit and by timm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from _common import (PYTHON, REPO_ROOT, RESULTS_DIR, Verdicts, environment, fmt_spread, interleaved,  # noqa: E402
+                     markdown_table, ratio_stats, report, stats)
+from _steps import BareBackboneStep, SwavkitStep, make_crops  # noqa: E402
+
+if not torch.cuda.is_available():
+    print("ERROR: bench_gpu.py needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
+    sys.exit(2)
+
+from bench_vs_lightly import LightlyStep, codes_quality, cosine_scores, lightly_sinkhorn, part_data  # noqa: E402
+
+from swavkit.sinkhorn import sinkhorn as swavkit_sinkhorn  # noqa: E402
+
+DEVICE = torch.device("cuda")
+STEP_TARGET, LIGHTLY_TARGET, SINKHORN_TARGET = 1.05, 1.2, 2.0
+PAPER = dict(backbone="resnet50", counts=[2, 6], sizes=[224, 96], K=3000, hidden=2048, out=128)
+# swavkit's default crop recipe (swavkit/config.py, the paper's)
+PAPER_RECIPE = dict(counts=[2, 6], sizes_px=[224, 96], min_scales=[0.14, 0.05], max_scales=[1.0, 0.14],
+                    color_jitter_strength=1.0, color_jitter_probability=0.8, grayscale_probability=0.2,
+                    blur_probability=0.5, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+
+
+def machine(env: dict) -> str:
+    props = torch.cuda.get_device_properties(0)
+    return (f"**{props.name}** ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}, cuDNN "
+            f"{torch.backends.cudnn.version()}, {env['cpu_count']} CPU cores ({env['cpu_model']}); a lent machine "
+            "used by this benchmark alone. Medians over interleaved repetitions, spread in brackets (min..max).")
+
+
+def cuda_arm(fn, n: int, before=None, after=None):
+    """Seconds per call of ``fn`` over ``n`` calls, the GPU synchronised before and after."""
+    def run():
+        if before:
+            before()
+        try:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            torch.cuda.synchronize()
+            return (time.perf_counter() - start) / n
+        finally:
+            if after:
+                after()
+    return run
+
+
+def peak_memory_mib(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
+def _cudnn_benchmark(flag: bool):
+    return lambda: setattr(torch.backends.cudnn, "benchmark", flag)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def part_step(args, verdicts: Verdicts) -> tuple[dict, str]:
+    cfg, B = PAPER, args.batch
+    torch.backends.cudnn.benchmark = True
+    cl = torch.channels_last
+    crops_cl = make_crops(B, cfg["counts"], cfg["sizes"], memory_format=cl, device=DEVICE)
+    crops = make_crops(B, cfg["counts"], cfg["sizes"], device=DEVICE)
+    bf16 = torch.bfloat16
+    bare = BareBackboneStep(cfg["backbone"], bf16, channels_last=True, device=DEVICE)
+    swav = SwavkitStep(cfg["backbone"], cfg["K"], cfg["hidden"], cfg["out"], bf16, channels_last=True, device=DEVICE)
+    lightly = LightlyStep(dict(cfg, batch=B), device=DEVICE, autocast_dtype=bf16, channels_last=True)
+    n = args.steps
+    arms = {"bare": cuda_arm(lambda: bare(crops_cl), n),
+            "bare_again": cuda_arm(lambda s=BareBackboneStep(cfg["backbone"], bf16, True, device=DEVICE): s(crops_cl), n),
+            "swavkit": cuda_arm(lambda: swav(crops_cl), n),
+            "lightly": cuda_arm(lambda: lightly(crops_cl), n),
+            "swavkit_fp32": cuda_arm(lambda s=SwavkitStep(cfg["backbone"], cfg["K"], cfg["hidden"], cfg["out"], None,
+                                                          channels_last=True, device=DEVICE): s(crops_cl), n),
+            "swavkit_nchw": cuda_arm(lambda s=SwavkitStep(cfg["backbone"], cfg["K"], cfg["hidden"], cfg["out"], bf16,
+                                                          device=DEVICE): s(crops), n),
+            "swavkit_no_cudnn_benchmark": cuda_arm(lambda: swav(crops_cl), n, before=_cudnn_benchmark(False),
+                                                   after=_cudnn_benchmark(True))}
+    times = interleaved(arms, args.reps, warmup=1, progress="gpu step")
+    memory = {"bare": peak_memory_mib(lambda: bare(crops_cl)), "swavkit": peak_memory_mib(lambda: swav(crops_cl)),
+              "lightly": peak_memory_mib(lambda: lightly(crops_cl))}
+    ips = {k: stats([B / t for t in v], 1) for k, v in times.items()}
+    overhead = ratio_stats(times["swavkit"], times["bare"])
+    aa = ratio_stats(times["bare_again"], times["bare"])
+    vs_lightly = ratio_stats(times["lightly"], times["swavkit"])
+    levers = {name: ratio_stats(times[name], times["swavkit"])
+              for name in ("swavkit_fp32", "swavkit_nchw", "swavkit_no_cudnn_benchmark")}
+    verdicts.check("step overhead, resnet50 paper crops, bf16 + channels_last: swavkit / bare backbone",
+                   overhead["median"], f"<= {STEP_TARGET}", overhead["median"] <= STEP_TARGET)
+    verdicts.info("A/A control: bare / identical bare", aa["median"])
+    verdicts.check("training step: swavkit images/s / lightly images/s", vs_lightly["median"],
+                   f">= {LIGHTLY_TARGET}", vs_lightly["median"] >= LIGHTLY_TARGET)
+    labels = {"bare": "bare timm backbone (floor)", "bare_again": "bare again (A/A control)",
+              "swavkit": "**swavkit** (train.py step)", "lightly": "lightly (its SwaV example, one call per crop)",
+              "swavkit_fp32": "swavkit, fp32 (no autocast)", "swavkit_nchw": "swavkit, NCHW (no channels_last)",
+              "swavkit_no_cudnn_benchmark": "swavkit, cudnn.benchmark off"}
+    rows = []
+    for name, label in labels.items():
+        t = times[name]
+        rel = "1" if name == "swavkit" else fmt_spread(ratio_stats(t, times["swavkit"]))
+        rows.append([label, fmt_spread(ips[name]), fmt_spread(stats([1e3 * x for x in t]), " ms"), rel,
+                     f"{memory[name]:.0f}" if name in memory else "-"])
+    crops_txt = " + ".join(f"{c}x{s}" for c, s in zip(cfg["counts"], cfg["sizes"]))
+    table = (f"**Training step on the GPU** - resnet50 (timm), batch {B}, crops {crops_txt}, head "
+             f"{cfg['hidden']}->{cfg['out']}, K {cfg['K']}, LARS, bf16 autocast + channels_last unless the row says "
+             f"otherwise, cudnn.benchmark on; {args.reps} interleaved reps x {n} steps:\n\n" + markdown_table(
+                 ["arm", "images/s", "ms/step", "time / swavkit's", "peak GPU MiB"], rows))
+    return {"config": dict(cfg, batch=B, steps_per_rep=n), "seconds_per_step": {k: stats(v) for k, v in times.items()},
+            "images_per_s": ips, "ratio_swavkit_over_bare": overhead, "ratio_aa_control": aa,
+            "speedup_swavkit_over_lightly": vs_lightly, "lever_time_ratios_over_swavkit": levers,
+            "peak_gpu_memory_mib": memory}, table
+
+
+def part_compile(args, verdicts: Verdicts) -> tuple[dict, str]:
+    cfg, B = PAPER, args.batch
+    torch.backends.cudnn.benchmark = True
+    crops = make_crops(B, cfg["counts"], cfg["sizes"], memory_format=torch.channels_last, device=DEVICE)
+    bf16 = torch.bfloat16
+    steps = {"bare": BareBackboneStep(cfg["backbone"], bf16, True, device=DEVICE),
+             "swavkit": SwavkitStep(cfg["backbone"], cfg["K"], cfg["hidden"], cfg["out"], bf16, True, device=DEVICE),
+             "bare_compiled": BareBackboneStep(cfg["backbone"], bf16, True, device=DEVICE),
+             "swavkit_compiled": SwavkitStep(cfg["backbone"], cfg["K"], cfg["hidden"], cfg["out"], bf16, True,
+                                             device=DEVICE)}
+    steps["bare_compiled"].net.compile()
+    steps["swavkit_compiled"].core.backbone.compile()  # what train.py does with model.compile=true
+    compile_s = {}
+    for name in ("bare_compiled", "swavkit_compiled"):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(3):  # both crop resolutions, then the recompiled (dynamic) graph settles
+            steps[name](crops)
+        torch.cuda.synchronize()
+        compile_s[name] = round(time.perf_counter() - start, 1)
+        print(f"  {name}: first 3 steps {compile_s[name]} s", flush=True)
+    times = interleaved({k: cuda_arm(lambda s=s: s(crops), args.steps) for k, s in steps.items()}, args.reps,
+                        warmup=1, progress="gpu compile")
+    ips = {k: stats([B / t for t in v], 1) for k, v in times.items()}
+    speedups = {"bare": ratio_stats(times["bare"], times["bare_compiled"]),
+                "swavkit": ratio_stats(times["swavkit"], times["swavkit_compiled"])}
+    overhead = ratio_stats(times["swavkit_compiled"], times["bare_compiled"])
+    verdicts.info("torch.compile speed-up of the swavkit step (eager time / compiled time)", speedups["swavkit"]["median"])
+    verdicts.info("step overhead with both compiled: swavkit / bare", overhead["median"])
+    rows = [[k, fmt_spread(ips[k]), fmt_spread(stats([1e3 * x for x in times[k]]), " ms"),
+             compile_s.get(k, "-")] for k in steps]
+    table = (f"**torch.compile** (backbone only, as `model.compile=true`) - same config as above, {args.reps} "
+             f"interleaved reps x {args.steps} steps; speed-up eager/compiled: bare "
+             f"{fmt_spread(speedups['bare'])}, swavkit **{fmt_spread(speedups['swavkit'])}**; compiled swavkit / "
+             f"compiled bare {fmt_spread(overhead)}:\n\n"
+             + markdown_table(["arm", "images/s", "ms/step", "first 3 steps incl. compile, s"], rows))
+    return {"config": dict(cfg, batch=B), "images_per_s": ips, "compile_first_steps_s": compile_s,
+            "speedup_compile": speedups, "ratio_compiled_swavkit_over_compiled_bare": overhead}, table
+
+
+def part_sinkhorn(args, verdicts: Verdicts) -> tuple[dict, str]:
+    K, iters, eps = 3000, 3, 0.05
+    result, rows = {"K": K, "iterations": iters, "epsilon": eps, "timing": {}, "finiteness": {}}, []
+    for B in (1024, 4096):
+        S = cosine_scores(B, K).to(DEVICE)
+        buffer = torch.empty_like(S)
+        ours, ref = swavkit_sinkhorn(S, eps, iters), lightly_sinkhorn(S, iterations=iters, epsilon=eps)
+        agreement = float((ours - ref).abs().max() / ref.abs().max())
+        times = interleaved({"swavkit": cuda_arm(lambda: swavkit_sinkhorn(S, eps, iters, out=buffer), 100),
+                             "lightly": cuda_arm(lambda: lightly_sinkhorn(S, iterations=iters, epsilon=eps), 100)},
+                            args.reps, warmup=1, progress=f"gpu sinkhorn B={B}")
+        speedup = ratio_stats(times["lightly"], times["swavkit"])
+        us = {k: stats([1e6 * t for t in v], 1) for k, v in times.items()}
+        result["timing"][f"B{B}"] = {"us_per_call": us, "speedup_swavkit_over_lightly": speedup,
+                                     "max_rel_difference_of_codes_vs_lightly": agreement}
+        rows.append([B, fmt_spread(us["swavkit"], " us"), fmt_spread(us["lightly"], " us"),
+                     f"**{fmt_spread(speedup)}**", f"{agreement:.1e}"])
+        verdicts.check(f"Sinkhorn on the GPU, B={B}, K={K}: lightly time / swavkit time", speedup["median"],
+                       f">= {SINKHORN_TARGET}", speedup["median"] >= SINKHORN_TARGET)
+    frows = []
+    for label, S, e in [("epsilon 0.01, trained-like cosines", cosine_scores(1024, K, trained=True), 0.01),
+                        ("epsilon 0.05, scores x10 (unnormalised)", 10 * cosine_scores(1024, K, trained=True), 0.05)]:
+        S = S.to(DEVICE)
+        q_ours, q_ref = (codes_quality(swavkit_sinkhorn(S, e, iters).cpu()),
+                         codes_quality(lightly_sinkhorn(S, iterations=iters, epsilon=e).cpu()))
+        result["finiteness"][label] = {"swavkit": q_ours, "lightly": q_ref}
+        frows.append([label, "finite" if q_ours["finite"] else "**NaN/inf**",
+                      "finite" if q_ref["finite"] else "**NaN/inf**"])
+        verdicts.check(f"Sinkhorn on the GPU stays finite: {label}", q_ours["finite"], "finite", q_ours["finite"])
+    table = (f"**Sinkhorn alone on the GPU** - K {K}, {iters} iterations, epsilon {eps}, fp32, {args.reps} "
+             "interleaved reps x 100 calls (swavkit writes into a buffer kept across steps, as the trainer):\n\n"
+             + markdown_table(["B", "swavkit", "lightly", "swavkit speed-up", "max rel. diff. of codes"], rows)
+             + "\n\nFiniteness (B 1024, fp32):\n\n" + markdown_table(["case", "swavkit", "lightly"], frows))
+    return result, table
+
+
+def synthetic_jpegs(root: Path, n: int) -> Path:
+    """n ImageNet-sized JPEGs (448x336, smooth random colour fields plus noise) in 8 sub-folders."""
+    if root.is_dir() and len(list(root.rglob("*.jpg"))) >= n:
+        return root
+    from concurrent.futures import ProcessPoolExecutor
+
+    for i in range(8):
+        (root / f"part{i}").mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(_one_jpeg, [(root, i) for i in range(n)], chunksize=64))
+    print(f"  made {n} JPEGs in {root} in {time.perf_counter() - start:.1f} s", flush=True)
+    return root
+
+
+def _one_jpeg(job) -> None:
+    import numpy as np
+    from PIL import Image
+
+    root, i = job
+    rng = np.random.default_rng(i)
+    coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((448, 336), Image.BICUBIC)
+    pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 13, (336, 448, 3))
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(root / f"part{i % 8}" / f"{i:06d}.jpg", quality=90)
+
+
+def part_data_gpu(args, verdicts: Verdicts) -> tuple[dict, str]:
+    root = synthetic_jpegs(Path(args.synthetic_dir), args.images)
+    result, _ = part_data(args.reps_data, verdicts, workers_list=(args.workers,), batch=args.batch, min_seconds=5.0,
+                          min_batches=4, root=root, recipe=PAPER_RECIPE)
+    w = result["workers"][args.workers]
+    table = (f"**Multi-crop data pipeline on this machine's CPUs** - {args.images} synthetic 448x336 JPEGs, paper "
+             f"recipe (2x224 + 6x96, jitter p 0.8, grayscale 0.2, blur p 0.5), batch {args.batch}, {args.workers} "
+             f"workers, fresh DataLoader per rep, >= 5 s (or the rest of the epoch) timed per rep, {args.reps_data} interleaved reps:\n\n"
+             + markdown_table(["workers", "swavkit images/s", "lightly images/s", "swavkit / lightly"],
+                              [[args.workers, fmt_spread(w["images_per_s"]["swavkit"]),
+                                fmt_spread(w["images_per_s"]["lightly"]),
+                                f"**{fmt_spread(w['speedup_swavkit_over_lightly'])}**"]]))
+    return result, table
+
+
+def part_e2e(args, verdicts: Verdicts) -> tuple[dict, str]:
+    root = synthetic_jpegs(Path(args.synthetic_dir), args.images)
+    out_dir = Path(args.e2e_dir)
+    overrides = [f"data.path={root}", f"out_dir={out_dir}", f"train.batch_size={args.batch}",
+                 f"train.epochs={args.e2e_epochs}", f"data.num_workers={args.workers}", "train.log_every_steps=8",
+                 "optim.warmup_epochs=0"]
+    command = [PYTHON, "-m", "swavkit.cli", "pretrain", "--config", "configs/imagenet_resnet50.yaml", "--restart",
+               "--no-progress", *overrides]
+    print("  " + " ".join(command), flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    wall_s = time.perf_counter() - start
+    print(proc.stdout[-3000:], proc.stderr[-3000:], flush=True)
+    ok = proc.returncode == 0
+    verdicts.check("swavkit pretrain on one GPU, no launcher (exit code)", proc.returncode, "0", ok)
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()] if ok else []
+    windows = [r for r in rows if "images_per_s" in r]
+    steady = windows[2:] or windows  # the first windows hold cudnn autotuning and the workers' start
+    result = {"command": " ".join(command[1:]), "wall_s": round(wall_s, 1), "returncode": proc.returncode,
+              "metrics": rows}
+    if not steady:
+        return result, (f"**End-to-end**: `swavkit pretrain` exit code {proc.returncode}, no metrics; "
+                        f"stderr ends: `{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}`")
+    ips = statistics.median(r["images_per_s"] for r in steady)
+    wait = statistics.median(r["data_wait_fraction"] for r in steady)
+    result.update(images_per_s_median=ips, data_wait_fraction_median=wait, windows=len(steady))
+    # the exported backbone must load strictly, by swavkit and by timm alone
+    import timm
+
+    import swavkit
+
+    net = swavkit.load_backbone(out_dir / "backbone")
+    plain = timm.create_model(f"local-dir:{out_dir / 'backbone'}", pretrained=True)
+    x = torch.randn(2, 3, 224, 224)
+    same = float((net.eval()(x) - plain.eval()(x)).abs().max())
+    result["export_max_abs_difference_swavkit_vs_timm"] = same
+    verdicts.check("export loads strictly in swavkit and timm, same features (max abs diff)", same, "<= 1e-5",
+                   same <= 1e-5)
+    step_json = RESULTS_DIR / "gpu_step.json"
+    compute_ips = None
+    if step_json.is_file():
+        compute_ips = json.loads(step_json.read_text())["images_per_s"]["swavkit"]["median"]
+        result["compute_only_images_per_s_from_gpu_step"] = compute_ips
+    verdicts.info("end-to-end images/s (median of logging windows)", ips)
+    verdicts.info("data-wait fraction (median of logging windows)", wait)
+    table = (f"**End-to-end** - `swavkit pretrain --config configs/imagenet_resnet50.yaml` with batch {args.batch}, "
+             f"{args.workers} workers, {args.e2e_epochs} epochs over the {args.images} synthetic JPEGs, one process "
+             f"(no launcher, no NCCL), bf16 + channels_last from the config; {wall_s:.0f} s wall including start-up, "
+             "checkpoints and export. Medians over the logging windows after the first two:\n\n" + markdown_table(
+                 ["images/s end to end", "data-wait fraction", "compute-only images/s (step table)"],
+                 [[f"**{ips:.0f}**", f"{wait:.3f}", f"{compute_ips:.0f}" if compute_ips else "-"]]))
+    table += (f"\n\nThe exported backbone loads strictly in swavkit and in timm (`local-dir:`), features equal to "
+              f"{same:.1e}.")
+    return result, table
+
+
+PARTS = {"step": ("gpu_step", "GPU: training step, resnet50 paper crops", part_step),
+         "compile": ("gpu_compile", "GPU: torch.compile", part_compile),
+         "sinkhorn": ("gpu_sinkhorn", "GPU: Sinkhorn", part_sinkhorn),
+         "data": ("gpu_data", "GPU machine: multi-crop data pipeline", part_data_gpu),
+         "e2e": ("gpu_e2e", "GPU: end-to-end pretraining", part_e2e)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default=",".join(PARTS))
+    parser.add_argument("--batch", type=int, default=64, help="per-GPU batch (the paper: 4096 over 64 GPUs)")
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=10, help="training steps per timed repetition")
+    parser.add_argument("--reps-data", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    parser.add_argument("--images", type=int, default=8192)
+    parser.add_argument("--e2e-epochs", type=int, default=3)
+    parser.add_argument("--synthetic-dir", default="/tmp/swavkit_synthetic_jpegs")
+    parser.add_argument("--e2e-dir", default="/tmp/swavkit_gpu_e2e")
+    parser.add_argument("--no-readme", action="store_true")
+    args = parser.parse_args()
+    code = 0
+    for part in args.parts.split(","):
+        name, title, fn = PARTS[part]
+        env = environment()
+        verdicts = Verdicts()
+        payload, table = fn(args, verdicts)
+        command = "python benchmarks/bench_gpu.py --parts " + part + f" --batch {args.batch}"
+        code = max(code, report(name, title, command, "", table, verdicts, env, payload,
+                                write_readme=not args.no_readme, machine=machine(env)))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
