@@ -24,14 +24,16 @@ def main() -> int:
 
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     rows, missed = [], 0
-    for name in ORDER:
+    gpu_runs = sorted(path.stem for path in RESULTS_DIR.glob("gpu_*.json"))  # bench_gpu.py, one per part and GPU
+    for name in ORDER + gpu_runs:
         path = RESULTS_DIR / f"{name}.json"
         if not path.exists():
             rows.append([f"`{name}`", "not run yet", "", "", ""])
             continue
         result = json.loads(path.read_text())
         env = result["environment"]
-        run = f"`{env['commit'][:9]}` {env['date_utc'][:16]}Z, {env['torch_threads']} thread(s)"
+        where = env["gpu"] if name.startswith("gpu_") else f"{env['torch_threads']} thread(s)"
+        run = f"`{env['commit'][:9]}` {env['date_utc'][:16]}Z, {where}"
         for item in result["targets"]:
             if item["met"] is None:
                 continue
