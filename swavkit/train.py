@@ -382,7 +382,14 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
                     core.prototypes.weight.grad = None
                 # With fp16 the GradScaler already skips steps with inf/NaN gradients (and lowers its scale).
                 check_grads = not scaler.is_enabled()
-                if not bool(torch.isfinite(loss.detach() + (gradient_norm_sum(core) if check_grads else 0.0))):
+                finite = torch.isfinite(loss.detach() + (gradient_norm_sum(core) if check_grads else 0.0))
+                if not check_grads and world > 1:
+                    # Gradients are all-reduced, so their norm is the same on every rank, but the loss is
+                    # not: with fp16 only the loss is checked, so the ranks must agree on it. Otherwise the
+                    # refusing rank skips scaler.update(), the loss scales drift apart, and a
+                    # TrainingDiverged on one rank leaves the others waiting in the next all-reduce.
+                    finite = distributed.all_reduce_max((~finite).float()) == 0
+                if not bool(finite):
                     if buffers:
                         torch._foreach_copy_(buffers, buffer_backup)
                     bad_loss = not bool(torch.isfinite(loss))
