@@ -277,3 +277,29 @@ def require_cifar10(dest: Path | None = None) -> Path:
     print(f"unpacking CIFAR-10 into {dest} ...", flush=True)
     subprocess.run([PYTHON, str(script), "cifar10", str(dest)], check=True)
     return dest
+
+
+def synthetic_jpegs(root: Path, n: int) -> Path:
+    """n ImageNet-sized JPEGs (448x336, smooth random colour fields plus noise) in 8 sub-folders."""
+    if root.is_dir() and len(list(root.rglob("*.jpg"))) >= n:
+        return root
+    from concurrent.futures import ProcessPoolExecutor
+
+    for i in range(8):
+        (root / f"part{i}").mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(_one_jpeg, [(root, i) for i in range(n)], chunksize=64))
+    print(f"  made {n} JPEGs in {root} in {time.perf_counter() - start:.1f} s", flush=True)
+    return root
+
+
+def _one_jpeg(job) -> None:
+    import numpy as np
+    from PIL import Image
+
+    root, i = job
+    rng = np.random.default_rng(i)
+    coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((448, 336), Image.BICUBIC)
+    pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 13, (336, 448, 3))
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(root / f"part{i % 8}" / f"{i:06d}.jpg", quality=90)

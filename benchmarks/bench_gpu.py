@@ -18,7 +18,8 @@ sinkhorn  codes alone on the GPU, K 3000, 3 iterations, fp32, B 1024 and 4096: s
 data      images/s delivered by the DataLoader with --workers workers on synthetic ImageNet-sized JPEGs
           (448x336, made here with PIL): swavkit's MultiCropTransform vs lightly's SwaVTransform, paper
           recipe (2x224 + 6x96, blur p 0.5). Target >= 2x.
-e2e       `swavkit pretrain` (configs/imagenet_resnet50.yaml, no launcher, so no NCCL) on those JPEGs:
+e2e       `swavkit pretrain` (configs/imagenet_resnet50.yaml, no launcher, so no NCCL) on those JPEGs,
+          colour ops in the workers (default) and then on the GPU (data.colour_on_device=true):
           end-to-end images/s and the data-wait fraction from metrics.jsonl; the export is then loaded
           strictly by swavkit and by timm.
 """
@@ -40,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from _common import (PYTHON, REPO_ROOT, RESULTS_DIR, Verdicts, environment, fmt_spread, interleaved,  # noqa: E402
-                     markdown_table, ratio_stats, report, stats)
+                     markdown_table, ratio_stats, report, stats, synthetic_jpegs)
 from _steps import BareBackboneStep, SwavkitStep, make_crops  # noqa: E402
 
 if not torch.cuda.is_available():
@@ -253,32 +254,6 @@ def part_sinkhorn(args, verdicts: Verdicts) -> tuple[dict, str]:
     return result, table
 
 
-def synthetic_jpegs(root: Path, n: int) -> Path:
-    """n ImageNet-sized JPEGs (448x336, smooth random colour fields plus noise) in 8 sub-folders."""
-    if root.is_dir() and len(list(root.rglob("*.jpg"))) >= n:
-        return root
-    from concurrent.futures import ProcessPoolExecutor
-
-    for i in range(8):
-        (root / f"part{i}").mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with ProcessPoolExecutor(os.cpu_count()) as pool:
-        list(pool.map(_one_jpeg, [(root, i) for i in range(n)], chunksize=64))
-    print(f"  made {n} JPEGs in {root} in {time.perf_counter() - start:.1f} s", flush=True)
-    return root
-
-
-def _one_jpeg(job) -> None:
-    import numpy as np
-    from PIL import Image
-
-    root, i = job
-    rng = np.random.default_rng(i)
-    coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((448, 336), Image.BICUBIC)
-    pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 13, (336, 448, 3))
-    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(root / f"part{i % 8}" / f"{i:06d}.jpg", quality=90)
-
-
 def part_data_gpu(args, verdicts: Verdicts) -> tuple[dict, str]:
     root = synthetic_jpegs(Path(args.synthetic_dir), args.images)
     result, _ = part_data(args.reps_data, verdicts, workers_list=(args.workers,), batch=args.batch, min_seconds=5.0,
@@ -294,68 +269,74 @@ def part_data_gpu(args, verdicts: Verdicts) -> tuple[dict, str]:
     return result, table
 
 
-def part_e2e(args, verdicts: Verdicts) -> tuple[dict, str]:
-    root = synthetic_jpegs(Path(args.synthetic_dir), args.images)
-    out_dir = Path(args.e2e_dir)
+def _pretrain_run(args, root: Path, out_dir: Path, colour_on_device: bool) -> dict:
+    """One `swavkit pretrain` run -> its exit code, wall time, metrics and steady-state medians."""
     overrides = [f"data.path={root}", f"out_dir={out_dir}", f"train.batch_size={args.batch}",
                  f"train.epochs={args.e2e_epochs}", f"data.num_workers={args.workers}", "train.log_every_steps=8",
-                 "optim.warmup_epochs=0"]
+                 "optim.warmup_epochs=0", f"data.colour_on_device={str(colour_on_device).lower()}"]
     command = [PYTHON, "-m", "swavkit.cli", "pretrain", "--config", "configs/imagenet_resnet50.yaml", "--restart",
                "--no-progress", *overrides]
     print("  " + " ".join(command), flush=True)
     start = time.perf_counter()
     proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
     wall_s = time.perf_counter() - start
-    print(proc.stdout[-3000:], proc.stderr[-3000:], flush=True)
-    ok = proc.returncode == 0
-    verdicts.check("swavkit pretrain on one GPU, no launcher (exit code)", proc.returncode, "0", ok)
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()] if ok else []
+    print(proc.stdout[-2000:], proc.stderr[-3000:], flush=True)
+    run = {"command": " ".join(command[1:]), "wall_s": round(wall_s, 1), "returncode": proc.returncode,
+           "stderr_tail": proc.stderr.strip().splitlines()[-1:] if proc.returncode else []}
+    metrics = out_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
     windows = [r for r in rows if "images_per_s" in r]
     # The first epoch is not steady: its first windows hold cudnn autotuning and the workers' start, and
     # later ones feed from the batches the workers prefetched meanwhile (data.prefetch_factor x workers).
     steady = [r for r in windows if r["epoch"] > 1] or windows[2:] or windows
     first = [r for r in windows[2:] if r["epoch"] <= 1]
-    result = {"command": " ".join(command[1:]), "wall_s": round(wall_s, 1), "returncode": proc.returncode,
-              "metrics": rows}
-    if not steady:
-        return result, (f"**End-to-end**: `swavkit pretrain` exit code {proc.returncode}, no metrics; "
-                        f"stderr ends: `{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}`")
-    ips = statistics.median(r["images_per_s"] for r in steady)
-    wait = statistics.median(r["data_wait_fraction"] for r in steady)
-    result.update(images_per_s_median=ips, data_wait_fraction_median=wait, windows=len(steady))
-    first_ips = statistics.median(r["images_per_s"] for r in first) if first else None
-    result["first_epoch_images_per_s_median"] = first_ips
-    # the exported backbone must load strictly, by swavkit and by timm alone
-    import timm
+    run["metrics"] = rows
+    if steady:
+        run["images_per_s_median"] = statistics.median(r["images_per_s"] for r in steady)
+        run["data_wait_fraction_median"] = statistics.median(r["data_wait_fraction"] for r in steady)
+    run["first_epoch_images_per_s_median"] = statistics.median(r["images_per_s"] for r in first) if first else None
+    return run
 
-    import swavkit
 
-    net = swavkit.load_backbone(out_dir / "backbone")
-    plain = timm.create_model(f"local-dir:{out_dir / 'backbone'}", pretrained=True)
-    x = torch.randn(2, 3, 224, 224)
-    same = float((net.eval()(x) - plain.eval()(x)).abs().max())
-    result["export_max_abs_difference_swavkit_vs_timm"] = same
-    verdicts.check("export loads strictly in swavkit and timm, same features (max abs diff)", same, "<= 1e-5",
-                   same <= 1e-5)
-    step_json = RESULTS_DIR / f"gpu_step_{device_tag()}.json"
-    compute_ips = None
-    if step_json.is_file():
-        compute_ips = json.loads(step_json.read_text())["images_per_s"]["swavkit"]["median"]
-        result["compute_only_images_per_s_from_gpu_step"] = compute_ips
-    verdicts.info("end-to-end images/s (median of logging windows)", ips)
-    verdicts.info("data-wait fraction (median of logging windows)", wait)
+def part_e2e(args, verdicts: Verdicts) -> tuple[dict, str]:
+    """`swavkit pretrain` twice: colour ops in the workers (default), then on the GPU (data.colour_on_device)."""
+    root = synthetic_jpegs(Path(args.synthetic_dir), args.images)
+    runs, rows = {}, []
+    for label, on_device in (("workers", False), ("device", True)):
+        out_dir = Path(args.e2e_dir) / label
+        run = runs[label] = _pretrain_run(args, root, out_dir, on_device)
+        verdicts.check(f"swavkit pretrain on one GPU, no launcher, colour ops: {label} (exit code)",
+                       run["returncode"], "0", run["returncode"] == 0)
+        fmt = (lambda v, spec: format(v, spec) if v is not None else "-")
+        rows.append(["colour ops in the workers (default)" if not on_device else
+                     "colour ops on the GPU (`data.colour_on_device=true`)",
+                     f"**{fmt(run.get('images_per_s_median'), '.0f')}**", fmt(run.get("data_wait_fraction_median"), ".3f"),
+                     fmt(run["first_epoch_images_per_s_median"], ".0f"), f"{run['wall_s']:.0f}"])
+        if run["returncode"] == 0 and label == "workers":
+            # the exported backbone must load strictly, by swavkit and by timm alone
+            import timm
+
+            import swavkit
+
+            net = swavkit.load_backbone(out_dir / "backbone")
+            plain = timm.create_model(f"local-dir:{out_dir / 'backbone'}", pretrained=True)
+            x = torch.randn(2, 3, 224, 224)
+            with torch.no_grad():
+                same = float((net.eval()(x) - plain.eval()(x)).abs().max())
+            run["export_max_abs_difference_swavkit_vs_timm"] = same
+            verdicts.check("export loads strictly in swavkit and timm, same features (max abs diff)", same,
+                           "<= 1e-5", same <= 1e-5)
+    if all("images_per_s_median" in r for r in runs.values()):
+        gain = runs["device"]["images_per_s_median"] / runs["workers"]["images_per_s_median"]
+        runs["speedup_colour_on_device"] = round(gain, 3)
+        verdicts.info("end-to-end images/s, colour on the GPU / in the workers", round(gain, 3))
     table = (f"**End-to-end** - `swavkit pretrain --config configs/imagenet_resnet50.yaml` with batch {args.batch}, "
-             f"{args.workers} workers, {args.e2e_epochs} epochs over the {args.images} synthetic JPEGs, one process "
-             f"(no launcher, no NCCL), bf16 + channels_last from the config; {wall_s:.0f} s wall including start-up, "
-             "checkpoints and export. Medians over the logging windows after the first epoch (the first "
-             "epoch's windows, after its first two, feed partly from batches the workers prefetched):\n\n"
-             + markdown_table(["images/s end to end", "data-wait fraction", "first epoch images/s",
-                               "compute-only images/s (step table)"],
-                              [[f"**{ips:.0f}**", f"{wait:.3f}", f"{first_ips:.0f}" if first_ips else "-",
-                                f"{compute_ips:.0f}" if compute_ips else "-"]]))
-    table += (f"\n\nThe exported backbone loads strictly in swavkit and in timm (`local-dir:`), features equal to "
-              f"{same:.1e}.")
-    return result, table
+             f"{args.workers} workers, {args.e2e_epochs} epochs over {args.images} synthetic 448x336 JPEGs, one "
+             "process (no launcher, no NCCL), bf16 + channels_last from the config. Medians over the logging windows "
+             "after the first epoch (the first epoch's windows, after its first two, feed partly from batches the "
+             "workers prefetched):\n\n" + markdown_table(
+                 ["run", "images/s end to end", "data-wait fraction", "first epoch images/s", "wall s"], rows))
+    return runs, table
 
 
 PARTS = {"step": ("gpu_step", "GPU: training step, resnet50 paper crops", part_step),

@@ -32,6 +32,9 @@ class DataConfig:
     num_workers: int = _help("DataLoader worker processes; 0 decodes in the training process", default=4)
     pin_memory: bool = _help("page-locked host memory for faster host-to-GPU copies", default=True)
     prefetch_factor: int = _help("batches each worker prepares ahead", default=4)
+    colour_on_device: bool = _help("workers only decode and cut; colour jitter, grayscale, blur and "
+                                   "normalisation run batched on the training device (for a GPU whose "
+                                   "workers cannot keep up; same crops as in the workers)", default=False)
 
 
 @dataclass

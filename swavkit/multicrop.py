@@ -11,6 +11,10 @@ and of torchvision's transforms, split in two halves so that it is cheap on smal
   parameter vector per crop describing the colour ops still to apply.
 * ``MultiCropTransform.collate`` (per batch, still in the workers) applies the colour ops to all crops
   of one resolution at once, each crop with its own factors.
+* Or, with ``data.colour_on_device``, the workers only stack the uint8 crops and their parameters
+  (``collate_pixels``) and the training process applies the same colour ops on its device (``finish``):
+  a quarter of the bytes cross to the GPU, and the workers keep only decoding and cutting. The two
+  routes run the same code on the same numbers, so on a CPU they give identical crops.
 
 Why: on 32 px images the per-crop tensor ops of a torchvision pipeline are almost all call overhead
 (ColorJitter's hue round trip alone is ~0.3 ms per crop); batched, that cost is shared by the whole
@@ -112,39 +116,62 @@ class MultiCropTransform:
 
         Runs in the DataLoader workers (one thread each), or with num_workers=0 in the training process
         at its torch thread count."""
-        n_views, batch = len(items[0][0]), len(items)
-        pixels = [torch.stack([item[0][v][0] for item in items]) for v in range(n_views)]
-        params = [torch.stack([item[0][v][1] for item in items]) for v in range(n_views)]
-        views: list = [None] * n_views
-        start = 0
-        while start < n_views:  # one vectorised pass per resolution group
+        groups, indices, skipped = self.collate_pixels(items)
+        return self.finish(groups), indices, skipped
+
+    def collate_pixels(self, items):
+        """The first half of ``collate``: [(crops, index, skipped)] -> (groups, indices [B], skipped),
+        one group per resolution: (uint8 crops [n_g * B, 3, s_g, s_g] view-major, parameters
+        [n_g * B, N_PARAMS], n_g). ``finish`` turns the groups into the V views, on any device."""
+        n_views = len(items[0][0])
+        groups, start = [], 0
+        while start < n_views:
             end = start
-            while end < n_views and pixels[end].shape[-2:] == pixels[start].shape[-2:]:
+            while end < n_views and items[0][0][end][0].shape[-2:] == items[0][0][start][0].shape[-2:]:
                 end += 1
-            x = self.colour(torch.cat(pixels[start:end]).float().div_(255), torch.cat(params[start:end]))
-            for offset, chunk in enumerate(x.split(batch)):
-                views[start + offset] = chunk
+            groups.append((torch.stack([item[0][v][0] for v in range(start, end) for item in items]),
+                           torch.stack([item[0][v][1] for v in range(start, end) for item in items]), end - start))
             start = end
         indices = torch.tensor([item[1] for item in items])
         skipped = [entry for item in items for entry in item[2]]
-        return views, indices, skipped
+        return groups, indices, skipped
+
+    def finish(self, groups, device: torch.device | str | None = None) -> list[torch.Tensor]:
+        """Groups from ``collate_pixels`` -> V normalised float views [B, 3, s_v, s_v] on ``device``
+        (default: where the pixels are), one vectorised colour pass per group. The parameters stay on
+        the CPU: which crops get which op is decided there, so a GPU needs no host sync for it."""
+        views = []
+        for pixels, params, n_views in groups:
+            x = pixels.to(device if device is not None else pixels.device, non_blocking=True).float().div_(255)
+            views += list(self.colour(x, params.cpu()).split(len(params) // n_views))
+        return views
 
     def colour(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """x [N, 3, H, W] floats in [0, 1] (modified in place), p [N, N_PARAMS] -> normalised [N, 3, H, W]."""
+        """x [N, 3, H, W] floats in [0, 1] (modified in place), p [N, N_PARAMS] -> normalised [N, 3, H, W].
+
+        ``x`` may live on any device; ``p`` should be on the CPU (indices and factors are picked there
+        and sent along, so no step waits for the device)."""
+        device = x.device
         jitter = p[:, P_JITTER] > 0
         order = p[:, P_ORDER:P_ORDER + 4].long()
+
+        def select(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            rows = mask.nonzero().squeeze(1)
+            return rows, rows.to(device, non_blocking=True)
+
         for position in range(4):
             for op in range(4):
-                idx = (jitter & (order[:, position] == op)).nonzero().squeeze(1)
-                if idx.numel():
-                    x[idx] = JITTER_OPS[op](x[idx], p[idx, P_BRIGHTNESS + op].view(-1, 1, 1, 1))
-        idx = (p[:, P_GRAY] > 0).nonzero().squeeze(1)
-        if idx.numel():
+                rows, idx = select(jitter & (order[:, position] == op))
+                if rows.numel():
+                    factor = p[rows, P_BRIGHTNESS + op].view(-1, 1, 1, 1).to(device, non_blocking=True)
+                    x[idx] = JITTER_OPS[op](x[idx], factor)
+        rows, idx = select(p[:, P_GRAY] > 0)
+        if rows.numel():
             x[idx] = grayscale(x[idx]).expand(-1, 3, -1, -1)
-        idx = (p[:, P_BLUR] > 0).nonzero().squeeze(1)
-        if idx.numel():
-            x[idx] = gaussian_blur(x[idx], p[idx, P_SIGMA], blur_kernel_px(x.shape[-1]))
-        return x.sub_(self.mean).div_(self.std)
+        rows, idx = select(p[:, P_BLUR] > 0)
+        if rows.numel():
+            x[idx] = gaussian_blur(x[idx], p[rows, P_SIGMA].to(device, non_blocking=True), blur_kernel_px(x.shape[-1]))
+        return x.sub_(self.mean.to(device)).div_(self.std.to(device))
 
 
 def blur_kernel_px(size_px: int) -> int:
@@ -220,7 +247,7 @@ def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     hue = torch.remainder(hue + factor.view(-1, 1, 1), 1.0)
     # hsv -> rgb without branches: channel = v (1 - s clamp(min(k, 4 - k), 0, 1)), k = (n + 6h) mod 6,
     # n = 5, 3, 1 for r, g, b
-    k = torch.remainder(_HSV_OFFSETS + (hue * 6.0).unsqueeze(1), 6.0)
+    k = torch.remainder(_HSV_OFFSETS.to(x.device) + (hue * 6.0).unsqueeze(1), 6.0)
     return (maxc.unsqueeze(1) * (1 - saturation.unsqueeze(1) * torch.minimum(k, 4.0 - k).clamp_(0, 1))).clamp_(0, 1)
 
 
@@ -231,7 +258,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_px: int) -> torch
     """Separable Gaussian blur with one sigma per image ([N]), reflect padding as torchvision."""
     n, c, h, w = x.shape
     half = (kernel_px - 1) * 0.5
-    t = torch.linspace(-half, half, kernel_px)
+    t = torch.linspace(-half, half, kernel_px, device=x.device)
     k = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1)) ** 2)
     k = (k / k.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # [n*c, kernel]
     pad = kernel_px // 2

@@ -35,7 +35,7 @@ from swavkit.sinkhorn import sinkhorn
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every_steps", "train.checkpoint_every_minutes",
                      "train.checkpoint_every_steps", "train.device", "train.skip_nonfinite_steps",
                      "train.collapse_patience_steps", "data.num_workers", "data.pin_memory",
-                     "data.prefetch_factor", "monitor.", "out_dir")
+                     "data.prefetch_factor", "data.colour_on_device", "monitor.", "out_dir")
 
 
 class TrainingDiverged(FloatingPointError):
@@ -194,7 +194,8 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
     sampler = EpochSampler(len(paths), rank, world, cfg.seed)
     workers = cfg.data.num_workers
     loader = DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler, drop_last=True,
-                        num_workers=workers, collate_fn=transform.collate,
+                        num_workers=workers,
+                        collate_fn=transform.collate_pixels if cfg.data.colour_on_device else transform.collate,
                         pin_memory=cfg.data.pin_memory and device.type == "cuda",
                         persistent_workers=workers > 0, prefetch_factor=cfg.data.prefetch_factor if workers else None)
     typical_side = typical_side_px(paths, sample=50)
@@ -341,6 +342,8 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
                 window["wait_s"] += time.perf_counter() - wait_start
                 if skipped:
                     record_skipped(skipped)
+                if cfg.data.colour_on_device:  # uint8 crops + parameters: the colour half runs here
+                    crops = transform.finish(crops, device)
                 crops = [c.to(device, non_blocking=True, memory_format=memory_format) for c in crops]
 
                 # ---- 7b. schedule and projected prototypes

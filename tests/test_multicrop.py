@@ -163,3 +163,24 @@ def test_views_depend_on_the_sample_seed_only(tmp_path):
     torch.manual_seed(5)
     data[keys[0]]
     assert torch.equal(torch.rand(3), before)
+
+
+def test_colour_on_device_route_gives_the_workers_views(tmp_path):
+    """data.colour_on_device: workers send uint8 crops + parameters (a quarter of the bytes), the training
+    process finishes them; on the same device that is the same arithmetic, so the views are identical."""
+    write_images(tmp_path, 5, size_px=28)
+    transform = MultiCropTransform([2, 3], [16, 8], [0.4, 0.1], [1.0, 0.4], blur_probability=0.5)
+    data = UnlabeledImageFolder(tmp_path, transform)
+    items = [data[(i, sample_seed(0, 0, i))] for i in range(5)]
+    views, indices, _ = transform.collate(items)
+    groups, indices_too, _ = transform.collate_pixels(items)
+    assert [(g[0].dtype, tuple(g[0].shape), g[2]) for g in groups] == [(torch.uint8, (10, 3, 16, 16), 2),
+                                                                       (torch.uint8, (15, 3, 8, 8), 3)]
+    assert torch.equal(indices, indices_too)
+    finished = transform.finish(groups, "cpu")
+    assert len(finished) == 5
+    for ours, theirs in zip(finished, views):
+        assert torch.equal(ours, theirs)
+    if torch.cuda.is_available():  # float maths on another device: equal to rounding
+        for ours, theirs in zip(transform.finish(groups, "cuda"), views):
+            torch.testing.assert_close(ours.cpu(), theirs, rtol=0, atol=1e-4)

@@ -141,3 +141,12 @@ def test_online_knn_monitoring_is_logged(image_folder, tmp_path):
     assert all(0.0 <= r["knn_top1"] <= 100.0 for r in knn_rows)
     with pytest.raises(Exception, match="missing"):
         run(tiny_overrides(image_folder, tmp_path / "mon2", **{"monitor.knn_data": tmp_path / "missing"}))
+
+
+def test_colour_on_device_trains_the_same_model(image_folder, tmp_path):
+    """The colour half moved from the collate function to the training loop: same crops, same weights."""
+    extra = {"crops.blur_probability": 0.5}
+    workers = run(tiny_overrides(image_folder, tmp_path / "workers", **extra))
+    device = run(tiny_overrides(image_folder, tmp_path / "device", **extra, **{"data.colour_on_device": "true"}))
+    assert_same_state(load_training_checkpoint(workers.checkpoint)["model"],
+                      load_training_checkpoint(device.checkpoint)["model"])
