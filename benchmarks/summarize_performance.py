@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import RESULTS_DIR, markdown_table, update_readme  # noqa: E402
 
-ORDER = ["step_overhead", "vs_lightly", "data_wait", "memory", "eval_speed"]
+ORDER = ["step_overhead", "vs_lightly", "data_wait", "memory", "eval_speed", "colour_offload"]
 
 
 def main() -> int:
