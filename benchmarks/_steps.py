@@ -62,6 +62,7 @@ class SwavkitStep:
         self.freeze_prototype_steps = 0
         self.trivial_loss = trivial_loss  # attribution arm: model forward, no Sinkhorn / swapped loss
         self.skip_nonfinite = False  # True: count and skip refused steps instead of raising
+        self.check_finite = True  # False (attribution only): no finiteness check, so no host sync before the update
         self.nonfinite_steps = 0
         # train.py keeps a copy of the BN buffers, refreshed before every forward (undo on a non-finite loss)
         self.code_buffers: dict[int, torch.Tensor] = {}
@@ -98,7 +99,7 @@ class SwavkitStep:
         scaler.scale(loss).backward()
         if self.step_index < self.freeze_prototype_steps:
             core.prototypes.weight.grad = None
-        if not self.trivial_loss:
+        if not self.trivial_loss and self.check_finite:
             # as train.py 7f: loss and gradient norms checked in one host sync before the update
             check_grads = not scaler.is_enabled()
             if not bool(torch.isfinite(loss.detach() + (gradient_norm_sum(core) if check_grads else 0.0))):

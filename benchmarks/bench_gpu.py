@@ -101,6 +101,12 @@ def peak_memory_mib(fn) -> float:
     return round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
 
+def _unchecked(cfg: dict, dtype) -> SwavkitStep:
+    step = SwavkitStep(cfg["backbone"], cfg["K"], cfg["hidden"], cfg["out"], dtype, channels_last=True, device=DEVICE)
+    step.check_finite = False
+    return step
+
+
 def _cudnn_benchmark(flag: bool):
     return lambda: setattr(torch.backends.cudnn, "benchmark", flag)
 
@@ -123,13 +129,15 @@ def part_step(args, verdicts: Verdicts) -> tuple[dict, str]:
             "swavkit": cuda_arm(lambda: swav(crops_cl), n),
             "lightly": cuda_arm(lambda: lightly(crops_cl), n)}
     levers = {}
-    if not args.no_levers:  # fp32, NCHW and cudnn.benchmark off, each against the judged arm
+    if not args.no_levers:  # fp32, NCHW, cudnn.benchmark off, no finiteness sync: each against the judged arm
         levers = {"swavkit_fp32": cuda_arm(lambda s=SwavkitStep(cfg["backbone"], cfg["K"], cfg["hidden"], cfg["out"], None,
                                                               channels_last=True, device=DEVICE): s(crops_cl), n),
                 "swavkit_nchw": cuda_arm(lambda s=SwavkitStep(cfg["backbone"], cfg["K"], cfg["hidden"], cfg["out"], bf16,
                                                               device=DEVICE): s(crops), n),
                 "swavkit_no_cudnn_benchmark": cuda_arm(lambda: swav(crops_cl), n, before=_cudnn_benchmark(False),
-                                                       after=_cudnn_benchmark(True))}
+                                                       after=_cudnn_benchmark(True)),
+                # attribution: the same step without its one host sync (the loss/gradient finiteness check)
+                "swavkit_no_finite_check": cuda_arm(lambda s=_unchecked(cfg, bf16): s(crops_cl), n)}
         arms.update(levers)
     times = interleaved(arms, args.reps, warmup=1, progress="gpu step")
     memory = {"bare": peak_memory_mib(lambda: bare(crops_cl)), "swavkit": peak_memory_mib(lambda: swav(crops_cl)),
@@ -147,7 +155,8 @@ def part_step(args, verdicts: Verdicts) -> tuple[dict, str]:
     labels = {"bare": "bare timm backbone (floor)", "bare_again": "bare again (A/A control)",
               "swavkit": "**swavkit** (train.py step)", "lightly": "lightly (its SwaV example, one call per crop)",
               "swavkit_fp32": "swavkit, fp32 (no autocast)", "swavkit_nchw": "swavkit, NCHW (no channels_last)",
-              "swavkit_no_cudnn_benchmark": "swavkit, cudnn.benchmark off"}
+              "swavkit_no_cudnn_benchmark": "swavkit, cudnn.benchmark off",
+              "swavkit_no_finite_check": "swavkit without its finiteness check (attribution only)"}
     rows = []
     for name, label in labels.items():
         if name not in times:

@@ -145,7 +145,7 @@ def test_online_knn_monitoring_is_logged(image_folder, tmp_path):
 
 def test_colour_on_device_trains_the_same_model(image_folder, tmp_path):
     """The colour half moved from the collate function to the training loop: same crops, same weights."""
-    extra = {"crops.blur_probability": 0.5}
+    extra = {"crops.blur_probability": 0.5, "train.device": "cpu"}  # bitwise: the same arithmetic on one device
     workers = run(tiny_overrides(image_folder, tmp_path / "workers", **extra))
     device = run(tiny_overrides(image_folder, tmp_path / "device", **extra, **{"data.colour_on_device": "true"}))
     assert_same_state(load_training_checkpoint(workers.checkpoint)["model"],

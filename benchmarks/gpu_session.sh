@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Issue 5's GPU check, prepared for a lent GPU machine: two stages, each well inside one 10-minute call.
+#   stage 1: the CUDA tests, training step (+ levers), Sinkhorn, end-to-end pretrain (colour ops in the
+#            workers, then on the GPU)                                         ~7 minutes on an H100
+#   stage 2: the 16-core data pipeline vs lightly, torch.compile                ~7 minutes
+# On the machine, from the repository root, with timm + lightly wheels carried in .whl/ (see
+# benchmarks/README.md, "GPU check"):
+#   BENCH_COMMIT=<sha> bash benchmarks/gpu_session.sh 1      # then: ... gpu_session.sh 2
+# Each part runs under its own time limit, so one that hangs costs only itself. The JSON files it wrote,
+# benchmarks/README.md and a log are copied to $OUT (at most 8 files come back) after every part.
+set -u
+stage=${1:-1}
+out=${OUT:-/tmp/gpu_session}
+mkdir -p "$out"
+log="$out/log_stage$stage.txt"
+marker=$(mktemp)
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site:$PWD || exit 1
+else
+    export PYTHONPATH=$PWD
+fi
+(nvidia-smi -L; nproc; python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)") 2>&1 | tee -a "$log"
+
+collect() {
+    find benchmarks/results -name 'gpu_*.json' -newer "$marker" -exec cp {} "$out"/ \;
+    cp benchmarks/README.md "$out"/ 2>/dev/null
+}
+
+part() {  # part NAME LIMIT_S [bench_gpu.py options]
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit} s) $(date +%T)" | tee -a "$log"
+    timeout "$limit" python3 benchmarks/bench_gpu.py --parts "$name" "$@" 2>&1 | tee -a "$log"
+    echo "=== $name exit ${PIPESTATUS[0]} $(date +%T)" | tee -a "$log"
+    collect
+}
+
+if [ "$stage" = 1 ]; then
+    echo "=== CUDA tests $(date +%T)" | tee -a "$log"
+    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_sinkhorn.py tests/test_multicrop.py 2>&1 | tail -5 | tee -a "$log"
+    part step 150 --reps 5 --steps 5
+    part sinkhorn 40 --reps 5
+    part e2e 200 --images 4096 --e2e-epochs 3
+else
+    part data 150 --reps-data 2
+    part compile 300 --reps 3 --steps 5
+fi
