@@ -104,7 +104,7 @@ def run_levers(cfg: dict, reps: int, with_compile: bool = False) -> dict:
     compile_s = None
     if with_compile:  # as train.py with model.compile=true; compiled (and timed) before the interleaving
         compiled = SwavkitStep(cfg["backbone"], cfg["K"])
-        compiled.core.backbone.compile()
+        compiled.core.backbone.compile(dynamic=False)
         start = time.perf_counter()
         for _ in range(2):
             compiled(crops)

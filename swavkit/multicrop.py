@@ -149,29 +149,55 @@ class MultiCropTransform:
     def colour(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """x [N, 3, H, W] floats in [0, 1] (modified in place), p [N, N_PARAMS] -> normalised [N, 3, H, W].
 
-        ``x`` may live on any device; ``p`` should be on the CPU (indices and factors are picked there
-        and sent along, so no step waits for the device)."""
-        device = x.device
+        ``x`` may live on any device; ``p`` should be on the CPU. Which crops get which op is decided
+        there, and every index and factor of the batch crosses to the device in one copy, so nothing
+        here waits for the device."""
         jitter = p[:, P_JITTER] > 0
         order = p[:, P_ORDER:P_ORDER + 4].long()
-
-        def select(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            rows = mask.nonzero().squeeze(1)
-            return rows, rows.to(device, non_blocking=True)
-
+        ops = []  # (op, rows) in the order they apply: jitter position by position, then gray, then blur
         for position in range(4):
             for op in range(4):
-                rows, idx = select(jitter & (order[:, position] == op))
-                if rows.numel():
-                    factor = p[rows, P_BRIGHTNESS + op].view(-1, 1, 1, 1).to(device, non_blocking=True)
-                    x[idx] = JITTER_OPS[op](x[idx], factor)
-        rows, idx = select(p[:, P_GRAY] > 0)
-        if rows.numel():
-            x[idx] = grayscale(x[idx]).expand(-1, 3, -1, -1)
-        rows, idx = select(p[:, P_BLUR] > 0)
-        if rows.numel():
-            x[idx] = gaussian_blur(x[idx], p[rows, P_SIGMA].to(device, non_blocking=True), blur_kernel_px(x.shape[-1]))
-        return x.sub_(self.mean.to(device)).div_(self.std.to(device))
+                ops.append((op, (jitter & (order[:, position] == op)).nonzero().squeeze(1)))
+        ops.append(("gray", (p[:, P_GRAY] > 0).nonzero().squeeze(1)))
+        ops.append(("blur", (p[:, P_BLUR] > 0).nonzero().squeeze(1)))
+        factors = torch.cat([p[rows, P_SIGMA if op == "blur" else P_BRIGHTNESS + op] for op, rows in ops
+                             if op != "gray"])
+        all_rows, factors = _to(torch.cat([rows for _, rows in ops]), x.device), _to(factors, x.device)
+        start = factor_start = 0
+        for op, rows in ops:
+            n = rows.numel()
+            idx = all_rows[start:start + n]
+            start += n
+            if op == "gray":
+                if n:
+                    x[idx] = grayscale(x[idx]).expand(-1, 3, -1, -1)
+                continue
+            factor = factors[factor_start:factor_start + n]
+            factor_start += n
+            if not n:
+                continue
+            if op == "blur":
+                x[idx] = gaussian_blur(x[idx], factor, blur_kernel_px(x.shape[-1]))
+            else:
+                x[idx] = JITTER_OPS[op](x[idx], factor.view(-1, 1, 1, 1))
+        mean, std = self._normalisation(x.device)
+        return x.sub_(mean).div_(std)
+
+    def _normalisation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std [1, 3, 1, 1] on ``device``, copied there once."""
+        if self.mean.device != device:
+            cached = self.__dict__.setdefault("_on_device", {})
+            if device not in cached:
+                cached[device] = (self.mean.to(device), self.std.to(device))
+            return cached[device]
+        return self.mean, self.std
+
+    def __getstate__(self):  # DataLoader workers get the CPU tensors only
+        return {k: v for k, v in self.__dict__.items() if k != "_on_device"}
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t if t.device == device else t.to(device, non_blocking=True)
 
 
 def blur_kernel_px(size_px: int) -> int:
@@ -228,7 +254,9 @@ def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return _blend(x, grayscale(x), factor)
 
 
-_HSV_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
+def _hsv_offsets(x: torch.Tensor) -> torch.Tensor:
+    """[1, 3, 1, 1] = 5, 3, 1 (r, g, b), made on x's device (no host-to-device copy)."""
+    return torch.arange(5.0, 0.0, -2.0, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
 
 
 def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -247,7 +275,7 @@ def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     hue = torch.remainder(hue + factor.view(-1, 1, 1), 1.0)
     # hsv -> rgb without branches: channel = v (1 - s clamp(min(k, 4 - k), 0, 1)), k = (n + 6h) mod 6,
     # n = 5, 3, 1 for r, g, b
-    k = torch.remainder(_HSV_OFFSETS.to(x.device) + (hue * 6.0).unsqueeze(1), 6.0)
+    k = torch.remainder(_hsv_offsets(x) + (hue * 6.0).unsqueeze(1), 6.0)
     return (maxc.unsqueeze(1) * (1 - saturation.unsqueeze(1) * torch.minimum(k, 4.0 - k).clamp_(0, 1))).clamp_(0, 1)
 
 

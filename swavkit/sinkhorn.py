@@ -57,8 +57,10 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3, *,
     # Beyond about 87 nats of spread (fp32), e.g. epsilon 0.01 with outlying samples, the scalings
     # themselves leave the float range; the log-domain version then gives the same answer slowly.
     # Rows sum to 1, so the total is ~B unless some entry is NaN/inf: one number to check, not B x K.
-    if not bool(torch.isfinite(Q.sum())):
-        if not bool(torch.isfinite(scores).all()):
+    # Across ranks the decision must be the same everywhere: the fallback runs all-reduces of its own, and
+    # ranks that took different branches would wait for each other forever.
+    if _any_rank(~torch.isfinite(Q.sum()), across_ranks):
+        if _any_rank(~torch.isfinite(scores).all(), across_ranks):
             raise NonFiniteCodesError(
                 "Sinkhorn got non-finite prototype scores (NaN/inf). Likely causes: a learning rate that is too "
                 "high, or fp16 overflow in the backbone (use train.precision=bf16 or fp32)")
@@ -69,6 +71,13 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3, *,
         if out is not None:
             Q = out.copy_(Q)
     return Q
+
+
+def _any_rank(flag: torch.Tensor, across_ranks: bool) -> bool:
+    """A 0-d bool flag -> True if it is set on this rank (or, across ranks, on any rank). One host sync."""
+    if across_ranks:
+        flag = distributed.all_reduce_max(flag.float().reshape(1))[0] > 0
+    return bool(flag)
 
 
 def _scaled_codes(S: torch.Tensor, epsilon: float, n_iters: int, across_ranks: bool,

@@ -1,5 +1,6 @@
 """Two gloo processes on CPU: distributed results equal single-process results."""
 
+import importlib
 import os
 import signal
 import socket
@@ -47,6 +48,37 @@ def test_sinkhorn_two_ranks_equals_one(tmp_path):
     mp.spawn(_sinkhorn_worker, args=(2, free_port(), scores, str(tmp_path)), nprocs=2)
     together = torch.cat([torch.load(tmp_path / f"codes{r}.pt") for r in range(2)])
     torch.testing.assert_close(together, sinkhorn(scores, 0.05, 3), rtol=0, atol=1e-6)
+
+
+def _sinkhorn_one_rank_falls_back_worker(rank, world, port, scores, out_dir):
+    _set_env(rank, world, port)
+    distributed.init("cpu")
+    module = importlib.import_module("swavkit.sinkhorn")  # the package's `sinkhorn` attribute is the function
+
+    scaled = module._scaled_codes
+    if rank == 1:  # this rank's scalings "overflow": it needs the log-domain fallback, rank 0 does not
+        module._scaled_codes = lambda *args, **kwargs: scaled(*args, **kwargs).fill_(float("nan"))
+    half = scores.shape[0] // world
+    codes = module.sinkhorn(scores[rank * half:(rank + 1) * half], 0.05, 3)
+    torch.save(codes, os.path.join(out_dir, f"codes{rank}.pt"))
+    distributed.shutdown()
+
+
+def test_sinkhorn_fallback_on_one_rank_is_taken_by_all(tmp_path):
+    """The fallback runs its own all-reduces: if only one rank took it, both would wait forever."""
+    g = torch.Generator().manual_seed(1)
+    scores = torch.nn.functional.normalize(torch.randn(64, 8, generator=g), dim=1) @ \
+        torch.nn.functional.normalize(torch.randn(30, 8, generator=g), dim=1).t()
+    context = mp.spawn(_sinkhorn_one_rank_falls_back_worker, args=(2, free_port(), scores, str(tmp_path)), nprocs=2,
+                       join=False)
+    deadline = time.monotonic() + 90
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the ranks deadlocked: one took the fallback, the other did not")
+    together = torch.cat([torch.load(tmp_path / f"codes{r}.pt") for r in range(2)])
+    torch.testing.assert_close(together, sinkhorn(scores, 0.05, 3), rtol=0, atol=1e-5)
 
 
 # BatchNorm statistics are per process without SyncBN (which needs GPUs), so the equivalence test uses a
