@@ -67,7 +67,8 @@ class ModelConfig:
                                 "reference, or the whole job)", default="none")
     channels_last: bool = _help("NHWC memory format for convolutional backbones (faster on GPUs with bf16)",
                                 default=False)
-    compile: bool = _help("torch.compile the backbone (opt-in; the first steps are slow while it compiles)",
+    compile: bool = _help("torch.compile the backbone with static shapes (opt-in; the first steps are slow while "
+                          "it compiles one graph per crop resolution, and online k-NN monitoring compiles its own)",
                           default=False)
 
 

@@ -150,8 +150,8 @@ class MultiCropTransform:
         """x [N, 3, H, W] floats in [0, 1] (modified in place), p [N, N_PARAMS] -> normalised [N, 3, H, W].
 
         ``x`` may live on any device; ``p`` should be on the CPU. Which crops get which op is decided
-        there, and every index and factor of the batch crosses to the device in one copy, so nothing
-        here waits for the device."""
+        there, and all the batch's indices and all its factors cross to the device in two copies, so
+        nothing here waits for the device."""
         jitter = p[:, P_JITTER] > 0
         order = p[:, P_ORDER:P_ORDER + 4].long()
         ops = []  # (op, rows) in the order they apply: jitter position by position, then gray, then blur
@@ -255,8 +255,8 @@ def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def _hsv_offsets(x: torch.Tensor) -> torch.Tensor:
-    """[1, 3, 1, 1] = 5, 3, 1 (r, g, b), made on x's device (no host-to-device copy)."""
-    return torch.arange(5.0, 0.0, -2.0, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    """[1, 3, 1, 1] float32 = 5, 3, 1 (r, g, b), made on x's device (no host-to-device copy)."""
+    return torch.arange(5.0, 0.0, -2.0, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
 
 
 def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:

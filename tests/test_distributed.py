@@ -65,7 +65,8 @@ def _sinkhorn_one_rank_falls_back_worker(rank, world, port, scores, out_dir):
 
 
 def test_sinkhorn_fallback_on_one_rank_is_taken_by_all(tmp_path):
-    """The fallback runs its own all-reduces: if only one rank took it, both would wait forever."""
+    """The fallback runs its own all-reduces: if only one rank took it, the ranks' collectives would not
+    match (gloo then fails at once; NCCL can wait forever)."""
     g = torch.Generator().manual_seed(1)
     scores = torch.nn.functional.normalize(torch.randn(64, 8, generator=g), dim=1) @ \
         torch.nn.functional.normalize(torch.randn(30, 8, generator=g), dim=1).t()
@@ -77,6 +78,7 @@ def test_sinkhorn_fallback_on_one_rank_is_taken_by_all(tmp_path):
             for process in context.processes:
                 process.kill()
             pytest.fail("the ranks deadlocked: one took the fallback, the other did not")
+    # (a rank that raised, e.g. on a collective mismatch, makes join() above raise instead)
     together = torch.cat([torch.load(tmp_path / f"codes{r}.pt") for r in range(2)])
     torch.testing.assert_close(together, sinkhorn(scores, 0.05, 3), rtol=0, atol=1e-5)
 

@@ -157,12 +157,17 @@ def test_colour_on_device_trains_the_same_model(image_folder, tmp_path):
                     reason="torch.compile on a CPU needs a C++ compiler")
 def test_compiled_backbone_trains_like_eager(image_folder, tmp_path):
     """model.compile=true (static shapes, one graph per crop resolution) learns what eager learns."""
+    from torch._dynamo.utils import counters
+
     extra = {"train.epochs": 1, "train.device": "cpu"}
     eager = run(tiny_overrides(image_folder, tmp_path / "eager", **extra))
+    torch._dynamo.reset()
+    counters.clear()
     compiled = run(tiny_overrides(image_folder, tmp_path / "compiled", **extra, **{"model.compile": "true"}))
     assert compiled.completed and compiled.step == eager.step == 4
+    assert counters["stats"]["unique_graphs"] == 2  # one static graph per crop resolution (32 and 16 px)
     a = load_training_checkpoint(eager.checkpoint)["model"]
     b = load_training_checkpoint(compiled.checkpoint)["model"]
     assert a.keys() == b.keys()  # compile must not rename the saved weights (no _orig_mod. prefix)
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4, msg=key)
+    worst = max(float((b[k].float() - a[k].float()).abs().max()) for k in a)
+    assert worst <= 1e-4, worst
