@@ -136,6 +136,26 @@ def interleaved(arms: dict[str, Callable[[], float | None]], repetitions: int, w
     return times
 
 
+def time_loader(loader, batch: int, warm_batches: int, min_batches: int, min_seconds: float):
+    """-> (seconds per image delivered by ``loader``, the last timed batch). ``warm_batches`` batches
+    (worker start-up, the first batch) are not timed; then at least ``min_batches`` batches and
+    ``min_seconds`` are, or the rest of the epoch if it runs out first."""
+    it = iter(loader)
+    for _ in range(warm_batches):
+        next(it)
+    n, last, start = 0, None, time.perf_counter()
+    while n < min_batches or time.perf_counter() - start < min_seconds:
+        out = next(it, None)
+        if out is None:
+            break
+        n, last = n + 1, out
+    elapsed = time.perf_counter() - start
+    del it
+    if n == 0:
+        raise RuntimeError("the folder holds too few images for one timed batch")
+    return elapsed / (n * batch), last
+
+
 # CPU seconds (this process, all threads) of the arms of the last ``interleaved`` call, scaled like the
 # arm's own measurement: a cross-check, since wall time on a shared machine includes waiting for a core.
 LAST_CPU_SECONDS: dict[str, list[float]] = {}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,13 +32,13 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from _common import (WORK_DIR, Verdicts, add_threads_argument, apply_threads, environment, fmt_spread,  # noqa: E402
-                     interleaved, markdown_table, ratio_stats, report, stats, synthetic_jpegs)
+                     interleaved, markdown_table, ratio_stats, report, stats, synthetic_jpegs, time_loader)
 
+from swavkit.config import CropsConfig  # noqa: E402
 from swavkit.data import EpochSampler, UnlabeledImageFolder, find_images, sample_seed  # noqa: E402
 from swavkit.multicrop import MultiCropTransform  # noqa: E402
 
-PAPER_RECIPE = dict(counts=[2, 6], sizes_px=[224, 96], min_scales=[0.14, 0.05], max_scales=[1.0, 0.14],
-                    blur_probability=0.5)
+PAPER_RECIPE = asdict(CropsConfig())  # the library's default crops are the paper's
 TARGET = 1.0  # (ours) the offloaded workers must deliver more images/s, or the option has no point
 
 
@@ -68,17 +69,7 @@ def main() -> int:
             epoch[0] += 1
             loader = DataLoader(dataset, batch_size=B, sampler=sampler, drop_last=True, num_workers=W,
                                 collate_fn=collate, prefetch_factor=2 if W else None)
-            it = iter(loader)
-            for _ in range(1 + W):
-                next(it)
-            n, start = 0, time.perf_counter()
-            while n < 2 or time.perf_counter() - start < args.seconds:
-                if next(it, None) is None:
-                    break
-                n += 1
-            elapsed = time.perf_counter() - start
-            del it
-            return elapsed / (n * B)  # seconds per image
+            return time_loader(loader, B, 1 + W, 2, args.seconds)[0]
         return run
 
     times = interleaved({"workers_colour": arm(transform.collate), "workers_pixels": arm(transform.collate_pixels)},

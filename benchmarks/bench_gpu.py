@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,15 +52,13 @@ if not torch.cuda.is_available():
 
 from bench_vs_lightly import LightlyStep, codes_quality, cosine_scores, lightly_sinkhorn, part_data  # noqa: E402
 
+from swavkit.config import CropsConfig  # noqa: E402
 from swavkit.sinkhorn import sinkhorn as swavkit_sinkhorn  # noqa: E402
 
 DEVICE = torch.device("cuda")
 STEP_TARGET, LIGHTLY_TARGET, SINKHORN_TARGET = 1.05, 1.2, 2.0
 PAPER = dict(backbone="resnet50", counts=[2, 6], sizes=[224, 96], K=3000, hidden=2048, out=128)
-# swavkit's default crop recipe (swavkit/config.py, the paper's)
-PAPER_RECIPE = dict(counts=[2, 6], sizes_px=[224, 96], min_scales=[0.14, 0.05], max_scales=[1.0, 0.14],
-                    color_jitter_strength=1.0, color_jitter_probability=0.8, grayscale_probability=0.2,
-                    blur_probability=0.5, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+PAPER_RECIPE = asdict(CropsConfig())  # the library's default crops are the paper's
 
 
 def machine(env: dict) -> str:
@@ -76,21 +75,15 @@ def device_tag() -> str:
     return (found.group(1) if found else re.sub(r"\W+", "_", name)).lower()
 
 
-def cuda_arm(fn, n: int, before=None, after=None):
+def cuda_arm(fn, n: int):
     """Seconds per call of ``fn`` over ``n`` calls, the GPU synchronised before and after."""
     def run():
-        if before:
-            before()
-        try:
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(n):
-                fn()
-            torch.cuda.synchronize()
-            return (time.perf_counter() - start) / n
-        finally:
-            if after:
-                after()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / n
     return run
 
 
@@ -191,7 +184,7 @@ def part_compile(args, verdicts: Verdicts) -> tuple[dict, str]:
     for name in ("bare_compiled", "swavkit_compiled"):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        for _ in range(3):  # both crop resolutions, then the recompiled (dynamic) graph settles
+        for _ in range(3):  # one static graph per crop resolution is compiled in the first step
             steps[name](crops)
         torch.cuda.synchronize()
         compile_s[name] = round(time.perf_counter() - start, 1)

@@ -33,7 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from _common import (LAST_CPU_SECONDS, TORCH_DEFAULT_THREADS, Verdicts, add_threads_argument,  # noqa: E402
                      apply_threads, environment, fmt_spread, interleaved, markdown_table, ratio_stats, report,
-                     require_cifar10, stats)
+                     require_cifar10, stats, time_loader)
 from _steps import OPTIM, SwavkitStep, group_by_size, make_crops  # noqa: E402
 
 try:
@@ -302,21 +302,10 @@ def part_data(reps: int, verdicts: Verdicts, workers_list=(0, 1, 2), batch: int 
                 sampler.set_epoch(epoch[0])
                 loader = DataLoader(swav_ds, sampler=sampler, collate_fn=transform.collate, **common)
             epoch[0] += 1
-            it = iter(loader)
-            for _ in range(1 + workers):  # worker start-up and the first batch are not timed
-                next(it)
-            n, start = 0, time.perf_counter()
-            while n < min_batches or time.perf_counter() - start < min_seconds:
-                batch_out = next(it, None)
-                if batch_out is None:  # the epoch ran out first (a small folder, fast workers): time what ran
-                    break
-                views = batch_out[0]
-                n += 1
-            elapsed = time.perf_counter() - start
-            assert n > 0, f"{kind}: the folder holds too few images for one timed batch"
+            # worker start-up and the first batch are not timed
+            seconds, (views, _, _) = time_loader(loader, batch, 1 + workers, min_batches, min_seconds)
             assert len(views) == sum(r["counts"]) and views[0].shape == (batch, 3, r["sizes_px"][0], r["sizes_px"][0])
-            del it
-            return elapsed / (n * batch)  # seconds per image
+            return seconds
         return run
 
     result, rows = {"recipe": r, "batch": batch, "workers": {}, "seeding_us_per_call": seeding_cost_us()}, []

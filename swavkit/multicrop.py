@@ -154,29 +154,23 @@ class MultiCropTransform:
         nothing here waits for the device."""
         jitter = p[:, P_JITTER] > 0
         order = p[:, P_ORDER:P_ORDER + 4].long()
-        ops = []  # (op, rows) in the order they apply: jitter position by position, then gray, then blur
-        for position in range(4):
-            for op in range(4):
-                ops.append((op, (jitter & (order[:, position] == op)).nonzero().squeeze(1)))
-        ops.append(("gray", (p[:, P_GRAY] > 0).nonzero().squeeze(1)))
-        ops.append(("blur", (p[:, P_BLUR] > 0).nonzero().squeeze(1)))
-        factors = torch.cat([p[rows, P_SIGMA if op == "blur" else P_BRIGHTNESS + op] for op, rows in ops
-                             if op != "gray"])
-        all_rows, factors = _to(torch.cat([rows for _, rows in ops]), x.device), _to(factors, x.device)
-        start = factor_start = 0
-        for op, rows in ops:
+        # (op, rows, parameter column) in the order the ops apply: jitter position by position, gray, blur
+        ops = [(op, (jitter & (order[:, position] == op)).nonzero().squeeze(1), P_BRIGHTNESS + op)
+               for position in range(4) for op in range(4)]
+        ops.append(("gray", (p[:, P_GRAY] > 0).nonzero().squeeze(1), P_GRAY))
+        ops.append(("blur", (p[:, P_BLUR] > 0).nonzero().squeeze(1), P_SIGMA))
+        all_rows = torch.cat([rows for _, rows, _ in ops]).to(x.device, non_blocking=True)
+        factors = torch.cat([p[rows, column] for _, rows, column in ops]).to(x.device, non_blocking=True)
+        start = 0
+        for op, rows, _ in ops:
             n = rows.numel()
-            idx = all_rows[start:start + n]
+            idx, factor = all_rows[start:start + n], factors[start:start + n]
             start += n
-            if op == "gray":
-                if n:
-                    x[idx] = grayscale(x[idx]).expand(-1, 3, -1, -1)
-                continue
-            factor = factors[factor_start:factor_start + n]
-            factor_start += n
             if not n:
                 continue
-            if op == "blur":
+            if op == "gray":
+                x[idx] = grayscale(x[idx]).expand(-1, 3, -1, -1)
+            elif op == "blur":
                 x[idx] = gaussian_blur(x[idx], factor, blur_kernel_px(x.shape[-1]))
             else:
                 x[idx] = JITTER_OPS[op](x[idx], factor.view(-1, 1, 1, 1))
@@ -185,19 +179,13 @@ class MultiCropTransform:
 
     def _normalisation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """mean and std [1, 3, 1, 1] on ``device``, copied there once."""
-        if self.mean.device != device:
-            cached = self.__dict__.setdefault("_on_device", {})
-            if device not in cached:
-                cached[device] = (self.mean.to(device), self.std.to(device))
-            return cached[device]
-        return self.mean, self.std
+        cached = self.__dict__.setdefault("_on_device", {})
+        if device not in cached:
+            cached[device] = (self.mean.to(device), self.std.to(device))
+        return cached[device]
 
     def __getstate__(self):  # DataLoader workers get the CPU tensors only
         return {k: v for k, v in self.__dict__.items() if k != "_on_device"}
-
-
-def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return t if t.device == device else t.to(device, non_blocking=True)
 
 
 def blur_kernel_px(size_px: int) -> int:
