@@ -37,7 +37,7 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3, *,
         out: optional preallocated [B, K] ``dtype`` buffer that receives Q, so a training step allocates
             nothing of size B x K here (a fresh 4096 x 3000 tensor costs ~35 ms of page faults on a CPU).
         cuda_graph: opt-in; with CUDA scores and ``out`` in a one-process run, replay a captured CUDA
-            graph of the iterations (one launch instead of ~25; same codes). Measured on an H200: 3x the
+            graph of the iterations (one launch instead of ~24; same codes). Measured on an H200: 3x the
             eager call at B 1024, 1.4x at B 4096 (benchmarks/README.md). The trainer does not use it (see
             ``_CudaGraphs``).
 
@@ -48,6 +48,8 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3, *,
         to about B_global / K over all ranks.
     """
     B, K = scores.shape
+    if n_iters < 1:
+        raise ValueError(f"sinkhorn: n_iters must be >= 1, got {n_iters}")
     # All-reduces only when other ranks exist: a one-process run has nothing to wait for.
     across_ranks = distributed_sums and distributed.world_size() > 1
     if cuda_graph and scores.is_cuda and out is not None and not across_ranks:
@@ -99,34 +101,41 @@ def _scaled_codes(S: torch.Tensor, epsilon: float, n_iters: int, across_ranks: b
     P = torch.sub(S, sample_max, out=out).mul_(1.0 / epsilon).exp_()  # [B, K], values in (0, 1]
     v = (sample_max.squeeze(1) - global_max).mul_(1.0 / epsilon).exp_()  # [B] per-sample scaling
 
+    # The iterations below carry the scalings pre-multiplied by the constants of the constraints, so that
+    # each step is one matrix-vector product and one division (fewer kernels: on a GPU their launches,
+    # not the arithmetic, are the cost). With u, v the textbook scalings (Q = Diag(v) P Diag(u) up to the
+    # final factor B) they are w = K v and x = B u; a constant factor on the start vector cancels in the
+    # first prototype step, so w starts as v0.
     if across_ranks:
         B_global = torch.tensor([float(B)], dtype=S.dtype, device=P.device)
         distributed.all_reduce_sum(B_global)
     else:
-        B_global = float(B)
+        # a 0-d CPU tensor is a scalar to ops on any device (torch.div needs a tensor numerator)
+        B_global = torch.tensor(float(B), dtype=S.dtype)
+    K_scalar = torch.tensor(float(K), dtype=S.dtype)
 
-    tiny = torch.finfo(S.dtype).tiny
-    u = torch.empty(K, dtype=S.dtype, device=P.device)  # per-prototype scaling
-    for _ in range(n_iters):
-        # prototype step: row sums of Q = Diag(u) P^T Diag(v) must be 1/K
-        row_sums = torch.mv(P.t(), v)  # [K]
+    w = v
+    for i in range(n_iters):
+        # prototype step: x_k = B_global / (P^T w)_k makes every prototype's mass 1/K
+        row_sums = torch.mv(P.t(), w)  # [K]
         if across_ranks:
             distributed.all_reduce_sum(row_sums)
-        # A prototype whose every exponent underflowed (or went subnormal, whose reciprocal is inf)
-        # gets no mass instead of inf * 0 = NaN.
-        torch.where(row_sums > tiny, (row_sums * K).reciprocal(), torch.zeros_like(row_sums), out=u)
-        # sample step: column sums must be 1/B_global
-        col_sums = torch.mv(P, u)  # [B]
-        v = (col_sums * B_global).reciprocal_()
-
-    # Final column normalisation to sum 1 (reference: Q *= B after the last 1/B step).
-    return P.mul_(u).mul_((v * B_global).unsqueeze(1))
+        # A prototype whose every exponent underflowed has a zero sum: it gets no mass instead of
+        # inf * 0 = NaN. (A NaN sum, from NaN scores, also becomes 0; the NaN still reaches the codes
+        # through P, where the caller's finiteness check catches it.)
+        x = torch.div(B_global, row_sums).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # [K]
+        # sample step: w_b = K / (P x)_b makes every sample's codes sum to 1 (after the final step)
+        col_sums = torch.mv(P, x)  # [B]
+        if i + 1 < n_iters:
+            w = torch.div(K_scalar, col_sums)
+    # Q = Diag(1 / (P x)) P Diag(x): rows sum to exactly 1, as the reference's final "Q *= B".
+    return P.mul_(x).div_(col_sums.unsqueeze(1))
 
 
 class _CudaGraphs:
     """Captured CUDA graphs of ``_scaled_codes``, one per (shape, dtypes, epsilon, iterations, ``out``).
 
-    On a GPU one call is ~25 small kernels, so its cost is the host launching them, not the GPU (measured
+    On a GPU one call is ~24 small kernels (~40 before 2026-11-27), so its cost is the host launching them, not the GPU (measured
     on an H100: ~750 us per call at B 1024 or 4096, K 3000, where the arithmetic takes a fraction of that).
     A replay launches them all at once. A caller that passes the same ``out`` buffer every step needs a
     handful of graphs; the oldest is dropped beyond ``capacity``.
