@@ -282,15 +282,20 @@ def part_sinkhorn(args, verdicts: Verdicts) -> tuple[dict, str]:
 def part_data_gpu(args, verdicts: Verdicts) -> tuple[dict, str]:
     root = synthetic_jpegs(Path(args.synthetic_dir) / f"n{args.images}", args.images)
     result, _ = part_data(args.reps_data, verdicts, workers_list=(args.workers,), batch=args.batch, min_seconds=5.0,
-                          min_batches=4, root=root, recipe=PAPER_RECIPE)
+                          min_batches=4, root=root, recipe=PAPER_RECIPE, device=DEVICE)
     w = result["workers"][args.workers]
+    ips = w["images_per_s"]
     table = (f"**Multi-crop data pipeline on this machine's CPUs** - {args.images} synthetic 448x336 JPEGs, paper "
              f"recipe (2x224 + 6x96, jitter p 0.8, grayscale 0.2, blur p 0.5), batch {args.batch}, {args.workers} "
-             f"workers, fresh DataLoader per rep, >= 5 s (or the rest of the epoch) timed per rep, {args.reps_data} interleaved reps:\n\n"
-             + markdown_table(["workers", "swavkit images/s", "lightly images/s", "swavkit / lightly"],
-                              [[args.workers, fmt_spread(w["images_per_s"]["swavkit"]),
-                                fmt_spread(w["images_per_s"]["lightly"]),
-                                f"**{fmt_spread(w['speedup_swavkit_over_lightly'])}**"]]))
+             f"workers, fresh DataLoader per rep, >= 5 s (or the rest of the epoch) timed per rep, {args.reps_data} "
+             "interleaved reps. *colour on the GPU* = `data.colour_on_device=true`: the workers send pinned uint8 "
+             "crops, the colour half runs on the GPU (timed, synchronised per batch):\n\n"
+             + markdown_table(["workers", "swavkit images/s", "lightly images/s", "swavkit / lightly",
+                               "swavkit, colour on the GPU, images/s", "colour on the GPU / lightly"],
+                              [[args.workers, fmt_spread(ips["swavkit"]), fmt_spread(ips["lightly"]),
+                                f"**{fmt_spread(w['speedup_swavkit_over_lightly'])}**",
+                                fmt_spread(ips["swavkit_colour_on_device"]),
+                                f"**{fmt_spread(w['speedup_colour_on_device_over_lightly'])}**"]]))
     return result, table
 
 

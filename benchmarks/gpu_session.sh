@@ -8,6 +8,7 @@
 # On the machine, from the repository root, with timm + lightly wheels carried in .whl/ (see
 # benchmarks/README.md, "GPU check"):
 #   BENCH_COMMIT=<sha> bash benchmarks/gpu_session.sh 1      # then: ... gpu_session.sh 2
+#   BENCH_COMMIT=<sha> bash benchmarks/gpu_session.sh data 150 --reps-data 3    # one part again
 # Each part runs under its own time limit, so one that hangs costs only itself. The JSON files it wrote,
 # benchmarks/README.md and a log are copied to $OUT (at most 8 files come back) after every part.
 set -u
@@ -45,7 +46,9 @@ if [ "$stage" = 1 ]; then
     part sinkhorn 35 --reps 5
     part e2e 190 --images 2048 --e2e-epochs 3 --e2e-timeout 85
     part compile 230 --reps 3 --steps 5 --compile-budget-s 190
-else
+elif [ "$stage" = 2 ]; then
     part step 120 --reps 4 --steps 5
     part data 110 --reps-data 2 --images 4096
+else  # one part again: gpu_session.sh PART LIMIT_S [bench_gpu.py options]
+    part "$@"
 fi
