@@ -21,7 +21,7 @@ data      images/s delivered by the DataLoader with --workers workers on synthet
           (448x336, made here with PIL): swavkit's MultiCropTransform vs lightly's SwaVTransform, paper
           recipe (2x224 + 6x96, blur p 0.5). Target >= 2x.
 e2e       `swavkit pretrain` (configs/imagenet_resnet50.yaml, no launcher, so no NCCL) on those JPEGs,
-          colour ops in the workers (default) and then on the GPU (data.colour_on_device=true):
+          colour ops in the workers (data.colour_on_device=false) and then on the GPU (auto, the default):
           end-to-end images/s and the data-wait fraction from metrics.jsonl; the export is then loaded
           strictly by swavkit and by timm.
 """
@@ -299,11 +299,11 @@ def part_data_gpu(args, verdicts: Verdicts) -> tuple[dict, str]:
     return result, table
 
 
-def _pretrain_run(args, root: Path, out_dir: Path, colour_on_device: bool) -> dict:
+def _pretrain_run(args, root: Path, out_dir: Path, colour_on_device: str) -> dict:
     """One `swavkit pretrain` run -> its exit code, wall time, metrics and steady-state medians."""
     overrides = [f"data.path={root}", f"out_dir={out_dir}", f"train.batch_size={args.batch}",
                  f"train.epochs={args.e2e_epochs}", f"data.num_workers={args.workers}", "train.log_every_steps=8",
-                 "optim.warmup_epochs=0", f"data.colour_on_device={str(colour_on_device).lower()}"]
+                 "optim.warmup_epochs=0", f"data.colour_on_device={colour_on_device}"]
     command = [PYTHON, "-m", "swavkit.cli", "pretrain", "--config", "configs/imagenet_resnet50.yaml", "--restart",
                "--no-progress", *overrides]
     print("  " + " ".join(command), flush=True)
@@ -316,6 +316,7 @@ def _pretrain_run(args, root: Path, out_dir: Path, colour_on_device: bool) -> di
     wall_s = time.perf_counter() - start
     print(proc.stdout[-2000:], proc.stderr[-3000:], flush=True)
     run = {"command": " ".join(command[1:]), "wall_s": round(wall_s, 1), "returncode": proc.returncode,
+           "colour_ops_on_device": "colour ops on cuda" in proc.stdout,
            "stderr_tail": proc.stderr.strip().splitlines()[-1:] if proc.returncode else []}
     metrics = out_dir / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
@@ -333,17 +334,21 @@ def _pretrain_run(args, root: Path, out_dir: Path, colour_on_device: bool) -> di
 
 
 def part_e2e(args, verdicts: Verdicts) -> tuple[dict, str]:
-    """`swavkit pretrain` twice: colour ops in the workers (default), then on the GPU (data.colour_on_device)."""
+    """`swavkit pretrain` twice: colour ops in the workers (data.colour_on_device=false), then as the default
+    (auto), which must put them on the GPU."""
     root = synthetic_jpegs(Path(args.synthetic_dir) / f"n{args.images}", args.images)
     runs, rows = {}, []
-    for label, on_device in (("workers", False), ("device", True)):
+    for label, setting in (("workers", "false"), ("device", "auto")):
         out_dir = Path(args.e2e_dir) / label
-        run = runs[label] = _pretrain_run(args, root, out_dir, on_device)
+        run = runs[label] = _pretrain_run(args, root, out_dir, setting)
         verdicts.check(f"swavkit pretrain on one GPU, no launcher, colour ops: {label} (exit code)",
                        run["returncode"], "0", run["returncode"] == 0)
+        if setting == "auto":
+            verdicts.check("data.colour_on_device=auto (the default) puts the colour ops on the GPU",
+                           run["colour_ops_on_device"], "True", run["colour_ops_on_device"])
         fmt = (lambda v, spec: format(v, spec) if v is not None else "-")
-        rows.append(["colour ops in the workers (default)" if not on_device else
-                     "colour ops on the GPU (`data.colour_on_device=true`)",
+        rows.append(["colour ops in the workers (`data.colour_on_device=false`)" if setting == "false" else
+                     "colour ops on the GPU (`data.colour_on_device=auto`, the default)",
                      f"**{fmt(run.get('images_per_s_median'), '.0f')}**", fmt(run.get("data_wait_fraction_median"), ".3f"),
                      fmt(run["first_epoch_images_per_s_median"], ".0f"), f"{run['wall_s']:.0f}"])
         if run["returncode"] == 0 and label == "workers":

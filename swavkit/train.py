@@ -72,6 +72,11 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
+def resolve_colour_on_device(name: str, device: torch.device) -> bool:
+    """data.colour_on_device: auto = on a GPU, where the workers' colour ops were the bottleneck."""
+    return name == "true" or (name == "auto" and device.type == "cuda")
+
+
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ, ignoring RESUMABLE_CHANGES."""
     diffs = []
@@ -151,6 +156,7 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
     world, rank, is_main = distributed.world_size(), distributed.rank(), distributed.is_main_process()
     validate(cfg, world_size=world)
     precision = resolve_precision(cfg.train.precision, device)
+    colour_on_device = resolve_colour_on_device(cfg.data.colour_on_device, device)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     say = print if is_main else (lambda *a, **k: None)
 
@@ -195,7 +201,7 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
     workers = cfg.data.num_workers
     loader = DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler, drop_last=True,
                         num_workers=workers,
-                        collate_fn=transform.collate_pixels if cfg.data.colour_on_device else transform.collate,
+                        collate_fn=transform.collate_pixels if colour_on_device else transform.collate,
                         pin_memory=cfg.data.pin_memory and device.type == "cuda",
                         persistent_workers=workers > 0, prefetch_factor=cfg.data.prefetch_factor if workers else None)
     typical_side = typical_side_px(paths, sample=50)
@@ -214,7 +220,8 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
     say(f"data: {len(paths)} images in {data_root}"
         + (" (bundled Fashion-MNIST sample, MIT licence)" if not cfg.data.path else "")
         + f"; {n_crops} crops each ({' + '.join(f'{c}x{s}px' for c, s in zip(cfg.crops.counts, cfg.crops.sizes_px))}); "
-        f"{steps_per_epoch} steps/epoch at global batch {cfg.train.batch_size} ({world} process(es))")
+        f"{steps_per_epoch} steps/epoch at global batch {cfg.train.batch_size} ({world} process(es)); colour ops "
+        + (f"on {device.type} (data.colour_on_device)" if colour_on_device else "in the data workers"))
 
     # ================================================================================================
     # 4. model: timm backbone -> projection head -> L2 norm -> prototypes
@@ -345,7 +352,7 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
                 window["wait_s"] += time.perf_counter() - wait_start
                 if skipped:
                     record_skipped(skipped)
-                if cfg.data.colour_on_device:  # uint8 crops + parameters: the colour half runs here
+                if colour_on_device:  # uint8 crops + parameters: the colour half runs here
                     crops = transform.finish(crops, device)
                 crops = [c.to(device, non_blocking=True, memory_format=memory_format) for c in crops]
 

@@ -169,11 +169,14 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(image_folder,
     reference = train(load_config([], tiny_overrides(image_folder, tmp_path / "ref", **extra)), progress=False)
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "swavkit", "pretrain", "--no-progress", *tiny_overrides(image_folder, out, **extra)]
+    # bitwise equality needs the reference's thread count (conftest's) in the child processes too, also
+    # when the suite runs under OMP_NUM_THREADS=1
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     checkpoint = out / "checkpoints" / "last.pt"
     rng = random.Random(1234)
     kills = 0
     for target in (2, 5, 8):
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         _wait_for_step(checkpoint, proc, target)
         time.sleep(rng.uniform(0.0, 0.3))  # anywhere in the next step, saving included
         if proc.poll() is None:
@@ -181,7 +184,7 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(image_folder,
             kills += 1
         proc.wait()
     assert kills >= 2
-    final = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    final = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     assert final.returncode == 0, final.stderr[-2000:]
     a, b = load_training_checkpoint(reference.checkpoint), load_training_checkpoint(checkpoint)
     assert b["step"] == a["step"] == 12
