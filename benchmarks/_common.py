@@ -41,7 +41,8 @@ SHARED_MACHINE_NOTE = ("timings taken on a small CPU machine SHARED with other e
 
 def _git(*args: str) -> str:
     try:
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        # rstrip only: `status --porcelain` lines start with a status column that may be a space
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.rstrip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -74,7 +75,10 @@ def environment() -> dict:
     import torchvision
 
     # modified or untracked (not ignored) files of the library and the benchmarks: what the commit lacks
-    changed = _git("status", "--porcelain", "--", "swavkit", "benchmarks", "pyproject.toml")
+    # With BENCH_COMMIT (a copy of a committed tree on another machine) a .git found there is not this
+    # tree's history, so its status says nothing: unknown.
+    changed = ("unknown" if os.environ.get("BENCH_COMMIT") else
+               _git("status", "--porcelain", "--", "swavkit", "benchmarks", "pyproject.toml"))
     uncommitted = [line[3:] for line in changed.splitlines()] if changed != "unknown" else None
     return {
         # a machine that got a copy of the working tree without .git (a lent GPU) is told via BENCH_COMMIT

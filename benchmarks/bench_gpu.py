@@ -371,7 +371,7 @@ def part_e2e(args, verdicts: Verdicts) -> tuple[dict, str]:
         verdicts.info("end-to-end images/s, colour on the GPU / in the workers", round(gain, 3))
     table = (f"**End-to-end** - `swavkit pretrain --config configs/imagenet_resnet50.yaml` with batch {args.batch}, "
              f"{args.workers} workers, {args.e2e_epochs} epochs over {args.images} synthetic 448x336 JPEGs, one "
-             "process (no launcher, no NCCL), bf16 + channels_last from the config. Medians over the logging windows "
+             "process (no launcher, no NCCL), bf16 from the config, channels_last by default on a GPU. Medians over the logging windows "
              "after the first epoch (the first epoch's windows, after its first two, feed partly from batches the "
              "workers prefetched):\n\n" + markdown_table(
                  ["run", "images/s end to end", "data-wait fraction", "first epoch images/s", "wall s"], rows))

@@ -67,8 +67,9 @@ class ModelConfig:
                               "Collapse shows as loss at ln K", default=3000)
     sync_batchnorm: str = _help("none | node | global: BatchNorm statistics across GPUs (per node like the "
                                 "reference, or the whole job)", default="none")
-    channels_last: bool = _help("NHWC memory format for convolutional backbones (faster on GPUs with bf16)",
-                                default=False)
+    channels_last: str = _help("auto | true | false: NHWC memory format for convolutional backbones. auto: on a "
+                               "GPU (an H200 ran the resnet50 step 1.7x faster in bf16), off on a CPU (1.03x)",
+                               default="auto")
     compile: bool = _help("torch.compile the backbone with static shapes (opt-in; the first steps are slow while "
                           "it compiles one graph per crop resolution, and online k-NN monitoring compiles its own)",
                           default=False)
@@ -292,6 +293,7 @@ CHOICES = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "data.colour_on_device": ("auto", "true", "false"),
+    "model.channels_last": ("auto", "true", "false"),
 }
 
 

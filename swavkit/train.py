@@ -35,7 +35,8 @@ from swavkit.sinkhorn import sinkhorn
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every_steps", "train.checkpoint_every_minutes",
                      "train.checkpoint_every_steps", "train.device", "train.skip_nonfinite_steps",
                      "train.collapse_patience_steps", "data.num_workers", "data.pin_memory",
-                     "data.prefetch_factor", "data.colour_on_device", "monitor.", "out_dir")
+                     "data.prefetch_factor", "data.colour_on_device", "model.channels_last", "model.compile",
+                     "monitor.", "out_dir")
 
 
 class TrainingDiverged(FloatingPointError):
@@ -72,8 +73,9 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
-def resolve_colour_on_device(name: str, device: torch.device) -> bool:
-    """data.colour_on_device: auto = on a GPU, where the workers' colour ops were the bottleneck."""
+def resolve_auto_flag(name: str, device: torch.device) -> bool:
+    """auto | true | false -> bool, auto meaning "on a GPU": for data.colour_on_device (on a GPU the
+    workers' colour ops were the bottleneck) and model.channels_last (faster there, neutral on a CPU)."""
     return name == "true" or (name == "auto" and device.type == "cuda")
 
 
@@ -156,7 +158,7 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
     world, rank, is_main = distributed.world_size(), distributed.rank(), distributed.is_main_process()
     validate(cfg, world_size=world)
     precision = resolve_precision(cfg.train.precision, device)
-    colour_on_device = resolve_colour_on_device(cfg.data.colour_on_device, device)
+    colour_on_device = resolve_auto_flag(cfg.data.colour_on_device, device)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     say = print if is_main else (lambda *a, **k: None)
 
@@ -229,7 +231,7 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     m = cfg.model
     core = build_model(m.backbone, m.n_prototypes, m.hidden_dim, m.output_dim, m.backbone_kwargs).to(device)
-    memory_format = torch.channels_last if m.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if resolve_auto_flag(m.channels_last, device) else torch.contiguous_format
     core = core.to(memory_format=memory_format)
     core = distributed.convert_sync_batchnorm(core, m.sync_batchnorm, launch.local_world_size)
     if m.compile:
@@ -240,7 +242,8 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
     model = distributed.wrap_ddp(core, device)
     K = m.n_prototypes
     say(f"model: {m.backbone} ({core.backbone.num_features}-d features) -> head {m.hidden_dim or '-'} -> "
-        f"{m.output_dim}-d -> {K} prototypes; precision {precision} on {device}")
+        f"{m.output_dim}-d -> {K} prototypes; precision {precision} on {device}"
+        + (" (channels_last)" if memory_format == torch.channels_last else ""))
 
     # ================================================================================================
     # 5. optimiser, schedules, queue, prototype freezing

@@ -32,6 +32,7 @@ def test_yaml_then_overrides(tmp_path):
     ("swav.epsilon=-1", "swav.epsilon"),
     ("train.precision=fp8", "train.precision"),
     ("data.colour_on_device=gpu", "data.colour_on_device"),
+    ("model.channels_last=1", "model.channels_last"),
     ("swav.queue_length=1000", "swav.queue_length"),
     ("nonsense=1", "nonsense"),
 ])
@@ -40,20 +41,21 @@ def test_bad_values_name_the_key(override, key):
         load_config([], [override])
 
 
-def test_colour_on_device_auto_means_on_a_gpu(tmp_path):
-    """auto | true | false; YAML's bools (from an override or a saved run's config.yaml) are the words."""
+def test_gpu_levers_default_to_auto_meaning_on_a_gpu(tmp_path):
+    """data.colour_on_device and model.channels_last: auto | true | false; YAML's bools (from an override
+    or a saved run's config.yaml) are the words."""
     import torch
 
-    from swavkit.train import resolve_colour_on_device
+    from swavkit.train import resolve_auto_flag
 
-    assert Config().data.colour_on_device == "auto"
+    assert Config().data.colour_on_device == Config().model.channels_last == "auto"
     old_run = tmp_path / "config.yaml"
-    old_run.write_text("data:\n  colour_on_device: false\n")  # how runs before 'auto' saved it
-    assert load_config([old_run]).data.colour_on_device == "false"
-    assert load_config([], ["data.colour_on_device=true"]).data.colour_on_device == "true"
+    old_run.write_text("data:\n  colour_on_device: false\nmodel:\n  channels_last: true\n")  # as runs before 'auto'
+    cfg = load_config([old_run], ["data.colour_on_device=true"])
+    assert (cfg.data.colour_on_device, cfg.model.channels_last) == ("true", "true")
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)  # only compared, never used
-    assert [resolve_colour_on_device(v, cpu) for v in ("auto", "true", "false")] == [False, True, False]
-    assert [resolve_colour_on_device(v, gpu) for v in ("auto", "true", "false")] == [True, True, False]
+    assert [resolve_auto_flag(v, cpu) for v in ("auto", "true", "false")] == [False, True, False]
+    assert [resolve_auto_flag(v, gpu) for v in ("auto", "true", "false")] == [True, True, False]
 
 
 def test_batch_must_divide_by_world_size():
