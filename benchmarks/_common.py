@@ -252,6 +252,8 @@ def report(name: str, title: str, command: str, protocol: str, tables: str, verd
            payload: dict, write_readme: bool = True, machine: str | None = None) -> int:
     """Print the markdown, write results/<name>.json and the README block; return the exit code.
     ``machine``: a description that replaces the shared-CPU-machine sentence (e.g. a lent GPU machine)."""
+    if machine:  # the JSON says the same as the README line, not the shared-machine default
+        env = {**env, "note": machine}
     machine = machine or (f"{env['cpu_count']} CPUs ({env['cpu_model']}), "
                           f"torch threads {env['torch_threads']} (default {env['torch_threads_default']}), "
                           f"load average at start {env['load_average_at_start']}. **Machine shared with other "

@@ -49,6 +49,6 @@ if [ "$stage" = 1 ]; then
 elif [ "$stage" = 2 ]; then
     part step 120 --reps 4 --steps 5
     part data 110 --reps-data 2 --images 4096
-else  # one part again: gpu_session.sh PART LIMIT_S [bench_gpu.py options]
-    part "$@"
+else  # one part again: gpu_session.sh PART [LIMIT_S (150)] [bench_gpu.py options]
+    part "$1" "${2:-150}" "${@:3}"
 fi

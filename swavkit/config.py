@@ -174,7 +174,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, bool):  # YAML reads the words true/false as bools; a string key keeps the word
+        if isinstance(value, bool) and "true" in CHOICES.get(key, ()):
+            # an auto | true | false key: YAML read the word as a bool (other string keys still refuse
+            # bools, so out_dir=off cannot quietly become "false")
             return str(value).lower()
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)

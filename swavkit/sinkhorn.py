@@ -37,7 +37,7 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3, *,
         out: optional preallocated [B, K] ``dtype`` buffer that receives Q, so a training step allocates
             nothing of size B x K here (a fresh 4096 x 3000 tensor costs ~35 ms of page faults on a CPU).
         cuda_graph: opt-in; with CUDA scores and ``out`` in a one-process run, replay a captured CUDA
-            graph of the iterations (one launch instead of ~24; same codes). Measured on an H200: 3x the
+            graph of the iterations (one launch instead of ~25; same codes). Measured on an H200: 3x the
             eager call at B 1024, 1.4x at B 4096 (benchmarks/README.md). The trainer does not use it (see
             ``_CudaGraphs``).
 
@@ -53,15 +53,15 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3, *,
     # All-reduces only when other ranks exist: a one-process run has nothing to wait for.
     across_ranks = distributed_sums and distributed.world_size() > 1
     if cuda_graph and scores.is_cuda and out is not None and not across_ranks:
-        Q = _GRAPHS.run(scores.detach(), epsilon, n_iters, dtype, out)
+        Q, check = _GRAPHS.run(scores.detach(), epsilon, n_iters, dtype, out)
     else:
-        Q = _scaled_codes(scores.detach().to(dtype), epsilon, n_iters, across_ranks, out)
-    # Beyond about 87 nats of spread (fp32), e.g. epsilon 0.01 with outlying samples, the scalings
-    # themselves leave the float range; the log-domain version then gives the same answer slowly.
-    # Rows sum to 1, so the total is ~B unless some entry is NaN/inf: one number to check, not B x K.
+        Q, check = _scaled_codes(scores.detach().to(dtype), epsilon, n_iters, across_ranks, out)
+    # Beyond roughly 85 nats of spread (fp32), e.g. epsilon 0.01 with outlying samples or prototypes, the
+    # scalings themselves leave the float range; the log-domain version then gives the right answer
+    # slowly. ``check`` is one number, non-finite exactly then (see _scaled_codes): one sync, not B x K.
     # Across ranks the decision must be the same everywhere: the fallback runs all-reduces of its own, and
     # ranks that took different branches would wait for each other forever.
-    if _any_rank(~torch.isfinite(Q.sum()), across_ranks):
+    if _any_rank(~torch.isfinite(check), across_ranks):
         if _any_rank(~torch.isfinite(scores).all(), across_ranks):
             raise NonFiniteCodesError(
                 "Sinkhorn got non-finite prototype scores (NaN/inf). Likely causes: a learning rate that is too "
@@ -83,9 +83,10 @@ def _any_rank(flag: torch.Tensor, across_ranks: bool) -> bool:
 
 
 def _scaled_codes(S: torch.Tensor, epsilon: float, n_iters: int, across_ranks: bool,
-                  out: torch.Tensor | None) -> torch.Tensor:
-    """The scaling iterations on S [B, K] -> Q [B, K] (in ``out`` when given). No host sync and no
-    host-to-device copy unless ``across_ranks``, so a CUDA graph can capture it."""
+                  out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scaling iterations on S [B, K] -> (Q [B, K] (in ``out`` when given), check: a 0-d tensor that
+    is finite exactly when Q can be trusted). No host sync and no host-to-device copy unless
+    ``across_ranks``, so a CUDA graph can capture it."""
     B, K = S.shape
     # Overflow: exp(scores / epsilon) is e^20 at cosine 1 and epsilon 0.05 (fp16 max is 65504), and far
     # more for unnormalised scores. We factor Q0 = exp((S - m) / epsilon) with m the global max as
@@ -102,16 +103,19 @@ def _scaled_codes(S: torch.Tensor, epsilon: float, n_iters: int, across_ranks: b
     v = (sample_max.squeeze(1) - global_max).mul_(1.0 / epsilon).exp_()  # [B] per-sample scaling
 
     # The iterations below carry the scalings pre-multiplied by the constants of the constraints, so that
-    # each step is one matrix-vector product and one division (fewer kernels: on a GPU their launches,
+    # each half-step is a matrix-vector product and a division (fewer kernels: on a GPU their launches,
     # not the arithmetic, are the cost). With u, v the textbook scalings (Q = Diag(v) P Diag(u) up to the
-    # final factor B) they are w = K v and x = B u; a constant factor on the start vector cancels in the
-    # first prototype step, so w starts as v0.
+    # final factor B) they are w = K v and x = B u. The loop starts from w = v0 instead of K v0, so the
+    # first prototype step divides B / K instead of B (no extra kernel for the factor K, and x stays
+    # B u from the start, where overflow is judged).
     if across_ranks:
         B_global = torch.tensor([float(B)], dtype=S.dtype, device=P.device)
         distributed.all_reduce_sum(B_global)
+        first_numerator = B_global / K
     else:
         # a 0-d CPU tensor is a scalar to ops on any device (torch.div needs a tensor numerator)
         B_global = torch.tensor(float(B), dtype=S.dtype)
+        first_numerator = torch.tensor(float(B) / K, dtype=S.dtype)
     K_scalar = torch.tensor(float(K), dtype=S.dtype)
 
     w = v
@@ -120,22 +124,27 @@ def _scaled_codes(S: torch.Tensor, epsilon: float, n_iters: int, across_ranks: b
         row_sums = torch.mv(P.t(), w)  # [K]
         if across_ranks:
             distributed.all_reduce_sum(row_sums)
-        # A prototype whose every exponent underflowed has a zero sum: it gets no mass instead of
-        # inf * 0 = NaN. (A NaN sum, from NaN scores, also becomes 0; the NaN still reaches the codes
-        # through P, where the caller's finiteness check catches it.)
-        x = torch.div(B_global, row_sums).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # [K]
+        # A sum so small that x_k overflows (every exponent of that prototype underflowed, or nearly)
+        # gives x_k = 0 instead of inf, and inf * 0 = NaN in the codes; a NaN sum (NaN scores) also
+        # gives 0. Either way the prototype would get no mass, which the exact solution never does:
+        # ``check`` below sends such a result to the log-domain fallback.
+        x = torch.div(first_numerator if i == 0 else B_global, row_sums)
+        x = x.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # [K]
         # sample step: w_b = K / (P x)_b makes every sample's codes sum to 1 (after the final step)
         col_sums = torch.mv(P, x)  # [B]
         if i + 1 < n_iters:
             w = torch.div(K_scalar, col_sums)
     # Q = Diag(1 / (P x)) P Diag(x): rows sum to exactly 1, as the reference's final "Q *= B".
-    return P.mul_(x).div_(col_sums.unsqueeze(1))
+    Q = P.mul_(x).div_(col_sums.unsqueeze(1))
+    # Rows sum to 1, so Q.sum() is ~B unless some entry is NaN/inf; dividing by the smallest prototype
+    # scaling makes it inf too when a prototype got no mass (x_k = 0).
+    return Q, Q.sum() / x.amin()
 
 
 class _CudaGraphs:
     """Captured CUDA graphs of ``_scaled_codes``, one per (shape, dtypes, epsilon, iterations, ``out``).
 
-    On a GPU one call is ~24 small kernels (~40 before 2026-11-27), so its cost is the host launching them, not the GPU (measured
+    On a GPU one call is ~25 small kernels (~40 before 2026-11-27), so its cost is the host launching them, not the GPU (measured
     on an H100: ~750 us per call at B 1024 or 4096, K 3000, where the arithmetic takes a fraction of that).
     A replay launches them all at once. A caller that passes the same ``out`` buffer every step needs a
     handful of graphs; the oldest is dropped beyond ``capacity``.
@@ -148,10 +157,11 @@ class _CudaGraphs:
 
     def __init__(self, capacity: int = 4):
         self.capacity = capacity
-        self.entries: dict[tuple, tuple[torch.Tensor, torch.cuda.CUDAGraph]] = {}
+        # key -> (static scores, graph, static check); the graph writes Q into the caller's ``out``
+        self.entries: dict[tuple, tuple[torch.Tensor, torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def run(self, scores: torch.Tensor, epsilon: float, n_iters: int, dtype: torch.dtype,
-            out: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (tuple(scores.shape), scores.dtype, dtype, float(epsilon), int(n_iters), scores.device,
                out.data_ptr(), tuple(out.shape), out.dtype)
         entry = self.entries.get(key)
@@ -159,10 +169,10 @@ class _CudaGraphs:
             entry = self.entries[key] = self._capture(scores, epsilon, n_iters, dtype, out)
             while len(self.entries) > self.capacity:
                 self.entries.pop(next(iter(self.entries)))
-        static_scores, graph = entry
+        static_scores, graph, check = entry
         static_scores.copy_(scores)
         graph.replay()
-        return out
+        return out, check
 
     @staticmethod
     def _capture(scores, epsilon, n_iters, dtype, out):
@@ -178,8 +188,8 @@ class _CudaGraphs:
             # thread_local: other threads' CUDA calls (the DataLoader's pinned allocations) must not
             # invalidate this capture
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                _scaled_codes(static_scores.to(dtype), epsilon, n_iters, False, out)
-        return static_scores, graph
+                _, check = _scaled_codes(static_scores.to(dtype), epsilon, n_iters, False, out)
+        return static_scores, graph, check
 
 
 _GRAPHS = _CudaGraphs()

@@ -33,6 +33,7 @@ def test_yaml_then_overrides(tmp_path):
     ("train.precision=fp8", "train.precision"),
     ("data.colour_on_device=gpu", "data.colour_on_device"),
     ("model.channels_last=1", "model.channels_last"),
+    ("out_dir=off", "out_dir"),  # YAML's bool, not a folder named "false"
     ("swav.queue_length=1000", "swav.queue_length"),
     ("nonsense=1", "nonsense"),
 ])

@@ -57,7 +57,11 @@ def _sinkhorn_one_rank_falls_back_worker(rank, world, port, scores, out_dir):
 
     scaled = module._scaled_codes
     if rank == 1:  # this rank's scalings "overflow": it needs the log-domain fallback, rank 0 does not
-        module._scaled_codes = lambda *args, **kwargs: scaled(*args, **kwargs).fill_(float("nan"))
+        def overflowing(*args, **kwargs):
+            codes, check = scaled(*args, **kwargs)
+            return codes.fill_(float("nan")), check.fill_(float("nan"))
+
+        module._scaled_codes = overflowing
     half = scores.shape[0] // world
     codes = module.sinkhorn(scores[rank * half:(rank + 1) * half], 0.05, 3)
     torch.save(codes, os.path.join(out_dir, f"codes{rank}.pt"))

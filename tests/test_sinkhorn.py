@@ -56,6 +56,27 @@ def test_stable_far_outside_unit_range(scale, epsilon):
     torch.testing.assert_close(Q.sum(dim=1), torch.ones(64), rtol=0, atol=1e-4)
 
 
+def test_cold_prototype_at_small_epsilon_keeps_its_mass():
+    """A prototype far from every sample: its scaling is large but finite in float32, and the exact
+    solution still gives it 1/K of the mass. (A version that carried an extra factor K in the scaling
+    overflowed it to inf -> 0 here and returned finite but wrong codes.)"""
+    scores = cosine_scores(256, 30, seed=5) * 0.1
+    scores[:, 0] -= 0.85
+    torch.testing.assert_close(sinkhorn(scores, 0.01, 3).double(), reference_sinkhorn(scores, 0.01, 3),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_prototype_beyond_float_range_falls_back_instead_of_losing_its_mass():
+    """Past float32's range the scaling of a cold prototype overflows; rather than giving that prototype
+    no mass (finite, wrong codes), the call takes the log-domain route and matches the reference."""
+    scores = cosine_scores(128, 20, seed=6) * 0.1
+    scores[:, 0] -= 1.5  # 150+ nats below the rest at epsilon 0.01
+    Q = sinkhorn(scores, 0.01, 3)
+    ref = reference_sinkhorn(scores, 0.01, 3)
+    assert ref[:, 0].sum() > 0.5  # the reference (float64) does give it mass
+    torch.testing.assert_close(Q.double(), ref, rtol=1e-4, atol=1e-6)
+
+
 def test_half_precision_scores_and_fp64_option():
     scores = cosine_scores(32, 40, seed=4)
     q16 = sinkhorn(scores.half(), 0.05, 3)
