@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from _common import (PYTHON, REPO_ROOT, RESULTS_DIR, Verdicts, environment, fmt_spread, interleaved,  # noqa: E402
+from _common import (PYTHON, REPO_ROOT, Verdicts, environment, fmt_spread, interleaved,  # noqa: E402
                      markdown_table, ratio_stats, report, stats, synthetic_jpegs)
 from _steps import BareBackboneStep, SwavkitStep, make_crops  # noqa: E402
 

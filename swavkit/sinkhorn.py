@@ -144,8 +144,8 @@ def _scaled_codes(S: torch.Tensor, epsilon: float, n_iters: int, across_ranks: b
 class _CudaGraphs:
     """Captured CUDA graphs of ``_scaled_codes``, one per (shape, dtypes, epsilon, iterations, ``out``).
 
-    On a GPU one call is ~25 small kernels (~40 before 2026-11-27), so its cost is the host launching them, not the GPU (measured
-    on an H100: ~750 us per call at B 1024 or 4096, K 3000, where the arithmetic takes a fraction of that).
+    On a GPU one call is ~25 small kernels, so its cost is the host launching them, not the GPU: an H200
+    took ~410 us per eager call at both B 1024 and 4096 (K 3000), where the arithmetic takes a fraction.
     A replay launches them all at once. A caller that passes the same ``out`` buffer every step needs a
     handful of graphs; the oldest is dropped beyond ``capacity``.
 
