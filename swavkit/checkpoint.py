@@ -7,7 +7,10 @@ own ``save_for_hf``, so ``timm.create_model("local-dir:" + path, pretrained=True
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
+import json
 import os
 import pickle
 import shutil
@@ -17,24 +20,13 @@ from pathlib import Path
 
 import torch
 
+from swavkit.fileio import atomic_writer, fsync_dir, write_json_atomic
+
 CHECKPOINT_FORMAT = "swavkit-train-v1"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file and what to do."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def state_digest(obj, digest=None) -> str:
@@ -67,18 +59,8 @@ def save_atomic(state: dict, path: str | Path) -> Path:
     A ``sha256`` entry (see :func:`state_digest`) lets loading detect tampering or bit rot."""
     path = Path(path)
     state = {**state, "sha256": state_digest(state)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as handle:
+        torch.save(state, handle)
     return path
 
 
@@ -118,31 +100,93 @@ def backbone_state(model_state: dict) -> dict:
     return {k[len("backbone."):]: v for k, v in model_state.items() if k.startswith("backbone.")}
 
 
+# What an export folder holds. A folder with anything else in it was not written by swavkit alone, so
+# export refuses to replace it.
+EXPORT_FILES = ("config.json", "model.safetensors")
+EXPORT_TAG = "swavkit"
+# pretrained_cfg entries that describe our weights and how to feed them. timm's registry entry for the
+# architecture also carries test_input_size, licence, origin URL, paper ids ...: claims about *timm's*
+# weights, not ours, so they are dropped from the export.
+_EXPORT_CFG_KEYS = ("tag", "custom_load", "input_size", "fixed_input_size", "interpolation", "crop_pct",
+                    "crop_mode", "mean", "std", "num_classes", "pool_size", "first_conv", "classifier")
+
+
+def is_swavkit_export(path: str | Path) -> bool:
+    """True for a folder that holds exactly what :func:`export_backbone` writes, tagged as ours."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        return False
+    names = {entry.name for entry in path.iterdir()}
+    if not names or not names <= set(EXPORT_FILES) or "config.json" not in names:
+        return False
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and (config.get("pretrained_cfg") or {}).get("tag") == EXPORT_TAG
+
+
+def check_export_target(out_dir: str | Path) -> Path:
+    """Refuse (CheckpointError, one line) an ``out_dir`` that exists and is neither empty nor an export."""
+    out_dir = Path(out_dir)
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise CheckpointError(f"export target {out_dir} exists and is not a folder; choose a new folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_swavkit_export(out_dir):
+        shown = ", ".join(sorted(entry.name for entry in out_dir.iterdir())[:5])
+        raise CheckpointError(f"export target {out_dir} holds files swavkit did not write ({shown}); it only "
+                              "replaces its own exports (config.json + model.safetensors): choose a new or "
+                              "empty folder")
+    return out_dir
+
+
+def _exchange_folders(a: Path, b: Path) -> bool:
+    """Swap two folders in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return False
+    try:
+        renameat2 = ctypes.CDLL(libc_name, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def export_backbone(backbone: torch.nn.Module, out_dir: str | Path, *, image_size_px: int,
                     mean, std, extra: dict | None = None) -> Path:
     """Write ``out_dir/config.json`` + ``out_dir/model.safetensors`` for timm's ``local-dir:`` loader.
 
-    Written to a temporary sibling folder and renamed, so an existing export is replaced only by a
-    complete one.
+    ``out_dir`` must be new, empty, or an earlier swavkit export (:func:`check_export_target`); the files
+    are written to a temporary sibling and fsynced, then swapped in atomically, so ``out_dir`` always
+    holds one complete export.
     """
     from timm.models import save_for_hf
 
-    out_dir = Path(out_dir)
+    out_dir = check_export_target(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        pretrained_cfg = {"tag": "swavkit", "input_size": [3, image_size_px, image_size_px],
+        pretrained_cfg = {"tag": EXPORT_TAG, "input_size": [3, image_size_px, image_size_px],
                           "mean": list(mean), "std": list(std), "num_classes": 0}
         pretrained_cfg.update(extra or {})
         save_for_hf(backbone, tmp, model_config={"pretrained_cfg": pretrained_cfg}, safe_serialization=True)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
+        config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
+        config["pretrained_cfg"] = {k: v for k, v in config["pretrained_cfg"].items() if k in _EXPORT_CFG_KEYS}
+        write_json_atomic(tmp / "config.json", config)
+        with open(tmp / "model.safetensors", "rb+") as handle:
+            os.fsync(handle.fileno())
+        fsync_dir(tmp)
+        if out_dir.is_dir() and _exchange_folders(tmp, out_dir):
+            pass  # tmp now holds the previous export, removed below
+        elif out_dir.is_dir():
+            # No atomic exchange here: a short moment without out_dir, never a partial one.
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            os.replace(out_dir, old / "previous")
             os.replace(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
+        fsync_dir(out_dir.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

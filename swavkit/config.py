@@ -282,8 +282,16 @@ def load_config(config_files: list[str | Path] = (), overrides: list[str] = ()) 
     return cfg
 
 
+def dump_yaml(cfg: Config) -> str:
+    """The resolved config as YAML text (what a run saves as ``config.yaml``)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_yaml(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """The resolved config, written atomically (a kill never leaves half a file)."""
+    from swavkit.fileio import write_text_atomic
+
+    write_text_atomic(path, dump_yaml(cfg))
 
 
 # ----------------------------------------------------------------------------------------------------

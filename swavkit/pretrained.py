@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 import timm
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from swavkit.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, backbone_state, export_backbone,
-                                load_state)
+from swavkit.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, backbone_state, check_export_target,
+                                export_backbone, load_state)
 from swavkit.config import from_dict
 from swavkit.model import SwAVModel, build_model, create_backbone
 
@@ -182,6 +182,7 @@ def load_swav_model(source: str | Path, *, architecture: str = "resnet50") -> tu
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """``swavkit export``: training checkpoint -> timm-loadable ``out_dir`` (config.json + model.safetensors)."""
+    check_export_target(out_dir)  # before any loading: a refused target should fail fast
     state = load_state(checkpoint)
     if not (isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT):
         backbone = load_backbone(checkpoint)
@@ -197,16 +198,28 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
 def export_torchvision(source: str | Path, out_file: str | Path) -> Path:
     """Backbone weights in torchvision's ResNet key layout (``conv1``, ``layer1.0.downsample.0`` ...).
 
-    timm's ResNets already use torchvision's names; the file has no ``fc.*``, so load it with
-    ``model.fc = torch.nn.Identity(); model.load_state_dict(load_file(path))`` (strict).
+    timm's plain ResNets already use torchvision's names; the file has no ``fc.*``, so load it with
+    ``model.fc = torch.nn.Identity(); model.load_state_dict(load_file(path))`` (strict). The weights are
+    first loaded strictly into torchvision's model of the same name, so a backbone torchvision cannot
+    represent (resnet10t's deep stem, a ViT ...) is refused instead of written as an unloadable file.
     """
+    import torchvision
+
+    from swavkit.fileio import atomic_writer
+
     net = load_backbone(source)
-    if not hasattr(net, "layer4") or not hasattr(net, "conv1"):
-        raise LoadError(f"{source}: torchvision layout export is for ResNets; this backbone is {type(net).__name__}")
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out_file))
-    return out_file
+    architecture = getattr(net, "default_cfg", {}).get("architecture") or type(net).__name__.lower()
+    builder = getattr(torchvision.models, architecture, None)
+    if builder is None or not architecture.startswith(("resnet", "resnext", "wide_resnet")):
+        raise LoadError(f"{source}: torchvision has no '{architecture}' ResNet, so its weights cannot be written "
+                        "in torchvision's layout; use the timm export (timm.create_model('local-dir:...'))")
+    target = builder(weights=None)
+    target.fc = torch.nn.Identity()
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    load_strict(target, state, f"{source} as torchvision {architecture}")
+    with atomic_writer(out_file) as handle:
+        handle.write(save(state))
+    return Path(out_file)
 
 
 __all__ = ["LoadError", "CheckpointError", "load_backbone", "load_swav_model", "load_strict",

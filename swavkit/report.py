@@ -8,16 +8,15 @@ every hyperparameter, the data sizes, the image preprocessing, the code version 
 from __future__ import annotations
 
 import datetime
-import json
-import os
 import platform
 import re
 import subprocess
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
 import torch
+
+from swavkit.fileio import write_json_atomic
 
 RESULT_SCHEMA = "swavkit-eval-v1"
 DEFAULT_RESULTS_DIR = "results"
@@ -122,19 +121,8 @@ def default_result_path(evaluation: str, backbone_source: str, started_at: datet
 
 
 def write_result(result: dict, path: str | Path) -> Path:
-    """Write the record as indented JSON, atomically (a crash never leaves half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(result, handle, indent=2, sort_keys=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write the record as indented JSON, atomically and durably (see :mod:`swavkit.fileio`)."""
+    return write_json_atomic(path, result)
 
 
 def format_table(rows: list[tuple[str, object]]) -> str:
