@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import re
+import os
 import shutil
 import subprocess
 import sys
@@ -151,6 +152,8 @@ def test_user_errors_print_one_line_and_exit_2(explored, tmp_path, capsys):
 def test_page_renders_in_headless_chromium(explored, tmp_path):
     chromium = shutil.which("chromium")
     if chromium is None:
+        if os.environ.get("SWAVKIT_REQUIRE_BROWSER") == "1":
+            pytest.fail("SWAVKIT_REQUIRE_BROWSER=1 but no chromium on PATH")
         pytest.skip("Chromium not installed: apt-get install chromium")
     page = explored["out"] / "index.html"
     run = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
