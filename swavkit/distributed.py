@@ -7,10 +7,14 @@ one CPU or GPU needs no launcher. Under ``torchrun`` (RANK/WORLD_SIZE/LOCAL_RANK
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import subprocess
+import sys
+import threading
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -79,6 +83,73 @@ def init(device_type: str, timeout_minutes: float = 30.0) -> ProcessInfo:
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes),
                             device_id=torch.device("cuda", info.local_rank) if device_type == "cuda" else None)
     return info
+
+
+# The key a failing process writes into the job's rendezvous store: "<exit code>|<one-line message>".
+FAILURE_KEY = "swavkit/failure"
+
+
+def _store():
+    """The c10d store every process of the job already shares (the rendezvous); None if unavailable."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+
+
+def publish_failure(exit_code: int, message: str) -> None:
+    """Tell every other process that this one is ending (best effort: the store may be gone)."""
+    store = _store() if is_initialized() else None
+    if store is None:
+        return
+    one_line = " ".join(message.split())[:500]
+    try:
+        if not store.check([FAILURE_KEY]):  # the first failure is the one worth reporting
+            store.set(FAILURE_KEY, f"{exit_code}|rank {rank()}: {one_line}")
+    except (RuntimeError, OSError):
+        pass
+
+
+def _watch_for_failures(store, stop: threading.Event, poll_s: float) -> None:
+    while not stop.wait(poll_s):
+        try:
+            if not store.check([FAILURE_KEY]):
+                continue
+            code, _, message = store.get(FAILURE_KEY).decode("utf-8", "replace").partition("|")
+        except (RuntimeError, OSError):
+            return  # the store is gone (its host process ended): the collectives will fail by themselves
+        if message.startswith(f"rank {rank()}:"):
+            return  # our own report: this process is already on its way out
+        print(f"swavkit: ending rank {rank()} because {message}", file=sys.stderr, flush=True)
+        os._exit(int(code) if code.isdigit() else 1)
+
+
+@contextlib.contextmanager
+def fail_together(exit_code_of=lambda err: 1, poll_s: float = 0.5) -> Iterator[None]:
+    """Make any process's failure end the whole job within about a second, with its message.
+
+    Without this, an exception on one rank (a full disk on rank 0, a crashed data worker) leaves the
+    others waiting in their next collective until the process-group timeout (30 minutes), and a plain
+    ``srun`` never tears them down. On an exception this process writes ``FAILURE_KEY`` into the
+    rendezvous store and re-raises; a watcher thread in every other process polls that key and exits
+    the process with the same exit code. ``exit_code_of(err)`` maps the exception to that code.
+    A no-op in a single process.
+    """
+    store = _store() if is_initialized() else None
+    if store is None:
+        yield
+        return
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_for_failures, args=(store, stop, poll_s), daemon=True,
+                               name="swavkit-fail-together")
+    watcher.start()
+    try:
+        yield
+    except BaseException as err:
+        publish_failure(exit_code_of(err), str(err) or type(err).__name__)
+        raise
+    finally:
+        stop.set()
 
 
 def shutdown() -> None:
