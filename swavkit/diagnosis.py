@@ -63,6 +63,15 @@ class CollapseMonitor:
                 f"{self.since_step}, so every image gets the same uniform code and nothing is learned. "
                 f"Try, in this order: {levers}.")
 
+    def final_verdict(self, final_loss: float) -> str | None:
+        """For a run's last lines: a warning when it ended on the plateau, however short the run was."""
+        if not self.is_near_ln_k(final_loss):
+            return None
+        levers = "; ".join(f"({i}) {lever}" for i, lever in enumerate(LEVERS, 1))
+        return (f"the run ended at the collapse plateau: final loss {final_loss:.4f} is within "
+                f"{self.relative_margin:.0%} of ln K = {self.ln_k:.4f}, so the codes were uniform and the backbone "
+                f"has probably learned nothing. Try, in this order: {levers}.")
+
     def state_dict(self) -> dict:
         return {"since_step": -1 if self.since_step is None else self.since_step, "warned": self.warned}
 
