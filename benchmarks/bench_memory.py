@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -75,7 +76,7 @@ def _children_rss_mib() -> float:
 
 
 def child_leak(epochs: int, out_dir: str) -> dict:
-    import swavkit.train as train_module
+    train_module = importlib.import_module("swavkit.train")  # the module: swavkit.train is the function
     from swavkit.config import load_config
 
     records = []

@@ -1,45 +1,59 @@
 """swavkit: SwAV self-supervised online clustering for any timm backbone.
 
 The small public API; everything else lives in its own module (see the README).
+
+Names are imported on first use (PEP 562), so ``import swavkit`` and ``swavkit --help`` do not pay for
+torch and timm. Each name is the real object from its module (real signature, no wrapper):
+``swavkit.train is swavkit.train.train`` at the function level.
 """
 
-from swavkit.config import Config, ConfigError, load_config
-from swavkit.model import SwAVModel, build_model, create_backbone
-from swavkit.pretrained import LoadError, export_checkpoint, load_backbone, load_swav_model
-from swavkit.sinkhorn import sinkhorn
-from swavkit.loss import swapped_prediction_loss
+from __future__ import annotations
 
-
-def extract_features(*args, **kwargs):
-    """Frozen-backbone features and labels of a labelled folder (see :func:`swavkit.features.extract_features`)."""
-    from swavkit.features import extract_features as _extract
-
-    return _extract(*args, **kwargs)
-
-
-def evaluate_knn(*args, **kwargs):
-    """k-NN benchmark of a backbone source on train/val folders (see :func:`swavkit.knn.evaluate_knn`)."""
-    from swavkit.knn import evaluate_knn as _evaluate
-
-    return _evaluate(*args, **kwargs)
-
-
-def evaluate_linear(*args, **kwargs):
-    """Linear-probe benchmark (see :func:`swavkit.linear_probe.evaluate_linear`)."""
-    from swavkit.linear_probe import evaluate_linear as _evaluate
-
-    return _evaluate(*args, **kwargs)
-
-
-def train(cfg, **kwargs):
-    """Pretrain with SwAV (see :func:`swavkit.train.train`)."""
-    from swavkit.train import train as _train
-
-    return _train(cfg, **kwargs)
-
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
-__all__ = ["Config", "ConfigError", "load_config", "SwAVModel", "build_model", "create_backbone", "LoadError",
-           "export_checkpoint", "load_backbone", "load_swav_model", "sinkhorn", "swapped_prediction_loss", "train",
-           "extract_features", "evaluate_knn", "evaluate_linear",
-           "__version__"]
+
+# public name -> the module that defines it (a plain table, no registry)
+_PUBLIC = {
+    "Config": "swavkit.config", "ConfigError": "swavkit.config", "load_config": "swavkit.config",
+    "SwAVModel": "swavkit.model", "build_model": "swavkit.model", "create_backbone": "swavkit.model",
+    "LoadError": "swavkit.pretrained", "export_checkpoint": "swavkit.pretrained",
+    "load_backbone": "swavkit.pretrained", "load_swav_model": "swavkit.pretrained",
+    "load_initial_backbone_state": "swavkit.pretrained",
+    "sinkhorn": "swavkit.sinkhorn", "swapped_prediction_loss": "swavkit.loss",
+    "train": "swavkit.train", "TrainResult": "swavkit.train", "pretrain": "swavkit.api",
+    "extract_features": "swavkit.features", "evaluate_knn": "swavkit.knn", "evaluate_linear": "swavkit.linear_probe",
+}
+
+# Functions named like the submodule that defines them. Importing a submodule makes Python set the
+# package attribute of that name to the module, which would hide the function: ``swavkit.train(cfg)``
+# then failed on its second call ("'module' object is not callable").
+_SHADOWED = {name for name, module in _PUBLIC.items() if module == f"{__name__}.{name}"}
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value) -> None:
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            value = getattr(value, name)  # keep the function; the module stays in sys.modules
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def __getattr__(name: str):
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))
+
+
+__all__ = [*_PUBLIC, "__version__"]

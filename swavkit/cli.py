@@ -1,6 +1,7 @@
 """Command line: ``swavkit pretrain | export | knn | linear | cluster``. Thin: parse, call the library.
 
 User mistakes (bad config key, missing folder, corrupt checkpoint ...) print one line and exit with 2.
+Nothing heavy is imported here: torch and timm load inside the commands, so ``--help`` is instant.
 """
 
 from __future__ import annotations
@@ -8,48 +9,73 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from importlib import resources
 from pathlib import Path
 
-from swavkit.checkpoint import CheckpointError
-from swavkit.config import ConfigError
-from swavkit.data import DataError
-from swavkit.distributed import LaunchError
-from swavkit.pretrained import LoadError
-from swavkit.train import DataLoaderCrashed, TrainingDiverged
+from swavkit.config import default_num_workers  # stdlib + yaml only
 
-# Exceptions whose message is meant for the user as is: printed as one line, exit code 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, LoadError, CheckpointError, LaunchError,
-                                                 FileNotFoundError, NotADirectoryError, TrainingDiverged,
-                                                 DataLoaderCrashed)
+# Exceptions whose message is meant for the user as is: printed as one line, exit code 2. Named by module,
+# not imported: an error can only be an instance of a class whose module the command has loaded.
+USER_ERROR_NAMES = (("swavkit.config", "ConfigError"), ("swavkit.data", "DataError"),
+                    ("swavkit.pretrained", "LoadError"), ("swavkit.checkpoint", "CheckpointError"),
+                    ("swavkit.distributed", "LaunchError"), ("swavkit.train", "TrainingDiverged"),
+                    ("swavkit.train", "DataLoaderCrashed"))
+
+
+def is_user_error(err: BaseException) -> bool:
+    if isinstance(err, (FileNotFoundError, NotADirectoryError)):
+        return True
+    for module_name, class_name in USER_ERROR_NAMES:
+        cls = getattr(sys.modules.get(module_name), class_name, None)
+        if cls is not None and isinstance(err, cls):
+            return True
+    return False
 
 
 def quickstart_config_path() -> Path:
-    return Path(str(resources.files("swavkit") / "presets" / "quickstart.yaml"))
+    from swavkit.api import quickstart_config_path as path
+
+    return path()
+
+
+def _non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _add_workers(p, default: int | None, what: str) -> None:
+    """``--workers`` (alias ``--num-workers``), the same flag in every sub-command."""
+    p.add_argument("--workers", "--num-workers", dest="workers", type=_non_negative_int, default=default,
+                   metavar="N", help=f"DataLoader decoding processes; 0 decodes in this process ({what})")
+
+
+WORKERS_DEFAULT_HELP = "default min(4, usable CPU cores - 1)"
+SOURCE_HELP = ("a run folder (out_dir), an exported backbone folder, a checkpoint .pt, or a released SwAV/VISSL "
+               "checkpoint")
 
 
 # ----------------------------------------------------------------------------------------------------
 # pretrain
 
 def _cmd_pretrain(args) -> int:
-    from swavkit.config import describe, load_config
-    from swavkit.train import train
-
     if args.help_config:
+        from swavkit.config import describe
+
         print("\n".join(describe()))
         return 0
-    files = list(args.config or [])
-    overrides = list(args.overrides)
-    if not files and not any(o.split("=", 1)[0].strip() == "data.path" for o in overrides):
-        files = [quickstart_config_path()]
-        print("swavkit: no --config and no data.path given: the quickstart recipe on the bundled Fashion-MNIST "
-              f"sample ({files[0]})")
-    if args.auto:
-        cfg = _auto_config(files, overrides)
-    else:
-        cfg = load_config(files, overrides)
     from swavkit import distributed
+    from swavkit.api import build_config
+    from swavkit.train import train
 
+    # --workers first, so an explicit data.num_workers=N (applied later) wins
+    workers = [f"data.num_workers={args.workers}"] if args.workers is not None else []
+    cfg = build_config(args.config or [], workers + list(args.overrides), auto=args.auto)
     try:
         result = train(cfg, restart=args.restart, progress=not args.no_progress)
     finally:
@@ -58,50 +84,36 @@ def _cmd_pretrain(args) -> int:
 
 
 def _auto_config(files, overrides):
-    """--auto: derive what the user did not set from the data and the hardware, and say why."""
-    import torch
+    """--auto on YAML files + key=value overrides (see :func:`swavkit.api.auto_config`)."""
+    from swavkit.api import auto_config
+    from swavkit.config import merge_sources
 
-    from swavkit import presets
-    from swavkit.config import from_dict, merge_sources, validate
-    from swavkit.data import BUNDLED_SAMPLE, find_images
-    from swavkit.distributed import detect_launch, is_main_process
-
-    tree = merge_sources(files, overrides)
-    chosen = presets.explicit_keys(tree)
-    data_root = tree.get("data", {}).get("path") or str(BUNDLED_SAMPLE / "train")
-    paths = find_images(data_root)
-    launch = detect_launch()
-    world = launch.world_size
-    suggestions = presets.derive(len(paths), presets.typical_side_px(paths), world,
-                                 local_world_size=launch.local_world_size,
-                                 global_batch=tree["train"]["batch_size"] if "train.batch_size" in chosen else None,
-                                 on_gpu=torch.cuda.is_available(),
-                                 epochs=tree["train"]["epochs"] if "train.epochs" in chosen else None)
-    applied = presets.apply(tree, suggestions, chosen)
-    cfg = from_dict(tree)
-    validate(cfg, world_size=world)
-    if is_main_process():
-        print(f"swavkit: --auto derived from {len(paths)} images in {data_root} and {world} process(es) "
-              f"(keys you set are kept):\n{presets.describe(applied)}")
-    return cfg
+    return auto_config(merge_sources(files, overrides))
 
 
 def _add_pretrain(subparsers) -> None:
     p = subparsers.add_parser(
         "pretrain", help="SwAV pretraining on a folder of unlabeled images",
         description="Pretrain a timm backbone with SwAV. Without --config or data.path it trains on the bundled "
-                    "Fashion-MNIST sample. Re-running with the same out_dir resumes from out_dir/checkpoints/last.pt.",
-        epilog="examples:\n  swavkit pretrain\n  swavkit pretrain --config configs/cifar10.yaml data.path=/data/imgs "
-               "out_dir=runs/a\n  torchrun --nproc_per_node=8 -m swavkit pretrain --config configs/imagenet_resnet50.yaml",
+                    "Fashion-MNIST sample. Re-running with the same out_dir resumes from out_dir/checkpoints/last.pt. "
+                    "Options and key=value overrides may come in any order; overrides apply after every --config.",
+        epilog="examples:\n"
+               "  swavkit pretrain\n"
+               "  swavkit pretrain --config configs/cifar10_resnet18.yaml data.path=/data/imgs out_dir=runs/a\n"
+               "  swavkit pretrain data.path=/data/imgs --auto model.backbone=resnet18 --workers 8\n"
+               "  torchrun --nproc_per_node=8 -m swavkit pretrain --config configs/imagenet_resnet50.yaml "
+               "data.path=/data/train",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", metavar="FILE.yaml", help="YAML recipe (repeatable; later wins)")
     p.add_argument("--restart", action="store_true", help="discard the checkpoint in out_dir and start over")
     p.add_argument("--auto", action="store_true",
                    help="derive crops, batch, prototypes, queue, freezing, warm-up and epochs from the data and the "
                         "hardware for every key not set explicitly, and print each value with its reason")
+    _add_workers(p, None, "same as data.num_workers=N; " + WORKERS_DEFAULT_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=10 model.backbone=resnet18")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="e.g. train.epochs=10 model.backbone=resnet18 model.init=runs/previous")
     p.set_defaults(func=_cmd_pretrain)
 
 
@@ -109,9 +121,9 @@ def _add_pretrain(subparsers) -> None:
 # export
 
 def _cmd_export(args) -> int:
-    from swavkit.pretrained import export_checkpoint, export_torchvision
+    from swavkit.pretrained import export_checkpoint, export_torchvision, resolve_source
 
-    out = export_checkpoint(args.checkpoint, args.out_dir)
+    out = export_checkpoint(resolve_source(args.source, need="checkpoint"), args.out_dir)
     print(f"exported backbone to {out} (timm.create_model('local-dir:{out}', pretrained=True))")
     if args.torchvision:
         tv = export_torchvision(out, args.torchvision)
@@ -120,8 +132,14 @@ def _cmd_export(args) -> int:
 
 
 def _add_export(subparsers) -> None:
-    p = subparsers.add_parser("export", help="training checkpoint -> timm-loadable backbone folder")
-    p.add_argument("checkpoint", help="swavkit checkpoints/last.pt, or a released SwAV checkpoint")
+    p = subparsers.add_parser(
+        "export", help="run folder or checkpoint -> timm-loadable backbone folder",
+        epilog="examples:\n  swavkit export runs/a exports/a\n"
+               "  swavkit export swav_800ep_pretrain.pth.tar exports/swav_rn50 "
+               "--torchvision exports/rn50_tv.safetensors",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", metavar="SOURCE", help="a run folder (out_dir; its checkpoints/last.pt is used), a "
+                                                    "checkpoint .pt, or a released SwAV/VISSL checkpoint")
     p.add_argument("out_dir", help="folder to write config.json + model.safetensors into")
     p.add_argument("--torchvision", metavar="FILE.safetensors",
                    help="also write the weights in torchvision's ResNet key layout")
@@ -133,15 +151,7 @@ def _add_export(subparsers) -> None:
 
 def add_eval_commands(subparsers) -> None:
     """``knn`` and ``linear`` sub-commands."""
-    def positive_int(text: str) -> int:
-        if not text.isdigit() or int(text) < 1:
-            raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-        return int(text)
-
-    def non_negative_int(text: str) -> int:
-        if not text.isdigit():
-            raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-        return int(text)
+    positive_int, non_negative_int = _positive_int, _non_negative_int
 
     def positive_float(text: str) -> float:
         try:
@@ -154,9 +164,8 @@ def add_eval_commands(subparsers) -> None:
 
     def add_common(p, evaluation: str) -> None:
         p.add_argument("--backbone", required=True, metavar="SRC",
-                       help="exported folder (swavkit export), run folder, training checkpoint (.pt), released "
-                            "SwAV checkpoint (.pth), timm:<name> (random init: the floor) or 'pixels' (raw "
-                            "pixels, each image's mean removed: the other floor)")
+                       help=f"{SOURCE_HELP}; or timm:<name> (random init: the floor) or 'pixels' (raw pixels, each "
+                            "image's mean removed: the other floor)")
         p.add_argument("--train", required=True, metavar="DIR", help="labelled folder DIR/<class>/<image>")
         p.add_argument("--val", required=True, metavar="DIR",
                        help="labelled folder with the same class names; the reported split")
@@ -165,8 +174,7 @@ def add_eval_commands(subparsers) -> None:
                             "else 224; 32 for pixels); images <= 64 px are resized whole, larger ones resized to "
                             "PX/0.875 and centre-cropped")
         p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass (default 256)")
-        p.add_argument("--workers", "--num-workers", dest="workers", type=non_negative_int, default=4,
-                       help="DataLoader decoding processes (default 4; 0 decodes in this process)")
+        _add_workers(p, default_num_workers(), WORKERS_DEFAULT_HELP)
         p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
         p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                        help="auto = bf16 autocast on GPUs that support it, fp32 on CPU")
@@ -174,8 +182,8 @@ def add_eval_commands(subparsers) -> None:
         p.add_argument("--max-per-class", type=non_negative_int, default=0, metavar="N",
                        help="use at most N images per class in each split, a deterministic subset (default 0 = all)")
         p.add_argument("--out", default=None, metavar="JSON",
-                       help=f"result file (default results/{evaluation}-<backbone>-<UTC YYYYmmdd-HHMMSS>.json "
-                            "under the current folder)")
+                       help=f"result file (default results/{evaluation}-<run or backbone name>-<UTC "
+                            "YYYYmmdd-HHMMSS>.json under the current folder)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     def finish(result: dict) -> int:
@@ -265,7 +273,7 @@ def _cmd_cluster(args) -> int:
     from swavkit.cluster import explore_clusters
 
     result = explore_clusters(args.checkpoint, args.data, args.out, top_per_cluster=args.top,
-                              batch_size=args.batch_size, device=args.device, num_workers=args.num_workers,
+                              batch_size=args.batch_size, device=args.device, num_workers=args.workers,
                               image_size_px=args.image_size, progress=not args.no_progress)
     print(f"{result['n_images']} images in {result['clusters_used']} of {result['n_prototypes']} clusters "
           f"({result['n_skipped']} unreadable files skipped)")
@@ -277,28 +285,26 @@ def _cmd_cluster(args) -> int:
 
 
 def _add_cluster(subparsers) -> None:
-    def positive_int(text: str) -> int:
-        if not text.isdigit() or int(text) < 1:
-            raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-        return int(text)
-
     p = subparsers.add_parser(
         "cluster", help="assign images to prototypes; write a CSV, a size histogram and a browsable page",
         description="Assign every image of a folder to its SwAV prototype (argmax of the scores; confidence = "
                     "softmax(scores / swav.temperature) at that prototype) and write OUT/assignments.csv, "
                     "OUT/cluster_sizes.png and OUT/index.html, a static page of each cluster's most confident "
-                    "images that opens from disk.",
-        epilog="example:\n  swavkit cluster --checkpoint runs/swav/checkpoints/last.pt --data /data/imgs --out clusters",
+                    "images that opens from disk (relative links: zip OUT and open it elsewhere).",
+        epilog="examples:\n  swavkit cluster --checkpoint runs/a --data /data/imgs --out clusters\n"
+               "  swavkit cluster --checkpoint swav_800ep_pretrain.pth.tar --data /data/imgs --out clusters --top 8",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="swavkit checkpoints/last.pt, or a released SwAV checkpoint")
+    p.add_argument("--checkpoint", required=True, metavar="SRC",
+                   help="a run folder (out_dir; its checkpoints/last.pt), a checkpoint .pt, or a released SwAV "
+                        "checkpoint (the prototypes are needed, so not an exported backbone)")
     p.add_argument("--data", required=True, metavar="DIR", help="folder of images, flat or nested")
     p.add_argument("--out", required=True, metavar="OUT", help="folder for assignments.csv, cluster_sizes.png, "
                                                                "index.html and thumbs/")
-    p.add_argument("--top", type=positive_int, default=16, metavar="N", help="thumbnails per cluster (default 16)")
-    p.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass (default 128)")
+    p.add_argument("--top", type=_positive_int, default=16, metavar="N", help="thumbnails per cluster (default 16)")
+    p.add_argument("--batch-size", type=_positive_int, default=128, help="images per forward pass (default 128)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader decoding processes (default 0)")
-    p.add_argument("--image-size", type=positive_int, default=None, metavar="PX",
+    _add_workers(p, default_num_workers(), WORKERS_DEFAULT_HELP)
+    p.add_argument("--image-size", type=_positive_int, default=None, metavar="PX",
                    help="centre-crop side fed to the model (default: the checkpoint's large crop size)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_cluster)
@@ -316,27 +322,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args`` where options and ``key=value`` overrides may come in any order
+    (``pretrain data.path=x --config y.yaml train.epochs=3``): argparse gives its one ``overrides``
+    positional only the first run of them, so the later ones are collected here, in order."""
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        overrides = getattr(args, "overrides", None)
+        stray = [text for text in extras if text.startswith("-") or "=" not in text]
+        if overrides is None or stray:
+            parser.error(f"unrecognized arguments: {' '.join(stray or extras)}")
+        args.overrides = [*overrides, *extras]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
         return int(args.func(args) or 0)
-    except USER_ERRORS as err:
-        lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-        # An error raised inside a DataLoader worker arrives as "Caught X in DataLoader worker ...",
-        # the traceback, then the original message on the last line: show that line.
-        message = lines[-1].split(": ", 1)[-1] if lines[0].startswith("Caught ") else lines[0]
-        print(f"swavkit {args.command}: error: {message}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"swavkit {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and closed: not an error worth a traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as err:
+        if not is_user_error(err):
+            raise
+        lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        # An error raised inside a DataLoader worker arrives as "Caught X in DataLoader worker ...",
+        # the traceback, then the original message on the last line: show that line.
+        message = lines[-1].split(": ", 1)[-1] if lines[0].startswith("Caught ") else lines[0]
+        print(f"swavkit {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

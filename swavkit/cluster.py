@@ -23,6 +23,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -267,11 +268,26 @@ window.addEventListener("load", function () {
 """
 
 
+def _relative_href(path: str, page_dir: str | None) -> str | None:
+    """Link from the page to an original image, relative (an absolute file:// link breaks as soon as the
+    folder is zipped or moved); None when there is no relative path (no page folder, another drive)."""
+    if page_dir is None:
+        return None
+    try:
+        relative = os.path.relpath(os.path.abspath(path), os.path.abspath(page_dir))
+    except ValueError:
+        return None
+    return quote(Path(relative).as_posix())
+
+
 def render_page(assignments: ClusterAssignments, members: dict[int, list[int]], thumbnails: dict[int, str],
-                *, data_dir: str, checkpoint: str, temperature: float, image_size_px: int) -> str:
+                *, data_dir: str, checkpoint: str, temperature: float, image_size_px: int,
+                page_dir: str | None = None) -> str:
     """The self-contained ``index.html``: summary, histogram, then one section per used prototype.
 
     ``thumbnails`` maps an index into ``assignments.paths`` to its thumbnail path relative to the page.
+    Every link is relative: thumbnails, CSV and histogram live next to the page, and each thumbnail links
+    to its original image by a path relative to ``page_dir`` (the page's folder; None = no such link).
     Every path and name that comes from the file system is HTML-escaped.
     """
     esc = html.escape
@@ -322,8 +338,10 @@ def render_page(assignments: ClusterAssignments, members: dict[int, list[int]], 
             if i in thumbnails:
                 loading = ' loading="lazy"' if shown >= EAGER_THUMBNAILS else ""
                 shown += 1
-                picture = (f'<a href="{esc(Path(path).absolute().as_uri())}">'
-                           f'<img src="{esc(thumbnails[i])}" alt="{esc(relative)}" title="{esc(label)}"{loading}></a>')
+                picture = f'<img src="{esc(thumbnails[i])}" alt="{esc(relative)}" title="{esc(label)}"{loading}>'
+                href = _relative_href(path, page_dir)
+                if href is not None:
+                    picture = f'<a href="{esc(href)}">{picture}</a>'
             else:
                 picture = f'<div class="missing" title="{esc(label)}">unreadable</div>'
             out.append(f'<figure>{picture}<figcaption><span class="confidence">{confidence:.2f}</span> '
@@ -400,7 +418,7 @@ def explore_clusters(checkpoint: str | Path, data_dir: str | Path, out_dir: str 
         if write_thumbnail(assignments.paths[i], out_dir / name):
             thumbnails[i] = name
     page = render_page(assignments, members, thumbnails, data_dir=data_dir, checkpoint=str(checkpoint),
-                       temperature=temperature, image_size_px=size_px)
+                       temperature=temperature, image_size_px=size_px, page_dir=str(out_dir))
     page_path = out_dir / PAGE_FILE
     page_path.write_text(page, encoding="utf-8")
 

@@ -7,8 +7,10 @@ that change only what they need.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +27,22 @@ def _help(text: str, **kwargs):
     return field(metadata={"help": text}, **kwargs)
 
 
+def default_num_workers(cap: int = 4) -> int:
+    """DataLoader worker processes that suit this machine: up to ``cap``, leaving one core to the main
+    process. More workers than usable cores only contend, and torch warns about it (4 on 2 cores did)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    return max(0, min(cap, cores - 1))
+
+
 @dataclass
 class DataConfig:
     path: str = _help("folder of images, flat or nested; class folders are ignored. Empty = the bundled "
                       "Fashion-MNIST sample", default="")
-    num_workers: int = _help("DataLoader worker processes; 0 decodes in the training process", default=4)
+    num_workers: int = _help("DataLoader worker processes; 0 decodes in the training process. Default: "
+                             "min(4, usable CPU cores - 1)", default_factory=default_num_workers)
     pin_memory: bool = _help("page-locked host memory for faster host-to-GPU copies", default=True)
     prefetch_factor: int = _help("batches each worker prepares ahead", default=4)
     colour_on_device: str = _help("auto | true | false: workers only decode and cut; colour jitter, grayscale, "
@@ -60,7 +73,12 @@ class CropsConfig:
 class ModelConfig:
     backbone: str = _help("any timm model name, created with num_classes=0 (e.g. resnet18, resnet50, "
                           "vit_small_patch16_224)", default="resnet50")
-    backbone_kwargs: dict = _help("extra keyword arguments for timm.create_model", default_factory=dict)
+    backbone_kwargs: dict = _help("extra keyword arguments for timm.create_model (weights come from model.init, "
+                                  "never from pretrained=true)", default_factory=dict)
+    init: str = _help("starting weights of the backbone; empty = random init. A timm pretrained name whose weights "
+                      "are already on disk (e.g. resnet50.a1_in1k; never downloaded), an exported backbone folder, a "
+                      "swavkit run folder or checkpoint, or a released SwAV/VISSL file. Head and prototypes always "
+                      "start fresh", default="")
     hidden_dim: int = _help("projection head hidden width; 0 = a single linear layer", default=2048)
     output_dim: int = _help("embedding dimension fed to the prototypes", default=128)
     n_prototypes: int = _help("K, number of prototypes (clusters); ~10x the number of classes you expect. "
@@ -265,13 +283,15 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def merge_sources(config_files: list[str | Path] = (), overrides: list[str] = ()) -> dict:
-    """The nested dict of what the user set: each YAML file in order, then key=value overrides."""
+def merge_sources(config_files: list[str | Path] = (), overrides: list[str] = (), updates: dict | None = None) -> dict:
+    """The nested dict of what the user set: each YAML file in order, then key=value overrides, then
+    ``updates`` (a nested dict of Python values: the keyword API)."""
     merged: dict = {}
     for path in config_files:
         _merge(merged, read_yaml(path))
     for text in overrides:
         _merge(merged, parse_override(text))
+    _merge(merged, copy.deepcopy(updates or {}))
     return merged
 
 
@@ -371,6 +391,34 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if cfg.swav.queue_length and cfg.swav.queue_length % cfg.train.batch_size:
         raise ConfigError(f"swav.queue_length: {cfg.swav.queue_length} is not a multiple of the global batch "
                           f"{cfg.train.batch_size}; try {max(1, round(cfg.swav.queue_length / cfg.train.batch_size)) * cfg.train.batch_size}")
+    _validate_model(cfg.model)
+
+
+# timm.create_model arguments that load weights: swavkit loads them itself (model.init), strictly and offline
+WEIGHT_LOADING_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path")
+
+
+def _validate_model(m: ModelConfig) -> None:
+    """Backbone name, weight source and timm arguments; last in :func:`validate` because it imports timm
+    (seconds), and before any data is read, so a typo costs no folder scan."""
+    for name in WEIGHT_LOADING_KWARGS:
+        if name in m.backbone_kwargs:
+            raise ConfigError(f"model.backbone_kwargs.{name}: swavkit never loads weights through timm.create_model; "
+                              "set model.init instead (a timm pretrained name whose weights are on disk, e.g. "
+                              f"model.init={m.backbone}.<tag>, an exported folder or a checkpoint) and remove {name}")
+    if "num_classes" in m.backbone_kwargs:
+        raise ConfigError("model.backbone_kwargs.num_classes: the backbone is always created with num_classes=0 "
+                          "(pooled features, no classifier); remove it")
+    from swavkit.model import check_backbone_name  # timm: imported only when a config is validated
+
+    check_backbone_name(m.backbone)
+    if m.init:
+        from swavkit.pretrained import LoadError, locate_initial_source
+
+        try:
+            locate_initial_source(m.init)
+        except LoadError as err:
+            raise ConfigError(str(err)) from None
 
 
 def describe(cls=Config, prefix: str = "") -> list[str]:

@@ -189,7 +189,9 @@ def resolve_preprocessing(source: str | Path, image_size_px: int | None = None) 
         # 224 px would give 150,528-dimensional "features"; compare at the size of the backbone you test
         size, mean, std = RAW_PIXELS_DEFAULT_SIZE_PX, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     elif not str(source).startswith("timm:"):
-        path = Path(source)
+        from swavkit.pretrained import resolve_source  # the one meaning of a source; heavy (timm)
+
+        path = resolve_source(source, need="backbone")
         pretrained_cfg = _export_pretrained_cfg(path) if path.is_dir() else None
         if pretrained_cfg:
             if pretrained_cfg.get("input_size"):

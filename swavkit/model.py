@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -15,6 +17,21 @@ def is_transformer(backbone: nn.Module) -> bool:
     return hasattr(backbone, "patch_embed")
 
 
+def check_backbone_name(name: str) -> None:
+    """Raise a one-line :class:`ConfigError` with the closest timm names when ``name`` is not a timm model.
+
+    Cheap (no model is built), so configs are checked before any data folder is scanned.
+    """
+    if timm.is_model(name):
+        return
+    known = timm.list_models()
+    # Case-insensitive match: "ResNet50" should still suggest resnet50.
+    lowered = {n.lower(): n for n in known}
+    close = [lowered[n] for n in difflib.get_close_matches(name.lower(), list(lowered), n=3, cutoff=0.6)]
+    hint = f"did you mean {', '.join(close)}?" if close else f"see timm.list_models('*{name[:4]}*')"
+    raise ConfigError(f"model.backbone: '{name}' is not a timm model name; {hint}")
+
+
 def create_backbone(name: str, **kwargs) -> nn.Module:
     """``timm.create_model(name, num_classes=0)`` returning pooled features [N, num_features].
 
@@ -22,8 +39,7 @@ def create_backbone(name: str, **kwargs) -> nn.Module:
     told so (vision transformers) get ``dynamic_img_size=True``, so the small crops go through the same
     model; models that have no such option are created without it.
     """
-    if not timm.is_model(name):
-        raise ConfigError(f"model.backbone: '{name}' is not a timm model name (see timm.list_models())")
+    check_backbone_name(name)
     if "dynamic_img_size" not in kwargs:
         try:
             return timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs)

@@ -2,12 +2,18 @@
 SwAV checkpoint (``module.``-prefixed, with ``projection_head.*`` / ``prototypes.*``), VISSL trunk
 weights, or ``timm:<name>`` (random init, the floor of every benchmark). Loading is always strict:
 a key mismatch raises :class:`LoadError` listing the keys, never silently random weights.
+
+:func:`resolve_source` is the one place that says what a source names (a run folder, an export, a file);
+:func:`load_initial_backbone_state` gives the starting weights of ``model.init``.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import timm
@@ -29,22 +35,28 @@ def _describe_keys(keys, limit: int = 8) -> str:
     return shown + (f" ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def load_strict(module: torch.nn.Module, state: dict, source: str) -> torch.nn.Module:
-    """``load_state_dict(strict=True)`` with a one-line error naming missing/unexpected/mis-shaped keys."""
-    expected = module.state_dict()
+def key_mismatch(expected: dict, state: dict) -> str:
+    """"" when ``state`` has exactly the keys and shapes of ``expected`` (a state dict), else one line
+    naming the missing, unexpected and mis-shaped keys."""
     missing = set(expected) - set(state)
     unexpected = set(state) - set(expected)
     wrong_shape = [k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or wrong_shape:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_describe_keys(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_describe_keys(unexpected)}")
-        if wrong_shape:
-            parts.append("wrong shapes: " + _describe_keys(
-                f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong_shape))
-        raise LoadError(f"{source} does not fit {type(module).__name__}: " + "; ".join(parts))
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {_describe_keys(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {_describe_keys(unexpected)}")
+    if wrong_shape:
+        parts.append("wrong shapes: " + _describe_keys(
+            f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong_shape))
+    return "; ".join(parts)
+
+
+def load_strict(module: torch.nn.Module, state: dict, source: str) -> torch.nn.Module:
+    """``load_state_dict(strict=True)`` with a one-line error naming missing/unexpected/mis-shaped keys."""
+    problems = key_mismatch(module.state_dict(), state)
+    if problems:
+        raise LoadError(f"{source} does not fit {type(module).__name__}: {problems}")
     module.load_state_dict(state, strict=True)
     return module
 
@@ -115,21 +127,61 @@ def _is_export_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file()
 
 
+# Inside a training out_dir (see train.py): the export written at the end, and the latest full state.
+RUN_EXPORT_DIR = "backbone"
+RUN_CHECKPOINT = Path("checkpoints") / "last.pt"
+
+
+def resolve_source(source: str | Path, *, need: str = "backbone") -> Path:
+    """The file or folder that holds the weights a source names; the one meaning of a source argument for
+    ``load_backbone``, ``load_swav_model``, ``model.init``, ``swavkit knn|linear|export|cluster``.
+
+    Args:
+        source: an exported folder (``config.json`` + ``model.safetensors``), a run folder (a training
+            ``out_dir``) or its ``checkpoints/`` folder, or a file (swavkit checkpoint, released SwAV/VISSL).
+        need: "backbone" - a run folder gives its ``backbone/`` export when there is one (a finished run),
+            else ``checkpoints/last.pt``; "checkpoint" - the head, prototypes or training state are needed,
+            so a run folder gives ``checkpoints/last.pt`` and an export folder is refused.
+    Raises:
+        LoadError: the path does not exist, or a folder holds none of the above (the message says what).
+    """
+    if need not in ("backbone", "checkpoint"):
+        raise ValueError(f"need: 'backbone' or 'checkpoint', got {need!r}")
+    path = Path(source)
+    if not path.exists():
+        raise LoadError(f"{path} does not exist; give a run folder (out_dir), an exported backbone folder or a "
+                        "checkpoint file")
+    if not path.is_dir():
+        return path
+    if _is_export_dir(path):
+        if need == "checkpoint":
+            raise LoadError(f"{path} is an exported backbone (no head, prototypes or training state); give the run "
+                            f"folder or its {RUN_CHECKPOINT}")
+        return path
+    if need == "backbone" and _is_export_dir(path / RUN_EXPORT_DIR):
+        return path / RUN_EXPORT_DIR
+    for candidate in (path / RUN_CHECKPOINT, path / RUN_CHECKPOINT.name):  # a run folder, or its checkpoints/
+        if candidate.is_file():
+            return candidate
+    wanted = f"{RUN_EXPORT_DIR}/ or {RUN_CHECKPOINT}" if need == "backbone" else str(RUN_CHECKPOINT)
+    raise LoadError(f"{path}: a folder without config.json + model.safetensors and without {wanted}; give a run "
+                    "folder (out_dir), an exported backbone folder (swavkit export RUN OUT_DIR) or a checkpoint file")
+
+
 def load_backbone(source: str | Path, *, architecture: str = "resnet50") -> torch.nn.Module:
     """A timm backbone (num_classes=0, eval mode) from any supported source.
 
     Args:
         source: an exported folder (``config.json`` + ``model.safetensors``), a swavkit run folder
-            (its ``backbone/`` is used), a swavkit training checkpoint (``.pt``), a released SwAV or
-            VISSL checkpoint (``.pth``/``.torch``/``.tar``), or ``timm:<name>`` for random init.
+            (its ``backbone/``, else its ``checkpoints/last.pt``; see :func:`resolve_source`), a swavkit
+            training checkpoint (``.pt``), a released SwAV or VISSL checkpoint (``.pth``/``.torch``/``.tar``),
+            or ``timm:<name>`` for random init.
         architecture: timm name for released checkpoints, which do not record it (default resnet50).
     """
     text = str(source)
     if text.startswith("timm:"):
         return create_backbone(text[len("timm:"):]).eval()
-    path = Path(text)
-    if path.is_dir() and not _is_export_dir(path) and _is_export_dir(path / "backbone"):
-        path = path / "backbone"
+    path = resolve_source(text, need="backbone")
     if _is_export_dir(path):
         try:
             config = json.loads((path / "config.json").read_text())
@@ -139,9 +191,6 @@ def load_backbone(source: str | Path, *, architecture: str = "resnet50") -> torc
         model_args["num_classes"] = 0
         net = timm.create_model(arch, pretrained=False, **model_args)
         return load_strict(net, load_file(str(path / "model.safetensors")), str(path)).eval()
-    if path.is_dir():
-        raise LoadError(f"{path}: a folder without config.json + model.safetensors (or backbone/ with them); "
-                        "export one with `swavkit export CHECKPOINT OUT_DIR`")
     state = load_state(path)
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         cfg = from_dict(state["config"])
@@ -156,9 +205,9 @@ def load_swav_model(source: str | Path, *, architecture: str = "resnet50") -> tu
     """The whole SwAVModel (backbone + head + prototypes) and the config dict it was trained with.
 
     Works for swavkit training checkpoints and released SwAV checkpoints (projection 2048-128,
-    3000 prototypes are read from the tensor shapes).
+    3000 prototypes are read from the tensor shapes). A run folder means its ``checkpoints/last.pt``.
     """
-    path = Path(source)
+    path = resolve_source(source, need="checkpoint")
     state = load_state(path)
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         cfg = from_dict(state["config"])
@@ -178,6 +227,138 @@ def load_swav_model(source: str | Path, *, architecture: str = "resnet50") -> tu
     config = {"model": {"backbone": architecture, "n_prototypes": n_prototypes, "hidden_dim": hidden_dim,
                         "output_dim": output_dim}}
     return load_strict(model, full, f"{path} (as {architecture})").eval(), config
+
+
+# ----------------------------------------------------------------------------------------------------
+# model.init: the starting weights of a training run
+
+# Suffixes that make a model.init value a file name even when no such file exists (so a missing file is
+# reported as missing, not as an unknown timm name).
+_WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".tar", ".torch", ".safetensors", ".bin", ".ckpt")
+
+
+@dataclass(frozen=True)
+class InitialSource:
+    """Where ``model.init`` weights are: kind "timm" (``path`` = the cached weight file of ``timm_name``),
+    "export" (an exported folder) or "file" (a swavkit checkpoint or a released SwAV/VISSL file)."""
+    kind: str
+    path: Path
+    timm_name: str = ""
+
+
+def _timm_weight_candidates(name: str) -> tuple[list[Path], list[str]]:
+    """Files where timm's pretrained weights for ``name`` would be cached, without any network access:
+    (existing files, description of every place looked at)."""
+    import huggingface_hub
+    from huggingface_hub import constants as hf_constants
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    found, places = [], []
+    if cfg is None:
+        return found, places
+    if cfg.file:
+        places.append(str(cfg.file))
+        if Path(cfg.file).is_file():
+            found.append(Path(cfg.file))
+    if cfg.hf_hub_id:
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        names = ["model.safetensors", cfg.hf_hub_filename or "pytorch_model.bin"]
+        cache = hf_constants.HF_HUB_CACHE
+        places.append(f"{repo} ({' or '.join(dict.fromkeys(names))}) in the Hugging Face cache {cache}")
+        for filename in dict.fromkeys(names):
+            cached = huggingface_hub.try_to_load_from_cache(repo, filename, cache_dir=cache,
+                                                            revision=revision or None)
+            if isinstance(cached, str):  # None or a "known missing" marker otherwise
+                found.append(Path(cached))
+    if cfg.url:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(cfg.url).path)
+        places.append(str(cached))
+        if cached.is_file():
+            found.append(cached)
+    return found, places
+
+
+def locate_initial_source(source: str | Path) -> InitialSource:
+    """What a ``model.init`` value names, checked without loading it and without network access.
+
+    Raises:
+        LoadError: one line starting with ``model.init:``; for a timm name whose weights are not cached
+            it says where timm looks.
+    """
+    text = str(source)
+    path = Path(text)
+    if path.exists():
+        resolved = resolve_source(path, need="backbone")
+        return InitialSource("export" if resolved.is_dir() else "file", resolved)
+    if os.sep in text or "/" in text or text.endswith(_WEIGHT_FILE_SUFFIXES):
+        raise LoadError(f"model.init: {text} does not exist; give an existing export folder, run folder or "
+                        "checkpoint file, or a timm pretrained name such as resnet50.a1_in1k")
+    if not timm.is_model(text):
+        raise LoadError(f"model.init: '{text}' is neither an existing file or folder nor a timm model name "
+                        "(timm.list_pretrained() lists the names with weights)")
+    pretrained_cfg = timm.models.get_pretrained_cfg(text)
+    if pretrained_cfg is None or not pretrained_cfg.has_weights:
+        raise LoadError(f"model.init: timm has no pretrained weights for '{text}'; see "
+                        f"timm.list_pretrained('{text.split('.')[0]}*')")
+    found, places = _timm_weight_candidates(text)
+    if not found:
+        raise LoadError(f"model.init: the weights of timm's '{text}' are not on disk (looked for "
+                        f"{'; '.join(places)}); swavkit never downloads: run timm.create_model('{text}', "
+                        "pretrained=True) once where there is network, or give a file")
+    return InitialSource("timm", found[0], text)
+
+
+def _base_architecture(name: str) -> str:
+    """timm name without its pretrained tag: resnet50.a1_in1k -> resnet50."""
+    return timm.models.split_model_name_tag(name)[0]
+
+
+def _state_and_architecture(located: InitialSource, backbone_kwargs: dict) -> tuple[dict, str | None]:
+    """The backbone state dict a located source holds, and the architecture it records (None: unknown)."""
+    if located.kind == "timm":
+        # timm itself maps the file to the model (its filter_fn, classifier removal); pointing its 'file'
+        # source at the cached file keeps it off the network.
+        net = timm.create_model(located.timm_name, pretrained=True, num_classes=0,
+                                pretrained_cfg_overlay={"file": str(located.path)}, **backbone_kwargs)
+        return net.state_dict(), located.timm_name
+    if located.kind == "export":
+        try:
+            architecture = json.loads((located.path / "config.json").read_text())["architecture"]
+        except (ValueError, KeyError) as err:
+            raise LoadError(f"model.init: {located.path / 'config.json'} is not a timm export config ({err})") from None
+        return load_file(str(located.path / "model.safetensors")), architecture
+    state = load_state(located.path)
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+        return backbone_state(state["model"]), from_dict(state["config"]).model.backbone
+    return split_reference_state(state)[0], None  # released files do not record their architecture
+
+
+def load_initial_backbone_state(source: str | Path, backbone_name: str,
+                                backbone_kwargs: dict | None = None) -> dict:
+    """The ``model.init`` weights for a backbone ``timm.create_model(backbone_name, num_classes=0,
+    **backbone_kwargs)``: a state dict whose keys and shapes match that backbone exactly.
+
+    Args:
+        source: a timm pretrained name whose weights are cached (never downloaded), an exported folder, a
+            swavkit run folder or checkpoint (its backbone part), or a released SwAV/VISSL checkpoint
+            (``module.``/``trunk`` prefixes stripped, head and prototypes dropped).
+        backbone_name: ``model.backbone``; a source recording another architecture is refused.
+    Raises:
+        LoadError: one line naming the source and the missing, unexpected or mis-shaped keys.
+    """
+    backbone_kwargs = dict(backbone_kwargs or {})
+    located = locate_initial_source(source)
+    state, architecture = _state_and_architecture(located, backbone_kwargs)
+    if architecture and _base_architecture(architecture) != _base_architecture(backbone_name):
+        held = _base_architecture(architecture)
+        raise LoadError(f"model.init: {source} holds a {held} backbone but model.backbone is {backbone_name}; "
+                        f"set model.backbone={held}")
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        expected = create_backbone(backbone_name, **backbone_kwargs).state_dict()
+    problems = key_mismatch(expected, state)
+    if problems:
+        raise LoadError(f"model.init: {source} does not fit model.backbone {backbone_name}: {problems}")
+    return state
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
@@ -222,5 +403,6 @@ def export_torchvision(source: str | Path, out_file: str | Path) -> Path:
     return Path(out_file)
 
 
-__all__ = ["LoadError", "CheckpointError", "load_backbone", "load_swav_model", "load_strict",
+__all__ = ["LoadError", "CheckpointError", "load_backbone", "load_swav_model", "load_strict", "key_mismatch",
+           "resolve_source", "InitialSource", "locate_initial_source", "load_initial_backbone_state",
            "export_checkpoint", "export_torchvision", "split_reference_state"]

@@ -111,13 +111,27 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:60] or "backbone"
 
 
+def source_name(backbone_source: str | Path) -> str:
+    """A short name for a backbone source that tells runs apart: the run folder's name for the files a run
+    writes (``runs/a/backbone`` and ``runs/a/checkpoints/last.pt`` are both "a": every export folder is
+    called ``backbone``), else the file or folder name, or ``timm:<name>`` as given."""
+    text = str(backbone_source)
+    if text.startswith("timm:"):
+        return text
+    path = Path(text.rstrip("/\\"))
+    if path.name == "backbone" and path.parent.name:
+        return path.parent.name
+    if path.parent.name == "checkpoints" and path.parent.parent.name:
+        return path.parent.parent.name
+    return path.name
+
+
 def default_result_path(evaluation: str, backbone_source: str, started_at: datetime.datetime | None = None,
                         results_dir: str | Path = DEFAULT_RESULTS_DIR) -> Path:
-    """``results/<evaluation>-<backbone>-<UTC YYYYmmdd-HHMMSS>.json`` under the current folder."""
+    """``results/<evaluation>-<run or backbone name>-<UTC YYYYmmdd-HHMMSS>.json`` under the current folder
+    (see :func:`source_name`)."""
     stamp = (started_at or utc_now()).strftime("%Y%m%d-%H%M%S")
-    name = Path(str(backbone_source).rstrip("/\\")).name if not str(backbone_source).startswith("timm:") \
-        else str(backbone_source)
-    return Path(results_dir) / f"{evaluation}-{_slug(name)}-{stamp}.json"
+    return Path(results_dir) / f"{evaluation}-{_slug(source_name(backbone_source))}-{stamp}.json"
 
 
 def write_result(result: dict, path: str | Path) -> Path:
@@ -157,5 +171,5 @@ def summary_rows(result: dict) -> list[tuple[str, object]]:
     return rows
 
 
-__all__ = ["RESULT_SCHEMA", "RESULT_KEYS", "build_result", "write_result", "default_result_path",
+__all__ = ["RESULT_SCHEMA", "RESULT_KEYS", "build_result", "write_result", "default_result_path", "source_name",
            "format_table", "summary_rows", "git_commit", "swavkit_version", "environment", "utc_now"]

@@ -92,3 +92,30 @@ def test_cli_bad_config_in_process(tmp_path, capsys, argv, key):
     assert main(["pretrain", f"out_dir={tmp_path}", *argv]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and key in lines[0]
+
+
+def test_misspelled_backbone_is_reported_first_with_suggestions(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.backbone: 'resnt18' is not a timm model name; did you mean resnet18"):
+        load_config([], ["model.backbone=resnt18"])
+    # train checks it before it walks the data folder: the (missing) folder is never reached
+    from swavkit.config import from_dict
+    from swavkit.train import train
+
+    cfg = from_dict({"model": {"backbone": "ResNet18"}, "data": {"path": str(tmp_path / "no_such_folder")},
+                     "out_dir": str(tmp_path / "run")})
+    with pytest.raises(ConfigError, match="did you mean resnet18"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.backbone_kwargs={pretrained: true}", "model.backbone_kwargs.pretrained: .*set model.init"),
+    ("model.backbone_kwargs={checkpoint_path: w.pth}", "model.backbone_kwargs.checkpoint_path: .*model.init"),
+    ("model.backbone_kwargs={num_classes: 10}", "model.backbone_kwargs.num_classes"),
+    ("model.init=weights/missing.pth", "model.init: weights/missing.pth does not exist"),
+    ("model.init=resnet_nope", "model.init: 'resnet_nope' is neither an existing file"),
+])
+def test_weight_sources_are_checked_in_one_line(override, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config([], [override])
+    assert "\n" not in str(err.value)

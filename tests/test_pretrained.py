@@ -77,3 +77,114 @@ def test_torchvision_layout_export(reference_model, tmp_path):
 def test_timm_random_init_source():
     net = load_backbone("timm:resnet10t")
     assert net.num_classes == 0 and not net.training
+
+
+# ----------------------------------------------------------------------------------------------------
+# resolve_source: one meaning of a source argument
+
+def _tiny_checkpoint(path, backbone: str = "resnet10t", seed: int = 0):
+    """A swavkit training checkpoint (format and config as train writes them) of a tiny SwAVModel."""
+    from swavkit.checkpoint import CHECKPOINT_FORMAT, save_atomic
+    from swavkit.config import from_dict, to_dict
+
+    torch.manual_seed(seed)
+    model = build_model(backbone, n_prototypes=10, hidden_dim=32, output_dim=16)
+    cfg = from_dict({"model": {"backbone": backbone, "n_prototypes": 10, "hidden_dim": 32, "output_dim": 16}})
+    save_atomic({"format": CHECKPOINT_FORMAT, "config": to_dict(cfg), "step": 1, "model": model.state_dict()}, path)
+    return model
+
+
+def test_resolve_source_gives_each_folder_one_meaning(tmp_path):
+    from swavkit.checkpoint import export_backbone
+    from swavkit.pretrained import resolve_source
+
+    run = tmp_path / "run"
+    model = _tiny_checkpoint(run / "checkpoints" / "last.pt")
+    # an unfinished run (no backbone/ yet): both needs give the checkpoint
+    assert resolve_source(run) == resolve_source(run, need="checkpoint") == run / "checkpoints" / "last.pt"
+    assert resolve_source(run / "checkpoints") == run / "checkpoints" / "last.pt"
+    export_backbone(model.backbone, run / "backbone", image_size_px=16, mean=(0.5,) * 3, std=(0.5,) * 3)
+    assert resolve_source(run) == run / "backbone"
+    assert resolve_source(run, need="checkpoint") == run / "checkpoints" / "last.pt"
+    assert resolve_source(run / "backbone") == run / "backbone"
+    with pytest.raises(LoadError, match="exported backbone .*checkpoints/last.pt"):
+        resolve_source(run / "backbone", need="checkpoint")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LoadError, match="empty: a folder without config.json"):
+        resolve_source(tmp_path / "empty")
+    with pytest.raises(LoadError, match="missing does not exist"):
+        resolve_source(tmp_path / "missing")
+    # the loaders follow it: a run folder gives the same backbone and model as its files
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(load_backbone(run)(x), model.eval().backbone(x), rtol=0, atol=0)
+        torch.testing.assert_close(load_swav_model(run)[0](x)[1], model(x)[1], rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# model.init: starting weights, local files only
+
+def _assert_same_state(state: dict, expected: dict) -> None:
+    assert set(state) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
+
+
+def test_initial_state_from_an_export_and_a_run(tmp_path):
+    from swavkit.checkpoint import export_backbone
+    from swavkit.pretrained import load_initial_backbone_state
+
+    model = _tiny_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", seed=3)
+    expected = model.backbone.state_dict()
+    _assert_same_state(load_initial_backbone_state(tmp_path / "run", "resnet10t"), expected)
+    export_backbone(model.backbone, tmp_path / "export", image_size_px=16, mean=(0.5,) * 3, std=(0.5,) * 3)
+    _assert_same_state(load_initial_backbone_state(tmp_path / "export", "resnet10t"), expected)
+    with pytest.raises(LoadError, match="holds a resnet10t backbone but model.backbone is resnet18"):
+        load_initial_backbone_state(tmp_path / "export", "resnet18")
+
+
+def test_initial_state_from_a_released_checkpoint(tmp_path):
+    """The reference layout: module. prefix, projection_head.*, prototypes.* (dropped: the head starts fresh)."""
+    from swavkit.pretrained import load_initial_backbone_state
+
+    torch.manual_seed(1)
+    model = build_model("resnet10t", n_prototypes=10, hidden_dim=32, output_dim=16)
+    released = reference_layout(model)
+    assert any(k.startswith("module.prototypes") for k in released)
+    torch.save(released, tmp_path / "swav_release.pth")
+    _assert_same_state(load_initial_backbone_state(tmp_path / "swav_release.pth", "resnet10t"),
+                       model.backbone.state_dict())
+    del released["module.layer4.0.conv1.weight"]
+    torch.save(released, tmp_path / "broken.pth")
+    with pytest.raises(LoadError, match=r"model.init: .*broken.pth does not fit .*missing keys: layer4\.0\.conv1\."):
+        load_initial_backbone_state(tmp_path / "broken.pth", "resnet10t")
+
+
+def test_initial_state_from_timm_weights_on_disk_never_downloads(tmp_path, monkeypatch):
+    """A timm pretrained name loads from timm's caches only; missing weights name where timm looks."""
+    import timm
+    from huggingface_hub import constants as hf_constants
+    from safetensors.torch import save_file
+
+    from swavkit.pretrained import load_initial_backbone_state, locate_initial_source
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LoadError) as err:
+        locate_initial_source("resnet10t.c3_in1k")
+    message = str(err.value)
+    assert "not on disk" in message and str(tmp_path / "hf") in message and str(tmp_path / "torch") in message
+    assert "\n" not in message
+    # the file timm's own download would have left in the Hugging Face cache
+    torch.manual_seed(2)
+    classifier_model = timm.create_model("resnet10t", num_classes=1000)
+    snapshot = tmp_path / "hf" / "models--timm--resnet10t.c3_in1k" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    weights = {k: v.contiguous() for k, v in classifier_model.state_dict().items()}
+    save_file(weights, str(snapshot / "model.safetensors"))
+    state = load_initial_backbone_state("resnet10t.c3_in1k", "resnet10t")
+    expected = {k: v for k, v in classifier_model.state_dict().items() if not k.startswith("fc.")}
+    _assert_same_state(state, expected)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import random
@@ -219,7 +220,7 @@ def _assert_saved_equals_clean_run(image_folder, tmp_path, steps: int) -> None:
 
 
 def test_non_finite_loss_stops_after_saving_last_good_state(image_folder, tmp_path, monkeypatch):
-    import swavkit.train as train_module
+    train_module = importlib.import_module("swavkit.train")  # the module: swavkit.train is the function
 
     real_loss = train_module.swapped_prediction_loss
     calls = {"n": 0}
@@ -246,7 +247,7 @@ def test_non_finite_loss_stops_after_saving_last_good_state(image_folder, tmp_pa
 def test_non_finite_gradient_is_never_applied(image_folder, tmp_path, monkeypatch):
     """A finite loss whose backward returns NaN (a broken kernel, an fp overflow in one layer): the step is
     refused like a non-finite loss, naming the parameter, and the saved state is the last good one."""
-    import swavkit.train as train_module
+    train_module = importlib.import_module("swavkit.train")  # the module: swavkit.train is the function
 
     real_build = train_module.build_model
     calls = {"n": 0}

@@ -1,0 +1,199 @@
+"""The keyword entry point for notebooks and scripts: no YAML needed.
+
+    result = swavkit.pretrain("imgs/", "runs/a", backbone="resnet18", epochs=50, **{"swav.epsilon": 0.03})
+
+Every keyword becomes a config key and goes through :mod:`swavkit.config` (same defaults, types and
+one-line errors as YAML files and ``key=value`` overrides); ``swavkit pretrain`` builds its config here too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from swavkit.config import Config, ConfigError, from_dict, merge_sources, validate
+
+if TYPE_CHECKING:
+    from swavkit.train import TrainResult
+
+# Keywords that are not the last part of a config key: the words a user types first.
+KEYWORD_ALIASES = {"data": "data.path", "workers": "data.num_workers"}
+
+
+def quickstart_config_path() -> Path:
+    """The bundled recipe used when neither a config file nor a data path is given."""
+    return Path(str(resources.files("swavkit") / "presets" / "quickstart.yaml"))
+
+
+def _leaf_keys(cls=Config, prefix: str = "") -> dict[str, list[str]]:
+    """Last part of every config key -> the dotted keys ending with it (one each today)."""
+    leaves: dict[str, list[str]] = {}
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            for name, keys in _leaf_keys(type(default), f"{prefix}{f.name}.").items():
+                leaves.setdefault(name, []).extend(keys)
+        else:
+            leaves.setdefault(f.name, []).append(f"{prefix}{f.name}")
+    return leaves
+
+
+def config_key(name: str) -> str:
+    """A :func:`pretrain` keyword -> its dotted config key: dotted names pass through (checked by
+    :func:`swavkit.config.from_dict`), plain names are the last part of a key (``epsilon`` ->
+    ``swav.epsilon``) or an alias (``data`` -> ``data.path``, ``workers`` -> ``data.num_workers``)."""
+    if "." in name:
+        return name
+    if name in KEYWORD_ALIASES:
+        return KEYWORD_ALIASES[name]
+    leaves = _leaf_keys()
+    matches = leaves.get(name, [])
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ConfigError(f"pretrain(): keyword '{name}' is ambiguous ({', '.join(matches)}); pass the dotted key, "
+                          f"e.g. **{{'{matches[0]}': ...}}")
+    close = difflib.get_close_matches(name, [*leaves, *KEYWORD_ALIASES], n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise ConfigError(f"pretrain(): unknown keyword '{name}'{hint}; every config key is listed by "
+                      "`swavkit pretrain --help-config` (dotted keys go in **{'swav.epsilon': 0.03})")
+
+
+def _plain(value: Any) -> Any:
+    """Paths become strings (config values are YAML types); containers are converted item by item."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def keyword_tree(keywords: dict[str, Any]) -> dict:
+    """{"epochs": 3, "swav.epsilon": 0.03, "model": {...}} -> the nested dict of config keys.
+
+    ``None`` means "not set". A section name with a mapping (``model={"backbone": "resnet18"}``) passes
+    through as that section."""
+    sections = {f.name for f in dataclasses.fields(Config) if f.default_factory is not dataclasses.MISSING}
+    tree: dict = {}
+    for name, value in keywords.items():
+        if value is None:
+            continue
+        if name in sections and isinstance(value, dict):
+            parts = [name]
+        else:
+            parts = config_key(name).split(".")
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"pretrain(): '{name}' sets a key inside '{part}', which is also given a value")
+        leaf = parts[-1]
+        if isinstance(node.get(leaf), dict) and isinstance(value, dict):
+            node[leaf].update(_plain(value))
+        else:
+            node[leaf] = _plain(value)
+    return tree
+
+
+def auto_config(tree: dict) -> Config:
+    """``--auto`` / ``auto=True``: derive what the user did not set (``tree``) from the data and the
+    hardware, print each value with its reason, and validate."""
+    import torch
+
+    from swavkit import presets
+    from swavkit.data import BUNDLED_SAMPLE, find_images
+    from swavkit.distributed import detect_launch, is_main_process
+
+    chosen = presets.explicit_keys(tree)
+    data_root = tree.get("data", {}).get("path") or str(BUNDLED_SAMPLE / "train")
+    paths = find_images(data_root)
+    launch = detect_launch()
+    world = launch.world_size
+    suggestions = presets.derive(len(paths), presets.typical_side_px(paths), world,
+                                 local_world_size=launch.local_world_size,
+                                 global_batch=tree["train"]["batch_size"] if "train.batch_size" in chosen else None,
+                                 on_gpu=torch.cuda.is_available(),
+                                 epochs=tree["train"]["epochs"] if "train.epochs" in chosen else None)
+    applied = presets.apply(tree, suggestions, chosen)
+    cfg = from_dict(tree)
+    validate(cfg, world_size=world)
+    if is_main_process():
+        print(f"swavkit: --auto derived from {len(paths)} images in {data_root} and {world} process(es) "
+              f"(keys you set are kept):\n{presets.describe(applied)}")
+    return cfg
+
+
+def build_config(config_files: Sequence[str | Path] = (), overrides: Sequence[str] = (),
+                 updates: dict | None = None, *, auto: bool = False) -> Config:
+    """Defaults <- YAML files <- ``key=value`` overrides <- ``updates`` (nested dict), validated.
+
+    With no file and no ``data.path`` anywhere, the bundled quickstart recipe on the Fashion-MNIST sample
+    is used (and said so), as ``swavkit pretrain`` alone does."""
+    files = list(config_files)
+    tree = merge_sources(files, overrides, updates)
+    if not files and not tree.get("data", {}).get("path"):
+        files = [quickstart_config_path()]
+        tree = merge_sources(files, overrides, updates)
+        print("swavkit: no config file and no data path given: the quickstart recipe on the bundled Fashion-MNIST "
+              f"sample ({files[0]})")
+    if auto:
+        return auto_config(tree)
+    cfg = from_dict(tree)
+    validate(cfg)
+    return cfg
+
+
+def _config_files(config: str | Path | Sequence[str | Path] | None) -> list:
+    if config is None:
+        return []
+    if isinstance(config, (str, os.PathLike)):
+        return [config]
+    return list(config)
+
+
+def pretrain_config(data: str | Path | None = None, out_dir: str | Path | None = None, *,
+                    backbone: str | None = None, epochs: int | None = None, batch_size: int | None = None,
+                    init: str | Path | None = None, config: str | Path | Sequence[str | Path] | None = None,
+                    auto: bool = False, **keys: Any) -> Config:
+    """The :class:`~swavkit.config.Config` that :func:`pretrain` with the same arguments trains with."""
+    keywords = {"data": data, "out_dir": out_dir, "backbone": backbone, "epochs": epochs,
+                "batch_size": batch_size, "init": init, **keys}
+    return build_config(_config_files(config), updates=keyword_tree(keywords), auto=auto)
+
+
+def pretrain(data: str | Path | None = None, out_dir: str | Path | None = None, *,
+             backbone: str | None = None, epochs: int | None = None, batch_size: int | None = None,
+             init: str | Path | None = None, config: str | Path | Sequence[str | Path] | None = None,
+             restart: bool = False, auto: bool = False, progress: bool = True,
+             stop_after_steps: int | None = None, **keys: Any) -> TrainResult:
+    """SwAV pretraining from keywords; returns what :func:`swavkit.train` returns.
+
+    Args:
+        data: folder of images (``data.path``); None with no ``config`` = the bundled sample, quickstart recipe.
+        out_dir: run folder; a run already there resumes (``restart=True`` starts over).
+        backbone, epochs, batch_size: ``model.backbone``, ``train.epochs``, ``train.batch_size`` (global).
+        init: ``model.init``: starting backbone weights (cached timm name, export, run folder, checkpoint).
+        config: YAML recipe(s) applied first; keywords win over them.
+        auto: derive unset keys from the data and the hardware (as ``swavkit pretrain --auto``).
+        keys: any other config key, by its last part (``n_prototypes=512``, ``epsilon=0.03``) or dotted
+            (``**{"swav.epsilon": 0.03}``); an unknown name raises :class:`ConfigError` naming it.
+
+    Example:
+        ``swavkit.pretrain("imgs/", "runs/a", backbone="resnet18", epochs=50, **{"swav.epsilon": 0.03})``
+    """
+    from swavkit.train import train  # torch: imported when a run starts, not with this module
+
+    cfg = pretrain_config(data, out_dir, backbone=backbone, epochs=epochs, batch_size=batch_size, init=init,
+                          config=config, auto=auto, **keys)
+    return train(cfg, restart=restart, stop_after_steps=stop_after_steps, progress=progress)
+
+
+__all__ = ["pretrain", "pretrain_config", "build_config", "auto_config", "config_key", "keyword_tree",
+           "quickstart_config_path", "KEYWORD_ALIASES"]
