@@ -125,8 +125,9 @@ class TensorBoardLogger:
         # purge_step: after a resume, TensorBoard hides the events the interrupted run wrote past the
         # checkpoint, as the resumed run writes those steps again. flush_secs: a watched run shows new
         # points within 30 s instead of torch's default 2 min.
+        first_writer = not any(Path(log_dir).glob("events.out.tfevents.*"))
         self.writer = SummaryWriter(str(log_dir), purge_step=resume_step, flush_secs=30)
-        if resume_step is None:
+        if first_writer:  # the layout and the config once per run, not again at each resume
             self.writer.add_custom_scalars(TENSORBOARD_LAYOUT)
             if config:
                 import yaml

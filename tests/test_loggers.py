@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import math
 import sys
+import time
 
 import pytest
 
@@ -151,6 +152,11 @@ def test_wandb_offline_run_gets_the_same_scalars_and_a_resume_continues_it(tmp_p
     last = {key: expected_series(rows, key)[-1][1] for key in SCALAR_KEYS}
     assert summary == pytest.approx(last)
     (log_file,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / f"run-{run_id}.wandb"))
+    # the offline log (what `wandb sync` uploads) is written by wandb's own service process, which on a
+    # busy machine may still be flushing when finish() returns
+    deadline = time.monotonic() + 20
+    while not all(key.encode() in open(log_file, "rb").read() for key in SCALAR_KEYS) and time.monotonic() < deadline:
+        time.sleep(0.2)
     data = open(log_file, "rb").read()
     for key in SCALAR_KEYS:
         assert key.encode() in data, key
