@@ -140,6 +140,10 @@ class TrainConfig:
                                       default=0)
     collapse_patience_steps: int = _help("steps with the loss within 1% of ln K before the collapse warning",
                                          default=200)
+    loggers: list[str] = _help("metric backends, each getting every metrics.jsonl row: jsonl (metrics.jsonl, always "
+                               "needed), tensorboard (out_dir/tensorboard; `tensorboard --logdir OUT_DIR`), wandb "
+                               "and mlflow (pip install 'swavkit[wandb]' / 'swavkit[mlflow]')",
+                               default_factory=lambda: ["jsonl", "tensorboard"])
 
 
 @dataclass
@@ -325,6 +329,7 @@ CHOICES = {
     "data.colour_on_device": ("auto", "true", "false"),
     "model.channels_last": ("auto", "true", "false"),
 }
+LOGGER_CHOICES = ("jsonl", "tensorboard", "wandb", "mlflow")  # train.loggers entries (swavkit/loggers.py)
 
 
 def validate(cfg: Config, world_size: int = 1) -> None:
@@ -334,6 +339,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             raise ConfigError(f"{key}: '{value}' is not one of {', '.join(choices)}")
+    from swavkit.loggers import check_logger_names  # here, not at the top: loggers imports this module
+
+    check_logger_names(cfg.train.loggers)  # train.loggers: known names (LOGGER_CHOICES), jsonl included
     n_groups = len(c.counts)
     for name in ("sizes_px", "min_scales", "max_scales"):
         if len(getattr(c, name)) != n_groups:
