@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from swavkit.fileio import atomic_writer, fsync_dir, write_json_atomic
+from swavkit.fileio import atomic_writer, fsync_dir, write_json_atomic, write_text_atomic
 
 CHECKPOINT_FORMAT = "swavkit-train-v1"
 
@@ -100,9 +100,9 @@ def backbone_state(model_state: dict) -> dict:
     return {k[len("backbone."):]: v for k, v in model_state.items() if k.startswith("backbone.")}
 
 
-# What an export folder holds. A folder with anything else in it was not written by swavkit alone, so
-# export refuses to replace it.
-EXPORT_FILES = ("config.json", "model.safetensors")
+# What an export folder holds (README.md = the model card). A folder with anything else in it was not
+# written by swavkit alone, so export refuses to replace it.
+EXPORT_FILES = ("config.json", "model.safetensors", "README.md")
 EXPORT_TAG = "swavkit"
 # pretrained_cfg entries that describe our weights and how to feed them. timm's registry entry for the
 # architecture also carries test_input_size, licence, origin URL, paper ids ...: claims about *timm's*
@@ -116,9 +116,13 @@ def is_swavkit_export(path: str | Path) -> bool:
     path = Path(path)
     if not path.is_dir() or path.is_symlink():
         return False
+    from swavkit.modelcard import MODEL_CARD_FILE, is_swavkit_model_card
+
     names = {entry.name for entry in path.iterdir()}
     if not names or not names <= set(EXPORT_FILES) or "config.json" not in names:
         return False
+    if MODEL_CARD_FILE in names and not is_swavkit_model_card(path / MODEL_CARD_FILE):
+        return False  # a README of the user's own
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -153,8 +157,9 @@ def _exchange_folders(a: Path, b: Path) -> bool:
 
 
 def export_backbone(backbone: torch.nn.Module, out_dir: str | Path, *, image_size_px: int,
-                    mean, std, extra: dict | None = None) -> Path:
-    """Write ``out_dir/config.json`` + ``out_dir/model.safetensors`` for timm's ``local-dir:`` loader.
+                    mean, std, extra: dict | None = None, model_card: str | None = None) -> Path:
+    """Write ``out_dir/config.json`` + ``out_dir/model.safetensors`` for timm's ``local-dir:`` loader, and
+    ``out_dir/README.md`` when a ``model_card`` text is given (then the folder is ready for the Hub).
 
     ``out_dir`` must be new, empty, or an earlier swavkit export (:func:`check_export_target`); the files
     are written to a temporary sibling and fsynced, then swapped in atomically, so ``out_dir`` always
@@ -173,6 +178,10 @@ def export_backbone(backbone: torch.nn.Module, out_dir: str | Path, *, image_siz
         config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
         config["pretrained_cfg"] = {k: v for k, v in config["pretrained_cfg"].items() if k in _EXPORT_CFG_KEYS}
         write_json_atomic(tmp / "config.json", config)
+        if model_card is not None:
+            from swavkit.modelcard import MODEL_CARD_FILE
+
+            write_text_atomic(tmp / MODEL_CARD_FILE, model_card)
         with open(tmp / "model.safetensors", "rb+") as handle:
             os.fsync(handle.fileno())
         fsync_dir(tmp)

@@ -121,9 +121,9 @@ def _add_pretrain(subparsers) -> None:
 # export
 
 def _cmd_export(args) -> int:
-    from swavkit.pretrained import export_checkpoint, export_torchvision, resolve_source
+    from swavkit.pretrained import export_checkpoint, export_torchvision
 
-    out = export_checkpoint(resolve_source(args.source, need="checkpoint"), args.out_dir)
+    out = export_checkpoint(args.source, args.out_dir)
     print(f"exported backbone to {out} (timm.create_model('local-dir:{out}', pretrained=True))")
     if args.torchvision:
         tv = export_torchvision(out, args.torchvision)

@@ -298,6 +298,23 @@ def render_model_card(*, architecture: str, config: dict | None, data: dict | No
     return _front_matter(architecture, license) + "\n" + "\n\n".join(sections) + "\n"
 
 
+def card_for_training(config: dict, *, architecture: str, feature_dim: int | None, backbone_dir: str | Path,
+                      steps: int | None, final_loss: float | None, n_images: int | None = None,
+                      extra_training: dict | None = None) -> str:
+    """The card of a backbone trained by swavkit, from its resolved config (``to_dict(cfg)``) and how far it
+    got; the results are those already recorded for ``backbone_dir`` under ``results/``."""
+    import math
+
+    training = {"steps": steps, "epochs": _get(config, "train.epochs"), "final_loss": final_loss,
+                "ln_k": math.log(_get(config, "model.n_prototypes")),
+                "global_batch_size": _get(config, "train.batch_size"), **(extra_training or {})}
+    crops = config["crops"]
+    return render_model_card(architecture=architecture, config=config,
+                             data={"path": _get(config, "data.path"), "n_images": n_images}, training=training,
+                             results=results_for_backbone(backbone_dir), image_size_px=crops["sizes_px"][0],
+                             mean=crops["mean"], std=crops["std"], feature_dim=feature_dim, folder_path=backbone_dir)
+
+
 def is_swavkit_model_card(path: str | Path) -> bool:
     """True when ``path`` is a README that swavkit wrote: front matter, then :data:`MODEL_CARD_MARKER`."""
     try:
@@ -360,5 +377,5 @@ def write_model_card(folder: str | Path, text: str) -> Path:
     return write_text_atomic(path, text)
 
 
-__all__ = ["MODEL_CARD_MARKER", "MODEL_CARD_FILE", "render_model_card", "is_swavkit_model_card", "front_matter",
+__all__ = ["MODEL_CARD_MARKER", "MODEL_CARD_FILE", "render_model_card", "card_for_training", "is_swavkit_model_card", "front_matter",
            "results_for_backbone", "write_model_card"]

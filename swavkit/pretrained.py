@@ -23,6 +23,7 @@ from swavkit.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, backbone_sta
                                 export_backbone, load_state)
 from swavkit.config import from_dict
 from swavkit.model import SwAVModel, build_model, create_backbone
+from swavkit.modelcard import card_for_training
 
 
 class LoadError(RuntimeError):
@@ -361,9 +362,11 @@ def load_initial_backbone_state(source: str | Path, backbone_name: str,
     return state
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """``swavkit export``: training checkpoint -> timm-loadable ``out_dir`` (config.json + model.safetensors)."""
+def export_checkpoint(source: str | Path, out_dir: str | Path) -> Path:
+    """``swavkit export``: a run folder or checkpoint -> timm-loadable ``out_dir`` (config.json,
+    model.safetensors and, for swavkit runs, the README.md model card)."""
     check_export_target(out_dir)  # before any loading: a refused target should fail fast
+    checkpoint = resolve_source(source, need="checkpoint")
     state = load_state(checkpoint)
     if not (isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT):
         backbone = load_backbone(checkpoint)
@@ -372,8 +375,11 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     cfg = from_dict(state["config"])
     net = create_backbone(cfg.model.backbone, **cfg.model.backbone_kwargs)
     load_strict(net, backbone_state(state["model"]), str(checkpoint))
+    card = card_for_training(state["config"], architecture=cfg.model.backbone, feature_dim=net.num_features,
+                             backbone_dir=out_dir, steps=int(state["step"]),
+                             final_loss=float(state.get("last_loss", float("nan"))))
     return export_backbone(net, out_dir, image_size_px=cfg.crops.sizes_px[0], mean=cfg.crops.mean,
-                           std=cfg.crops.std)
+                           std=cfg.crops.std, model_card=card)
 
 
 def export_torchvision(source: str | Path, out_file: str | Path) -> Path:
