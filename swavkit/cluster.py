@@ -2,11 +2,13 @@
 
 ``explore_clusters`` runs a trained SwAVModel over an image folder and writes to ``out_dir``:
 
-* ``assignments.csv``: one row per readable image: ``path`` (absolute), ``cluster`` (argmax prototype,
-  0..K-1), ``confidence`` (the soft code of that prototype, in (0, 1]);
+* ``assignments.csv``: one row per readable image: ``path`` (absolute, in swavkit's printable form:
+  control characters and bytes that are not UTF-8 backslash-escaped; ``swavkit.data.path_from_printable``
+  gives the exact name back), ``cluster`` (argmax prototype, 0..K-1), ``confidence`` (the soft code of
+  that prototype, in (0, 1]);
 * ``cluster_sizes.png``: images per prototype, largest first, drawn with PIL only;
 * ``index.html`` + ``thumbs/``: a static page (no server, no network, opens from disk) with a summary
-  and a grid of each used prototype's most confident images.
+  and a grid of each used prototype's most confident images (file names in the printable form).
 
 Soft code = softmax(scores / temperature) with the checkpoint's ``swav.temperature``: the model's own
 prediction p in the swapped-prediction loss (SwAV eq. 2), defined per image. We deliberately do not use
@@ -20,18 +22,18 @@ from __future__ import annotations
 import csv
 import html
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from swavkit.config import ConfigError, from_dict
-from swavkit.data import DataError, eval_transform, find_images, read_rgb
+from swavkit.data import (DataError, ImageFiles, ReadOrReport, UnreadableImage, collate_read_or_report,
+                          eval_transform, find_images, printable_path, read_rgb)
 
 # Longest side of the JPEG thumbnails written to out_dir/thumbs/ (the page shows them at 112 px).
 THUMBNAIL_SIZE_PX = 128
@@ -50,36 +52,6 @@ THUMBS_DIR = "thumbs"
 
 # ----------------------------------------------------------------------------------------------------
 # assignment
-
-class _FolderImages(Dataset):
-    """``paths[i]`` -> (image [3, s, s] or None when unreadable, i, reason). Unreadable files are not
-    replaced by a neighbour (as in pretraining): here every row must be the image it names."""
-
-    def __init__(self, paths: list[str], transform):
-        self.paths = paths
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = read_rgb(self.paths[index])
-        except Exception as err:  # any decoder failure means "skip this file and say why"
-            first_line = str(err).splitlines()[0] if str(err) else ""
-            return None, index, f"{type(err).__name__}: {first_line}"[:200]
-        return self.transform(image), index, ""
-
-
-def _collate_readable(items):
-    """[(image | None, index, reason)] -> (images [B', 3, s, s], indices [B'], skipped [(index, reason)])."""
-    readable = [(image, index) for image, index, _ in items if image is not None]
-    skipped = [(index, reason) for image, index, reason in items if image is None]
-    images = torch.stack([image for image, _ in readable]) if readable else None
-    return images, torch.tensor([index for _, index in readable], dtype=torch.long), skipped
-
 
 @dataclass
 class ClusterAssignments:
@@ -122,13 +94,15 @@ def assign_clusters(model, paths: list[str], transform, *, temperature: float, b
     # Training normalises the prototypes before each step, so the saved ones are one update off the
     # unit sphere; normalising makes the scores true cosines, as in training.
     model.prototypes.normalize_()
-    loader = DataLoader(_FolderImages(paths, transform), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, collate_fn=_collate_readable,
+    # Unreadable files are not replaced by a neighbour (as in pretraining): every row must be the image
+    # it names.
+    loader = DataLoader(ReadOrReport(ImageFiles(paths, transform=transform)), batch_size=batch_size,
+                        shuffle=False, num_workers=num_workers, collate_fn=collate_read_or_report,
                         pin_memory=device.type == "cuda")
     kept_indices, clusters, confidences, skipped = [], [], [], []
     with tqdm(total=len(paths), desc="assigning", unit="img", disable=not progress) as bar:
-        for images, indices, batch_skipped in loader:
-            skipped += [(paths[i], reason) for i, reason in batch_skipped]
+        for indices, images, _, batch_skipped in loader:
+            skipped += batch_skipped
             if images is not None:
                 _, scores = model(images.to(device, non_blocking=True))  # [B, K]
                 confidence, cluster = soft_codes(scores, temperature).max(dim=1)
@@ -137,7 +111,7 @@ def assign_clusters(model, paths: list[str], transform, *, temperature: float, b
                 confidences.append(confidence.cpu())
             bar.update(len(indices) + len(batch_skipped))
     if not kept_indices:
-        example = f", e.g. {skipped[0][0]} ({skipped[0][1]})" if skipped else ""
+        example = f", e.g. {UnreadableImage(*skipped[0])}" if skipped else ""
         raise DataError(f"none of the {len(paths)} image files could be read{example}")
     kept = torch.cat(kept_indices).tolist()
     return ClusterAssignments(paths=[paths[i] for i in kept], clusters=torch.cat(clusters),
@@ -162,14 +136,15 @@ def top_members(assignments: ClusterAssignments, per_cluster: int) -> dict[int, 
 # outputs
 
 def write_assignments_csv(assignments: ClusterAssignments, path: str | Path) -> Path:
-    """``path,cluster,confidence`` with one row per readable image, in folder order."""
+    """``path,cluster,confidence`` with one row per readable image, in folder order; paths in the
+    printable form (see swavkit.data.names), so any file name is written and read back exactly."""
     path = Path(path)
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "cluster", "confidence"])
         for image_path, cluster, confidence in zip(assignments.paths, assignments.clusters.tolist(),
                                                    assignments.confidences.tolist()):
-            writer.writerow([image_path, cluster, f"{confidence:.6f}"])
+            writer.writerow([printable_path(image_path), cluster, f"{confidence:.6f}"])
     return path
 
 
@@ -227,7 +202,7 @@ def write_thumbnail(source: str, destination: Path) -> bool:
     """Small JPEG of ``source`` (longest side THUMBNAIL_SIZE_PX); False if it cannot be read any more."""
     try:
         image = read_rgb(source)
-    except Exception:  # the file changed or vanished since assignment; the page shows its name instead
+    except UnreadableImage:  # the file changed or vanished since assignment; the page shows its name instead
         return False
     image.thumbnail((THUMBNAIL_SIZE_PX, THUMBNAIL_SIZE_PX))
     image.save(destination, "JPEG", quality=85)
@@ -277,7 +252,7 @@ def _relative_href(path: str, page_dir: str | None) -> str | None:
         relative = os.path.relpath(os.path.abspath(path), os.path.abspath(page_dir))
     except ValueError:
         return None
-    return quote(Path(relative).as_posix())
+    return quote(os.fsencode(Path(relative).as_posix()))  # bytes: a non-UTF-8 name still gets a link
 
 
 def render_page(assignments: ClusterAssignments, members: dict[int, list[int]], thumbnails: dict[int, str],
@@ -288,9 +263,13 @@ def render_page(assignments: ClusterAssignments, members: dict[int, list[int]], 
     ``thumbnails`` maps an index into ``assignments.paths`` to its thumbnail path relative to the page.
     Every link is relative: thumbnails, CSV and histogram live next to the page, and each thumbnail links
     to its original image by a path relative to ``page_dir`` (the page's folder; None = no such link).
-    Every path and name that comes from the file system is HTML-escaped.
+    Every path and name that comes from the file system is shown in swavkit's printable form
+    (swavkit.data.names) and HTML-escaped.
     """
-    esc = html.escape
+
+    def esc(text: str) -> str:  # a file name can hold any bytes: printable first, then HTML-safe
+        return html.escape(printable_path(text))
+
     sizes = assignments.sizes().tolist()
     K, n_images = assignments.n_prototypes, len(assignments.paths)
     ordered = sorted(members, key=lambda c: (-sizes[c], c))  # largest cluster first

@@ -1,17 +1,15 @@
 """Frozen-backbone features of a labelled image folder: the input of k-NN and the linear probe.
 
-``LabelledImageFolder`` reads ``DIR/<class>/<image>`` (images may sit in sub-folders of a class folder).
-``extract_features`` runs a backbone over it in batches and returns ``(features [N, D], labels [N])`` in
+The labelled dataset (``LabelledImageFolder``, ``DIR/<class>/<image>``) lives with the other datasets in
+swavkit.data. ``extract_features`` runs a backbone over it in batches and returns ``(features [N, D], labels [N])`` in
 the dataset's order, on CPU or GPU, in one process or under ``torchrun`` (every process extracts a
 1/world_size share and all of them receive the full result, identical to a single-process run).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,8 @@ from tqdm import tqdm
 from swavkit import distributed
 from swavkit.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_state
 from swavkit.config import ConfigError
-from swavkit.data import IMAGE_EXTENSIONS, DataError, eval_transform, read_rgb
+from swavkit.data import (DataError, LabelledImageFolder, ReadOrReport, collate_read_or_report, eval_transform,
+                          printable_path, raise_for_unreadable)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -33,86 +32,6 @@ FULL_IMAGE_MAX_SIZE_PX = 64
 # Backbone source that stands for "no network": flattened pixels, the floor every result must beat.
 RAW_PIXELS_SOURCE = "pixels"
 RAW_PIXELS_DEFAULT_SIZE_PX = 32
-
-
-# ----------------------------------------------------------------------------------------------------
-# labelled folders
-
-def find_classes(root: str | Path) -> list[str]:
-    """Sorted names of the class folders of ``root``; DataError (naming the folder) if there are none."""
-    root = Path(root)
-    if not root.exists():
-        raise DataError(f"{root}: folder does not exist (expected {root}/<class>/<image>)")
-    if not root.is_dir():
-        raise DataError(f"{root}: is a file; give a folder laid out as <folder>/<class>/<image>")
-    classes = sorted(entry.name for entry in os.scandir(root)
-                     if entry.is_dir() and not entry.name.startswith("."))
-    if not classes:
-        raise DataError(f"{root}: has no class folders (expected {root}/<class>/<image>)")
-    return classes
-
-
-def _images_under(folder: str) -> list[str]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [os.path.join(dirpath, name) for name in filenames
-                  if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")]
-    return sorted(found)
-
-
-def _selection_key(class_name: str, path: str, class_folder: str) -> str:
-    # Hash of the path inside its class folder: a file is kept or dropped regardless of where the tree
-    # lives or which other files exist, and the kept subset is not biased by file-name order.
-    relative = os.path.relpath(path, class_folder).replace(os.sep, "/")
-    return hashlib.sha256(f"swavkit-eval-subset|{class_name}/{relative}".encode()).hexdigest()
-
-
-class LabelledImageFolder(Dataset):
-    """``root/<class>/<image>`` -> items ``(transform(image), label)``; labels index ``classes``.
-
-    Args:
-        root: the folder of class folders.
-        transform: applied to the decoded RGB PIL image (None returns the PIL image).
-        classes: class names that define the label indices. Pass the TRAIN split's ``classes`` when
-            reading its val split, so a class missing from val cannot shift the other labels.
-            A class folder outside this list is an error. Default: the sorted class folders of root.
-        max_per_class: keep at most this many images per class (0 = all). The subset is deterministic
-            (smallest sha256 of each file's path inside its class folder) and the same on every machine.
-
-    Attributes: ``classes``, ``class_to_idx``, ``samples`` (list of (path, label)), ``targets``.
-    """
-
-    def __init__(self, root: str | Path, transform=None, *, classes: list[str] | None = None,
-                 max_per_class: int = 0):
-        self.root = Path(root)
-        self.transform = transform
-        present = find_classes(self.root)
-        self.classes = list(classes) if classes is not None else present
-        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
-        unknown = [name for name in present if name not in self.class_to_idx]
-        if unknown:
-            raise DataError(f"{self.root}: class folder(s) {', '.join(unknown[:5])} are not among the "
-                            f"{len(self.classes)} training classes; train and val need the same class names")
-        self.samples: list[tuple[str, int]] = []
-        for name in present:
-            folder = str(self.root / name)
-            paths = _images_under(folder)
-            if max_per_class and len(paths) > max_per_class:
-                keep = set(sorted(paths, key=lambda p: _selection_key(name, p, folder))[:max_per_class])
-                paths = [p for p in paths if p in keep]
-            self.samples += [(p, self.class_to_idx[name]) for p in paths]
-        if not self.samples:
-            raise DataError(f"{self.root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
-        self.targets = [label for _, label in self.samples]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        path, label = self.samples[index]
-        image = read_rgb(path)
-        return (self.transform(image) if self.transform is not None else image), label
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -241,39 +160,6 @@ def init_processes(device: str | torch.device = "auto") -> torch.device:
 # ----------------------------------------------------------------------------------------------------
 # extraction
 
-class SafeItems(Dataset):
-    """Items (index, image, label, error): a decoding failure travels back as text instead of raising
-    inside a worker, so the main process can report it in one line naming the file."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        try:
-            image, label = self.dataset[index][:2]
-            return index, image, int(label), None
-        except Exception as err:  # any decoder failure: name the file, let the caller decide
-            samples = getattr(self.dataset, "samples", None)
-            where = samples[index][0] if samples is not None else f"item {index}"
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            return index, None, -1, f"{where}: unreadable image ({reason[:200]})"
-
-
-def collate_safe_items(items):
-    """[(index, image, label, error)] -> (indices [B], images [B, ...], labels [B], errors); on any error
-    only the error texts (the other entries are None)."""
-    errors = [item[3] for item in items if item[3] is not None]
-    if errors:
-        return None, None, None, errors
-    indices = torch.tensor([item[0] for item in items], dtype=torch.long)
-    images = torch.stack([item[1] for item in items])
-    labels = torch.tensor([item[2] for item in items], dtype=torch.long)
-    return indices, images, labels, []
-
-
 def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
     """bf16 or None (no autocast) for precision "auto" | "fp32" | "bf16" on this device."""
     if precision == "fp32":
@@ -309,13 +195,6 @@ def _gather_in_order(features: torch.Tensor, labels: torch.Tensor, indices: torc
     if not torch.equal(all_indices[order], torch.arange(n_items)):
         raise RuntimeError(f"feature gather returned {len(all_indices)} rows for {n_items} images")
     return torch.cat(parts_f)[order], torch.cat(parts_l)[order]
-
-
-def check_errors(errors: list[str]) -> None:
-    """Raise one DataError line for the decoding failures of a batch (none: return)."""
-    if errors:
-        more = f" (and {len(errors) - 1} more in this batch)" if len(errors) > 1 else ""
-        raise DataError(f"{errors[0]}{more}; remove or replace it")
 
 
 def extract_features(backbone: torch.nn.Module, data: Dataset | DataLoader, device: str | torch.device = "cpu",
@@ -359,12 +238,12 @@ def extract_features(backbone: torch.nn.Module, data: Dataset | DataLoader, devi
     else:
         n_items = len(data)
         if n_items < distributed.world_size():
-            raise DataError(f"{getattr(data, 'root', 'dataset')}: {n_items} images for "
+            raise DataError(f"{printable_path(getattr(data, 'root', 'dataset'))}: {n_items} images for "
                             f"{distributed.world_size()} processes; use fewer processes")
         # Strided shards: disjoint, cover everything, sizes differ by at most one.
         shard = list(range(distributed.rank(), n_items, distributed.world_size()))
-        loader = DataLoader(SafeItems(data), batch_size=batch_size, sampler=shard, num_workers=num_workers,
-                            collate_fn=collate_safe_items, pin_memory=device.type == "cuda",
+        loader = DataLoader(ReadOrReport(data), batch_size=batch_size, sampler=shard, num_workers=num_workers,
+                            collate_fn=collate_read_or_report, pin_memory=device.type == "cuda",
                             persistent_workers=False)
     features, labels, indices = [], [], []
     try:
@@ -374,8 +253,8 @@ def extract_features(backbone: torch.nn.Module, data: Dataset | DataLoader, devi
             if given_loader:
                 images, batch_labels = batch[0], batch[1]
             else:
-                batch_indices, images, batch_labels, errors = batch
-                check_errors(errors)
+                batch_indices, images, batch_labels, unreadable = batch
+                raise_for_unreadable(unreadable)
                 indices.append(batch_indices)
             with torch.inference_mode():
                 images = images.to(device, non_blocking=True)
@@ -457,7 +336,6 @@ def extract_split_features(backbone: torch.nn.Module, train_dir: str | Path, val
                          backbone_name(backbone), time.perf_counter() - start)
 
 
-__all__ = ["LabelledImageFolder", "SafeItems", "collate_safe_items", "check_errors", "RawPixels",
-           "Preprocessing", "SplitFeatures", "find_classes", "load_eval_backbone", "resolve_preprocessing",
+__all__ = ["RawPixels", "Preprocessing", "SplitFeatures", "load_eval_backbone", "resolve_preprocessing",
            "resolve_device", "init_processes", "autocast_dtype_for", "extract_features",
            "extract_split_features", "backbone_name", "backbone_record", "RAW_PIXELS_SOURCE"]

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 
 from swavkit import distributed
 from swavkit.config import ConfigError
-from swavkit.features import (FULL_IMAGE_MAX_SIZE_PX, LabelledImageFolder, Preprocessing, SplitFeatures,
-                              backbone_record, extract_features, extract_split_features, find_classes,
-                              init_processes, load_eval_backbone, resolve_preprocessing)
+from swavkit.data import LabelledImageFolder, find_classes
+from swavkit.features import (FULL_IMAGE_MAX_SIZE_PX, Preprocessing, SplitFeatures, backbone_record,
+                              extract_features, extract_split_features, init_processes, load_eval_backbone,
+                              resolve_preprocessing)
 from swavkit.report import build_result, default_result_path, utc_now, write_result
 
 INDEX_TYPES = ("exact", "ivf")

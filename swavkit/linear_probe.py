@@ -27,10 +27,10 @@ from tqdm import tqdm
 
 from swavkit import distributed
 from swavkit.config import ConfigError
-from swavkit.features import (LabelledImageFolder, Preprocessing, SafeItems, SplitFeatures,
-                              autocast_dtype_for, backbone_name, backbone_record, check_errors,
-                              collate_safe_items, extract_features, extract_split_features, init_processes,
-                              load_eval_backbone, resolve_device, resolve_preprocessing)
+from swavkit.data import LabelledImageFolder, ReadOrReport, collate_read_or_report, raise_for_unreadable
+from swavkit.features import (Preprocessing, SplitFeatures, autocast_dtype_for, backbone_name, backbone_record,
+                              extract_features, extract_split_features, init_processes, load_eval_backbone,
+                              resolve_device, resolve_preprocessing)
 from swavkit.knn import topk_accuracy
 from swavkit.report import build_result, default_result_path, utc_now, write_result
 
@@ -229,11 +229,11 @@ def linear_probe_reference(backbone: torch.nn.Module, train_dataset, val_dataset
     trainable = distributed.wrap_ddp(head, device)
     peak_lr = lr * batch_size / 256
     optimizer = torch.optim.SGD(head.parameters(), lr=peak_lr, momentum=momentum, weight_decay=weight_decay)
-    sampler = torch.utils.data.DistributedSampler(SafeItems(train_dataset), num_replicas=world,
+    sampler = torch.utils.data.DistributedSampler(ReadOrReport(train_dataset), num_replicas=world,
                                                   rank=distributed.rank(), shuffle=True, seed=seed,
                                                   drop_last=True)
-    loader = DataLoader(SafeItems(train_dataset), batch_size=batch_size // world, sampler=sampler,
-                        num_workers=num_workers, collate_fn=collate_safe_items, drop_last=True,
+    loader = DataLoader(ReadOrReport(train_dataset), batch_size=batch_size // world, sampler=sampler,
+                        num_workers=num_workers, collate_fn=collate_read_or_report, drop_last=True,
                         pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
     if len(loader) == 0:
         raise ConfigError(f"batch_size {batch_size} is larger than the {len(train_dataset)} training images")
@@ -242,8 +242,8 @@ def linear_probe_reference(backbone: torch.nn.Module, train_dataset, val_dataset
     for epoch in tqdm(range(epochs), desc="linear probe", unit="epoch", disable=not show, dynamic_ncols=True):
         sampler.set_epoch(epoch)
         running, seen = 0.0, 0
-        for _, images, labels, errors in loader:
-            check_errors(errors)
+        for _, images, labels, unreadable in loader:
+            raise_for_unreadable(unreadable)
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(peak_lr, step, total_steps)
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)

@@ -12,7 +12,7 @@ import os
 import statistics
 from dataclasses import dataclass
 
-from PIL import Image
+from swavkit.data import open_image
 
 REFERENCE_IMAGES = 1_281_167  # ImageNet-1k train, what the paper's numbers are tuned for
 REFERENCE_FREEZE_STEPS = 313  # one ImageNet epoch at batch 4096
@@ -31,7 +31,7 @@ def typical_side_px(paths: list[str], sample: int = 200) -> int:
     sides = []
     for path in paths[::step][:sample]:
         try:
-            with Image.open(path) as img:
+            with open_image(path) as img:  # swavkit's formats and pixel limit, header only
                 sides.append(min(img.size))
         except Exception:  # unreadable files are skipped here as in training
             continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import struct
 import zlib
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from swavkit.data import MAX_IMAGE_PIXELS
 
 
 def _png_with_size(width: int, height: int) -> bytes:
@@ -57,8 +60,10 @@ def make_bad_folder(root: Path) -> tuple[set[str], set[str]]:
     (root / "empty.png").write_bytes(b"")
     (root / "notes.jpg").write_text("this is not an image\n")
     (root / "page.jpg").write_text("<html><body>404 not found</body></html>")
-    (root / "huge.png").write_bytes(_png_with_size(20000, 20000))
-    unreadable |= {"truncated.jpg", "empty.png", "notes.jpg", "page.jpg", "huge.png"}
+    (root / "huge.png").write_bytes(_png_with_size(20000, 20000))  # over 2x: Pillow itself refuses it
+    write_just_over_limit_png(root / "just_over.png", MAX_IMAGE_PIXELS)  # only swavkit's own check refuses it
+    write_eps_as_jpg(root / "vector.jpg")
+    unreadable |= {"truncated.jpg", "empty.png", "notes.jpg", "page.jpg", "huge.png", "just_over.png", "vector.jpg"}
     if os.geteuid() == 0:  # root reads mode-000 files anyway: a dangling link is what root cannot open
         os.symlink(root / "gone.png", root / "dangling.png")
         unreadable.add("dangling.png")
@@ -74,3 +79,50 @@ def make_bad_folder(root: Path) -> tuple[set[str], set[str]]:
     readable.add("sub/inside.png")
     os.symlink(root, root / "sub" / "loop")
     return readable, unreadable
+
+
+# --------------------------------------------------------------------------------------------------
+# hostile files (issue 17 items 4, 5, 7)
+
+# PostScript in a .jpg: Pillow would identify it as EPS and hand it to Ghostscript on load.
+EPS_TEXT = ("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\n"
+            "newpath 0 0 moveto 16 16 lineto stroke\nshowpage\n%%EOF\n")
+
+# File names a scraped folder can hold: bytes that are not UTF-8, a tab, a newline, a terminal escape
+# sequence (would turn the terminal red), a right-to-left override (reverses the rest of a line).
+ODD_NAMES = [os.fsdecode(b"\xff\xfe.png"), "tab\there.png", "new\nline.png", "\x1b[31mred.png",
+             "rtl\u202egnp.png"]
+
+
+def write_eps_as_jpg(path: Path) -> Path:
+    path.write_text(EPS_TEXT)
+    return path
+
+
+def write_just_over_limit_png(path: Path, limit_pixels: int) -> Path:
+    """A PNG whose header claims a square of side isqrt(limit) + 1 (1.0002x the limit at Pillow's default),
+    pixel data a stub: refused from the header, or it fails to decode for another reason."""
+    side = math.isqrt(limit_pixels) + 1
+    path.write_bytes(_png_with_size(side, side))
+    return path
+
+
+class EpsSpy:
+    """Records every use of Pillow's EPS decoder (identification or Ghostscript) in this process."""
+
+    def __init__(self, monkeypatch):
+        from PIL import EpsImagePlugin
+
+        self.calls: list[str] = []
+        real_open = EpsImagePlugin.EpsImageFile._open
+
+        def spy_open(image):
+            self.calls.append("EpsImageFile._open")
+            return real_open(image)
+
+        def spy_ghostscript(*args, **kwargs):
+            self.calls.append("Ghostscript")
+            raise OSError("Ghostscript called (test spy)")
+
+        monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", spy_open)
+        monkeypatch.setattr(EpsImagePlugin, "Ghostscript", spy_ghostscript)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import re
 import os
 import shutil
@@ -15,10 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
+from bad_images import ODD_NAMES, EpsSpy, write_eps_as_jpg, write_just_over_limit_png
 from swavkit.checkpoint import CHECKPOINT_FORMAT
 from swavkit.cli import main
 from swavkit.config import from_dict, to_dict
-from swavkit.data import eval_transform, read_rgb
+from swavkit.data import MAX_IMAGE_PIXELS, eval_transform, path_from_printable, read_rgb
 from swavkit.model import build_model
 
 N_PROTOTYPES = 8
@@ -170,3 +172,40 @@ def test_page_renders_in_headless_chromium(explored, tmp_path):
     assert loaded, "the page's load script did not run"
     n_images = len(re.findall(r"<img ", dom))
     assert loaded.group(1) == loaded.group(2) == str(n_images)
+
+
+def test_hostile_files_are_skipped_and_odd_names_written_exactly(tmp_path, monkeypatch):
+    """Issue 17: PostScript in a .jpg is never given to the EPS decoder, an image just over swavkit's pixel
+    limit is refused as in training, a link loop adds no row, and names that are not UTF-8 or hold control
+    characters reach the CSV reversibly and the page printable (they used to crash both writers)."""
+    from swavkit.cluster import explore_clusters
+
+    spy = EpsSpy(monkeypatch)
+    data = tmp_path / "images"
+    (data / "group0").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    readable = []
+    for name in ["a.png", "b.png", "c.jpg", "group0/d.png", *ODD_NAMES]:
+        pixels = np.clip(rng.integers(0, 256, size=3) + rng.normal(0, 30, (28, 34, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(data / name, format="JPEG" if name.endswith(".jpg") else "PNG")
+        readable.append(str(data / name))
+    bad_name = data / os.fsdecode(b"\xff\x1b[2J not an image.png")
+    bad_name.write_bytes(b"junk")
+    unreadable = {str(write_eps_as_jpg(data / "vector.jpg")), str(bad_name),
+                  str(write_just_over_limit_png(data / "huge.png", MAX_IMAGE_PIXELS))}
+    os.symlink(data, data / "group0" / "loop")
+    checkpoint = write_checkpoint(tmp_path / "last.pt", [Path(p) for p in readable[:4]])
+
+    result = explore_clusters(checkpoint, data, tmp_path / "out", top_per_cluster=64, batch_size=4, progress=False)
+
+    assert spy.calls == []
+    skipped = dict(result["skipped"])
+    assert set(skipped) == unreadable and result["n_images"] == len(readable)
+    assert f"over swavkit's limit of {MAX_IMAGE_PIXELS:,} pixels" in skipped[str(data / "huge.png")]
+    with open(tmp_path / "out" / "assignments.csv", newline="", encoding="utf-8") as handle:
+        paths = [path_from_printable(row["path"]) for row in csv.DictReader(handle)]
+    assert sorted(paths) == sorted(readable)  # every readable image exactly once, names exact
+    page = (tmp_path / "out" / "index.html").read_bytes().decode("utf-8")  # strict: no lone surrogates
+    assert "\x1b" not in page and "\u202e" not in page
+    assert "\\x1b[31mred.png" in page and "\\xff\\xfe.png" in page  # shown in the printable form
+    assert "\\xff\\x1b[2J not an image.png" in page  # listed among the skipped files

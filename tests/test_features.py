@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 from evaluation_fixtures import one_thread, write_labelled_folders, write_labelled_split  # noqa: F401
 from swavkit.checkpoint import export_backbone
-from swavkit.data import DataError, eval_transform
+from swavkit.data import DataError, eval_transform, find_images
 from swavkit.features import (LabelledImageFolder, RawPixels, extract_features, load_eval_backbone,
                               resolve_preprocessing)
 
@@ -41,6 +41,21 @@ def test_val_labels_use_the_train_class_list(tmp_path):
     with pytest.raises(DataError, match="purple"):
         LabelledImageFolder(val_dir, classes=train.classes)
 
+
+
+def test_symlink_loops_give_each_image_once(tmp_path):
+    # Evaluation used to follow links without training's loop guard: one self-link repeated a class's images
+    # ~40 times (skewing k-NN and linear results) and two links could walk for ever.
+    train_dir, _ = write_labelled_folders(tmp_path, n_train=3, n_val=1)
+    expected = sorted(str(p) for p in train_dir.rglob("*.png"))
+    os.symlink(train_dir / "red", train_dir / "red" / "self")  # a class folder linking to itself
+    os.symlink(train_dir, train_dir / "green" / "up1")  # two links up to the root
+    os.symlink(train_dir, train_dir / "green" / "up2")
+    os.symlink(train_dir, train_dir / "everything")  # a "class" that is the root again
+    data = LabelledImageFolder(train_dir)
+    assert data.classes == ["blue", "green", "red"]
+    assert sorted(data.paths) == expected and data.targets == [0] * 3 + [1] * 3 + [2] * 3
+    assert find_images(train_dir) == expected  # pretraining and the cluster explorer walk alike
 
 def test_max_per_class_is_a_deterministic_subset(tmp_path):
     train_dir, _ = write_labelled_folders(tmp_path, n_train=10, n_val=1)

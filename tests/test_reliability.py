@@ -274,13 +274,13 @@ def test_dying_worker_names_the_file(image_folder, tmp_path):
     poison = next((image_folder / "z").iterdir())
     script = textwrap.dedent(f"""
         import os, sys
-        import swavkit.data as data
-        real = data.read_rgb
+        import swavkit.data.datasets as datasets  # the module whose read_rgb the training dataset calls
+        real = datasets.read_rgb
         def read(path):
             if str(path) == {str(poison)!r}:
                 os.kill(os.getpid(), 9)  # what a decoder segfault looks like from outside
             return real(path)
-        data.read_rgb = read
+        datasets.read_rgb = read
         from swavkit.cli import main
         sys.exit(main(sys.argv[1:]))
     """)
