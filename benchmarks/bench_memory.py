@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_memory.py [--peak-steps 2] [--leak-epochs 9] [--skip-peak]
 
 1. Peak RSS (fresh subprocess per arm, so each peak is its own): resnet50, crops 2x224 + 6x96, batch 32,
-   K 3000, fp32 CPU, --peak-steps steps of the swavkit step (benchmarks/_steps.py), and the same for the
+   K 3000, fp32 CPU, --peak-steps steps of the library's step (swavkit.step.train_step), and the same for the
    bare backbone (grouped forward, trivial loss, LARS). Target (ours; issue 5 names none): the SwAV
    step needs at most 10% more than the backbone alone.
 2. No growth: ``swavkit.train`` itself (resnet10t, crops 2x32 + 2x16, batch 32, the bundled sample,
@@ -42,7 +42,7 @@ PEAK_CFG = dict(backbone="resnet50", batch=32, counts=[2, 6], sizes=[224, 96], K
 def child_peak(arm: str, steps: int) -> dict:
     import torch
 
-    from _steps import BareBackboneStep, SwavkitStep, make_crops
+    from _arms import BareBackboneStep, SwavkitStep, make_crops
 
     c = PEAK_CFG
     base = rss_mb()
@@ -76,11 +76,12 @@ def _children_rss_mib() -> float:
 
 
 def child_leak(epochs: int, out_dir: str) -> dict:
+    step_module = importlib.import_module("swavkit.step")
     train_module = importlib.import_module("swavkit.train")  # the module: swavkit.train is the function
     from swavkit.config import load_config
 
     records = []
-    original = train_module.swapped_prediction_loss
+    original = step_module.swapped_prediction_loss
     start = time.perf_counter()
 
     def counting_loss(*args, **kwargs):  # one call per training step
@@ -88,7 +89,7 @@ def child_leak(epochs: int, out_dir: str) -> dict:
                         round(time.perf_counter() - start, 3)))
         return original(*args, **kwargs)
 
-    train_module.swapped_prediction_loss = counting_loss
+    step_module.swapped_prediction_loss = counting_loss
     cfg = load_config([str(Path(__file__).resolve().parent / "memory_leak_config.yaml")],
                       [f"train.epochs={epochs}", f"out_dir={out_dir}"])
     result = train_module.train(cfg, restart=True, progress=False)

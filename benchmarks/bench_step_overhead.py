@@ -8,8 +8,9 @@ Arms (one process, interleaved A/B/C, alternating order, medians over repetition
           (mean of the pooled features), backward, LARS step over the backbone's parameters;
   model   SwAVModel (backbone + projection head + L2 norm + prototypes), trivial loss (mean score),
           backward, LARS step: isolates what the head and prototypes cost;
-  swavkit the full step of train.py stage 7b-7f (benchmarks/_steps.py): prototype normalisation,
-          forward, fp32 Sinkhorn on the 2 assignment crops, swapped-prediction loss, backward, LARS;
+  swavkit the library's training step, swavkit.step.train_step (what train.py runs per batch): prototype
+          normalisation, forward, fp32 Sinkhorn on the 2 assignment crops, swapped-prediction loss, backward,
+          finiteness check, LARS;
   A/A     a second identical bare backbone: the noise floor of a ratio on this machine.
 Target (issue 5): swavkit / bare <= 1.05. Also reported: the FLOP ratio (torch.utils.flop_counter), i.e.
 the part of the overhead that is SwAV's own arithmetic (projection head, prototypes).
@@ -31,7 +32,7 @@ import torch  # noqa: E402
 
 from _common import (LAST_CPU_SECONDS, TORCH_DEFAULT_THREADS, Verdicts, add_threads_argument,  # noqa: E402
                      apply_threads, environment, fmt_spread, interleaved, markdown_table, ratio_stats, report, stats)
-from _steps import BareBackboneStep, SwavkitStep, make_crops  # noqa: E402
+from _arms import BareBackboneStep, ModelOnlyStep, SwavkitStep, make_crops  # noqa: E402
 
 TARGET = 1.05
 CONFIGS = {
@@ -72,7 +73,7 @@ def run_config(name: str, cfg: dict, reps: int, with_model_arm: bool) -> dict:
     arms = {"bare": timed(bare_step, crops, cfg["steps"]),
             "bare_again": timed(BareBackboneStep(cfg["backbone"]), crops, cfg["steps"])}
     if with_model_arm:
-        arms["model"] = timed(SwavkitStep(cfg["backbone"], cfg["K"], trivial_loss=True), crops, cfg["steps"])
+        arms["model"] = timed(ModelOnlyStep(cfg["backbone"], cfg["K"]), crops, cfg["steps"])
     arms["swavkit"] = timed(swav_step, crops, cfg["steps"])
     times = interleaved(arms, reps, warmup=1, progress=name)
     cpu = {k: list(v) for k, v in LAST_CPU_SECONDS.items()}
@@ -202,8 +203,8 @@ def main() -> int:
                 "one call per resolution group (as `SwAVModel.embed`), trivial loss, backward, LARS over the "
                 "backbone (**A/A control**: a second identical bare backbone, whose ratio to the first shows how far "
                 "a ratio moves by noise alone); **backbone+head+prototypes** = `SwAVModel` forward with a trivial loss (isolates "
-                "the head/prototype cost); **swavkit** = train.py stage 7b-7f replicated from public functions "
-                "(`benchmarks/_steps.py`). Ratio = median of per-repetition ratios. FLOPs: "
+                "the head/prototype cost); **swavkit** = the library's `swavkit.step.train_step`, the step train.py runs "
+                "per batch. Ratio = median of per-repetition ratios. FLOPs: "
                 "`torch.utils.flop_counter` over one step (matmuls and convolutions; the projection head "
                 "and the prototypes are SwAV's own arithmetic, which no implementation can skip).")
     return report("step_overhead", "Step overhead: swavkit step vs bare backbone",

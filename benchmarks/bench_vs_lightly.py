@@ -5,7 +5,7 @@
 
 (a) step      training-step images/s, same timm backbone, crops, prototypes, batch, optimiser (LARS):
               lightly as its SwaV example composes it (SwaVProjectionHead, L2 norm, SwaVPrototypes, one
-              backbone call per crop, SwaVLoss) vs swavkit's step (benchmarks/_steps.py). Target >= 1.2x.
+              backbone call per crop, SwaVLoss) vs swavkit's step (swavkit.step.train_step). Target >= 1.2x.
 (b) sinkhorn  codes alone, K = 3000, 3 iterations, fp32, B = 1024 and 4096: swavkit.sinkhorn vs
               lightly.loss.swav_loss.sinkhorn. Target >= 2x; plus finiteness where exp(scores/epsilon)
               overflows fp32 (epsilon 0.01 on trained-like cosines; unnormalised scores x10).
@@ -34,7 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 from _common import (LAST_CPU_SECONDS, TORCH_DEFAULT_THREADS, Verdicts, add_threads_argument,  # noqa: E402
                      apply_threads, environment, fmt_spread, interleaved, markdown_table, ratio_stats, report,
                      require_cifar10, stats, time_loader)
-from _steps import OPTIM, SwavkitStep, group_by_size, make_crops  # noqa: E402
+from _arms import OPTIM, SwavkitStep, group_by_size, make_crops  # noqa: E402
 
 try:
     import lightly

@@ -319,6 +319,31 @@ def save_yaml(cfg: Config, path: str | Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# resuming: which changes a saved run accepts
+
+# Keys a resumed run may change: they do not alter what has been computed so far (prefixes: "monitor."
+# covers the whole section).
+RESUMABLE_CHANGES = ("train.epochs", "train.log_every_steps", "train.checkpoint_every_minutes",
+                     "train.checkpoint_every_steps", "train.device", "train.skip_nonfinite_steps",
+                     "train.collapse_patience_steps", "data.num_workers", "data.pin_memory",
+                     "data.prefetch_factor", "data.colour_on_device", "model.channels_last", "model.compile",
+                     "monitor.", "out_dir")
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two ``to_dict`` configs, ignoring RESUMABLE_CHANGES."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        dotted = f"{prefix}{key}"
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and key not in ("backbone_kwargs",):
+            diffs += config_differences(a, b, f"{dotted}.")
+        elif a != b and not dotted.startswith(RESUMABLE_CHANGES):
+            diffs.append(dotted)
+    return diffs
+
+
+# ----------------------------------------------------------------------------------------------------
 # validation: every message names the key
 
 CHOICES = {

@@ -1,6 +1,7 @@
-"""SwAV pretraining: ``train(cfg)`` reads top to bottom, one banner per stage.
+"""SwAV pretraining: ``train(cfg)`` sets up in stages, one banner each, then a short loop over ``train_step``.
 
-Runs as one plain process on CPU or one GPU, or as one process per device under torchrun / srun.
+Runs as one plain process on CPU or one GPU, or as one process per device under torchrun / srun. The
+step and the state it changes (whose ``state_dict`` is the checkpoint) live in :mod:`swavkit.step`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,24 +20,18 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from swavkit import distributed
-from swavkit.checkpoint import CHECKPOINT_FORMAT, backbone_state, export_backbone, load_training_checkpoint, save_atomic
-from swavkit.config import Config, ConfigError, save_yaml, to_dict, validate
+from swavkit.checkpoint import backbone_state, export_backbone, load_training_checkpoint, save_atomic
+from swavkit.config import Config, ConfigError, config_differences, save_yaml, to_dict, validate
 from swavkit.data import BUNDLED_SAMPLE, EpochSampler, check_readable, UnlabeledImageFolder, find_images
+from swavkit.device import autocast_dtype, resolve_auto_flag, resolve_device, resolve_precision
 from swavkit.diagnosis import CollapseMonitor, code_statistics
-from swavkit.loss import FeatureQueue, swapped_prediction_loss
-from swavkit.model import build_model, create_backbone
+from swavkit.loss import FeatureQueue
+from swavkit.model import SwAVModel, build_model, create_backbone
 from swavkit.multicrop import MultiCropTransform
 from swavkit.optim import REFERENCE_BASE_LR, build_optimizer, resolve_optimizer_name
 from swavkit.presets import typical_side_px
 from swavkit.schedule import lr_at_step, scaled_lr
-from swavkit.sinkhorn import sinkhorn
-
-# Keys a resumed run may change: they do not alter what has been computed so far.
-RESUMABLE_CHANGES = ("train.epochs", "train.log_every_steps", "train.checkpoint_every_minutes",
-                     "train.checkpoint_every_steps", "train.device", "train.skip_nonfinite_steps",
-                     "train.collapse_patience_steps", "data.num_workers", "data.pin_memory",
-                     "data.prefetch_factor", "data.colour_on_device", "model.channels_last", "model.compile",
-                     "monitor.", "out_dir")
+from swavkit.step import StepResult, StepSettings, TrainState, train_step
 
 
 class TrainingDiverged(FloatingPointError):
@@ -57,40 +52,467 @@ class TrainResult:
     completed: bool  # False when stopped early (signal or stop_after_steps)
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device: cuda requested but no GPU is visible; use train.device=cpu")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+# ----------------------------------------------------------------------------------------------------
+# what the setup stages decide, and the loop reads
+
+@dataclass
+class _Processes:
+    """Stage 1: where this process runs, among how many, in which precision."""
+    device: torch.device
+    world: int
+    rank: int
+    is_main: bool
+    local_world_size: int
+    precision: str  # fp32 | bf16 | fp16
+    colour_on_device: bool  # colour ops in the training loop (True) or in the data workers
+
+    def say(self, *args, **kwargs) -> None:
+        """print on the main process only"""
+        if self.is_main:
+            print(*args, **kwargs)
 
 
-def resolve_precision(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if name == "fp16" and device.type != "cuda":
-        raise ConfigError("train.precision: fp16 needs a GPU (it needs a loss scaler); use bf16 or fp32 on CPU")
-    return name
+@dataclass
+class _RunFiles:
+    """What a run writes under ``out_dir``."""
+    out_dir: Path
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out_dir / "checkpoints" / "last.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.out_dir / "metrics.jsonl"
+
+    @property
+    def skipped(self) -> Path:
+        return self.out_dir / "skipped.txt"
 
 
-def resolve_auto_flag(name: str, device: torch.device) -> bool:
-    """auto | true | false -> bool, auto meaning "on a GPU": for data.colour_on_device (on a GPU the
-    workers' colour ops were the bottleneck) and model.channels_last (faster there, neutral on a CPU)."""
-    return name == "true" or (name == "auto" and device.type == "cuda")
+@dataclass
+class _Data:
+    """Stage 3: the per-rank batches and how many steps they make."""
+    transform: MultiCropTransform
+    dataset: UnlabeledImageFolder
+    sampler: EpochSampler
+    loader: DataLoader
+    per_rank_batch: int
+    steps_per_epoch: int
+    total_steps: int
 
 
-def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ, ignoring RESUMABLE_CHANGES."""
-    diffs = []
-    for key in sorted(set(saved) | set(current)):
-        dotted = f"{prefix}{key}"
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict) and key not in ("backbone_kwargs",):
-            diffs += config_differences(a, b, f"{dotted}.")
-        elif a != b and not dotted.startswith(RESUMABLE_CHANGES):
-            diffs.append(dotted)
-    return diffs
+@dataclass
+class _Loop:
+    """Everything the training loop reads and never changes, built by ``train``'s setup stages."""
+    cfg: Config
+    procs: _Processes
+    files: _RunFiles
+    data: _Data
+    settings: StepSettings
+    schedule: dict  # keyword arguments of schedule.lr_at_step
+    memory_format: torch.memory_format
+    stop_after_steps: int | None
 
+
+@dataclass
+class LogWindow:
+    """Sums over the steps since the last metrics row (the loss stays on the device until logged)."""
+    loss_sum: torch.Tensor  # 0-d fp32
+    steps: int = 0
+    wait_s: float = 0.0  # time blocked on the data loader
+    start_s: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def open(cls, device: torch.device) -> "LogWindow":
+        return cls(torch.zeros((), device=device))
+
+
+@dataclass
+class _Progress:
+    """What the loop changes besides the TrainState."""
+    bar: tqdm
+    stop_request: "_StopRequest"
+    window: LogWindow
+    last_save_s: float  # time.monotonic() of the last checkpoint
+
+
+# ----------------------------------------------------------------------------------------------------
+# train(): setup stages, then the loop
+
+def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = None,
+          progress: bool = True) -> TrainResult:
+    """Pretrain with SwAV as described by ``cfg``; resume from ``out_dir/checkpoints/last.pt`` if present.
+
+    Args:
+        restart: discard an existing checkpoint in ``out_dir`` and start over.
+        stop_after_steps: stop (with a checkpoint, like a preemption) once this global step is reached.
+    """
+    # ================================================================================================
+    # 1. processes, device, precision
+    # ================================================================================================
+    procs = _start_processes(cfg)
+    # ================================================================================================
+    # 2. run directory: resume or start
+    # ================================================================================================
+    files = _RunFiles(Path(cfg.out_dir))
+    checkpoint = _prepare_run_dir(cfg, files, restart, procs.is_main)
+    # ================================================================================================
+    # 3. data: unlabeled folder -> multi-crop -> per-rank batches
+    # ================================================================================================
+    data = _build_data(cfg, procs)
+    # ================================================================================================
+    # 4. model: timm backbone -> projection head -> L2 norm -> prototypes
+    # ================================================================================================
+    core, model, memory_format = _build_model(cfg, procs)
+    # ================================================================================================
+    # 5. optimiser, schedules, queue, prototype freezing
+    # ================================================================================================
+    state, settings, schedule = _build_state(cfg, procs, data, core, model)
+    # ================================================================================================
+    # 6. resume: weights, optimiser, step, queue, RNG
+    # ================================================================================================
+    resumed_at_step = None
+    if checkpoint is not None:
+        for note in state.load_state_dict(checkpoint):
+            procs.say(f"resume: {note}")
+        resumed_at_step = state.step
+        procs.say(f"resume: {files.checkpoint} at step {state.step}/{data.total_steps}")
+    # ================================================================================================
+    # 7. training loop
+    # ================================================================================================
+    loop = _Loop(cfg, procs, files, data, settings, schedule, memory_format, stop_after_steps)
+    stopped_by = _train_epochs(loop, state, show_progress=progress)
+    if stopped_by is not None:
+        procs.say(f"stopped at step {state.step}/{data.total_steps} ({stopped_by}); checkpoint saved to "
+                  f"{files.checkpoint}. Run the same command again to resume.")
+        return TrainResult(files.out_dir, files.checkpoint, None, state.step, state.last_loss, completed=False)
+    # ================================================================================================
+    # 8. final checkpoint and backbone export
+    # ================================================================================================
+    if resumed_at_step != state.step:
+        _save_checkpoint(loop, state)
+    backbone_dir = _export(cfg, procs, files, state)
+    distributed.barrier()
+    return TrainResult(files.out_dir, files.checkpoint, backbone_dir, state.step, state.last_loss, completed=True)
+
+
+def _start_processes(cfg: Config) -> _Processes:
+    launch = distributed.detect_launch()
+    device = resolve_device(cfg.train.device, launch.local_rank)
+    launch = distributed.init(device.type)
+    world = distributed.world_size()
+    validate(cfg, world_size=world)
+    return _Processes(device, world, distributed.rank(), distributed.is_main_process(), launch.local_world_size,
+                      resolve_precision(cfg.train.precision, device),
+                      resolve_auto_flag(cfg.data.colour_on_device, device))
+
+
+def _prepare_run_dir(cfg: Config, files: _RunFiles, restart: bool, is_main: bool) -> dict | None:
+    """Resume or start: the saved checkpoint to resume from (None: a fresh run); --restart removes the
+    old run's files; config.yaml is (re)written."""
+    out_dir, checkpoint_path = files.out_dir, files.checkpoint
+    resume = None
+    if checkpoint_path.exists() and not restart:
+        resume = load_training_checkpoint(checkpoint_path)
+        diffs = config_differences(resume["config"], to_dict(cfg))
+        if diffs:
+            raise ConfigError(f"{out_dir} holds a run with a different config ({', '.join(diffs[:6])}); use another "
+                              "out_dir, or --restart to discard that run")
+    distributed.barrier()
+    if is_main:
+        if restart and out_dir.exists():
+            for stale in (checkpoint_path, files.metrics, files.skipped):
+                stale.unlink(missing_ok=True)
+            shutil.rmtree(out_dir / "backbone", ignore_errors=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, out_dir / "config.yaml")
+    distributed.barrier()
+    return resume
+
+
+def _build_data(cfg: Config, procs: _Processes) -> _Data:
+    data_root = cfg.data.path or str(BUNDLED_SAMPLE / "train")
+    paths = find_images(data_root)
+    check_readable(paths, data_root)
+    per_rank_batch = cfg.train.batch_size // procs.world
+    if len(paths) < cfg.train.batch_size:
+        raise ConfigError(f"train.batch_size: the global batch {cfg.train.batch_size} is larger than the "
+                          f"{len(paths)} images in {data_root}; lower it")
+    if cfg.monitor.knn_data:
+        _monitor_folders(cfg)  # a wrong monitoring folder should fail now, not after the first epoch
+    transform = MultiCropTransform.from_config(cfg.crops)
+    dataset = UnlabeledImageFolder(data_root, transform, paths=paths)
+    sampler = EpochSampler(len(paths), procs.rank, procs.world, cfg.seed)
+    workers, on_gpu = cfg.data.num_workers, procs.device.type == "cuda"
+    loader = DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler, drop_last=True, num_workers=workers,
+                        collate_fn=transform.collate_pixels if procs.colour_on_device else transform.collate,
+                        pin_memory=cfg.data.pin_memory and on_gpu, persistent_workers=workers > 0,
+                        prefetch_factor=cfg.data.prefetch_factor if workers else None)
+    _warn_about_crops(cfg, procs, typical_side_px(paths, sample=50))
+    steps_per_epoch = len(sampler) // per_rank_batch
+    n_crops = sum(cfg.crops.counts)
+    procs.say(f"data: {len(paths)} images in {data_root}"
+              + (" (bundled Fashion-MNIST sample, MIT licence)" if not cfg.data.path else "")
+              + f"; {n_crops} crops each ({' + '.join(f'{c}x{s}px' for c, s in zip(cfg.crops.counts, cfg.crops.sizes_px))}); "
+              f"{steps_per_epoch} steps/epoch at global batch {cfg.train.batch_size} ({procs.world} process(es)); colour ops "
+              + (f"on {procs.device.type} (data.colour_on_device)" if procs.colour_on_device else "in the data workers"))
+    return _Data(transform, dataset, sampler, loader, per_rank_batch, steps_per_epoch,
+                 steps_per_epoch * cfg.train.epochs)
+
+
+def _warn_about_crops(cfg: Config, procs: _Processes, typical_side: int) -> None:
+    if cfg.crops.sizes_px[0] > 2 * typical_side:
+        procs.say(f"warning: crops.sizes_px[0]={cfg.crops.sizes_px[0]} is over twice the typical image side "
+                  f"({typical_side} px): crops are upsampled and small crops hold almost nothing; use smaller "
+                  "crops or --auto")
+    if procs.device.type == "cpu" and procs.precision == "bf16" and min(cfg.crops.sizes_px) < 32:
+        # Measured with torch 2.14.1: the CPU bf16 weight gradient of a stride-2 3x3 convolution whose input
+        # is 1x1 (a ResNet's last stage on crops under 32 px) is garbage or NaN in most calls.
+        procs.say(f"warning: train.precision=bf16 on CPU with {min(cfg.crops.sizes_px)} px crops: torch's CPU bf16 "
+                  "convolutions return corrupt gradients on 1x1 feature maps; use train.precision=fp32 (bad steps "
+                  "are detected and skipped, see train.skip_nonfinite_steps)")
+
+
+def _build_model(cfg: Config, procs: _Processes) -> tuple[SwAVModel, torch.nn.Module, torch.memory_format]:
+    """(core SwAVModel, what the forward runs: core or DDP around it, the crops' memory format)"""
+    device, m = procs.device, cfg.model
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    core = build_model(m.backbone, m.n_prototypes, m.hidden_dim, m.output_dim, m.backbone_kwargs).to(device)
+    memory_format = torch.channels_last if resolve_auto_flag(m.channels_last, device) else torch.contiguous_format
+    core = core.to(memory_format=memory_format)
+    core = distributed.convert_sync_batchnorm(core, m.sync_batchnorm, procs.local_world_size)
+    if m.compile:
+        # Static shapes: the backbone sees one fixed shape per crop resolution. Left automatic, the second
+        # resolution makes dynamo recompile a dynamic-shape graph: twice the compile time on a CPU (19 vs
+        # 39 s for resnet18, same speed after), and on an H100 still compiling after 170 s.
+        core.backbone.compile(dynamic=False)
+    model = distributed.wrap_ddp(core, device)
+    procs.say(f"model: {m.backbone} ({core.backbone.num_features}-d features) -> head {m.hidden_dim or '-'} -> "
+              f"{m.output_dim}-d -> {m.n_prototypes} prototypes; precision {procs.precision} on {device}"
+              + (" (channels_last)" if memory_format == torch.channels_last else ""))
+    return core, model, memory_format
+
+
+def _build_state(cfg: Config, procs: _Processes, data: _Data, core: SwAVModel,
+                 model: torch.nn.Module) -> tuple[TrainState, StepSettings, dict]:
+    """(fresh TrainState, the step's settings, the LR schedule's keyword arguments)"""
+    optimizer_name = resolve_optimizer_name(cfg.optim.optimizer, core.backbone)
+    base_lr = cfg.optim.base_lr or REFERENCE_BASE_LR[optimizer_name]
+    peak_lr = scaled_lr(base_lr, cfg.train.batch_size, cfg.optim.reference_batch_size)
+    optimizer = build_optimizer(core, optimizer_name, lr=peak_lr, weight_decay=cfg.optim.weight_decay,
+                                momentum=cfg.optim.momentum, trust_coefficient=cfg.optim.lars_trust_coefficient)
+    schedule = dict(peak_lr=peak_lr, total_steps=data.total_steps,
+                    warmup_steps=round(cfg.optim.warmup_epochs * data.steps_per_epoch),
+                    warmup_start_lr=cfg.optim.warmup_start_lr * peak_lr, final_lr=cfg.optim.final_lr * peak_lr)
+    queue = None
+    if cfg.swav.queue_length:
+        queue = FeatureQueue(len(cfg.swav.assignment_crops), cfg.swav.queue_length // procs.world,
+                             cfg.model.output_dim).to(procs.device)
+    state = TrainState(core, optimizer, torch.amp.GradScaler(procs.device.type, enabled=procs.precision == "fp16"),
+                       queue, CollapseMonitor(cfg.model.n_prototypes, cfg.train.collapse_patience_steps), model)
+    settings = StepSettings.from_config(cfg, data.steps_per_epoch, autocast_dtype(procs.precision))
+    procs.say(f"optimiser: {optimizer_name}, peak LR {peak_lr:.4g} (base {base_lr:g} x {cfg.train.batch_size}/"
+              f"{cfg.optim.reference_batch_size}), {schedule['warmup_steps']} warm-up steps, {data.total_steps} "
+              f"steps; prototypes frozen for {settings.freeze_prototype_steps} steps"
+              + (f"; queue {cfg.swav.queue_length} from epoch {cfg.swav.queue_start_epoch}" if queue is not None else ""))
+    return state, settings, schedule
+
+
+# ----------------------------------------------------------------------------------------------------
+# stage 7: the loop
+
+def _train_epochs(loop: _Loop, state: TrainState, show_progress: bool) -> str | None:
+    """Epochs of steps until ``total_steps``. Returns None when done, else why it stopped early (a
+    signal or stop_after_steps; a checkpoint is saved then)."""
+    data = loop.data
+    state.model.train()
+    bar = tqdm(total=data.total_steps, initial=state.step, disable=not (show_progress and loop.procs.is_main),
+               desc="pretrain", unit="step", dynamic_ncols=True, file=sys.stdout)
+    with _StopRequest() as stop_request:
+        progress = _Progress(bar, stop_request, LogWindow.open(loop.procs.device), time.monotonic())
+        while state.step < data.total_steps:
+            epoch = state.step // data.steps_per_epoch
+            if not _train_one_epoch(loop, state, progress, epoch):
+                bar.close()
+                return stop_request.signal_name or f"stop_after_steps={loop.stop_after_steps}"
+            _end_of_epoch(loop, state, epoch)
+    bar.close()
+    return None
+
+
+def _train_one_epoch(loop: _Loop, state: TrainState, progress: _Progress, epoch: int) -> bool:
+    """The steps of ``epoch`` from ``state.step`` on; False when the run must stop now (checkpoint saved)."""
+    data, cfg = loop.data, loop.cfg
+    epoch_start = epoch * data.steps_per_epoch
+    data.sampler.set_epoch(epoch, start=(state.step - epoch_start) * data.per_rank_batch)
+    batches = iter(data.loader)
+    while state.step < min(epoch_start + data.steps_per_epoch, data.total_steps):
+        crops = _next_batch(loop, state, batches, progress.window)  # ---- 7a. data
+        if crops is None:
+            break
+        lr = lr_at_step(state.step, **loop.schedule)
+        result = train_step(state, crops, loop.settings, lr)  # ---- 7b-7f. the step
+        if not result.applied:
+            _refused_step(loop, state, result)  # raises once past train.skip_nonfinite_steps
+            state.step += 1  # the batch is dropped; the schedule moves on
+            continue
+        progress.window.loss_sum += result.loss
+        progress.window.steps += 1
+        progress.bar.update(1)
+        if state.step % cfg.train.log_every_steps == 0 or state.step == data.total_steps:
+            _log_metrics(loop, state, result, lr, progress)  # ---- 7g. logging
+        if _checkpoint_and_stop(loop, state, progress):  # ---- 7h. checkpoints and stop requests
+            return False
+    return True
+
+
+def _next_batch(loop: _Loop, state: TrainState, batches, window: LogWindow) -> list[torch.Tensor] | None:
+    """7a: the next V crop tensors [B, 3, s, s] on the device, or None when the epoch's batches ran out.
+    The time spent blocked here is the data-wait fraction."""
+    wait_start = time.perf_counter()
+    try:
+        crops, _, skipped = next(batches)
+    except StopIteration:
+        return None
+    except RuntimeError as err:
+        if "DataLoader worker" not in str(err):
+            raise
+        reading = loop.data.dataset.describe_reading()
+        raise DataLoaderCrashed(f"a data-loading worker died ({str(err).splitlines()[0]}) while reading "
+                                f"{', '.join(reading) or 'an unknown file'}; move that file away or use "
+                                "data.num_workers=0 to see the full error") from None
+    window.wait_s += time.perf_counter() - wait_start
+    if skipped:
+        _record_skipped(loop.files.skipped, state, skipped, loop.procs.is_main)
+    device = loop.procs.device
+    if loop.procs.colour_on_device:  # uint8 crops + parameters: the colour half runs here
+        crops = loop.data.transform.finish(crops, device)
+    return [c.to(device, non_blocking=True, memory_format=loop.memory_format) for c in crops]
+
+
+def _record_skipped(skipped_path: Path, state: TrainState, new: list[tuple[str, str]], is_main: bool) -> None:
+    """Remember unreadable files (path, why) in the state and append the new ones to skipped.txt."""
+    fresh = [(p, why) for p, why in new if p not in state.skipped_files]
+    for p, why in fresh:
+        state.skipped_files.add(p)
+        if is_main:
+            with open(skipped_path, "a") as handle:
+                handle.write(f"{p}\t{why}\n")
+    if fresh and is_main:
+        tqdm.write(f"skipped {len(fresh)} unreadable file(s) (total {len(state.skipped_files)}), e.g. "
+                   f"{fresh[0][0]}; see {skipped_path}")
+
+
+def _refused_step(loop: _Loop, state: TrainState, result: StepResult) -> None:
+    """A step refused for a non-finite loss or gradient: past train.skip_nonfinite_steps, save the last good
+    state and raise TrainingDiverged; otherwise say so."""
+    if state.nonfinite_skipped <= loop.cfg.train.skip_nonfinite_steps:
+        tqdm.write(f"step {result.step}: non-finite {result.nonfinite}, step skipped ({state.nonfinite_skipped} so far)")
+        return
+    _save_checkpoint(loop, state)  # the weights are still those of the last good step
+    if not result.nonfinite_loss and loop.procs.device.type == "cpu" and loop.settings.autocast_dtype == torch.bfloat16:
+        hint = (f"CPU bf16 convolutions return corrupt weight gradients in torch {torch.__version__} when a "
+                "stride-2 3x3 convolution sees a 1x1 map (crops under 32 px): use train.precision=fp32")
+    else:
+        hint = ("Likely causes: learning rate too high (optim.base_lr), swav.epsilon too small for fp32 (try "
+                "swav.sinkhorn_fp64=true), or fp16 overflow (use train.precision=bf16)")
+    epoch = result.step // loop.data.steps_per_epoch
+    raise TrainingDiverged(f"non-finite {result.nonfinite} at step {result.step} (epoch {epoch}); the last good "
+                           f"state is saved in {loop.files.checkpoint}. {hint}. train.skip_nonfinite_steps=N skips "
+                           "up to N bad steps")
+
+
+def _log_metrics(loop: _Loop, state: TrainState, result: StepResult, lr: float, progress: _Progress) -> None:
+    """7g: one metrics.jsonl row over the window since the last (the only host syncs besides the step's
+    finiteness check), the collapse check, a fresh window."""
+    window, procs = progress.window, loop.procs
+    mean_loss = distributed.all_reduce_sum(window.loss_sum.clone()) / (window.steps * procs.world)
+    elapsed = time.perf_counter() - window.start_s
+    usage = code_statistics(result.codes)
+    state.last_loss = float(mean_loss)
+    row = {"step": state.step, "epoch": state.step / loop.data.steps_per_epoch, "loss": round(state.last_loss, 5),
+           "ln_k": round(math.log(state.core.n_prototypes), 5), "lr": lr,
+           "images_per_s": round(window.steps * loop.data.per_rank_batch * procs.world / elapsed, 2),
+           "data_wait_fraction": round(window.wait_s / elapsed, 4),
+           "prototypes_used": usage["prototypes_used"], "code_entropy": round(usage["code_entropy"], 4),
+           "queue_in_use": bool(result.queue_started and state.queue.is_full)}
+    if procs.is_main:
+        _write_jsonl(loop.files.metrics, row)
+        progress.bar.set_postfix(loss=f"{state.last_loss:.3f}", lr=f"{lr:.3g}", used=usage["prototypes_used"])
+        warning = state.collapse.update(state.step, state.last_loss, usage["prototypes_used"])
+        if warning:
+            tqdm.write("WARNING " + warning)
+    progress.window = LogWindow.open(procs.device)
+
+
+def _checkpoint_and_stop(loop: _Loop, state: TrainState, progress: _Progress) -> bool:
+    """7h: save when due (every N steps or M minutes, at the end of an epoch, on a stop request); whether the
+    run must stop now. Every rank takes the same decisions."""
+    train_cfg, step = loop.cfg.train, state.step
+    stop = progress.stop_request.signal_name is not None
+    steps_due = train_cfg.checkpoint_every_steps > 0 and step % train_cfg.checkpoint_every_steps == 0
+    time_due = time.monotonic() - progress.last_save_s > 60 * train_cfg.checkpoint_every_minutes
+    if loop.procs.world > 1:
+        # Signals and wall clocks differ between ranks: act on them only at logging steps, where every
+        # rank joins the same all-reduce.
+        if step % train_cfg.log_every_steps == 0:
+            stop, steps_due, time_due = _on_any_rank(loop.procs.device, stop, steps_due, time_due)
+        else:
+            stop = time_due = False
+    if loop.stop_after_steps is not None and step >= loop.stop_after_steps:
+        stop = True
+    if stop or steps_due or time_due or step % loop.data.steps_per_epoch == 0:
+        _save_checkpoint(loop, state)
+        progress.last_save_s = time.monotonic()
+    return stop and step < loop.data.total_steps
+
+
+def _on_any_rank(device: torch.device, *flags: bool) -> tuple[bool, ...]:
+    """Each flag OR-ed over the ranks, in one all-reduce (on ``device``: NCCL reduces GPU tensors only)."""
+    reduced = distributed.all_reduce_max(torch.tensor([float(f) for f in flags], device=device))
+    return tuple(bool(v) for v in reduced.tolist())
+
+
+def _end_of_epoch(loop: _Loop, state: TrainState, epoch: int) -> None:
+    """7i: after a complete epoch, the optional online k-NN on a labelled folder."""
+    cfg = loop.cfg
+    complete = state.step == (epoch + 1) * loop.data.steps_per_epoch
+    if cfg.monitor.knn_data and (epoch + 1) % cfg.monitor.every_epochs == 0 and complete:
+        result = _monitor_knn(state.core.backbone, cfg, loop.procs.device)
+        if loop.procs.is_main:
+            _write_jsonl(loop.files.metrics, {"step": state.step, "epoch": epoch + 1, **result})
+            tqdm.write(f"epoch {epoch + 1}: online k-NN top-1 {result['knn_top1']:.2f}%")
+    state.model.train()
+
+
+def _save_checkpoint(loop: _Loop, state: TrainState) -> None:
+    """The checkpoint is the state's dict plus the config. Every rank contributes its queue and RNG; rank 0
+    writes one file atomically."""
+    checkpoint = state.state_dict()
+    if loop.procs.is_main:
+        save_atomic({**checkpoint, "config": to_dict(loop.cfg)}, loop.files.checkpoint)
+    distributed.barrier()
+
+
+def _export(cfg: Config, procs: _Processes, files: _RunFiles, state: TrainState) -> Path:
+    """Stage 8: the backbone alone, in timm's local-dir layout (written by rank 0)."""
+    backbone_dir = files.out_dir / "backbone"
+    if procs.is_main:
+        m = cfg.model
+        export_net = create_backbone(m.backbone, **m.backbone_kwargs)
+        export_net.load_state_dict(backbone_state(state.core.state_dict()), strict=True)
+        export_backbone(export_net, backbone_dir, image_size_px=cfg.crops.sizes_px[0], mean=cfg.crops.mean,
+                        std=cfg.crops.std)
+        procs.say(f"done: {state.step} steps, final loss {state.last_loss:.4f} (ln K = {math.log(m.n_prototypes):.3f})\n"
+                  f"  checkpoint: {files.checkpoint}\n  backbone:   {backbone_dir}  "
+                  f"(timm.create_model('local-dir:{backbone_dir}', pretrained=True) or swavkit.load_backbone)\n"
+                  f"  metrics:    {files.metrics}")
+    return backbone_dir
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers
 
 class _StopRequest:
     """SIGTERM/SIGINT (what schedulers send before preemption) only set a flag; the loop then saves a
@@ -121,396 +543,6 @@ class _StopRequest:
 def _write_jsonl(path: Path, row: dict) -> None:
     with open(path, "a") as handle:
         handle.write(json.dumps(row) + "\n")
-
-
-def gradient_norm_sum(module: torch.nn.Module) -> torch.Tensor:
-    """Sum of the per-parameter gradient L2 norms (fp32 scalar, on the parameters' device): non-finite
-    exactly when some gradient is, and also when one is so large (> ~1e19) that its square overflows -
-    the kind of garbage a broken kernel returns. One fused pass, no host sync."""
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    return torch.stack(torch._foreach_norm(grads)).float().sum()
-
-
-def nonfinite_gradient_name(module: torch.nn.Module) -> str:
-    """Name of the first parameter whose gradient is non-finite (for the error message only)."""
-    for name, p in module.named_parameters():
-        if p.grad is not None and not bool(torch.isfinite(p.grad.float().norm())):
-            return name
-    return "unknown parameter"
-
-
-def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = None,
-          progress: bool = True) -> TrainResult:
-    """Pretrain with SwAV as described by ``cfg``; resume from ``out_dir/checkpoints/last.pt`` if present.
-
-    Args:
-        restart: discard an existing checkpoint in ``out_dir`` and start over.
-        stop_after_steps: stop (with a checkpoint, like a preemption) once this global step is reached.
-    """
-    # ================================================================================================
-    # 1. processes, device, precision
-    # ================================================================================================
-    launch = distributed.detect_launch()
-    device = resolve_device(cfg.train.device, launch.local_rank)
-    launch = distributed.init(device.type)
-    world, rank, is_main = distributed.world_size(), distributed.rank(), distributed.is_main_process()
-    validate(cfg, world_size=world)
-    precision = resolve_precision(cfg.train.precision, device)
-    colour_on_device = resolve_auto_flag(cfg.data.colour_on_device, device)
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    say = print if is_main else (lambda *a, **k: None)
-
-    # ================================================================================================
-    # 2. run directory: resume or start
-    # ================================================================================================
-    out_dir = Path(cfg.out_dir)
-    checkpoint_path = out_dir / "checkpoints" / "last.pt"
-    metrics_path, skipped_path = out_dir / "metrics.jsonl", out_dir / "skipped.txt"
-    resume = None
-    if checkpoint_path.exists() and not restart:
-        resume = load_training_checkpoint(checkpoint_path)
-        diffs = config_differences(resume["config"], to_dict(cfg))
-        if diffs:
-            raise ConfigError(f"{out_dir} holds a run with a different config ({', '.join(diffs[:6])}); use another "
-                              "out_dir, or --restart to discard that run")
-    distributed.barrier()
-    if is_main:
-        if restart and out_dir.exists():
-            for stale in (checkpoint_path, metrics_path, skipped_path):
-                stale.unlink(missing_ok=True)
-            shutil.rmtree(out_dir / "backbone", ignore_errors=True)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, out_dir / "config.yaml")
-    distributed.barrier()
-
-    # ================================================================================================
-    # 3. data: unlabeled folder -> multi-crop -> per-rank batches
-    # ================================================================================================
-    data_root = cfg.data.path or str(BUNDLED_SAMPLE / "train")
-    paths = find_images(data_root)
-    check_readable(paths, data_root)
-    per_rank_batch = cfg.train.batch_size // world
-    if len(paths) < cfg.train.batch_size:
-        raise ConfigError(f"train.batch_size: the global batch {cfg.train.batch_size} is larger than the "
-                          f"{len(paths)} images in {data_root}; lower it")
-    if cfg.monitor.knn_data:
-        _monitor_folders(cfg)  # a wrong monitoring folder should fail now, not after the first epoch
-    transform = MultiCropTransform.from_config(cfg.crops)
-    dataset = UnlabeledImageFolder(data_root, transform, paths=paths)
-    sampler = EpochSampler(len(paths), rank, world, cfg.seed)
-    workers = cfg.data.num_workers
-    loader = DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler, drop_last=True,
-                        num_workers=workers,
-                        collate_fn=transform.collate_pixels if colour_on_device else transform.collate,
-                        pin_memory=cfg.data.pin_memory and device.type == "cuda",
-                        persistent_workers=workers > 0, prefetch_factor=cfg.data.prefetch_factor if workers else None)
-    typical_side = typical_side_px(paths, sample=50)
-    if cfg.crops.sizes_px[0] > 2 * typical_side:
-        say(f"warning: crops.sizes_px[0]={cfg.crops.sizes_px[0]} is over twice the typical image side ({typical_side} "
-            "px): crops are upsampled and small crops hold almost nothing; use smaller crops or --auto")
-    if device.type == "cpu" and precision == "bf16" and min(cfg.crops.sizes_px) < 32:
-        # Measured with torch 2.14.1: the CPU bf16 weight gradient of a stride-2 3x3 convolution whose input
-        # is 1x1 (a ResNet's last stage on crops under 32 px) is garbage or NaN in most calls.
-        say(f"warning: train.precision=bf16 on CPU with {min(cfg.crops.sizes_px)} px crops: torch's CPU bf16 "
-            "convolutions return corrupt gradients on 1x1 feature maps; use train.precision=fp32 (bad steps are "
-            "detected and skipped, see train.skip_nonfinite_steps)")
-    steps_per_epoch = len(sampler) // per_rank_batch
-    total_steps = steps_per_epoch * cfg.train.epochs
-    n_crops = sum(cfg.crops.counts)
-    say(f"data: {len(paths)} images in {data_root}"
-        + (" (bundled Fashion-MNIST sample, MIT licence)" if not cfg.data.path else "")
-        + f"; {n_crops} crops each ({' + '.join(f'{c}x{s}px' for c, s in zip(cfg.crops.counts, cfg.crops.sizes_px))}); "
-        f"{steps_per_epoch} steps/epoch at global batch {cfg.train.batch_size} ({world} process(es)); colour ops "
-        + (f"on {device.type} (data.colour_on_device)" if colour_on_device else "in the data workers"))
-
-    # ================================================================================================
-    # 4. model: timm backbone -> projection head -> L2 norm -> prototypes
-    # ================================================================================================
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    m = cfg.model
-    core = build_model(m.backbone, m.n_prototypes, m.hidden_dim, m.output_dim, m.backbone_kwargs).to(device)
-    memory_format = torch.channels_last if resolve_auto_flag(m.channels_last, device) else torch.contiguous_format
-    core = core.to(memory_format=memory_format)
-    core = distributed.convert_sync_batchnorm(core, m.sync_batchnorm, launch.local_world_size)
-    if m.compile:
-        # Static shapes: the backbone sees one fixed shape per crop resolution. Left automatic, the second
-        # resolution makes dynamo recompile a dynamic-shape graph: twice the compile time on a CPU (19 vs
-        # 39 s for resnet18, same speed after), and on an H100 still compiling after 170 s.
-        core.backbone.compile(dynamic=False)
-    model = distributed.wrap_ddp(core, device)
-    K = m.n_prototypes
-    say(f"model: {m.backbone} ({core.backbone.num_features}-d features) -> head {m.hidden_dim or '-'} -> "
-        f"{m.output_dim}-d -> {K} prototypes; precision {precision} on {device}"
-        + (" (channels_last)" if memory_format == torch.channels_last else ""))
-
-    # ================================================================================================
-    # 5. optimiser, schedules, queue, prototype freezing
-    # ================================================================================================
-    optimizer_name = resolve_optimizer_name(cfg.optim.optimizer, core.backbone)
-    base_lr = cfg.optim.base_lr or REFERENCE_BASE_LR[optimizer_name]
-    peak_lr = scaled_lr(base_lr, cfg.train.batch_size, cfg.optim.reference_batch_size)
-    optimizer = build_optimizer(core, optimizer_name, lr=peak_lr, weight_decay=cfg.optim.weight_decay,
-                                momentum=cfg.optim.momentum, trust_coefficient=cfg.optim.lars_trust_coefficient)
-    schedule = dict(peak_lr=peak_lr, total_steps=total_steps,
-                    warmup_steps=round(cfg.optim.warmup_epochs * steps_per_epoch),
-                    warmup_start_lr=cfg.optim.warmup_start_lr * peak_lr, final_lr=cfg.optim.final_lr * peak_lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    freeze_prototype_steps = round(cfg.swav.freeze_prototypes_epochs * steps_per_epoch)
-    assignment_crops = list(cfg.swav.assignment_crops)
-    queue = None
-    if cfg.swav.queue_length:
-        queue = FeatureQueue(len(assignment_crops), cfg.swav.queue_length // world, m.output_dim).to(device)
-    sinkhorn_dtype = torch.float64 if cfg.swav.sinkhorn_fp64 else torch.float32
-    collapse = CollapseMonitor(K, cfg.train.collapse_patience_steps)
-    say(f"optimiser: {optimizer_name}, peak LR {peak_lr:.4g} (base {base_lr:g} x {cfg.train.batch_size}/"
-        f"{cfg.optim.reference_batch_size}), {schedule['warmup_steps']} warm-up steps, {total_steps} steps; "
-        f"prototypes frozen for {freeze_prototype_steps} steps"
-        + (f"; queue {cfg.swav.queue_length} from epoch {cfg.swav.queue_start_epoch}" if queue is not None else ""))
-
-    # ================================================================================================
-    # 6. resume: weights, optimiser, step, queue, RNG
-    # ================================================================================================
-    step, nonfinite_skipped, last_loss = 0, 0, float("nan")
-    skipped_files: set[str] = set()
-    if resume is not None:
-        core.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scaler.load_state_dict(resume["scaler"])
-        step, nonfinite_skipped = int(resume["step"]), int(resume.get("nonfinite_skipped", 0))
-        last_loss = float(resume.get("last_loss", float("nan")))
-        collapse.load_state_dict(resume.get("collapse", {}))
-        skipped_files = set(resume.get("skipped_files", []))
-        per_rank = resume["per_rank"]
-        mine = per_rank[rank] if len(per_rank) == world else per_rank[0]
-        torch.set_rng_state(mine["rng_cpu"])
-        if device.type == "cuda" and mine.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(mine["rng_cuda"], device)
-        if queue is not None and mine.get("queue") is not None:
-            if len(per_rank) == world:
-                queue.load_state_dict(mine["queue"])
-            else:
-                say(f"resume: the queue was saved by {len(per_rank)} process(es), now {world}: it refills")
-        say(f"resume: {checkpoint_path} at step {step}/{total_steps}")
-
-    def save_checkpoint() -> None:
-        """Every rank contributes its queue and RNG; rank 0 writes one file atomically."""
-        mine = {"rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "queue": {k: v.cpu() for k, v in queue.state_dict().items()} if queue is not None else None}
-        per_rank = distributed.all_gather_objects(mine)
-        if is_main:
-            save_atomic({"format": CHECKPOINT_FORMAT, "config": to_dict(cfg), "step": step,
-                         "model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "per_rank": per_rank, "collapse": collapse.state_dict(),
-                         "nonfinite_skipped": nonfinite_skipped, "last_loss": last_loss, "skipped_files": sorted(skipped_files)},
-                        checkpoint_path)
-        distributed.barrier()
-
-    def record_skipped(new: list) -> None:
-        fresh = [(p, why) for p, why in new if p not in skipped_files]
-        for p, why in fresh:
-            skipped_files.add(p)
-            if is_main:
-                with open(skipped_path, "a") as handle:
-                    handle.write(f"{p}\t{why}\n")
-        if fresh and is_main:
-            tqdm.write(f"skipped {len(fresh)} unreadable file(s) (total {len(skipped_files)}), e.g. {fresh[0][0]}; "
-                       f"see {skipped_path}")
-
-    # ================================================================================================
-    # 7. training loop
-    # ================================================================================================
-    model.train()
-    V, B = n_crops, per_rank_batch
-    code_buffers: dict[int, torch.Tensor] = {}  # Sinkhorn output per assignment crop, reused every step
-    buffers = [b for b in core.buffers()]
-    buffer_backup = [b.detach().clone() for b in buffers]
-    last_save_time = time.monotonic()
-    window = {"loss": torch.zeros((), device=device), "steps": 0, "wait_s": 0.0, "start": time.perf_counter()}
-    bar = tqdm(total=total_steps, initial=step, disable=not (progress and is_main), desc="pretrain",
-               unit="step", dynamic_ncols=True, file=sys.stdout)
-    completed = step >= total_steps
-    with _StopRequest() as stop_request:
-        while step < total_steps:
-            epoch, step_in_epoch = divmod(step, steps_per_epoch)
-            sampler.set_epoch(epoch, start=step_in_epoch * per_rank_batch)
-            use_queue_now = queue is not None and epoch >= cfg.swav.queue_start_epoch
-            batches = iter(loader)
-            while step_in_epoch < steps_per_epoch and step < total_steps:
-                # ---- 7a. data (the time spent blocked here is the data-wait fraction)
-                wait_start = time.perf_counter()
-                try:
-                    crops, _, skipped = next(batches)
-                except StopIteration:
-                    break
-                except RuntimeError as err:
-                    if "DataLoader worker" not in str(err):
-                        raise
-                    reading = dataset.describe_reading()
-                    raise DataLoaderCrashed(f"a data-loading worker died ({str(err).splitlines()[0]}) while reading "
-                                            f"{', '.join(reading) or 'an unknown file'}; move that file away or use "
-                                            "data.num_workers=0 to see the full error") from None
-                window["wait_s"] += time.perf_counter() - wait_start
-                if skipped:
-                    record_skipped(skipped)
-                if colour_on_device:  # uint8 crops + parameters: the colour half runs here
-                    crops = transform.finish(crops, device)
-                crops = [c.to(device, non_blocking=True, memory_format=memory_format) for c in crops]
-
-                # ---- 7b. schedule and projected prototypes
-                lr = lr_at_step(step, **schedule)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                core.prototypes.normalize_()
-
-                # ---- 7c. forward: grouped by resolution, then head, L2 norm, prototypes
-                # (BN running statistics change in forward: keep a copy so a non-finite step leaves no trace)
-                if buffers:
-                    torch._foreach_copy_(buffer_backup, buffers)
-                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                    z, scores = model(crops)
-                scores = scores.float().view(V, B, K)
-                z = z.detach().float().view(V, B, -1)
-
-                # ---- 7d. codes: Sinkhorn on the assignment crops (with the queue once it is full), fp32
-                codes = {}
-                with torch.no_grad():
-                    for j, i in enumerate(assignment_crops):
-                        crop_scores = scores[i].detach()
-                        if use_queue_now and queue.is_full:
-                            crop_scores = torch.cat([queue.embeddings[j] @ core.prototypes.weight.t().float(), crop_scores])
-                        buffer = code_buffers.get(j)
-                        if buffer is None or buffer.shape != crop_scores.shape:  # first step, or the queue joined
-                            buffer = code_buffers[j] = torch.empty(crop_scores.shape, dtype=sinkhorn_dtype,
-                                                                   device=device)
-                        codes[i] = sinkhorn(crop_scores, cfg.swav.epsilon, cfg.swav.sinkhorn_iterations,
-                                            dtype=sinkhorn_dtype, out=buffer)[-B:]
-
-                # ---- 7e. swapped-prediction loss
-                loss = swapped_prediction_loss(scores, codes, cfg.swav.temperature)
-
-                # ---- 7f. backward; refuse to step on a non-finite loss or gradient (one host sync)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if step < freeze_prototype_steps:
-                    core.prototypes.weight.grad = None
-                # With fp16 the GradScaler already skips steps with inf/NaN gradients (and lowers its scale).
-                check_grads = not scaler.is_enabled()
-                finite = torch.isfinite(loss.detach() + (gradient_norm_sum(core) if check_grads else 0.0))
-                if not check_grads and world > 1:
-                    # Gradients are all-reduced, so their norm is the same on every rank, but the loss is
-                    # not: with fp16 only the loss is checked, so the ranks must agree on it. Otherwise the
-                    # refusing rank skips scaler.update(), the loss scales drift apart, and a
-                    # TrainingDiverged on one rank leaves the others waiting in the next all-reduce.
-                    finite = distributed.all_reduce_max((~finite).float()) == 0
-                if not bool(finite):
-                    if buffers:
-                        torch._foreach_copy_(buffers, buffer_backup)
-                    bad_loss = not bool(torch.isfinite(loss))
-                    what = "loss" if bad_loss else f"gradient ({nonfinite_gradient_name(core)})"
-                    optimizer.zero_grad(set_to_none=True)
-                    nonfinite_skipped += 1
-                    if nonfinite_skipped > cfg.train.skip_nonfinite_steps:
-                        save_checkpoint()  # the weights are still those of the last good step
-                        if not bad_loss and device.type == "cpu" and autocast_dtype == torch.bfloat16:
-                            hint = (f"CPU bf16 convolutions return corrupt weight gradients in torch "
-                                    f"{torch.__version__} when a stride-2 3x3 convolution sees a 1x1 map (crops "
-                                    "under 32 px): use train.precision=fp32")
-                        else:
-                            hint = ("Likely causes: learning rate too high (optim.base_lr), swav.epsilon too small "
-                                    "for fp32 (try swav.sinkhorn_fp64=true), or fp16 overflow (use "
-                                    "train.precision=bf16)")
-                        raise TrainingDiverged(
-                            f"non-finite {what} at step {step} (epoch {epoch}); the last good state is saved in "
-                            f"{checkpoint_path}. {hint}. train.skip_nonfinite_steps=N skips up to N bad steps")
-                    tqdm.write(f"step {step}: non-finite {what}, step skipped ({nonfinite_skipped} so far)")
-                    step += 1
-                    step_in_epoch += 1
-                    continue
-                scaler.step(optimizer)
-                scaler.update()
-                if use_queue_now:
-                    queue.push(z[assignment_crops])
-                window["loss"] += loss.detach()
-                window["steps"] += 1
-                step += 1
-                step_in_epoch += 1
-                bar.update(1)
-
-                # ---- 7g. logging (the only host syncs besides the finiteness check)
-                if step % cfg.train.log_every_steps == 0 or step == total_steps:
-                    mean_loss = distributed.all_reduce_sum(window["loss"].clone()) / (window["steps"] * world)
-                    elapsed = time.perf_counter() - window["start"]
-                    usage = code_statistics(codes[assignment_crops[0]])
-                    last_loss = float(mean_loss)
-                    row = {"step": step, "epoch": step / steps_per_epoch, "loss": round(last_loss, 5),
-                           "ln_k": round(math.log(K), 5), "lr": lr,
-                           "images_per_s": round(window["steps"] * B * world / elapsed, 2),
-                           "data_wait_fraction": round(window["wait_s"] / elapsed, 4),
-                           "prototypes_used": usage["prototypes_used"],
-                           "code_entropy": round(usage["code_entropy"], 4),
-                           "queue_in_use": bool(use_queue_now and queue.is_full)}
-                    if is_main:
-                        _write_jsonl(metrics_path, row)
-                        bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.3g}", used=usage["prototypes_used"])
-                        warning = collapse.update(step, last_loss, usage["prototypes_used"])
-                        if warning:
-                            tqdm.write("WARNING " + warning)
-                    window = {"loss": torch.zeros((), device=device), "steps": 0, "wait_s": 0.0,
-                              "start": time.perf_counter()}
-
-                # ---- 7h. checkpoints and stop requests (decided together on every rank)
-                decision = torch.tensor([
-                    float(stop_request.signal_name is not None),
-                    float(cfg.train.checkpoint_every_steps > 0 and step % cfg.train.checkpoint_every_steps == 0),
-                    float(time.monotonic() - last_save_time > 60 * cfg.train.checkpoint_every_minutes)])
-                if world > 1:
-                    # Signals and wall clocks differ between ranks: act on them only at logging steps,
-                    # where every rank joins the same all-reduce.
-                    if step % cfg.train.log_every_steps == 0:
-                        distributed.all_reduce_max(decision)
-                    else:
-                        decision[0] = decision[2] = 0.0
-                if stop_after_steps is not None and step >= stop_after_steps:
-                    decision[0] = 1.0
-                if decision.any() or step_in_epoch == steps_per_epoch:
-                    save_checkpoint()
-                    last_save_time = time.monotonic()
-                if decision[0] > 0 and step < total_steps:
-                    reason = stop_request.signal_name or f"stop_after_steps={stop_after_steps}"
-                    bar.close()
-                    say(f"stopped at step {step}/{total_steps} ({reason}); checkpoint saved to {checkpoint_path}. "
-                        "Run the same command again to resume.")
-                    return TrainResult(out_dir, checkpoint_path, None, step, last_loss, completed=False)
-            # ---- 7i. end of epoch: optional online k-NN on a labelled folder
-            if cfg.monitor.knn_data and (epoch + 1) % cfg.monitor.every_epochs == 0 and step_in_epoch == steps_per_epoch:
-                result = _monitor_knn(core.backbone, cfg, device)
-                if is_main:
-                    _write_jsonl(metrics_path, {"step": step, "epoch": epoch + 1, **result})
-                    tqdm.write(f"epoch {epoch + 1}: online k-NN top-1 {result['knn_top1']:.2f}%")
-                model.train()
-        completed = True
-    bar.close()
-
-    # ================================================================================================
-    # 8. final checkpoint and backbone export
-    # ================================================================================================
-    if resume is None or int(resume["step"]) != step:
-        save_checkpoint()
-    backbone_dir = out_dir / "backbone"
-    if is_main:
-        export_net = create_backbone(m.backbone, **m.backbone_kwargs)
-        export_net.load_state_dict(backbone_state(core.state_dict()), strict=True)
-        export_backbone(export_net, backbone_dir, image_size_px=cfg.crops.sizes_px[0], mean=cfg.crops.mean,
-                        std=cfg.crops.std)
-        say(f"done: {step} steps, final loss {last_loss:.4f} (ln K = {math.log(K):.3f})\n"
-            f"  checkpoint: {checkpoint_path}\n  backbone:   {backbone_dir}  "
-            f"(timm.create_model('local-dir:{backbone_dir}', pretrained=True) or swavkit.load_backbone)\n"
-            f"  metrics:    {metrics_path}")
-    distributed.barrier()
-    return TrainResult(out_dir, checkpoint_path, backbone_dir, step, last_loss, completed=completed)
 
 
 def _monitor_folders(cfg: Config) -> tuple[Path, Path | None]:

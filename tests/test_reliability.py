@@ -220,9 +220,9 @@ def _assert_saved_equals_clean_run(image_folder, tmp_path, steps: int) -> None:
 
 
 def test_non_finite_loss_stops_after_saving_last_good_state(image_folder, tmp_path, monkeypatch):
-    train_module = importlib.import_module("swavkit.train")  # the module: swavkit.train is the function
+    import swavkit.step as step_module  # the training step computes the loss
 
-    real_loss = train_module.swapped_prediction_loss
+    real_loss = step_module.swapped_prediction_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -230,15 +230,15 @@ def test_non_finite_loss_stops_after_saving_last_good_state(image_folder, tmp_pa
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(train_module, "swapped_prediction_loss", poisoned)
+    monkeypatch.setattr(step_module, "swapped_prediction_loss", poisoned)
     with pytest.raises(TrainingDiverged, match="step 2.*learning rate"):
         train(load_config([], tiny_overrides(image_folder, tmp_path / "nan")), progress=False)
-    monkeypatch.setattr(train_module, "swapped_prediction_loss", real_loss)
+    monkeypatch.setattr(step_module, "swapped_prediction_loss", real_loss)
     _assert_saved_equals_clean_run(image_folder, tmp_path, steps=2)
 
     # with skip_nonfinite_steps=1 the bad step is skipped and training finishes
     calls["n"] = 0
-    monkeypatch.setattr(train_module, "swapped_prediction_loss", poisoned)
+    monkeypatch.setattr(step_module, "swapped_prediction_loss", poisoned)
     result = train(load_config([], tiny_overrides(image_folder, tmp_path / "skip", **{"train.skip_nonfinite_steps": 1})),
                    progress=False)
     assert result.completed and load_training_checkpoint(result.checkpoint)["nonfinite_skipped"] == 1
