@@ -12,24 +12,7 @@ import sys
 from pathlib import Path
 
 from swavkit.config import default_num_workers  # stdlib + yaml only
-
-# Exceptions whose message is meant for the user as is: printed as one line, exit code 2. Named by module,
-# not imported: an error can only be an instance of a class whose module the command has loaded.
-USER_ERROR_NAMES = (("swavkit.config", "ConfigError"), ("swavkit.data", "DataError"),
-                    ("swavkit.pretrained", "LoadError"), ("swavkit.checkpoint", "CheckpointError"),
-                    ("swavkit.distributed", "LaunchError"), ("swavkit.train", "TrainingDiverged"),
-                    ("swavkit.train", "DataLoaderCrashed"))
-
-
-def is_user_error(err: BaseException) -> bool:
-    if isinstance(err, (FileNotFoundError, NotADirectoryError)):
-        return True
-    for module_name, class_name in USER_ERROR_NAMES:
-        cls = getattr(sys.modules.get(module_name), class_name, None)
-        if cls is not None and isinstance(err, cls):
-            return True
-    return False
-
+from swavkit.errors import EXIT_STOPPED, is_stop_request, is_user_error
 
 def quickstart_config_path() -> Path:
     from swavkit.api import quickstart_config_path as path
@@ -351,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as err:
+        if is_stop_request(err):
+            print(f"swavkit {args.command}: {err}", file=sys.stderr)
+            return EXIT_STOPPED
         if not is_user_error(err):
             raise
         lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]

@@ -1,8 +1,9 @@
 """The one typed source of defaults: dataclasses, YAML files that hold only what they change, and
 ``key=value`` overrides. Unknown keys and wrong types raise :class:`ConfigError` with one line.
 
-Defaults follow the SwAV paper (ImageNet, ResNet-50, 2x224 + 6x96 crops); ``configs/`` holds recipes
-that change only what they need.
+Defaults follow the SwAV paper's batch-256 recipe (ImageNet, ResNet-50 initialised like the reference,
+2x224 + 6x96 crops, LARS from 0.6 without warm-up, cosine to 0.0006) except that the queue is off;
+``configs/`` holds recipes that change only what they need.
 """
 
 from __future__ import annotations
@@ -79,6 +80,10 @@ class ModelConfig:
                       "are already on disk (e.g. resnet50.a1_in1k; never downloaded), an exported backbone folder, a "
                       "swavkit run folder or checkpoint, or a released SwAV/VISSL file. Head and prototypes always "
                       "start fresh", default="")
+    zero_init_last: bool = _help("start the last BatchNorm of each residual block at 0, so every block begins as the "
+                                 "identity (timm's default for ResNets) instead of 1 (false: the SwAV reference's "
+                                 "torchvision-style ResNet-50). For backbones with timm's zero_init_last option "
+                                 "(ResNet, ResNetV2, RegNet, ...); others have nothing to set", default=False)
     hidden_dim: int = _help("projection head hidden width; 0 = a single linear layer", default=2048)
     output_dim: int = _help("embedding dimension fed to the prototypes", default=128)
     n_prototypes: int = _help("K, number of prototypes (clusters); ~10x the number of classes you expect. "
@@ -110,16 +115,26 @@ class SwAVConfig:
 
 @dataclass
 class OptimConfig:
+    """The LRs are at a global batch of ``reference_batch_size`` and move with the batch by the same factor.
+    The paper's two recipes (facebookresearch/swav scripts): batch 4096: warm-up 10 epochs from 0.3 to 4.8,
+    cosine to 0.0048 (configs/imagenet_resnet50.yaml); batch 256: 0.6, no warm-up, cosine to 0.0006 (the
+    defaults, configs/single_gpu_queue.yaml). They are not linear in the batch: 0.6 x 4096/256 is 9.6."""
     optimizer: str = _help("lars | sgd | adamw | auto (adamw for transformer backbones, lars otherwise)",
                            default="auto")
-    base_lr: float = _help("learning rate at a global batch of reference_batch_size, scaled linearly; 0 = the "
-                           "optimiser's reference value: 0.6 for LARS/SGD (SwAV), 5e-4 for AdamW (ViTs, as in DINO)",
+    base_lr: float = _help("peak LR at a global batch of reference_batch_size (the paper: 0.6 at 256, 4.8 at "
+                           "4096); 0 = the optimiser's reference at the actual batch: LARS/SGD 0.6 at 256 and 4.8 at "
+                           "4096 (linear below 256, 0.6 x (batch/256)^0.75 above), AdamW 5e-4 per 256 (DINO)",
                            default=0.0)
-    reference_batch_size: int = _help("global batch at which base_lr applies", default=256)
-    final_lr: float = _help("LR at the end of the cosine, as a fraction of the peak LR", default=0.001)
-    warmup_epochs: float = _help("linear warm-up length", default=10.0)
-    warmup_start_lr: float = _help("LR at step 0, as a fraction of the peak LR", default=0.5)
-    weight_decay: float = _help("weight decay (not applied to biases and norm layers)", default=1e-6)
+    reference_batch_size: int = _help("global batch at which base_lr, warmup_start_lr and final_lr apply; another "
+                                      "train.batch_size scales all three linearly", default=256)
+    final_lr: float = _help("LR at the end of the cosine, at reference_batch_size; -1 = the peak LR / 1000, the "
+                            "paper's ratio (4.8 -> 0.0048, 0.6 -> 0.0006)", default=-1.0)
+    warmup_epochs: float = _help("linear warm-up length (the paper: 10 at batch 4096, none at 256; ViTs with "
+                                 "AdamW want ~10)", default=0.0)
+    warmup_start_lr: float = _help("LR at step 0 when warming up, at reference_batch_size (the paper: 0.3 at 4096)",
+                                   default=0.0)
+    weight_decay: float = _help("weight decay (not applied to biases and norm layers); at 0, LARS still adapts the "
+                                "weights' step", default=1e-6)
     momentum: float = _help("SGD/LARS momentum", default=0.9)
     lars_trust_coefficient: float = _help("LARS trust coefficient", default=0.001)
 
@@ -327,7 +342,7 @@ RESUMABLE_CHANGES = ("train.epochs", "train.log_every_steps", "train.checkpoint_
                      "train.checkpoint_every_steps", "train.device", "train.skip_nonfinite_steps",
                      "train.collapse_patience_steps", "data.num_workers", "data.pin_memory",
                      "data.prefetch_factor", "data.colour_on_device", "model.channels_last", "model.compile",
-                     "monitor.", "out_dir")
+                     "model.init", "train.loggers", "monitor.", "out_dir")
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -404,8 +419,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
     strictly_positive_floats = {"swav.epsilon": cfg.swav.epsilon, "swav.temperature": cfg.swav.temperature}
-    if not (cfg.optim.base_lr >= 0 and math.isfinite(cfg.optim.base_lr)):
-        raise ConfigError(f"optim.base_lr: must be >= 0 (0 = the optimiser's reference value), got {cfg.optim.base_lr}")
+    _validate_lr(cfg.optim)
     for key, value in strictly_positive_floats.items():
         if not (value > 0 and math.isfinite(value)):
             raise ConfigError(f"{key}: must be a positive number, got {value}")
@@ -452,6 +466,30 @@ def _validate_model(m: ModelConfig) -> None:
             locate_initial_source(m.init)
         except LoadError as err:
             raise ConfigError(str(err)) from None
+
+
+def _validate_lr(o: OptimConfig) -> None:
+    """The LR keys: finite, non-negative (final_lr may be -1), and coherent with base_lr."""
+    for name in ("base_lr", "warmup_start_lr", "final_lr"):
+        value = getattr(o, name)
+        if not math.isfinite(value) or (value < 0 and not (name == "final_lr" and value == -1)):
+            allowed = ", or -1 for the peak LR / 1000" if name == "final_lr" else ""
+            raise ConfigError(f"optim.{name}: must be >= 0{allowed}, got {value}")
+    if o.base_lr == 0:
+        # base_lr 0 picks the reference peak for the actual batch, so an explicit start or end LR, which is
+        # stated at reference_batch_size, has nothing fixed to relate to.
+        for name in ("warmup_start_lr", "final_lr"):
+            if getattr(o, name) > 0:
+                raise ConfigError(f"optim.{name}={getattr(o, name)} needs an explicit optim.base_lr (both at "
+                                  f"optim.reference_batch_size={o.reference_batch_size}); set optim.base_lr too, "
+                                  "e.g. 0.6 at 256")
+        return
+    if o.final_lr > o.base_lr:
+        raise ConfigError(f"optim.final_lr: {o.final_lr} is above optim.base_lr {o.base_lr}, so the cosine would "
+                          "raise the LR; use a final LR below the peak (the paper: peak / 1000)")
+    if o.warmup_start_lr > o.base_lr:
+        raise ConfigError(f"optim.warmup_start_lr: {o.warmup_start_lr} is above optim.base_lr {o.base_lr}, so the "
+                          "warm-up would lower the LR; start below the peak (the paper: 0.3 to 4.8)")
 
 
 def describe(cls=Config, prefix: str = "") -> list[str]:

@@ -32,21 +32,31 @@ def check_backbone_name(name: str) -> None:
     raise ConfigError(f"model.backbone: '{name}' is not a timm model name; {hint}")
 
 
-def create_backbone(name: str, **kwargs) -> nn.Module:
+def create_backbone(name: str, zero_init_last: bool | None = None, **kwargs) -> nn.Module:
     """``timm.create_model(name, num_classes=0)`` returning pooled features [N, num_features].
 
     Never downloads weights (pretrained=False). Models that can take several input resolutions only when
     told so (vision transformers) get ``dynamic_img_size=True``, so the small crops go through the same
-    model; models that have no such option are created without it.
+    model; models that have no such option are created without it. ``zero_init_last`` (None = timm's
+    default) is passed to backbones that have timm's option (ResNets: last BN of each block at 0 or 1);
+    False is then a no-op for the others, True on them is a ConfigError.
     """
     check_backbone_name(name)
-    if "dynamic_img_size" not in kwargs:
+    optional = {"dynamic_img_size": True} if "dynamic_img_size" not in kwargs else {}
+    if zero_init_last is not None and "zero_init_last" not in kwargs:
+        optional["zero_init_last"] = zero_init_last
+    while True:
         try:
-            return timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs)
+            return timm.create_model(name, pretrained=False, num_classes=0, **optional, **kwargs)
         except TypeError as err:
-            if "dynamic_img_size" not in str(err):
+            # timm passes unknown keyword arguments to the model class, which names the one it refuses
+            refused = next((key for key in optional if f"'{key}'" in str(err)), None)
+            if refused is None:
                 raise
-    return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+            if refused == "zero_init_last" and optional[refused]:
+                raise ConfigError(f"model.zero_init_last=true: {name} has no such option (timm ResNet, ResNetV2, "
+                                  "RegNet ... have it); set it to false") from None
+            del optional[refused]
 
 
 class ProjectionHead(nn.Module):
@@ -126,6 +136,8 @@ class SwAVModel(nn.Module):
 
 
 def build_model(backbone: str, n_prototypes: int, hidden_dim: int = 2048, output_dim: int = 128,
-                backbone_kwargs: dict | None = None) -> SwAVModel:
-    net = create_backbone(backbone, **(backbone_kwargs or {}))
+                backbone_kwargs: dict | None = None, zero_init_last: bool = False) -> SwAVModel:
+    """The model to pretrain. ``zero_init_last`` defaults to the SwAV reference (False: its torchvision-style
+    ResNet-50 starts every BN at gamma 1), not to timm's True; ``backbone_kwargs`` may still override it."""
+    net = create_backbone(backbone, zero_init_last=zero_init_last, **(backbone_kwargs or {}))
     return SwAVModel(net, ProjectionHead(net.num_features, hidden_dim, output_dim), Prototypes(output_dim, n_prototypes))

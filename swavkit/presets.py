@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from swavkit.data import open_image
 
+from swavkit.schedule import reference_peak_lr
+
 REFERENCE_IMAGES = 1_281_167  # ImageNet-1k train, what the paper's numbers are tuned for
 REFERENCE_FREEZE_STEPS = 313  # one ImageNet epoch at batch 4096
 
@@ -112,11 +114,13 @@ def derive(n_images: int, side_px: int, world_size: int = 1, global_batch: int |
                           f"{os.cpu_count()} CPU core(s) shared by {local_world_size} process(es) on this machine"))
 
     warmup = min(10.0, round(0.05 * epochs, 1))
-    out.append(Suggestion("optim.warmup_epochs", warmup, "5% of training, at most the paper's 10 epochs"))
-    peak = 0.6 * global_batch / 256
+    out.append(Suggestion("optim.warmup_epochs", warmup,
+                          "5% of training, from LR 0, at most the 10 epochs of the paper's batch-4096 recipe"))
+    lars_peak, adamw_peak = reference_peak_lr("lars", global_batch), reference_peak_lr("adamw", global_batch)
     out.append(Suggestion("optim.base_lr", 0.0,
-                          f"the optimiser's reference LR per 256 images (LARS: the paper's 0.6, peak {peak:.3g} at "
-                          f"batch {global_batch}; AdamW: 5e-4), scaled linearly"))
+                          f"the optimiser's reference peak LR at batch {global_batch}: LARS {lars_peak:.3g} (the "
+                          "paper: 0.6 at 256, 4.8 at 4096, not linear: 0.6 x 16 would be 9.6), AdamW "
+                          f"{adamw_peak:.3g} (5e-4 per 256); cosine to peak / 1000"))
     return out
 
 

@@ -1,8 +1,9 @@
 """The run folder (``out_dir``): what a swavkit run writes there, and the rule that it never touches
 anything else.
 
-A run folder holds ``config.yaml``, ``metrics.jsonl``, ``skipped.txt``, ``checkpoints/last.pt`` and
-``backbone/``. ``pretrain`` accepts an ``out_dir`` that does not exist yet, an empty folder, or a folder
+A run folder holds ``config.yaml``, ``metrics.jsonl``, ``skipped.txt``, ``checkpoints/last.pt``,
+``backbone/`` and what the metric loggers write (``tensorboard/``, ``loggers.json``, ``mlflow.db``,
+``wandb/``). ``pretrain`` accepts an ``out_dir`` that does not exist yet, an empty folder, or a folder
 that already holds a swavkit run; any other folder (a home folder, ``/``, a data folder, a project) is
 refused before anything is written. ``--restart`` deletes only the run's own files, and only after every
 other check of the run (config, backbone name, data folder, model build) has passed.
@@ -18,11 +19,15 @@ import yaml
 
 from swavkit.checkpoint import is_swavkit_export
 from swavkit.config import ConfigError
+from swavkit.data.names import read_skipped_report, skipped_report_text
 from swavkit.fileio import jsonl_line, read_jsonl, write_text_atomic
 
 CONFIG_HEADER = "# swavkit run: the resolved config of this run (written by swavkit pretrain)\n"
 # Top-level sections every saved swavkit config has; recognises runs written before CONFIG_HEADER.
 _CONFIG_SECTIONS = {"data", "crops", "model", "swav", "optim", "train"}
+# What swavkit.loggers writes into the run folder (deleted with the run on --restart).
+LOGGER_FILES = ("loggers.json", "mlflow.db")
+LOGGER_FOLDERS = ("tensorboard", "wandb")
 
 
 def resolve_out_dir(text: str) -> Path:
@@ -77,8 +82,11 @@ class RunFolder:
 
     def discard_previous_run(self) -> None:
         """``--restart``: delete this run's own files (never anything else in the folder)."""
-        for own_file in (self.checkpoint, self.metrics, self.skipped, self.config):
+        logger_files = [self.path / name for name in LOGGER_FILES]
+        for own_file in (self.checkpoint, self.metrics, self.skipped, self.config, *logger_files):
             own_file.unlink(missing_ok=True)
+        for own_folder in LOGGER_FOLDERS:
+            shutil.rmtree(self.path / own_folder, ignore_errors=True)
         if is_swavkit_export(self.backbone):
             shutil.rmtree(self.backbone)
         try:
@@ -86,14 +94,20 @@ class RunFolder:
         except OSError:
             pass
 
-    def start(self, config_yaml: str, *, restart: bool, resume_step: int | None) -> None:
-        """Create the folder and write the config; on ``restart`` discard the old run first; on resume
-        drop the metrics rows after the checkpoint's step (those steps run again), so every step has at
-        most one row and a torn last line is gone."""
+    def start(self, config_yaml: str, *, restart: bool, resume_step: int | None,
+              skipped_at_resume: set[str] = frozenset()) -> None:
+        """Create the folder and write the config; on ``restart`` discard the old run first. On resume,
+        go back to the checkpoint: drop the metrics rows after its step and the skipped.txt lines it did
+        not know (those steps run again and write them again), so every step has at most one row."""
         if restart:
             self.discard_previous_run()
         self.path.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.config, CONFIG_HEADER + config_yaml)
-        if resume_step is not None and self.metrics.exists():
+        if resume_step is None:
+            return
+        if self.metrics.exists():
             kept = [row for row in read_jsonl(self.metrics) if int(row.get("step", 0)) <= resume_step]
             write_text_atomic(self.metrics, "".join(jsonl_line(row) for row in kept))
+        if self.skipped.exists():
+            kept = [entry for entry in read_skipped_report(self.skipped) if entry[0] in skipped_at_resume]
+            write_text_atomic(self.skipped, skipped_report_text(kept))

@@ -24,6 +24,7 @@ from swavkit.config import Config
 from swavkit.diagnosis import CollapseMonitor
 from swavkit.loss import FeatureQueue, swapped_prediction_loss
 from swavkit.model import SwAVModel
+from swavkit.schedule import LRSchedule
 from swavkit.sinkhorn import sinkhorn
 
 
@@ -95,6 +96,7 @@ class TrainState:
     queue: FeatureQueue | None = None
     collapse: CollapseMonitor | None = None  # None: a monitor with the default patience
     model: torch.nn.Module | None = None  # None: ``core``
+    lr_schedule: LRSchedule | None = None  # saved with the state: a resume continues the same curve
     step: int = 0  # optimiser steps taken or dropped so far (the schedule's clock)
     nonfinite_skipped: int = 0  # steps refused for a non-finite loss or gradient
     last_loss: float = math.nan  # mean loss of the last logging window
@@ -140,7 +142,8 @@ class TrainState:
         return {"format": CHECKPOINT_FORMAT, "step": self.step, "model": self.core.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "per_rank": per_rank,
                 "collapse": self.collapse.state_dict(), "nonfinite_skipped": self.nonfinite_skipped,
-                "last_loss": self.last_loss, "skipped_files": sorted(self.skipped_files)}
+                "last_loss": self.last_loss, "skipped_files": sorted(self.skipped_files),
+                **({"lr_schedule": self.lr_schedule.state_dict()} if self.lr_schedule is not None else {})}
 
     def load_state_dict(self, state: dict) -> list[str]:
         """Restore a checkpoint dict (as ``state_dict`` or ``load_training_checkpoint`` gives it).
@@ -155,6 +158,8 @@ class TrainState:
         self.last_loss = float(state.get("last_loss", math.nan))
         self.collapse.load_state_dict(state.get("collapse", {}))
         self.skipped_files = set(state.get("skipped_files", []))
+        if self.lr_schedule is not None and "lr_schedule" in state:  # older checkpoints: the one built now
+            self.lr_schedule.load_state_dict(state["lr_schedule"])
         per_rank, world = state["per_rank"], distributed.world_size()
         mine = per_rank[distributed.rank()] if len(per_rank) == world else per_rank[0]
         torch.set_rng_state(mine["rng_cpu"])

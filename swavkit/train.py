@@ -6,9 +6,8 @@ step and the state it changes (whose ``state_dict`` is the checkpoint) live in :
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
-import shutil
 import signal
 import sys
 import time
@@ -21,16 +20,21 @@ from tqdm import tqdm
 
 from swavkit import distributed
 from swavkit.checkpoint import backbone_state, export_backbone, load_training_checkpoint, save_atomic
-from swavkit.config import Config, ConfigError, config_differences, save_yaml, to_dict, validate
-from swavkit.data import BUNDLED_SAMPLE, EpochSampler, check_readable, UnlabeledImageFolder, find_images
+from swavkit.config import Config, ConfigError, config_differences, dump_yaml, from_dict, to_dict, validate
+from swavkit.data import (BUNDLED_SAMPLE, EpochSampler, UnlabeledImageFolder, append_skipped_report, check_readable,
+                          find_images, printable_path)
 from swavkit.device import autocast_dtype, resolve_auto_flag, resolve_device, resolve_precision
 from swavkit.diagnosis import CollapseMonitor, code_statistics
+from swavkit.errors import exit_code_of
+from swavkit.loggers import MetricLoggers, build_loggers
 from swavkit.loss import FeatureQueue
 from swavkit.model import SwAVModel, build_model, create_backbone
+from swavkit.modelcard import card_for_training
 from swavkit.multicrop import MultiCropTransform
-from swavkit.optim import REFERENCE_BASE_LR, build_optimizer, resolve_optimizer_name
+from swavkit.optim import build_optimizer, resolve_optimizer_name
 from swavkit.presets import typical_side_px
-from swavkit.schedule import lr_at_step, scaled_lr
+from swavkit.rundir import RunFolder
+from swavkit.schedule import LRSchedule, build_lr_schedule, explain_peak_lr
 from swavkit.step import StepResult, StepSettings, TrainState, train_step
 
 
@@ -40,6 +44,10 @@ class TrainingDiverged(FloatingPointError):
 
 class DataLoaderCrashed(RuntimeError):
     """A data-loading worker died; the message names the files it was reading."""
+
+
+class StopRequested(Exception):
+    """SIGTERM/SIGINT outside the training steps (start-up, export): nothing to save, resumable (exit 3)."""
 
 
 @dataclass
@@ -73,24 +81,6 @@ class _Processes:
 
 
 @dataclass
-class _RunFiles:
-    """What a run writes under ``out_dir``."""
-    out_dir: Path
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.out_dir / "checkpoints" / "last.pt"
-
-    @property
-    def metrics(self) -> Path:
-        return self.out_dir / "metrics.jsonl"
-
-    @property
-    def skipped(self) -> Path:
-        return self.out_dir / "skipped.txt"
-
-
-@dataclass
 class _Data:
     """Stage 3: the per-rank batches and how many steps they make."""
     transform: MultiCropTransform
@@ -107,12 +97,13 @@ class _Loop:
     """Everything the training loop reads and never changes, built by ``train``'s setup stages."""
     cfg: Config
     procs: _Processes
-    files: _RunFiles
+    files: RunFolder
     data: _Data
     settings: StepSettings
-    schedule: dict  # keyword arguments of schedule.lr_at_step
+    lr_schedule: LRSchedule
     memory_format: torch.memory_format
     stop_after_steps: int | None
+    loggers: MetricLoggers | None  # the main process's metric backends; None on the others
 
 
 @dataclass
@@ -144,57 +135,60 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
           progress: bool = True) -> TrainResult:
     """Pretrain with SwAV as described by ``cfg``; resume from ``out_dir/checkpoints/last.pt`` if present.
 
+    Nothing is written into ``out_dir`` before every check has passed (config, backbone name, run folder,
+    data folder, model build); a failure or a SIGTERM on any process ends every process of the job.
+
     Args:
-        restart: discard an existing checkpoint in ``out_dir`` and start over.
+        restart: discard an existing run in ``out_dir`` (its own files only) and start over.
         stop_after_steps: stop (with a checkpoint, like a preemption) once this global step is reached.
     """
     # ================================================================================================
     # 1. processes, device, precision
     # ================================================================================================
     procs = _start_processes(cfg)
-    # ================================================================================================
-    # 2. run directory: resume or start
-    # ================================================================================================
-    files = _RunFiles(Path(cfg.out_dir))
-    checkpoint = _prepare_run_dir(cfg, files, restart, procs.is_main)
-    # ================================================================================================
-    # 3. data: unlabeled folder -> multi-crop -> per-rank batches
-    # ================================================================================================
-    data = _build_data(cfg, procs)
-    # ================================================================================================
-    # 4. model: timm backbone -> projection head -> L2 norm -> prototypes
-    # ================================================================================================
-    core, model, memory_format = _build_model(cfg, procs)
-    # ================================================================================================
-    # 5. optimiser, schedules, queue, prototype freezing
-    # ================================================================================================
-    state, settings, schedule = _build_state(cfg, procs, data, core, model)
-    # ================================================================================================
-    # 6. resume: weights, optimiser, step, queue, RNG
-    # ================================================================================================
-    resumed_at_step = None
-    if checkpoint is not None:
-        for note in state.load_state_dict(checkpoint):
-            procs.say(f"resume: {note}")
-        resumed_at_step = state.step
-        procs.say(f"resume: {files.checkpoint} at step {state.step}/{data.total_steps}")
-    # ================================================================================================
-    # 7. training loop
-    # ================================================================================================
-    loop = _Loop(cfg, procs, files, data, settings, schedule, memory_format, stop_after_steps)
-    stopped_by = _train_epochs(loop, state, show_progress=progress)
-    if stopped_by is not None:
-        procs.say(f"stopped at step {state.step}/{data.total_steps} ({stopped_by}); checkpoint saved to "
-                  f"{files.checkpoint}. Run the same command again to resume.")
-        return TrainResult(files.out_dir, files.checkpoint, None, state.step, state.last_loss, completed=False)
-    # ================================================================================================
-    # 8. final checkpoint and backbone export
-    # ================================================================================================
-    if resumed_at_step != state.step:
-        _save_checkpoint(loop, state)
-    backbone_dir = _export(cfg, procs, files, state)
-    distributed.barrier()
-    return TrainResult(files.out_dir, files.checkpoint, backbone_dir, state.step, state.last_loss, completed=True)
+    with distributed.fail_together(exit_code_of), _StopRequest() as stop_request:
+        # ============================================================================================
+        # 2. run folder: checked, and the checkpoint to resume from (nothing written yet)
+        # ============================================================================================
+        files, checkpoint = _open_run_folder(cfg, restart)
+        # ============================================================================================
+        # 3. data: unlabeled folder -> multi-crop -> per-rank batches
+        # ============================================================================================
+        data = _build_data(cfg, procs)
+        # ============================================================================================
+        # 4. model: timm backbone (model.init weights) -> projection head -> L2 norm -> prototypes
+        # ============================================================================================
+        core, model, memory_format = _build_model(cfg, procs, fresh=checkpoint is None)
+        # ============================================================================================
+        # 5. optimiser, LR schedule, queue, prototype freezing; 6. resume
+        # ============================================================================================
+        state, settings = _build_state(cfg, procs, data, core, model)
+        resumed_at_step = _resume(state, checkpoint, procs, data, files) if checkpoint is not None else None
+        # ============================================================================================
+        # 7. the first write: --restart cleanup, config.yaml, metrics back to the checkpoint, loggers
+        # ============================================================================================
+        loggers = _start_run_folder(cfg, procs, files, restart, resumed_at_step, state)
+        # ============================================================================================
+        # 8. training loop
+        # ============================================================================================
+        loop = _Loop(cfg, procs, files, data, settings, state.lr_schedule, memory_format, stop_after_steps, loggers)
+        try:
+            stopped_by = _train_epochs(loop, state, stop_request, show_progress=progress)
+        finally:
+            if loggers is not None:
+                loggers.close()
+        if stopped_by is not None:
+            procs.say(f"stopped at step {state.step}/{data.total_steps} ({stopped_by}); checkpoint saved to "
+                      f"{printable_path(files.checkpoint)}. Run the same command again to resume.")
+            return TrainResult(files.path, files.checkpoint, None, state.step, state.last_loss, completed=False)
+        # ============================================================================================
+        # 9. final checkpoint and backbone export (with its model card)
+        # ============================================================================================
+        if resumed_at_step != state.step:
+            _save_checkpoint(loop, state)
+        backbone_dir = _export(loop, state)
+        distributed.barrier()
+    return TrainResult(files.path, files.checkpoint, backbone_dir, state.step, state.last_loss, completed=True)
 
 
 def _start_processes(cfg: Config) -> _Processes:
@@ -208,37 +202,62 @@ def _start_processes(cfg: Config) -> _Processes:
                       resolve_auto_flag(cfg.data.colour_on_device, device))
 
 
-def _prepare_run_dir(cfg: Config, files: _RunFiles, restart: bool, is_main: bool) -> dict | None:
-    """Resume or start: the saved checkpoint to resume from (None: a fresh run); --restart removes the
-    old run's files; config.yaml is (re)written."""
-    out_dir, checkpoint_path = files.out_dir, files.checkpoint
-    resume = None
-    if checkpoint_path.exists() and not restart:
-        resume = load_training_checkpoint(checkpoint_path)
-        diffs = config_differences(resume["config"], to_dict(cfg))
-        if diffs:
-            raise ConfigError(f"{out_dir} holds a run with a different config ({', '.join(diffs[:6])}); use another "
-                              "out_dir, or --restart to discard that run")
+def _open_run_folder(cfg: Config, restart: bool) -> tuple[RunFolder, dict | None]:
+    """Stage 2: ``out_dir`` checked (RunFolder refuses a folder that is not a run) and, unless restarting, the
+    checkpoint to resume from, whose config must match. Reads only."""
+    files = RunFolder(cfg.out_dir)
+    if restart or not files.checkpoint.exists():
+        return files, None
+    checkpoint = load_training_checkpoint(files.checkpoint)
+    diffs = config_differences(_with_defaults(checkpoint["config"]), to_dict(cfg))
+    if diffs:
+        raise ConfigError(f"{printable_path(files.path)} holds a run with a different config ({', '.join(diffs[:6])}); "
+                          "use another out_dir, or --restart to discard that run")
+    return files, checkpoint
+
+
+def _with_defaults(saved: dict) -> dict:
+    """A saved config with the keys added since it was written at their defaults (so they count as unchanged)."""
+    try:
+        return to_dict(from_dict(saved))
+    except ConfigError:  # a key that no longer exists: config_differences names it
+        return saved
+
+
+def _resume(state: TrainState, checkpoint: dict, procs: _Processes, data: _Data, files: RunFolder) -> int:
+    """Stage 6: weights, optimiser, step, queue, RNG and LR schedule from the checkpoint; its step."""
+    for note in state.load_state_dict(checkpoint):
+        procs.say(f"resume: {note}")
+    note = state.lr_schedule.change_total_steps(data.total_steps, state.step, data.steps_per_epoch)
+    if note:
+        procs.say(f"resume: {note}")
+    procs.say(f"resume: {printable_path(files.checkpoint)} at step {state.step}/{data.total_steps}")
+    return state.step
+
+
+def _start_run_folder(cfg: Config, procs: _Processes, files: RunFolder, restart: bool,
+                      resumed_at_step: int | None, state: TrainState) -> MetricLoggers | None:
+    """Stage 7, on the main process: the old run discarded (--restart), config.yaml written, metrics and
+    skipped.txt taken back to the checkpoint (resume); the metric loggers it returns (None elsewhere)."""
+    loggers = None
+    if procs.is_main:
+        files.start(dump_yaml(cfg), restart=restart, resume_step=resumed_at_step,
+                    skipped_at_resume=state.skipped_files)
+        loggers = build_loggers(cfg.train.loggers, files.path, to_dict(cfg), resume_step=resumed_at_step)
     distributed.barrier()
-    if is_main:
-        if restart and out_dir.exists():
-            for stale in (checkpoint_path, files.metrics, files.skipped):
-                stale.unlink(missing_ok=True)
-            shutil.rmtree(out_dir / "backbone", ignore_errors=True)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, out_dir / "config.yaml")
-    distributed.barrier()
-    return resume
+    return loggers
 
 
 def _build_data(cfg: Config, procs: _Processes) -> _Data:
     data_root = cfg.data.path or str(BUNDLED_SAMPLE / "train")
-    paths = find_images(data_root)
+    # Rank 0 walks the folder and every rank takes its list: files added or removed between two walks
+    # would otherwise give the ranks different epochs (and a hang at the first mismatched collective).
+    paths = distributed.broadcast_object(find_images(data_root) if procs.is_main else None)
     check_readable(paths, data_root)
     per_rank_batch = cfg.train.batch_size // procs.world
     if len(paths) < cfg.train.batch_size:
         raise ConfigError(f"train.batch_size: the global batch {cfg.train.batch_size} is larger than the "
-                          f"{len(paths)} images in {data_root}; lower it")
+                          f"{len(paths)} images in {printable_path(data_root)}; lower it")
     if cfg.monitor.knn_data:
         _monitor_folders(cfg)  # a wrong monitoring folder should fail now, not after the first epoch
     transform = MultiCropTransform.from_config(cfg.crops)
@@ -252,7 +271,7 @@ def _build_data(cfg: Config, procs: _Processes) -> _Data:
     _warn_about_crops(cfg, procs, typical_side_px(paths, sample=50))
     steps_per_epoch = len(sampler) // per_rank_batch
     n_crops = sum(cfg.crops.counts)
-    procs.say(f"data: {len(paths)} images in {data_root}"
+    procs.say(f"data: {len(paths)} images in {printable_path(data_root)}"
               + (" (bundled Fashion-MNIST sample, MIT licence)" if not cfg.data.path else "")
               + f"; {n_crops} crops each ({' + '.join(f'{c}x{s}px' for c, s in zip(cfg.crops.counts, cfg.crops.sizes_px))}); "
               f"{steps_per_epoch} steps/epoch at global batch {cfg.train.batch_size} ({procs.world} process(es)); colour ops "
@@ -274,11 +293,20 @@ def _warn_about_crops(cfg: Config, procs: _Processes, typical_side: int) -> None
                   "are detected and skipped, see train.skip_nonfinite_steps)")
 
 
-def _build_model(cfg: Config, procs: _Processes) -> tuple[SwAVModel, torch.nn.Module, torch.memory_format]:
-    """(core SwAVModel, what the forward runs: core or DDP around it, the crops' memory format)"""
+def _build_model(cfg: Config, procs: _Processes, fresh: bool) -> tuple[SwAVModel, torch.nn.Module,
+                                                                       torch.memory_format]:
+    """(core SwAVModel, what the forward runs: core or DDP around it, the crops' memory format). A ``fresh``
+    run (no checkpoint) starts its backbone from ``model.init`` when set."""
     device, m = procs.device, cfg.model
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    core = build_model(m.backbone, m.n_prototypes, m.hidden_dim, m.output_dim, m.backbone_kwargs).to(device)
+    core = build_model(m.backbone, m.n_prototypes, m.hidden_dim, m.output_dim, m.backbone_kwargs,
+                       zero_init_last=m.zero_init_last)
+    if m.init and fresh:
+        from swavkit.pretrained import load_initial_backbone_state
+
+        core.backbone.load_state_dict(load_initial_backbone_state(m.init, m.backbone, m.backbone_kwargs), strict=True)
+        procs.say(f"model: backbone weights from model.init={printable_path(m.init)} (head and prototypes fresh)")
+    core = core.to(device)
     memory_format = torch.channels_last if resolve_auto_flag(m.channels_last, device) else torch.contiguous_format
     core = core.to(memory_format=memory_format)
     core = distributed.convert_sync_batchnorm(core, m.sync_batchnorm, procs.local_world_size)
@@ -295,42 +323,38 @@ def _build_model(cfg: Config, procs: _Processes) -> tuple[SwAVModel, torch.nn.Mo
 
 
 def _build_state(cfg: Config, procs: _Processes, data: _Data, core: SwAVModel,
-                 model: torch.nn.Module) -> tuple[TrainState, StepSettings, dict]:
-    """(fresh TrainState, the step's settings, the LR schedule's keyword arguments)"""
+                 model: torch.nn.Module) -> tuple[TrainState, StepSettings]:
+    """(fresh TrainState with its LR schedule, the step's settings)"""
     optimizer_name = resolve_optimizer_name(cfg.optim.optimizer, core.backbone)
-    base_lr = cfg.optim.base_lr or REFERENCE_BASE_LR[optimizer_name]
-    peak_lr = scaled_lr(base_lr, cfg.train.batch_size, cfg.optim.reference_batch_size)
-    optimizer = build_optimizer(core, optimizer_name, lr=peak_lr, weight_decay=cfg.optim.weight_decay,
+    lr_schedule = build_lr_schedule(cfg, data.steps_per_epoch, optimizer_name)
+    optimizer = build_optimizer(core, optimizer_name, lr=lr_schedule.peak_lr, weight_decay=cfg.optim.weight_decay,
                                 momentum=cfg.optim.momentum, trust_coefficient=cfg.optim.lars_trust_coefficient)
-    schedule = dict(peak_lr=peak_lr, total_steps=data.total_steps,
-                    warmup_steps=round(cfg.optim.warmup_epochs * data.steps_per_epoch),
-                    warmup_start_lr=cfg.optim.warmup_start_lr * peak_lr, final_lr=cfg.optim.final_lr * peak_lr)
     queue = None
     if cfg.swav.queue_length:
         queue = FeatureQueue(len(cfg.swav.assignment_crops), cfg.swav.queue_length // procs.world,
                              cfg.model.output_dim).to(procs.device)
     state = TrainState(core, optimizer, torch.amp.GradScaler(procs.device.type, enabled=procs.precision == "fp16"),
-                       queue, CollapseMonitor(cfg.model.n_prototypes, cfg.train.collapse_patience_steps), model)
+                       queue, CollapseMonitor(cfg.model.n_prototypes, cfg.train.collapse_patience_steps), model,
+                       lr_schedule=lr_schedule)
     settings = StepSettings.from_config(cfg, data.steps_per_epoch, autocast_dtype(procs.precision))
-    procs.say(f"optimiser: {optimizer_name}, peak LR {peak_lr:.4g} (base {base_lr:g} x {cfg.train.batch_size}/"
-              f"{cfg.optim.reference_batch_size}), {schedule['warmup_steps']} warm-up steps, {data.total_steps} "
-              f"steps; prototypes frozen for {settings.freeze_prototype_steps} steps"
+    procs.say(f"optimiser: {optimizer_name}, {lr_schedule.describe()} ({explain_peak_lr(cfg, optimizer_name)}); "
+              f"prototypes frozen for {settings.freeze_prototype_steps} steps"
               + (f"; queue {cfg.swav.queue_length} from epoch {cfg.swav.queue_start_epoch}" if queue is not None else ""))
-    return state, settings, schedule
+    return state, settings
 
 
 # ----------------------------------------------------------------------------------------------------
 # stage 7: the loop
 
-def _train_epochs(loop: _Loop, state: TrainState, show_progress: bool) -> str | None:
+def _train_epochs(loop: _Loop, state: TrainState, stop_request: "_StopRequest", show_progress: bool) -> str | None:
     """Epochs of steps until ``total_steps``. Returns None when done, else why it stopped early (a
     signal or stop_after_steps; a checkpoint is saved then)."""
     data = loop.data
     state.model.train()
     bar = tqdm(total=data.total_steps, initial=state.step, disable=not (show_progress and loop.procs.is_main),
                desc="pretrain", unit="step", dynamic_ncols=True, file=sys.stdout)
-    with _StopRequest() as stop_request:
-        progress = _Progress(bar, stop_request, LogWindow.open(loop.procs.device), time.monotonic())
+    progress = _Progress(bar, stop_request, LogWindow.open(loop.procs.device), time.monotonic())
+    with stop_request.deferred():  # a signal now only sets a flag: the loop saves and stops in step
         while state.step < data.total_steps:
             epoch = state.step // data.steps_per_epoch
             if not _train_one_epoch(loop, state, progress, epoch):
@@ -351,7 +375,7 @@ def _train_one_epoch(loop: _Loop, state: TrainState, progress: _Progress, epoch:
         crops = _next_batch(loop, state, batches, progress.window)  # ---- 7a. data
         if crops is None:
             break
-        lr = lr_at_step(state.step, **loop.schedule)
+        lr = loop.lr_schedule.lr(state.step)
         result = train_step(state, crops, loop.settings, lr)  # ---- 7b-7f. the step
         if not result.applied:
             _refused_step(loop, state, result)  # raises once past train.skip_nonfinite_steps
@@ -394,14 +418,11 @@ def _next_batch(loop: _Loop, state: TrainState, batches, window: LogWindow) -> l
 def _record_skipped(skipped_path: Path, state: TrainState, new: list[tuple[str, str]], is_main: bool) -> None:
     """Remember unreadable files (path, why) in the state and append the new ones to skipped.txt."""
     fresh = [(p, why) for p, why in new if p not in state.skipped_files]
-    for p, why in fresh:
-        state.skipped_files.add(p)
-        if is_main:
-            with open(skipped_path, "a") as handle:
-                handle.write(f"{p}\t{why}\n")
+    state.skipped_files.update(p for p, _ in fresh)
     if fresh and is_main:
+        append_skipped_report(skipped_path, fresh)
         tqdm.write(f"skipped {len(fresh)} unreadable file(s) (total {len(state.skipped_files)}), e.g. "
-                   f"{fresh[0][0]}; see {skipped_path}")
+                   f"{printable_path(fresh[0][0])}; see {printable_path(skipped_path)}")
 
 
 def _refused_step(loop: _Loop, state: TrainState, result: StepResult) -> None:
@@ -438,7 +459,7 @@ def _log_metrics(loop: _Loop, state: TrainState, result: StepResult, lr: float, 
            "prototypes_used": usage["prototypes_used"], "code_entropy": round(usage["code_entropy"], 4),
            "queue_in_use": bool(result.queue_started and state.queue.is_full)}
     if procs.is_main:
-        _write_jsonl(loop.files.metrics, row)
+        loop.loggers.log(row)
         progress.bar.set_postfix(loss=f"{state.last_loss:.3f}", lr=f"{lr:.3g}", used=usage["prototypes_used"])
         warning = state.collapse.update(state.step, state.last_loss, usage["prototypes_used"])
         if warning:
@@ -481,7 +502,7 @@ def _end_of_epoch(loop: _Loop, state: TrainState, epoch: int) -> None:
     if cfg.monitor.knn_data and (epoch + 1) % cfg.monitor.every_epochs == 0 and complete:
         result = _monitor_knn(state.core.backbone, cfg, loop.procs.device)
         if loop.procs.is_main:
-            _write_jsonl(loop.files.metrics, {"step": state.step, "epoch": epoch + 1, **result})
+            loop.loggers.log({"step": state.step, "epoch": epoch + 1, **result})
             tqdm.write(f"epoch {epoch + 1}: online k-NN top-1 {result['knn_top1']:.2f}%")
     state.model.train()
 
@@ -495,31 +516,47 @@ def _save_checkpoint(loop: _Loop, state: TrainState) -> None:
     distributed.barrier()
 
 
-def _export(cfg: Config, procs: _Processes, files: _RunFiles, state: TrainState) -> Path:
-    """Stage 8: the backbone alone, in timm's local-dir layout (written by rank 0)."""
-    backbone_dir = files.out_dir / "backbone"
-    if procs.is_main:
-        m = cfg.model
-        export_net = create_backbone(m.backbone, **m.backbone_kwargs)
-        export_net.load_state_dict(backbone_state(state.core.state_dict()), strict=True)
-        export_backbone(export_net, backbone_dir, image_size_px=cfg.crops.sizes_px[0], mean=cfg.crops.mean,
-                        std=cfg.crops.std)
-        procs.say(f"done: {state.step} steps, final loss {state.last_loss:.4f} (ln K = {math.log(m.n_prototypes):.3f})\n"
-                  f"  checkpoint: {files.checkpoint}\n  backbone:   {backbone_dir}  "
-                  f"(timm.create_model('local-dir:{backbone_dir}', pretrained=True) or swavkit.load_backbone)\n"
-                  f"  metrics:    {files.metrics}")
-    return backbone_dir
+def _export(loop: _Loop, state: TrainState) -> Path:
+    """Stage 9: the backbone alone, in timm's local-dir layout with its model card (written by rank 0); the
+    closing lines, which say so when the run ended on the collapse plateau."""
+    cfg, procs, files = loop.cfg, loop.procs, loop.files
+    if not procs.is_main:
+        return files.backbone
+    m = cfg.model
+    export_net = create_backbone(m.backbone, **m.backbone_kwargs)
+    export_net.load_state_dict(backbone_state(state.core.state_dict()), strict=True)
+    card = card_for_training(to_dict(cfg), architecture=m.backbone, feature_dim=export_net.num_features,
+                             backbone_dir=files.backbone, steps=state.step, final_loss=state.last_loss,
+                             n_images=len(loop.data.dataset),
+                             extra_training={"optimizer": type(state.optimizer).__name__,
+                                             "peak_lr": loop.lr_schedule.peak_lr})
+    export_backbone(export_net, files.backbone, image_size_px=cfg.crops.sizes_px[0], mean=cfg.crops.mean,
+                    std=cfg.crops.std, model_card=card)
+    backbone = printable_path(files.backbone)
+    procs.say(f"done: {state.step} steps, final loss {state.last_loss:.4f} (ln K = {math.log(m.n_prototypes):.3f})\n"
+              f"  checkpoint: {printable_path(files.checkpoint)}\n  backbone:   {backbone}  "
+              f"(timm.create_model('local-dir:{backbone}', pretrained=True) or swavkit.load_backbone)\n"
+              f"  metrics:    {printable_path(files.metrics)}")
+    verdict = state.collapse.final_verdict(state.last_loss)
+    if verdict:
+        procs.say(f"WARNING {verdict}")
+    return files.backbone
 
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
 
 class _StopRequest:
-    """SIGTERM/SIGINT (what schedulers send before preemption) only set a flag; the loop then saves a
-    checkpoint at the end of the current step and exits cleanly."""
+    """SIGTERM/SIGINT (what schedulers send before preemption), for the whole of ``train``.
+
+    Inside ``deferred()`` (the training steps) a signal only sets a flag: the loop saves a checkpoint at the
+    end of the step and exits cleanly. In any other phase (start-up, export) it raises StopRequested at
+    once, which ``distributed.fail_together`` passes to the other processes: nothing hangs, exit code 3.
+    """
 
     def __init__(self):
         self.signal_name: str | None = None
+        self._deferred = False
         self._previous = {}
 
     def __enter__(self):
@@ -530,19 +567,25 @@ class _StopRequest:
                 pass
         return self
 
+    @contextlib.contextmanager
+    def deferred(self):
+        self._deferred = True
+        try:
+            yield
+        finally:
+            self._deferred = False
+
     def _handle(self, signum, frame):
         if self.signal_name is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C means "now"
         self.signal_name = signal.Signals(signum).name
+        if not self._deferred:
+            raise StopRequested(f"stopped by {self.signal_name} outside the training steps; nothing is lost: run "
+                                "the same command again to continue")
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def _write_jsonl(path: Path, row: dict) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps(row) + "\n")
 
 
 def _monitor_folders(cfg: Config) -> tuple[Path, Path | None]:
@@ -563,4 +606,4 @@ def _monitor_knn(backbone: torch.nn.Module, cfg: Config, device: torch.device) -
     return {"knn_top1": result["top1"], "knn_top5": result.get("top5")}
 
 
-__all__ = ["train", "TrainResult", "TrainingDiverged", "DataLoaderCrashed"]
+__all__ = ["train", "TrainResult", "TrainingDiverged", "DataLoaderCrashed", "StopRequested"]

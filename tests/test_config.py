@@ -10,6 +10,10 @@ def test_defaults_follow_the_paper():
     cfg = Config()
     assert cfg.crops.counts == [2, 6] and cfg.crops.sizes_px == [224, 96]
     assert cfg.model.n_prototypes == 3000 and cfg.swav.epsilon == 0.05 and cfg.swav.temperature == 0.1
+    # the batch-256 scripts: no warm-up, weight decay 1e-6, LARS trust 0.001 (LRs: tests/test_schedule.py)
+    assert cfg.train.batch_size == 256 and cfg.optim.warmup_epochs == 0
+    assert cfg.optim.weight_decay == 1e-6 and cfg.optim.lars_trust_coefficient == 0.001
+    assert cfg.model.zero_init_last is False
     validate(cfg)
 
 
@@ -35,6 +39,9 @@ def test_yaml_then_overrides(tmp_path):
     ("model.channels_last=1", "model.channels_last"),
     ("out_dir=off", "out_dir"),  # YAML's bool, not a folder named "false"
     ("swav.queue_length=1000", "swav.queue_length"),
+    ("optim.final_lr=-0.5", "optim.final_lr"),
+    ("optim.base_lr=.nan", "optim.base_lr"),
+    ("optim.warmup_start_lr=0.3", "optim.warmup_start_lr"),  # stated at reference_batch_size: needs base_lr
     ("nonsense=1", "nonsense"),
 ])
 def test_bad_values_name_the_key(override, key):
@@ -57,6 +64,16 @@ def test_gpu_levers_default_to_auto_meaning_on_a_gpu(tmp_path):
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)  # only compared, never used
     assert [resolve_auto_flag(v, cpu) for v in ("auto", "true", "false")] == [False, True, False]
     assert [resolve_auto_flag(v, gpu) for v in ("auto", "true", "false")] == [True, True, False]
+
+
+def test_lr_keys_must_make_a_decaying_schedule():
+    with pytest.raises(ConfigError, match=r"optim\.final_lr: 1\.0 is above optim\.base_lr 0\.6"):
+        load_config([], ["optim.base_lr=0.6", "optim.final_lr=1.0"])
+    with pytest.raises(ConfigError, match=r"optim\.warmup_start_lr: 5\.0 is above optim\.base_lr 4\.8"):
+        load_config([], ["optim.base_lr=4.8", "optim.warmup_start_lr=5.0"])
+    cfg = load_config([], ["optim.base_lr=4.8", "optim.reference_batch_size=4096", "optim.warmup_start_lr=0.3",
+                           "optim.final_lr=0"])  # cosine to 0 is allowed, as is -1 (the default)
+    assert (cfg.optim.base_lr, cfg.optim.warmup_start_lr, cfg.optim.final_lr) == (4.8, 0.3, 0.0)
 
 
 def test_batch_must_divide_by_world_size():

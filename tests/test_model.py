@@ -50,3 +50,34 @@ def test_vit_backbone_accepts_multiple_crop_sizes():
 def test_unknown_backbone_is_a_clear_error():
     with pytest.raises(ValueError, match="not a timm model name"):
         create_backbone("resnet_does_not_exist")
+
+
+def last_bn_of_each_block(net: torch.nn.Module) -> list[torch.nn.BatchNorm2d]:
+    """The BN closing each residual branch (bn2 of a BasicBlock, bn3 of a Bottleneck): the last BN that is
+    a direct child of a block (the shortcut's BN sits inside ``downsample``)."""
+    blocks = [m for m in net.modules() if hasattr(m, "zero_init_last")]
+    return [[c for c in block.children() if isinstance(c, torch.nn.BatchNorm2d)][-1] for block in blocks]
+
+
+def test_resnets_start_like_the_reference_unless_asked():
+    """The SwAV reference (torchvision-style ResNet-50) starts every BN at gamma 1; timm zero-inits the last
+    BN of each block. The pretraining model, the defaults and the paper configs follow the reference."""
+    from pathlib import Path
+
+    from swavkit.config import Config, load_config
+
+    reference_init = last_bn_of_each_block(build_model("resnet10t", n_prototypes=4, hidden_dim=0, output_dim=8).backbone)
+    assert len(reference_init) == 4 and all(bn.weight.detach().eq(1).all() for bn in reference_init)
+    timm_init = last_bn_of_each_block(build_model("resnet10t", 4, 0, 8, zero_init_last=True).backbone)
+    assert all(bn.weight.detach().eq(0).all() for bn in timm_init)
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    assert Config().model.zero_init_last is False
+    for recipe in ("imagenet_resnet50.yaml", "single_gpu_queue.yaml"):
+        assert load_config([configs / recipe]).model.zero_init_last is False
+
+
+def test_zero_init_last_only_where_the_backbone_has_it():
+    vit = dict(img_size=32, depth=1)
+    build_model("vit_tiny_patch16_224", 4, 0, 8, backbone_kwargs=vit)  # false: nothing to do on a ViT
+    with pytest.raises(ValueError, match="model.zero_init_last=true: vit_tiny_patch16_224 has no such option"):
+        build_model("vit_tiny_patch16_224", 4, 0, 8, backbone_kwargs=vit, zero_init_last=True)

@@ -2,6 +2,7 @@ import pytest
 
 from swavkit import presets
 from swavkit.config import from_dict, validate
+from swavkit.schedule import build_lr_schedule
 
 
 @pytest.mark.parametrize("n_images, side_px, world", [(2_000, 28, 1), (50_000, 32, 1), (100_000, 96, 2),
@@ -20,12 +21,19 @@ def test_derived_configs_are_valid_and_follow_the_data(n_images, side_px, world)
 
 
 def test_imagenet_scale_gets_the_paper_recipe():
-    tree: dict = {}
-    presets.apply(tree, presets.derive(1_281_167, 400, 64, global_batch=4096, epochs=800), chosen=set())
+    tree: dict = {"train": {"batch_size": 4096, "epochs": 800}}  # what the user chose
+    applied = presets.apply(tree, presets.derive(1_281_167, 400, 64, global_batch=4096, epochs=800),
+                            chosen={"train.batch_size", "train.epochs"})
     cfg = from_dict(tree)
     assert cfg.crops.sizes_px == [224, 96] and cfg.crops.counts == [2, 6]
     assert cfg.model.n_prototypes == 3000 and cfg.swav.queue_length == 0
     assert cfg.swav.freeze_prototypes_epochs == 1.0  # 313 steps = one epoch at batch 4096
+    # the paper's LR at batch 4096: 4.8 down to 0.0048 after 10 warm-up epochs (not 0.6 x 16 = 9.6)
+    schedule = build_lr_schedule(cfg, 312, "lars")
+    assert (schedule.peak_lr, schedule.final_lr) == pytest.approx((4.8, 0.0048))
+    assert schedule.warmup_steps == 3120
+    hint = next(s.reason for s in applied if s.key == "optim.base_lr")
+    assert "LARS 4.8" in hint and "9.6" in hint  # the value used, and the linear-scaling trap named
 
 
 def test_user_choices_win(tmp_path, capsys):

@@ -111,7 +111,8 @@ def test_bf16_channels_last_and_vit_with_adamw(image_folder, tmp_path, capsys):
     assert "warning: train.precision=bf16 on CPU" not in capsys.readouterr().out
     vit = run(tiny_overrides(image_folder, tmp_path / "vit", **{"train.epochs": 1, "model.backbone": "test_vit"}))
     printed = capsys.readouterr().out
-    assert vit.completed and "optimiser: adamw, peak LR 1.563e-05 (base 0.0005 x 8/256)" in printed
+    assert vit.completed and "optimiser: adamw, peak LR 1.563e-05" in printed
+    assert "AdamW reference 0.0005 x 8/256" in printed
     assert "warning: crops.sizes_px[0]" not in printed
     net = timm.create_model(f"local-dir:{vit.backbone_dir}", pretrained=True).eval()
     with torch.no_grad():  # the export keeps dynamic_img_size: both crop sizes still work

@@ -88,6 +88,11 @@ def path_from_printable(text: str) -> str:
     return os.fsdecode(bytes(raw))
 
 
+def skipped_report_text(entries: Iterable[tuple[str, str]]) -> str:
+    """The ``skipped.txt`` lines of (path, reason) entries: ``<printable path>\t<printable reason>\n``."""
+    return "".join(f"{printable_path(path)}\t{printable_path(reason)}\n" for path, reason in entries)
+
+
 def append_skipped_report(report_path: str | Path, entries: Iterable[tuple[str, str]]) -> int:
     """Append one ``<printable path>\\t<printable reason>`` line per (path, reason) to ``report_path``
     (created if missing); returns the number of lines written.
@@ -95,7 +100,7 @@ def append_skipped_report(report_path: str | Path, entries: Iterable[tuple[str, 
     The lines go out in one write and are fsynced, so a crash loses at most the lines being written; a torn
     last line left by an earlier crash is dropped first so it cannot merge with the new lines.
     """
-    data = "".join(f"{printable_path(path)}\t{printable_path(reason)}\n" for path, reason in entries)
+    data = skipped_report_text(entries)
     if not data:
         return 0
     with open(report_path, "a+b") as handle:

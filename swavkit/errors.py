@@ -1,0 +1,39 @@
+"""Which exceptions are the user's to fix (one line, exit code 2) and which exit code each failure gets.
+
+Named by module rather than imported, so the command line can ask without importing torch: an error can
+only be an instance of a class whose module is already loaded.
+"""
+
+from __future__ import annotations
+
+import sys
+
+# Exceptions whose message is meant for the user as is: printed as one line, exit code 2.
+USER_ERROR_NAMES = (("swavkit.config", "ConfigError"), ("swavkit.data", "DataError"),
+                    ("swavkit.pretrained", "LoadError"), ("swavkit.checkpoint", "CheckpointError"),
+                    ("swavkit.distributed", "LaunchError"), ("swavkit.train", "TrainingDiverged"),
+                    ("swavkit.train", "DataLoaderCrashed"))
+EXIT_USER_ERROR = 2
+EXIT_STOPPED = 3  # stopped by a signal: resumable, run the same command again
+
+
+def _is_instance(err: BaseException, module_name: str, class_name: str) -> bool:
+    cls = getattr(sys.modules.get(module_name), class_name, None)
+    return cls is not None and isinstance(err, cls)
+
+
+def is_user_error(err: BaseException) -> bool:
+    if isinstance(err, (FileNotFoundError, NotADirectoryError)):
+        return True
+    return any(_is_instance(err, module_name, class_name) for module_name, class_name in USER_ERROR_NAMES)
+
+
+def is_stop_request(err: BaseException) -> bool:
+    return _is_instance(err, "swavkit.train", "StopRequested")
+
+
+def exit_code_of(err: BaseException) -> int:
+    """The process exit code for a failure: 3 stopped by a signal, 2 the user's to fix, 1 a bug."""
+    if is_stop_request(err):
+        return EXIT_STOPPED
+    return EXIT_USER_ERROR if is_user_error(err) else 1
