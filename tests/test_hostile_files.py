@@ -154,9 +154,6 @@ def test_messages_about_odd_names_are_one_printable_line(tmp_path):
     assert dataset.describe_reading() == [printable_path(bad)]
 
 
-
-                   reason="train.py still writes skipped.txt itself; the lead wires in append_skipped_report "
-                          "(then this passes: remove the mark)")
 def test_training_run_lists_odd_names_in_skipped_txt(tmp_path):
     from swavkit.config import load_config
     from swavkit.train import train
