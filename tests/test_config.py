@@ -136,3 +136,10 @@ def test_weight_sources_are_checked_in_one_line(override, message):
     with pytest.raises(ConfigError, match=message) as err:
         load_config([], [override])
     assert "\n" not in str(err.value)
+
+
+def test_exponent_without_a_dot_is_a_number():
+    # YAML 1.1 reads 1e-5 as a string; a user typing optim.base_lr=1e-5 means the number
+    assert load_config([], ["optim.base_lr=1e-5", "optim.weight_decay=2E-6"]).optim.base_lr == 1e-5
+    with pytest.raises(ConfigError, match="optim.base_lr"):
+        load_config([], ["optim.base_lr=fast"])

@@ -21,6 +21,7 @@ from conftest import tiny_overrides, write_images
 from swavkit.checkpoint import CheckpointError, load_state, load_training_checkpoint, save_atomic
 from swavkit.config import load_config
 from swavkit.data import DataError, UnlabeledImageFolder, find_images, read_rgb
+from swavkit.fileio import read_jsonl
 from swavkit.train import TrainingDiverged, train
 
 
@@ -189,6 +190,10 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(image_folder,
     assert final.returncode == 0, final.stderr[-2000:]
     a, b = load_training_checkpoint(reference.checkpoint), load_training_checkpoint(checkpoint)
     assert b["step"] == a["step"] == 12
+    # every step has at most one metrics row, whatever the kills repeated, and they are the reference's
+    logged = [row["step"] for row in read_jsonl(out / "metrics.jsonl") if "loss" in row]
+    assert logged == sorted(set(logged)) == [row["step"] for row in read_jsonl(reference.out_dir / "metrics.jsonl")
+                                             if "loss" in row]
     for key in a["model"]:
         torch.testing.assert_close(b["model"][key], a["model"][key], rtol=0, atol=0, msg=key)
 

@@ -1,0 +1,92 @@
+"""Training runs and their folder: checks before writes, restart deletes only the run, resume keeps the
+schedule continuous, model.init, and the closing lines of a run that ended on the ln K plateau."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+
+from conftest import tiny_overrides
+from swavkit.checkpoint import export_backbone, load_training_checkpoint
+from swavkit.cli import main
+from swavkit.config import ConfigError, load_config
+from swavkit.fileio import read_jsonl
+from swavkit.train import train
+
+
+def _run(overrides, **kwargs):
+    return train(load_config([], overrides), progress=False, **kwargs)
+
+
+def test_restart_with_a_typo_deletes_nothing(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    _run(tiny_overrides(image_folder, out, **{"train.epochs": 1}))
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(["pretrain", "--restart", "--no-progress",
+                 *tiny_overrides(image_folder, out, **{"model.backbone": "resnet1O"})]) == 2
+    assert "did you mean resnet" in capsys.readouterr().err  # a suggestion, before any other work
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    # a missing data folder is found before anything is deleted too
+    assert main(["pretrain", "--restart", "--no-progress", *tiny_overrides(tmp_path / "nowhere", out)]) == 2
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_folder_that_is_not_a_run_is_refused_and_kept(image_folder, tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "thesis.tex").write_text("chapter 1")
+    for restart in (False, True):
+        with pytest.raises(ConfigError, match="not a swavkit run"):
+            _run(tiny_overrides(image_folder, project), restart=restart)
+    assert sorted(p.name for p in project.iterdir()) == ["thesis.tex"]
+
+
+def test_restart_keeps_the_users_files_in_a_run_folder(image_folder, tmp_path):
+    out = tmp_path / "run"
+    _run(tiny_overrides(image_folder, out, **{"train.epochs": 1}))
+    (out / "notes.md").write_text("what I changed")
+    result = _run(tiny_overrides(image_folder, out, **{"train.epochs": 1, "seed": 3}), restart=True)
+    assert result.completed and (out / "notes.md").read_text() == "what I changed"
+    assert load_training_checkpoint(out / "checkpoints" / "last.pt")["config"]["seed"] == 3
+
+
+def test_resume_with_more_epochs_continues_the_lr_curve(image_folder, tmp_path):
+    out = tmp_path / "run"
+    first = _run(tiny_overrides(image_folder, out, **{"train.epochs": 2, "train.log_every_steps": 1}))
+    assert first.step == 8
+    _run(tiny_overrides(image_folder, out, **{"train.epochs": 4, "train.log_every_steps": 1}))
+    lrs = {row["step"]: row["lr"] for row in read_jsonl(out / "metrics.jsonl") if "lr" in row}
+    assert sorted(lrs) == list(range(1, 17))  # each step logged once
+    # the first run ended at the final LR; the longer run goes on from there instead of jumping back up
+    assert lrs[9] <= lrs[8] * 1.5 + 1e-12
+    assert max(lrs[s] for s in range(9, 17)) <= lrs[8] * 1.5 + 1e-12
+
+
+def test_model_init_sets_the_starting_backbone(image_folder, tmp_path):
+    torch.manual_seed(7)
+    start = timm.create_model("resnet10t", num_classes=0)
+    init_dir = export_backbone(start, tmp_path / "init", image_size_px=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+    out = tmp_path / "run"
+    result = _run(tiny_overrides(image_folder, out, **{"model.init": str(init_dir), "train.epochs": 1,
+                                                       "optim.base_lr": 1e-9, "optim.warmup_epochs": 0}),
+                  stop_after_steps=1)
+    trained = load_training_checkpoint(result.checkpoint)["model"]
+    # after one step at a negligible LR the backbone is (almost exactly) the init, not a random one
+    weight = trained["backbone.conv1.0.weight"]
+    torch.testing.assert_close(weight, start.conv1[0].weight.detach(), rtol=0, atol=1e-6)
+
+
+def test_a_short_run_that_ends_at_ln_k_says_so(image_folder, tmp_path, capsys):
+    # a huge temperature makes every prediction uniform: the loss is ln K from the first step, in a run far
+    # shorter than train.collapse_patience_steps (200)
+    result = _run(tiny_overrides(image_folder, tmp_path / "flat", **{"swav.temperature": 1000.0, "train.epochs": 1}))
+    assert abs(result.final_loss - math.log(10)) < 0.01 * math.log(10)
+    closing = capsys.readouterr().out.strip().splitlines()[-1]
+    assert closing.startswith("WARNING the run ended at the collapse plateau") and "swav.epsilon" in closing
+    healthy = _run(tiny_overrides(image_folder, tmp_path / "ok", **{"train.epochs": 1}))
+    assert abs(healthy.final_loss - math.log(10)) > 0.01 * math.log(10)
+    assert "collapse plateau" not in capsys.readouterr().out
