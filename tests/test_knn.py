@@ -79,7 +79,8 @@ def test_knn_monitor_restores_the_training_mode(tmp_path):
     assert backbone.training
     assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
     assert metrics["n_train"] == 12 and metrics["n_val"] == 3  # 12 / 3 classes = 4 per class; val a fifth
-    assert 0.0 <= metrics["top1"] <= 100.0 and "top5" not in metrics
+    # the classes differ by colour, which even a random convnet separates: well above chance (33 %)
+    assert metrics["top1"] >= 66.0 and "top5" not in metrics
     # a single folder of class folders: a fifth of each class becomes the queries
     assert monitor_folders(tmp_path) == (train_dir, val_dir)
     assert monitor_folders(train_dir) == (train_dir, None)

@@ -70,7 +70,8 @@ def test_reference_recipe_trains_only_the_head(tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())  # frozen, BN stats too
     assert metrics["steps"] == 9 and metrics["feature_dim"] == 512
     assert abs(metrics["peak_lr"] - 3.0 * 8 / 256) < 1e-12
-    assert 0.0 <= metrics["top1"] <= 100.0 and metrics["final_train_loss"] < 5.0
+    # colour classes: a linear head on random features separates them, well above chance (33 %)
+    assert metrics["top1"] >= 66.0 and metrics["final_train_loss"] < 5.0
 
 
 def test_evaluate_linear_reference_writes_its_protocol(tmp_path):

@@ -1,6 +1,7 @@
 """End-to-end training contracts: resume == uninterrupted, export round trip, run-directory layout."""
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -107,7 +108,7 @@ def test_bf16_channels_last_and_vit_with_adamw(image_folder, tmp_path, capsys):
     result = run(tiny_overrides(image_folder, tmp_path / "bf16", **{"train.epochs": 1, "train.precision": "bf16",
                                                                      "model.channels_last": "true",
                                                                      "crops.sizes_px": "[40,32]"}))
-    assert result.completed and result.final_loss == result.final_loss  # finite, not NaN
+    assert result.completed and math.isfinite(result.final_loss) and result.final_loss < 2 * math.log(10)
     assert "warning: train.precision=bf16 on CPU" not in capsys.readouterr().out
     vit = run(tiny_overrides(image_folder, tmp_path / "vit", **{"train.epochs": 1, "model.backbone": "test_vit"}))
     printed = capsys.readouterr().out
@@ -140,7 +141,7 @@ def test_online_knn_monitoring_is_logged(image_folder, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "mon" / "metrics.jsonl").read_text().splitlines()]
     knn_rows = [r for r in rows if "knn_top1" in r]
     assert [r["epoch"] for r in knn_rows] == [1, 2]
-    assert all(0.0 <= r["knn_top1"] <= 100.0 for r in knn_rows)
+    assert all(r["knn_top1"] >= 66.0 for r in knn_rows)  # colour classes: far above chance (33 %)
     with pytest.raises(Exception, match="missing"):
         run(tiny_overrides(image_folder, tmp_path / "mon2", **{"monitor.knn_data": tmp_path / "missing"}))
 
