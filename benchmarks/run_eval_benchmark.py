@@ -12,6 +12,7 @@ Data come from the team's shared folder (``../shared/data`` next to the reposito
 ``--shared-data``), unpacked once into ``benchmarks/_work/data/<name>`` (git-ignored). Pretraining reads
 only ``<name>/train`` and never its labels. Writes ``benchmarks/results/eval-<name>.json`` and prints a
 markdown table; ``--readme`` also replaces this run's block in benchmarks/README.md ("## Evaluation").
+Target: the backbone beats its random init on both k-NN and linear top-1; exit code 1 when it does not.
 Missing data: one line on stderr, exit code 2.
 """
 
@@ -242,6 +243,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {path.relative_to(REPO_ROOT)}")
     if args.readme:
         update_readme(name, block, prefix="eval", heading="## Evaluation")
+    return verdict(rows)
+
+
+def verdict(rows: list[dict]) -> int:
+    """The target: the evaluated backbone beats its random-init floor on k-NN and on the linear probe.
+    Prints what missed and returns 1 then (0 when met)."""
+    ours, floor = rows[0], rows[1]
+    missed = [f"{kind}: {ours[kind]['metrics']['top1']:.2f} % <= random init {floor[kind]['metrics']['top1']:.2f} %"
+              for kind in ("knn", "linear") if ours[kind]["metrics"]["top1"] <= floor[kind]["metrics"]["top1"]]
+    if missed:
+        print("TARGET MISSED (the backbone must beat its random init): " + "; ".join(missed), file=sys.stderr)
+        return 1
     return 0
 
 

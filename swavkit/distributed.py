@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -110,18 +111,37 @@ def publish_failure(exit_code: int, message: str) -> None:
         pass
 
 
+def _failure_of_another_rank(store) -> tuple[int, str] | None:
+    """(exit code, message) of a failure another process reported; None if none (or the store is gone)."""
+    try:
+        if not store.check([FAILURE_KEY]):
+            return None
+        code, _, message = store.get(FAILURE_KEY).decode("utf-8", "replace").partition("|")
+    except (RuntimeError, OSError):
+        return None
+    if message.startswith(f"rank {rank()}:"):
+        return None  # our own report
+    return (int(code) if code.isdigit() else 1), message
+
+
+def _is_peer_disconnect(err: BaseException) -> bool:
+    """gloo's and NCCL's word for "another process went away" (then that process's report explains it)."""
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("closed by peer" in text or "Connection reset" in text
+                                              or "NCCL" in text or "DistBackendError" in type(err).__name__)
+
+
+def _end_because(failure: tuple[int, str]) -> None:
+    code, message = failure
+    print(f"swavkit: ending rank {rank()} because {message}", file=sys.stderr, flush=True)
+    os._exit(code)
+
+
 def _watch_for_failures(store, stop: threading.Event, poll_s: float) -> None:
     while not stop.wait(poll_s):
-        try:
-            if not store.check([FAILURE_KEY]):
-                continue
-            code, _, message = store.get(FAILURE_KEY).decode("utf-8", "replace").partition("|")
-        except (RuntimeError, OSError):
-            return  # the store is gone (its host process ended): the collectives will fail by themselves
-        if message.startswith(f"rank {rank()}:"):
-            return  # our own report: this process is already on its way out
-        print(f"swavkit: ending rank {rank()} because {message}", file=sys.stderr, flush=True)
-        os._exit(int(code) if code.isdigit() else 1)
+        failure = _failure_of_another_rank(store)
+        if failure is not None:
+            _end_because(failure)
 
 
 @contextlib.contextmanager
@@ -146,6 +166,15 @@ def fail_together(exit_code_of=lambda err: 1, poll_s: float = 0.5) -> Iterator[N
     try:
         yield
     except BaseException as err:
+        # An error here right after another rank failed (typically gloo's "connection closed by peer") is
+        # a consequence: end with that rank's message and code instead of a second traceback.
+        failure = _failure_of_another_rank(store)
+        deadline = time.monotonic() + 1.0  # the peer's report can trail its broken connection a little
+        while failure is None and time.monotonic() < deadline and _is_peer_disconnect(err):
+            time.sleep(0.05)
+            failure = _failure_of_another_rank(store)
+        if failure is not None:
+            _end_because(failure)
         publish_failure(exit_code_of(err), str(err) or type(err).__name__)
         raise
     finally:
