@@ -13,6 +13,7 @@ from pathlib import Path
 
 from swavkit.config import default_num_workers  # stdlib + yaml only
 from swavkit.errors import EXIT_STOPPED, is_stop_request, is_user_error
+from swavkit.plot import add_plot_command  # matplotlib is imported only when a plot is drawn
 
 def quickstart_config_path() -> Path:
     from swavkit.api import quickstart_config_path as path
@@ -260,10 +261,12 @@ def _cmd_cluster(args) -> int:
                               image_size_px=args.image_size, progress=not args.no_progress)
     print(f"{result['n_images']} images in {result['clusters_used']} of {result['n_prototypes']} clusters "
           f"({result['n_skipped']} unreadable files skipped)")
+    from swavkit.data import printable_path
+
     for path, reason in result["skipped"][:5]:
-        print(f"  skipped {path}: {reason}")
-    print(f"wrote {result['assignments_csv']}, {result['histogram_png']}")
-    print(f"open {Path(result['index_html']).absolute().as_uri()}")
+        print(f"  skipped {printable_path(path)}: {printable_path(reason)}")
+    print(f"wrote {printable_path(result['assignments_csv'])}, {printable_path(result['histogram_png'])}")
+    print(f"open {printable_path(Path(result['index_html']).absolute())}")
     return 0
 
 
@@ -302,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(subparsers)
     add_eval_commands(subparsers)
     _add_cluster(subparsers)
+    add_plot_command(subparsers)
     return parser
 
 
