@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from swavkit.checkpoint import is_swavkit_export
+from swavkit.checkpoint import CheckpointError, check_export_target, is_swavkit_export
 from swavkit.config import ConfigError
 from swavkit.data.names import read_skipped_report, skipped_report_text
 from swavkit.fileio import jsonl_line, read_jsonl, write_text_atomic
@@ -71,7 +71,13 @@ class RunFolder:
     def _check_usable(self) -> None:
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"out_dir: {self.path} is a file, not a folder; name a new folder")
-        if not self.path.is_dir() or self.holds_run():
+        if not self.path.is_dir():
+            return
+        if self.holds_run():
+            try:  # checked now rather than after hours of training, when the export would be refused
+                check_export_target(self.backbone)
+            except CheckpointError as err:
+                raise ConfigError(f"out_dir: {err}") from None
             return
         entries = sorted(entry.name for entry in self.path.iterdir())
         if entries:

@@ -166,3 +166,13 @@ def test_atomic_write_failure_keeps_the_old_file(tmp_path):
             raise OSError(28, "No space left on device")
     assert path.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+
+
+def test_a_run_whose_backbone_folder_holds_user_files_is_refused_before_training(tmp_path):
+    run = RunFolder(str(tmp_path / "run"))
+    run.start("model: {}\n", restart=False, resume_step=None)
+    run.backbone.mkdir()
+    (run.backbone / "README.md").write_text("my own notes, not a swavkit model card")
+    with pytest.raises(ConfigError, match="did not write"):
+        RunFolder(str(run.path))
+    assert (run.backbone / "README.md").read_text().startswith("my own notes")
