@@ -24,6 +24,8 @@ from swavkit.config import Config, ConfigError, config_differences, dump_yaml, f
 from swavkit.data import (BUNDLED_SAMPLE, EpochSampler, UnlabeledImageFolder, append_skipped_report, check_readable,
                           printable_path)
 from swavkit.data.filelist import CACHE_NAME, PathList, load_path_cache, save_path_cache, source_key
+from swavkit.data.errors import DataError
+from swavkit.data.shards import SHARD_INDEX, ShardStream, expand_shards, is_shard_spec, pass_batch, stored_count
 from swavkit.data.sources import data_specs, describe_specs, resolve_images
 from swavkit.device import autocast_dtype, resolve_auto_flag, resolve_device, resolve_precision
 from swavkit.diagnosis import CollapseMonitor, code_statistics
@@ -86,8 +88,8 @@ class _Processes:
 class _Data:
     """Stage 3: the per-rank batches and how many steps they make."""
     transform: MultiCropTransform
-    dataset: UnlabeledImageFolder
-    sampler: EpochSampler
+    dataset: UnlabeledImageFolder | ShardStream
+    sampler: EpochSampler | ShardStream  # set_epoch(epoch, start=samples this rank already used)
     loader: DataLoader
     per_rank_batch: int
     steps_per_epoch: int
@@ -256,6 +258,8 @@ def _start_run_folder(cfg: Config, procs: _Processes, files: RunFolder, restart:
 def _build_data(cfg: Config, procs: _Processes, files: RunFolder, resuming: bool) -> _Data:
     named = data_specs(cfg.data.path, cfg.data.paths)
     specs = named or [str(BUNDLED_SAMPLE / "train")]
+    if any(is_shard_spec(spec) for spec in specs):
+        return _build_shard_data(cfg, procs, specs)
     shown = describe_specs(specs)
     paths, from_cache = _resolve_file_list(specs, procs, files, resuming)
     check_readable(paths, shown)
@@ -284,6 +288,44 @@ def _build_data(cfg: Config, procs: _Processes, files: RunFolder, resuming: bool
     return _Data(transform, dataset, sampler, loader, per_rank_batch, steps_per_epoch,
                  steps_per_epoch * cfg.train.epochs, file_list=None if from_cache else paths,
                  file_list_source=source_key(specs))
+
+
+def _build_shard_data(cfg: Config, procs: _Processes, specs: list[str]) -> _Data:
+    """Stage 3 for WebDataset shards: a stream of per-rank batches (swavkit.data.shards), an epoch of
+    data.samples_per_epoch images."""
+    if len(specs) > 1:
+        raise DataError("data.paths: shards cannot be mixed with other sources; name all shards in one brace "
+                        "pattern, glob or list of .tar files in data.path")
+    shards = distributed.broadcast_object(expand_shards(specs[0]) if procs.is_main else None)
+    samples_per_epoch = cfg.data.samples_per_epoch or stored_count(shards)
+    if not samples_per_epoch:
+        raise ConfigError(f"data.samples_per_epoch: {printable_path(specs[0])} has no image count ({SHARD_INDEX} "
+                          "next to the shards, written by swavkit shard); set data.samples_per_epoch")
+    workers, slots = cfg.data.num_workers, procs.world * max(1, cfg.data.num_workers)
+    if len(shards) < slots:
+        raise ConfigError(f"data.num_workers: {len(shards)} shard(s) for {procs.world} process(es) x "
+                          f"{max(1, workers)} reader(s); each reader needs shards of its own: lower "
+                          "data.num_workers or shard with fewer --images-per-shard")
+    per_rank_batch = cfg.train.batch_size // procs.world
+    steps_per_epoch = samples_per_epoch // procs.world // per_rank_batch
+    if steps_per_epoch < 1:
+        raise ConfigError(f"train.batch_size: the global batch {cfg.train.batch_size} is larger than the "
+                          f"{samples_per_epoch} images of an epoch; lower it")
+    if cfg.monitor.knn_data:
+        _monitor_folders(cfg)
+    transform = MultiCropTransform.from_config(cfg.crops)
+    stream = ShardStream(shards, transform, transform.collate_pixels if procs.colour_on_device else transform.collate,
+                         per_rank_batch, rank=procs.rank, world=procs.world, seed=cfg.seed,
+                         shuffle_buffer=cfg.data.shuffle_buffer, samples_per_epoch=samples_per_epoch)
+    # Workers restart each epoch (not persistent): they take the epoch and resume position from the stream.
+    loader = DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=pass_batch,
+                        pin_memory=cfg.data.pin_memory and procs.device.type == "cuda",
+                        prefetch_factor=cfg.data.prefetch_factor if workers else None)
+    procs.say(f"data: {len(shards)} shard(s) {printable_path(specs[0])}, {samples_per_epoch} images/epoch, shuffle "
+              f"buffer {cfg.data.shuffle_buffer}; {steps_per_epoch} steps/epoch at global batch {cfg.train.batch_size} "
+              f"({procs.world} process(es)); colour ops "
+              + (f"on {procs.device.type} (data.colour_on_device)" if procs.colour_on_device else "in the data workers"))
+    return _Data(transform, stream, stream, loader, per_rank_batch, steps_per_epoch, steps_per_epoch * cfg.train.epochs)
 
 
 def _resolve_file_list(specs: list[str], procs: _Processes, files: RunFolder,
