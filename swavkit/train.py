@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -259,7 +260,7 @@ def _build_data(cfg: Config, procs: _Processes, files: RunFolder, resuming: bool
     named = data_specs(cfg.data.path, cfg.data.paths)
     specs = named or [str(BUNDLED_SAMPLE / "train")]
     if any(is_shard_spec(spec) for spec in specs):
-        return _build_shard_data(cfg, procs, specs)
+        return _build_shard_data(cfg, procs, specs, files, resuming)
     shown = describe_specs(specs)
     paths, from_cache = _resolve_file_list(specs, procs, files, resuming)
     check_readable(paths, shown)
@@ -290,12 +291,14 @@ def _build_data(cfg: Config, procs: _Processes, files: RunFolder, resuming: bool
                  file_list_source=source_key(specs))
 
 
-def _build_shard_data(cfg: Config, procs: _Processes, specs: list[str]) -> _Data:
+def _build_shard_data(cfg: Config, procs: _Processes, specs: list[str], files: RunFolder, resuming: bool) -> _Data:
     """Stage 3 for WebDataset shards: a stream of per-rank batches (swavkit.data.shards), an epoch of
     data.samples_per_epoch images."""
     if len(specs) > 1:
         raise DataError("data.paths: shards cannot be mixed with other sources; name all shards in one brace "
                         "pattern, glob or list of .tar files in data.path")
+    if resuming:
+        _say_if_stream_layout_changed(cfg, procs, files)
     shards = distributed.broadcast_object(expand_shards(specs[0]) if procs.is_main else None)
     samples_per_epoch = cfg.data.samples_per_epoch or stored_count(shards)
     if not samples_per_epoch:
@@ -326,6 +329,19 @@ def _build_shard_data(cfg: Config, procs: _Processes, specs: list[str]) -> _Data
               f"({procs.world} process(es)); colour ops "
               + (f"on {procs.device.type} (data.colour_on_device)" if procs.colour_on_device else "in the data workers"))
     return _Data(transform, stream, stream, loader, per_rank_batch, steps_per_epoch, steps_per_epoch * cfg.train.epochs)
+
+
+def _say_if_stream_layout_changed(cfg: Config, procs: _Processes, files: RunFolder) -> None:
+    """A shard stream resumes exactly only with the data.num_workers of the interrupted run (swavkit.data.shards);
+    its config.yaml, not yet rewritten at this stage, says which that was."""
+    try:
+        before = (yaml.safe_load(files.config.read_text(encoding="utf-8")) or {}).get("data", {}).get("num_workers")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return
+    if isinstance(before, int) and before != cfg.data.num_workers:
+        procs.say(f"resume: data.num_workers changed from {before} to {cfg.data.num_workers}: the rest of the "
+                  "interrupted epoch is read by other shard readers, so some of its images may repeat or be left "
+                  "out; the following epochs are exact again")
 
 
 def _resolve_file_list(specs: list[str], procs: _Processes, files: RunFolder,

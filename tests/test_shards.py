@@ -5,6 +5,7 @@ import importlib
 import io
 import json
 import tarfile
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -150,3 +151,17 @@ def test_two_processes_train_from_shards(shard_folder, tmp_path):
     mp.spawn(_train_worker, args=(2, free_port(), overrides, None), nprocs=2)
     checkpoint = load_training_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")
     assert checkpoint["step"] == 5 and len(checkpoint["per_rank"]) == 2
+
+
+def test_resume_with_other_workers_says_what_is_not_exact(tmp_path, capsys):
+    train_module = importlib.import_module("swavkit.train")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("data:\n  num_workers: 2\n")
+    procs = SimpleNamespace(say=print)
+    cfg = load_config([], tiny_overrides("x.tar", run))  # num_workers 0
+    train_module._say_if_stream_layout_changed(cfg, procs, SimpleNamespace(config=run / "config.yaml"))
+    assert "changed from 2 to 0" in capsys.readouterr().out
+    cfg = load_config([], tiny_overrides("x.tar", run, **{"data.num_workers": 2}))
+    train_module._say_if_stream_layout_changed(cfg, procs, SimpleNamespace(config=run / "config.yaml"))
+    assert capsys.readouterr().out == ""
