@@ -140,7 +140,7 @@ def add_shard_command(subparsers) -> None:
         "shard", help="pack a folder or list of images into WebDataset tar shards",
         description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  swavkit shard /data/images /data/shards --images-per-shard 5000\n"
-               "  swavkit pretrain data.path='/data/shards/shard-{000000..000199}.tar'")
+               "  then pretrain with data.path='/data/shards/shard-{000000..000199}.tar'")
     p.add_argument("source", metavar="SRC", help="folder of images (walked like pretrain's) or a .txt/.csv list")
     p.add_argument("out", metavar="OUT", help="folder for the shards (new, empty, or an earlier swavkit shard output)")
     p.add_argument("--images-per-shard", type=int, default=5000, metavar="N",
