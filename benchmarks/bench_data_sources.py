@@ -38,10 +38,9 @@ from _common import (WORK_DIR, Verdicts, add_threads_argument, apply_threads, en
 
 from swavkit.config import CropsConfig  # noqa: E402
 from swavkit.data import EpochSampler, UnlabeledImageFolder, find_images  # noqa: E402
-from swavkit.data.filelist import PathList  # noqa: E402
+from swavkit.data.filelist import CACHE_NAME, PathList  # noqa: E402
 from swavkit.data.shards import ShardStream, expand_shards, pass_batch  # noqa: E402
 from swavkit.multicrop import MultiCropTransform  # noqa: E402
-from swavkit.rundir import RunFolder  # noqa: E402
 from swavkit.shard import write_shards  # noqa: E402
 
 MEMORY_TARGET_MIB = 100.0
@@ -200,8 +199,9 @@ def bench_startup(args, verdicts: Verdicts) -> tuple[str, dict]:
     train_module = importlib.import_module("swavkit.train")
     root = _empty_tree(WORK_DIR / f"walk_{args.files}", args.files)
     procs = SimpleNamespace(is_main=True, say=lambda *a, **k: None)
-    files = RunFolder(str(WORK_DIR / "startup_run"))
+    files = SimpleNamespace(path=WORK_DIR / "startup_run")  # the cache's folder (bench scratch, not a run)
     files.path.mkdir(parents=True, exist_ok=True)
+    (files.path / CACHE_NAME).unlink(missing_ok=True)
 
     def first_run():
         paths, from_cache = train_module._resolve_file_list([str(root)], procs, files, resuming=False)
