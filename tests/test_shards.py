@@ -129,15 +129,22 @@ def test_stream_resume_is_exact(shard_folder, workers):
 
 
 def test_train_from_shards_resume_equals_uninterrupted(shard_folder, tmp_path):
-    pattern = str(shard_folder / "shard-{000000..000004}.tar")
-    extra = {"train.epochs": 1, "data.shuffle_buffer": 6}  # 40 images / batch 8: 5 steps per epoch
+    """With a shard cut short among them: listed in skipped.txt, training goes on, and a run killed
+    mid-epoch and resumed ends with the weights of the uninterrupted run (the exactness statement)."""
+    raw = (shard_folder / "shard-000002.tar").read_bytes()
+    (shard_folder / "shard-000005.tar").write_bytes(raw[:512 * 5 + 100])  # not in shards.json: count given
+    pattern = str(shard_folder / "shard-{000000..000005}.tar")
+    extra = {"train.epochs": 1, "data.shuffle_buffer": 6, "data.samples_per_epoch": 48}  # 6 steps of 8: past pass 0
     full = train(load_config([], tiny_overrides(pattern, tmp_path / "full", **extra)), progress=False)
-    assert full.completed and full.step == 5
+    assert full.completed and full.step == 6
     parts = tmp_path / "parts"
     assert train(load_config([], tiny_overrides(pattern, parts, **extra)), progress=False, stop_after_steps=3).step == 3
     last = train(load_config([], tiny_overrides(pattern, parts, **extra)), progress=False)
-    assert last.completed and last.step == 5
+    assert last.completed and last.step == 6
     assert_same_state(load_training_checkpoint(full.checkpoint)["model"], load_training_checkpoint(last.checkpoint)["model"])
+    for run in (tmp_path / "full", parts):
+        listed = read_skipped_report(run / "skipped.txt")
+        assert [p.endswith("shard-000005.tar") and "broken shard" in why for p, why in listed] == [True]
 
 
 def test_pattern_matching_nothing_is_one_line(tmp_path, capsys):
@@ -147,7 +154,8 @@ def test_pattern_matching_nothing_is_one_line(tmp_path, capsys):
 
 
 def test_two_processes_train_from_shards(shard_folder, tmp_path):
-    overrides = tiny_overrides(shard_folder / "shard-*.tar", tmp_path / "two", **{"train.epochs": 1})
+    overrides = tiny_overrides(shard_folder / "shard-*.tar", tmp_path / "two",
+                               **{"train.epochs": 1, "data.colour_on_device": "true"})
     mp.spawn(_train_worker, args=(2, free_port(), overrides, None), nprocs=2)
     checkpoint = load_training_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")
     assert checkpoint["step"] == 5 and len(checkpoint["per_rank"]) == 2

@@ -17,7 +17,8 @@ its shard name and key), as a folder image's are by its index.
 **Bad data.** An undecodable image is replaced in its batch by the next decodable one of that batch
 (with its own crops), so a batch always uses exactly B samples of the stream, and listed in
 ``skipped.txt`` as ``<shard>/<member>``. A truncated or corrupt shard ends where it breaks (the samples
-before the break are used) and is listed as ``<shard>``; training goes on.
+before the break are used) and is listed as ``<shard>``; training goes on. (A shard cut exactly at a
+512-byte block boundary between two members cannot be told from a shorter shard.)
 
 **Resume (what is exact).** The stream is a pure function of (seed, epoch, slot), and a batch always
 takes exactly B samples of it, so a resume at step k of an epoch fast-forwards each worker past the
@@ -129,6 +130,12 @@ def _shard_samples(shard: str) -> Iterator[tuple[str, bytes | None, str]]:
                     yield f"{shard}/{sample['__key__']}.{suffix}", sample[suffix], ""
     except Exception as err:  # tarfile.ReadError, OSError, a duplicate member ...: the shard is broken here
         yield shard, None, f"broken shard: {describe_failure(err)}"
+        return
+    # A tar cut between two members reads as a shorter tar (tarfile takes the missing header for the end),
+    # but a tar is whole 512-byte blocks: a size that is not betrays the cut.
+    size = os.path.getsize(shard)
+    if size % 512:
+        yield shard, None, f"broken shard: truncated ({size} bytes is not a whole number of 512-byte tar blocks)"
 
 
 def _member_index(name: str) -> int:
