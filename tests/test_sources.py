@@ -117,3 +117,9 @@ def test_two_processes_train_from_a_list(image_folder, tmp_path):
     overrides = tiny_overrides(listing, tmp_path / "two", **{"train.epochs": 1})
     mp.spawn(_train_worker, args=(2, free_port(), overrides, None), nprocs=2)
     assert (tmp_path / "two" / "backbone").is_dir() and (tmp_path / "two" / CACHE_NAME).is_file()
+
+
+def test_csv_row_without_the_path_column_is_named(tmp_path):
+    (tmp_path / "short.csv").write_text("label,path\n1,a.png\n2\n")
+    with pytest.raises(DataError, match="short.csv row 3 has no column 2"):
+        read_list_file(tmp_path / "short.csv")

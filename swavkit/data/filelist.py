@@ -116,10 +116,10 @@ def _csv_paths(text: str, list_path: Path) -> list[str]:
         body = rows[1:]
     else:
         column, body = 0, rows
-    short = [i for i, row in enumerate(body) if len(row) <= column]
-    if short and any(body[i] for i in short):  # an empty row is a blank line, not a short one
-        raise DataError(f"data.path: {printable_path(list_path)} row {short[0] + 1 + (column != 0)} has no "
-                        f"column {column + 1} ('path')")
+    short = [i for i, row in enumerate(body) if row and len(row) <= column]  # an empty row is a blank line
+    if short:
+        row_number = short[0] + 1 + (len(body) < len(rows))  # counted from 1, the header included
+        raise DataError(f"data.path: {printable_path(list_path)} row {row_number} has no column {column + 1} ('path')")
     return [row[column] for row in body if len(row) > column]
 
 
