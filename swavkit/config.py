@@ -40,8 +40,17 @@ def default_num_workers(cap: int = 4) -> int:
 
 @dataclass
 class DataConfig:
-    path: str = _help("folder of images, flat or nested; class folders are ignored. Empty = the bundled "
-                      "Fashion-MNIST sample", default="")
+    path: str = _help("the images: a folder, flat or nested (class folders are ignored); a .txt/.csv list of "
+                      "image paths relative to the list (CSV: its 'path' column, else the first); or WebDataset "
+                      "shards, a brace pattern or glob ending in .tar (shards/train-{000000..000099}.tar) or a list "
+                      "of .tar paths (`swavkit shard` writes them). Empty = the bundled Fashion-MNIST sample",
+                      default="")
+    paths: list[str] = _help("several folders / list files read as one data set, in this order (instead of "
+                             "data.path)", default_factory=list)
+    samples_per_epoch: int = _help("shards only: images per epoch (all processes together); 0 = the count "
+                                   "`swavkit shard` stored next to the shards", default=0)
+    shuffle_buffer: int = _help("shards only: images each data worker holds to shuffle the stream (more = better "
+                                "mixing, more memory: ~image bytes each)", default=1000)
     num_workers: int = _help("DataLoader worker processes; 0 decodes in the training process. Default: "
                              "min(4, usable CPU cores - 1)", default_factory=default_num_workers)
     pin_memory: bool = _help("page-locked host memory for faster host-to-GPU copies", default=True)
@@ -429,6 +438,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         if not (value > 0 and math.isfinite(value)):
             raise ConfigError(f"{key}: must be a positive number, got {value}")
     non_negative = {"model.hidden_dim": cfg.model.hidden_dim, "data.num_workers": cfg.data.num_workers,
+                    "data.samples_per_epoch": cfg.data.samples_per_epoch, "data.shuffle_buffer": cfg.data.shuffle_buffer,
                     "swav.queue_length": cfg.swav.queue_length, "swav.queue_start_epoch": cfg.swav.queue_start_epoch,
                     "swav.freeze_prototypes_epochs": cfg.swav.freeze_prototypes_epochs,
                     "optim.warmup_epochs": cfg.optim.warmup_epochs, "optim.weight_decay": cfg.optim.weight_decay,

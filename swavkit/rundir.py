@@ -19,6 +19,7 @@ import yaml
 
 from swavkit.checkpoint import CheckpointError, check_export_target, is_swavkit_export
 from swavkit.config import ConfigError
+from swavkit.data.filelist import CACHE_NAME as LIST_CACHE_FILE
 from swavkit.data.names import read_skipped_report, skipped_report_text
 from swavkit.fileio import jsonl_line, read_jsonl, write_text_atomic
 
@@ -89,7 +90,8 @@ class RunFolder:
     def discard_previous_run(self) -> None:
         """``--restart``: delete this run's own files (never anything else in the folder)."""
         logger_files = [self.path / name for name in LOGGER_FILES]
-        for own_file in (self.checkpoint, self.metrics, self.skipped, self.config, *logger_files):
+        for own_file in (self.checkpoint, self.metrics, self.skipped, self.config, self.path / LIST_CACHE_FILE,
+                         *logger_files):
             own_file.unlink(missing_ok=True)
         for own_folder in LOGGER_FOLDERS:
             shutil.rmtree(self.path / own_folder, ignore_errors=True)

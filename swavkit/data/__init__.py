@@ -12,11 +12,15 @@ names are written out. One concept per module:
 * ``sampling``: per-sample augmentation seeds and the epoch sampler (resume and distributed runs see the
   crops of one uninterrupted process).
 * ``transforms``: the evaluation transform.
+* ``filelist``: the compact path list (PathList) every worker shares, .txt/.csv list files, the run
+  folder's cached list (``files.npz``).
+* ``sources``: what data.path / data.paths name (folders, list files, shards) resolved to images.
 """
 
 from swavkit.data.datasets import (ImageFiles, LabelledImageFolder, ReadBatch, ReadOrReport, UnlabeledImageFolder,
                                    collate_read_or_report, raise_for_unreadable)
 from swavkit.data.errors import DataError
+from swavkit.data.filelist import PathList, read_list_file
 from swavkit.data.folders import BUNDLED_SAMPLE, find_classes, find_images, walk_images
 from swavkit.data.images import (IMAGE_EXTENSIONS, IMAGE_FORMATS, MAX_IMAGE_PIXELS, ImageTooLarge, UnreadableImage,
                                  check_readable, open_image, read_rgb)
@@ -28,4 +32,5 @@ __all__ = ["DataError", "UnreadableImage", "ImageTooLarge", "IMAGE_EXTENSIONS", 
            "BUNDLED_SAMPLE", "walk_images", "find_images", "find_classes", "open_image", "read_rgb",
            "check_readable", "ImageFiles", "LabelledImageFolder", "UnlabeledImageFolder", "ReadOrReport", "ReadBatch",
            "collate_read_or_report", "raise_for_unreadable", "printable_path", "path_from_printable",
-           "append_skipped_report", "read_skipped_report", "EpochSampler", "sample_seed", "eval_transform"]
+           "append_skipped_report", "read_skipped_report", "EpochSampler", "sample_seed", "eval_transform",
+           "PathList", "read_list_file"]

@@ -167,6 +167,22 @@ def raise_for_unreadable(unreadable: list[tuple[str, str]]) -> None:
 # ----------------------------------------------------------------------------------------------------
 # pretraining: an unreadable file is replaced by a readable one
 
+def seeded_transform(transform, image, seed: int | None):
+    """``transform(image)`` with torch's CPU generator seeded by ``seed`` (None: as it stands), so the
+    crops depend on the sample, not on the worker or process that makes them."""
+    if seed is None:
+        return transform(image)
+    # Only the CPU generator drives the transforms; torch.manual_seed would also (lazily) seed CUDA,
+    # which costs ~100x more per sample on CUDA builds.
+    if torch.utils.data.get_worker_info() is None:
+        # In the training process, do not disturb the global RNG stream.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            return transform(image)
+    torch.default_generator.manual_seed(seed)
+    return transform(image)
+
+
 class UnlabeledImageFolder(Dataset):
     """Images of a folder (no labels). Item = (crops, index, skipped) where skipped lists (path, reason).
 
@@ -212,17 +228,7 @@ class UnlabeledImageFolder(Dataset):
                             "image folder?")
         if self.transform is None:
             return image, index, skipped
-        if seed is None:
-            return self.transform(image), index, skipped
-        # Only the CPU generator drives the transforms; torch.manual_seed would also (lazily) seed CUDA,
-        # which costs ~100x more per sample on CUDA builds.
-        if torch.utils.data.get_worker_info() is None:
-            # In the training process, do not disturb the global RNG stream.
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(seed)
-                return self.transform(image), index, skipped
-        torch.default_generator.manual_seed(seed)
-        return self.transform(image), index, skipped
+        return seeded_transform(self.transform, image, seed), index, skipped
 
     def describe_reading(self) -> list[str]:
         """The files the workers are decoding right now, printable (for a message about a dead worker)."""

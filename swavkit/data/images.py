@@ -13,6 +13,7 @@ images through :func:`open_image` / :func:`read_rgb`, so they all accept and ref
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 
@@ -145,3 +146,11 @@ def check_readable(paths: list[str], root: str | os.PathLike) -> int:
             first_error = first_error or err
     raise DataError(f"data.path: none of the {len(paths)} image files under {printable_path(root)} can be "
                     f"decoded (first: {first_error})")
+
+
+def read_rgb_bytes(data: bytes, name: str) -> Image.Image:
+    """:func:`read_rgb` for an image held in memory (a tar shard's member); UnreadableImage names it ``name``."""
+    try:
+        return _decode_rgb(io.BytesIO(data))
+    except Exception as err:  # the same decoders, the same failures as for a file
+        raise UnreadableImage(name, describe_failure(err)) from err

@@ -1,0 +1,155 @@
+"""``swavkit shard SRC OUT --images-per-shard N``: a folder or list of images -> WebDataset tar shards.
+
+OUT gets ``shard-000000.tar``, ``shard-000001.tar`` ... (each member ``<9-digit index>.<ext>``: the
+image file's bytes as they are, never re-encoded), ``shards.json`` (each shard's image count, which
+pretraining reads as the epoch length) and ``skipped.txt`` (the files that could not be decoded, in the
+format of a run's skipped.txt). The images are shuffled first (``--seed``; ``--keep-order`` not), since
+a shard stream only mixes images within its shuffle buffer.
+
+OUT must be new, empty, or hold only what an earlier ``swavkit shard`` wrote there (then its shards are
+replaced); every shard is written to a temporary file and renamed, so a kill never leaves a torn shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+# Only the standard library at import: cli.py imports this module for every command (--help stays instant);
+# torch, numpy and webdataset load when shards are written.
+WRITTEN_BY = "swavkit shard"
+SHARD_INDEX = "shards.json"  # = swavkit.data.shards.SHARD_INDEX (that module imports torch)
+SKIPPED_NAME = "skipped.txt"
+
+
+def _own_files(out_dir: Path) -> set[str]:
+    """Names of the files an earlier ``swavkit shard`` wrote into ``out_dir`` (empty when none did)."""
+    try:
+        index = json.loads((out_dir / SHARD_INDEX).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(index, dict) or index.get("written_by") != WRITTEN_BY:
+        return set()
+    return {SHARD_INDEX, SKIPPED_NAME, *index.get("counts", {})}
+
+
+def check_shard_target(out_dir: str | os.PathLike) -> set[str]:
+    """Refuse (DataError, one line) an ``out_dir`` holding files ``swavkit shard`` did not write; the names
+    of the files it did write there (replaced or removed by the new set)."""
+    from swavkit.data.errors import DataError
+    from swavkit.data.names import printable_path
+
+    out_dir = Path(out_dir)
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise DataError(f"shard target {printable_path(out_dir)} exists and is not a folder; choose a new folder")
+    if not out_dir.is_dir():
+        return set()
+    own = _own_files(out_dir)
+    foreign = sorted(entry.name for entry in out_dir.iterdir() if entry.name not in own)
+    if foreign:
+        shown = ", ".join(printable_path(name) for name in foreign[:5])
+        raise DataError(f"shard target {printable_path(out_dir)} holds files swavkit shard did not write ({shown}); "
+                        "choose a new or empty folder")
+    return own
+
+
+def write_shards(source: str, out_dir: str | os.PathLike, images_per_shard: int, *, seed: int | None = 0,
+                 progress: bool = True) -> dict:
+    """Shard the images of ``source`` (a folder or .txt/.csv list) into ``out_dir``; returns shards.json's
+    content. ``seed`` None keeps the source's order."""
+    import numpy as np
+    import webdataset
+    from tqdm import tqdm
+
+    from swavkit.data.errors import DataError
+    from swavkit.data.images import UnreadableImage, read_rgb
+    from swavkit.data.names import skipped_report_text
+    from swavkit.data.sources import resolve_images
+    from swavkit.fileio import atomic_writer, write_json_atomic, write_text_atomic
+
+    if images_per_shard < 1:
+        raise DataError(f"--images-per-shard: must be >= 1, got {images_per_shard}")
+    paths = list(resolve_images([source]))
+    own_before = check_shard_target(out_dir)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    order = np.arange(len(paths)) if seed is None else np.random.default_rng(seed).permutation(len(paths))
+    counts: dict[str, int] = {}
+    skipped: list[tuple[str, str]] = []
+    bar = tqdm(total=len(paths), desc="shard", unit="img", disable=not progress, dynamic_ncols=True)
+    position = 0
+    while position < len(order):
+        name = f"shard-{len(counts):06d}.tar"
+        with atomic_writer(out_dir / name) as handle:
+            writer = webdataset.TarWriter(handle)
+            written = 0
+            while written < images_per_shard and position < len(order):
+                path = paths[order[position]]
+                position += 1
+                bar.update(1)
+                try:
+                    read_rgb(path)  # only decodable images go in: training then meets fewer surprises
+                    data = Path(path).read_bytes()
+                except (UnreadableImage, OSError) as err:
+                    skipped.append((path, getattr(err, "reason", None) or type(err).__name__))
+                    continue
+                extension = os.path.splitext(path)[1].lstrip(".").lower()
+                writer.write({"__key__": f"{int(order[position - 1]):09d}", extension: data})
+                written += 1
+            writer.close()
+        if written:
+            counts[name] = written
+        else:
+            (out_dir / name).unlink()
+    bar.close()
+    for stale in own_before - set(counts) - {SHARD_INDEX, SKIPPED_NAME}:
+        (out_dir / stale).unlink(missing_ok=True)  # a shard of the earlier set this one does not replace
+    write_text_atomic(out_dir / SKIPPED_NAME, skipped_report_text(skipped))
+    index = {"written_by": WRITTEN_BY, "source": os.path.abspath(source), "images_per_shard": images_per_shard,
+             "total": sum(counts.values()), "skipped": len(skipped), "counts": counts}
+    write_json_atomic(out_dir / SHARD_INDEX, index)
+    return index
+
+
+def shard_pattern(out_dir: str | os.PathLike, n_shards: int) -> str:
+    """The brace pattern naming all shards, for data.path."""
+    return str(Path(out_dir) / (f"shard-{{000000..{n_shards - 1:06d}}}.tar" if n_shards > 1 else "shard-000000.tar"))
+
+
+def cmd_shard(args) -> int:
+    from swavkit.data.errors import DataError
+    from swavkit.data.names import printable_path
+
+    index = write_shards(args.source, args.out, args.images_per_shard, seed=None if args.keep_order else args.seed,
+                         progress=not args.no_progress)
+    if not index["counts"]:
+        raise DataError(f"{printable_path(args.source)}: no image could be decoded; nothing written")
+    pattern = shard_pattern(args.out, len(index["counts"]))
+    print(f"{index['total']} images in {len(index['counts'])} shard(s); {index['skipped']} skipped "
+          f"(see {printable_path(Path(args.out) / SKIPPED_NAME)})\n"
+          f"train with: swavkit pretrain data.path='{printable_path(pattern)}'")
+    return 0
+
+
+def add_shard_command(subparsers) -> None:
+    """Register ``swavkit shard SRC OUT --images-per-shard N`` on an argparse sub-parser set."""
+    import argparse
+
+    p = subparsers.add_parser(
+        "shard", help="pack a folder or list of images into WebDataset tar shards",
+        description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  swavkit shard /data/images /data/shards --images-per-shard 5000\n"
+               "  then pretrain with data.path='/data/shards/shard-{000000..000199}.tar'")
+    p.add_argument("source", metavar="SRC", help="folder of images (walked like pretrain's) or a .txt/.csv list")
+    p.add_argument("out", metavar="OUT", help="folder for the shards (new, empty, or an earlier swavkit shard output)")
+    p.add_argument("--images-per-shard", type=int, default=5000, metavar="N",
+                   help="images per shard (default 5000: ~0.5 GB of ImageNet-size JPEGs; use at least "
+                        "processes x data workers shards)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle before sharding (default 0)")
+    p.add_argument("--keep-order", action="store_true", help="keep the source's order (no shuffle)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_shard)
+
+
+__all__ = ["write_shards", "check_shard_target", "shard_pattern", "add_shard_command", "cmd_shard"]
