@@ -67,14 +67,6 @@ def _cmd_pretrain(args) -> int:
     return 0 if result.completed else 3
 
 
-def _auto_config(files, overrides):
-    """--auto on YAML files + key=value overrides (see :func:`swavkit.api.auto_config`)."""
-    from swavkit.api import auto_config
-    from swavkit.config import merge_sources
-
-    return auto_config(merge_sources(files, overrides))
-
-
 def _add_pretrain(subparsers) -> None:
     p = subparsers.add_parser(
         "pretrain", help="SwAV pretraining on a folder of unlabeled images",
@@ -133,6 +125,24 @@ def _add_export(subparsers) -> None:
 # ----------------------------------------------------------------------------------------------------
 # evaluation
 
+# flag dest -> options field, where the flag's name differs from the library's
+_EVAL_FLAG_FIELDS = {"image_size": "image_size_px", "workers": "num_workers", "out": "out_json",
+                     "ivf_lists": "n_lists", "ivf_probe": "n_probe"}
+
+
+def evaluation_options(args, method_options: type) -> tuple:
+    """Parsed ``knn``/``linear`` flags -> (EvalOptions, ``method_options``): the one place that maps flags
+    to the library's options. A flag left at None keeps the library's default."""
+    import dataclasses
+
+    from swavkit.features import EvalOptions
+
+    values = {_EVAL_FLAG_FIELDS.get(name, name): value for name, value in vars(args).items() if value is not None}
+    values["progress"] = not args.no_progress
+    return tuple(cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+                 for cls in (EvalOptions, method_options))
+
+
 def add_eval_commands(subparsers) -> None:
     """``knn`` and ``linear`` sub-commands."""
     positive_int, non_negative_int = _positive_int, _non_negative_int
@@ -160,8 +170,8 @@ def add_eval_commands(subparsers) -> None:
         p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass (default 256)")
         _add_workers(p, default_num_workers(), WORKERS_DEFAULT_HELP)
         p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-        p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                       help="auto = bf16 autocast on GPUs that support it, fp32 on CPU")
+        p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                       help="auto = bf16 autocast on GPUs that support it, fp32 on CPU; fp16 needs a GPU")
         p.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convnets on GPUs)")
         p.add_argument("--max-per-class", type=non_negative_int, default=0, metavar="N",
                        help="use at most N images per class in each split, a deterministic subset (default 0 = all)")
@@ -181,26 +191,14 @@ def add_eval_commands(subparsers) -> None:
         return 0
 
     def cmd_knn(args) -> int:
-        from swavkit.knn import evaluate_knn
+        from swavkit.knn import KnnOptions, evaluate_knn
 
-        return finish(evaluate_knn(
-            args.backbone, args.train, args.val, k=args.k, temperature=args.temperature,
-            image_size_px=args.image_size, batch_size=args.batch_size, num_workers=args.workers,
-            device=args.device, out_json=args.out, max_per_class=args.max_per_class, index=args.index,
-            n_lists=args.ivf_lists, n_probe=args.ivf_probe, precision=args.precision,
-            channels_last=args.channels_last, progress=not args.no_progress))
+        return finish(evaluate_knn(args.backbone, args.train, args.val, *evaluation_options(args, KnnOptions)))
 
     def cmd_linear(args) -> int:
-        from swavkit.linear_probe import evaluate_linear
+        from swavkit.linear_probe import LinearOptions, evaluate_linear
 
-        return finish(evaluate_linear(
-            args.backbone, args.train, args.val, recipe=args.recipe, image_size_px=args.image_size,
-            batch_size=args.batch_size, num_workers=args.workers, device=args.device, out_json=args.out,
-            max_per_class=args.max_per_class, precision=args.precision, channels_last=args.channels_last,
-            progress=not args.no_progress, seed=args.seed, holdout_fraction=args.holdout_fraction,
-            lbfgs_iterations=args.lbfgs_iterations, epochs=args.epochs, lr=args.lr,
-            weight_decay=args.weight_decay, min_crop_scale=args.min_crop_scale,
-            **({"weight_decays": args.weight_decays} if args.weight_decays else {})))
+        return finish(evaluate_linear(args.backbone, args.train, args.val, *evaluation_options(args, LinearOptions)))
 
     p = subparsers.add_parser(
         "knn", help="weighted k-NN accuracy of a frozen backbone on labelled train/val folders",

@@ -12,8 +12,11 @@ import os
 import statistics
 from dataclasses import dataclass
 
-from swavkit.data import open_image
+import torch
 
+from swavkit import distributed
+from swavkit.config import Config, from_dict, validate
+from swavkit.data import BUNDLED_SAMPLE, find_images, open_image
 from swavkit.schedule import reference_peak_lr
 
 REFERENCE_IMAGES = 1_281_167  # ImageNet-1k train, what the paper's numbers are tuned for
@@ -162,4 +165,27 @@ def describe(applied: list[Suggestion]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Suggestion", "derive", "typical_side_px", "explicit_keys", "apply", "describe"]
+def auto_config(tree: dict) -> Config:
+    """``--auto`` / ``pretrain(auto=True)``: a merged config tree (YAML files + overrides, see
+    :func:`swavkit.config.merge_sources`) -> the validated Config, with every key the user did not set
+    derived from the images under ``data.path`` (the bundled sample when unset) and the launcher's
+    process count. Prints each derived value with its reason (main process only)."""
+    chosen = explicit_keys(tree)
+    data_root = tree.get("data", {}).get("path") or str(BUNDLED_SAMPLE / "train")
+    paths = find_images(data_root)
+    launch = distributed.detect_launch()
+    world = launch.world_size
+    suggestions = derive(len(paths), typical_side_px(paths), world, local_world_size=launch.local_world_size,
+                         global_batch=tree["train"]["batch_size"] if "train.batch_size" in chosen else None,
+                         on_gpu=torch.cuda.is_available(),
+                         epochs=tree["train"]["epochs"] if "train.epochs" in chosen else None)
+    applied = apply(tree, suggestions, chosen)
+    cfg = from_dict(tree)
+    validate(cfg, world_size=world)
+    if distributed.is_main_process():
+        print(f"swavkit: --auto derived from {len(paths)} images in {data_root} and {world} process(es) "
+              f"(keys you set are kept):\n{describe(applied)}")
+    return cfg
+
+
+__all__ = ["Suggestion", "auto_config", "derive", "typical_side_px", "explicit_keys", "apply", "describe"]

@@ -73,7 +73,7 @@ def test_every_public_callable_works_twice_in_one_process(tmp_path):
     run, keyword_run = tmp_path / "run", tmp_path / "keyword_run"
     net = swavkit.create_backbone("resnet10t")
     from swavkit.model import ProjectionHead, Prototypes
-    from swavkit.features import LabelledImageFolder
+    from swavkit.data import LabelledImageFolder
     from swavkit.data import eval_transform
 
     dataset = LabelledImageFolder(train_dir, eval_transform(16, (0.5,) * 3, (0.5,) * 3, 1.0))

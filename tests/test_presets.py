@@ -38,10 +38,11 @@ def test_imagenet_scale_gets_the_paper_recipe():
 
 def test_user_choices_win(tmp_path, capsys):
     from conftest import write_images
-    from swavkit.cli import _auto_config
+    from swavkit.config import merge_sources
 
     write_images(tmp_path / "imgs", 40)
-    cfg = _auto_config([], [f"data.path={tmp_path / 'imgs'}", "model.n_prototypes=7", "train.batch_size=8"])
+    cfg = presets.auto_config(merge_sources([], [f"data.path={tmp_path / 'imgs'}", "model.n_prototypes=7",
+                                                 "train.batch_size=8"]))
     assert cfg.model.n_prototypes == 7 and cfg.train.batch_size == 8
     assert cfg.crops.sizes_px == [32] and cfg.crops.counts == [2]  # derived from the 24 px images, on a CPU
     printed = capsys.readouterr().out
