@@ -22,6 +22,8 @@ from typing import Callable
 
 import torch
 
+from swavkit.report import run_git
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -40,11 +42,8 @@ SHARED_MACHINE_NOTE = ("timings taken on a small CPU machine SHARED with other e
 # environment
 
 def _git(*args: str) -> str:
-    try:
-        # rstrip only: `status --porcelain` lines start with a status column that may be a space
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.rstrip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    out = run_git(*args, cwd=REPO_ROOT)
+    return "unknown" if out is None else out
 
 
 def _cpu_model() -> str:
