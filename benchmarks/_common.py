@@ -69,6 +69,19 @@ def apply_threads(threads: int) -> int:
     return torch.get_num_threads()
 
 
+def parse_with_threads(parser):
+    """Add ``--threads``, parse the command line and apply it: how every timing benchmark starts."""
+    add_threads_argument(parser)
+    args = parser.parse_args()
+    apply_threads(args.threads)
+    return args
+
+
+def invocation(script: str) -> str:
+    """``python benchmarks/<script> ARGS`` as this process was started, for the report."""
+    return " ".join(["python", f"benchmarks/{Path(script).name}", *sys.argv[1:]])
+
+
 def environment() -> dict:
     import timm
     import torchvision

@@ -39,6 +39,18 @@ def _add_workers(p, default: int | None, what: str) -> None:
                    metavar="N", help=f"DataLoader decoding processes; 0 decodes in this process ({what})")
 
 
+def add_command(subparsers, name: str, *, help: str, examples: list[str], func,
+                description: str | None = None) -> argparse.ArgumentParser:
+    """A sub-command whose help ends with ``examples`` (one command line each, shown as written) and that
+    runs ``func(args)``."""
+    heading = "example" if len(examples) == 1 else "examples"
+    p = subparsers.add_parser(name, help=help, description=description,
+                              epilog=f"{heading}:\n" + "\n".join(f"  {line}" for line in examples),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=func)
+    return p
+
+
 WORKERS_DEFAULT_HELP = "default min(4, usable CPU cores - 1)"
 SOURCE_HELP = ("a run folder (out_dir), an exported backbone folder, a checkpoint .pt, or a released SwAV/VISSL "
                "checkpoint")
@@ -108,18 +120,15 @@ def _cmd_export(args) -> int:
 
 
 def _add_export(subparsers) -> None:
-    p = subparsers.add_parser(
-        "export", help="run folder or checkpoint -> timm-loadable backbone folder",
-        epilog="examples:\n  swavkit export runs/a exports/a\n"
-               "  swavkit export swav_800ep_pretrain.pth.tar exports/swav_rn50 "
-               "--torchvision exports/rn50_tv.safetensors",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(subparsers, "export", help="run folder or checkpoint -> timm-loadable backbone folder",
+                    examples=["swavkit export runs/a exports/a",
+                              "swavkit export swav_800ep_pretrain.pth.tar exports/swav_rn50 "
+                              "--torchvision exports/rn50_tv.safetensors"], func=_cmd_export)
     p.add_argument("source", metavar="SOURCE", help="a run folder (out_dir; its checkpoints/last.pt is used), a "
                                                     "checkpoint .pt, or a released SwAV/VISSL checkpoint")
     p.add_argument("out_dir", help="folder to write config.json + model.safetensors into")
     p.add_argument("--torchvision", metavar="FILE.safetensors",
                    help="also write the weights in torchvision's ResNet key layout")
-    p.set_defaults(func=_cmd_export)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -200,15 +209,15 @@ def add_eval_commands(subparsers) -> None:
 
         return finish(evaluate_linear(args.backbone, args.train, args.val, *evaluation_options(args, LinearOptions)))
 
-    p = subparsers.add_parser(
-        "knn", help="weighted k-NN accuracy of a frozen backbone on labelled train/val folders",
+    p = add_command(
+        subparsers, "knn", help="weighted k-NN accuracy of a frozen backbone on labelled train/val folders",
         description="k-NN evaluation (InstDisc/DINO protocol): L2-normalised frozen features, cosine similarity, "
                     "each of the k nearest train images votes for its class with weight exp(sim/T); top-1 and "
                     "top-5 (with more than 5 classes) on --val. Prints a table and writes a JSON record with the "
                     "protocol, data sizes, swavkit version and git commit. Works under torchrun.",
-        epilog="examples:\n  swavkit knn --backbone runs/swav --train data/train --val data/val\n"
-               "  swavkit knn --backbone timm:resnet18 --train data/train --val data/val --image-size 32",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        examples=["swavkit knn --backbone runs/swav --train data/train --val data/val",
+                  "swavkit knn --backbone timm:resnet18 --train data/train --val data/val --image-size 32"],
+        func=cmd_knn)
     add_common(p, "knn")
     p.add_argument("--k", type=positive_int, default=20, help="neighbours (default 20)")
     p.add_argument("--temperature", type=positive_float, default=0.07, help="T in exp(sim/T) (default 0.07)")
@@ -218,19 +227,18 @@ def add_eval_commands(subparsers) -> None:
                    help="ivf cells (default 0 = ~4 sqrt(N_train))")
     p.add_argument("--ivf-probe", type=non_negative_int, default=0, metavar="N",
                    help="ivf cells searched per query (default 0 = 16; more = closer to exact)")
-    p.set_defaults(func=cmd_knn)
 
-    p = subparsers.add_parser(
-        "linear", help="linear-probe accuracy of a frozen backbone on labelled train/val folders",
+    p = add_command(
+        subparsers, "linear", help="linear-probe accuracy of a frozen backbone on labelled train/val folders",
         description="Linear probe on a frozen backbone. --recipe fast (default): cached centre-crop features, "
                     "standardised, softmax regression by L-BFGS; the weight decay is chosen on a held-out part "
                     "of --train, the classifier refitted on all of --train, and --val evaluated once. "
                     "--recipe reference (GPU): random-resized-crop + flip, SGD momentum 0.9, lr 0.3 x batch/256 "
                     "cosine, --epochs 100, last epoch reported. Nothing is ever selected on --val.",
-        epilog="examples:\n  swavkit linear --backbone runs/swav --train data/train --val data/val\n"
-               "  torchrun --nproc_per_node=8 -m swavkit linear --recipe reference --backbone runs/swav "
-               "--train imagenet/train --val imagenet/val",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        examples=["swavkit linear --backbone runs/swav --train data/train --val data/val",
+                  "torchrun --nproc_per_node=8 -m swavkit linear --recipe reference --backbone runs/swav "
+                  "--train imagenet/train --val imagenet/val"],
+        func=cmd_linear)
     add_common(p, "linear")
     p.add_argument("--recipe", choices=("fast", "reference"), default="fast", help="default fast")
     p.add_argument("--seed", type=int, default=0, help="held-out split / training order seed (default 0)")
@@ -245,7 +253,6 @@ def add_eval_commands(subparsers) -> None:
     p.add_argument("--weight-decay", type=float, default=1e-6, help="reference: SGD weight decay (default 1e-6)")
     p.add_argument("--min-crop-scale", type=positive_float, default=0.08,
                    help="reference: smallest random-resized-crop area fraction (default 0.08)")
-    p.set_defaults(func=cmd_linear)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -269,15 +276,15 @@ def _cmd_cluster(args) -> int:
 
 
 def _add_cluster(subparsers) -> None:
-    p = subparsers.add_parser(
-        "cluster", help="assign images to prototypes; write a CSV, a size histogram and a browsable page",
+    p = add_command(
+        subparsers, "cluster", help="assign images to prototypes; write a CSV, a size histogram and a browsable page",
         description="Assign every image of a folder to its SwAV prototype (argmax of the scores; confidence = "
                     "softmax(scores / swav.temperature) at that prototype) and write OUT/assignments.csv, "
                     "OUT/cluster_sizes.png and OUT/index.html, a static page of each cluster's most confident "
                     "images that opens from disk (relative links: zip OUT and open it elsewhere).",
-        epilog="examples:\n  swavkit cluster --checkpoint runs/a --data /data/imgs --out clusters\n"
-               "  swavkit cluster --checkpoint swav_800ep_pretrain.pth.tar --data /data/imgs --out clusters --top 8",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        examples=["swavkit cluster --checkpoint runs/a --data /data/imgs --out clusters",
+                  "swavkit cluster --checkpoint swav_800ep_pretrain.pth.tar --data /data/imgs --out clusters --top 8"],
+        func=_cmd_cluster)
     p.add_argument("--checkpoint", required=True, metavar="SRC",
                    help="a run folder (out_dir; its checkpoints/last.pt), a checkpoint .pt, or a released SwAV "
                         "checkpoint (the prototypes are needed, so not an exported backbone)")
@@ -291,7 +298,6 @@ def _add_cluster(subparsers) -> None:
     p.add_argument("--image-size", type=_positive_int, default=None, metavar="PX",
                    help="centre-crop side fed to the model (default: the checkpoint's large crop size)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_cluster)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ split that is reported.
   convergence with full-batch L-BFGS (convex, so no epoch or learning rate to pick). The only
   hyperparameter, the L2 weight decay, is chosen from a small grid on a held-out, class-stratified part
   of TRAIN; the classifier is then refitted on all of TRAIN with that value and evaluated once on VAL.
-  Seconds on a CPU for 5,000 x 512 features.
+  Cheap enough for a CPU: one pass over the images, then fits on cached features.
 - ``reference`` (the SwAV/DINO recipe, for GPUs): random-resized-crop + flip images through the frozen
   backbone (eval mode, BN statistics frozen), SGD momentum 0.9, lr 0.3 x batch/256 with a cosine
   schedule to 0, weight decay 1e-6, 100 epochs, centre-crop evaluation; fixed hyperparameters, and
@@ -111,7 +111,7 @@ def fit_softmax_regression(features: torch.Tensor, labels: torch.Tensor, n_class
 
 # Below this many multiply-adds per pass, one CPU thread is faster: L-BFGS makes hundreds of small passes,
 # each paying a thread synchronisation, and on a busy machine a thread that waits for a core stalls the
-# others (measured on 2 shared cores: 5,000 x 512 features, 3 s on one thread, 2 to 65 s on two).
+# others, so on a shared machine the fit time swings by an order of magnitude.
 SINGLE_THREAD_MAX_MACS = 300_000_000
 
 
