@@ -109,9 +109,10 @@ def pretrain(config_files: list[str], overrides: list[str], data: Path, run_dir:
 
 def evaluate(label: str, source: str, data: Path, image_size_px: int, args) -> dict:
     """k-NN and fast linear probe of one backbone, sharing one feature extraction."""
-    from swavkit.features import EvalOptions, extract_split_features, init_processes, load_eval_backbone
-    from swavkit.knn import KnnOptions, evaluate_knn
-    from swavkit.linear_probe import LinearOptions, evaluate_linear
+    from swavkit.eval_options import EvalOptions, KnnOptions, LinearOptions
+    from swavkit.features import extract_split_features, init_processes, load_eval_backbone
+    from swavkit.knn import evaluate_knn
+    from swavkit.linear_probe import evaluate_linear
     from swavkit.preprocessing import resolve_preprocessing
 
     options = EvalOptions(device=init_processes(args.device), batch_size=args.batch_size, num_workers=args.workers,

@@ -8,10 +8,9 @@ the dataset's order, on CPU or GPU, in one process or under ``torchrun`` (every 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from swavkit.config import default_num_workers
 from swavkit.data import (DataError, LabelledImageFolder, ReadOrReport, collate_read_or_report, printable_path,
                           raise_for_unreadable)
 from swavkit.device import autocast_dtype, resolve_device, resolve_precision
+from swavkit.eval_options import EvalOptions
 from swavkit.preprocessing import RAW_PIXELS_SOURCE, Preprocessing
 
 
@@ -182,36 +182,6 @@ def extract_features(backbone: torch.nn.Module, data: Dataset | DataLoader, devi
 # the common front half of `swavkit knn` and `swavkit linear`
 
 @dataclass
-class EvalOptions:
-    """What every frozen-backbone evaluation (k-NN, linear probe) shares: how the features are extracted
-    and where the result record goes. The method's own options are :class:`swavkit.knn.KnnOptions` and
-    :class:`swavkit.linear_probe.LinearOptions`."""
-    image_size_px: int | None = None  # None: the export's input_size, the checkpoint's large crop, else 224
-    batch_size: int = 256  # images per forward pass in each process
-    num_workers: int = field(default_factory=default_num_workers)  # DataLoader decoding processes
-    device: str | torch.device = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16 | fp16
-    channels_last: bool = False  # NHWC inputs and weights: faster convnets on GPUs
-    max_per_class: int = 0  # images per class in each split, a deterministic subset (0 = all)
-    out_json: str | Path | None = None  # result file; None = results/<evaluation>-<name>-<UTC time>.json, "" = none
-    progress: bool = True  # tqdm bars on the main process
-
-
-def apply_keywords(keywords: dict, *options) -> list:
-    """Copies of the ``options`` dataclasses with each keyword set on the one that has a field of that name:
-    the keyword form ``evaluate_knn(src, train, val, k=5, batch_size=64)``. An unknown name raises TypeError."""
-    remaining, updated = dict(keywords), []
-    for option in options:
-        names = {f.name for f in dataclasses.fields(option)}
-        updated.append(dataclasses.replace(option, **{name: remaining.pop(name) for name in list(remaining)
-                                                      if name in names}))
-    if remaining:
-        known = sorted(f.name for option in options for f in dataclasses.fields(option))
-        raise TypeError(f"unexpected keyword argument(s) {', '.join(sorted(remaining))}; options are {', '.join(known)}")
-    return updated
-
-
-@dataclass
 class SplitFeatures:
     """Features of a train/val pair of labelled folders, plus what produced them (for the result JSON)."""
     train_features: torch.Tensor  # [N_train, D] float32
@@ -270,6 +240,6 @@ def extract_split_features(backbone: torch.nn.Module, train_dir: str | Path, val
                          backbone_name(backbone), time.perf_counter() - start)
 
 
-__all__ = ["RawPixels", "EvalOptions", "SplitFeatures", "load_eval_backbone", "init_processes", "extract_features",
-           "extract_split_features", "apply_keywords", "backbone_name", "backbone_record", "data_record",
+__all__ = ["RawPixels", "SplitFeatures", "load_eval_backbone", "init_processes", "extract_features",
+           "extract_split_features", "backbone_name", "backbone_record", "data_record",
            "RANDOM_INIT_SEED"]

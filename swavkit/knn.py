@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +21,13 @@ import torch.nn.functional as F
 from swavkit import distributed
 from swavkit.config import ConfigError
 from swavkit.data import LabelledImageFolder, find_classes
-from swavkit.features import (EvalOptions, SplitFeatures, apply_keywords, backbone_record, extract_features,
-                              extract_split_features, init_processes, load_eval_backbone)
+from swavkit.eval_options import INDEX_TYPES, EvalOptions, KnnOptions, apply_keywords
+from swavkit.features import (SplitFeatures, backbone_record, extract_features, extract_split_features, init_processes,
+                              load_eval_backbone)
 from swavkit.metrics import topk_accuracy
 from swavkit.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, resolve_preprocessing
 from swavkit.report import build_result, utc_now, write_evaluation_result
 
-INDEX_TYPES = ("exact", "ivf")
 # faiss's k-means wants >= 39 training points per list; fewer lists than that cannot be trained.
 _IVF_MIN_POINTS_PER_LIST = 39
 
@@ -162,22 +162,13 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, query
 # ----------------------------------------------------------------------------------------------------
 # `swavkit knn`
 
-@dataclass
-class KnnOptions:
-    """The k-NN protocol: k neighbours vote with weight exp(cosine / temperature); see :func:`build_index`."""
-    k: int = 20
-    temperature: float = 0.07
-    index: str = "exact"  # exact | ivf (approximate, for train sets of millions)
-    n_lists: int = 0  # ivf cells (0 = ~4 sqrt(N_train))
-    n_probe: int = 0  # ivf cells searched per query (0 = min(16, n_lists))
-
-    def protocol(self, n_train: int, precision: str) -> dict:
-        """The ``protocol`` section of a result record for ``n_train`` neighbours."""
-        return {"k": min(self.k, n_train), "temperature": self.temperature,
-                "similarity": "cosine (L2-normalised features, inner product)",
-                "vote_weight": "exp(similarity / temperature)", "index": self.index,
-                "n_lists": (self.n_lists or default_ivf_lists(n_train)) if self.index == "ivf" else None,
-                "n_probe": self.n_probe or None, "precision": precision, "split_selection": "none (no tuning)"}
+def knn_protocol(knn: KnnOptions, n_train: int, precision: str) -> dict:
+    """The ``protocol`` section of a k-NN result record for ``n_train`` neighbours."""
+    return {"k": min(knn.k, n_train), "temperature": knn.temperature,
+            "similarity": "cosine (L2-normalised features, inner product)",
+            "vote_weight": "exp(similarity / temperature)", "index": knn.index,
+            "n_lists": (knn.n_lists or default_ivf_lists(n_train)) if knn.index == "ivf" else None,
+            "n_probe": knn.n_probe or None, "precision": precision, "split_selection": "none (no tuning)"}
 
 
 def evaluate_knn(backbone_source: str | Path, train_dir: str | Path, val_dir: str | Path,
@@ -189,8 +180,8 @@ def evaluate_knn(backbone_source: str | Path, train_dir: str | Path, val_dir: st
         backbone_source: exported folder, run folder, training checkpoint, released SwAV checkpoint,
             ``timm:<name>`` (random init) or ``pixels`` (raw pixels, mean-removed per image).
         train_dir, val_dir: ``DIR/<class>/<image>`` trees with the same class names.
-        options: extraction and output (:class:`swavkit.features.EvalOptions`).
-        knn: the protocol (:class:`KnnOptions`).
+        options: extraction and output (:class:`swavkit.eval_options.EvalOptions`).
+        knn: the protocol (:class:`swavkit.eval_options.KnnOptions`).
         features: features already extracted from these folders with this backbone (e.g. shared with a
             linear probe); then nothing is loaded or extracted again.
         keywords: any field of either options class, e.g. ``k=10, batch_size=64`` (they override it).
@@ -212,7 +203,7 @@ def evaluate_knn(backbone_source: str | Path, train_dir: str | Path, val_dir: st
                                knn.k, knn.temperature, n_classes=len(split.classes), index=knn.index,
                                n_lists=knn.n_lists, n_probe=knn.n_probe)
         result = build_result(
-            evaluation="knn", metrics=metrics, protocol=knn.protocol(len(split.train_labels), options.precision),
+            evaluation="knn", metrics=metrics, protocol=knn_protocol(knn, len(split.train_labels), options.precision),
             backbone=backbone_record(backbone_source, split.backbone_name, split.feature_dim),
             data=split.data_record(train_dir, val_dir, options.max_per_class),
             preprocessing=split.preprocessing.as_dict(), device=device, started_at=started_at,
@@ -297,5 +288,5 @@ def knn_monitor(backbone_module: torch.nn.Module, train_dir: str | Path, val_dir
     return distributed.broadcast_object(metrics)
 
 
-__all__ = ["knn_classify", "knn_classify_bruteforce", "knn_accuracy", "vote", "build_index", "KnnOptions",
-           "evaluate_knn", "knn_monitor", "monitor_folders", "INDEX_TYPES"]
+__all__ = ["knn_classify", "knn_classify_bruteforce", "knn_accuracy", "vote", "build_index", "knn_protocol",
+           "evaluate_knn", "knn_monitor", "monitor_folders"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,21 +29,14 @@ from swavkit import distributed
 from swavkit.config import ConfigError, default_num_workers
 from swavkit.data import LabelledImageFolder, ReadOrReport, collate_read_or_report, raise_for_unreadable
 from swavkit.device import autocast_dtype, resolve_device, resolve_precision
-from swavkit.features import (EvalOptions, SplitFeatures, apply_keywords, backbone_name, backbone_record,
-                              data_record, extract_features, extract_split_features, init_processes,
-                              load_eval_backbone)
+from swavkit.eval_options import DEFAULT_WEIGHT_DECAYS, RECIPES, EvalOptions, LinearOptions, apply_keywords
+from swavkit.features import (SplitFeatures, backbone_name, backbone_record, data_record, extract_features,
+                              extract_split_features, init_processes, load_eval_backbone)
 from swavkit.metrics import topk_accuracy
 from swavkit.preprocessing import Preprocessing, resolve_preprocessing
 from swavkit.report import build_result, utc_now, write_evaluation_result
 from swavkit.schedule import LRSchedule
 
-RECIPES = ("fast", "reference")
-# L2 penalty (on the mean cross-entropy) tried by the fast recipe; standardised features make one grid
-# fit backbones of any width. On 5,000-image CIFAR subsets the optimum lies between 1e-2 and 1 for
-# pixels and convnet features alike; below 1e-4 a few thousand images are effectively unregularised
-# (and L-BFGS needs its whole iteration budget), so the grid stops there. Large train sets want smaller
-# values: pass your own grid.
-DEFAULT_WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -270,23 +263,6 @@ def linear_probe_reference(backbone: torch.nn.Module, train_dataset, val_dataset
 # ----------------------------------------------------------------------------------------------------
 # `swavkit linear`
 
-@dataclass
-class LinearOptions:
-    """The linear-probe protocol. ``recipe`` "fast" uses ``weight_decays``, ``holdout_fraction`` and
-    ``lbfgs_iterations``; "reference" uses ``epochs``, ``lr`` (at batch 256), ``weight_decay``, ``momentum``
-    and ``min_crop_scale``; both use ``seed``."""
-    recipe: str = "fast"  # fast | reference
-    seed: int = 0  # held-out split (fast) / training order and head init (reference)
-    weight_decays: tuple[float, ...] = DEFAULT_WEIGHT_DECAYS  # fast: L2 grid searched on held-out train
-    holdout_fraction: float = 0.2  # fast: fraction of each train class held out for the choice
-    lbfgs_iterations: int = 300  # fast: L-BFGS iteration cap per fit
-    epochs: int = 100  # reference
-    lr: float = 0.3  # reference: LR at global batch 256, scaled linearly with the batch
-    weight_decay: float = 1e-6  # reference: SGD weight decay
-    momentum: float = 0.9  # reference: SGD momentum
-    min_crop_scale: float = 0.08  # reference: smallest random-resized-crop area fraction
-
-
 def _run_fast(split: SplitFeatures, linear: LinearOptions, device: torch.device, precision: str):
     """(metrics or None off the main process, protocol, timings) of the fast recipe on cached features."""
     metrics, timings = None, {}
@@ -338,8 +314,8 @@ def evaluate_linear(backbone_source: str | Path, train_dir: str | Path, val_dir:
     """Linear-probe top-1/top-5 of a frozen backbone on a train/val pair of labelled folders.
 
     Args:
-        options: extraction and output (:class:`swavkit.features.EvalOptions`).
-        linear: the recipe and its hyperparameters (:class:`LinearOptions`).
+        options: extraction and output (:class:`swavkit.eval_options.EvalOptions`).
+        linear: the recipe and its hyperparameters (:class:`swavkit.eval_options.LinearOptions`).
         features: (fast recipe) features already extracted from these folders with this backbone.
         keywords: any field of either options class, e.g. ``recipe="reference", epochs=10`` (they override it).
         Others: as :func:`swavkit.knn.evaluate_knn`.
@@ -381,5 +357,5 @@ def evaluate_linear(backbone_source: str | Path, train_dir: str | Path, val_dir:
     return distributed.broadcast_object(result)
 
 
-__all__ = ["linear_probe_fast", "linear_probe_reference", "evaluate_linear", "LinearOptions", "fit_softmax_regression",
-           "stratified_holdout", "standardisation", "train_transform", "RECIPES", "DEFAULT_WEIGHT_DECAYS"]
+__all__ = ["linear_probe_fast", "linear_probe_reference", "evaluate_linear", "fit_softmax_regression",
+           "stratified_holdout", "standardisation", "train_transform"]

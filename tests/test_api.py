@@ -99,6 +99,9 @@ def test_every_public_callable_works_twice_in_one_process(tmp_path):
         "extract_features": lambda: swavkit.extract_features(net, dataset, num_workers=0, progress=False),
         "evaluate_knn": lambda: swavkit.evaluate_knn(run, train_dir, val_dir, k=3, **eval_args),
         "evaluate_linear": lambda: swavkit.evaluate_linear(run, train_dir, val_dir, lbfgs_iterations=5, **eval_args),
+        "EvalOptions": lambda: swavkit.EvalOptions(num_workers=0),
+        "KnnOptions": lambda: swavkit.KnnOptions(k=3),
+        "LinearOptions": lambda: swavkit.LinearOptions(recipe="reference"),
     }
     public = {name for name in swavkit.__all__ if callable(getattr(swavkit, name))}
     assert set(calls) == public, "a public name without a call here (or a call for a name no longer public)"

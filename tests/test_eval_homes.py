@@ -14,9 +14,9 @@ from swavkit.cli import build_parser, evaluation_options, parse_arguments
 from swavkit.config import ConfigError, default_num_workers
 from swavkit.data import eval_transform
 from swavkit.device import resolve_device, resolve_precision
-from swavkit.features import EvalOptions, apply_keywords, load_eval_backbone
-from swavkit.knn import KnnOptions, evaluate_knn
-from swavkit.linear_probe import LinearOptions
+from swavkit.eval_options import EvalOptions, KnnOptions, LinearOptions, apply_keywords
+from swavkit.features import load_eval_backbone
+from swavkit.knn import evaluate_knn
 from swavkit.preprocessing import Preprocessing, crop_fraction_for
 
 
