@@ -1,4 +1,6 @@
-"""Frozen-backbone features of a labelled image folder: the input of k-NN and the linear probe.
+"""The feature extractor of every evaluation: a backbone loaded for evaluation (or the raw-pixel floor),
+``extract_features`` and the train/val pair of features (``SplitFeatures``) that k-NN and the linear probe
+share. Options: swavkit.eval_options; preprocessing: swavkit.preprocessing; devices: swavkit.device.
 
 The labelled dataset (``LabelledImageFolder``, ``DIR/<class>/<image>``) lives with the other datasets in
 swavkit.data. ``extract_features`` runs a backbone over it in batches and returns ``(features [N, D], labels [N])`` in
@@ -17,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from swavkit import distributed
+from swavkit import distributed, report
 from swavkit.config import default_num_workers
 from swavkit.data import (DataError, LabelledImageFolder, ReadOrReport, collate_read_or_report, printable_path,
                           raise_for_unreadable)
@@ -199,14 +201,8 @@ class SplitFeatures:
 
     def data_record(self, train_dir, val_dir, max_per_class: int) -> dict:
         """The ``data`` section of a result record."""
-        return data_record(train_dir, val_dir, len(self.train_labels), len(self.val_labels), self.classes,
+        return report.data_record(train_dir, val_dir, len(self.train_labels), len(self.val_labels), self.classes,
                            max_per_class)
-
-
-def data_record(train_dir, val_dir, n_train: int, n_val: int, classes: list[str], max_per_class: int) -> dict:
-    """The ``data`` section of a result record."""
-    return {"train_dir": str(train_dir), "val_dir": str(val_dir), "n_train": int(n_train), "n_val": int(n_val),
-            "n_classes": len(classes), "classes": classes, "max_per_class": max_per_class}
 
 
 def backbone_record(source, architecture: str, feature_dim: int) -> dict:
@@ -241,5 +237,5 @@ def extract_split_features(backbone: torch.nn.Module, train_dir: str | Path, val
 
 
 __all__ = ["RawPixels", "SplitFeatures", "load_eval_backbone", "init_processes", "extract_features",
-           "extract_split_features", "backbone_name", "backbone_record", "data_record",
+           "extract_split_features", "backbone_name", "backbone_record",
            "RANDOM_INIT_SEED"]

@@ -30,11 +30,11 @@ from swavkit.config import ConfigError, default_num_workers
 from swavkit.data import LabelledImageFolder, ReadOrReport, collate_read_or_report, raise_for_unreadable
 from swavkit.device import autocast_dtype, resolve_device, resolve_precision
 from swavkit.eval_options import DEFAULT_WEIGHT_DECAYS, RECIPES, EvalOptions, LinearOptions, apply_keywords
-from swavkit.features import (SplitFeatures, backbone_name, backbone_record, data_record, extract_features,
+from swavkit.features import (SplitFeatures, backbone_name, backbone_record, extract_features,
                               extract_split_features, init_processes, load_eval_backbone)
 from swavkit.metrics import topk_accuracy
 from swavkit.preprocessing import Preprocessing, resolve_preprocessing
-from swavkit.report import build_result, utc_now, write_evaluation_result
+from swavkit.report import build_result, data_record, utc_now, write_evaluation_result
 from swavkit.schedule import LRSchedule
 
 

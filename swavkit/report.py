@@ -115,6 +115,12 @@ def build_result(*, evaluation: str, metrics: dict, protocol: dict, backbone: di
     return result
 
 
+def data_record(train_dir, val_dir, n_train: int, n_val: int, classes: list[str], max_per_class: int) -> dict:
+    """The ``data`` section of a result record."""
+    return {"train_dir": str(train_dir), "val_dir": str(val_dir), "n_train": int(n_train), "n_val": int(n_val),
+            "n_classes": len(classes), "classes": classes, "max_per_class": max_per_class}
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:60] or "backbone"
 
@@ -190,6 +196,6 @@ def summary_rows(result: dict) -> list[tuple[str, object]]:
     return rows
 
 
-__all__ = ["RESULT_SCHEMA", "RESULT_KEYS", "build_result", "write_result", "write_evaluation_result",
+__all__ = ["RESULT_SCHEMA", "RESULT_KEYS", "build_result", "data_record", "write_result", "write_evaluation_result",
            "default_result_path", "source_name", "format_table", "summary_rows", "run_git", "git_commit",
            "swavkit_version", "environment", "utc_now"]
