@@ -47,7 +47,7 @@ def _crop_recipe(side_px: int, on_gpu: bool = True) -> tuple[dict, str]:
     if side_px <= 48 and not on_gpu:
         return ({"counts": [2], "sizes_px": [32], "min_scales": [0.2], "max_scales": [1.0], "blur_probability": 0.0},
                 f"images are ~{side_px} px on a CPU: two 32 px crops, no small ones (16 px crops end in a 1x1 map "
-                "and cost steps: on cifar10-small they lowered 20-NN from 37.6 to 35.0 % at equal epochs, "
+                "and cost steps; on cifar10-small they lowered k-NN accuracy at equal epochs: "
                 "benchmarks/README.md), no blur")
     if side_px <= 48:
         return ({"counts": [2, 4], "sizes_px": [32, 16], "min_scales": [0.25, 0.08], "max_scales": [1.0, 0.25],
