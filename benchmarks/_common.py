@@ -22,6 +22,8 @@ from typing import Callable
 
 import torch
 
+from swavkit.report import run_git
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -40,11 +42,8 @@ SHARED_MACHINE_NOTE = ("timings taken on a small CPU machine SHARED with other e
 # environment
 
 def _git(*args: str) -> str:
-    try:
-        # rstrip only: `status --porcelain` lines start with a status column that may be a space
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.rstrip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    out = run_git(*args, cwd=REPO_ROOT)
+    return "unknown" if out is None else out
 
 
 def _cpu_model() -> str:
@@ -68,6 +67,19 @@ def apply_threads(threads: int) -> int:
     if threads > 0:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+def parse_with_threads(parser):
+    """Add ``--threads``, parse the command line and apply it: how every timing benchmark starts."""
+    add_threads_argument(parser)
+    args = parser.parse_args()
+    apply_threads(args.threads)
+    return args
+
+
+def invocation(script: str) -> str:
+    """``python benchmarks/<script> ARGS`` as this process was started, for the report."""
+    return " ".join(["python", f"benchmarks/{Path(script).name}", *sys.argv[1:]])
 
 
 def environment() -> dict:

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from _common import (WORK_DIR, Verdicts, add_threads_argument, apply_threads, environment, fmt_spread,  # noqa: E402
-                     interleaved, markdown_table, ratio_stats, report, stats, synthetic_jpegs, time_loader)
+from _common import (WORK_DIR, Verdicts, environment, fmt_spread, interleaved, markdown_table,  # noqa: E402
+                     parse_with_threads, ratio_stats, report, stats, synthetic_jpegs, time_loader)
 
 from swavkit.config import CropsConfig  # noqa: E402
 from swavkit.data import EpochSampler, UnlabeledImageFolder, find_images, sample_seed  # noqa: E402
@@ -50,9 +50,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--no-readme", action="store_true")
-    add_threads_argument(parser)
-    args = parser.parse_args()
-    apply_threads(args.threads)
+    args = parse_with_threads(parser)
     env = environment()
     root = synthetic_jpegs(WORK_DIR / "synthetic_448x336", args.images)
     paths = find_images(root)[:args.images]

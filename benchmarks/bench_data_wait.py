@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (PYTHON, REPO_ROOT, WORK_DIR, Verdicts, environment, markdown_table,  # noqa: E402
+from _common import (PYTHON, REPO_ROOT, WORK_DIR, Verdicts, environment, invocation, markdown_table,  # noqa: E402
                      report, stats)
 
 TARGET = 0.10
@@ -114,8 +114,7 @@ def main() -> int:
               + "\n\nCommands: `" + "`; `".join(commands.values()) + "`")
     protocol = ("data_wait_fraction = time blocked in `next(batches)` / wall time of the logging window, as "
                 "train.py logs it; on 2 cores the 2 workers and the 2 compute threads share the same cores.")
-    return report("data_wait", "Data wait (default CPU recipe)", "python benchmarks/bench_data_wait.py"
-                  + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""),
+    return report("data_wait", "Data wait (default CPU recipe)", invocation(__file__),
                   protocol, tables, verdicts, env, {"results": results}, write_readme=not args.no_readme)
 
 

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from _common import (Verdicts, add_threads_argument, apply_threads, environment, fmt_spread, interleaved,  # noqa: E402
-                     markdown_table, ratio_stats, report, stats)
+from _common import (Verdicts, environment, fmt_spread, interleaved, invocation, markdown_table,  # noqa: E402
+                     parse_with_threads, ratio_stats, report, stats)
 
 EXTRACT_TARGET = 0.95
 AGREEMENT_TARGET = 0.999
@@ -139,9 +139,7 @@ def main() -> int:
     parser.add_argument("--knn-reps", type=int, default=3)
     parser.add_argument("--images", type=int, default=1024)
     parser.add_argument("--no-readme", action="store_true")
-    add_threads_argument(parser)
-    args = parser.parse_args()
-    apply_threads(args.threads)
+    args = parse_with_threads(parser)
     env = environment()
     try:
         import faiss
@@ -156,8 +154,7 @@ def main() -> int:
     tables.append(t)
     protocol = (f"faiss {env['faiss']} ({env.get('faiss_omp_threads', '?')} OpenMP thread(s)), torch threads "
                 f"{torch.get_num_threads()}; arms interleaved, medians over repetitions.")
-    return report("eval_speed", "Evaluation speed", "python benchmarks/bench_eval.py"
-                  + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""),
+    return report("eval_speed", "Evaluation speed", invocation(__file__),
                   protocol, "\n\n".join(tables), verdicts, env, {"results": results}, write_readme=not args.no_readme)
 
 

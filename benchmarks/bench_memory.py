@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (PYTHON, WORK_DIR, Verdicts, add_threads_argument, apply_threads, environment,  # noqa: E402
-                     markdown_table, peak_rss_mb, report, rss_mb)
+                     invocation, markdown_table, peak_rss_mb, report, rss_mb)
 
 PEAK_TARGET = 1.10
 SLOPE_TARGET_MIB_PER_100 = 4.0
@@ -184,8 +184,7 @@ def main() -> int:
     verdicts.info("RSS slope of the data workers (MiB per 100 steps)", round(slope_children, 3))
     protocol = ("RSS = resident set size from /proc (MiB); peak = getrusage ru_maxrss of a fresh process. Memory "
                 "numbers do not depend on the machine's load, unlike the timings.")
-    return report("memory", "Host memory", "python benchmarks/bench_memory.py"
-                  + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""),
+    return report("memory", "Host memory", invocation(__file__),
                   protocol, "\n\n".join(tables), verdicts, env, {"results": results}, write_readme=not args.no_readme)
 
 

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from _common import (LAST_CPU_SECONDS, TORCH_DEFAULT_THREADS, Verdicts, add_threads_argument,  # noqa: E402
-                     apply_threads, environment, fmt_spread, interleaved, markdown_table, ratio_stats, report, stats)
+from _common import (LAST_CPU_SECONDS, TORCH_DEFAULT_THREADS, Verdicts, environment, fmt_spread,  # noqa: E402
+                     interleaved, invocation, markdown_table, parse_with_threads, ratio_stats, report, stats)
 from _arms import BareBackboneStep, ModelOnlyStep, SwavkitStep, make_crops  # noqa: E402
 
 TARGET = 1.05
@@ -136,9 +136,7 @@ def main() -> int:
     parser.add_argument("--with-compile", action="store_true",
                         help="also measure torch.compile of the backbone (model.compile=true); ~1 min to compile")
     parser.add_argument("--no-readme", action="store_true")
-    add_threads_argument(parser)
-    args = parser.parse_args()
-    apply_threads(args.threads)
+    args = parse_with_threads(parser)
     env = environment()
     results, rows = {}, []
     verdicts = Verdicts()
@@ -208,7 +206,7 @@ def main() -> int:
                 "`torch.utils.flop_counter` over one step (matmuls and convolutions; the projection head "
                 "and the prototypes are SwAV's own arithmetic, which no implementation can skip).")
     return report("step_overhead", "Step overhead: swavkit step vs bare backbone",
-                  "python benchmarks/bench_step_overhead.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""),
+                  invocation(__file__),
                   protocol, tables, verdicts, env, {"results": results}, write_readme=not args.no_readme)
 
 

@@ -31,8 +31,8 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from _common import (LAST_CPU_SECONDS, TORCH_DEFAULT_THREADS, Verdicts, add_threads_argument,  # noqa: E402
-                     apply_threads, environment, fmt_spread, interleaved, markdown_table, ratio_stats, report,
+from _common import (LAST_CPU_SECONDS, TORCH_DEFAULT_THREADS, Verdicts, environment, fmt_spread,  # noqa: E402
+                     interleaved, invocation, markdown_table, parse_with_threads, ratio_stats, report,
                      require_cifar10, stats, time_loader)
 from _arms import OPTIM, SwavkitStep, group_by_size, make_crops  # noqa: E402
 
@@ -367,9 +367,7 @@ def main() -> int:
     parser.add_argument("--parts", default="step,sinkhorn,data")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-readme", action="store_true")
-    add_threads_argument(parser)
-    args = parser.parse_args()
-    apply_threads(args.threads)
+    args = parse_with_threads(parser)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = set(parts) - {"step", "sinkhorn", "data"}
     if unknown:
@@ -391,8 +389,7 @@ def main() -> int:
     protocol = (f"lightly {lightly.__version__} installed as the `bench` extra (`pip install lightly --no-deps "
                 "lightning-utilities`: same torch). Both libraries run in the same process; arms interleave "
                 "(order alternates every repetition). Speed-up = lightly time / swavkit time per repetition, median.")
-    return report("vs_lightly", "swavkit vs lightly", "python benchmarks/bench_vs_lightly.py"
-                  + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""),
+    return report("vs_lightly", "swavkit vs lightly", invocation(__file__),
                   protocol, "\n\n".join(tables), verdicts, env, {"results": results}, write_readme=not args.no_readme)
 
 

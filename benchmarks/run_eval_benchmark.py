@@ -68,14 +68,6 @@ def prepare_data(name: str, shared_data: Path) -> Path:
     return dest
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except OSError:
-        return None
-
-
 # ----------------------------------------------------------------------------------------------------
 # pretraining
 
@@ -117,20 +109,21 @@ def pretrain(config_files: list[str], overrides: list[str], data: Path, run_dir:
 
 def evaluate(label: str, source: str, data: Path, image_size_px: int, args) -> dict:
     """k-NN and fast linear probe of one backbone, sharing one feature extraction."""
-    from swavkit.features import (extract_split_features, init_processes, load_eval_backbone,
-                                  resolve_preprocessing)
+    from swavkit.eval_options import EvalOptions, KnnOptions, LinearOptions
+    from swavkit.features import extract_split_features, init_processes, load_eval_backbone
     from swavkit.knn import evaluate_knn
     from swavkit.linear_probe import evaluate_linear
+    from swavkit.preprocessing import resolve_preprocessing
 
-    device = init_processes(args.device)
+    options = EvalOptions(device=init_processes(args.device), batch_size=args.batch_size, num_workers=args.workers,
+                          out_json="", progress=not args.no_progress)
     preprocessing = resolve_preprocessing(source, image_size_px)
     start = time.perf_counter()
-    split = extract_split_features(load_eval_backbone(source), data / "train", data / "val", preprocessing,
-                                   device=device, batch_size=args.batch_size, num_workers=args.workers,
-                                   progress=not args.no_progress)
-    common = dict(features=split, out_json="", device=args.device)
-    knn = evaluate_knn(source, data / "train", data / "val", k=20, temperature=0.07, **common)
-    linear = evaluate_linear(source, data / "train", data / "val", recipe="fast", **common)
+    split = extract_split_features(load_eval_backbone(source), data / "train", data / "val", preprocessing, options)
+    knn = evaluate_knn(source, data / "train", data / "val", options, KnnOptions(k=20, temperature=0.07),
+                       features=split)
+    linear = evaluate_linear(source, data / "train", data / "val", options, LinearOptions(recipe="fast"),
+                             features=split)
     wall_s = time.perf_counter() - start
     print(f"{label}: k-NN top-1 {knn['metrics']['top1']:.2f} %, linear top-1 {linear['metrics']['top1']:.2f} % "
           f"({wall_s:.0f} s)", flush=True)
@@ -202,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     data = prepare_data(args.data, args.shared_data)
     from swavkit.config import load_config
-    from swavkit.report import environment, utc_now
+    from swavkit.report import environment, git_commit, utc_now
 
     config_files = args.config or [str(REPO_ROOT / "configs" / "cifar10_resnet18.yaml")]
     cfg = load_config(config_files, args.overrides)
@@ -228,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(rows)
     protocol = protocol_text(rows, args.data, pretraining)
     total_s = time.perf_counter() - started
-    commit = git_commit()
+    commit = git_commit()[0]
     block = (f"### {name}\n\n`{command}`  \ncommit `{(commit or 'unknown')[:12]}`, {utc_now():%Y-%m-%d %H:%M} UTC, "
              f"{rows[0]['knn']['environment']['device']}, total wall time {total_s / 60:.1f} min\n\n"
              f"{protocol}\n\n{table}\n\n(raw records: `benchmarks/results/{name}.json`)\n")

@@ -25,6 +25,8 @@ _PUBLIC = {
     "sinkhorn": "swavkit.sinkhorn", "swapped_prediction_loss": "swavkit.loss",
     "train": "swavkit.train", "TrainResult": "swavkit.train", "pretrain": "swavkit.api",
     "extract_features": "swavkit.features", "evaluate_knn": "swavkit.knn", "evaluate_linear": "swavkit.linear_probe",
+    "EvalOptions": "swavkit.eval_options", "KnnOptions": "swavkit.eval_options",
+    "LinearOptions": "swavkit.eval_options",
 }
 
 # Functions named like the submodule that defines them. Importing a submodule makes Python set the

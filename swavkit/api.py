@@ -102,34 +102,6 @@ def keyword_tree(keywords: dict[str, Any]) -> dict:
     return tree
 
 
-def auto_config(tree: dict) -> Config:
-    """``--auto`` / ``auto=True``: derive what the user did not set (``tree``) from the data and the
-    hardware, print each value with its reason, and validate."""
-    import torch
-
-    from swavkit import presets
-    from swavkit.data import BUNDLED_SAMPLE, find_images
-    from swavkit.distributed import detect_launch, is_main_process
-
-    chosen = presets.explicit_keys(tree)
-    data_root = tree.get("data", {}).get("path") or str(BUNDLED_SAMPLE / "train")
-    paths = find_images(data_root)
-    launch = detect_launch()
-    world = launch.world_size
-    suggestions = presets.derive(len(paths), presets.typical_side_px(paths), world,
-                                 local_world_size=launch.local_world_size,
-                                 global_batch=tree["train"]["batch_size"] if "train.batch_size" in chosen else None,
-                                 on_gpu=torch.cuda.is_available(),
-                                 epochs=tree["train"]["epochs"] if "train.epochs" in chosen else None)
-    applied = presets.apply(tree, suggestions, chosen)
-    cfg = from_dict(tree)
-    validate(cfg, world_size=world)
-    if is_main_process():
-        print(f"swavkit: --auto derived from {len(paths)} images in {data_root} and {world} process(es) "
-              f"(keys you set are kept):\n{presets.describe(applied)}")
-    return cfg
-
-
 def build_config(config_files: Sequence[str | Path] = (), overrides: Sequence[str] = (),
                  updates: dict | None = None, *, auto: bool = False) -> Config:
     """Defaults <- YAML files <- ``key=value`` overrides <- ``updates`` (nested dict), validated.
@@ -144,6 +116,8 @@ def build_config(config_files: Sequence[str | Path] = (), overrides: Sequence[st
         print("swavkit: no config file and no data path given: the quickstart recipe on the bundled Fashion-MNIST "
               f"sample ({files[0]})")
     if auto:
+        from swavkit.presets import auto_config  # torch: only when --auto looks at the data
+
         return auto_config(tree)
     cfg = from_dict(tree)
     validate(cfg)
@@ -195,5 +169,5 @@ def pretrain(data: str | Path | None = None, out_dir: str | Path | None = None, 
     return train(cfg, restart=restart, stop_after_steps=stop_after_steps, progress=progress)
 
 
-__all__ = ["pretrain", "pretrain_config", "build_config", "auto_config", "config_key", "keyword_tree",
+__all__ = ["pretrain", "pretrain_config", "build_config", "config_key", "keyword_tree",
            "quickstart_config_path", "KEYWORD_ALIASES"]

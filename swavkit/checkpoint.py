@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from swavkit.fileio import atomic_writer, fsync_dir, write_json_atomic, write_text_atomic
+from swavkit.preprocessing import crop_fraction_for
 
 CHECKPOINT_FORMAT = "swavkit-train-v1"
 
@@ -171,8 +172,10 @@ def export_backbone(backbone: torch.nn.Module, out_dir: str | Path, *, image_siz
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
+        # crop_pct: how swavkit evaluates at this size (timm's registry value, e.g. 0.95, is not)
         pretrained_cfg = {"tag": EXPORT_TAG, "input_size": [3, image_size_px, image_size_px],
-                          "mean": list(mean), "std": list(std), "num_classes": 0}
+                          "crop_pct": crop_fraction_for(image_size_px), "mean": list(mean), "std": list(std),
+                          "num_classes": 0}
         pretrained_cfg.update(extra or {})
         save_for_hf(backbone, tmp, model_config={"pretrained_cfg": pretrained_cfg}, safe_serialization=True)
         config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))

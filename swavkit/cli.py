@@ -7,11 +7,15 @@ Nothing heavy is imported here: torch and timm load inside the commands, so ``--
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
 from swavkit.config import default_num_workers  # stdlib + yaml only
+from swavkit.eval_options import INDEX_TYPES, RECIPES, EvalOptions, KnnOptions, LinearOptions  # stdlib only
+from swavkit.preprocessing import (CENTRE_CROP_FRACTION, DEFAULT_IMAGE_SIZE_PX, FULL_IMAGE_MAX_SIZE_PX,  # stdlib only
+                                   RAW_PIXELS_DEFAULT_SIZE_PX)
 from swavkit.errors import EXIT_STOPPED, is_stop_request, is_user_error
 from swavkit.plot import add_plot_command  # matplotlib is imported only when a plot is drawn
 from swavkit.shard import add_shard_command  # torch and webdataset are imported only when shards are written
@@ -40,6 +44,18 @@ def _add_workers(p, default: int | None, what: str) -> None:
                    metavar="N", help=f"DataLoader decoding processes; 0 decodes in this process ({what})")
 
 
+def add_command(subparsers, name: str, *, help: str, examples: list[str], func,
+                description: str | None = None) -> argparse.ArgumentParser:
+    """A sub-command whose help ends with ``examples`` (one command line each, shown as written) and that
+    runs ``func(args)``."""
+    heading = "example" if len(examples) == 1 else "examples"
+    p = subparsers.add_parser(name, help=help, description=description,
+                              epilog=f"{heading}:\n" + "\n".join(f"  {line}" for line in examples),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=func)
+    return p
+
+
 WORKERS_DEFAULT_HELP = "default min(4, usable CPU cores - 1)"
 SOURCE_HELP = ("a run folder (out_dir), an exported backbone folder, a checkpoint .pt, or a released SwAV/VISSL "
                "checkpoint")
@@ -66,14 +82,6 @@ def _cmd_pretrain(args) -> int:
     finally:
         distributed.shutdown()  # no-op in a single process; avoids torch's "not destroyed" warning
     return 0 if result.completed else 3
-
-
-def _auto_config(files, overrides):
-    """--auto on YAML files + key=value overrides (see :func:`swavkit.api.auto_config`)."""
-    from swavkit.api import auto_config
-    from swavkit.config import merge_sources
-
-    return auto_config(merge_sources(files, overrides))
 
 
 def _add_pretrain(subparsers) -> None:
@@ -117,138 +125,161 @@ def _cmd_export(args) -> int:
 
 
 def _add_export(subparsers) -> None:
-    p = subparsers.add_parser(
-        "export", help="run folder or checkpoint -> timm-loadable backbone folder",
-        epilog="examples:\n  swavkit export runs/a exports/a\n"
-               "  swavkit export swav_800ep_pretrain.pth.tar exports/swav_rn50 "
-               "--torchvision exports/rn50_tv.safetensors",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(subparsers, "export", help="run folder or checkpoint -> timm-loadable backbone folder",
+                    examples=["swavkit export runs/a exports/a",
+                              "swavkit export swav_800ep_pretrain.pth.tar exports/swav_rn50 "
+                              "--torchvision exports/rn50_tv.safetensors"], func=_cmd_export)
     p.add_argument("source", metavar="SOURCE", help="a run folder (out_dir; its checkpoints/last.pt is used), a "
                                                     "checkpoint .pt, or a released SwAV/VISSL checkpoint")
     p.add_argument("out_dir", help="folder to write config.json + model.safetensors into")
     p.add_argument("--torchvision", metavar="FILE.safetensors",
                    help="also write the weights in torchvision's ResNet key layout")
-    p.set_defaults(func=_cmd_export)
 
 
 # ----------------------------------------------------------------------------------------------------
 # evaluation
 
-def add_eval_commands(subparsers) -> None:
-    """``knn`` and ``linear`` sub-commands."""
-    positive_int, non_negative_int = _positive_int, _non_negative_int
+def evaluation_options(args, method_options: type) -> tuple:
+    """Parsed ``knn``/``linear`` flags -> (EvalOptions, ``method_options``): the one place that maps flags
+    to the library's options (each flag's dest is its field's name). A flag left at None keeps the library's
+    default."""
+    values = {name: value for name, value in vars(args).items() if value is not None}
+    values["num_workers"] = args.workers  # --workers is the same flag in every command
+    return tuple(cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+                 for cls in (EvalOptions, method_options))
 
-    def positive_float(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = float("nan")
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-        return value
 
-    def add_common(p, evaluation: str) -> None:
-        p.add_argument("--backbone", required=True, metavar="SRC",
-                       help=f"{SOURCE_HELP}; or timm:<name> (random init: the floor) or 'pixels' (raw pixels, each "
-                            "image's mean removed: the other floor)")
-        p.add_argument("--train", required=True, metavar="DIR", help="labelled folder DIR/<class>/<image>")
-        p.add_argument("--val", required=True, metavar="DIR",
-                       help="labelled folder with the same class names; the reported split")
-        p.add_argument("--image-size", type=positive_int, default=None, metavar="PX",
-                       help="eval side length (default: the export's input_size, else the checkpoint's large crop, "
-                            "else 224; 32 for pixels); images <= 64 px are resized whole, larger ones resized to "
-                            "PX/0.875 and centre-cropped")
-        p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass (default 256)")
-        _add_workers(p, default_num_workers(), WORKERS_DEFAULT_HELP)
-        p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-        p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                       help="auto = bf16 autocast on GPUs that support it, fp32 on CPU")
-        p.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convnets on GPUs)")
-        p.add_argument("--max-per-class", type=non_negative_int, default=0, metavar="N",
-                       help="use at most N images per class in each split, a deterministic subset (default 0 = all)")
-        p.add_argument("--out", default=None, metavar="JSON",
-                       help=f"result file (default results/{evaluation}-<run or backbone name>-<UTC "
-                            "YYYYmmdd-HHMMSS>.json under the current folder)")
-        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
-    def finish(result: dict) -> int:
-        from swavkit import distributed
-        from swavkit.report import format_table, summary_rows
 
-        if distributed.is_main_process():
-            print(format_table(summary_rows(result)))
-            print(f"wrote {result['result_path']}")
-        distributed.shutdown()
-        return 0
+def _add_eval_options(p, evaluation: str) -> None:
+    """Flags shared by ``knn`` and ``linear``: the fields of :class:`swavkit.eval_options.EvalOptions`, with
+    its defaults."""
+    defaults = EvalOptions()
+    p.add_argument("--backbone", required=True, metavar="SRC",
+                   help=f"{SOURCE_HELP}; or timm:<name> (random init: the floor) or 'pixels' (raw pixels, each "
+                        "image's mean removed: the other floor)")
+    p.add_argument("--train", required=True, metavar="DIR", help="labelled folder DIR/<class>/<image>")
+    p.add_argument("--val", required=True, metavar="DIR",
+                   help="labelled folder with the same class names; the reported split")
+    p.add_argument("--image-size", dest="image_size_px", type=_positive_int, default=None, metavar="PX",
+                   help="eval side length (default: the export's input_size, else the checkpoint's large crop, "
+                        f"else {DEFAULT_IMAGE_SIZE_PX}; {RAW_PIXELS_DEFAULT_SIZE_PX} for pixels); images <= "
+                        f"{FULL_IMAGE_MAX_SIZE_PX} px are resized whole, larger ones resized to "
+                        f"PX/{CENTRE_CROP_FRACTION} and centre-cropped")
+    _add_option(p, "--batch-size", defaults, "batch_size", "images per forward pass", type=_positive_int)
+    _add_workers(p, defaults.num_workers, WORKERS_DEFAULT_HELP)
+    _add_option(p, "--device", defaults, "device", "auto | cpu | cuda | cuda:N")
+    _add_option(p, "--precision", defaults, "precision", "auto = bf16 autocast on GPUs that support it, fp32 on "
+                "CPU; fp16 needs a GPU", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convnets on GPUs)")
+    _add_option(p, "--max-per-class", defaults, "max_per_class", "use at most N images per class in each split, a "
+                "deterministic subset; 0 = all", type=_non_negative_int, metavar="N")
+    p.add_argument("--out", dest="out_json", default=None, metavar="JSON",
+                   help=f"result file (default results/{evaluation}-<run or backbone name>-<UTC "
+                        "YYYYmmdd-HHMMSS>.json under the current folder)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
-    def cmd_knn(args) -> int:
-        from swavkit.knn import evaluate_knn
 
-        return finish(evaluate_knn(
-            args.backbone, args.train, args.val, k=args.k, temperature=args.temperature,
-            image_size_px=args.image_size, batch_size=args.batch_size, num_workers=args.workers,
-            device=args.device, out_json=args.out, max_per_class=args.max_per_class, index=args.index,
-            n_lists=args.ivf_lists, n_probe=args.ivf_probe, precision=args.precision,
-            channels_last=args.channels_last, progress=not args.no_progress))
+def _finish_evaluation(result: dict) -> int:
+    from swavkit import distributed
+    from swavkit.report import format_table, summary_rows
 
-    def cmd_linear(args) -> int:
-        from swavkit.linear_probe import evaluate_linear
+    if distributed.is_main_process():
+        print(format_table(summary_rows(result)))
+        print(f"wrote {result['result_path']}")
+    distributed.shutdown()
+    return 0
 
-        return finish(evaluate_linear(
-            args.backbone, args.train, args.val, recipe=args.recipe, image_size_px=args.image_size,
-            batch_size=args.batch_size, num_workers=args.workers, device=args.device, out_json=args.out,
-            max_per_class=args.max_per_class, precision=args.precision, channels_last=args.channels_last,
-            progress=not args.no_progress, seed=args.seed, holdout_fraction=args.holdout_fraction,
-            lbfgs_iterations=args.lbfgs_iterations, epochs=args.epochs, lr=args.lr,
-            weight_decay=args.weight_decay, min_crop_scale=args.min_crop_scale,
-            **({"weight_decays": args.weight_decays} if args.weight_decays else {})))
 
-    p = subparsers.add_parser(
-        "knn", help="weighted k-NN accuracy of a frozen backbone on labelled train/val folders",
+def _cmd_knn(args) -> int:
+    from swavkit.knn import evaluate_knn
+
+    options, knn = evaluation_options(args, KnnOptions)
+    return _finish_evaluation(evaluate_knn(args.backbone, args.train, args.val, options, knn))
+
+
+def _cmd_linear(args) -> int:
+    from swavkit.linear_probe import evaluate_linear
+
+    options, linear = evaluation_options(args, LinearOptions)
+    return _finish_evaluation(evaluate_linear(args.backbone, args.train, args.val, options, linear))
+
+
+def _add_option(p, flag: str, options, name: str, help: str, **kwargs) -> None:
+    """``flag`` sets the field ``name`` of ``options``' class; its default is that field's, shown in the help.
+    A tuple default (a list flag) stays None here, which :func:`evaluation_options` leaves to the library."""
+    default = getattr(options, name)
+    shown = " ".join(f"{v:g}" for v in default) if isinstance(default, tuple) else (
+        f"{default:g}" if isinstance(default, float) else default)
+    p.add_argument(flag, dest=name, default=None if isinstance(default, tuple) else default,
+                   help=f"{help} (default {shown})", **kwargs)
+
+
+def _add_knn(subparsers) -> None:
+    p = add_command(
+        subparsers, "knn", help="weighted k-NN accuracy of a frozen backbone on labelled train/val folders",
         description="k-NN evaluation (InstDisc/DINO protocol): L2-normalised frozen features, cosine similarity, "
                     "each of the k nearest train images votes for its class with weight exp(sim/T); top-1 and "
                     "top-5 (with more than 5 classes) on --val. Prints a table and writes a JSON record with the "
                     "protocol, data sizes, swavkit version and git commit. Works under torchrun.",
-        epilog="examples:\n  swavkit knn --backbone runs/swav --train data/train --val data/val\n"
-               "  swavkit knn --backbone timm:resnet18 --train data/train --val data/val --image-size 32",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common(p, "knn")
-    p.add_argument("--k", type=positive_int, default=20, help="neighbours (default 20)")
-    p.add_argument("--temperature", type=positive_float, default=0.07, help="T in exp(sim/T) (default 0.07)")
-    p.add_argument("--index", choices=("exact", "ivf"), default="exact",
-                   help="faiss search: exact (default) or ivf, approximate, for train sets of millions")
-    p.add_argument("--ivf-lists", type=non_negative_int, default=0, metavar="N",
-                   help="ivf cells (default 0 = ~4 sqrt(N_train))")
-    p.add_argument("--ivf-probe", type=non_negative_int, default=0, metavar="N",
-                   help="ivf cells searched per query (default 0 = 16; more = closer to exact)")
-    p.set_defaults(func=cmd_knn)
+        examples=["swavkit knn --backbone runs/swav --train data/train --val data/val",
+                  "swavkit knn --backbone timm:resnet18 --train data/train --val data/val --image-size 32"],
+        func=_cmd_knn)
+    _add_eval_options(p, "knn")
+    knn = KnnOptions()
+    _add_option(p, "--k", knn, "k", "neighbours", type=_positive_int)
+    _add_option(p, "--temperature", knn, "temperature", "T in exp(sim/T)", type=_positive_float)
+    _add_option(p, "--index", knn, "index", "faiss search: exact, or ivf: approximate, for train sets of millions",
+                choices=INDEX_TYPES)
+    _add_option(p, "--ivf-lists", knn, "n_lists", "ivf cells, 0 = ~4 sqrt(N_train)", type=_non_negative_int,
+                metavar="N")
+    _add_option(p, "--ivf-probe", knn, "n_probe", "ivf cells searched per query, 0 = 16; more = closer to exact",
+                type=_non_negative_int, metavar="N")
 
-    p = subparsers.add_parser(
-        "linear", help="linear-probe accuracy of a frozen backbone on labelled train/val folders",
+
+def _add_linear(subparsers) -> None:
+    linear = LinearOptions()
+    p = add_command(
+        subparsers, "linear", help="linear-probe accuracy of a frozen backbone on labelled train/val folders",
         description="Linear probe on a frozen backbone. --recipe fast (default): cached centre-crop features, "
                     "standardised, softmax regression by L-BFGS; the weight decay is chosen on a held-out part "
                     "of --train, the classifier refitted on all of --train, and --val evaluated once. "
-                    "--recipe reference (GPU): random-resized-crop + flip, SGD momentum 0.9, lr 0.3 x batch/256 "
-                    "cosine, --epochs 100, last epoch reported. Nothing is ever selected on --val.",
-        epilog="examples:\n  swavkit linear --backbone runs/swav --train data/train --val data/val\n"
-               "  torchrun --nproc_per_node=8 -m swavkit linear --recipe reference --backbone runs/swav "
-               "--train imagenet/train --val imagenet/val",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common(p, "linear")
-    p.add_argument("--recipe", choices=("fast", "reference"), default="fast", help="default fast")
-    p.add_argument("--seed", type=int, default=0, help="held-out split / training order seed (default 0)")
-    p.add_argument("--weight-decays", type=positive_float, nargs="+", default=None, metavar="WD",
-                   help="fast: L2 grid searched on held-out train (default 1e-4 1e-3 1e-2 0.1 1 10)")
-    p.add_argument("--holdout-fraction", type=positive_float, default=0.2,
-                   help="fast: fraction of each train class held out for the choice (default 0.2)")
-    p.add_argument("--lbfgs-iterations", type=positive_int, default=300, help="fast: L-BFGS iteration cap (default 300)")
-    p.add_argument("--epochs", type=positive_int, default=100, help="reference: epochs (default 100)")
-    p.add_argument("--lr", type=positive_float, default=0.3, help="reference: LR at batch 256, scaled linearly "
-                                                                  "with --batch-size (default 0.3)")
-    p.add_argument("--weight-decay", type=float, default=1e-6, help="reference: SGD weight decay (default 1e-6)")
-    p.add_argument("--min-crop-scale", type=positive_float, default=0.08,
-                   help="reference: smallest random-resized-crop area fraction (default 0.08)")
-    p.set_defaults(func=cmd_linear)
+                    f"--recipe reference (GPU): random-resized-crop + flip, SGD momentum {linear.momentum}, --lr "
+                    f"{linear.lr} x batch/256 cosine, --epochs {linear.epochs}, last epoch reported. Nothing is ever "
+                    "selected on --val.",
+        examples=["swavkit linear --backbone runs/swav --train data/train --val data/val",
+                  "torchrun --nproc_per_node=8 -m swavkit linear --recipe reference --backbone runs/swav "
+                  "--train imagenet/train --val imagenet/val"],
+        func=_cmd_linear)
+    _add_eval_options(p, "linear")
+    _add_option(p, "--recipe", linear, "recipe", "fast or reference", choices=RECIPES)
+    _add_option(p, "--seed", linear, "seed", "held-out split / training order seed", type=int)
+    _add_option(p, "--weight-decays", linear, "weight_decays", "fast: L2 grid searched on held-out train",
+                type=_positive_float, nargs="+", metavar="WD")
+    _add_option(p, "--holdout-fraction", linear, "holdout_fraction",
+                "fast: fraction of each train class held out for the choice", type=_positive_float)
+    _add_option(p, "--lbfgs-iterations", linear, "lbfgs_iterations", "fast: L-BFGS iteration cap",
+                type=_positive_int)
+    _add_option(p, "--epochs", linear, "epochs", "reference: epochs", type=_positive_int)
+    _add_option(p, "--lr", linear, "lr", "reference: LR at batch 256, scaled linearly with --batch-size",
+                type=_positive_float)
+    _add_option(p, "--weight-decay", linear, "weight_decay", "reference: SGD weight decay", type=float)
+    _add_option(p, "--min-crop-scale", linear, "min_crop_scale",
+                "reference: smallest random-resized-crop area fraction", type=_positive_float)
+
+
+def add_eval_commands(subparsers) -> None:
+    """``knn`` and ``linear`` sub-commands."""
+    _add_knn(subparsers)
+    _add_linear(subparsers)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -272,15 +303,15 @@ def _cmd_cluster(args) -> int:
 
 
 def _add_cluster(subparsers) -> None:
-    p = subparsers.add_parser(
-        "cluster", help="assign images to prototypes; write a CSV, a size histogram and a browsable page",
+    p = add_command(
+        subparsers, "cluster", help="assign images to prototypes; write a CSV, a size histogram and a browsable page",
         description="Assign every image of a folder to its SwAV prototype (argmax of the scores; confidence = "
                     "softmax(scores / swav.temperature) at that prototype) and write OUT/assignments.csv, "
                     "OUT/cluster_sizes.png and OUT/index.html, a static page of each cluster's most confident "
                     "images that opens from disk (relative links: zip OUT and open it elsewhere).",
-        epilog="examples:\n  swavkit cluster --checkpoint runs/a --data /data/imgs --out clusters\n"
-               "  swavkit cluster --checkpoint swav_800ep_pretrain.pth.tar --data /data/imgs --out clusters --top 8",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        examples=["swavkit cluster --checkpoint runs/a --data /data/imgs --out clusters",
+                  "swavkit cluster --checkpoint swav_800ep_pretrain.pth.tar --data /data/imgs --out clusters --top 8"],
+        func=_cmd_cluster)
     p.add_argument("--checkpoint", required=True, metavar="SRC",
                    help="a run folder (out_dir; its checkpoints/last.pt), a checkpoint .pt, or a released SwAV "
                         "checkpoint (the prototypes are needed, so not an exported backbone)")
@@ -294,7 +325,6 @@ def _add_cluster(subparsers) -> None:
     p.add_argument("--image-size", type=_positive_int, default=None, metavar="PX",
                    help="centre-crop side fed to the model (default: the checkpoint's large crop size)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_cluster)
 
 
 # ----------------------------------------------------------------------------------------------------

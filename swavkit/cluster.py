@@ -31,18 +31,17 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from swavkit.config import ConfigError, from_dict
-from swavkit.data import (DataError, ImageFiles, ReadOrReport, UnreadableImage, collate_read_or_report,
-                          eval_transform, find_images, printable_path, read_rgb)
+from swavkit.config import from_dict
+from swavkit.data import (DataError, ImageFiles, ReadOrReport, UnreadableImage, collate_read_or_report, find_images,
+                          printable_path, read_rgb)
+from swavkit.device import resolve_device
+from swavkit.preprocessing import Preprocessing
 
 # Longest side of the JPEG thumbnails written to out_dir/thumbs/ (the page shows them at 112 px).
 THUMBNAIL_SIZE_PX = 128
 # Up to this many thumbnails load with the page; the rest load lazily as they scroll into view, so a
 # page for thousands of prototypes still opens quickly.
 EAGER_THUMBNAILS = 2000
-# Same rule as the k-NN evaluation: at CIFAR-like sizes a 0.875 centre crop would discard an eighth of
-# an already tiny image.
-FULL_IMAGE_MAX_SIZE_PX = 64
 
 HISTOGRAM_FILE = "cluster_sizes.png"
 ASSIGNMENTS_FILE = "assignments.csv"
@@ -86,10 +85,11 @@ def assign_clusters(model, paths: list[str], transform, *, temperature: float, b
     Puts the model in eval mode on ``device`` and projects its prototypes onto the unit sphere (in place).
 
     Args:
-        transform: PIL image -> [3, s, s] normalised tensor (use :func:`swavkit.data.eval_transform`).
+        transform: PIL image -> [3, s, s] normalised tensor (e.g. ``Preprocessing.for_size(...).transform()``).
         temperature: softmax temperature of the soft codes (the config's ``swav.temperature``).
+        device: as :func:`swavkit.device.resolve_device`.
     """
-    device = torch.device(device)
+    device = resolve_device(device)
     model.to(device).eval()
     # Training normalises the prototypes before each step, so the saved ones are one update off the
     # unit sphere; normalising makes the scores true cosines, as in training.
@@ -365,20 +365,12 @@ def explore_clusters(checkpoint: str | Path, data_dir: str | Path, out_dir: str 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"--out {out_dir} is a file; give a folder for the explorer's files")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"device: '{device}' is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: '{device}' requested but CUDA is not available; use --device cpu")
+    device = resolve_device(device)
 
     model, config = load_swav_model(checkpoint)
     cfg = from_dict(config)
     size_px = image_size_px or cfg.crops.sizes_px[0]
-    crop_fraction = 1.0 if size_px <= FULL_IMAGE_MAX_SIZE_PX else 0.875
-    transform = eval_transform(size_px, cfg.crops.mean, cfg.crops.std, crop_fraction)
+    transform = Preprocessing.for_size(size_px, cfg.crops.mean, cfg.crops.std).transform()
     temperature = cfg.swav.temperature
 
     assignments = assign_clusters(model, paths, transform, temperature=temperature, batch_size=batch_size,

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from swavkit.preprocessing import IMAGENET_MEAN, IMAGENET_STD  # stdlib only
+
 
 class ConfigError(ValueError):
     """A configuration problem, described in one line that names the key."""
@@ -75,8 +77,8 @@ class CropsConfig:
     grayscale_probability: float = _help("probability of converting a crop to grey", default=0.2)
     blur_probability: float = _help("probability of Gaussian blur (sigma 0.1..2); usually 0 for 32 px data",
                                     default=0.5)
-    mean: list[float] = _help("normalisation mean (RGB)", default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = _help("normalisation std (RGB)", default_factory=lambda: [0.229, 0.224, 0.225])
+    mean: list[float] = _help("normalisation mean (RGB)", default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = _help("normalisation std (RGB)", default_factory=lambda: list(IMAGENET_STD))
 
 
 @dataclass

@@ -1,6 +1,7 @@
-"""Device and precision: the config's words ("auto", "bf16", ...) -> what torch is given.
+"""Device and precision: the words of the config and the CLI ("auto", "cuda:1", "bf16", ...) -> what
+torch is given.
 
-One place for the rules, so training and evaluation agree on what "auto" means.
+One place for the rules, so training and every evaluation agree on what "auto" means.
 """
 
 from __future__ import annotations
@@ -11,23 +12,42 @@ from swavkit.config import ConfigError
 
 # precision word -> the dtype autocast runs in; fp32 (absent) means no autocast at all
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``train.device`` (auto | cpu | cuda) -> this process's device; under a launcher, GPU ``local_rank``."""
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+def resolve_device(name: str | torch.device = "auto", local_rank: int | None = None) -> torch.device:
+    """auto | cpu | cuda | cuda:N | a torch.device -> the device this process uses.
+
+    "auto" is the GPU when one is visible, else the CPU. A GPU without an index is GPU ``local_rank``
+    (a launcher's local rank), or torch's current GPU when ``local_rank`` is None. Raises ConfigError
+    naming the word when it is no device or asks for a GPU that is not there.
+    """
+    if isinstance(name, torch.device):
+        resolved = name
+    else:
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            resolved = torch.device(name)
+        except (RuntimeError, TypeError):
+            raise ConfigError(f"device: '{name}' is not a device; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("train.device: cuda requested but no GPU is visible; use train.device=cpu")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+            raise ConfigError(f"device: '{name}' requested but no CUDA GPU is visible; use cpu")
+        if resolved.index is None:
+            resolved = torch.device("cuda", torch.cuda.current_device() if local_rank is None else local_rank)
+    return resolved
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    """``train.precision`` (auto | fp32 | bf16 | fp16) -> fp32 | bf16 | fp16 for ``device``."""
+    """auto | fp32 | bf16 | fp16 -> fp32 | bf16 | fp16 for ``device``; auto is bf16 on GPUs that have it."""
+    if name not in PRECISIONS:
+        raise ConfigError(f"precision: '{name}' is not one of {', '.join(PRECISIONS)}")
     if name == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if name == "fp16" and device.type != "cuda":
-        raise ConfigError("train.precision: fp16 needs a GPU (it needs a loss scaler); use bf16 or fp32 on CPU")
+        raise ConfigError("precision: fp16 needs a GPU (fp16 training needs a loss scaler, and CPUs run fp16 "
+                          "slowly); use bf16 or fp32 on a CPU")
     return name
 
 
@@ -42,4 +62,5 @@ def resolve_auto_flag(name: str, device: torch.device) -> bool:
     return name == "true" or (name == "auto" and device.type == "cuda")
 
 
-__all__ = ["AUTOCAST_DTYPES", "resolve_device", "resolve_precision", "autocast_dtype", "resolve_auto_flag"]
+__all__ = ["AUTOCAST_DTYPES", "PRECISIONS", "resolve_device", "resolve_precision", "autocast_dtype",
+           "resolve_auto_flag"]

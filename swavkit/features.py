@@ -1,4 +1,6 @@
-"""Frozen-backbone features of a labelled image folder: the input of k-NN and the linear probe.
+"""The feature extractor of every evaluation: a backbone loaded for evaluation (or the raw-pixel floor),
+``extract_features`` and the train/val pair of features (``SplitFeatures``) that k-NN and the linear probe
+share. Options: swavkit.eval_options; preprocessing: swavkit.preprocessing; devices: swavkit.device.
 
 The labelled dataset (``LabelledImageFolder``, ``DIR/<class>/<image>``) lives with the other datasets in
 swavkit.data. ``extract_features`` runs a backbone over it in batches and returns ``(features [N, D], labels [N])`` in
@@ -8,7 +10,6 @@ the dataset's order, on CPU or GPU, in one process or under ``torchrun`` (every 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -18,20 +19,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from swavkit import distributed
-from swavkit.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_state
-from swavkit.config import ConfigError
-from swavkit.data import (DataError, LabelledImageFolder, ReadOrReport, collate_read_or_report, eval_transform,
-                          printable_path, raise_for_unreadable)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_IMAGE_SIZE_PX = 224
-# At CIFAR-like sizes the usual 0.875 centre crop throws away an eighth of an already tiny image.
-FULL_IMAGE_MAX_SIZE_PX = 64
-# Backbone source that stands for "no network": flattened pixels, the floor every result must beat.
-RAW_PIXELS_SOURCE = "pixels"
-RAW_PIXELS_DEFAULT_SIZE_PX = 32
+from swavkit import distributed, report
+from swavkit.config import default_num_workers
+from swavkit.data import (DataError, LabelledImageFolder, ReadOrReport, collate_read_or_report, printable_path,
+                          raise_for_unreadable)
+from swavkit.device import autocast_dtype, resolve_device, resolve_precision
+from swavkit.eval_options import EvalOptions
+from swavkit.preprocessing import RAW_PIXELS_SOURCE, Preprocessing
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -67,109 +61,17 @@ def load_eval_backbone(source: str | Path) -> torch.nn.Module:
         return load_backbone(source)
 
 
-@dataclass(frozen=True)
-class Preprocessing:
-    """How images become backbone inputs; recorded in every result."""
-    image_size_px: int
-    crop_fraction: float
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    size_from: str  # where image_size_px came from: "argument", "export config", "checkpoint config", "default"
-
-    def transform(self):
-        return eval_transform(self.image_size_px, self.mean, self.std, self.crop_fraction)
-
-    def as_dict(self) -> dict:
-        return {"image_size_px": self.image_size_px, "crop_fraction": self.crop_fraction,
-                "mean": list(self.mean), "std": list(self.std), "image_size_from": self.size_from}
-
-
-def _export_pretrained_cfg(source: Path) -> dict | None:
-    for folder in (source, source / "backbone"):
-        config = folder / "config.json"
-        if config.is_file() and (folder / "model.safetensors").is_file():
-            try:
-                return json.loads(config.read_text()).get("pretrained_cfg", {})
-            except ValueError:
-                return None
-    return None
-
-
-def resolve_preprocessing(source: str | Path, image_size_px: int | None = None) -> Preprocessing:
-    """Image size and normalisation for a backbone source.
-
-    Size: ``image_size_px`` if given, else the ``input_size`` an exported folder records, else the
-    large-crop size of a swavkit training checkpoint, else 224 (32 for ``"pixels"``). Mean/std follow the
-    same sources (ImageNet statistics by default); ``"pixels"`` uses mean 0, std 1. Images of at most
-    64 px are not cropped (crop fraction 1.0); larger ones are resized to size/0.875 and centre-cropped.
-    """
-    size, mean, std, origin = None, IMAGENET_MEAN, IMAGENET_STD, "default"
-    if str(source) == RAW_PIXELS_SOURCE:
-        # 224 px would give 150,528-dimensional "features"; compare at the size of the backbone you test
-        size, mean, std = RAW_PIXELS_DEFAULT_SIZE_PX, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-    elif not str(source).startswith("timm:"):
-        from swavkit.pretrained import resolve_source  # the one meaning of a source; heavy (timm)
-
-        path = resolve_source(source, need="backbone")
-        pretrained_cfg = _export_pretrained_cfg(path) if path.is_dir() else None
-        if pretrained_cfg:
-            if pretrained_cfg.get("input_size"):
-                size, origin = int(pretrained_cfg["input_size"][-1]), "export config"
-            mean = tuple(pretrained_cfg.get("mean", mean))
-            std = tuple(pretrained_cfg.get("std", std))
-        elif path.is_file() and path.suffix == ".pt":
-            try:
-                state = load_state(path)
-            except CheckpointError:
-                state = None  # load_backbone will report the problem with its own message
-            if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
-                crops = state.get("config", {}).get("crops", {})
-                if crops.get("sizes_px"):
-                    size, origin = int(crops["sizes_px"][0]), "checkpoint config"
-                mean, std = tuple(crops.get("mean", mean)), tuple(crops.get("std", std))
-    if image_size_px:
-        size, origin = int(image_size_px), "argument"
-    if size is None:
-        size = DEFAULT_IMAGE_SIZE_PX
-    crop_fraction = 1.0 if size <= FULL_IMAGE_MAX_SIZE_PX else 0.875
-    return Preprocessing(size, crop_fraction, tuple(float(m) for m in mean), tuple(float(s) for s in std), origin)
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto" -> this process's GPU if there is one, else CPU."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    resolved = torch.device(device)
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device '{device}': no CUDA GPU is visible; use cpu")
-        if resolved.index is None:
-            resolved = torch.device("cuda", torch.cuda.current_device())
-    return resolved
-
-
 def init_processes(device: str | torch.device = "auto") -> torch.device:
-    """Join the process group when launched by torchrun/srun (no-op otherwise); the device to use."""
-    wants_cuda = str(device).startswith("cuda") or (str(device) == "auto" and torch.cuda.is_available())
-    distributed.init("cuda" if wants_cuda else "cpu")
-    return resolve_device(device)
+    """Join the process group when launched by torchrun/srun (no-op otherwise); the device to use
+    (see :func:`swavkit.device.resolve_device`; under a launcher "cuda" is the process's local GPU)."""
+    launch = distributed.detect_launch()
+    resolved = resolve_device(device, launch.local_rank)
+    distributed.init(resolved.type)
+    return resolved
 
 
 # ----------------------------------------------------------------------------------------------------
 # extraction
-
-def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 or None (no autocast) for precision "auto" | "fp32" | "bf16" on this device."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    raise ConfigError(f"precision: '{precision}' is not one of auto, fp32, bf16")
-
 
 def _gather_in_order(features: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, n_items: int,
                      device: torch.device, chunk_rows: int = 65536):
@@ -198,7 +100,7 @@ def _gather_in_order(features: torch.Tensor, labels: torch.Tensor, indices: torc
 
 
 def extract_features(backbone: torch.nn.Module, data: Dataset | DataLoader, device: str | torch.device = "cpu",
-                     batch_size: int = 256, num_workers: int = 4, *, precision: str = "auto",
+                     batch_size: int = 256, num_workers: int | None = None, *, precision: str = "auto",
                      channels_last: bool = False, progress: bool = True,
                      description: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled backbone features of every item, in the dataset's order.
@@ -213,8 +115,9 @@ def extract_features(backbone: torch.nn.Module, data: Dataset | DataLoader, devi
             no gathering).
         device: "auto", "cpu", "cuda", "cuda:1", or a torch.device.
         batch_size: images per forward pass in each process.
-        num_workers: DataLoader decoding processes (0 = decode in this process).
-        precision: "auto" (bf16 autocast on GPUs that support it, else fp32), "fp32" or "bf16".
+        num_workers: DataLoader decoding processes (0 = decode in this process; None =
+            :func:`swavkit.config.default_num_workers`).
+        precision: "auto" (bf16 autocast on GPUs that support it, else fp32), "fp32", "bf16" or "fp16" (GPU).
             Features are returned as float32 either way.
         channels_last: NHWC inputs and weights (converts the module in place); faster for convnets on GPUs.
         progress: show a tqdm bar (on the main process only).
@@ -227,7 +130,8 @@ def extract_features(backbone: torch.nn.Module, data: Dataset | DataLoader, devi
         denominator of every reported accuracy.
     """
     device = resolve_device(device)
-    autocast_dtype = autocast_dtype_for(precision, device)
+    dtype = autocast_dtype(resolve_precision(precision, device))
+    num_workers = default_num_workers() if num_workers is None else num_workers
     was_training = backbone.training
     backbone.to(device).eval()
     if channels_last:
@@ -260,8 +164,7 @@ def extract_features(backbone: torch.nn.Module, data: Dataset | DataLoader, devi
                 images = images.to(device, non_blocking=True)
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                                    enabled=autocast_dtype is not None):
+                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                     out = backbone(images)
                 features.append(out.float().cpu())
             labels.append(torch.as_tensor(batch_labels, dtype=torch.long).cpu())
@@ -298,9 +201,8 @@ class SplitFeatures:
 
     def data_record(self, train_dir, val_dir, max_per_class: int) -> dict:
         """The ``data`` section of a result record."""
-        return {"train_dir": str(train_dir), "val_dir": str(val_dir), "n_train": int(len(self.train_labels)),
-                "n_val": int(len(self.val_labels)), "n_classes": len(self.classes), "classes": self.classes,
-                "max_per_class": max_per_class}
+        return report.data_record(train_dir, val_dir, len(self.train_labels), len(self.val_labels), self.classes,
+                           max_per_class)
 
 
 def backbone_record(source, architecture: str, feature_dim: int) -> dict:
@@ -318,24 +220,22 @@ def backbone_name(backbone: torch.nn.Module) -> str:
 
 
 def extract_split_features(backbone: torch.nn.Module, train_dir: str | Path, val_dir: str | Path,
-                           preprocessing: Preprocessing, *, device: str | torch.device = "auto",
-                           batch_size: int = 256, num_workers: int = 4, max_per_class: int = 0,
-                           precision: str = "auto", channels_last: bool = False,
-                           progress: bool = True) -> SplitFeatures:
-    """Read both folders (val labels follow train's class list; ``max_per_class`` caps both) and extract
-    their features."""
+                           preprocessing: Preprocessing, options: EvalOptions | None = None) -> SplitFeatures:
+    """Read both folders (val labels follow train's class list; ``options.max_per_class`` caps both) and
+    extract their features with ``options``' device, batch size, workers, precision and memory format."""
+    options = options or EvalOptions()
     transform = preprocessing.transform()
-    train = LabelledImageFolder(train_dir, transform, max_per_class=max_per_class)
-    val = LabelledImageFolder(val_dir, transform, classes=train.classes, max_per_class=max_per_class)
+    train = LabelledImageFolder(train_dir, transform, max_per_class=options.max_per_class)
+    val = LabelledImageFolder(val_dir, transform, classes=train.classes, max_per_class=options.max_per_class)
     start = time.perf_counter()
-    common = dict(device=device, batch_size=batch_size, num_workers=num_workers, precision=precision,
-                  channels_last=channels_last, progress=progress)
+    common = dict(device=options.device, batch_size=options.batch_size, num_workers=options.num_workers,
+                  precision=options.precision, channels_last=options.channels_last, progress=options.progress)
     train_features, train_labels = extract_features(backbone, train, description="train features", **common)
     val_features, val_labels = extract_features(backbone, val, description="val features", **common)
     return SplitFeatures(train_features, train_labels, val_features, val_labels, train.classes, preprocessing,
                          backbone_name(backbone), time.perf_counter() - start)
 
 
-__all__ = ["RawPixels", "Preprocessing", "SplitFeatures", "load_eval_backbone", "resolve_preprocessing",
-           "resolve_device", "init_processes", "autocast_dtype_for", "extract_features",
-           "extract_split_features", "backbone_name", "backbone_record", "RAW_PIXELS_SOURCE"]
+__all__ = ["RawPixels", "SplitFeatures", "load_eval_backbone", "init_processes", "extract_features",
+           "extract_split_features", "backbone_name", "backbone_record",
+           "RANDOM_INIT_SEED"]

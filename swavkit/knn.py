@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +21,13 @@ import torch.nn.functional as F
 from swavkit import distributed
 from swavkit.config import ConfigError
 from swavkit.data import LabelledImageFolder, find_classes
-from swavkit.features import (FULL_IMAGE_MAX_SIZE_PX, Preprocessing, SplitFeatures, backbone_record,
-                              extract_features, extract_split_features, init_processes, load_eval_backbone,
-                              resolve_preprocessing)
-from swavkit.report import build_result, default_result_path, utc_now, write_result
+from swavkit.eval_options import INDEX_TYPES, EvalOptions, KnnOptions, apply_keywords
+from swavkit.features import (SplitFeatures, backbone_record, extract_features, extract_split_features, init_processes,
+                              load_eval_backbone)
+from swavkit.metrics import topk_accuracy
+from swavkit.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, resolve_preprocessing
+from swavkit.report import build_result, utc_now, write_evaluation_result
 
-INDEX_TYPES = ("exact", "ivf")
 # faiss's k-means wants >= 39 training points per list; fewer lists than that cannot be trained.
 _IVF_MIN_POINTS_PER_LIST = 39
 
@@ -146,16 +148,6 @@ def knn_classify_bruteforce(train_features: torch.Tensor, train_labels: torch.Te
     return torch.cat(scores) if scores else torch.zeros(0, n_classes)
 
 
-def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict:
-    """{"top1": %, "top5": %} from scores [M, C] and true labels [M]; top5 only when C > 5."""
-    labels = labels.cpu().long()
-    ranked = scores.argsort(dim=1, descending=True, stable=True)  # ties go to the lower class index
-    metrics = {"top1": 100.0 * (ranked[:, 0] == labels).double().mean().item()}
-    if scores.shape[1] > 5:
-        metrics["top5"] = 100.0 * (ranked[:, :5] == labels[:, None]).any(dim=1).double().mean().item()
-    return metrics
-
-
 def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, query_features: torch.Tensor,
                  query_labels: torch.Tensor, k: int = 20, temperature: float = 0.07, *,
                  n_classes: int | None = None, index: str = "exact", n_lists: int = 0,
@@ -170,59 +162,55 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, query
 # ----------------------------------------------------------------------------------------------------
 # `swavkit knn`
 
-def evaluate_knn(backbone_source: str | Path, train_dir: str | Path, val_dir: str | Path, *, k: int = 20,
-                 temperature: float = 0.07, image_size_px: int | None = None, batch_size: int = 256,
-                 num_workers: int = 4, device: str = "auto", out_json: str | Path | None = None,
-                 max_per_class: int = 0, index: str = "exact", n_lists: int = 0, n_probe: int = 0,
-                 precision: str = "auto", channels_last: bool = False, progress: bool = True,
-                 features: SplitFeatures | None = None) -> dict:
+def knn_protocol(knn: KnnOptions, n_train: int, precision: str) -> dict:
+    """The ``protocol`` section of a k-NN result record for ``n_train`` neighbours."""
+    return {"k": min(knn.k, n_train), "temperature": knn.temperature,
+            "similarity": "cosine (L2-normalised features, inner product)",
+            "vote_weight": "exp(similarity / temperature)", "index": knn.index,
+            "n_lists": (knn.n_lists or default_ivf_lists(n_train)) if knn.index == "ivf" else None,
+            "n_probe": knn.n_probe or None, "precision": precision, "split_selection": "none (no tuning)"}
+
+
+def evaluate_knn(backbone_source: str | Path, train_dir: str | Path, val_dir: str | Path,
+                 options: EvalOptions | None = None, knn: KnnOptions | None = None, *,
+                 features: SplitFeatures | None = None, **keywords) -> dict:
     """k-NN top-1/top-5 of a frozen backbone on a train/val pair of labelled folders.
 
     Args:
         backbone_source: exported folder, run folder, training checkpoint, released SwAV checkpoint,
             ``timm:<name>`` (random init) or ``pixels`` (raw pixels, mean-removed per image).
         train_dir, val_dir: ``DIR/<class>/<image>`` trees with the same class names.
-        image_size_px: default from the export's config / the checkpoint's crops, else 224.
-        max_per_class: cap images per class in both splits (0 = all), deterministic.
-        out_json: result file (None = ``results/knn-<backbone>-<UTC time>.json``; "" = do not write).
+        options: extraction and output (:class:`swavkit.eval_options.EvalOptions`).
+        knn: the protocol (:class:`swavkit.eval_options.KnnOptions`).
         features: features already extracted from these folders with this backbone (e.g. shared with a
             linear probe); then nothing is loaded or extracted again.
-        Others: see :func:`knn_classify` and :func:`swavkit.features.extract_features`.
+        keywords: any field of either options class, e.g. ``k=10, batch_size=64`` (they override it).
     Returns:
         the result record (see :func:`swavkit.report.build_result`); identical on every process.
     """
+    options, knn = apply_keywords(keywords, options or EvalOptions(), knn or KnnOptions())
     started_at, start = utc_now(), time.perf_counter()
-    device = init_processes(device)
+    device = init_processes(options.device)
     split = features
     if split is None:
-        preprocessing = resolve_preprocessing(backbone_source, image_size_px)
+        preprocessing = resolve_preprocessing(backbone_source, options.image_size_px)
         split = extract_split_features(load_eval_backbone(backbone_source), train_dir, val_dir, preprocessing,
-                                       device=device, batch_size=batch_size, num_workers=num_workers,
-                                       max_per_class=max_per_class, precision=precision,
-                                       channels_last=channels_last, progress=progress)
+                                       replace(options, device=device))
     result = None
     if distributed.is_main_process():
         search_start = time.perf_counter()
         metrics = knn_accuracy(split.train_features, split.train_labels, split.val_features, split.val_labels,
-                               k, temperature, n_classes=len(split.classes), index=index, n_lists=n_lists,
-                               n_probe=n_probe)
-        protocol = {"k": min(k, len(split.train_labels)), "temperature": temperature,
-                    "similarity": "cosine (L2-normalised features, inner product)",
-                    "vote_weight": "exp(similarity / temperature)", "index": index,
-                    "n_lists": (n_lists or default_ivf_lists(len(split.train_labels))) if index == "ivf" else None,
-                    "n_probe": n_probe or None, "precision": precision, "split_selection": "none (no tuning)"}
+                               knn.k, knn.temperature, n_classes=len(split.classes), index=knn.index,
+                               n_lists=knn.n_lists, n_probe=knn.n_probe)
         result = build_result(
-            evaluation="knn", metrics=metrics, protocol=protocol,
+            evaluation="knn", metrics=metrics, protocol=knn_protocol(knn, len(split.train_labels), options.precision),
             backbone=backbone_record(backbone_source, split.backbone_name, split.feature_dim),
-            data=split.data_record(train_dir, val_dir, max_per_class),
+            data=split.data_record(train_dir, val_dir, options.max_per_class),
             preprocessing=split.preprocessing.as_dict(), device=device, started_at=started_at,
             wall_time_s=time.perf_counter() - start, world_size=distributed.world_size(),
             extra={"timings_s": {"features": round(split.extraction_s, 3),
                                  "search": round(time.perf_counter() - search_start, 3)}})
-        if out_json != "":
-            path = Path(out_json) if out_json else default_result_path("knn", str(backbone_source), started_at)
-            result["result_path"] = str(path)
-            write_result(result, path)
+        write_evaluation_result(result, options.out_json, backbone_source, started_at)
     return distributed.broadcast_object(result)
 
 
@@ -257,7 +245,7 @@ def _holdout_split(labels: list[int], fraction: float) -> tuple[list[int], list[
 def knn_monitor(backbone_module: torch.nn.Module, train_dir: str | Path, val_dir: str | Path | None = None, *,
                 image_size_px: int, k: int = 20, temperature: float = 0.07, device: str | torch.device = "cpu",
                 max_images: int = 5000, batch_size: int = 256, num_workers: int = 0,
-                mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), precision: str = "auto") -> dict:
+                mean=IMAGENET_MEAN, std=IMAGENET_STD, precision: str = "auto") -> dict:
     """k-NN accuracy of the backbone being trained, for metrics.jsonl.
 
     Runs the backbone in eval mode under inference_mode and restores its previous train/eval mode, so
@@ -274,10 +262,7 @@ def knn_monitor(backbone_module: torch.nn.Module, train_dir: str | Path, val_dir
         {"top1": %, "top5": % (more than 5 classes), "n_train", "n_val", "seconds"}
     """
     start = time.perf_counter()
-    size = int(image_size_px)
-    crop_fraction = 1.0 if size <= FULL_IMAGE_MAX_SIZE_PX else 0.875  # as resolve_preprocessing does
-    preprocessing = Preprocessing(size, crop_fraction, tuple(mean), tuple(std), "argument")
-    transform = preprocessing.transform()
+    transform = Preprocessing.for_size(image_size_px, mean, std).transform()
     n_classes = len(find_classes(train_dir))
     per_class = math.ceil(max_images / n_classes) if max_images else 0
     if val_dir is None:
@@ -303,5 +288,5 @@ def knn_monitor(backbone_module: torch.nn.Module, train_dir: str | Path, val_dir
     return distributed.broadcast_object(metrics)
 
 
-__all__ = ["knn_classify", "knn_classify_bruteforce", "knn_accuracy", "topk_accuracy", "vote", "build_index",
-           "evaluate_knn", "knn_monitor", "monitor_folders", "INDEX_TYPES"]
+__all__ = ["knn_classify", "knn_classify_bruteforce", "knn_accuracy", "vote", "build_index", "knn_protocol",
+           "evaluate_knn", "knn_monitor", "monitor_folders"]

@@ -5,7 +5,7 @@ split that is reported.
   convergence with full-batch L-BFGS (convex, so no epoch or learning rate to pick). The only
   hyperparameter, the L2 weight decay, is chosen from a small grid on a held-out, class-stratified part
   of TRAIN; the classifier is then refitted on all of TRAIN with that value and evaluated once on VAL.
-  Seconds on a CPU for 5,000 x 512 features.
+  Cheap enough for a CPU: one pass over the images, then fits on cached features.
 - ``reference`` (the SwAV/DINO recipe, for GPUs): random-resized-crop + flip images through the frozen
   backbone (eval mode, BN statistics frozen), SGD momentum 0.9, lr 0.3 x batch/256 with a cosine
   schedule to 0, weight decay 1e-6, 100 epochs, centre-crop evaluation; fixed hyperparameters, and
@@ -15,8 +15,8 @@ split that is reported.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,21 +26,17 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from swavkit import distributed
-from swavkit.config import ConfigError
+from swavkit.config import ConfigError, default_num_workers
 from swavkit.data import LabelledImageFolder, ReadOrReport, collate_read_or_report, raise_for_unreadable
-from swavkit.features import (Preprocessing, SplitFeatures, autocast_dtype_for, backbone_name, backbone_record,
-                              extract_features, extract_split_features, init_processes, load_eval_backbone,
-                              resolve_device, resolve_preprocessing)
-from swavkit.knn import topk_accuracy
-from swavkit.report import build_result, default_result_path, utc_now, write_result
+from swavkit.device import autocast_dtype, resolve_device, resolve_precision
+from swavkit.eval_options import DEFAULT_WEIGHT_DECAYS, RECIPES, EvalOptions, LinearOptions, apply_keywords
+from swavkit.features import (SplitFeatures, backbone_name, backbone_record, extract_features,
+                              extract_split_features, init_processes, load_eval_backbone)
+from swavkit.metrics import topk_accuracy
+from swavkit.preprocessing import Preprocessing, resolve_preprocessing
+from swavkit.report import build_result, data_record, utc_now, write_evaluation_result
+from swavkit.schedule import LRSchedule
 
-RECIPES = ("fast", "reference")
-# L2 penalty (on the mean cross-entropy) tried by the fast recipe; standardised features make one grid
-# fit backbones of any width. On 5,000-image CIFAR subsets the optimum lies between 1e-2 and 1 for
-# pixels and convnet features alike; below 1e-4 a few thousand images are effectively unregularised
-# (and L-BFGS needs its whole iteration budget), so the grid stops there. Large train sets want smaller
-# values: pass your own grid.
-DEFAULT_WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -108,7 +104,7 @@ def fit_softmax_regression(features: torch.Tensor, labels: torch.Tensor, n_class
 
 # Below this many multiply-adds per pass, one CPU thread is faster: L-BFGS makes hundreds of small passes,
 # each paying a thread synchronisation, and on a busy machine a thread that waits for a core stalls the
-# others (measured on 2 shared cores: 5,000 x 512 features, 3 s on one thread, 2 to 65 s on two).
+# others, so on a shared machine the fit time swings by an order of magnitude.
 SINGLE_THREAD_MAX_MACS = 300_000_000
 
 
@@ -194,14 +190,9 @@ def train_transform(preprocessing: Preprocessing, min_crop_scale: float = 0.08):
     ])
 
 
-def cosine_lr(peak_lr: float, step: int, total_steps: int) -> float:
-    """Cosine from peak_lr at step 0 to 0 at total_steps."""
-    return 0.5 * peak_lr * (1.0 + math.cos(math.pi * step / max(1, total_steps)))
-
-
 def linear_probe_reference(backbone: torch.nn.Module, train_dataset, val_dataset, *, n_classes: int,
                            epochs: int = 100, batch_size: int = 256, lr: float = 0.3,
-                           weight_decay: float = 1e-6, momentum: float = 0.9, num_workers: int = 4,
+                           weight_decay: float = 1e-6, momentum: float = 0.9, num_workers: int | None = None,
                            device: str | torch.device = "cpu", precision: str = "auto", seed: int = 0,
                            progress: bool = True) -> dict:
     """Train a linear layer on frozen-backbone features of augmented images; evaluate the last epoch.
@@ -215,7 +206,8 @@ def linear_probe_reference(backbone: torch.nn.Module, train_dataset, val_dataset
          "peak_lr", "steps", "feature_dim"}
     """
     device = resolve_device(device)
-    autocast_dtype = autocast_dtype_for(precision, device)
+    dtype = autocast_dtype(resolve_precision(precision, device))
+    num_workers = default_num_workers() if num_workers is None else num_workers
     world = distributed.world_size()
     if batch_size % world:
         raise ConfigError(f"batch_size {batch_size} does not divide by {world} processes")
@@ -238,6 +230,9 @@ def linear_probe_reference(backbone: torch.nn.Module, train_dataset, val_dataset
     if len(loader) == 0:
         raise ConfigError(f"batch_size {batch_size} is larger than the {len(train_dataset)} training images")
     total_steps, step, loss = epochs * len(loader), 0, torch.tensor(float("nan"))
+    # cosine from the peak to 0, no warm-up: the SwAV/DINO linear-evaluation schedule
+    schedule = LRSchedule(peak_lr=peak_lr, final_lr=0.0, warmup_start_lr=0.0, warmup_steps=0,
+                          total_steps=total_steps)
     show = progress and distributed.is_main_process()
     for epoch in tqdm(range(epochs), desc="linear probe", unit="epoch", disable=not show, dynamic_ncols=True):
         sampler.set_epoch(epoch)
@@ -245,10 +240,9 @@ def linear_probe_reference(backbone: torch.nn.Module, train_dataset, val_dataset
         for _, images, labels, unreadable in loader:
             raise_for_unreadable(unreadable)
             for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(peak_lr, step, total_steps)
+                group["lr"] = schedule.lr(step)
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                                                 enabled=autocast_dtype is not None):
+            with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 features = backbone(images)
             loss = F.cross_entropy(trainable(features.float()), labels)
             optimizer.zero_grad(set_to_none=True)
@@ -269,78 +263,85 @@ def linear_probe_reference(backbone: torch.nn.Module, train_dataset, val_dataset
 # ----------------------------------------------------------------------------------------------------
 # `swavkit linear`
 
-def evaluate_linear(backbone_source: str | Path, train_dir: str | Path, val_dir: str | Path, *,
-                    recipe: str = "fast", image_size_px: int | None = None, batch_size: int = 256,
-                    num_workers: int = 4, device: str = "auto", out_json: str | Path | None = None,
-                    max_per_class: int = 0, precision: str = "auto", channels_last: bool = False,
-                    progress: bool = True, seed: int = 0,
-                    weight_decays=DEFAULT_WEIGHT_DECAYS, holdout_fraction: float = 0.2, lbfgs_iterations: int = 300,
-                    epochs: int = 100, lr: float = 0.3, weight_decay: float = 1e-6, momentum: float = 0.9,
-                    min_crop_scale: float = 0.08, features: SplitFeatures | None = None) -> dict:
+def _run_fast(split: SplitFeatures, linear: LinearOptions, device: torch.device, precision: str):
+    """(metrics or None off the main process, protocol, timings) of the fast recipe on cached features."""
+    metrics, timings = None, {}
+    if distributed.is_main_process():
+        fit_start = time.perf_counter()
+        metrics = linear_probe_fast(split.train_features, split.train_labels, split.val_features, split.val_labels,
+                                    n_classes=len(split.classes), weight_decays=linear.weight_decays,
+                                    holdout_fraction=linear.holdout_fraction, seed=linear.seed,
+                                    max_iterations=linear.lbfgs_iterations, device=device)
+        timings = {"features": round(split.extraction_s, 3), "fit": round(time.perf_counter() - fit_start, 3)}
+    protocol = {"recipe": "fast", "classifier": "softmax regression, full-batch L-BFGS (sweep warm-started "
+                                              "from strong to weak decay; final fit from zeros)",
+                "feature_standardisation": "per-dimension mean/std of the fitting split",
+                "weight_decay_grid": list(linear.weight_decays), "holdout_fraction": linear.holdout_fraction,
+                "selection": "weight decay with the best top-1 on a stratified held-out part of train; "
+                             "refit on all train; val evaluated once",
+                "lbfgs_iterations": linear.lbfgs_iterations, "seed": linear.seed, "precision": precision}
+    return metrics, protocol, timings
+
+
+def _run_reference(backbone, train_dir, val_dir, preprocessing: Preprocessing, options: EvalOptions,
+                   linear: LinearOptions):
+    """(metrics, protocol, timings, data record) of the reference recipe on augmented images."""
+    train = LabelledImageFolder(train_dir, train_transform(preprocessing, linear.min_crop_scale),
+                                max_per_class=options.max_per_class)
+    val = LabelledImageFolder(val_dir, preprocessing.transform(), classes=train.classes,
+                              max_per_class=options.max_per_class)
+    fit_start = time.perf_counter()
+    metrics = linear_probe_reference(backbone, train, val, n_classes=len(train.classes), epochs=linear.epochs,
+                                     batch_size=options.batch_size, lr=linear.lr, weight_decay=linear.weight_decay,
+                                     momentum=linear.momentum, num_workers=options.num_workers,
+                                     device=options.device, precision=options.precision, seed=linear.seed,
+                                     progress=options.progress)
+    timings = {"train_and_eval": round(time.perf_counter() - fit_start, 3)}
+    data = data_record(train_dir, val_dir, len(train), len(val), train.classes, options.max_per_class)
+    protocol = {"recipe": "reference", "epochs": linear.epochs, "global_batch_size": options.batch_size,
+                "base_lr_at_batch_256": linear.lr, "peak_lr": metrics.pop("peak_lr"), "lr_schedule": "cosine to 0",
+                "optimizer": "SGD", "momentum": linear.momentum, "weight_decay": linear.weight_decay,
+                "train_augmentation": f"RandomResizedCrop(scale=({linear.min_crop_scale}, 1)) + horizontal flip",
+                "eval_transform": "resize + centre crop", "backbone_mode": "eval (frozen BN statistics)",
+                "selection": "none: fixed hyperparameters, last epoch reported", "seed": linear.seed,
+                "precision": options.precision, "steps": metrics.pop("steps")}
+    return metrics, protocol, timings, data
+
+
+def evaluate_linear(backbone_source: str | Path, train_dir: str | Path, val_dir: str | Path,
+                    options: EvalOptions | None = None, linear: LinearOptions | None = None, *,
+                    features: SplitFeatures | None = None, **keywords) -> dict:
     """Linear-probe top-1/top-5 of a frozen backbone on a train/val pair of labelled folders.
 
     Args:
-        recipe: "fast" (cached features, weight decay chosen on held-out train: ``weight_decays``,
-            ``holdout_fraction``, ``lbfgs_iterations``) or "reference" (augmented images, SGD:
-            ``epochs``, ``lr`` at batch 256, ``weight_decay``, ``momentum``, ``min_crop_scale``).
-        out_json: result file (None = ``results/linear-<backbone>-<UTC time>.json``; "" = do not write).
+        options: extraction and output (:class:`swavkit.eval_options.EvalOptions`).
+        linear: the recipe and its hyperparameters (:class:`swavkit.eval_options.LinearOptions`).
         features: (fast recipe) features already extracted from these folders with this backbone.
+        keywords: any field of either options class, e.g. ``recipe="reference", epochs=10`` (they override it).
         Others: as :func:`swavkit.knn.evaluate_knn`.
     Returns:
         the result record (see :func:`swavkit.report.build_result`); identical on every process.
     """
-    if recipe not in RECIPES:
-        raise ConfigError(f"recipe: '{recipe}' is not one of {', '.join(RECIPES)}")
-    started_at, start = utc_now(), time.perf_counter()
-    device = init_processes(device)
-    if features is not None and recipe != "fast":
+    options, linear = apply_keywords(keywords, options or EvalOptions(), linear or LinearOptions())
+    if linear.recipe not in RECIPES:
+        raise ConfigError(f"recipe: '{linear.recipe}' is not one of {', '.join(RECIPES)}")
+    if features is not None and linear.recipe != "fast":
         raise ConfigError("precomputed features only fit the fast recipe (the reference one augments images)")
-    preprocessing = features.preprocessing if features is not None else resolve_preprocessing(backbone_source,
-                                                                                              image_size_px)
+    started_at, start = utc_now(), time.perf_counter()
+    device = init_processes(options.device)
+    options = replace(options, device=device)
+    preprocessing = (features.preprocessing if features is not None
+                     else resolve_preprocessing(backbone_source, options.image_size_px))
     backbone = load_eval_backbone(backbone_source) if features is None else None
-    if recipe == "fast":
-        split = features or extract_split_features(backbone, train_dir, val_dir, preprocessing, device=device,
-                                                   batch_size=batch_size, num_workers=num_workers,
-                                                   max_per_class=max_per_class, precision=precision,
-                                                   channels_last=channels_last, progress=progress)
-        data = split.data_record(train_dir, val_dir, max_per_class)
+    if linear.recipe == "fast":
+        split = features or extract_split_features(backbone, train_dir, val_dir, preprocessing, options)
+        metrics, protocol, timings = _run_fast(split, linear, device, options.precision)
+        data = split.data_record(train_dir, val_dir, options.max_per_class)
         feature_dim, name = split.feature_dim, split.backbone_name
-        metrics = None
-        if distributed.is_main_process():
-            fit_start = time.perf_counter()
-            metrics = linear_probe_fast(split.train_features, split.train_labels, split.val_features,
-                                        split.val_labels, n_classes=len(split.classes),
-                                        weight_decays=weight_decays, holdout_fraction=holdout_fraction,
-                                        seed=seed, max_iterations=lbfgs_iterations, device=device)
-            timings = {"features": round(split.extraction_s, 3), "fit": round(time.perf_counter() - fit_start, 3)}
-        protocol = {"recipe": "fast", "classifier": "softmax regression, full-batch L-BFGS (sweep warm-started "
-                                                  "from strong to weak decay; final fit from zeros)",
-                    "feature_standardisation": "per-dimension mean/std of the fitting split",
-                    "weight_decay_grid": list(weight_decays), "holdout_fraction": holdout_fraction,
-                    "selection": "weight decay with the best top-1 on a stratified held-out part of train; "
-                                 "refit on all train; val evaluated once",
-                    "lbfgs_iterations": lbfgs_iterations, "seed": seed, "precision": precision}
     else:
-        train = LabelledImageFolder(train_dir, train_transform(preprocessing, min_crop_scale),
-                                    max_per_class=max_per_class)
-        val = LabelledImageFolder(val_dir, preprocessing.transform(), classes=train.classes,
-                                  max_per_class=max_per_class)
-        fit_start = time.perf_counter()
-        metrics = linear_probe_reference(backbone, train, val, n_classes=len(train.classes), epochs=epochs,
-                                         batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                                         momentum=momentum, num_workers=num_workers, device=device,
-                                         precision=precision, seed=seed, progress=progress)
-        timings = {"train_and_eval": round(time.perf_counter() - fit_start, 3)}
-        data = {"train_dir": str(train_dir), "val_dir": str(val_dir), "n_train": len(train), "n_val": len(val),
-                "n_classes": len(train.classes), "classes": train.classes, "max_per_class": max_per_class}
+        metrics, protocol, timings, data = _run_reference(backbone, train_dir, val_dir, preprocessing, options,
+                                                          linear)
         feature_dim, name = metrics.pop("feature_dim"), backbone_name(backbone)
-        protocol = {"recipe": "reference", "epochs": epochs, "global_batch_size": batch_size,
-                    "base_lr_at_batch_256": lr, "peak_lr": metrics.pop("peak_lr"), "lr_schedule": "cosine to 0",
-                    "optimizer": "SGD", "momentum": momentum, "weight_decay": weight_decay,
-                    "train_augmentation": f"RandomResizedCrop(scale=({min_crop_scale}, 1)) + horizontal flip",
-                    "eval_transform": "resize + centre crop", "backbone_mode": "eval (frozen BN statistics)",
-                    "selection": "none: fixed hyperparameters, last epoch reported", "seed": seed,
-                    "precision": precision, "steps": metrics.pop("steps")}
     result = None
     if distributed.is_main_process():
         for key in ("selected_weight_decay", "holdout_top1", "n_fit", "n_holdout"):
@@ -352,13 +353,9 @@ def evaluate_linear(backbone_source: str | Path, train_dir: str | Path, val_dir:
             data=data, preprocessing=preprocessing.as_dict(), device=device, started_at=started_at,
             wall_time_s=time.perf_counter() - start, world_size=distributed.world_size(),
             extra={"timings_s": timings})
-        if out_json != "":
-            path = Path(out_json) if out_json else default_result_path("linear", str(backbone_source), started_at)
-            result["result_path"] = str(path)
-            write_result(result, path)
+        write_evaluation_result(result, options.out_json, backbone_source, started_at)
     return distributed.broadcast_object(result)
 
 
 __all__ = ["linear_probe_fast", "linear_probe_reference", "evaluate_linear", "fit_softmax_regression",
-           "stratified_holdout", "standardisation", "train_transform", "cosine_lr", "RECIPES",
-           "DEFAULT_WEIGHT_DECAYS"]
+           "stratified_holdout", "standardisation", "train_transform"]

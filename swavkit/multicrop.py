@@ -37,6 +37,8 @@ import torch.utils.data
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from swavkit.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+
 # Layout of the per-crop colour parameter vector.
 P_JITTER, P_BRIGHTNESS, P_CONTRAST, P_SATURATION, P_HUE = 0, 1, 2, 3, 4
 P_ORDER = 5  # 4 slots: which jitter op runs at each position
@@ -59,7 +61,7 @@ class MultiCropTransform:
 
     def __init__(self, counts, sizes_px, min_scales, max_scales, color_jitter_strength=1.0,
                  color_jitter_probability=0.8, grayscale_probability=0.2, blur_probability=0.5,
-                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
         s = float(color_jitter_strength)
         self.jitter_strengths = (0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
         self.jitter_probability = float(color_jitter_probability) if s > 0 else 0.0

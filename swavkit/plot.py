@@ -179,19 +179,17 @@ def cmd_plot(args) -> int:
 
 def add_plot_command(subparsers) -> None:
     """Register ``swavkit plot RUN [RUN ...] [--out FILE.png]`` on an argparse sub-parser set."""
-    import argparse
+    from swavkit.cli import add_command  # the module that calls this one, already loaded
 
-    p = subparsers.add_parser(
-        "plot", help="draw the metrics of one or more runs into one PNG",
+    p = add_command(
+        subparsers, "plot", help="draw the metrics of one or more runs into one PNG",
         description="Draw loss (with the ln K collapse level), learning rate, prototypes used, code entropy, "
                     "online k-NN top-1, images/s and data-wait fraction of each run's metrics.jsonl into one "
                     "PNG, runs overlaid in different colours.",
-        epilog="example:\n  swavkit plot runs/swav runs/swav_eps003 --out compare.png",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        examples=["swavkit plot runs/swav runs/swav_eps003 --out compare.png"], func=cmd_plot)
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s) holding metrics.jsonl")
     p.add_argument("--out", metavar="FILE.png", default=None,
                    help=f"PNG to write (default: the first run's folder / {DEFAULT_PLOT_NAME})")
-    p.set_defaults(func=cmd_plot)
 
 
 __all__ = ["PlotError", "plot_runs", "render_figure", "read_run", "series", "add_plot_command", "cmd_plot"]

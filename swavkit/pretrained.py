@@ -24,6 +24,7 @@ from swavkit.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, backbone_sta
 from swavkit.config import from_dict
 from swavkit.model import SwAVModel, build_model, create_backbone
 from swavkit.modelcard import card_for_training
+from swavkit.preprocessing import DEFAULT_IMAGE_SIZE_PX, IMAGENET_MEAN, IMAGENET_STD
 
 
 class LoadError(RuntimeError):
@@ -370,8 +371,8 @@ def export_checkpoint(source: str | Path, out_dir: str | Path) -> Path:
     state = load_state(checkpoint)
     if not (isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT):
         backbone = load_backbone(checkpoint)
-        return export_backbone(backbone, out_dir, image_size_px=224, mean=(0.485, 0.456, 0.406),
-                               std=(0.229, 0.224, 0.225))
+        return export_backbone(backbone, out_dir, image_size_px=DEFAULT_IMAGE_SIZE_PX, mean=IMAGENET_MEAN,
+                               std=IMAGENET_STD)
     cfg = from_dict(state["config"])
     net = create_backbone(cfg.model.backbone, **cfg.model.backbone_kwargs)
     load_strict(net, backbone_state(state["model"]), str(checkpoint))

@@ -33,23 +33,31 @@ def swavkit_version() -> str:
         return "unknown"
 
 
+SOURCE_DIR = Path(__file__).resolve().parent
+
+
+def run_git(*args: str, cwd: str | Path = SOURCE_DIR) -> str | None:
+    """stdout of ``git ARGS`` in ``cwd`` (trailing whitespace removed; a leading status column is kept), or
+    None when git is missing, fails or ``cwd`` is no checkout."""
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.rstrip() if out.returncode == 0 else None
+
+
 def git_commit(path: str | Path | None = None) -> tuple[str | None, bool | None]:
-    """(commit, dirty) of the git checkout that holds the swavkit source, or (None, None) without git.
+    """(commit, dirty) of the git checkout that holds the swavkit source (or ``path``), or (None, None)
+    without git.
 
     The commit is that of the code that produced the number, not of the folder the user runs in.
     """
-    where = Path(path) if path is not None else Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
-                                timeout=10)
-        if commit.returncode != 0:
-            return None, None
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
-                                capture_output=True, text=True, timeout=10)
-        dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
-        return commit.stdout.strip(), dirty
-    except (OSError, subprocess.SubprocessError):
+    where = Path(path) if path is not None else SOURCE_DIR
+    commit = run_git("rev-parse", "HEAD", cwd=where)
+    if not commit:
         return None, None
+    status = run_git("status", "--porcelain", "--untracked-files=no", cwd=where)
+    return commit, (bool(status.strip()) if status is not None else None)
 
 
 def describe_device(device: torch.device | str) -> str:
@@ -107,6 +115,12 @@ def build_result(*, evaluation: str, metrics: dict, protocol: dict, backbone: di
     return result
 
 
+def data_record(train_dir, val_dir, n_train: int, n_val: int, classes: list[str], max_per_class: int) -> dict:
+    """The ``data`` section of a result record."""
+    return {"train_dir": str(train_dir), "val_dir": str(val_dir), "n_train": int(n_train), "n_val": int(n_val),
+            "n_classes": len(classes), "classes": classes, "max_per_class": max_per_class}
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:60] or "backbone"
 
@@ -137,6 +151,17 @@ def default_result_path(evaluation: str, backbone_source: str, started_at: datet
 def write_result(result: dict, path: str | Path) -> Path:
     """Write the record as indented JSON, atomically and durably (see :mod:`swavkit.fileio`)."""
     return write_json_atomic(path, result)
+
+
+def write_evaluation_result(result: dict, out_json: str | Path | None, backbone_source, started_at) -> Path | None:
+    """Write ``result`` to ``out_json`` (None = :func:`default_result_path`; "" = write nothing) and record
+    the path in ``result["result_path"]``."""
+    if out_json == "":
+        return None
+    path = Path(out_json) if out_json else default_result_path(result["evaluation"], str(backbone_source),
+                                                               started_at)
+    result["result_path"] = str(path)
+    return write_result(result, path)
 
 
 def format_table(rows: list[tuple[str, object]]) -> str:
@@ -171,5 +196,6 @@ def summary_rows(result: dict) -> list[tuple[str, object]]:
     return rows
 
 
-__all__ = ["RESULT_SCHEMA", "RESULT_KEYS", "build_result", "write_result", "default_result_path", "source_name",
-           "format_table", "summary_rows", "git_commit", "swavkit_version", "environment", "utc_now"]
+__all__ = ["RESULT_SCHEMA", "RESULT_KEYS", "build_result", "data_record", "write_result", "write_evaluation_result",
+           "default_result_path", "source_name", "format_table", "summary_rows", "run_git", "git_commit",
+           "swavkit_version", "environment", "utc_now"]

@@ -73,7 +73,7 @@ def test_every_public_callable_works_twice_in_one_process(tmp_path):
     run, keyword_run = tmp_path / "run", tmp_path / "keyword_run"
     net = swavkit.create_backbone("resnet10t")
     from swavkit.model import ProjectionHead, Prototypes
-    from swavkit.features import LabelledImageFolder
+    from swavkit.data import LabelledImageFolder
     from swavkit.data import eval_transform
 
     dataset = LabelledImageFolder(train_dir, eval_transform(16, (0.5,) * 3, (0.5,) * 3, 1.0))
@@ -99,6 +99,9 @@ def test_every_public_callable_works_twice_in_one_process(tmp_path):
         "extract_features": lambda: swavkit.extract_features(net, dataset, num_workers=0, progress=False),
         "evaluate_knn": lambda: swavkit.evaluate_knn(run, train_dir, val_dir, k=3, **eval_args),
         "evaluate_linear": lambda: swavkit.evaluate_linear(run, train_dir, val_dir, lbfgs_iterations=5, **eval_args),
+        "EvalOptions": lambda: swavkit.EvalOptions(num_workers=0),
+        "KnnOptions": lambda: swavkit.KnnOptions(k=3),
+        "LinearOptions": lambda: swavkit.LinearOptions(recipe="reference"),
     }
     public = {name for name in swavkit.__all__ if callable(getattr(swavkit, name))}
     assert set(calls) == public, "a public name without a call here (or a call for a name no longer public)"

@@ -10,10 +10,12 @@ import torch.multiprocessing as mp
 from evaluation_fixtures import one_thread, write_labelled_folders, write_labelled_split  # noqa: F401
 from swavkit.checkpoint import export_backbone
 from swavkit.data import DataError, eval_transform, find_images
-from swavkit.features import (LabelledImageFolder, RawPixels, extract_features, load_eval_backbone,
-                              resolve_preprocessing)
+from swavkit.data import LabelledImageFolder
+from swavkit.features import RawPixels, extract_features, load_eval_backbone
+from swavkit.preprocessing import IMAGENET_MEAN as MEAN
+from swavkit.preprocessing import IMAGENET_STD as STD
+from swavkit.preprocessing import resolve_preprocessing
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def test_labelled_folder_labels_follow_sorted_class_names(tmp_path):

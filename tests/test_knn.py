@@ -10,8 +10,8 @@ import torch
 
 from evaluation_fixtures import ONE_THREAD_ENV, clusters, one_thread, write_labelled_folders  # noqa: F401
 from swavkit.features import load_eval_backbone
-from swavkit.knn import (build_index, knn_accuracy, knn_classify, knn_classify_bruteforce, knn_monitor,
-                         monitor_folders, topk_accuracy)
+from swavkit.knn import build_index, knn_accuracy, knn_classify, knn_classify_bruteforce, knn_monitor, monitor_folders
+from swavkit.metrics import topk_accuracy
 from swavkit.report import RESULT_KEYS
 
 

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 
 from evaluation_fixtures import ONE_THREAD_ENV, clusters, one_thread, write_labelled_folders  # noqa: F401
 from swavkit.data import eval_transform
-from swavkit.features import LabelledImageFolder, Preprocessing, load_eval_backbone
+from swavkit.data import LabelledImageFolder
+from swavkit.features import load_eval_backbone
+from swavkit.preprocessing import Preprocessing
 from swavkit.linear_probe import (evaluate_linear, fit_softmax_regression, linear_probe_fast,
                                   linear_probe_reference, stratified_holdout, train_transform)
 from swavkit.report import RESULT_KEYS

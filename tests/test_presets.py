@@ -38,10 +38,11 @@ def test_imagenet_scale_gets_the_paper_recipe():
 
 def test_user_choices_win(tmp_path, capsys):
     from conftest import write_images
-    from swavkit.cli import _auto_config
+    from swavkit.config import merge_sources
 
     write_images(tmp_path / "imgs", 40)
-    cfg = _auto_config([], [f"data.path={tmp_path / 'imgs'}", "model.n_prototypes=7", "train.batch_size=8"])
+    cfg = presets.auto_config(merge_sources([], [f"data.path={tmp_path / 'imgs'}", "model.n_prototypes=7",
+                                                 "train.batch_size=8"]))
     assert cfg.model.n_prototypes == 7 and cfg.train.batch_size == 8
     assert cfg.crops.sizes_px == [32] and cfg.crops.counts == [2]  # derived from the 24 px images, on a CPU
     printed = capsys.readouterr().out
@@ -53,3 +54,18 @@ def test_small_images_get_small_crops_only_on_gpus():
     on_cpu = {s.key: s.value for s in presets.derive(50_000, 32, on_gpu=False)}
     assert on_gpu["crops.sizes_px"] == [32, 16] and on_gpu["crops.counts"] == [2, 4]
     assert on_cpu["crops.sizes_px"] == [32] and on_cpu["crops.counts"] == [2]
+
+
+def test_auto_reads_lists_and_refuses_shards(tmp_path, capsys):
+    from conftest import write_images
+    from swavkit.config import ConfigError, merge_sources
+    from swavkit.presets import auto_config
+
+    write_images(tmp_path / "a", 12)
+    write_images(tmp_path / "b", 12, seed=1)
+    listed = tmp_path / "list.txt"
+    listed.write_text("\n".join(f"b/{p.name}" for p in sorted((tmp_path / "b").iterdir())) + "\n")
+    auto_config(merge_sources([], [f"data.paths=[{tmp_path / 'a'},{listed}]", f"out_dir={tmp_path / 'run'}"]))
+    assert "derived from 24 images" in capsys.readouterr().out  # both sources, not the bundled sample
+    with pytest.raises(ConfigError, match="shards"):
+        auto_config(merge_sources([], [f"data.path={tmp_path / 'shard-{000..003}.tar'}"]))

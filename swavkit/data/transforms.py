@@ -7,10 +7,14 @@ import math
 import torch
 from torchvision.transforms import v2
 
+from swavkit.preprocessing import crop_fraction_for
 
-def eval_transform(size_px: int, mean, std, crop_fraction: float = 0.875):
+
+def eval_transform(size_px: int, mean, std, crop_fraction: float | None = None):
     """RGB PIL image -> [3, size_px, size_px] float32: resize the short side to size_px / crop_fraction,
-    centre-crop size_px, normalise with mean/std."""
+    centre-crop size_px, normalise with mean/std. ``crop_fraction`` None = swavkit's evaluation rule
+    (:func:`swavkit.preprocessing.crop_fraction_for`)."""
+    crop_fraction = crop_fraction_for(size_px) if crop_fraction is None else crop_fraction
     return v2.Compose([
         v2.PILToTensor(),
         v2.Resize(int(math.floor(size_px / crop_fraction)), antialias=True),
