@@ -186,6 +186,9 @@ def _add_eval_options(p, evaluation: str) -> None:
                    help=f"result file (default results/{evaluation}-<run or backbone name>-<UTC "
                         "YYYYmmdd-HHMMSS>.json under the current folder)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    _add_option(p, "--floors", defaults, "floors", "also evaluate the same architecture at random init and raw "
+                "pixels at the same image size and protocol, printed and recorded beside the result; auto = when "
+                "the train split has at most 60,000 images", choices=("auto", "on", "off"))
 
 
 def _finish_evaluation(result: dict) -> int:

@@ -40,6 +40,7 @@ class EvalOptions:
     max_per_class: int = 0  # images per class in each split, a deterministic subset (0 = all)
     out_json: str | Path | None = None  # None = results/<evaluation>-<name>-<UTC time>.json; "" = write none
     progress: bool = True  # tqdm bars on the main process
+    floors: str = "auto"  # auto | on | off: also evaluate random init and raw pixels (swavkit.floors)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from swavkit import distributed
 from swavkit.config import ConfigError
 from swavkit.data import LabelledImageFolder, find_classes
 from swavkit.eval_options import INDEX_TYPES, EvalOptions, KnnOptions, apply_keywords
+from swavkit.floors import add_floors, floors_wanted
 from swavkit.features import (SplitFeatures, backbone_record, extract_features, extract_split_features, init_processes,
                               load_eval_backbone)
 from swavkit.metrics import topk_accuracy
@@ -211,7 +212,10 @@ def evaluate_knn(backbone_source: str | Path, train_dir: str | Path, val_dir: st
             extra={"timings_s": {"features": round(split.extraction_s, 3),
                                  "search": round(time.perf_counter() - search_start, 3)}})
         write_evaluation_result(result, options.out_json, backbone_source, started_at)
-    return distributed.broadcast_object(result)
+    result = distributed.broadcast_object(result)
+    if features is None and floors_wanted(options.floors, result["data"]["n_train"]):
+        result = add_floors(result, evaluate_knn, train_dir, val_dir, options, knn)
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from swavkit.config import ConfigError, default_num_workers
 from swavkit.data import LabelledImageFolder, ReadOrReport, collate_read_or_report, raise_for_unreadable
 from swavkit.device import autocast_dtype, resolve_device, resolve_precision
 from swavkit.eval_options import DEFAULT_WEIGHT_DECAYS, RECIPES, EvalOptions, LinearOptions, apply_keywords
+from swavkit.floors import add_floors, floors_wanted
 from swavkit.features import (SplitFeatures, backbone_name, backbone_record, extract_features,
                               extract_split_features, init_processes, load_eval_backbone)
 from swavkit.metrics import topk_accuracy
@@ -354,7 +355,10 @@ def evaluate_linear(backbone_source: str | Path, train_dir: str | Path, val_dir:
             wall_time_s=time.perf_counter() - start, world_size=distributed.world_size(),
             extra={"timings_s": timings})
         write_evaluation_result(result, options.out_json, backbone_source, started_at)
-    return distributed.broadcast_object(result)
+    result = distributed.broadcast_object(result)
+    if features is None and floors_wanted(options.floors, result["data"]["n_train"]):
+        result = add_floors(result, evaluate_linear, train_dir, val_dir, options, linear)
+    return result
 
 
 __all__ = ["linear_probe_fast", "linear_probe_reference", "evaluate_linear", "fit_softmax_regression",

@@ -192,6 +192,13 @@ def summary_rows(result: dict) -> list[tuple[str, object]]:
     for key in ("top1", "top5"):
         if key in metrics:
             rows.append((f"{key} %", float(metrics[key])))
+    from swavkit.floors import FLOOR_NAMES, below_floors
+
+    for name, floor in result.get("floors", {}).items():
+        rows.append((f"floor: {FLOOR_NAMES.get(name, name)} ({floor['source']}) top1 %", float(floor["top1"])))
+    missed = below_floors(result)
+    if missed:
+        rows.append(("WARNING", "top-1 is not above " + " and ".join(missed) + ": the backbone adds nothing there"))
     rows.append(("wall time s", float(result["wall_time_s"])))
     return rows
 

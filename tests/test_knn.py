@@ -121,3 +121,42 @@ def test_cli_knn_end_to_end(tmp_path):
                    cwd=tmp_path)
     assert missing.returncode == 2
     assert missing.stderr.strip().count("\n") == 0 and "nope" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_floors_are_evaluated_and_recorded_beside_the_result(tmp_path, capsys):
+    import json
+
+    import timm
+
+    from swavkit.checkpoint import export_backbone
+    from swavkit.cli import main
+
+    train_dir, val_dir = write_labelled_folders(tmp_path / "data", n_train=6, n_val=3, size_px=32)
+    torch.manual_seed(0)
+    exported = export_backbone(timm.create_model("resnet10t", num_classes=0), tmp_path / "runs" / "a" / "backbone",
+                               image_size_px=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+    out = tmp_path / "knn.json"
+    assert main(["knn", "--backbone", str(exported), "--train", str(train_dir), "--val", str(val_dir), "--k", "5",
+                 "--workers", "0", "--no-progress", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    record = json.loads(out.read_text())
+    assert set(record["floors"]) == {"random_init", "raw_pixels"}
+    assert record["floors"]["random_init"]["source"] == "timm:resnet10t"
+    assert "floor: raw pixels (pixels) top1 %" in printed and "floor: random init" in printed
+    # the floors were measured at the result's own image size (32 px), not timm's default 224
+    assert record["preprocessing"]["image_size_px"] == 32
+    # a floor has no floors of its own, and --floors off leaves them out
+    assert main(["knn", "--backbone", "timm:resnet10t", "--train", str(train_dir), "--val", str(val_dir), "--k", "5",
+                 "--workers", "0", "--no-progress", "--out", str(tmp_path / "floor.json"), "--image-size", "32"]) == 0
+    assert "floors" not in json.loads((tmp_path / "floor.json").read_text())
+    assert main(["knn", "--backbone", str(exported), "--train", str(train_dir), "--val", str(val_dir), "--k", "5",
+                 "--workers", "0", "--no-progress", "--out", str(tmp_path / "off.json"), "--floors", "off"]) == 0
+    assert "floors" not in json.loads((tmp_path / "off.json").read_text())
+
+
+def test_a_result_at_or_below_a_floor_is_flagged():
+    from swavkit.floors import below_floors
+
+    result = {"metrics": {"top1": 71.8}, "floors": {"random_init": {"source": "timm:r", "top1": 67.2},
+                                                    "raw_pixels": {"source": "pixels", "top1": 79.8}}}
+    assert below_floors(result) == ["raw pixels 79.80 %"]
