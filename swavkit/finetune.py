@@ -19,8 +19,8 @@ val accuracy over epochs; here val is evaluated once, after the last epoch, and 
 A run lives in its own folder (``out_dir``): ``finetune.json`` (what was run), ``labels.txt`` (the labelled
 files) and ``checkpoint.pt`` (weights, optimiser, epoch; written atomically every
 ``checkpoint_interval_s`` and at the end). Running the same command again resumes from the last saved
-epoch, and the result equals that of an uninterrupted run (the data order and augmentation of each epoch
-are seeded by (seed, epoch)). A folder that holds anything else is refused, and ``restart`` deletes only
+epoch, and the result equals that of an uninterrupted run (each epoch's order is seeded by (seed, epoch) and
+each image's crop by (seed, epoch, image), whichever DataLoader worker reads it). A folder that holds anything else is refused, and ``restart`` deletes only
 those files.
 """
 
@@ -334,16 +334,40 @@ def _device(name: str) -> torch.device:
     return resolve_device(name) if name in ("auto", "cpu", "cuda") else torch.device(name)
 
 
-def _epoch_loader(data: LabelledData, recipe: Recipe, epoch: int, num_workers: int, device: torch.device):
-    """The labelled images in the order and with the worker seeds of (seed, epoch): a resumed run sees the
-    same batches as an uninterrupted one."""
-    import torch
-    from torch.utils.data import DataLoader, Subset
-    from swavkit.data import ReadOrReport, collate_read_or_report
-    generator = torch.Generator().manual_seed(recipe.seed * 1_000_003 + epoch)
-    return DataLoader(ReadOrReport(Subset(data.train, data.indices)), batch_size=recipe.batch_size, shuffle=True,
-                      generator=generator, drop_last=True, num_workers=num_workers,
-                      collate_fn=collate_read_or_report, pin_memory=device.type == "cuda")
+class SeededItems:
+    """``items[(i, seed)]`` -> ``dataset[indices[i]]`` with the augmentation RNG seeded by ``seed``: the crops an
+    image gets depend on (seed, epoch, image) only, not on the worker that reads it or on a resume."""
+
+    def __init__(self, dataset, indices: list[int]):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key):
+        import torch
+
+        position, seed = key
+        if torch.utils.data.get_worker_info() is not None:  # a worker's RNG is its own
+            torch.default_generator.manual_seed(seed)
+            return self.dataset[self.indices[position]]
+        with torch.random.fork_rng(devices=[]):  # in this process: leave the caller's RNG alone
+            torch.default_generator.manual_seed(seed)
+            return self.dataset[self.indices[position]]
+
+
+def _labelled_loader(data: LabelledData, recipe: Recipe, num_workers: int, device):
+    """(loader, sampler) over the labelled images; ``sampler.set_epoch(e)`` gives epoch e's order and seeds.
+    One loader for the whole run (persistent workers): a 1 % label set makes many one-step epochs."""
+    from torch.utils.data import DataLoader
+
+    from swavkit.data import EpochSampler, ReadOrReport, collate_read_or_report
+
+    sampler = EpochSampler(len(data.indices), seed=recipe.seed)
+    loader = DataLoader(ReadOrReport(SeededItems(data.train, data.indices)), batch_size=recipe.batch_size,
+                        sampler=sampler, drop_last=True, num_workers=num_workers, collate_fn=collate_read_or_report,
+                        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
+    return loader, sampler
 
 
 def train_one_epoch(model: torch.nn.Module, loader, optimizer, device: torch.device,
@@ -447,12 +471,13 @@ def run_finetune(backbone: torch.nn.Module, data: LabelledData, recipe: Recipe, 
         last_save = time.monotonic()
         bar = tqdm(range(start_epoch, stop_at), desc=description, unit="epoch", initial=start_epoch,
                    total=recipe.epochs, disable=not options.progress, dynamic_ncols=True)
+        loader, sampler = _labelled_loader(data, recipe, options.num_workers, device)
         for epoch in bar:
-            torch.manual_seed(recipe.seed * 1_000_003 + epoch)  # augmentation in this process (0 workers)
+            torch.manual_seed(recipe.seed * 1_000_003 + epoch)  # e.g. drop-path: the same after a resume
+            sampler.set_epoch(epoch)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * lr_factor(epoch, recipe.decay_epochs, recipe.decay_gamma)
-            row = train_one_epoch(model, _epoch_loader(data, recipe, epoch, options.num_workers, device), optimizer,
-                                  device, dtype)
+            row = train_one_epoch(model, loader, optimizer, device, dtype)
             history.append({"epoch": epoch + 1, **{k: round(v, 4) for k, v in row.items()},
                             "trunk_lr": optimizer.param_groups[0]["lr"], "head_lr": optimizer.param_groups[1]["lr"]})
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", train_top1=f"{row['train_top1']:.1f}")
