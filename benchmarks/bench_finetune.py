@@ -112,7 +112,7 @@ def markdown(summary: dict) -> str:
     lines += [f"Labels: a stratified, seeded subset of `{summary['train_dir']}` (5,000 images); val: "
               f"`{summary['val_dir']}` ({summary['runs'][0]['data']['n_val']} images, evaluated once after the last "
               "epoch). Protocol: whole backbone + linear head, SGD momentum 0.9, no weight decay, trunk/head LRs of "
-              "the reference eval_semisup.py (1 %: 0.02 / 5, 10 %: 0.01 / 0.2 at batch 256) scaled by batch/256, "
+              "the reference eval_semisup.py's 10 % recipe (0.01 / 0.2 at batch 256, for both budgets) scaled by batch/256, "
               f"x{first['decay_gamma']} at 60 % and 80 % of the epochs, RandomResizedCrop(0.08-1) + flip, "
               f"{summary['runs'][0]['preprocessing']['image_size_px']} px. Floor: the same fine-tune from random "
               "init (timm), same labelled files, same recipe.", "",

@@ -94,8 +94,11 @@ def test_trunk_and_head_get_different_lrs_in_two_groups():
     ten = resolve_recipe(FinetuneOptions(batch_size=64, epochs=20), n_labelled=500, n_train=5000)
     one = resolve_recipe(FinetuneOptions(batch_size=64, epochs=20), n_labelled=50, n_train=5000)
     assert (ten.trunk_lr, ten.head_lr) == pytest.approx((0.01 * 64 / 256, 0.2 * 64 / 256))
-    assert (one.batch_size, one.trunk_lr, one.head_lr) == (50, pytest.approx(0.02 * 50 / 256),
-                                                           pytest.approx(5.0 * 50 / 256))
+    # the 10 % pair for every budget (the 1 % pair's head LR diverged on CIFAR, see the module docstring)
+    assert (one.batch_size, one.trunk_lr, one.head_lr) == (50, pytest.approx(0.01 * 50 / 256),
+                                                           pytest.approx(0.2 * 50 / 256))
+    given = resolve_recipe(FinetuneOptions(batch_size=64, trunk_lr=0.02, head_lr=5.0), 500, 5000)
+    assert (given.trunk_lr, given.head_lr, given.reference_lrs) == (0.02 / 4, 5.0 / 4, "given")
     assert ten.decay_epochs == [12, 16]  # the reference's epochs of a 20-epoch run
     optimizer = build_optimizer(backbone, head, ten)
     trunk, head_group = optimizer.param_groups
