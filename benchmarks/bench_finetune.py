@@ -78,10 +78,10 @@ def pretrain(config_file: str, train_dir: Path, epochs: int, progress: bool) -> 
     if not result.completed:
         fail(f"pretraining stopped early at step {result.step}; run the same command again to resume {run_dir}")
     rows = read_jsonl(Path(run_dir) / "metrics.jsonl")
-    images_per_s = [row["images_per_s"] for row in rows if "images_per_s" in row]
+    images_per_s = sorted(row["images_per_s"] for row in rows if "images_per_s" in row)
     return {"command": f"swavkit pretrain --config {config_file} " + " ".join(overrides), "epochs": epochs,
-            "steps": result.step, "median_images_per_s": sorted(images_per_s)[len(images_per_s) // 2]
-                                                         if images_per_s else None, "final_loss": result.final_loss, "run_dir": str(run_dir),
+            "steps": result.step, "final_loss": result.final_loss, "run_dir": str(run_dir),
+            "median_images_per_s": images_per_s[len(images_per_s) // 2] if images_per_s else None,
             "wall_time_s_this_call": round(time.perf_counter() - start, 1), "backbone": cfg.model.backbone,
             "image_size_px": cfg.crops.sizes_px[0]}
 
@@ -90,7 +90,8 @@ def finetune_budget(backbone: str, train_dir: Path, val_dir: Path, budget: str, 
     from swavkit.finetune import FinetuneOptions, finetune
 
     slug = budget.replace("%", "pct").replace("/", "-per-")
-    options = FinetuneOptions(label_fraction=budget, seed=args.seed, num_workers=args.workers, device="cpu",
+    options = FinetuneOptions(label_fraction=budget, seed=args.seed, min_steps=args.min_steps,
+                              num_workers=args.workers, device="cpu",
                               out_dir=str(WORK_DIR / "finetune" / f"ft-{data_name}-{slug}"),
                               out_json=str(RESULTS_DIR / f"finetune-{data_name}-{slug}.json"), floors=True,
                               progress=not args.no_progress)
@@ -112,7 +113,8 @@ def markdown(summary: dict) -> str:
     lines += [f"Labels: a stratified, seeded subset of `{summary['train_dir']}` (5,000 images); val: "
               f"`{summary['val_dir']}` ({summary['runs'][0]['data']['n_val']} images, evaluated once after the last "
               "epoch). Protocol: whole backbone + linear head, SGD momentum 0.9, no weight decay, trunk/head LRs of "
-              "the reference eval_semisup.py's 10 % recipe (0.01 / 0.2 at batch 256, for both budgets) scaled by batch/256, "
+              "the reference eval_semisup.py's 10 % recipe (0.01 / 0.2 at batch 256, for both budgets) "
+              "scaled by batch/256, "
               f"x{first['decay_gamma']} at 60 % and 80 % of the epochs, RandomResizedCrop(0.08-1) + flip, "
               f"{summary['runs'][0]['preprocessing']['image_size_px']} px. Floor: the same fine-tune from random "
               "init (timm), same labelled files, same recipe.", "",
@@ -144,6 +146,7 @@ def main() -> int:
                         help="val10k: the full 10,000-image val split (default); small: cifar10-small's 1,000")
     parser.add_argument("--budgets", nargs="+", default=list(BUDGETS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-steps", type=int, default=500, help="swavkit finetune --min-steps (default 500)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--readme", action="store_true")
     parser.add_argument("--no-progress", action="store_true")

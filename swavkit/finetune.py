@@ -17,16 +17,16 @@ the epoch count is raised to reach them (the decay epochs move with it). The ref
 0.02 / head 5) is not the default: on 50 CIFAR-10 images at 32 px (a resnet10t after 20 SwAV epochs on
 cifar10-small, 100 fine-tuning epochs, its 1,000 val images) its head LR (0.98 at batch 50) kept the training
 loss jumping between 3 and 6 and the fine-tune scored no better than random init (19.2 vs 18.9 %), where
-the 10 % pair gave 25.5 vs 19.6 % on the same labelled files; pass
-``--trunk-lr 0.02 --head-lr 5`` to run it. The reference prints the best
-val accuracy over epochs; here val is evaluated once, after the last epoch, and that number is reported.
+the 10 % pair gave 25.5 vs 19.6 % on the same labelled files; pass ``--trunk-lr 0.02 --head-lr 5`` to
+run it. The reference prints the best val accuracy over epochs; here val is evaluated once, after the
+last epoch, and that number is reported.
 
 A run lives in its own folder (``out_dir``): ``finetune.json`` (what was run), ``labels.txt`` (the labelled
 files) and ``checkpoint.pt`` (weights, optimiser, epoch; written atomically every
 ``checkpoint_interval_s`` and at the end). Running the same command again resumes from the last saved
 epoch, and the result equals that of an uninterrupted run (each epoch's order is seeded by (seed, epoch) and
-each image's crop by (seed, epoch, image), whichever DataLoader worker reads it). A folder that holds anything else is refused, and ``restart`` deletes only
-those files.
+each image's crop by (seed, epoch, image), whichever DataLoader worker reads it). A folder that holds
+anything else is refused, and ``restart`` deletes only those files.
 """
 
 from __future__ import annotations
@@ -152,7 +152,8 @@ def read_label_list(path: str | Path, relative: list[str]) -> list[int]:
 class FinetuneOptions:
     """Everything ``finetune`` takes besides the backbone and the folders; defaults are the protocol above.
 
-    ``trunk_lr`` / ``head_lr`` / ``epochs`` None = the reference values (see :func:`resolve_recipe`); LRs are stated at a batch of 256 and scaled linearly to ``batch_size``.
+    ``trunk_lr`` / ``head_lr`` / ``epochs`` None = the reference values (see :func:`resolve_recipe`); LRs are
+    stated at a batch of 256 and scaled linearly to ``batch_size``.
     """
     label_fraction: str = "10%"
     labels_file: str | None = None  # reuse a written label list instead of drawing one
@@ -698,7 +699,8 @@ def add_finetune_command(subparsers) -> None:
                     "<result>.labels.txt. Rerunning the same command resumes from --out-dir. With --floors (default) "
                     "the same fine-tune from random init runs beside it.",
         epilog="label budgets: 0.01 or 1% (a fraction of each class), 10/class (images per class)\n"
-               "examples:\n  swavkit finetune --backbone runs/a --train data/train --val data/val --label-fraction 0.1\n"
+               "examples:\n"
+               "  swavkit finetune --backbone runs/a --train data/train --val data/val --label-fraction 0.1\n"
                "  swavkit finetune --backbone runs/a --train data/train --val data/val --label-fraction 1% "
                "--image-size 32",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -716,7 +718,7 @@ def add_finetune_command(subparsers) -> None:
     p.add_argument("--min-steps", type=count, default=500, help="see --epochs (default 500)")
     p.add_argument("--batch-size", type=count, default=64, help="default 64 (at most the labelled images)")
     p.add_argument("--trunk-lr", type=float, default=None, metavar="LR",
-                   help="backbone LR at batch 256, scaled by batch/256 (default 0.01; the reference's 1 %% recipe: 0.02)")
+                   help="backbone LR at batch 256, scaled by batch/256 (default 0.01; reference 1 %% recipe: 0.02)")
     p.add_argument("--head-lr", type=float, default=None, metavar="LR",
                    help="head LR at batch 256, scaled by batch/256 (default 0.2; the reference's 1 %% recipe: 5)")
     p.add_argument("--min-crop-scale", type=float, default=0.08, help="RandomResizedCrop's smallest area (0.08)")
