@@ -600,6 +600,8 @@ def finetune(backbone_source: str | Path, train_dir: str | Path, val_dir: str | 
     from swavkit.report import build_result, default_result_path, utc_now, write_result
 
     options = options or FinetuneOptions()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("swavkit finetune runs in one process (one GPU or the CPU); start it without torchrun")
     started_at, start = utc_now(), time.perf_counter()
     source = str(backbone_source)
     preprocessing = _preprocessing(source, options.image_size_px)
@@ -608,18 +610,19 @@ def finetune(backbone_source: str | Path, train_dir: str | Path, val_dir: str | 
     out_dir = Path(options.out_dir) if options.out_dir else default_out_dir(source, chosen_by, options.seed)
     backbone = _load(source, options.seed)
     main = _finetune_one(source, backbone, data, recipe, preprocessing, out_dir, train_dir, options, "fine-tune")
+    if not main["completed"]:
+        return {"completed": False, "out_dir": main["out_dir"], "history": main["history"]}
     floors = {}
     architecture = _architecture(backbone)
-    if options.floors and not source.startswith("timm:") and architecture and main["completed"]:
+    if options.floors and not source.startswith("timm:") and architecture:
         floor_source = f"timm:{architecture}"
         floor = _finetune_one(floor_source, _load(floor_source, options.seed), data, recipe, preprocessing,
                               out_dir / FLOOR_FOLDER, train_dir, options, "random init")
+        if not floor["completed"]:
+            return {"completed": False, "out_dir": floor["out_dir"], "history": floor["history"]}
         floors["random_init"] = {"source": floor_source, **floor["metrics"], "out_dir": floor["out_dir"],
                                  "final_train_loss": floor["history"][-1]["train_loss"],
                                  "wall_time_s": floor["wall_time_s"]}
-    if not main["completed"] or (options.floors and floors == {} and not source.startswith("timm:")
-                                 and architecture):
-        return {"completed": False, "out_dir": main["out_dir"], "history": main["history"]}
     result = build_result(
         evaluation="finetune", metrics=main["metrics"], protocol=_protocol(recipe, chosen_by, data, options),
         backbone={"source": source, "architecture": architecture, "feature_dim": main["feature_dim"]},
