@@ -80,7 +80,8 @@ def pretrain(config_file: str, train_dir: Path, epochs: int, progress: bool) -> 
     rows = read_jsonl(Path(run_dir) / "metrics.jsonl")
     images_per_s = sorted(row["images_per_s"] for row in rows if "images_per_s" in row)
     return {"command": f"swavkit pretrain --config {config_file} " + " ".join(overrides), "epochs": epochs,
-            "steps": result.step, "final_loss": result.final_loss, "run_dir": str(run_dir),
+            "steps": result.step, "run_dir": str(run_dir),
+            "final_loss": result.final_loss if result.final_loss is not None else (rows[-1]["loss"] if rows else None),
             "median_images_per_s": images_per_s[len(images_per_s) // 2] if images_per_s else None,
             "wall_time_s_this_call": round(time.perf_counter() - start, 1), "backbone": cfg.model.backbone,
             "image_size_px": cfg.crops.sizes_px[0]}
@@ -106,7 +107,7 @@ def markdown(summary: dict) -> str:
              f"{summary['machine']}, total wall time {summary['wall_time_s'] / 60:.1f} min", ""]
     if p:
         lines.append(f"Backbone: {p['backbone']} pretrained by `{p['command']}` ({p['epochs']} epochs = "
-                     f"{p['steps']} steps, final loss {p['final_loss']:.3f}"
+                     f"{p['steps']} steps, last logged loss {p['final_loss']:.3f}"
                      + (f", median {p['median_images_per_s']:.0f} images/s" if p.get("median_images_per_s") else "")
                      + ").")
     first = summary["runs"][0]["protocol"]
