@@ -120,12 +120,14 @@ def select_labelled(relative: list[str], labels: list[int], spec: LabelSpec, see
 def label_list_text(relative: list[str], indices: list[int]) -> str:
     """One relative path per line (printable form: a name with a newline stays on one line)."""
     from swavkit.data import printable_path
+
     return "".join(printable_path(relative[i]) + "\n" for i in indices)
 
 
 def read_label_list(path: str | Path, relative: list[str]) -> list[int]:
     """The indices of the files a label list names; DataError naming the first one not in the train folder."""
     from swavkit.data import DataError, path_from_printable, printable_path
+
     position = {name: i for i, name in enumerate(relative)}
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
@@ -233,6 +235,7 @@ def lr_factor(epoch: int, decay_epochs: list[int], gamma: float) -> float:
 def build_optimizer(backbone: torch.nn.Module, head: torch.nn.Module, recipe: Recipe) -> torch.optim.SGD:
     """SGD with two groups: 0 = trunk (every backbone parameter) at trunk_lr, 1 = head at head_lr."""
     import torch
+
     groups = [{"params": list(backbone.parameters()), "lr": recipe.trunk_lr, "base_lr": recipe.trunk_lr,
                "name": "trunk"},
               {"params": list(head.parameters()), "lr": recipe.head_lr, "base_lr": recipe.head_lr, "name": "head"}]
@@ -275,6 +278,7 @@ class FinetuneFolder:
 
     def _check_usable(self) -> None:
         from swavkit.data import printable_path
+
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"--out-dir {printable_path(self.path)} is a file; name a new folder")
         if not self.path.is_dir() or self.holds_run():
@@ -306,6 +310,7 @@ class FinetuneFolder:
     def start(self, setup: dict, label_text: str) -> None:
         """Record the setup and the label list; refuse a folder that holds a different fine-tune."""
         from swavkit.data import printable_path
+
         saved = self.saved_setup()
         if saved is not None and saved != setup:
             changed = sorted(key for key in set(saved) | set(setup) if saved.get(key) != setup.get(key))
@@ -434,6 +439,7 @@ def evaluate_classifier(model: torch.nn.Module, dataset, device: torch.device, b
 
 def _save(folder: FinetuneFolder, epoch: int, model, optimizer, history: list[dict]) -> None:
     from swavkit.checkpoint import save_atomic
+
     save_atomic({"format": RUN_FORMAT, "epoch": epoch, "model": model.state_dict(),
                  "optimizer": optimizer.state_dict(), "history": history}, folder.checkpoint)
 
@@ -441,6 +447,7 @@ def _save(folder: FinetuneFolder, epoch: int, model, optimizer, history: list[di
 def _resume(folder: FinetuneFolder, model, optimizer) -> tuple[int, list[dict]]:
     """(epochs done, per-epoch history) from the folder's checkpoint; (0, []) without one."""
     from swavkit.checkpoint import CheckpointError, load_state
+
     if not folder.checkpoint.is_file():
         return 0, []
     state = load_state(folder.checkpoint)
@@ -526,6 +533,7 @@ def _architecture(backbone: torch.nn.Module) -> str | None:
 def default_out_dir(backbone_source: str, spec_text: str, seed: int) -> Path:
     """``runs/finetune-<run or backbone name>-<labels>-seed<seed>``: the same command, the same folder."""
     from swavkit.report import source_name
+
     labels = re.sub(r"[^A-Za-z0-9.]+", "-", spec_text).strip("-")
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", source_name(backbone_source)).strip("-.") or "backbone"
     return Path(DEFAULT_RUNS_DIR) / f"finetune-{name}-{labels}-seed{seed}"
@@ -535,6 +543,7 @@ def load_labelled_data(train_dir, val_dir, preprocessing, options: FinetuneOptio
     """The folders, and the labelled subset drawn by the options (or read from ``labels_file``); returns the
     data and what chose the subset (the spec text or the list's file name)."""
     from swavkit.data import LabelledImageFolder
+
     train = LabelledImageFolder(train_dir, train_transform(preprocessing.image_size_px, preprocessing.mean,
                                                            preprocessing.std, options.min_crop_scale))
     val = LabelledImageFolder(val_dir, preprocessing.transform(), classes=train.classes)
@@ -671,6 +680,7 @@ def summary_rows(result: dict) -> list[tuple[str, object]]:
 def _cmd_finetune(args) -> int:
     from swavkit.data import printable_path
     from swavkit.report import format_table
+
     if args.trunk_lr is not None and args.trunk_lr <= 0 or args.head_lr is not None and args.head_lr <= 0:
         raise ConfigError("--trunk-lr / --head-lr: give a positive number")
     options = FinetuneOptions(
