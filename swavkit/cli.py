@@ -14,7 +14,7 @@ from pathlib import Path
 from swavkit.config import default_num_workers  # stdlib + yaml only
 from swavkit.errors import EXIT_STOPPED, is_stop_request, is_user_error
 from swavkit.plot import add_plot_command  # matplotlib is imported only when a plot is drawn
-from swavkit.finetune import add_finetune_command  # torch is imported here too, but not timm
+from swavkit.finetune import add_finetune_command  # torch and timm load inside the command
 
 def quickstart_config_path() -> Path:
     from swavkit.api import quickstart_config_path as path
