@@ -510,8 +510,11 @@ def run_finetune(backbone: torch.nn.Module, data: LabelledData, recipe: Recipe, 
 # `swavkit finetune`
 
 def _preprocessing(backbone_source: str, image_size_px: int | None):
-    # The one call into the preprocessing resolver (it moves in the evaluation refactor): size, mean, std.
-    from swavkit.features import resolve_preprocessing
+    """The one call into the preprocessing resolver: image size, crop, mean and std of the source."""
+    try:
+        from swavkit.preprocessing import resolve_preprocessing  # its home after the evaluation refactor
+    except ImportError:  # a tree from before that refactor; drop this fallback once both are merged
+        from swavkit.features import resolve_preprocessing
 
     return resolve_preprocessing(backbone_source, image_size_px)
 

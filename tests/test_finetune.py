@@ -15,7 +15,7 @@ from swavkit.config import ConfigError
 from swavkit.finetune import (CHECKPOINT_FILE, FLOOR_FOLDER, FinetuneFolder, FinetuneOptions, build_optimizer,
                               finetune, label_list_text, load_labelled_data, parse_label_spec, read_label_list,
                               resolve_recipe, run_finetune, select_labelled)
-from swavkit.features import resolve_preprocessing
+from swavkit.finetune import _preprocessing as resolve_preprocessing  # wherever the resolver lives
 from swavkit.pretrained import load_backbone
 from swavkit.report import RESULT_KEYS
 
