@@ -19,6 +19,7 @@ from swavkit.preprocessing import (CENTRE_CROP_FRACTION, DEFAULT_IMAGE_SIZE_PX, 
 from swavkit.errors import EXIT_STOPPED, is_stop_request, is_user_error
 from swavkit.plot import add_plot_command  # matplotlib is imported only when a plot is drawn
 from swavkit.shard import add_shard_command  # torch and webdataset are imported only when shards are written
+from swavkit.finetune import add_finetune_command  # torch and timm load inside the command
 
 def quickstart_config_path() -> Path:
     from swavkit.api import quickstart_config_path as path
@@ -341,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster(subparsers)
     add_plot_command(subparsers)
     add_shard_command(subparsers)
+    add_finetune_command(subparsers)
     return parser
 
 
