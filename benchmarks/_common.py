@@ -341,3 +341,27 @@ def _one_jpeg(job) -> None:
     coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((448, 336), Image.BICUBIC)
     pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 13, (336, 448, 3))
     Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(root / f"part{i % 8}" / f"{i:06d}.jpg", quality=90)
+
+
+def prepare_shared_data(name: str, datasets: dict, shared_data: Path, program: str) -> Path:
+    """``WORK_DIR/data/<name>`` with train/ and val/, unpacked once from the team's shared folder with its
+    ``materialize.py``; ``datasets[name]`` = (dataset, train images per class, val images per class; 0 = all).
+    Missing data: one line on stderr naming what is missing, exit code 2."""
+    def fail(message: str) -> None:
+        print(f"{program}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+    dest = WORK_DIR / "data" / name
+    if (dest / "train").is_dir() and (dest / "val").is_dir():
+        return dest
+    dataset, train_per_class, val_per_class = datasets[name]
+    script = shared_data / "materialize.py"
+    if not script.is_file() or not (shared_data / dataset).exists():
+        fail(f"{dataset} data not found: need {shared_data / dataset} and {script} (pass --shared-data DIR)")
+    if dest.exists() and any(dest.iterdir()):
+        fail(f"{dest} exists but has no train/ and val/; delete it and rerun")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    print(f"unpacking {name} into {dest} ...", flush=True)
+    subprocess.run([sys.executable, str(script), dataset, str(dest), "--train-per-class", str(train_per_class),
+                    "--val-per-class", str(val_per_class)], check=True)
+    return dest

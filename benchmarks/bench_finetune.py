@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ REPO_ROOT = BENCH_DIR.parent
 WORK_DIR = BENCH_DIR / "_work"
 RESULTS_DIR = BENCH_DIR / "results"
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
-from _common import update_readme  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _common import prepare_shared_data, update_readme  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 # unpacked name -> (dataset, train images per class, val images per class; 0 = all)
 DATASETS = {"cifar10-small": ("cifar10", 500, 100), "cifar10-val10k": ("cifar10", 1, 0)}
@@ -47,21 +46,7 @@ def fail(message: str) -> None:
 
 
 def prepare_data(name: str, shared_data: Path) -> Path:
-    """``benchmarks/_work/data/<name>`` (relative to the repository) with train/ and val/."""
-    dest = WORK_DIR / "data" / name
-    if (dest / "train").is_dir() and (dest / "val").is_dir():
-        return dest.relative_to(REPO_ROOT)
-    dataset, train_per_class, val_per_class = DATASETS[name]
-    script = shared_data / "materialize.py"
-    if not script.is_file() or not (shared_data / dataset).exists():
-        fail(f"{dataset} data not found: need {shared_data / dataset} and {script} (pass --shared-data DIR)")
-    if dest.exists() and any(dest.iterdir()):
-        fail(f"{dest} exists but has no train/ and val/; delete it and rerun")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    print(f"unpacking {name} into {dest} ...", flush=True)
-    subprocess.run([sys.executable, str(script), dataset, str(dest), "--train-per-class", str(train_per_class),
-                    "--val-per-class", str(val_per_class)], check=True)
-    return dest.relative_to(REPO_ROOT)
+    return prepare_shared_data(name, DATASETS, shared_data, "bench_finetune").relative_to(REPO_ROOT)
 
 
 def pretrain(config_file: str, train_dir: Path, epochs: int, progress: bool) -> dict:
@@ -164,7 +149,9 @@ def main() -> int:
     runs = [finetune_budget(backbone, data / "train", val_dir, budget, "cifar10-small", args)
             for budget in args.budgets]
     target_met = all(run["metrics"]["top1"] > run["floors"]["random_init"]["top1"] for run in runs)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+    from swavkit.report import git_commit
+
+    commit, _ = git_commit()
     summary = {"data": "cifar10-small", "train_dir": str(data / "train"), "val_dir": str(val_dir),
                "command": "python benchmarks/bench_finetune.py " + " ".join(sys.argv[1:]), "git_commit": commit,
                "machine": f"cpu ({platform.machine()}, {os.cpu_count()} cores shared, "

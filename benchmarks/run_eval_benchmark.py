@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ RESULTS_DIR = BENCH_DIR / "results"
 README = BENCH_DIR / "README.md"
 DEFAULT_SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
-from _common import update_readme  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _common import prepare_shared_data, update_readme  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 # name -> (dataset in the shared folder, train images per class, val images per class; 0 = all)
 DATASETS = {
@@ -51,21 +50,7 @@ def fail(message: str) -> None:
 
 
 def prepare_data(name: str, shared_data: Path) -> Path:
-    """``benchmarks/_work/data/<name>`` with train/ and val/, unpacked from the shared folder if needed."""
-    dest = WORK_DIR / "data" / name
-    if (dest / "train").is_dir() and (dest / "val").is_dir():
-        return dest
-    dataset, train_per_class, val_per_class = DATASETS[name]
-    script = shared_data / "materialize.py"
-    if not script.is_file() or not (shared_data / dataset).exists():
-        fail(f"{dataset} data not found: need {shared_data / dataset} and {script} (pass --shared-data DIR)")
-    if dest.exists() and any(dest.iterdir()):
-        fail(f"{dest} exists but has no train/ and val/; delete it and rerun")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    print(f"unpacking {name} into {dest} ...", flush=True)
-    subprocess.run([sys.executable, str(script), dataset, str(dest), "--train-per-class", str(train_per_class),
-                    "--val-per-class", str(val_per_class)], check=True)
-    return dest
+    return prepare_shared_data(name, DATASETS, shared_data, "run_eval_benchmark")
 
 
 # ----------------------------------------------------------------------------------------------------
