@@ -131,13 +131,23 @@ def is_swavkit_export(path: str | Path) -> bool:
     return isinstance(config, dict) and (config.get("pretrained_cfg") or {}).get("tag") == EXPORT_TAG
 
 
+def _foreign_entries(path: Path) -> list[str]:
+    """The entries of a folder that an export would not hold (a README counts unless it is our card)."""
+    from swavkit.modelcard import MODEL_CARD_FILE, is_swavkit_model_card
+
+    ours = set(EXPORT_FILES) - {MODEL_CARD_FILE}
+    if is_swavkit_model_card(path / MODEL_CARD_FILE):
+        ours.add(MODEL_CARD_FILE)
+    return sorted(entry.name for entry in path.iterdir() if entry.name not in ours) or ["a config.json without swavkit's tag"]
+
+
 def check_export_target(out_dir: str | Path) -> Path:
     """Refuse (CheckpointError, one line) an ``out_dir`` that exists and is neither empty nor an export."""
     out_dir = Path(out_dir)
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
         raise CheckpointError(f"export target {out_dir} exists and is not a folder; choose a new folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not is_swavkit_export(out_dir):
-        shown = ", ".join(sorted(entry.name for entry in out_dir.iterdir())[:5])
+        shown = ", ".join(_foreign_entries(out_dir)[:5])
         raise CheckpointError(f"export target {out_dir} holds files swavkit did not write ({shown}); it only "
                               "replaces its own exports (config.json + model.safetensors): choose a new or "
                               "empty folder")

@@ -115,12 +115,20 @@ def _add_pretrain(subparsers) -> None:
 # export
 
 def _cmd_export(args) -> int:
-    from swavkit.pretrained import export_checkpoint, export_torchvision
+    from swavkit.checkpoint import check_export_target
+    from swavkit.pretrained import LoadError, export_checkpoint, export_torchvision, torchvision_state
 
+    check_export_target(args.out_dir)
+    tv_state = None
+    if args.torchvision:  # checked before anything is written
+        try:
+            tv_state = torchvision_state(args.source)
+        except LoadError as err:
+            raise LoadError(f"--torchvision {args.torchvision}: {err}") from None
     out = export_checkpoint(args.source, args.out_dir)
     print(f"exported backbone to {out} (timm.create_model('local-dir:{out}', pretrained=True))")
-    if args.torchvision:
-        tv = export_torchvision(out, args.torchvision)
+    if tv_state is not None:
+        tv = export_torchvision(out, args.torchvision, state=tv_state)
         print(f"torchvision ResNet layout: {tv} (model.fc = torch.nn.Identity(); model.load_state_dict(...))")
     return 0
 

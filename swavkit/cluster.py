@@ -47,6 +47,28 @@ HISTOGRAM_FILE = "cluster_sizes.png"
 ASSIGNMENTS_FILE = "assignments.csv"
 PAGE_FILE = "index.html"
 THUMBS_DIR = "thumbs"
+OUTPUT_NAMES = (HISTOGRAM_FILE, ASSIGNMENTS_FILE, PAGE_FILE, THUMBS_DIR)
+PAGE_MARKER = '<meta name="generator" content="swavkit cluster explorer">'  # how a rerun knows the folder
+
+
+def check_output_folder(out_dir: Path, data_dir: str) -> None:
+    """``--out`` must be new, empty, or an earlier explorer output, and outside the image folder (thumbnails
+    there would become training images); refused with one line (DataError) otherwise."""
+    out, data = out_dir.resolve(), Path(data_dir).resolve()
+    if out == data or data in out.parents:
+        raise DataError(f"--out {printable_path(out_dir)} is inside the image folder {printable_path(data_dir)}: "
+                        "its thumbnails would become images there; choose a folder outside it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--out {out_dir} is a file; give a folder for the explorer's files")
+    if not out_dir.is_dir():
+        return
+    foreign = sorted(entry.name for entry in out_dir.iterdir() if entry.name not in OUTPUT_NAMES)
+    page = out_dir / PAGE_FILE
+    if page.exists() and PAGE_MARKER not in page.read_text(encoding="utf-8", errors="replace"):
+        foreign.append(PAGE_FILE)
+    if foreign:
+        raise DataError(f"--out {printable_path(out_dir)} holds files swavkit did not write "
+                        f"({', '.join(printable_path(n) for n in foreign[:5])}); choose a new or empty folder")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -282,7 +304,7 @@ def render_page(assignments: ClusterAssignments, members: dict[int, list[int]], 
         items = "".join(f"<li>{esc(path)} <small>({esc(reason)})</small></li>" for path, reason in assignments.skipped)
         skipped_html = f"<details><summary>{len(assignments.skipped)} unreadable</summary><ul>{items}</ul></details>"
     out = [
-        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">', PAGE_MARKER,
         f"<title>SwAV clusters of {esc(os.path.basename(data_dir.rstrip(os.sep)) or data_dir)}</title>",
         f"<style>{_PAGE_STYLE}</style>", f"<script>{_PAGE_SCRIPT}</script>", "</head>", "<body>",
         "<h1>SwAV cluster explorer</h1>",
@@ -363,8 +385,7 @@ def explore_clusters(checkpoint: str | Path, data_dir: str | Path, out_dir: str 
     data_dir = os.path.abspath(data_dir)
     paths = find_images(data_dir)  # DataError for a missing/empty folder, before the model loads
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"--out {out_dir} is a file; give a folder for the explorer's files")
+    check_output_folder(out_dir, data_dir)
     device = resolve_device(device)
 
     model, config = load_swav_model(checkpoint)

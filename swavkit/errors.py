@@ -23,7 +23,7 @@ def _is_instance(err: BaseException, module_name: str, class_name: str) -> bool:
 
 
 def is_user_error(err: BaseException) -> bool:
-    if isinstance(err, (FileNotFoundError, NotADirectoryError)):
+    if isinstance(err, (FileNotFoundError, NotADirectoryError, FileExistsError)):
         return True
     return any(_is_instance(err, module_name, class_name) for module_name, class_name in USER_ERROR_NAMES)
 

@@ -27,7 +27,7 @@ from swavkit.features import (SplitFeatures, backbone_record, extract_features, 
                               load_eval_backbone)
 from swavkit.metrics import topk_accuracy
 from swavkit.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, resolve_preprocessing
-from swavkit.report import build_result, utc_now, write_evaluation_result
+from swavkit.report import build_result, check_result_target, utc_now, write_evaluation_result
 
 # faiss's k-means wants >= 39 training points per list; fewer lists than that cannot be trained.
 _IVF_MIN_POINTS_PER_LIST = 39
@@ -190,6 +190,7 @@ def evaluate_knn(backbone_source: str | Path, train_dir: str | Path, val_dir: st
         the result record (see :func:`swavkit.report.build_result`); identical on every process.
     """
     options, knn = apply_keywords(keywords, options or EvalOptions(), knn or KnnOptions())
+    check_result_target(options.out_json)  # before minutes of feature extraction
     started_at, start = utc_now(), time.perf_counter()
     device = init_processes(options.device)
     split = features

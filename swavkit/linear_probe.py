@@ -35,7 +35,7 @@ from swavkit.features import (SplitFeatures, backbone_name, backbone_record, ext
                               extract_split_features, init_processes, load_eval_backbone)
 from swavkit.metrics import topk_accuracy
 from swavkit.preprocessing import Preprocessing, resolve_preprocessing
-from swavkit.report import build_result, data_record, utc_now, write_evaluation_result
+from swavkit.report import build_result, check_result_target, data_record, utc_now, write_evaluation_result
 from swavkit.schedule import LRSchedule
 
 
@@ -324,6 +324,7 @@ def evaluate_linear(backbone_source: str | Path, train_dir: str | Path, val_dir:
         the result record (see :func:`swavkit.report.build_result`); identical on every process.
     """
     options, linear = apply_keywords(keywords, options or EvalOptions(), linear or LinearOptions())
+    check_result_target(options.out_json)  # before minutes of feature extraction
     if linear.recipe not in RECIPES:
         raise ConfigError(f"recipe: '{linear.recipe}' is not one of {', '.join(RECIPES)}")
     if features is not None and linear.recipe != "fast":

@@ -216,7 +216,7 @@ def _results_section(results: list[dict]) -> str:
             prep.get("image_size_px"), f"{top1:.2f}" if top1 is not None else None,
             f"{_metric(record, 'top5'):.2f}" if _metric(record, "top5") is not None else None,
             ", ".join(f"{name} {value:.2f}" for name, value in floors.items()) or None,
-            ("**below the " + " and ".join(below) + " floor**") if below else None])
+            ("**not above the " + " and ".join(below) + " floor**") if below else None])
     return ("## Benchmark results\n\nTop-1 / top-5 accuracy in %, frozen features unless the protocol says "
             "otherwise. The floors are what the same protocol gives without SwAV: the same architecture "
             "randomly initialised, and raw pixels. A number is only worth what it adds above them.\n\n"
@@ -300,10 +300,19 @@ def render_model_card(*, architecture: str, config: dict | None, data: dict | No
 
 def card_for_training(config: dict, *, architecture: str, feature_dim: int | None, backbone_dir: str | Path,
                       steps: int | None, final_loss: float | None, n_images: int | None = None,
-                      extra_training: dict | None = None) -> str:
+                      extra_training: dict | None = None, run_dir: str | Path | None = None) -> str:
     """The card of a backbone trained by swavkit, from its resolved config (``to_dict(cfg)``) and how far it
-    got; the results are those already recorded for ``backbone_dir`` under ``results/``."""
+    got; the results are those already recorded under ``results/`` for ``backbone_dir`` or for the run
+    folder it was exported from (``run_dir``)."""
     import math
+
+    results, seen = [], set()
+    for folder in [backbone_dir] + ([Path(run_dir) / "backbone"] if run_dir else []):  # also matches run_dir
+        for record in results_for_backbone(folder):
+            key = (record.get("evaluation"), str(record.get("backbone", {}).get("source")), record.get("started_at"))
+            if key not in seen:
+                seen.add(key)
+                results.append(record)
 
     training = {"steps": steps, "epochs": _get(config, "train.epochs"), "final_loss": final_loss,
                 "ln_k": math.log(_get(config, "model.n_prototypes")),
@@ -311,7 +320,7 @@ def card_for_training(config: dict, *, architecture: str, feature_dim: int | Non
     crops = config["crops"]
     return render_model_card(architecture=architecture, config=config,
                              data={"path": _get(config, "data.path"), "n_images": n_images}, training=training,
-                             results=results_for_backbone(backbone_dir), image_size_px=crops["sizes_px"][0],
+                             results=results, image_size_px=crops["sizes_px"][0],
                              mean=crops["mean"], std=crops["std"], feature_dim=feature_dim, folder_path=backbone_dir)
 
 

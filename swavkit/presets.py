@@ -93,7 +93,8 @@ def derive(n_images: int, side_px: int, world_size: int = 1, global_batch: int |
                               f"{n_images} images: small data needs more passes (paper: 200-800 epochs on ImageNet)"))
 
     steps_per_epoch = max(1, n_images // global_batch)
-    freeze_epochs = max(1.0, min(REFERENCE_FREEZE_STEPS / steps_per_epoch, 0.05 * epochs))
+    # the paper's 313 steps, but never more than 5 % of the run (a short run must train its prototypes too)
+    freeze_epochs = min(max(1.0, REFERENCE_FREEZE_STEPS / steps_per_epoch), 0.05 * epochs)
     out.append(Suggestion("swav.freeze_prototypes_epochs", round(freeze_epochs, 2),
                           f"prototypes frozen ~{round(freeze_epochs * steps_per_epoch)} steps (paper: 313 steps), at "
                           "most 5% of training, so the head settles before clusters form"))

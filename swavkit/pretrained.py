@@ -378,22 +378,32 @@ def export_checkpoint(source: str | Path, out_dir: str | Path) -> Path:
     load_strict(net, backbone_state(state["model"]), str(checkpoint))
     card = card_for_training(state["config"], architecture=cfg.model.backbone, feature_dim=net.num_features,
                              backbone_dir=out_dir, steps=int(state["step"]),
-                             final_loss=float(state.get("last_loss", float("nan"))))
+                             final_loss=float(state.get("last_loss", float("nan"))),
+                             run_dir=checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None)
     return export_backbone(net, out_dir, image_size_px=cfg.crops.sizes_px[0], mean=cfg.crops.mean,
                            std=cfg.crops.std, model_card=card)
 
 
-def export_torchvision(source: str | Path, out_file: str | Path) -> Path:
+def export_torchvision(source: str | Path, out_file: str | Path, state: dict | None = None) -> Path:
     """Backbone weights in torchvision's ResNet key layout (``conv1``, ``layer1.0.downsample.0`` ...).
 
     timm's plain ResNets already use torchvision's names; the file has no ``fc.*``, so load it with
-    ``model.fc = torch.nn.Identity(); model.load_state_dict(load_file(path))`` (strict). The weights are
-    first loaded strictly into torchvision's model of the same name, so a backbone torchvision cannot
-    represent (resnet10t's deep stem, a ViT ...) is refused instead of written as an unloadable file.
+    ``model.fc = torch.nn.Identity(); model.load_state_dict(load_file(path))`` (strict). ``state``: the
+    result of :func:`torchvision_state` when it was checked already.
     """
-    import torchvision
-
     from swavkit.fileio import atomic_writer
+
+    state = state if state is not None else torchvision_state(source)
+    with atomic_writer(out_file) as handle:
+        handle.write(save(state))
+    return Path(out_file)
+
+
+def torchvision_state(source: str | Path) -> dict:
+    """The backbone's weights after a strict load into torchvision's model of the same name, so a backbone
+    torchvision cannot represent (resnet10t's deep stem, a ViT ...) is refused (LoadError) instead of
+    written as an unloadable file."""
+    import torchvision
 
     net = load_backbone(source)
     architecture = getattr(net, "default_cfg", {}).get("architecture") or type(net).__name__.lower()
@@ -405,9 +415,7 @@ def export_torchvision(source: str | Path, out_file: str | Path) -> Path:
     target.fc = torch.nn.Identity()
     state = {k: v.contiguous() for k, v in net.state_dict().items()}
     load_strict(target, state, f"{source} as torchvision {architecture}")
-    with atomic_writer(out_file) as handle:
-        handle.write(save(state))
-    return Path(out_file)
+    return state
 
 
 __all__ = ["LoadError", "CheckpointError", "load_backbone", "load_swav_model", "load_strict", "key_mismatch",

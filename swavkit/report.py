@@ -8,6 +8,7 @@ every hyperparameter, the data sizes, the image preprocessing, the code version 
 from __future__ import annotations
 
 import datetime
+import json
 import platform
 import re
 import subprocess
@@ -148,8 +149,26 @@ def default_result_path(evaluation: str, backbone_source: str, started_at: datet
     return Path(results_dir) / f"{evaluation}-{_slug(source_name(backbone_source))}-{stamp}.json"
 
 
+def check_result_target(path: str | Path | None) -> None:
+    """An ``--out`` file may be new or an earlier swavkit result; anything else is refused (FileExistsError,
+    one line) - checked before an evaluation starts, and again when it writes."""
+    if not path:
+        return
+    path = Path(path)
+    if not path.exists():
+        return
+    try:
+        ours = json.loads(path.read_text(encoding="utf-8")).get("schema") == RESULT_SCHEMA
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise FileExistsError(f"--out {path} exists and is not a swavkit result; choose another file name")
+
+
 def write_result(result: dict, path: str | Path) -> Path:
-    """Write the record as indented JSON, atomically and durably (see :mod:`swavkit.fileio`)."""
+    """Write the record as indented JSON, atomically and durably (see :mod:`swavkit.fileio`); never over a
+    file that is not a swavkit result."""
+    check_result_target(path)
     return write_json_atomic(path, result)
 
 

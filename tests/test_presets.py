@@ -69,3 +69,11 @@ def test_auto_reads_lists_and_refuses_shards(tmp_path, capsys):
     assert "derived from 24 images" in capsys.readouterr().out  # both sources, not the bundled sample
     with pytest.raises(ConfigError, match="shards"):
         auto_config(merge_sources([], [f"data.path={tmp_path / 'shard-{000..003}.tar'}"]))
+
+
+def test_auto_never_freezes_the_prototypes_for_more_than_5_percent_of_the_run():
+    from swavkit.presets import derive
+
+    for epochs in (1, 4, 20, 400):
+        by_key = {s.key: s.value for s in derive(1000, 28, 1, on_gpu=False, epochs=epochs)}
+        assert by_key["swav.freeze_prototypes_epochs"] <= 0.05 * epochs + 1e-9

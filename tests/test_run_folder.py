@@ -90,3 +90,17 @@ def test_a_short_run_that_ends_at_ln_k_says_so(image_folder, tmp_path, capsys):
     healthy = _run(tiny_overrides(image_folder, tmp_path / "ok", **{"train.epochs": 1}))
     assert abs(healthy.final_loss - math.log(10)) > 0.01 * math.log(10)
     assert "collapse plateau" not in capsys.readouterr().out
+
+
+def test_exported_card_lists_the_results_measured_on_the_run(image_folder, tmp_path, monkeypatch):
+    from evaluation_fixtures import write_labelled_folders
+    from swavkit.knn import evaluate_knn
+
+    monkeypatch.chdir(tmp_path)  # results/ is relative to the current folder, as for the CLI
+    run = tmp_path / "run"
+    _run(tiny_overrides(image_folder, run, **{"train.epochs": 1}))
+    train_dir, val_dir = write_labelled_folders(tmp_path / "labelled", n_train=4, n_val=2, size_px=32)
+    evaluate_knn(str(run), train_dir, val_dir, k=3, num_workers=0, progress=False, floors="off")
+    assert main(["export", str(run), str(tmp_path / "exports" / "r")]) == 0
+    card = (tmp_path / "exports" / "r" / "README.md").read_text()
+    assert "k-NN (k=3" in card and "None recorded yet" not in card

@@ -176,3 +176,52 @@ def test_a_run_whose_backbone_folder_holds_user_files_is_refused_before_training
     with pytest.raises(ConfigError, match="did not write"):
         RunFolder(str(run.path))
     assert (run.backbone / "README.md").read_text().startswith("my own notes")
+
+
+def test_cluster_out_never_overwrites_user_files_or_writes_into_the_images(tmp_path):
+    from swavkit.cluster import check_output_folder
+    from swavkit.data import DataError
+
+    images = tmp_path / "images"
+    images.mkdir()
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "index.html").write_text("precious")
+    with pytest.raises(DataError, match="did not write"):
+        check_output_folder(user, str(images))
+    with pytest.raises(DataError, match="inside the image folder"):
+        check_output_folder(images, str(images))
+    with pytest.raises(DataError, match="inside the image folder"):
+        check_output_folder(images / "clusters", str(images))
+    assert (user / "index.html").read_text() == "precious"
+    check_output_folder(tmp_path / "new", str(images))  # a new folder is fine
+
+
+def test_result_out_file_that_is_not_a_result_is_refused(tmp_path):
+    from swavkit.report import check_result_target, write_result
+
+    precious = tmp_path / "my.json"
+    precious.write_text('{"notes": "mine"}')
+    with pytest.raises(FileExistsError):
+        check_result_target(precious)
+    with pytest.raises(FileExistsError):
+        write_result({"schema": "swavkit-eval-v1"}, precious)
+    assert precious.read_text() == '{"notes": "mine"}'
+    ours = write_result({"schema": "swavkit-eval-v1", "v": 1}, tmp_path / "r.json")
+    write_result({"schema": "swavkit-eval-v1", "v": 2}, ours)  # our own result: replaced
+    assert json.loads(ours.read_text())["v"] == 2
+
+
+def test_export_with_torchvision_refuses_before_writing(tiny_net, tmp_path, capsys):
+    source = _export(tiny_net, tmp_path / "src")  # resnet10t: torchvision has no such model
+    assert main(["export", str(source), str(tmp_path / "out"), "--torchvision", str(tmp_path / "tv.safetensors")]) == 2
+    assert "--torchvision" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "tv.safetensors").exists()
+
+
+def test_export_refusal_names_only_the_foreign_files(tiny_net, tmp_path):
+    target = _export(tiny_net, tmp_path / "b")
+    (target / "my.txt").write_text("mine")
+    with pytest.raises(CheckpointError) as info:
+        _export(tiny_net, target)
+    assert "(my.txt)" in str(info.value)
