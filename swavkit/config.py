@@ -252,8 +252,11 @@ def _apply(obj, updates: dict, prefix: str = "") -> None:
     for name, value in updates.items():
         key = f"{prefix}{name}"
         if name not in names:
-            close = [n for n in names if n.startswith(str(name)[:3])]
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            # a section's key given without its section (epochs= for train.epochs) names it exactly
+            sectioned = [f"{f.name}.{name}" for f in dataclasses.fields(obj) if dataclasses.is_dataclass(
+                getattr(obj, f.name)) and name in {g.name for g in dataclasses.fields(getattr(obj, f.name))}]
+            close = sectioned or [f"{prefix}{n}" for n in names if n.startswith(str(name)[:3])]
+            hint = f" (did you mean {close[0]}?)" if close else ""
             raise ConfigError(f"unknown config key '{key}'{hint}; see `swavkit pretrain --help-config`")
         current = getattr(obj, name)
         if dataclasses.is_dataclass(current):

@@ -126,8 +126,9 @@ def cmd_shard(args) -> int:
     if not index["counts"]:
         raise DataError(f"{printable_path(args.source)}: no image could be decoded; nothing written")
     pattern = shard_pattern(args.out, len(index["counts"]))
-    print(f"{index['total']} images in {len(index['counts'])} shard(s); {index['skipped']} skipped "
-          f"(see {printable_path(Path(args.out) / SKIPPED_NAME)})\n"
+    skipped = (f"{index['skipped']} unreadable skipped (see {printable_path(Path(args.out) / SKIPPED_NAME)})"
+               if index["skipped"] else "no unreadable files")
+    print(f"{index['total']} images in {len(index['counts'])} shard(s); {skipped}\n"
           f"train with: swavkit pretrain data.path='{printable_path(pattern)}'")
     return 0
 

@@ -143,3 +143,10 @@ def test_exponent_without_a_dot_is_a_number():
     assert load_config([], ["optim.base_lr=1e-5", "optim.weight_decay=2E-6"]).optim.base_lr == 1e-5
     with pytest.raises(ConfigError, match="optim.base_lr"):
         load_config([], ["optim.base_lr=fast"])
+
+
+def test_a_key_without_its_section_is_named_with_it():
+    with pytest.raises(ConfigError, match=r"unknown config key 'epochs' \(did you mean train.epochs\?\)"):
+        load_config([], ["epochs=3"])
+    with pytest.raises(ConfigError, match=r"did you mean train.epochs\?"):
+        load_config([], ["train.epocs=3"])
