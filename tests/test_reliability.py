@@ -20,7 +20,7 @@ from bad_images import make_bad_folder
 from conftest import tiny_overrides, write_images
 from swavkit.checkpoint import CheckpointError, load_state, load_training_checkpoint, save_atomic
 from swavkit.config import load_config
-from swavkit.data import DataError, UnlabeledImageFolder, find_images, read_rgb
+from swavkit.data import DataError, UnlabeledImageFolder, find_images, read_rgb, read_skipped_report
 from swavkit.fileio import read_jsonl
 from swavkit.train import TrainingDiverged, train
 
@@ -76,7 +76,7 @@ def test_training_on_a_dirty_folder_skips_and_lists(tmp_path):
     out = tmp_path / "run"
     result = train(load_config([], tiny_overrides(root, out, **{"train.epochs": 2})), progress=False)
     assert result.completed
-    listed = {Path(line.split("\t")[0]).name for line in (out / "skipped.txt").read_text().splitlines()}
+    listed = {Path(path).name for path, _ in read_skipped_report(out / "skipped.txt")}
     assert listed and listed <= unreadable
     assert all("\t" in line for line in (out / "skipped.txt").read_text().splitlines())  # path <TAB> reason
 
