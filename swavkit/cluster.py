@@ -62,10 +62,11 @@ def check_output_folder(out_dir: Path, data_dir: str) -> None:
         raise NotADirectoryError(f"--out {out_dir} is a file; give a folder for the explorer's files")
     if not out_dir.is_dir():
         return
-    foreign = sorted(entry.name for entry in out_dir.iterdir() if entry.name not in OUTPUT_NAMES)
+    entries = sorted(entry.name for entry in out_dir.iterdir())
     page = out_dir / PAGE_FILE
-    if page.exists() and PAGE_MARKER not in page.read_text(encoding="utf-8", errors="replace"):
-        foreign.append(PAGE_FILE)
+    ours = page.is_file() and PAGE_MARKER in page.read_text(encoding="utf-8", errors="replace")
+    # an earlier explorer output (recognised by its page) may be replaced; any other folder must be empty
+    foreign = [name for name in entries if not (ours and name in OUTPUT_NAMES)]
     if foreign:
         raise DataError(f"--out {printable_path(out_dir)} holds files swavkit did not write "
                         f"({', '.join(printable_path(n) for n in foreign[:5])}); choose a new or empty folder")

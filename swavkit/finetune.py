@@ -341,10 +341,9 @@ class LabelledData:
 
 
 def _device(name: str) -> torch.device:
-    import torch
-    from swavkit.device import resolve_device
+    from swavkit.device import resolve_device  # one-line errors for unknown names and absent GPUs
 
-    return resolve_device(name) if name in ("auto", "cpu", "cuda") else torch.device(name)
+    return resolve_device(name)
 
 
 class SeededItems:
@@ -605,6 +604,7 @@ def finetune(backbone_source: str | Path, train_dir: str | Path, val_dir: str | 
     options = options or FinetuneOptions()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("swavkit finetune runs in one process (one GPU or the CPU); start it without torchrun")
+    check_outputs(options.out_json)  # before minutes of fine-tuning
     started_at, start = utc_now(), time.perf_counter()
     source = str(backbone_source)
     preprocessing = resolve_preprocessing(source, options.image_size_px)
@@ -638,11 +638,25 @@ def finetune(backbone_source: str | Path, train_dir: str | Path, val_dir: str | 
                "history": main["history"], "completed": True})
     if options.out_json != "":
         path = Path(options.out_json) if options.out_json else default_result_path("finetune", source, started_at)
+        check_outputs(path)
         result["result_path"] = str(path)
         result["labels_path"] = str(labels_path_for(path))
         write_text_atomic(labels_path_for(path), label_list_text(data.relative, data.indices))
         write_result(result, path)
     return result
+
+
+def check_outputs(result_path: str | Path | None) -> None:
+    """The result JSON and its label list may be new or an earlier swavkit record; anything else is refused
+    in one line (FileExistsError) - checked before the fine-tune starts, and again before writing."""
+    from swavkit.report import check_result_target
+
+    if not result_path:
+        return
+    check_result_target(result_path)
+    labels = labels_path_for(result_path)
+    if labels.exists() and not Path(result_path).exists():
+        raise FileExistsError(f"{labels} exists and belongs to no swavkit result; choose another --out")
 
 
 def labels_path_for(result_path: str | Path) -> Path:
@@ -685,7 +699,8 @@ def _cmd_finetune(args) -> int:
         floors=args.floors, restart=args.restart, progress=not args.no_progress)
     result = finetune(args.backbone, args.train, args.val, options)
     print(format_table(summary_rows(result)))
-    print(f"wrote {printable_path(result['result_path'])} and {printable_path(result['labels_path'])}")
+    if "result_path" in result:  # --out "" writes no record
+        print(f"wrote {printable_path(result['result_path'])} and {printable_path(result['labels_path'])}")
     return 0
 
 

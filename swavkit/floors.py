@@ -44,8 +44,9 @@ def add_floors(result: dict, evaluate: Callable[..., dict], train_dir, val_dir, 
     quiet = dataclasses.replace(options, image_size_px=size_px, out_json="", floors="off")
     floors = {}
     for name, source in sources.items():
-        metrics = evaluate(source, train_dir, val_dir, quiet, method_options)["metrics"]
-        floors[name] = {"source": source, **{k: metrics[k] for k in ("top1", "top5") if k in metrics}}
+        floor = evaluate(source, train_dir, val_dir, quiet, method_options)
+        floors[name] = {"source": source, "image_size_px": floor["preprocessing"]["image_size_px"],
+                        **{k: floor["metrics"][k] for k in ("top1", "top5") if k in floor["metrics"]}}
     result = {**result, "floors": floors}
     if distributed.is_main_process() and result.get("result_path"):
         write_json_atomic(result["result_path"], result)

@@ -145,6 +145,7 @@ def test_floors_are_evaluated_and_recorded_beside_the_result(tmp_path, capsys):
     assert "floor: raw pixels (pixels) top1 %" in printed and "floor: random init" in printed
     # the floors were measured at the result's own image size (32 px), not timm's default 224
     assert record["preprocessing"]["image_size_px"] == 32
+    assert {floor["image_size_px"] for floor in record["floors"].values()} == {32}
     # a floor has no floors of its own, and --floors off leaves them out
     assert main(["knn", "--backbone", "timm:resnet10t", "--train", str(train_dir), "--val", str(val_dir), "--k", "5",
                  "--workers", "0", "--no-progress", "--out", str(tmp_path / "floor.json"), "--image-size", "32"]) == 0

@@ -225,3 +225,27 @@ def test_export_refusal_names_only_the_foreign_files(tiny_net, tmp_path):
     with pytest.raises(CheckpointError) as info:
         _export(tiny_net, target)
     assert "(my.txt)" in str(info.value)
+
+
+def test_cluster_out_with_only_look_alike_names_is_not_taken_for_ours(tmp_path):
+    from swavkit.cluster import check_output_folder
+    from swavkit.data import DataError
+
+    user = tmp_path / "mine"
+    (user / "thumbs").mkdir(parents=True)
+    (user / "assignments.csv").write_text("my own table")
+    with pytest.raises(DataError, match="did not write"):
+        check_output_folder(user, str(tmp_path / "images"))
+
+
+def test_finetune_never_writes_over_a_file_it_did_not_write(tmp_path):
+    from swavkit.finetune import check_outputs, labels_path_for
+
+    result = tmp_path / "ft.json"
+    labels_path_for(result).write_text("my own list")
+    with pytest.raises(FileExistsError):
+        check_outputs(result)
+    (tmp_path / "mine.json").write_text("{}")
+    with pytest.raises(FileExistsError):
+        check_outputs(tmp_path / "mine.json")
+    check_outputs(tmp_path / "new.json")
