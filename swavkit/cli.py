@@ -120,6 +120,8 @@ def _cmd_export(args) -> int:
 
     check_export_target(args.out_dir)
     tv_state = None
+    if args.torchvision and Path(args.torchvision).exists():  # a file the user already has is never replaced
+        raise FileExistsError(f"--torchvision {args.torchvision} exists; choose a new file name")
     if args.torchvision:  # checked before anything is written
         try:
             tv_state = torchvision_state(args.source)

@@ -4,7 +4,7 @@ anything else.
 A run folder holds ``config.yaml``, ``metrics.jsonl``, ``skipped.txt``, ``checkpoints/last.pt``,
 ``backbone/`` and what the metric loggers write (``tensorboard/``, ``loggers.json``, ``mlflow.db``,
 ``wandb/``). ``pretrain`` accepts an ``out_dir`` that does not exist yet, an empty folder, or a folder
-that already holds a swavkit run; any other folder (a home folder, ``/``, a data folder, a project) is
+that already holds a swavkit run (its checkpoint, or a config.yaml with swavkit's header); any other folder (a home folder, ``/``, a data folder, a project) is
 refused before anything is written. ``--restart`` deletes only the run's own files, and only after every
 other check of the run (config, backbone name, data folder, model build) has passed.
 """
@@ -15,8 +15,6 @@ import os
 import shutil
 from pathlib import Path
 
-import yaml
-
 from swavkit.checkpoint import CheckpointError, check_export_target, is_swavkit_export
 from swavkit.config import ConfigError
 from swavkit.data.filelist import CACHE_NAME as LIST_CACHE_FILE
@@ -24,8 +22,6 @@ from swavkit.data.names import read_skipped_report, skipped_report_text
 from swavkit.fileio import jsonl_line, read_jsonl, write_text_atomic
 
 CONFIG_HEADER = "# swavkit run: the resolved config of this run (written by swavkit pretrain)\n"
-# Top-level sections every saved swavkit config has; recognises runs written before CONFIG_HEADER.
-_CONFIG_SECTIONS = {"data", "crops", "model", "swav", "optim", "train"}
 # What swavkit.loggers writes into the run folder (deleted with the run on --restart).
 LOGGER_FILES = ("loggers.json", "mlflow.db")
 LOGGER_FOLDERS = ("tensorboard", "wandb")
@@ -45,13 +41,9 @@ def _is_run_config(path: Path) -> bool:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return False
-    if text.startswith(CONFIG_HEADER):
-        return True
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return False
-    return isinstance(data, dict) and _CONFIG_SECTIONS <= set(data)
+    # Only our header counts: a user's own recipe named config.yaml must not make a folder a "run" whose
+    # files --restart may delete (runs written before the header have their checkpoint instead).
+    return text.startswith(CONFIG_HEADER)
 
 
 class RunFolder:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 # Only the standard library at import: cli.py imports this module for every command (--help stays instant);
@@ -31,7 +32,11 @@ def _own_files(out_dir: Path) -> set[str]:
         return set()
     if not isinstance(index, dict) or index.get("written_by") != WRITTEN_BY:
         return set()
-    return {SHARD_INDEX, SKIPPED_NAME, *index.get("counts", {})}
+    counts = index.get("counts")
+    # only plain shard names inside out_dir: a hand-edited index must never point the clean-up elsewhere
+    shards = {name for name in counts if isinstance(name, str) and re.fullmatch(r"shard-\d{6}\.tar", name)} \
+        if isinstance(counts, dict) else set()
+    return {SHARD_INDEX, SKIPPED_NAME, *shards}
 
 
 def check_shard_target(out_dir: str | os.PathLike) -> set[str]:
@@ -103,6 +108,11 @@ def write_shards(source: str, out_dir: str | os.PathLike, images_per_shard: int,
         else:
             (out_dir / name).unlink()
     bar.close()
+    if not counts:  # nothing decodable: leave the earlier index and the rest of its set alone
+        from swavkit.data.errors import DataError
+        from swavkit.data.names import printable_path
+
+        raise DataError(f"{printable_path(source)}: no image could be decoded; nothing written")
     for stale in own_before - set(counts) - {SHARD_INDEX, SKIPPED_NAME}:
         (out_dir / stale).unlink(missing_ok=True)  # a shard of the earlier set this one does not replace
     write_text_atomic(out_dir / SKIPPED_NAME, skipped_report_text(skipped))

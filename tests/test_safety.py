@@ -249,3 +249,31 @@ def test_finetune_never_writes_over_a_file_it_did_not_write(tmp_path):
     with pytest.raises(FileExistsError):
         check_outputs(tmp_path / "mine.json")
     check_outputs(tmp_path / "new.json")
+
+
+def test_a_users_own_recipe_named_config_yaml_does_not_make_a_run(tmp_path):
+    project = tmp_path / "project"
+    (project / "wandb").mkdir(parents=True)
+    (project / "wandb" / "mine.txt").write_text("mine")
+    (project / "config.yaml").write_text("data: {}\ncrops: {}\nmodel: {}\nswav: {}\noptim: {}\ntrain: {}\n")
+    with pytest.raises(ConfigError, match="not a swavkit run"):
+        RunFolder(str(project))
+    assert (project / "wandb" / "mine.txt").read_text() == "mine"
+
+
+def test_shard_clean_up_never_leaves_the_output_folder(tmp_path):
+    from swavkit.shard import WRITTEN_BY, _own_files
+
+    out = tmp_path / "shards"
+    out.mkdir()
+    (tmp_path / "victim.txt").write_text("keep")
+    (out / "shards.json").write_text(json.dumps({"written_by": WRITTEN_BY, "counts": {
+        "../victim.txt": 1, "/etc/passwd": 1, "shard-000000.tar": 2}}))
+    assert _own_files(out) == {"shards.json", "skipped.txt", "shard-000000.tar"}
+
+
+def test_unreadable_config_file_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "binary.yaml"
+    bad.write_bytes(b"\xff\xfe\x00 not text")
+    assert main(["pretrain", "--config", str(bad)]) == 2
+    assert "binary.yaml" in capsys.readouterr().err
