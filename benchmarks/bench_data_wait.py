@@ -101,7 +101,7 @@ def main() -> int:
         else:
             verdicts.info(f"{labels[name]}: steady-state data_wait_fraction", dw["median"])
             verdicts.info(f"{labels[name]}: steady-state images/s", ips["median"])
-    from swavkit.cli import quickstart_config_path
+    from swavkit.api import quickstart_config_path
     from swavkit.config import load_config
 
     qs = load_config([quickstart_config_path()])

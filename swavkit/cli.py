@@ -21,12 +21,6 @@ from swavkit.plot import add_plot_command  # matplotlib is imported only when a 
 from swavkit.shard import add_shard_command  # torch and webdataset are imported only when shards are written
 from swavkit.finetune import add_finetune_command  # torch and timm load inside the command
 
-def quickstart_config_path() -> Path:
-    from swavkit.api import quickstart_config_path as path
-
-    return path()
-
-
 def _non_negative_int(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")

@@ -347,13 +347,6 @@ def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def save_yaml(cfg: Config, path: str | Path) -> None:
-    """The resolved config, written atomically (a kill never leaves half a file)."""
-    from swavkit.fileio import write_text_atomic
-
-    write_text_atomic(path, dump_yaml(cfg))
-
-
 # ----------------------------------------------------------------------------------------------------
 # resuming: which changes a saved run accepts
 

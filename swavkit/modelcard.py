@@ -374,17 +374,5 @@ def results_for_backbone(backbone_dir: str | Path, results_dir: str | Path = "re
     return own + floors
 
 
-def write_model_card(folder: str | Path, text: str) -> Path:
-    """Write ``folder/README.md`` atomically; a README swavkit did not write is never replaced."""
-    from swavkit.checkpoint import CheckpointError
-    from swavkit.fileio import write_text_atomic
-
-    path = Path(folder) / MODEL_CARD_FILE
-    if (path.exists() or path.is_symlink()) and not (path.is_file() and not path.is_symlink()
-                                                      and is_swavkit_model_card(path)):
-        raise CheckpointError(f"{path}: a README that swavkit did not write; move it away to get the model card")
-    return write_text_atomic(path, text)
-
-
 __all__ = ["MODEL_CARD_MARKER", "MODEL_CARD_FILE", "render_model_card", "card_for_training", "is_swavkit_model_card", "front_matter",
-           "results_for_backbone", "write_model_card"]
+           "results_for_backbone"]

@@ -26,15 +26,6 @@ ADAMW_LR_PER_256 = 5e-4
 FINAL_LR_RATIO = 1e-3
 
 
-def scaled_lr(base_lr: float, global_batch_size: int, reference_batch_size: int = 256) -> float:
-    """Linear scaling rule: ``base_lr`` is the LR at ``reference_batch_size``.
-
-    The SwAV recipes state their own batch (0.6 at 256, 4.8 at 4096); this rule only moves one of them to
-    a different batch. It does not turn one into the other: 0.6 x 4096/256 = 9.6, twice the paper's 4.8.
-    """
-    return base_lr * global_batch_size / reference_batch_size
-
-
 def reference_peak_lr(optimizer_name: str, global_batch_size: int) -> float:
     """The peak LR used when ``optim.base_lr`` is 0.
 
@@ -49,13 +40,6 @@ def reference_peak_lr(optimizer_name: str, global_batch_size: int) -> float:
         return small_lr * global_batch_size / small_batch
     exponent = math.log(large_lr / small_lr) / math.log(large_batch / small_batch)  # 0.75
     return small_lr * (global_batch_size / small_batch) ** exponent
-
-
-def lr_at_step(step: int, *, peak_lr: float, total_steps: int, warmup_steps: int,
-               warmup_start_lr: float, final_lr: float) -> float:
-    """LR for optimiser step ``step`` (0-based) of a schedule that never changed its length."""
-    return LRSchedule(peak_lr=peak_lr, final_lr=final_lr, warmup_start_lr=warmup_start_lr,
-                      warmup_steps=warmup_steps, total_steps=total_steps).lr(step)
 
 
 @dataclass

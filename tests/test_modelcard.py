@@ -7,10 +7,10 @@ import json
 import pytest
 import yaml
 
-from swavkit.checkpoint import CheckpointError
+from swavkit.checkpoint import EXPORT_TAG, CheckpointError, check_export_target
 from swavkit.config import Config, to_dict
-from swavkit.modelcard import (MODEL_CARD_MARKER, front_matter, is_swavkit_model_card, render_model_card,
-                               results_for_backbone, write_model_card)
+from swavkit.modelcard import (MODEL_CARD_FILE, MODEL_CARD_MARKER, front_matter, is_swavkit_model_card,
+                               render_model_card, results_for_backbone)
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -109,18 +109,22 @@ def test_the_hub_client_reads_the_card_metadata():
 
 
 def test_only_a_card_swavkit_wrote_is_recognised_and_replaced(tmp_path):
-    card = full_card([])
-    written = write_model_card(tmp_path, card)
-    assert is_swavkit_model_card(written)
-    write_model_card(tmp_path, card.replace("10 |", "11 |"))  # our own card: replaced
-    assert "| epochs | 11 |" in written.read_text()
+    # export (checkpoint.check_export_target) replaces a folder with our card and refuses one with the user's
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    (ours / "config.json").write_text(json.dumps({"pretrained_cfg": {"tag": EXPORT_TAG}}))
+    (ours / MODEL_CARD_FILE).write_text(full_card([]))
+    assert is_swavkit_model_card(ours / MODEL_CARD_FILE)
+    assert check_export_target(ours) == ours
 
     user_readme = tmp_path / "user" / "README.md"
     user_readme.parent.mkdir()
     user_readme.write_text("---\nlicense: mit\n---\n# My notes\n" + MODEL_CARD_MARKER + "\n")
     assert not is_swavkit_model_card(user_readme)  # the marker must follow the front matter directly
-    with pytest.raises(CheckpointError, match="a README that swavkit did not write"):
-        write_model_card(user_readme.parent, card)
+    assert not is_swavkit_model_card(tmp_path / "missing" / "README.md")
+    (user_readme.parent / "config.json").write_text(json.dumps({"pretrained_cfg": {"tag": EXPORT_TAG}}))
+    with pytest.raises(CheckpointError, match="did not write.*README.md"):
+        check_export_target(user_readme.parent)
     assert user_readme.read_text().startswith("---\nlicense: mit")
 
 

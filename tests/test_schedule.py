@@ -9,7 +9,7 @@ import torch
 
 from swavkit.config import Config, ConfigError, load_config
 from swavkit.optim import resolve_optimizer_name
-from swavkit.schedule import LRSchedule, build_lr_schedule, lr_at_step, reference_peak_lr
+from swavkit.schedule import LRSchedule, build_lr_schedule, reference_peak_lr
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 IMAGENET_IMAGES = 1_281_167
@@ -120,8 +120,8 @@ def test_a_new_total_on_resume_continues_from_the_current_lr(step, new_total):
     assert all(a >= b for a, b in zip(after, after[1:]))  # still decaying, never back up
     assert after[-1] == pytest.approx(0.001)
     # what re-building the schedule for the new total gives (the bug): a jump at the resume step
-    rebuilt = lr_at_step(step, peak_lr=1.0, total_steps=new_total, warmup_steps=12, warmup_start_lr=0.1,
-                         final_lr=0.001)
+    rebuilt = LRSchedule(peak_lr=1.0, final_lr=0.001, warmup_start_lr=0.1, warmup_steps=12,
+                         total_steps=new_total).lr(step)
     assert abs(rebuilt - old.lr(step)) > 3 * largest_step_change(old)
 
 
@@ -134,7 +134,7 @@ def test_the_reported_jump_is_gone():
     assert abs(new.lr(126) - old.lr(125)) <= largest_step_change(old)
     assert max(new.lr(s) for s in range(126, 253)) == pytest.approx(3e-5)
     assert "cosine had ended" in note and "\n" not in note
-    rebuilt = lr_at_step(126, peak_lr=0.3, total_steps=252, warmup_steps=0, warmup_start_lr=0.0, final_lr=3e-5)
+    rebuilt = LRSchedule(peak_lr=0.3, final_lr=3e-5, warmup_start_lr=0.0, warmup_steps=0, total_steps=252).lr(126)
     assert rebuilt > 0.1  # what train.py did: the cosine re-stretched over the new total
 
 
