@@ -79,7 +79,7 @@ def finetune_budget(backbone: str, train_dir: Path, val_dir: Path, budget: str, 
     options = FinetuneOptions(label_fraction=budget, seed=args.seed, min_steps=args.min_steps,
                               num_workers=args.workers, device="cpu",
                               out_dir=str(WORK_DIR / "finetune" / f"ft-{data_name}-{slug}"),
-                              out_json=str(RESULTS_DIR / f"finetune-{data_name}-{slug}.json"), floors=True,
+                              out_json=str(RESULTS_DIR / f"finetune-{data_name}-{slug}.json"), floors="on",
                               progress=not args.no_progress)
     return finetune(backbone, train_dir, val_dir, options)
 

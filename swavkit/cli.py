@@ -17,6 +17,7 @@ from swavkit.eval_options import INDEX_TYPES, RECIPES, EvalOptions, KnnOptions, 
 from swavkit.preprocessing import (CENTRE_CROP_FRACTION, DEFAULT_IMAGE_SIZE_PX, FULL_IMAGE_MAX_SIZE_PX,  # stdlib only
                                    RAW_PIXELS_DEFAULT_SIZE_PX)
 from swavkit.errors import EXIT_STOPPED, is_stop_request, is_user_error
+from swavkit.floors import add_floors_argument  # stdlib only
 from swavkit.plot import add_plot_command  # matplotlib is imported only when a plot is drawn
 from swavkit.shard import add_shard_command  # torch and webdataset are imported only when shards are written
 from swavkit.finetune import add_finetune_command  # torch and timm load inside the command
@@ -191,9 +192,8 @@ def _add_eval_options(p, evaluation: str) -> None:
                    help=f"result file (default results/{evaluation}-<run or backbone name>-<UTC "
                         "YYYYmmdd-HHMMSS>.json under the current folder)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    _add_option(p, "--floors", defaults, "floors", "also evaluate the same architecture at random init and raw "
-                "pixels at the same image size and protocol, printed and recorded beside the result; auto = when "
-                "the train split has at most 60,000 images", choices=("auto", "on", "off"))
+    add_floors_argument(p, "the same architecture at random init and raw pixels at the same image size and "
+                        "protocol", default=defaults.floors)
 
 
 def _finish_evaluation(result: dict) -> int:

@@ -43,6 +43,7 @@ from pathlib import Path
 
 from swavkit.config import ConfigError
 from swavkit.fileio import write_json_atomic, write_text_atomic
+from swavkit.floors import add_floors_argument, floors_wanted
 from swavkit.preprocessing import resolve_preprocessing
 
 # torch, torchvision, timm and the modules that import them load inside the functions, so that
@@ -176,7 +177,7 @@ class FinetuneOptions:
     precision: str = "auto"
     out_dir: str | None = None  # default runs/finetune-<backbone>-<labels>-seed<seed>
     out_json: str | None = None  # None = results/finetune-<backbone>-<UTC time>.json; "" = none
-    floors: bool = True
+    floors: str = "auto"  # auto | on | off: also fine-tune from random init (swavkit.floors; auto counts labelled images)
     restart: bool = False
     checkpoint_interval_s: float = 60.0
     progress: bool = True
@@ -417,24 +418,19 @@ def evaluate_classifier(model: torch.nn.Module, dataset, device: torch.device, b
     from torch.utils.data import DataLoader
 
     from swavkit.data import ReadOrReport, collate_read_or_report, raise_for_unreadable
+    from swavkit.metrics import topk_accuracy
 
     model.eval()
     loader = DataLoader(ReadOrReport(dataset), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=collate_read_or_report)
-    hits = {1: 0, 5: 0}
-    seen = 0
+    all_logits, all_labels = [], []
     for _, images, labels, unreadable in loader:
         raise_for_unreadable(unreadable)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = model(images.to(device)).float().cpu()
-        ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        for k in hits:
-            hits[k] += int((ranked[:, :k] == labels[:, None]).any(dim=1).sum())
-        seen += len(labels)
-    metrics = {"top1": 100.0 * hits[1] / seen}
-    if logits.shape[1] > 5:
-        metrics["top5"] = 100.0 * hits[5] / seen
-    return metrics
+            all_logits.append(model(images.to(device)).float().cpu())
+        all_labels.append(labels)
+    # the logits of the whole val split [N_val, C] (ImageNet: 200 MB), scored like every other evaluation
+    return topk_accuracy(torch.cat(all_logits), torch.cat(all_labels))
 
 
 def _save(folder: FinetuneFolder, epoch: int, model, optimizer, history: list[dict]) -> None:
@@ -519,10 +515,6 @@ def _load(source: str, seed: int) -> torch.nn.Module:
         return load_backbone(source)
 
 
-def _architecture(backbone: torch.nn.Module) -> str | None:
-    return (getattr(backbone, "pretrained_cfg", None) or {}).get("architecture")
-
-
 def default_out_dir(backbone_source: str, spec_text: str, seed: int) -> Path:
     """``runs/finetune-<run or backbone name>-<labels>-seed<seed>``: the same command, the same folder."""
     from swavkit.report import source_name
@@ -592,8 +584,9 @@ def _protocol(recipe: Recipe, chosen_by: str, data: LabelledData, options: Finet
 
 def finetune(backbone_source: str | Path, train_dir: str | Path, val_dir: str | Path,
              options: FinetuneOptions | None = None) -> dict:
-    """Fine-tune a backbone with few labels (module docstring) and, with ``options.floors``, the same
-    architecture from random init on the same labelled files; write the result JSON and the label list.
+    """Fine-tune a backbone with few labels (module docstring) and, when ``options.floors`` asks for it
+    (:func:`swavkit.floors.floors_wanted` of the labelled set), the same architecture from random init on the
+    same labelled files; write the result JSON and the label list.
 
     Returns the result record (:func:`swavkit.report.build_result`, evaluation "finetune") with
     ``floors["random_init"]`` and ``labels_path``; {"completed": False, ...} when stopped by
@@ -610,14 +603,17 @@ def finetune(backbone_source: str | Path, train_dir: str | Path, val_dir: str | 
     preprocessing = resolve_preprocessing(source, options.image_size_px)
     data, chosen_by = load_labelled_data(train_dir, val_dir, preprocessing, options)
     recipe = resolve_recipe(options, len(data.indices), len(data.train))
+    with_floor = floors_wanted(options.floors, len(data.indices)) and not source.startswith("timm:")
     out_dir = Path(options.out_dir) if options.out_dir else default_out_dir(source, chosen_by, options.seed)
     backbone = _load(source, options.seed)
     main = _finetune_one(source, backbone, data, recipe, preprocessing, out_dir, train_dir, options, "fine-tune")
     if not main["completed"]:
         return {"completed": False, "out_dir": main["out_dir"], "history": main["history"]}
+    from swavkit.features import backbone_name
+
     floors = {}
-    architecture = _architecture(backbone)
-    if options.floors and not source.startswith("timm:") and architecture:
+    architecture = backbone_name(backbone)
+    if with_floor:
         floor_source = f"timm:{architecture}"
         floor = _finetune_one(floor_source, _load(floor_source, options.seed), data, recipe, preprocessing,
                               out_dir / FLOOR_FOLDER, train_dir, options, "random init")
@@ -718,8 +714,8 @@ def add_finetune_command(subparsers) -> None:
         description="Semi-supervised protocol of the SwAV paper: fine-tune the backbone and a new linear head on a "
                     "stratified, seeded part of --train (SGD momentum 0.9, trunk and head LRs of the reference "
                     "eval_semisup.py, step decay), then evaluate --val once. The labelled files are listed in "
-                    "<result>.labels.txt. Rerunning the same command resumes from --out-dir. With --floors (default) "
-                    "the same fine-tune from random init runs beside it.",
+                    "<result>.labels.txt. Rerunning the same command resumes from --out-dir. With --floors (auto: "
+                    "small labelled sets) the same fine-tune from random init runs beside it.",
         epilog="label budgets: 0.01 or 1% (a fraction of each class), 10/class (images per class)\n"
                "examples:\n"
                "  swavkit finetune --backbone runs/a --train data/train --val data/val --label-fraction 0.1\n"
@@ -755,8 +751,8 @@ def add_finetune_command(subparsers) -> None:
                    help="checkpoint folder (default runs/finetune-<backbone>-<labels>-seed<seed>)")
     p.add_argument("--out", default=None, metavar="JSON",
                    help="result file (default results/finetune-<backbone>-<UTC time>.json)")
-    p.add_argument("--floors", action=argparse.BooleanOptionalAction, default=True,
-                   help="also fine-tune the same architecture from random init (default on)")
+    add_floors_argument(p, "the same architecture fine-tuned from random init on the same labelled files",
+                        default=FinetuneOptions.floors, counted="the labelled set")
     p.add_argument("--restart", action="store_true", help="discard --out-dir's fine-tune and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_finetune)

@@ -5,16 +5,18 @@ scored 71.8 % k-NN on its val split, below raw pixels (79.8 %), and nothing said
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from typing import Callable
 
-from swavkit import distributed
 from swavkit.fileio import write_json_atomic
 
+# Stdlib only at import: the CLI registers --floors from here (torch loads inside add_floors).
+
 FLOOR_CHOICES = ("auto", "on", "off")
-# "auto": floors when the train split is at most this large (CIFAR-10 / Fashion-MNIST scale), where two
-# more feature extractions cost minutes on a CPU; on ImageNet-sized splits they would cost hours, so they
-# are left to an explicit --floors on.
+# "auto": floors when the train split (fine-tuning: the labelled part of it) is at most this large
+# (CIFAR-10 / Fashion-MNIST scale), where two more feature extractions, or one more fine-tune, cost
+# minutes on a CPU; on ImageNet-sized splits they would cost hours, so they are left to --floors on.
 AUTO_MAX_TRAIN_IMAGES = 60_000
 FLOOR_NAMES = {"random_init": "random init", "raw_pixels": "raw pixels"}
 
@@ -27,16 +29,36 @@ def floor_sources(result: dict) -> dict[str, str]:
     return {"random_init": f"timm:{result['backbone']['architecture']}", "raw_pixels": "pixels"}
 
 
-def floors_wanted(setting: str, n_train: int) -> bool:
+def floors_wanted(setting: str | bool, n_train: int) -> bool:
+    """Whether to measure the floors for a train split (fine-tuning: labelled set) of ``n_train`` images.
+
+    ``setting`` is auto | on | off; True / False (the library's former fine-tune switch) mean on / off.
+    """
+    if isinstance(setting, bool):
+        setting = "on" if setting else "off"
     if setting not in FLOOR_CHOICES:
         raise ValueError(f"floors: one of {', '.join(FLOOR_CHOICES)}, got {setting!r}")
     return setting == "on" or (setting == "auto" and n_train <= AUTO_MAX_TRAIN_IMAGES)
+
+
+def add_floors_argument(parser: argparse.ArgumentParser, floors: str, default: str = "auto",
+                        counted: str = "the train split") -> None:
+    """``--floors auto|on|off`` (bare ``--floors``: on; ``--no-floors``: off) for ``knn``, ``linear`` and
+    ``finetune``; ``floors`` says what they are and ``counted`` what auto counts for that command. Sets
+    ``args.floors``."""
+    parser.add_argument("--floors", nargs="?", const="on", default=default, choices=FLOOR_CHOICES,
+                        help=f"also evaluate {floors}, printed and recorded beside the result; auto = when "
+                             f"{counted} has at most {AUTO_MAX_TRAIN_IMAGES:,} images, --floors alone = on "
+                             f"(default {default})")
+    parser.add_argument("--no-floors", dest="floors", action="store_const", const="off", help=argparse.SUPPRESS)
 
 
 def add_floors(result: dict, evaluate: Callable[..., dict], train_dir, val_dir, options, method_options) -> dict:
     """Evaluate each floor of ``result`` with ``evaluate`` (evaluate_knn or evaluate_linear, collective under
     torchrun), at the result's image size and protocol, and record them as ``result["floors"]`` =
     {name: {"source", "top1"[, "top5"]}}; the result's JSON file (if any) is rewritten with them."""
+    from swavkit import distributed
+
     sources = floor_sources(result)
     if not sources:
         return result

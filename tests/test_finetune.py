@@ -13,7 +13,7 @@ from evaluation_fixtures import one_thread, write_labelled_folders  # noqa: F401
 from swavkit.checkpoint import export_backbone, load_state
 from swavkit.config import ConfigError
 from swavkit.finetune import (CHECKPOINT_FILE, FLOOR_FOLDER, FinetuneFolder, FinetuneOptions, build_optimizer,
-                              finetune, label_list_text, load_labelled_data, parse_label_spec, read_label_list,
+                              evaluate_classifier, finetune, label_list_text, load_labelled_data, parse_label_spec, read_label_list,
                               resolve_recipe, run_finetune, select_labelled)
 from swavkit.preprocessing import resolve_preprocessing
 from swavkit.pretrained import load_backbone
@@ -182,8 +182,30 @@ def test_finetune_writes_result_and_labels_with_the_random_init_floor(folders, t
     assert (tmp_path / "run" / FLOOR_FOLDER / CHECKPOINT_FILE).is_file()
     # the written list reproduces the subset
     again = finetune(export, *folders, replace(options, labels_file=str(tmp_path / "res" / "ft.labels.txt"),
-                                               out_json="", floors=False))
+                                               out_json="", floors="off"))
     assert again["protocol"]["n_labelled"] == 12 and again["metrics"] == result["metrics"]
+
+
+def test_auto_floors_count_the_labelled_images(folders, tmp_path, monkeypatch):
+    import swavkit.floors
+
+    export = export_backbone(load_backbone("timm:resnet10t"), tmp_path / "export", image_size_px=32,
+                             mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    monkeypatch.setattr(swavkit.floors, "AUTO_MAX_TRAIN_IMAGES", 11)  # 12 labelled images: one too many
+    result = finetune(export, *folders, FinetuneOptions(label_fraction="0.5", out_dir=str(tmp_path / "run"),
+                                                        out_json="", **{**TINY, "image_size_px": None}))
+    assert result["protocol"]["n_labelled"] == 12 and result["floors"] == {}
+    assert not (tmp_path / "run" / FLOOR_FOLDER).exists()
+
+
+def test_val_accuracy_is_scored_like_every_evaluation():
+    # logits [4, 7] as the "images" of an identity model, over two batches; ties go to the lower class
+    logits = torch.tensor([[0, 0, 0, 1, 0, 0, 0], [0, 1, 0, 0, 1, 0, 0], [6, 5, 4, 3, 2, 1, 0], [6, 5, 4, 3, 2, 1, 0]],
+                          dtype=torch.float32)
+    dataset = list(zip(logits, [3, 4, 6, 0]))  # hit, tie lost (top-5 hit), rank 7, hit
+    metrics = evaluate_classifier(torch.nn.Identity(), dataset, torch.device("cpu"), batch_size=2, num_workers=0,
+                                  dtype=None)
+    assert metrics == {"top1": 50.0, "top5": 75.0}
 
 
 def test_foreign_or_different_out_dir_is_refused_and_restart_deletes_only_its_own_files(folders, tmp_path):
@@ -242,3 +264,21 @@ def test_cli_user_errors_are_one_line(folders, tmp_path, monkeypatch, capsys, ar
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("swavkit finetune: error:") and message in lines[0], done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("command", ["finetune", "knn"])
+@pytest.mark.parametrize("given, wanted", [([], "auto"), (["--floors"], "on"), (["--floors", "off"], "off"),
+                                           (["--floors", "on"], "on"), (["--no-floors"], "off")])
+def test_floors_flag_is_the_same_auto_on_off_choice_as_knn(command, given, wanted):
+    from swavkit.cli import build_parser
+
+    args = build_parser().parse_args([command, "--backbone", "b", "--train", "t", "--val", "v", *given])
+    assert args.floors == wanted
+
+
+def test_floors_flag_refuses_other_values(capsys):
+    from swavkit.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["finetune", "--backbone", "b", "--train", "t", "--val", "v", "--floors", "yes"])
+    assert "invalid choice: 'yes' (choose from" in capsys.readouterr().err
