@@ -29,7 +29,7 @@ def is_user_error(err: BaseException) -> bool:
 
 
 def is_stop_request(err: BaseException) -> bool:
-    return _is_instance(err, "swavkit.train", "StopRequested")
+    return _is_instance(err, "swavkit.signals", "StopRequested")
 
 
 def exit_code_of(err: BaseException) -> int:

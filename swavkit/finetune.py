@@ -23,8 +23,9 @@ last epoch, and that number is reported.
 
 A run lives in its own folder (``out_dir``): ``finetune.json`` (what was run), ``labels.txt`` (the labelled
 files) and ``checkpoint.pt`` (weights, optimiser, epoch; written atomically every
-``checkpoint_interval_s`` and at the end). Running the same command again resumes from the last saved
-epoch, and the result equals that of an uninterrupted run (each epoch's order is seeded by (seed, epoch) and
+``checkpoint_interval_s``, at the end, and after the current batch on SIGTERM / SIGINT, which then exits with
+code 3 like ``pretrain``). Running the same command again resumes from what was saved, and the result equals
+that of an uninterrupted run (each epoch's order is seeded by (seed, epoch) and
 each image's crop by (seed, epoch, image), whichever DataLoader worker reads it). A folder that holds
 anything else is refused, and ``restart`` deletes only those files.
 """
@@ -32,6 +33,7 @@ anything else is refused, and ``restart`` deletes only those files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -45,6 +47,7 @@ from swavkit.config import ConfigError
 from swavkit.fileio import write_json_atomic, write_text_atomic
 from swavkit.floors import add_floors_argument, floors_wanted
 from swavkit.preprocessing import resolve_preprocessing
+from swavkit.signals import StopRequest, StopRequested
 
 # torch, torchvision, timm and the modules that import them load inside the functions, so that
 # `swavkit --help` (which registers this command) stays instant.
@@ -383,16 +386,18 @@ def _labelled_loader(data: LabelledData, recipe: Recipe, num_workers: int, devic
     return loader, sampler
 
 
-def train_one_epoch(model: torch.nn.Module, loader, optimizer, device: torch.device,
-                    dtype: torch.dtype | None) -> dict:
-    """One pass of SGD over ``loader`` (images [B, 3, s, s] -> logits [B, C]); mean loss and top-1 %."""
+def train_one_epoch(model: torch.nn.Module, loader, optimizer, device: torch.device, dtype: torch.dtype | None,
+                    sums: dict | None = None, stop_request: StopRequest | None = None) -> dict:
+    """One pass of SGD over ``loader`` (images [B, 3, s, s] -> logits [B, C]); returns the epoch's running sums
+    {"batches", "loss_sum", "correct", "seen"}, continuing ``sums`` (an epoch resumed in its middle). Ends
+    early, after the current batch, once ``stop_request`` has caught a signal."""
     import torch
     import torch.nn.functional as F
 
     from swavkit.data import raise_for_unreadable
 
     model.train()
-    loss_sum, correct, seen = 0.0, 0, 0
+    sums = dict(sums or {"batches": 0, "loss_sum": 0.0, "correct": 0, "seen": 0})
     for _, images, labels, unreadable in loader:
         raise_for_unreadable(unreadable)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -405,10 +410,19 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer, device: torch.dev
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.item() * len(labels)
-        correct += int((logits.argmax(1) == labels).sum())
-        seen += len(labels)
-    return {"train_loss": loss_sum / max(1, seen), "train_top1": 100.0 * correct / max(1, seen)}
+        sums["batches"] += 1
+        sums["loss_sum"] += loss.item() * len(labels)
+        sums["correct"] += int((logits.argmax(1) == labels).sum())
+        sums["seen"] += len(labels)
+        if stop_request is not None and stop_request.signal_name is not None:
+            break
+    return sums
+
+
+def _epoch_row(sums: dict) -> dict:
+    """The epoch's mean loss and top-1 % from :func:`train_one_epoch`'s sums."""
+    return {"train_loss": sums["loss_sum"] / max(1, sums["seen"]),
+            "train_top1": 100.0 * sums["correct"] / max(1, sums["seen"])}
 
 
 def evaluate_classifier(model: torch.nn.Module, dataset, device: torch.device, batch_size: int, num_workers: int,
@@ -433,32 +447,56 @@ def evaluate_classifier(model: torch.nn.Module, dataset, device: torch.device, b
     return topk_accuracy(torch.cat(all_logits), torch.cat(all_labels))
 
 
-def _save(folder: FinetuneFolder, epoch: int, model, optimizer, history: list[dict]) -> None:
+def _save(folder: FinetuneFolder, epoch: int, model, optimizer, history: list[dict],
+          part_epoch: dict | None = None) -> None:
+    """``epoch`` epochs done; ``part_epoch``: the next one's sums and RNG state, when stopped in its middle."""
     from swavkit.checkpoint import save_atomic
 
-    save_atomic({"format": RUN_FORMAT, "epoch": epoch, "model": model.state_dict(),
-                 "optimizer": optimizer.state_dict(), "history": history}, folder.checkpoint)
+    state = {"format": RUN_FORMAT, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "history": history}
+    if part_epoch is not None:
+        state["part_epoch"] = part_epoch
+    save_atomic(state, folder.checkpoint)
 
 
-def _resume(folder: FinetuneFolder, model, optimizer) -> tuple[int, list[dict]]:
-    """(epochs done, per-epoch history) from the folder's checkpoint; (0, []) without one."""
+def _rng_state(device) -> dict:
+    import torch
+
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _set_rng_state(state: dict, device) -> None:
+    import torch
+
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _resume(folder: FinetuneFolder, model, optimizer) -> tuple[int, list[dict], dict | None]:
+    """(epochs done, per-epoch history, the part of the next epoch done or None) from the folder's checkpoint;
+    (0, [], None) without one."""
     from swavkit.checkpoint import CheckpointError, load_state
 
     if not folder.checkpoint.is_file():
-        return 0, []
+        return 0, [], None
     state = load_state(folder.checkpoint)
     if not isinstance(state, dict) or state.get("format") != RUN_FORMAT:
         raise CheckpointError(f"{folder.checkpoint} is not a swavkit fine-tune checkpoint; pass --restart to "
                               "start over")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    return int(state["epoch"]), list(state["history"])
+    return int(state["epoch"]), list(state["history"]), state.get("part_epoch")
 
 
 def run_finetune(backbone: torch.nn.Module, data: LabelledData, recipe: Recipe, folder: FinetuneFolder,
-                 options: FinetuneOptions, description: str) -> dict:
+                 options: FinetuneOptions, description: str, stop_request: StopRequest | None = None) -> dict:
     """Fine-tune ``backbone`` + a new linear head on the labelled images, resuming from ``folder``; evaluate
-    val once after the last epoch. Returns {"metrics", "history", "resumed_from_epoch", "completed"}."""
+    val once after the last epoch. Returns {"metrics", "history", "resumed_from_epoch", "completed"}.
+
+    A signal caught by ``stop_request`` during the epochs saves the state after the current batch and raises
+    StopRequested (exit code 3); the same call again resumes from that batch.
+    """
     import torch
     from tqdm import tqdm
 
@@ -475,31 +513,53 @@ def run_finetune(backbone: torch.nn.Module, data: LabelledData, recipe: Recipe, 
         torch.nn.init.zeros_(head.bias)
         model = torch.nn.Sequential(backbone, head).to(device)
         optimizer = build_optimizer(backbone, head, recipe)
-        start_epoch, history = _resume(folder, model, optimizer)
+        start_epoch, history, part_epoch = _resume(folder, model, optimizer)
         stop_at = recipe.epochs if options.stop_after_epochs is None else min(
             recipe.epochs, start_epoch + options.stop_after_epochs)
         last_save = time.monotonic()
         bar = tqdm(range(start_epoch, stop_at), desc=description, unit="epoch", initial=start_epoch,
                    total=recipe.epochs, disable=not options.progress, dynamic_ncols=True)
         loader, sampler = _labelled_loader(data, recipe, options.num_workers, device)
-        for epoch in bar:
-            torch.manual_seed(recipe.seed * 1_000_003 + epoch)  # e.g. drop-path: the same after a resume
-            sampler.set_epoch(epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_factor(epoch, recipe.decay_epochs, recipe.decay_gamma)
-            row = train_one_epoch(model, loader, optimizer, device, dtype)
-            history.append({"epoch": epoch + 1, **{k: round(v, 4) for k, v in row.items()},
-                            "trunk_lr": optimizer.param_groups[0]["lr"], "head_lr": optimizer.param_groups[1]["lr"]})
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}", train_top1=f"{row['train_top1']:.1f}")
-            if epoch + 1 == stop_at or time.monotonic() - last_save >= options.checkpoint_interval_s:
-                _save(folder, epoch + 1, model, optimizer, history)
-                last_save = time.monotonic()
+        steps_per_epoch = len(data.indices) // recipe.batch_size  # the loader drops the last partial batch
+        with stop_request.deferred() if stop_request else contextlib.nullcontext():
+            for epoch in bar:
+                if part_epoch is None:
+                    torch.manual_seed(recipe.seed * 1_000_003 + epoch)  # e.g. drop-path: the same after a resume
+                else:
+                    _set_rng_state(part_epoch.pop("rng"), device)
+                sampler.set_epoch(epoch, start=(part_epoch or {}).get("batches", 0) * recipe.batch_size)
+                for group in optimizer.param_groups:
+                    group["lr"] = group["base_lr"] * lr_factor(epoch, recipe.decay_epochs, recipe.decay_gamma)
+                sums = train_one_epoch(model, loader, optimizer, device, dtype, part_epoch, stop_request)
+                part_epoch = None
+                if sums["batches"] < steps_per_epoch:  # a signal in the middle of the epoch
+                    bar.close()
+                    _save(folder, epoch, model, optimizer, history, {**sums, "rng": _rng_state(device)})
+                    _raise_stopped(stop_request, folder, f"epoch {epoch + 1}, batch {sums['batches']}/{steps_per_epoch}")
+                row = _epoch_row(sums)
+                history.append({"epoch": epoch + 1, **{k: round(v, 4) for k, v in row.items()},
+                                "trunk_lr": optimizer.param_groups[0]["lr"], "head_lr": optimizer.param_groups[1]["lr"]})
+                bar.set_postfix(loss=f"{row['train_loss']:.3f}", train_top1=f"{row['train_top1']:.1f}")
+                stopped = stop_request is not None and stop_request.signal_name is not None
+                if stopped or epoch + 1 == stop_at or time.monotonic() - last_save >= options.checkpoint_interval_s:
+                    _save(folder, epoch + 1, model, optimizer, history)
+                    last_save = time.monotonic()
+                if stopped:
+                    bar.close()
+                    _raise_stopped(stop_request, folder, f"the end of epoch {epoch + 1}")
         bar.close()
     if stop_at < recipe.epochs:
         return {"metrics": {}, "history": history, "resumed_from_epoch": start_epoch, "completed": False}
     metrics = evaluate_classifier(model, data.val, device, max(recipe.batch_size, 256), options.num_workers, dtype)
     return {"metrics": metrics, "history": history, "resumed_from_epoch": start_epoch, "completed": True,
             "feature_dim": feature_dim}
+
+
+def _raise_stopped(stop_request: StopRequest, folder: FinetuneFolder, where: str) -> None:
+    from swavkit.data import printable_path
+
+    raise StopRequested(f"stopped by {stop_request.signal_name} at {where}; saved to "
+                        f"{printable_path(folder.checkpoint)}: run the same command again to resume")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -553,13 +613,13 @@ def _setup(source: str, train_dir, data: LabelledData, recipe: Recipe, preproces
 
 
 def _finetune_one(source: str, backbone, data, recipe, preprocessing, folder_path, train_dir, options,
-                  description: str) -> dict:
+                  description: str, stop_request: StopRequest) -> dict:
     folder = FinetuneFolder(folder_path)
     if options.restart:
         folder.discard()
     folder.start(_setup(source, train_dir, data, recipe, preprocessing), label_list_text(data.relative, data.indices))
     start = time.perf_counter()
-    outcome = run_finetune(backbone, data, recipe, folder, options, description)
+    outcome = run_finetune(backbone, data, recipe, folder, options, description, stop_request)
     outcome.update(out_dir=str(folder.path), wall_time_s=round(time.perf_counter() - start, 3))
     return outcome
 
@@ -590,23 +650,28 @@ def finetune(backbone_source: str | Path, train_dir: str | Path, val_dir: str | 
 
     Returns the result record (:func:`swavkit.report.build_result`, evaluation "finetune") with
     ``floors["random_init"]`` and ``labels_path``; {"completed": False, ...} when stopped by
-    ``stop_after_epochs`` (nothing written but the run folders).
+    ``stop_after_epochs`` (nothing written but the run folders). SIGTERM / SIGINT (swavkit.signals) saves
+    the fine-tune's state after the current batch and raises StopRequested: calling again resumes it.
     """
+    with StopRequest() as stop_request:
+        return _finetune(str(backbone_source), train_dir, val_dir, options or FinetuneOptions(), stop_request)
+
+
+def _finetune(source: str, train_dir, val_dir, options: FinetuneOptions, stop_request: StopRequest) -> dict:
     from swavkit.report import build_result, default_result_path, utc_now, write_result
 
-    options = options or FinetuneOptions()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("swavkit finetune runs in one process (one GPU or the CPU); start it without torchrun")
     check_outputs(options.out_json)  # before minutes of fine-tuning
     started_at, start = utc_now(), time.perf_counter()
-    source = str(backbone_source)
     preprocessing = resolve_preprocessing(source, options.image_size_px)
     data, chosen_by = load_labelled_data(train_dir, val_dir, preprocessing, options)
     recipe = resolve_recipe(options, len(data.indices), len(data.train))
     with_floor = floors_wanted(options.floors, len(data.indices)) and not source.startswith("timm:")
     out_dir = Path(options.out_dir) if options.out_dir else default_out_dir(source, chosen_by, options.seed)
     backbone = _load(source, options.seed)
-    main = _finetune_one(source, backbone, data, recipe, preprocessing, out_dir, train_dir, options, "fine-tune")
+    main = _finetune_one(source, backbone, data, recipe, preprocessing, out_dir, train_dir, options, "fine-tune",
+                         stop_request)
     if not main["completed"]:
         return {"completed": False, "out_dir": main["out_dir"], "history": main["history"]}
     from swavkit.features import backbone_name
@@ -616,7 +681,7 @@ def finetune(backbone_source: str | Path, train_dir: str | Path, val_dir: str | 
     if with_floor:
         floor_source = f"timm:{architecture}"
         floor = _finetune_one(floor_source, _load(floor_source, options.seed), data, recipe, preprocessing,
-                              out_dir / FLOOR_FOLDER, train_dir, options, "random init")
+                              out_dir / FLOOR_FOLDER, train_dir, options, "random init", stop_request)
         if not floor["completed"]:
             return {"completed": False, "out_dir": floor["out_dir"], "history": floor["history"]}
         floors["random_init"] = {"source": floor_source, **floor["metrics"], "out_dir": floor["out_dir"],

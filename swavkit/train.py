@@ -6,9 +6,7 @@ step and the state it changes (whose ``state_dict`` is the checkpoint) live in :
 
 from __future__ import annotations
 
-import contextlib
 import math
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,6 +38,7 @@ from swavkit.optim import build_optimizer, resolve_optimizer_name
 from swavkit.presets import typical_side_px
 from swavkit.rundir import RunFolder
 from swavkit.schedule import LRSchedule, build_lr_schedule, explain_peak_lr
+from swavkit.signals import StopRequest as _StopRequest, StopRequested
 from swavkit.step import StepResult, StepSettings, TrainState, train_step
 
 
@@ -49,10 +48,6 @@ class TrainingDiverged(FloatingPointError):
 
 class DataLoaderCrashed(RuntimeError):
     """A data-loading worker died; the message names the files it was reading."""
-
-
-class StopRequested(Exception):
-    """SIGTERM/SIGINT outside the training steps (start-up, export): nothing to save, resumable (exit 3)."""
 
 
 @dataclass
@@ -636,48 +631,6 @@ def _export(loop: _Loop, state: TrainState) -> Path:
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
-
-class _StopRequest:
-    """SIGTERM/SIGINT (what schedulers send before preemption), for the whole of ``train``.
-
-    Inside ``deferred()`` (the training steps) a signal only sets a flag: the loop saves a checkpoint at the
-    end of the step and exits cleanly. In any other phase (start-up, export) it raises StopRequested at
-    once, which ``distributed.fail_together`` passes to the other processes: nothing hangs, exit code 3.
-    """
-
-    def __init__(self):
-        self.signal_name: str | None = None
-        self._deferred = False
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    @contextlib.contextmanager
-    def deferred(self):
-        self._deferred = True
-        try:
-            yield
-        finally:
-            self._deferred = False
-
-    def _handle(self, signum, frame):
-        if self.signal_name is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C means "now"
-        self.signal_name = signal.Signals(signum).name
-        if not self._deferred:
-            raise StopRequested(f"stopped by {self.signal_name} outside the training steps; nothing is lost: run "
-                                "the same command again to continue")
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
 
 def _monitor_folders(cfg: Config) -> tuple[Path, Path | None]:
     """``monitor.knn_data`` -> (train folder, val folder or None); "bundled" = the bundled sample."""

@@ -2,6 +2,8 @@
 the result files, the run folder rule and the command line."""
 
 import json
+import os
+import signal
 import subprocess
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +20,7 @@ from swavkit.finetune import (CHECKPOINT_FILE, FLOOR_FOLDER, FinetuneFolder, Fin
 from swavkit.preprocessing import resolve_preprocessing
 from swavkit.pretrained import load_backbone
 from swavkit.report import RESULT_KEYS
+from swavkit.signals import StopRequest, StopRequested
 
 # Seconds-long runs: 32 px images, batch 4, an explicit epoch count (the default would raise it to 500 steps).
 TINY = dict(epochs=2, batch_size=4, image_size_px=32, num_workers=0, device="cpu", progress=False,
@@ -122,7 +125,7 @@ def _data(folders, options):
     return load_labelled_data(train_dir, val_dir, resolve_preprocessing("timm:resnet10t", 32), options)[0]
 
 
-def _run(folders, out_dir, **changes):
+def _run(folders, out_dir, stop_request=None, **changes):
     options = FinetuneOptions(label_fraction="0.5", **{**TINY, **changes})
     data = _data(folders, options)
     recipe = resolve_recipe(options, len(data.indices), len(data.train))
@@ -130,7 +133,7 @@ def _run(folders, out_dir, **changes):
     backbone = load_backbone("timm:resnet10t")
     folder = FinetuneFolder(out_dir)
     folder.start({"test": 1}, label_list_text(data.relative, data.indices))
-    return backbone, run_finetune(backbone, data, recipe, folder, options, "test")
+    return backbone, run_finetune(backbone, data, recipe, folder, options, "test", stop_request)
 
 
 def test_the_whole_backbone_is_trained(folders, tmp_path):
@@ -161,6 +164,43 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(folders, tmp_path):
 
 # ----------------------------------------------------------------------------------------------------
 # the library call: result, label list, floors, run folder
+
+def _sigterm_at_training_forward(n: int):
+    """A forward hook that sends this process SIGTERM during the n-th training-mode forward pass."""
+    calls = []
+
+    def hook(module, inputs, output):
+        if module.training:
+            calls.append(1)
+            if len(calls) == n:
+                os.kill(os.getpid(), signal.SIGTERM)
+    return hook
+
+
+@pytest.mark.parametrize("signal_at_batch, saved_epoch, saved_batches", [(5, 1, 2), (3, 1, None)])
+def test_sigterm_saves_after_the_batch_and_the_resume_equals_an_uninterrupted_run(
+        folders, tmp_path, signal_at_batch, saved_epoch, saved_batches):
+    # 12 labelled images at batch 4: 3 batches an epoch; batch 5 is the middle of epoch 2, batch 3 ends epoch 1
+    _, straight = _run(folders, tmp_path / "straight", epochs=3)
+    options = FinetuneOptions(label_fraction="0.5", **{**TINY, "epochs": 3})
+    data = _data(folders, options)
+    torch.manual_seed(0)
+    backbone = load_backbone("timm:resnet10t")
+    backbone.register_forward_hook(_sigterm_at_training_forward(signal_at_batch))
+    folder = FinetuneFolder(tmp_path / "resumed")
+    folder.start({"test": 1}, label_list_text(data.relative, data.indices))
+    with StopRequest() as stop_request, pytest.raises(StopRequested, match="stopped by SIGTERM"):
+        run_finetune(backbone, data, resolve_recipe(options, 12, 24), folder, options, "test", stop_request)
+    saved = load_state(tmp_path / "resumed" / CHECKPOINT_FILE)
+    assert saved["epoch"] == saved_epoch and len(saved["history"]) == saved_epoch
+    assert (saved.get("part_epoch") or {}).get("batches") == saved_batches
+    _, resumed = _run(folders, tmp_path / "resumed", epochs=3)
+    assert resumed["resumed_from_epoch"] == saved_epoch and resumed["completed"]
+    assert resumed["history"] == straight["history"] and resumed["metrics"] == straight["metrics"]
+    a = load_state(tmp_path / "straight" / CHECKPOINT_FILE)["model"]
+    b = load_state(tmp_path / "resumed" / CHECKPOINT_FILE)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
 
 def test_finetune_writes_result_and_labels_with_the_random_init_floor(folders, tmp_path):
     export = export_backbone(load_backbone("timm:resnet10t"), tmp_path / "export", image_size_px=32,
@@ -250,6 +290,36 @@ def test_cli_runs_and_prints_a_table(folders, tmp_path, monkeypatch, capsys):
     results = sorted((tmp_path / "results").iterdir())
     assert [p.suffixes[-2:] for p in results] == [[".json"], [".labels", ".txt"]]
     assert (tmp_path / "runs" / "finetune-timm-resnet10t-2-class-seed0" / CHECKPOINT_FILE).is_file()
+
+
+def test_cli_sigterm_exits_3_with_the_state_saved_and_the_same_command_resumes(folders, tmp_path, monkeypatch,
+                                                                               capsys):
+    import swavkit.finetune
+
+    train_dir, val_dir = folders
+    args = ("--backbone", "timm:resnet10t", "--train", str(train_dir), "--val", str(val_dir), "--label-fraction",
+            "4/class", "--epochs", "2", "--batch-size", "4", "--image-size", "32", "--workers", "0", "--no-progress",
+            "--out-dir", "ft")
+    one_epoch = swavkit.finetune.train_one_epoch
+
+    def signalled_epoch(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)  # caught, deferred: the epoch stops after its first batch
+        return one_epoch(*a, **k)
+
+    handler_before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(swavkit.finetune, "train_one_epoch", signalled_epoch)
+    done = _cli(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert done.returncode == 3, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("swavkit finetune: stopped by SIGTERM at epoch 1, batch 1/3")
+    assert load_state(tmp_path / "ft" / CHECKPOINT_FILE)["part_epoch"]["batches"] == 1
+    assert not (tmp_path / "results").exists()
+    monkeypatch.setattr(swavkit.finetune, "train_one_epoch", one_epoch)
+    done = _cli(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert done.returncode == 0, done.stderr
+    assert signal.getsignal(signal.SIGTERM) == handler_before  # swavkit's handler only while it runs
+    saved = load_state(tmp_path / "ft" / CHECKPOINT_FILE)
+    assert saved["epoch"] == 2 and "part_epoch" not in saved
 
 
 @pytest.mark.parametrize("args, message", [
