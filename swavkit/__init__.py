@@ -5,6 +5,13 @@ The small public API; everything else lives in its own module (see the README).
 Names are imported on first use (PEP 562), so ``import swavkit`` and ``swavkit --help`` do not pay for
 torch and timm. Each name is the real object from its module (real signature, no wrapper):
 ``swavkit.train is swavkit.train.train`` at the function level.
+
+Two functions share their module's name: ``train`` and ``sinkhorn``. The package attribute is the function
+(``swavkit.train(cfg)``, as documented), so ``import swavkit.train as m`` binds the function too: Python
+evaluates that statement as ``m = swavkit.train`` (the attribute; sys.modules only when there is none), and
+no package attribute can be both the function and the module. For the module, use
+``importlib.import_module("swavkit.train")``; ``from swavkit.train import train, TrainResult`` (any name)
+and plain ``import swavkit.train`` work as usual (tests/test_api.py).
 """
 
 from __future__ import annotations

@@ -53,6 +53,25 @@ def test_import_is_light_and_names_are_the_real_objects():
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
+def test_submodules_named_like_their_function_import_as_documented():
+    """What works for ``swavkit.train`` / ``swavkit.sinkhorn`` (swavkit/__init__.py says why ``import
+    swavkit.train as m`` binds the function): from-imports, plain import, importlib."""
+    code = textwrap.dedent("""
+        import importlib, types
+        import swavkit.train
+        from swavkit.train import train, TrainResult
+        import swavkit.train as bound
+        module = importlib.import_module("swavkit.train")
+        assert isinstance(module, types.ModuleType) and module.train is train and module.TrainResult is TrainResult
+        assert swavkit.train is train and bound is train  # the documented function, whichever came first
+        from swavkit.sinkhorn import sinkhorn
+        assert importlib.import_module("swavkit.sinkhorn").sinkhorn is sinkhorn is swavkit.sinkhorn
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
 def test_public_functions_have_real_signatures():
     """The package attribute is the function of the defining module itself, never a ``*args, **kwargs``
     wrapper defined in swavkit/__init__.py."""
