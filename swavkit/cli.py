@@ -354,14 +354,55 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None = No
     """``parser.parse_args`` where options and ``key=value`` overrides may come in any order
     (``pretrain data.path=x --config y.yaml train.epochs=3``): argparse gives its one ``overrides``
     positional only the first run of them, so the later ones are collected here, in order."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, extras = parser.parse_known_args(argv)
     if extras:
         overrides = getattr(args, "overrides", None)
         stray = [text for text in extras if text.startswith("-") or "=" not in text]
         if overrides is None or stray:
-            parser.error(f"unrecognized arguments: {' '.join(stray or extras)}")
+            command = _subcommand_parser(parser, getattr(args, "command", None)) or parser
+            command.error(f"unrecognized arguments: {' '.join(stray or extras)}{_did_you_mean(command, stray, argv)}")
         args.overrides = [*overrides, *extras]
     return args
+
+
+def _subcommand_parser(parser: argparse.ArgumentParser, name: str | None) -> argparse.ArgumentParser | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(name)
+    return None
+
+
+def _did_you_mean(parser: argparse.ArgumentParser, stray: list[str], argv: list[str]) -> str:
+    """" (did you mean --k 5?)" for the first unknown option in ``stray``: for ``pretrain`` the config key
+    it names (--epochs 3 -> train.epochs=3), else the option of ``parser`` closest in spelling, else one whose
+    help names the word (--neighbours -> --k, "neighbours"); "" when nothing is close."""
+    import difflib
+    import re
+
+    flag = next((text for text in stray if text.startswith("--") and len(text) > 2), None)
+    if flag is None:
+        return ""
+    given, _, value = flag.partition("=")
+    following = argv[argv.index(flag) + 1:argv.index(flag) + 2] if flag in argv else []
+    if not value and following and not following[0].startswith("-") and "=" not in following[0]:
+        value = following[0]
+    name = given.lstrip("-")
+    if any(action.dest == "overrides" for action in parser._actions):  # pretrain: key=value overrides
+        from swavkit.api import config_key
+        from swavkit.config import ConfigError
+
+        try:
+            return f" (did you mean {config_key(name.replace('-', '_'))}={value or '...'}?)"
+        except ConfigError:
+            pass
+    options = {text.lstrip("-"): text for text, action in parser._option_string_actions.items()
+               if text.startswith("--") and action.help != argparse.SUPPRESS}
+    close = [options[match] for match in difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)]
+    word = re.compile(rf"\b{re.escape(name.replace('-', ' '))}\b", re.IGNORECASE)
+    close = close or [text for text, action in parser._option_string_actions.items() if text in options.values()
+                      and word.search((action.help or "").split(" (default")[0])]
+    return f" (did you mean {close[0]}{' ' + value if value else ''}?)" if close else ""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,6 +94,28 @@ def test_options_and_overrides_in_any_order(tmp_path, monkeypatch):
         assert exited.value.code == 2
 
 
+EVAL_ARGS = ["--backbone", "b", "--train", "t", "--val", "v"]
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["pretrain", "--epochs", "3"], "--epochs (did you mean train.epochs=3?)"),  # a config key, as an override
+    (["pretrain", "data.path=x", "--workerz", "2"], "(did you mean --workers 2?)"),
+    (["knn", *EVAL_ARGS, "--neighbours", "5"], "--neighbours 5 (did you mean --k 5?)"),  # named by --k's help
+    (["knn", *EVAL_ARGS, "--temprature=0.1"], "--temprature=0.1 (did you mean --temperature 0.1?)"),
+    (["finetune", *EVAL_ARGS, "--label-fractoin", "1%"], "(did you mean --label-fraction 1%?)"),
+    (["linear", *EVAL_ARGS, "--zzz"], "unrecognized arguments: --zzz"),  # nothing close: no guess
+])
+def test_an_unknown_option_gets_the_closest_valid_one_in_one_line(argv, hint, capsys):
+    with pytest.raises(SystemExit) as exited:
+        parse_arguments(build_parser(), argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"swavkit {argv[0]}: error: unrecognized arguments: ") and err[-1].endswith(hint)
+    assert err[0].startswith(f"usage: swavkit {argv[0]}")  # the sub-command's usage, not the top level's
+    if argv[-1] == "--zzz":
+        assert "did you mean" not in err[-1]
+
+
 @pytest.mark.parametrize("command", ["pretrain", "knn", "linear", "cluster"])
 def test_workers_is_the_same_flag_everywhere(command):
     required = {"pretrain": [], "knn": ["--backbone", "b", "--train", "t", "--val", "v"],
