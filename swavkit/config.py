@@ -62,6 +62,12 @@ class DataConfig:
                                   "in the workers). auto: on when training on a GPU, whose workers could not "
                                   "keep up (3x end-to-end images/s on an H200, benchmarks/README.md)",
                                   default="auto")
+    decode_on_device: str = _help("auto | true | false: workers hand over JPEG files still encoded and the training "
+                                  "process decodes each batch with torchvision.io.decode_jpeg on its device (nvJPEG "
+                                  "on a GPU), cuts the crops there and runs the colour ops there too; other files "
+                                  "are decoded by the workers as before. Same crops, pixels within a few levels of "
+                                  "Pillow's decoder. auto: off until benchmarks/bench_gpu_pipeline.py has measured "
+                                  "it on a GPU", default="auto")
 
 
 @dataclass
@@ -355,7 +361,7 @@ def dump_yaml(cfg: Config) -> str:
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every_steps", "train.checkpoint_every_minutes",
                      "train.checkpoint_every_steps", "train.device", "train.skip_nonfinite_steps",
                      "train.collapse_patience_steps", "data.num_workers", "data.pin_memory",
-                     "data.prefetch_factor", "data.colour_on_device", "model.channels_last", "model.compile",
+                     "data.prefetch_factor", "data.colour_on_device", "data.decode_on_device", "model.channels_last", "model.compile",
                      "model.init", "train.loggers", "monitor.", "out_dir")
 
 
@@ -381,6 +387,7 @@ CHOICES = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "data.colour_on_device": ("auto", "true", "false"),
+    "data.decode_on_device": ("auto", "true", "false"),
     "model.channels_last": ("auto", "true", "false"),
 }
 LOGGER_CHOICES = ("jsonl", "tensorboard", "wandb", "mlflow")  # train.loggers entries (swavkit/loggers.py)

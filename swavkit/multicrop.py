@@ -15,6 +15,9 @@ and of torchvision's transforms, split in two halves so that it is cheap on smal
   (``collate_pixels``) and the training process applies the same colour ops on its device (``finish``):
   a quarter of the bytes cross to the GPU, and the workers keep only decoding and cutting. The two
   routes run the same code on the same numbers, so on a CPU they give identical crops.
+* Or, with ``data.decode_on_device``, the workers send JPEG files still encoded with their crops' random
+  choices (``geometry``, the same single draw as ``__call__``), and the training process decodes, cuts,
+  flips and colours them on its device (swavkit.data.device_decode).
 
 Why: on 32 px images the per-crop tensor ops of a torchvision pipeline are almost all call overhead
 (ColorJitter's hue round trip alone is ~0.3 ms per crop); batched, that cost is shared by the whole
@@ -81,15 +84,27 @@ class MultiCropTransform:
     # ---- per image (geometry) ----------------------------------------------------------------------
 
     def __call__(self, image: Image.Image) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        width, height = image.size
-        uniforms = torch.rand(len(self.crops), N_UNIFORMS).tolist()  # the only RNG call for this image
         crops = []
-        for (size, scale), u in zip(self.crops, uniforms):
-            crop = image.resize((size, size), Image.BILINEAR, box=crop_box(width, height, scale, u))
-            if u[22] < 0.5:
+        for size, (box, flip, params) in zip(self.sizes_px, self.geometry(*image.size)):
+            crop = image.resize((size, size), Image.BILINEAR, box=box)
+            if flip:
                 crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-            crops.append((TF.pil_to_tensor(crop), self.colour_parameters(u)))
+            crops.append((TF.pil_to_tensor(crop), params))
         return crops
+
+    @property
+    def sizes_px(self) -> list[int]:
+        """The side of each of the V crops, large crops first."""
+        return [size for size, _ in self.crops]
+
+    def geometry(self, width: int, height: int) -> list[tuple[tuple[int, int, int, int], bool, torch.Tensor]]:
+        """Every random choice for one image of ``width`` x ``height`` px -> per crop (PIL box (left, top,
+        right, bottom), flip?, colour parameters [N_PARAMS]). One call of torch's default generator, so
+        the PIL route (``__call__``) and the decode-on-device route (swavkit.data.device_decode) draw the
+        same crops from the same per-sample seed."""
+        uniforms = torch.rand(len(self.crops), N_UNIFORMS).tolist()  # the only RNG call for this image
+        return [(crop_box(width, height, scale, u), u[22] < 0.5, self.colour_parameters(u))
+                for (_, scale), u in zip(self.crops, uniforms)]
 
     def colour_parameters(self, u: list[float]) -> torch.Tensor:
         """The colour ops of one crop from its uniforms -> [N_PARAMS] (see the P_* layout)."""

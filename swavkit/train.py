@@ -23,6 +23,8 @@ from swavkit.config import Config, ConfigError, config_differences, dump_yaml, f
 from swavkit.data import (BUNDLED_SAMPLE, EpochSampler, UnlabeledImageFolder, append_skipped_report, check_readable,
                           printable_path)
 from swavkit.data.filelist import CACHE_NAME, PathList, load_path_cache, save_path_cache, source_key
+from swavkit.data.device_decode import (EncodedCrops, collate_encoded, decode_batch, encoded_or_rgb, read_encoded,
+                                       resolve_decode_on_device)
 from swavkit.data.errors import DataError
 from swavkit.data.shards import SHARD_INDEX, ShardStream, expand_shards, is_shard_spec, pass_batch, stored_count
 from swavkit.data.sources import data_specs, describe_specs, resolve_images
@@ -73,6 +75,7 @@ class _Processes:
     local_world_size: int
     precision: str  # fp32 | bf16 | fp16
     colour_on_device: bool  # colour ops in the training loop (True) or in the data workers
+    decode_on_device: bool = False  # JPEGs decoded and cut in the training loop (implies colour_on_device)
 
     def say(self, *args, **kwargs) -> None:
         """print on the main process only"""
@@ -200,9 +203,10 @@ def _start_processes(cfg: Config) -> _Processes:
     launch = distributed.init(device.type)
     world = distributed.world_size()
     validate(cfg, world_size=world)
+    decode = resolve_decode_on_device(cfg.data.decode_on_device, device)
     return _Processes(device, world, distributed.rank(), distributed.is_main_process(), launch.local_world_size,
                       resolve_precision(cfg.train.precision, device),
-                      resolve_auto_flag(cfg.data.colour_on_device, device))
+                      resolve_auto_flag(cfg.data.colour_on_device, device) or decode, decode)
 
 
 def _open_run_folder(cfg: Config, restart: bool) -> tuple[RunFolder, dict | None]:
@@ -266,11 +270,14 @@ def _build_data(cfg: Config, procs: _Processes, files: RunFolder, resuming: bool
     if cfg.monitor.knn_data:
         _monitor_folders(cfg)  # a wrong monitoring folder should fail now, not after the first epoch
     transform = MultiCropTransform.from_config(cfg.crops)
-    dataset = UnlabeledImageFolder(shown, transform, paths=paths)
+    if procs.decode_on_device:  # workers keep JPEGs encoded; _next_batch decodes them (swavkit.data.device_decode)
+        dataset = UnlabeledImageFolder(shown, EncodedCrops(transform), paths=paths, reader=read_encoded)
+    else:
+        dataset = UnlabeledImageFolder(shown, transform, paths=paths)
     sampler = EpochSampler(len(paths), procs.rank, procs.world, cfg.seed)
     workers, on_gpu = cfg.data.num_workers, procs.device.type == "cuda"
     loader = DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler, drop_last=True, num_workers=workers,
-                        collate_fn=transform.collate_pixels if procs.colour_on_device else transform.collate,
+                        collate_fn=_worker_collate(transform, procs),
                         pin_memory=cfg.data.pin_memory and on_gpu, persistent_workers=workers > 0,
                         prefetch_factor=cfg.data.prefetch_factor if workers else None)
     _warn_about_crops(cfg, procs, typical_side_px(paths, sample=50))
@@ -280,7 +287,7 @@ def _build_data(cfg: Config, procs: _Processes, files: RunFolder, resuming: bool
               + (" (bundled Fashion-MNIST sample, MIT licence)" if not named else "")
               + f"; {n_crops} crops each ({' + '.join(f'{c}x{s}px' for c, s in zip(cfg.crops.counts, cfg.crops.sizes_px))}); "
               f"{steps_per_epoch} steps/epoch at global batch {cfg.train.batch_size} ({procs.world} process(es)); colour ops "
-              + (f"on {procs.device.type} (data.colour_on_device)" if procs.colour_on_device else "in the data workers"))
+              + _colour_where(procs))
     return _Data(transform, dataset, sampler, loader, per_rank_batch, steps_per_epoch,
                  steps_per_epoch * cfg.train.epochs, file_list=None if from_cache else paths,
                  file_list_source=source_key(specs))
@@ -312,9 +319,11 @@ def _build_shard_data(cfg: Config, procs: _Processes, specs: list[str], files: R
     if cfg.monitor.knn_data:
         _monitor_folders(cfg)
     transform = MultiCropTransform.from_config(cfg.crops)
-    stream = ShardStream(shards, transform, transform.collate_pixels if procs.colour_on_device else transform.collate,
-                         per_rank_batch, rank=procs.rank, world=procs.world, seed=cfg.seed,
-                         shuffle_buffer=cfg.data.shuffle_buffer, samples_per_epoch=samples_per_epoch)
+    decode = dict(decode=encoded_or_rgb) if procs.decode_on_device else {}
+    stream = ShardStream(shards, EncodedCrops(transform) if procs.decode_on_device else transform,
+                         _worker_collate(transform, procs), per_rank_batch, rank=procs.rank, world=procs.world,
+                         seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer, samples_per_epoch=samples_per_epoch,
+                         **decode)
     # Workers restart each epoch (not persistent): they take the epoch and resume position from the stream.
     loader = DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=pass_batch,
                         pin_memory=cfg.data.pin_memory and procs.device.type == "cuda",
@@ -322,8 +331,22 @@ def _build_shard_data(cfg: Config, procs: _Processes, specs: list[str], files: R
     procs.say(f"data: {len(shards)} shard(s) {printable_path(specs[0])}, {samples_per_epoch} images/epoch, shuffle "
               f"buffer {cfg.data.shuffle_buffer}; {steps_per_epoch} steps/epoch at global batch {cfg.train.batch_size} "
               f"({procs.world} process(es)); colour ops "
-              + (f"on {procs.device.type} (data.colour_on_device)" if procs.colour_on_device else "in the data workers"))
+              + _colour_where(procs))
     return _Data(transform, stream, stream, loader, per_rank_batch, steps_per_epoch, steps_per_epoch * cfg.train.epochs)
+
+
+def _worker_collate(transform: MultiCropTransform, procs: _Processes):
+    """What the data workers hand over per batch: encoded JPEGs, uint8 crops, or finished views."""
+    if procs.decode_on_device:
+        return collate_encoded
+    return transform.collate_pixels if procs.colour_on_device else transform.collate
+
+
+def _colour_where(procs: _Processes) -> str:
+    """The data banner's last words: where decoding and the colour ops run."""
+    if procs.decode_on_device:
+        return f"on {procs.device.type}, JPEGs decoded there too (data.decode_on_device)"
+    return f"on {procs.device.type} (data.colour_on_device)" if procs.colour_on_device else "in the data workers"
 
 
 def _say_if_stream_layout_changed(cfg: Config, procs: _Processes, files: RunFolder) -> None:
@@ -492,6 +515,9 @@ def _next_batch(loop: _Loop, state: TrainState, batches, window: LogWindow) -> l
         raise DataLoaderCrashed(f"a data-loading worker died ({str(err).splitlines()[0]}) while reading "
                                 f"{', '.join(reading) or 'an unknown file'}; move that file away or use "
                                 "data.num_workers=0 to see the full error") from None
+    if loop.procs.decode_on_device:  # encoded JPEGs: decoded and cut here (counted as data wait)
+        crops, undecodable = decode_batch(crops, loop.data.transform.sizes_px, loop.procs.device)
+        skipped = skipped + undecodable
     window.wait_s += time.perf_counter() - wait_start
     if skipped:
         _record_skipped(loop.files.skipped, state, skipped, loop.procs.is_main)

@@ -15,6 +15,8 @@ names are written out. One concept per module:
 * ``filelist``: the compact path list (PathList) every worker shares, .txt/.csv list files, the run
   folder's cached list (``files.npz``).
 * ``sources``: what data.path / data.paths name (folders, list files, shards) resolved to images.
+* ``device_decode``: data.decode_on_device, JPEGs handed over encoded and decoded + cut in batches on the
+  training device.
 """
 
 from swavkit.data.datasets import (ImageFiles, LabelledImageFolder, ReadBatch, ReadOrReport, UnlabeledImageFolder,

@@ -188,14 +188,17 @@ class UnlabeledImageFolder(Dataset):
 
     An unreadable file is replaced by the next readable one (deterministically) and reported in
     ``skipped`` so the trainer can count it and list it in ``skipped.txt``
-    (:func:`swavkit.data.append_skipped_report`).
+    (:func:`swavkit.data.append_skipped_report`). ``reader`` turns a path into what ``transform`` takes
+    (default :func:`read_rgb`; data.decode_on_device keeps JPEGs encoded, swavkit.data.device_decode)
+    and raises UnreadableImage for a file it cannot read.
     """
 
     def __init__(self, root: str | Path, transform=None, paths: list[str] | None = None,
-                 max_consecutive_failures: int = 64):
+                 max_consecutive_failures: int = 64, reader=read_rgb):
         self.root = str(root)
         self.paths = paths if paths is not None else find_images(root)
         self.transform = transform
+        self.reader = reader
         self.max_consecutive_failures = max_consecutive_failures
         # Which file each worker is decoding (-1 = none); shared with workers so that a worker that
         # dies can be reported with the file it was reading.
@@ -208,7 +211,7 @@ class UnlabeledImageFolder(Dataset):
         worker = torch.utils.data.get_worker_info()
         slot = worker.id % len(self.reading) if worker is not None else 0
         self.reading[slot] = index
-        image = read_rgb(self.paths[index])
+        image = self.reader(self.paths[index])
         self.reading[slot] = -1
         return image
 

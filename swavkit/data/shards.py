@@ -154,11 +154,12 @@ class ShardStream(IterableDataset):
 
     ``set_epoch(epoch, start)`` (start = samples this rank already used in the epoch) must come before
     each ``iter``; the DataLoader must not keep its workers between epochs (persistent_workers=False), so
-    that they see the new epoch."""
+    that they see the new epoch. ``decode(bytes, name)`` turns a member into what ``transform`` takes
+    (default read_rgb_bytes; data.decode_on_device keeps JPEGs encoded, swavkit.data.device_decode)."""
 
     def __init__(self, shards: list[str], transform, collate, batch_size: int, *, rank: int, world: int,
-                 seed: int, shuffle_buffer: int, samples_per_epoch: int):
-        self.shards, self.transform, self.collate = list(shards), transform, collate
+                 seed: int, shuffle_buffer: int, samples_per_epoch: int, decode=read_rgb_bytes):
+        self.shards, self.transform, self.collate, self.decode = list(shards), transform, collate, decode
         self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
         self.shuffle_buffer, self.samples_per_epoch = shuffle_buffer, samples_per_epoch
         self.epoch, self.start_batches = 0, 0
@@ -227,7 +228,7 @@ class ShardStream(IterableDataset):
                 skipped.append((name, reason))
                 continue
             try:
-                taken.append((name, read_rgb_bytes(data, name)))
+                taken.append((name, self.decode(data, name)))
             except UnreadableImage as err:
                 skipped.append((err.path, err.reason))
                 taken.append((name, None))
