@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 from pathlib import Path
@@ -32,6 +33,31 @@ def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return int(text)
+
+
+def parse_duration_minutes(text: str) -> float:
+    """'20m', '1300s', '1.5h' or a bare number of minutes -> minutes (> 0); ValueError otherwise."""
+    units = {"s": 1 / 60, "m": 1.0, "min": 1.0, "h": 60.0}
+    text = text.strip().lower()
+    number, unit = text, "m"
+    for suffix in sorted(units, key=len, reverse=True):
+        if text.endswith(suffix):
+            number, unit = text[: -len(suffix)], suffix
+            break
+    try:
+        minutes = float(number) * units[unit]
+    except ValueError:
+        raise ValueError(f"expected a duration like 20m, 1300s or 1.5h, got {text!r}") from None
+    if not (minutes > 0 and math.isfinite(minutes)):
+        raise ValueError(f"expected a positive duration like 20m, 1300s or 1.5h, got {text!r}")
+    return minutes
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration_minutes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _add_workers(p, default: int | None, what: str) -> None:
@@ -72,7 +98,8 @@ def _cmd_pretrain(args) -> int:
 
     # --workers first, so an explicit data.num_workers=N (applied later) wins
     workers = [f"data.num_workers={args.workers}"] if args.workers is not None else []
-    cfg = build_config(args.config or [], workers + list(args.overrides), auto=args.auto)
+    budget = [f"train.budget_minutes={args.budget}"] if args.budget is not None else []
+    cfg = build_config(args.config or [], workers + budget + list(args.overrides), auto=args.auto)
     try:
         result = train(cfg, restart=args.restart, progress=not args.no_progress)
     finally:
@@ -90,6 +117,7 @@ def _add_pretrain(subparsers) -> None:
                "  swavkit pretrain\n"
                "  swavkit pretrain --config configs/cifar10_resnet18.yaml data.path=/data/imgs out_dir=runs/a\n"
                "  swavkit pretrain data.path=/data/imgs --auto model.backbone=resnet18 --workers 8\n"
+               "  swavkit pretrain data.path=/data/imgs --auto --budget 20m\n"
                "  torchrun --nproc_per_node=8 -m swavkit pretrain --config configs/imagenet_resnet50.yaml "
                "data.path=/data/train",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,6 +126,10 @@ def _add_pretrain(subparsers) -> None:
     p.add_argument("--auto", action="store_true",
                    help="derive crops, batch, prototypes, queue, freezing, warm-up and epochs from the data and the "
                         "hardware for every key not set explicitly, and print each value with its reason")
+    p.add_argument("--budget", type=_duration, default=None, metavar="DURATION",
+                   help="wall-clock time for the whole run (20m, 1300s, 1.5h; same as train.budget_minutes): the "
+                        "schedule is fitted to the measured speed so the run and its export end on time; with --auto "
+                        "it also sizes the backbone and crops")
     _add_workers(p, None, "same as data.num_workers=N; " + WORKERS_DEFAULT_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")

@@ -128,6 +128,15 @@ class SwAVConfig:
     queue_start_epoch: int = _help("epoch at which the queue starts filling; it is used once full", default=15)
     freeze_prototypes_epochs: float = _help("epochs (fractions allowed) during which prototypes get no gradient",
                                             default=1.0)
+    prevent_collapse: bool = _help("act when the codes stop carrying information: lower epsilon (down to "
+                                   "min_epsilon) while the codes' per-sample entropy is above code_entropy_target x "
+                                   "ln K, and stop using the queue if the loss returns to ln K while it is in use. "
+                                   "false = the paper's fixed epsilon and queue (swavkit/sharpness.py, "
+                                   "benchmarks/README.md)", default=True)
+    code_entropy_target: float = _help("prevent_collapse's target: mean per-sample code entropy as a fraction of "
+                                       "ln K (0 = one-hot codes, 1 = uniform; healthy cifar10-small runs sat at "
+                                       "0.5-0.7 with a fixed epsilon)", default=0.6)
+    min_epsilon: float = _help("prevent_collapse's lower bound for epsilon", default=0.005)
 
 
 @dataclass
@@ -158,7 +167,12 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = _help("passes over the data", default=100)
+    epochs: int = _help("passes over the data; with budget_minutes, only the run's shape (warm-up, prototype "
+                        "freezing and queue start keep their share of it)", default=100)
+    budget_minutes: float = _help("wall-clock minutes for the whole run, start-up and export included (0 = "
+                                  "train.epochs decides). The first steps measure the speed, then the schedule is "
+                                  "fitted to end on time and re-fitted if the speed changes (swavkit/budget.py)",
+                                  default=0.0)
     batch_size: int = _help("GLOBAL batch (all processes together); must divide by the number of processes",
                             default=256)
     precision: str = _help("auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs that support it, fp32 on CPU)",
@@ -358,7 +372,8 @@ def dump_yaml(cfg: Config) -> str:
 
 # Keys a resumed run may change: they do not alter what has been computed so far (prefixes: "monitor."
 # covers the whole section).
-RESUMABLE_CHANGES = ("train.epochs", "train.log_every_steps", "train.checkpoint_every_minutes",
+RESUMABLE_CHANGES = ("train.epochs", "train.budget_minutes", "swav.prevent_collapse", "swav.code_entropy_target",
+                     "swav.min_epsilon", "train.log_every_steps", "train.checkpoint_every_minutes",
                      "train.checkpoint_every_steps", "train.device", "train.skip_nonfinite_steps",
                      "train.collapse_patience_steps", "data.num_workers", "data.pin_memory",
                      "data.prefetch_factor", "data.colour_on_device", "data.decode_on_device", "model.channels_last", "model.compile",
@@ -439,16 +454,21 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
-    strictly_positive_floats = {"swav.epsilon": cfg.swav.epsilon, "swav.temperature": cfg.swav.temperature}
+    strictly_positive_floats = {"swav.epsilon": cfg.swav.epsilon, "swav.temperature": cfg.swav.temperature,
+                                "swav.min_epsilon": cfg.swav.min_epsilon}
     _validate_lr(cfg.optim)
     for key, value in strictly_positive_floats.items():
         if not (value > 0 and math.isfinite(value)):
             raise ConfigError(f"{key}: must be a positive number, got {value}")
+    if not 0.0 < cfg.swav.code_entropy_target < 1.0:
+        raise ConfigError(f"swav.code_entropy_target: a fraction of ln K strictly between 0 and 1, got "
+                          f"{cfg.swav.code_entropy_target}")
     non_negative = {"model.hidden_dim": cfg.model.hidden_dim, "data.num_workers": cfg.data.num_workers,
                     "data.samples_per_epoch": cfg.data.samples_per_epoch, "data.shuffle_buffer": cfg.data.shuffle_buffer,
                     "swav.queue_length": cfg.swav.queue_length, "swav.queue_start_epoch": cfg.swav.queue_start_epoch,
                     "swav.freeze_prototypes_epochs": cfg.swav.freeze_prototypes_epochs,
                     "optim.warmup_epochs": cfg.optim.warmup_epochs, "optim.weight_decay": cfg.optim.weight_decay,
+                    "train.budget_minutes": cfg.train.budget_minutes,
                     "train.checkpoint_every_steps": cfg.train.checkpoint_every_steps,
                     "train.skip_nonfinite_steps": cfg.train.skip_nonfinite_steps}
     for key, value in non_negative.items():

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import statistics
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -21,6 +23,16 @@ from swavkit.schedule import reference_peak_lr
 
 REFERENCE_IMAGES = 1_281_167  # ImageNet-1k train, what the paper's numbers are tuned for
 REFERENCE_FREEZE_STEPS = 313  # one ImageNet epoch at batch 4096
+
+# On a CPU: resnet10t, timm's cheapest ResNet, whose tiered 3-conv stem keeps the most of a small crop; it
+# learned the most per CPU-minute in the cifar10-small probes (benchmarks/README.md, "Evaluation").
+CPU_BACKBONE = "resnet10t"
+# With a budget on a CPU, the largest crop side (of CROP_LADDER_PX, at most the images' side) that still
+# affords this many passes over the data at the measured speed. On cifar10-small the 20-NN accuracy kept
+# rising from 10 to 89 passes (37.6 -> 44.8 %): passes matter more than pixels on a CPU.
+CPU_MIN_PASSES = 30
+CROP_LADDER_PX = (32, 48, 64, 96, 128, 160, 224)
+BUDGET_TRAINING_SHARE = 0.85  # of the budget, for steps (start-up, checkpoints and export take the rest)
 
 
 @dataclass(frozen=True)
@@ -64,16 +76,77 @@ def _crop_recipe(side_px: int, on_gpu: bool = True) -> tuple[dict, str]:
             f"images are ~{side_px} px: the paper's 2x224 + 6x96 crops")
 
 
+def _cpu_crops(size_px: int) -> dict:
+    """CPU crops for a large-crop side: two crops, plus four at half the side once that is >= 48 px."""
+    if size_px >= 96:
+        return {"counts": [2, 4], "sizes_px": [size_px, size_px // 2], "min_scales": [0.14, 0.05],
+                "max_scales": [1.0, 0.14], "blur_probability": 0.5}
+    return {"counts": [2], "sizes_px": [size_px], "min_scales": [0.2], "max_scales": [1.0],
+            "blur_probability": 0.0 if size_px <= 48 else 0.5}
+
+
+def _crop_seconds_per_image(crops: dict, seconds_per_image: Callable[[int], float]) -> float:
+    return sum(count * seconds_per_image(size) for count, size in zip(crops["counts"], crops["sizes_px"]))
+
+
+def _budget_crops_on_cpu(side_px: int, n_images: int, budget_s: float,
+                         seconds_per_image: Callable[[int], float]) -> tuple[dict, float, str]:
+    """(crops, passes over the data they afford, reason): the largest ladder size <= the images' side whose
+    crops still afford CPU_MIN_PASSES passes in the budget at the measured speed."""
+    sizes = [s for s in CROP_LADDER_PX if s <= max(32, side_px)]
+    chosen, chosen_passes, tried = None, 0.0, []
+    for size in sizes:  # small to large: stop at the first that no longer affords the passes
+        crops = _cpu_crops(size)
+        passes = BUDGET_TRAINING_SHARE * budget_s / (_crop_seconds_per_image(crops, seconds_per_image) * n_images)
+        tried.append(f"{size} px: {passes:.0f}")
+        if chosen is not None and passes < CPU_MIN_PASSES:
+            break
+        chosen, chosen_passes = crops, passes
+    groups = " + ".join(f"{c}x{s}" for c, s in zip(chosen["counts"], chosen["sizes_px"]))
+    return (chosen, chosen_passes,
+            f"images are ~{side_px} px, budget {budget_s / 60:g} min on a CPU: passes over the data at the measured "
+            f"speed ({', '.join(tried)}); {groups} crops, the largest affording >= {CPU_MIN_PASSES} passes "
+            "(passes mattered more than pixels on cifar10-small)")
+
+
 def derive(n_images: int, side_px: int, world_size: int = 1, global_batch: int | None = None,
-           on_gpu: bool = False, epochs: int | None = None, local_world_size: int = 1) -> list[Suggestion]:
-    """Suggested values (with reasons) for a dataset of ``n_images`` images of ~``side_px`` pixels."""
+           on_gpu: bool = False, epochs: int | None = None, local_world_size: int = 1,
+           budget_minutes: float | None = None, backbone: str | None = None,
+           seconds_per_image: Callable[[int], float] | None = None) -> list[Suggestion]:
+    """Suggested values (with reasons) for a dataset of ``n_images`` images of ~``side_px`` pixels.
+
+    ``budget_minutes``: the run's time budget (None: none). ``backbone``: the user's choice (None: derived
+    here). ``seconds_per_image(size_px)``: measured forward + backward seconds per crop of that side for the
+    backbone on this machine (:func:`measure_seconds_per_image`); needed with a budget on a CPU.
+    """
     out: list[Suggestion] = []
-    crops, why = _crop_recipe(side_px, on_gpu)
+    if backbone is None:
+        if on_gpu:
+            backbone = "resnet18" if side_px <= 64 else "resnet50"
+            why = (f"images are ~{side_px} px on a GPU: " + ("resnet18 (a resnet50 is mostly wasted on 1x1 final maps)"
+                                                             if side_px <= 64 else "the paper's resnet50"))
+            out.append(Suggestion("model.backbone", backbone, why))
+        else:
+            backbone = CPU_BACKBONE
+            out.append(Suggestion("model.backbone", backbone,
+                                  "on a CPU: resnet10t, the cheapest timm ResNet, learned the most per CPU-minute in the "
+                                  "cifar10-small probes (resnet50 trains ~2 images/s here: benchmarks/README.md)"))
+            out.append(Suggestion("model.zero_init_last", True, "timm's ResNet init, with which the CPU recipes were "
+                                  "measured"))
+    budget_s = 60.0 * budget_minutes if budget_minutes else None
+    passes = None
+    if budget_s and not on_gpu and seconds_per_image is not None:
+        crops, passes, why = _budget_crops_on_cpu(side_px, n_images, budget_s, seconds_per_image)
+    else:
+        crops, why = _crop_recipe(side_px, on_gpu)
     for key, value in crops.items():
         out.append(Suggestion(f"crops.{key}", value, why))
+    if not on_gpu and crops["sizes_px"][0] <= 48:
+        out.append(Suggestion("crops.color_jitter_strength", 0.5, "small images: SimCLR's CIFAR jitter strength (1.0 "
+                              "and 0.25 both lost 1.6-2.4 k-NN points on cifar10-small)"))
 
     if global_batch is None:
-        per_process = 64 if on_gpu else 32
+        per_process = 64 if on_gpu else 128 if crops["sizes_px"][0] <= 64 else 32
         global_batch = per_process * world_size
         while global_batch > max(world_size, n_images // 4) and global_batch > world_size:
             global_batch //= 2
@@ -87,10 +160,16 @@ def derive(n_images: int, side_px: int, world_size: int = 1, global_batch: int |
                           f"~1 prototype per 50 images ({n_images} images), capped at the paper's 3000: over-cluster, "
                           "but keep every prototype fed"))
 
-    if epochs is None:
+    if epochs is None and passes is not None:
+        epochs = max(1, round(passes))
+        out.append(Suggestion("train.epochs", epochs,
+                              f"the passes the budget affords at the measured speed; the run measures its own speed "
+                              "and fits the schedule to the budget, this only shapes warm-up, freezing and queue"))
+    elif epochs is None:
         epochs = 800 if n_images <= 20_000 else 400 if n_images <= 200_000 else 200 if n_images <= 2_000_000 else 100
         out.append(Suggestion("train.epochs", epochs,
-                              f"{n_images} images: small data needs more passes (paper: 200-800 epochs on ImageNet)"))
+                              f"{n_images} images: small data needs more passes (paper: 200-800 epochs on ImageNet)"
+                              + ("; with the budget this only shapes warm-up, freezing and queue" if budget_s else "")))
 
     steps_per_epoch = max(1, n_images // global_batch)
     # the paper's 313 steps, but never more than 5 % of the run (a short run must train its prototypes too)
@@ -126,6 +205,29 @@ def derive(n_images: int, side_px: int, world_size: int = 1, global_batch: int |
                           "paper: 0.6 at 256, 4.8 at 4096, not linear: 0.6 x 16 would be 9.6), AdamW "
                           f"{adamw_peak:.3g} (5e-4 per 256); cosine to peak / 1000"))
     return out
+
+
+def measure_seconds_per_image(backbone: str, backbone_kwargs: dict | None = None, batch: int = 16,
+                              device: str = "cpu") -> Callable[[int], float]:
+    """A function size_px -> seconds of forward + backward per crop of that side, for ``backbone`` on this
+    machine (random weights and pixels, median of 3 timed passes after one warm-up; cached per size)."""
+    from swavkit.model import create_backbone
+
+    net = create_backbone(backbone, **(backbone_kwargs or {})).to(device).train()
+    cache: dict[int, float] = {}
+
+    def seconds(size_px: int) -> float:
+        if size_px not in cache:
+            x = torch.randn(batch, 3, size_px, size_px, device=device)
+            times = []
+            for _ in range(4):
+                start = time.perf_counter()
+                net(x).float().square().mean().backward()
+                times.append(time.perf_counter() - start)
+            cache[size_px] = statistics.median(times[1:]) / batch
+        return cache[size_px]
+
+    return seconds
 
 
 def explicit_keys(tree: dict, prefix: str = "") -> set[str]:
@@ -184,10 +286,21 @@ def auto_config(tree: dict) -> Config:
     data_root = describe_specs(specs)
     launch = distributed.detect_launch()
     world = launch.world_size
+    on_gpu = torch.cuda.is_available() and tree.get("train", {}).get("device", "auto") != "cpu"
+    budget = tree.get("train", {}).get("budget_minutes") or None
+    backbone = tree["model"]["backbone"] if "model.backbone" in chosen else None
+    speed = None
+    if budget and not on_gpu:
+        start = time.perf_counter()
+        speed_backbone = backbone or CPU_BACKBONE
+        speed = measure_seconds_per_image(speed_backbone, tree.get("model", {}).get("backbone_kwargs"))
     suggestions = derive(len(paths), typical_side_px(paths), world, local_world_size=launch.local_world_size,
                          global_batch=tree["train"]["batch_size"] if "train.batch_size" in chosen else None,
-                         on_gpu=torch.cuda.is_available(),
-                         epochs=tree["train"]["epochs"] if "train.epochs" in chosen else None)
+                         on_gpu=on_gpu, epochs=tree["train"]["epochs"] if "train.epochs" in chosen else None,
+                         budget_minutes=float(budget) if budget else None, backbone=backbone,
+                         seconds_per_image=speed)
+    if speed is not None and distributed.is_main_process():
+        print(f"swavkit: --auto timed {speed_backbone} on this machine in {time.perf_counter() - start:.1f} s")
     applied = apply(tree, suggestions, chosen)
     cfg = from_dict(tree)
     validate(cfg, world_size=world)

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 
 from swavkit import distributed
+from swavkit.budget import BudgetPlan
 from swavkit.checkpoint import CHECKPOINT_FORMAT
 from swavkit.config import Config
 from swavkit.diagnosis import CollapseMonitor
@@ -97,6 +98,10 @@ class TrainState:
     collapse: CollapseMonitor | None = None  # None: a monitor with the default patience
     model: torch.nn.Module | None = None  # None: ``core``
     lr_schedule: LRSchedule | None = None  # saved with the state: a resume continues the same curve
+    budget: BudgetPlan | None = None  # train.budget_minutes: the plan, saved with the state
+    epsilon: float = math.nan  # Sinkhorn's epsilon now (swavkit.sharpness moves it); NaN: settings.epsilon
+    queue_dropped_at_step: int = -1  # >= 0: swavkit.sharpness stopped the queue at that step (-1: in use)
+    queue_near_ln_k_windows: int = 0  # logging windows in a row at ln K with the queue in use (the guard's count)
     step: int = 0  # optimiser steps taken or dropped so far (the schedule's clock)
     nonfinite_skipped: int = 0  # steps refused for a non-finite loss or gradient
     last_loss: float = math.nan  # mean loss of the last logging window
@@ -142,8 +147,11 @@ class TrainState:
         return {"format": CHECKPOINT_FORMAT, "step": self.step, "model": self.core.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "per_rank": per_rank,
                 "collapse": self.collapse.state_dict(), "nonfinite_skipped": self.nonfinite_skipped,
-                "last_loss": self.last_loss, "skipped_files": sorted(self.skipped_files),
-                **({"lr_schedule": self.lr_schedule.state_dict()} if self.lr_schedule is not None else {})}
+                "last_loss": self.last_loss, "skipped_files": sorted(self.skipped_files), "epsilon": self.epsilon,
+                "queue_dropped_at_step": self.queue_dropped_at_step,
+                "queue_near_ln_k_windows": self.queue_near_ln_k_windows,
+                **({"lr_schedule": self.lr_schedule.state_dict()} if self.lr_schedule is not None else {}),
+                **({"budget": self.budget.state_dict()} if self.budget is not None else {})}
 
     def load_state_dict(self, state: dict) -> list[str]:
         """Restore a checkpoint dict (as ``state_dict`` or ``load_training_checkpoint`` gives it).
@@ -156,10 +164,15 @@ class TrainState:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.nonfinite_skipped = int(state["step"]), int(state.get("nonfinite_skipped", 0))
         self.last_loss = float(state.get("last_loss", math.nan))
+        self.epsilon = float(state.get("epsilon", math.nan))
+        self.queue_dropped_at_step = int(state.get("queue_dropped_at_step", -1))
+        self.queue_near_ln_k_windows = int(state.get("queue_near_ln_k_windows", 0))
         self.collapse.load_state_dict(state.get("collapse", {}))
         self.skipped_files = set(state.get("skipped_files", []))
         if self.lr_schedule is not None and "lr_schedule" in state:  # older checkpoints: the one built now
             self.lr_schedule.load_state_dict(state["lr_schedule"])
+        if self.budget is not None and "budget" in state:  # a run that had no budget starts planning now
+            self.budget.load_state_dict(state["budget"])
         per_rank, world = state["per_rank"], distributed.world_size()
         mine = per_rank[distributed.rank()] if len(per_rank) == world else per_rank[0]
         torch.set_rng_state(mine["rng_cpu"])
@@ -224,6 +237,7 @@ def _batch_codes(state: TrainState, scores: torch.Tensor, settings: StepSettings
                  use_queue: bool) -> dict[int, torch.Tensor]:
     """scores [V, B, K] -> {assignment crop i: Q_i [B, K]}, into Sinkhorn buffers kept in ``state``."""
     _, B, K = scores.shape
+    epsilon = settings.epsilon if math.isnan(state.epsilon) else state.epsilon
     codes = {}
     for j, i in enumerate(settings.assignment_crops):
         queued = state.queue.embeddings[j] if use_queue and state.queue.is_full else None
@@ -231,7 +245,7 @@ def _batch_codes(state: TrainState, scores: torch.Tensor, settings: StepSettings
         out = state._code_buffers.get(j)
         if out is None or out.shape != (rows, K):  # first step, or the queue joined
             out = state._code_buffers[j] = torch.empty(rows, K, dtype=settings.sinkhorn_dtype, device=scores.device)
-        codes[i] = assign_codes(scores[i], queued, state.core.prototypes.weight, settings.epsilon,
+        codes[i] = assign_codes(scores[i], queued, state.core.prototypes.weight, epsilon,
                                 settings.sinkhorn_iterations, settings.sinkhorn_dtype, out=out)
     return codes
 
@@ -241,7 +255,7 @@ def train_step(state: TrainState, crops: list[torch.Tensor], settings: StepSetti
 
     Args:
         crops: V tensors [B, 3, s_v, s_v] on the model's device, large crops first.
-        lr: this step's learning rate (``schedule.lr_at_step(state.step, ...)``).
+        lr: this step's learning rate (``state.lr_schedule.lr(state.step)``).
 
     An applied step updates the weights, feeds the queue and advances ``state.step``. A refused step
     (non-finite loss or gradient; one host sync decides) restores the BN statistics, drops the
@@ -250,7 +264,8 @@ def train_step(state: TrainState, crops: list[torch.Tensor], settings: StepSetti
     """
     for group in state.optimizer.param_groups:
         group["lr"] = lr
-    queue_started = state.queue is not None and state.step >= settings.queue_start_step
+    queue_started = (state.queue is not None and state.queue_dropped_at_step < 0
+                     and state.step >= settings.queue_start_step)
     forward = forward_loss(state, crops, settings, use_queue=queue_started)
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(forward.loss).backward()

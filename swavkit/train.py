@@ -6,6 +6,7 @@ step and the state it changes (whose ``state_dict`` is the checkpoint) live in :
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from swavkit import distributed
+from swavkit.budget import BudgetClock, BudgetPlan, fit_total_steps, share_of_run, worth_changing
 from swavkit.checkpoint import backbone_state, export_backbone, load_training_checkpoint, save_atomic
 from swavkit.config import Config, ConfigError, config_differences, dump_yaml, from_dict, to_dict, validate
 from swavkit.data import (BUNDLED_SAMPLE, EpochSampler, UnlabeledImageFolder, append_skipped_report, check_readable,
@@ -40,6 +42,7 @@ from swavkit.optim import build_optimizer, resolve_optimizer_name
 from swavkit.presets import typical_side_px
 from swavkit.rundir import RunFolder
 from swavkit.schedule import LRSchedule, build_lr_schedule, explain_peak_lr
+from swavkit.sharpness import EpsilonControl, queue_should_stop, row_entropy
 from swavkit.signals import StopRequest as _StopRequest, StopRequested
 from swavkit.step import StepResult, StepSettings, TrainState, train_step
 
@@ -65,6 +68,8 @@ class TrainResult:
 # ----------------------------------------------------------------------------------------------------
 # what the setup stages decide, and the loop reads
 
+UNPLANNED_TOTAL_STEPS = 2 ** 62  # a budget run before its first plan: it ends when the plan says
+
 @dataclass
 class _Processes:
     """Stage 1: where this process runs, among how many, in which precision."""
@@ -81,6 +86,11 @@ class _Processes:
         """print on the main process only"""
         if self.is_main:
             print(*args, **kwargs)
+
+    def say_progress(self, text: str) -> None:
+        """A line on the main process while a progress bar is showing."""
+        if self.is_main:
+            tqdm.write(text)
 
 
 @dataclass
@@ -99,7 +109,8 @@ class _Data:
 
 @dataclass
 class _Loop:
-    """Everything the training loop reads and never changes, built by ``train``'s setup stages."""
+    """Everything the training loop reads, built by ``train``'s setup stages. Only a time budget's plan
+    changes it (``settings``, ``lr_schedule``: swavkit/budget.py)."""
     cfg: Config
     procs: _Processes
     files: RunFolder
@@ -109,19 +120,22 @@ class _Loop:
     memory_format: torch.memory_format
     stop_after_steps: int | None
     loggers: MetricLoggers | None  # the main process's metric backends; None on the others
+    epsilon_control: EpsilonControl | None  # None: the configured epsilon throughout (swav.prevent_collapse=false)
+    budget_clock: BudgetClock | None  # train.budget_minutes: this attempt's clock (the plan is in the state)
 
 
 @dataclass
 class LogWindow:
     """Sums over the steps since the last metrics row (the loss stays on the device until logged)."""
     loss_sum: torch.Tensor  # 0-d fp32
+    row_entropy_sum: torch.Tensor  # 0-d fp32: sum over steps of the codes' mean per-sample entropy (nats)
     steps: int = 0
     wait_s: float = 0.0  # time blocked on the data loader
     start_s: float = field(default_factory=time.perf_counter)
 
     @classmethod
     def open(cls, device: torch.device) -> "LogWindow":
-        return cls(torch.zeros((), device=device))
+        return cls(torch.zeros((), device=device), torch.zeros((), device=device))
 
 
 @dataclass
@@ -131,6 +145,7 @@ class _Progress:
     stop_request: "_StopRequest"
     window: LogWindow
     last_save_s: float  # time.monotonic() of the last checkpoint
+    save_duration_s: float = 0.0  # how long the last checkpoint took to write (the budget's reserve)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -150,6 +165,7 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
     # ================================================================================================
     # 1. processes, device, precision
     # ================================================================================================
+    started_s = time.monotonic()  # a time budget counts from here
     procs = _start_processes(cfg)
     with distributed.fail_together(exit_code_of), _StopRequest() as stop_request:
         # ============================================================================================
@@ -169,6 +185,8 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
         # ============================================================================================
         state, settings = _build_state(cfg, procs, data, core, model)
         resumed_at_step = _resume(state, checkpoint, procs, data, files) if checkpoint is not None else None
+        if not cfg.swav.prevent_collapse:  # switched off on resume: the configured epsilon and queue again
+            state.epsilon, state.queue_dropped_at_step = cfg.swav.epsilon, -1
         # ============================================================================================
         # 7. the first write: --restart cleanup, config.yaml, metrics back to the checkpoint, loggers
         # ============================================================================================
@@ -177,7 +195,9 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
         # ============================================================================================
         # 8. training loop
         # ============================================================================================
-        loop = _Loop(cfg, procs, files, data, settings, state.lr_schedule, memory_format, stop_after_steps, loggers)
+        loop = _Loop(cfg, procs, files, data, _planned_settings(settings, state.budget), state.lr_schedule,
+                     memory_format, stop_after_steps, loggers, _epsilon_control(cfg),
+                     BudgetClock(state.budget, started_s) if state.budget is not None else None)
         try:
             stopped_by = _train_epochs(loop, state, stop_request, show_progress=progress)
         finally:
@@ -194,6 +214,9 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
             _save_checkpoint(loop, state)
         backbone_dir = _export(loop, state)
         distributed.barrier()
+        if loop.budget_clock is not None:
+            procs.say(f"budget: {state.step} steps, {loop.budget_clock.elapsed_s() / 60:.1f} of "
+                      f"{cfg.train.budget_minutes:g} min used, export included")
     return TrainResult(files.path, files.checkpoint, backbone_dir, state.step, state.last_loss, completed=True)
 
 
@@ -235,9 +258,14 @@ def _resume(state: TrainState, checkpoint: dict, procs: _Processes, data: _Data,
     """Stage 6: weights, optimiser, step, queue, RNG and LR schedule from the checkpoint; its step."""
     for note in state.load_state_dict(checkpoint):
         procs.say(f"resume: {note}")
-    note = state.lr_schedule.change_total_steps(data.total_steps, state.step, data.steps_per_epoch)
-    if note:
-        procs.say(f"resume: {note}")
+    if state.budget is not None:  # the budget's plan (when made) decides the length, not train.epochs
+        if state.budget.planned:
+            data.total_steps = state.budget.total_steps
+        procs.say(f"resume: {state.budget.used_s / 60:.1f} of {state.budget.budget_s / 60:g} budget minutes used")
+    else:
+        note = state.lr_schedule.change_total_steps(data.total_steps, state.step, data.steps_per_epoch)
+        if note:
+            procs.say(f"resume: {note}")
     procs.say(f"resume: {printable_path(files.checkpoint)} at step {state.step}/{data.total_steps}")
     return state.step
 
@@ -444,12 +472,35 @@ def _build_state(cfg: Config, procs: _Processes, data: _Data, core: SwAVModel,
                              cfg.model.output_dim).to(procs.device)
     state = TrainState(core, optimizer, torch.amp.GradScaler(procs.device.type, enabled=procs.precision == "fp16"),
                        queue, CollapseMonitor(cfg.model.n_prototypes, cfg.train.collapse_patience_steps), model,
-                       lr_schedule=lr_schedule)
+                       lr_schedule=lr_schedule, epsilon=cfg.swav.epsilon,
+                       budget=BudgetPlan(60.0 * cfg.train.budget_minutes) if cfg.train.budget_minutes > 0 else None)
+    if state.budget is not None:  # until the first plan, the run cannot end by train.epochs
+        data.total_steps = UNPLANNED_TOTAL_STEPS
     settings = StepSettings.from_config(cfg, data.steps_per_epoch, autocast_dtype(procs.precision))
     procs.say(f"optimiser: {optimizer_name}, {lr_schedule.describe()} ({explain_peak_lr(cfg, optimizer_name)}); "
               f"prototypes frozen for {settings.freeze_prototype_steps} steps"
               + (f"; queue {cfg.swav.queue_length} from epoch {cfg.swav.queue_start_epoch}" if queue is not None else ""))
+    s = cfg.swav
+    procs.say(f"codes: Sinkhorn epsilon {s.epsilon:g}" + (
+        f", lowered towards {s.min_epsilon:g} while the codes' entropy is above {s.code_entropy_target:g} ln K "
+        "(swav.prevent_collapse=false: fixed, as in the paper)" if s.prevent_collapse else ", fixed"))
     return state, settings
+
+
+def _planned_settings(settings: StepSettings, plan: BudgetPlan | None) -> StepSettings:
+    """The step settings of a budget's plan (a resumed one), else those of the config."""
+    if plan is None or not plan.planned:
+        return settings
+    return dataclasses.replace(settings, freeze_prototype_steps=plan.freeze_prototype_steps,
+                               queue_start_step=plan.queue_start_step)
+
+
+def _epsilon_control(cfg: Config) -> EpsilonControl | None:
+    s = cfg.swav
+    if not s.prevent_collapse:
+        return None
+    return EpsilonControl(target_fraction=s.code_entropy_target, min_epsilon=min(s.min_epsilon, s.epsilon),
+                          max_epsilon=s.epsilon)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -460,9 +511,11 @@ def _train_epochs(loop: _Loop, state: TrainState, stop_request: "_StopRequest", 
     signal or stop_after_steps; a checkpoint is saved then)."""
     data = loop.data
     state.model.train()
-    bar = tqdm(total=data.total_steps, initial=state.step, disable=not (show_progress and loop.procs.is_main),
-               desc="pretrain", unit="step", dynamic_ncols=True, file=sys.stdout)
+    bar = tqdm(total=min(data.total_steps, loop.lr_schedule.total_steps), initial=state.step,
+               disable=not (show_progress and loop.procs.is_main), desc="pretrain", unit="step", dynamic_ncols=True, file=sys.stdout)
     progress = _Progress(bar, stop_request, LogWindow.open(loop.procs.device), time.monotonic())
+    if loop.budget_clock is not None:
+        loop.budget_clock.mark(state.step)
     with stop_request.deferred():  # a signal now only sets a flag: the loop saves and stops in step
         while state.step < data.total_steps:
             epoch = state.step // data.steps_per_epoch
@@ -491,10 +544,15 @@ def _train_one_epoch(loop: _Loop, state: TrainState, progress: _Progress, epoch:
             state.step += 1  # the batch is dropped; the schedule moves on
             continue
         progress.window.loss_sum += result.loss
+        progress.window.row_entropy_sum += row_entropy(result.codes)
         progress.window.steps += 1
         progress.bar.update(1)
+        if loop.budget_clock is not None:
+            loop.budget_clock.mark(state.step)
         if state.step % cfg.train.log_every_steps == 0 or state.step == data.total_steps:
             _log_metrics(loop, state, result, lr, progress)  # ---- 7g. logging
+            if loop.budget_clock is not None:
+                _follow_budget(loop, state, progress)  # ---- 7g'. the time budget's plan
         if _checkpoint_and_stop(loop, state, progress):  # ---- 7h. checkpoints and stop requests
             return False
     return True
@@ -560,15 +618,27 @@ def _log_metrics(loop: _Loop, state: TrainState, result: StepResult, lr: float, 
     """7g: one metrics.jsonl row over the window since the last (the only host syncs besides the step's
     finiteness check), the collapse check, a fresh window."""
     window, procs = progress.window, loop.procs
-    mean_loss = distributed.all_reduce_sum(window.loss_sum.clone()) / (window.steps * procs.world)
+    sums = distributed.all_reduce_sum(torch.stack([window.loss_sum, window.row_entropy_sum]))
+    mean_loss, mean_row_entropy = (sums / (window.steps * procs.world)).tolist()
     elapsed = time.perf_counter() - window.start_s
     usage = code_statistics(result.codes)
-    state.last_loss = float(mean_loss)
+    state.last_loss = mean_loss
+    epsilon = loop.settings.epsilon if math.isnan(state.epsilon) else state.epsilon
+    if loop.epsilon_control is not None:  # every rank decides the same from the all-reduced loss and entropy
+        state.epsilon = loop.epsilon_control.next_epsilon(epsilon, mean_row_entropy, state.core.n_prototypes)
+        if result.queue_started and state.queue.is_full:
+            state.queue_near_ln_k_windows, stop = queue_should_stop(state.queue_near_ln_k_windows, mean_loss,
+                                                                    state.core.n_prototypes)
+            if stop:
+                state.queue_dropped_at_step = state.step
+                procs.say_progress(f"step {state.step}: the loss returned to ln K while the queue was in use; going on "
+                                   "without the queue (swav.prevent_collapse=false keeps it)")
     row = {"step": state.step, "epoch": state.step / loop.data.steps_per_epoch, "loss": round(state.last_loss, 5),
            "ln_k": round(math.log(state.core.n_prototypes), 5), "lr": lr,
            "images_per_s": round(window.steps * loop.data.per_rank_batch * procs.world / elapsed, 2),
            "data_wait_fraction": round(window.wait_s / elapsed, 4),
            "prototypes_used": usage["prototypes_used"], "code_entropy": round(usage["code_entropy"], 4),
+           "code_row_entropy": round(mean_row_entropy, 4), "epsilon": epsilon,
            "queue_in_use": bool(result.queue_started and state.queue.is_full)}
     if procs.is_main:
         loop.loggers.log(row)
@@ -596,9 +666,57 @@ def _checkpoint_and_stop(loop: _Loop, state: TrainState, progress: _Progress) ->
     if loop.stop_after_steps is not None and step >= loop.stop_after_steps:
         stop = True
     if stop or steps_due or time_due or step % loop.data.steps_per_epoch == 0:
+        save_start_s = time.monotonic()
         _save_checkpoint(loop, state)
         progress.last_save_s = time.monotonic()
+        progress.save_duration_s = progress.last_save_s - save_start_s
     return stop and step < loop.data.total_steps
+
+
+def _follow_budget(loop: _Loop, state: TrainState, progress: _Progress) -> None:
+    """7g': with train.budget_minutes, make the plan once the speed is measured, then re-fit the total to the
+    recent speed. Rank 0's clock decides; every rank applies the same numbers."""
+    clock, plan, schedule = loop.budget_clock, state.budget, loop.lr_schedule
+    proposal = [0.0] * 4  # total, warm-up, freeze, queue start; 0 total = no change
+    seconds_per_step = clock.seconds_per_step()
+    if loop.procs.is_main and seconds_per_step is not None and (plan.planned or clock.calibrated()):
+        # the final checkpoint and the export (about two checkpoint writes) must fit too
+        reserve_s = 1.0 + 2.0 * progress.save_duration_s
+        total = fit_total_steps(state.step, clock.elapsed_s(), plan.budget_s, seconds_per_step, reserve_s)
+        if not plan.planned:
+            shape_total = loop.cfg.train.epochs * loop.data.steps_per_epoch  # what the config's shares refer to
+            warmup = schedule.warmup_steps  # a warm-up already over stays as it was
+            if state.step < warmup:  # its share of the planned run, never ending before now (no LR jump)
+                warmup = max(share_of_run(warmup, total, shape_total), state.step)
+            proposal = [total, warmup,
+                        share_of_run(loop.settings.freeze_prototype_steps, total, shape_total),
+                        share_of_run(loop.settings.queue_start_step, total, shape_total)]
+        elif worth_changing(total, plan.total_steps, state.step):
+            proposal = [total, plan.warmup_steps, plan.freeze_prototype_steps, plan.queue_start_step]
+    if loop.procs.world > 1:
+        proposal = distributed.all_reduce_max(torch.tensor(proposal, dtype=torch.float64,
+                                                           device=loop.procs.device)).tolist()
+    total, warmup, freeze, queue_start = (int(v) for v in proposal)
+    if not total:
+        return
+    if not plan.planned:
+        if state.step < schedule.warmup_steps:
+            schedule.warmup_steps, schedule.total_steps = warmup, total
+        else:
+            schedule.change_total_steps(total, state.step, loop.data.steps_per_epoch)
+        plan.warmup_steps, plan.freeze_prototype_steps, plan.queue_start_step = warmup, freeze, queue_start
+        loop.settings = _planned_settings(loop.settings, dataclasses.replace(plan, total_steps=total))
+        loop.procs.say_progress(
+            f"budget {plan.budget_s / 60:g} min: {clock.elapsed_s():.0f} s used (start-up and the first steps at "
+            f"{seconds_per_step:.3g} s/step) -> {total} steps = {total / loop.data.steps_per_epoch:.1f} epochs; "
+            f"warm-up {warmup} steps, prototypes frozen {freeze} steps"
+            + (f", queue from step {queue_start}" if state.queue is not None else "")
+            + "; re-fitted as the speed changes")
+    else:
+        schedule.change_total_steps(total, state.step, loop.data.steps_per_epoch)
+    plan.total_steps = loop.data.total_steps = total
+    progress.bar.total = total
+    progress.bar.refresh()
 
 
 def _on_any_rank(device: torch.device, *flags: bool) -> tuple[bool, ...]:
@@ -622,6 +740,8 @@ def _end_of_epoch(loop: _Loop, state: TrainState, epoch: int) -> None:
 def _save_checkpoint(loop: _Loop, state: TrainState) -> None:
     """The checkpoint is the state's dict plus the config. Every rank contributes its queue and RNG; rank 0
     writes one file atomically."""
+    if loop.budget_clock is not None:
+        state.budget.used_s = loop.budget_clock.elapsed_s()
     checkpoint = state.state_dict()
     if loop.procs.is_main:
         save_atomic({**checkpoint, "config": to_dict(loop.cfg)}, loop.files.checkpoint)
@@ -641,7 +761,10 @@ def _export(loop: _Loop, state: TrainState) -> Path:
                              backbone_dir=files.backbone, steps=state.step, final_loss=state.last_loss,
                              n_images=len(loop.data.dataset),
                              extra_training={"optimizer": type(state.optimizer).__name__,
-                                             "peak_lr": loop.lr_schedule.peak_lr})
+                                             "peak_lr": loop.lr_schedule.peak_lr,
+                                             "epochs": round(state.step / loop.data.steps_per_epoch, 2),
+                                             **({"budget_minutes": cfg.train.budget_minutes}
+                                                if state.budget is not None else {})})
     export_backbone(export_net, files.backbone, image_size_px=cfg.crops.sizes_px[0], mean=cfg.crops.mean,
                     std=cfg.crops.std, model_card=card)
     backbone = printable_path(files.backbone)

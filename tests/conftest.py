@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-# Two cores: more threads only add contention.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two cores: more threads only add contention (OMP_NUM_THREADS=1 when the machine is shared with other work:
+# two spinning OpenMP threads on one free core make every step tens of times slower).
+torch.set_num_threads(min(int(os.environ.get("OMP_NUM_THREADS") or 2), os.cpu_count() or 1))
 
 
 def write_images(root: Path, n: int, size_px: int = 24, nested: bool = False, seed: int = 0) -> list[Path]:
