@@ -200,6 +200,8 @@ class MonitorConfig:
     k: int = _help("neighbours", default=20)
     image_size: int = _help("eval image side (0 = the large crop size)", default=0)
     max_images: int = _help("cap on train images used (0 = all)", default=5000)
+    floors: bool = _help("also k-NN of the same architecture randomly initialised and of raw pixels on the same "
+                         "split, once per run, printed beside every result", default=True)
 
 
 @dataclass

@@ -122,6 +122,7 @@ class _Loop:
     loggers: MetricLoggers | None  # the main process's metric backends; None on the others
     epsilon_control: EpsilonControl | None  # None: the configured epsilon throughout (swav.prevent_collapse=false)
     budget_clock: BudgetClock | None  # train.budget_minutes: this attempt's clock (the plan is in the state)
+    monitor_floors: dict = field(default_factory=dict)  # monitor.floors: k-NN of random init / raw pixels, once
 
 
 @dataclass
@@ -731,9 +732,14 @@ def _end_of_epoch(loop: _Loop, state: TrainState, epoch: int) -> None:
     complete = state.step == (epoch + 1) * loop.data.steps_per_epoch
     if cfg.monitor.knn_data and (epoch + 1) % cfg.monitor.every_epochs == 0 and complete:
         result = _monitor_knn(state.core.backbone, cfg, loop.procs.device)
+        if cfg.monitor.floors and not loop.monitor_floors:
+            loop.monitor_floors.update(_monitor_floors(cfg, loop.procs.device))
+        floors = loop.monitor_floors
         if loop.procs.is_main:
-            loop.loggers.log({"step": state.step, "epoch": epoch + 1, **result})
-            tqdm.write(f"epoch {epoch + 1}: online k-NN top-1 {result['knn_top1']:.2f}%")
+            loop.loggers.log({"step": state.step, "epoch": epoch + 1, **result, **floors})
+            beside = (f" (random init {floors['knn_top1_random_init']:.2f}%, raw pixels "
+                      f"{floors['knn_top1_raw_pixels']:.2f}%, same split)" if floors else "")
+            tqdm.write(f"epoch {epoch + 1}: online k-NN top-1 {result['knn_top1']:.2f}%{beside}")
     state.model.train()
 
 
@@ -797,6 +803,24 @@ def _monitor_knn(backbone: torch.nn.Module, cfg: Config, device: torch.device) -
                          k=cfg.monitor.k, device=device, max_images=cfg.monitor.max_images, batch_size=256,
                          mean=cfg.crops.mean, std=cfg.crops.std)
     return {"knn_top1": result["top1"], "knn_top5": result.get("top5")}
+
+
+def _monitor_floors(cfg: Config, device: torch.device) -> dict:
+    """The online k-NN's floors on the same split: the same architecture randomly initialised (the floor of
+    swavkit.features, fixed seed, the training RNG untouched) and raw pixels in [0, 1]."""
+    from swavkit.features import load_eval_backbone
+    from swavkit.preprocessing import RAW_PIXELS_SOURCE
+    from swavkit.knn import knn_monitor
+
+    train_dir, val_dir = _monitor_folders(cfg)
+    common = dict(image_size_px=cfg.monitor.image_size or cfg.crops.sizes_px[0], k=cfg.monitor.k, device=device,
+                  max_images=cfg.monitor.max_images, batch_size=256)
+    random_init = load_eval_backbone(f"timm:{cfg.model.backbone}").to(device)
+    floors = {"knn_top1_random_init": knn_monitor(random_init, train_dir, val_dir, mean=cfg.crops.mean,
+                                                  std=cfg.crops.std, **common)["top1"],
+              "knn_top1_raw_pixels": knn_monitor(load_eval_backbone(RAW_PIXELS_SOURCE), train_dir, val_dir,
+                                                 mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), **common)["top1"]}
+    return floors
 
 
 __all__ = ["train", "TrainResult", "TrainingDiverged", "DataLoaderCrashed", "StopRequested"]

@@ -194,11 +194,11 @@ class UnlabeledImageFolder(Dataset):
     """
 
     def __init__(self, root: str | Path, transform=None, paths: list[str] | None = None,
-                 max_consecutive_failures: int = 64, reader=read_rgb):
+                 max_consecutive_failures: int = 64, reader=None):
         self.root = str(root)
         self.paths = paths if paths is not None else find_images(root)
         self.transform = transform
-        self.reader = reader
+        self.reader = reader  # None: read_rgb, looked up when called (one patch point for tests)
         self.max_consecutive_failures = max_consecutive_failures
         # Which file each worker is decoding (-1 = none); shared with workers so that a worker that
         # dies can be reported with the file it was reading.
@@ -211,7 +211,7 @@ class UnlabeledImageFolder(Dataset):
         worker = torch.utils.data.get_worker_info()
         slot = worker.id % len(self.reading) if worker is not None else 0
         self.reading[slot] = index
-        image = self.reader(self.paths[index])
+        image = (self.reader or read_rgb)(self.paths[index])
         self.reading[slot] = -1
         return image
 
