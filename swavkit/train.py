@@ -28,7 +28,8 @@ from swavkit.data.filelist import CACHE_NAME, PathList, load_path_cache, save_pa
 from swavkit.data.device_decode import (EncodedCrops, collate_encoded, decode_batch, encoded_or_rgb, read_encoded,
                                        resolve_decode_on_device)
 from swavkit.data.errors import DataError
-from swavkit.data.shards import SHARD_INDEX, ShardStream, expand_shards, is_shard_spec, pass_batch, stored_count
+from swavkit.data.shards import (SHARD_INDEX, ShardStream, check_decodable, expand_shards, is_shard_spec, pass_batch,
+                                  stored_count)
 from swavkit.data.sources import data_specs, describe_specs, resolve_images
 from swavkit.device import autocast_dtype, resolve_auto_flag, resolve_device, resolve_precision
 from swavkit.diagnosis import CollapseMonitor, code_statistics
@@ -330,7 +331,8 @@ def _build_shard_data(cfg: Config, procs: _Processes, specs: list[str], files: R
                         "pattern, glob or list of .tar files in data.path")
     if resuming:
         _say_if_stream_layout_changed(cfg, procs, files)
-    shards = distributed.broadcast_object(expand_shards(specs[0]) if procs.is_main else None)
+    # a set with no decodable image fails here, in one line, rather than in a stream that never makes a batch
+    shards = distributed.broadcast_object(check_decodable(expand_shards(specs[0]), specs[0]) if procs.is_main else None)
     samples_per_epoch = cfg.data.samples_per_epoch or stored_count(shards)
     if not samples_per_epoch:
         raise ConfigError(f"data.samples_per_epoch: {printable_path(specs[0])} has no image count ({SHARD_INDEX} "

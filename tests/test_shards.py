@@ -1,9 +1,12 @@
 """WebDataset tar shards: `swavkit shard`, naming shards, the stream (bad members, broken shards, exact
 resume) and training from shards in one and two processes."""
 
+import csv
 import importlib
 import io
 import json
+import os
+import signal
 import tarfile
 from types import SimpleNamespace
 
@@ -83,6 +86,12 @@ def test_shard_names(shard_folder, tmp_path):
     listing = tmp_path / "shards.txt"
     listing.write_text("shards/shard-000001.tar\nshards/shard-000003.tar\n")
     assert is_shard_spec(str(listing)) and not is_shard_spec(str(tmp_path / "images"))
+    # decided from the first entry alone: the rest of a (10M-line) list is not read, nor parsed
+    long_list = tmp_path / "long.csv"
+    long_list.write_text("path\n\nshards/shard-000001.tar\n" + "x" * (csv.field_size_limit() + 10) + "\n")
+    assert is_shard_spec(str(long_list))
+    (tmp_path / "images.csv").write_text("path\nimages/a.png\nshards/shard-000001.tar\n")
+    assert not is_shard_spec(str(tmp_path / "images.csv")) and not is_shard_spec(str(tmp_path / "missing.txt"))
     assert [p.name for p in map(__import__("pathlib").Path, expand_shards(str(listing)))] == \
         ["shard-000001.tar", "shard-000003.tar"]
     assert len(expand_shards(str(shard_folder / "shard-*.tar"))) == 5
@@ -173,3 +182,173 @@ def test_resume_with_other_workers_says_what_is_not_exact(tmp_path, capsys):
     cfg = load_config([], tiny_overrides("x.tar", run, **{"data.num_workers": 2}))
     train_module._say_if_stream_layout_changed(cfg, procs, SimpleNamespace(config=run / "config.yaml"))
     assert capsys.readouterr().out == ""
+
+
+def _within(seconds, run):
+    """run() under an alarm, so that a stream which never ends fails the test instead of hanging it."""
+    def on_alarm(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+    try:
+        return run()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _undecodable_shards(folder):
+    """Two files that are no tar at all and a tar whose only member is no image: nothing to decode."""
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"bad-{i}.tar").write_bytes(b"not a tar at all " * 64)
+    with tarfile.open(folder / "bad-2.tar", "w") as tar:
+        info = tarfile.TarInfo("0001.txt")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"hello"))
+    return str(folder / "bad-{0..2}.tar")
+
+
+def test_training_from_shards_with_nothing_decodable_is_one_line(tmp_path, capsys):
+    spec = _undecodable_shards(tmp_path / "bad")
+    code = _within(60, lambda: main(["pretrain", *tiny_overrides(spec, tmp_path / "run",
+                                                                 **{"data.samples_per_epoch": 16})]))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0, err
+    assert "nothing in" in err and "bad-{0..2}.tar" in err and "could be decoded" in err
+    # shards whose members are all undecodable image bytes: the same message, naming the first one
+    (tmp_path / "junk").mkdir()
+    with tarfile.open(tmp_path / "junk" / "j.tar", "w") as tar:
+        for key in range(3):
+            info = tarfile.TarInfo(f"{key:04d}.jpg")
+            info.size = 12
+            tar.addfile(info, io.BytesIO(b"\xff\xd8\xff not jpeg"))
+    code = _within(60, lambda: main(["pretrain", *tiny_overrides(tmp_path / "junk" / "j.tar", tmp_path / "run2",
+                                                                 **{"data.samples_per_epoch": 16})]))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "nothing in" in err and "0000.jpg" in err, err
+
+
+def test_stream_of_shards_without_an_image_ends_with_data_error(tmp_path):
+    """The stream itself (not only the start-up check) ends once every shard was read without an image."""
+    shards = expand_shards(_undecodable_shards(tmp_path / "bad"))
+    stream, loader = _stream(shards, 4)
+    with pytest.raises(DataError, match=r"nothing in the 3 shards .*bad-0.tar \.\.\. .*bad-2.tar could be decoded"):
+        _within(60, lambda: _take(stream, loader, 0, 0, 1))
+    stream.set_epoch(0, start=8)  # the fast-forward of a resume reads the same stream
+    with pytest.raises(DataError, match="nothing in the 3 shards"):
+        _within(60, lambda: next(iter(stream)))
+
+
+def _members(shard):
+    """(name, bytes) of each member: a shard's content without the tar headers' write times."""
+    with tarfile.open(shard) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def _folder_state(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_reshard_failing_midway_leaves_the_earlier_set_untouched(shard_folder, tmp_path, monkeypatch):
+    """The new set is written under temporary names and swapped in only once complete: an interruption
+    while writing it (Ctrl-C here, at the 12th image) changes nothing in OUT."""
+    images = importlib.import_module("swavkit.data.images")
+    before = _folder_state(shard_folder)
+    real, calls = images._decode_rgb, []
+
+    def interrupted(source):
+        calls.append(source)
+        if len(calls) == 12:
+            raise KeyboardInterrupt
+        return real(source)
+
+    monkeypatch.setattr(images, "_decode_rgb", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(str(tmp_path / "images"), shard_folder, 4, seed=1, progress=False)
+    assert _folder_state(shard_folder) == before
+
+
+_KILL_SCRIPT = """
+import os, signal, sys
+import swavkit.data.images as images
+import swavkit.shard as shard
+real, when, calls = {patched}, int(sys.argv[3]), []
+def killed(*args):
+    calls.append(1)
+    if len(calls) == when:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args)
+{patch}
+shard.write_shards(sys.argv[1], sys.argv[2], 4, progress=False)
+"""
+
+
+@pytest.mark.parametrize("where", ["writing", "swapping"])
+def test_a_killed_shard_run_is_cleaned_up_by_the_next(shard_folder, tmp_path, where):
+    """kill -9 while the new shards are written, or while they are renamed into place: the same command
+    again removes the leftovers (and only them) and gives the set an uninterrupted run gives."""
+    import os
+    import subprocess
+    import sys
+    patched, patch = (("images._decode_rgb", "images._decode_rgb = killed") if where == "writing"
+                      else ("os.replace", "shard.os = type(os)('os'); shard.os.__dict__.update(os.__dict__); "
+                                          "shard.os.replace = killed"))
+    script = tmp_path / "kill.py"
+    script.write_text(_KILL_SCRIPT.format(patched=patched, patch=patch))
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "clean").mkdir()
+    for target in (out, tmp_path / "clean"):  # an earlier set of 20 per shard in both
+        write_shards(str(tmp_path / "images"), target, 20, progress=False)
+    when = 10 if where == "writing" else 3
+    run = subprocess.run([sys.executable, str(script), str(tmp_path / "images"), str(out), str(when)],
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, capture_output=True)
+    assert run.returncode == -signal.SIGKILL, run.stderr.decode()
+    left = {p.name for p in out.iterdir()}
+    assert any(name.endswith(".swavkit-new") or name.endswith(".tmp") for name in left), left
+    again = write_shards(str(tmp_path / "images"), out, 4, progress=False)
+    clean = write_shards(str(tmp_path / "images"), tmp_path / "clean", 4, progress=False)
+    assert again["counts"] == clean["counts"] and len(again["counts"]) == 10
+    assert _folder_state(out).keys() == _folder_state(tmp_path / "clean").keys()
+    assert all(_members(out / name) == _members(tmp_path / "clean" / name) for name in clean["counts"])
+
+
+def test_leftover_names_are_recognised_narrowly(tmp_path):
+    (tmp_path / "out").mkdir()
+    for name in ("shard-000003.tar.swavkit-new", ".shard-000001.tar.swavkit-new.k2j_9x0a.tmp",
+                 ".shards.json.ab12cd34.tmp", ".skipped.txt.zz99zz99.tmp"):
+        (tmp_path / "out" / name).write_bytes(b"x")
+    assert len(check_shard_target(tmp_path / "out")) == 4  # all swavkit's own leftovers
+    for name in ("shard-000003.tar", "my.tar.swavkit-new", ".notes.txt.ab12cd34.tmp"):
+        (tmp_path / "out" / name).write_bytes(b"mine")  # without a swavkit index: not ours
+        with pytest.raises(DataError, match="did not write"):
+            check_shard_target(tmp_path / "out")
+        (tmp_path / "out" / name).unlink()
+    # the index of a swap cut short names both sets; only plain shard names inside OUT count from it
+    (tmp_path / "out" / "shards.json").write_text(json.dumps({"written_by": "swavkit shard", "counts": {},
+                                                              "replacing": ["shard-000007.tar", "../x.tar", "a.txt"]}))
+    assert check_shard_target(tmp_path / "out") >= {"shards.json", "skipped.txt", "shard-000007.tar"}
+    assert not {"../x.tar", "a.txt"} & check_shard_target(tmp_path / "out")
+
+
+def test_shard_reads_each_image_file_once(tmp_path, monkeypatch):
+    import builtins
+    import io as io_module
+    paths = {str(p) for p in write_images(tmp_path / "images", 6)}
+    (tmp_path / "images" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    paths.add(str(tmp_path / "images" / "broken.jpg"))
+    opened = []
+    real_open = builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.fspath(file) in paths:
+            opened.append(os.fspath(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(io_module, "open", counting_open)
+    index = write_shards(str(tmp_path / "images"), tmp_path / "out", 4, progress=False)
+    assert index["total"] == 6 and index["skipped"] == 1
+    assert sorted(opened) == sorted(paths)  # each file opened exactly once

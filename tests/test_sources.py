@@ -123,3 +123,34 @@ def test_csv_row_without_the_path_column_is_named(tmp_path):
     (tmp_path / "short.csv").write_text("label,path\n1,a.png\n2\n")
     with pytest.raises(DataError, match="short.csv row 3 has no column 2"):
         read_list_file(tmp_path / "short.csv")
+
+
+def test_csv_field_over_the_csv_limit_is_one_line_naming_file_and_line(tmp_path):
+    import csv
+    over_long = "x" * (csv.field_size_limit() + 10)
+    (tmp_path / "long.csv").write_text(f"path\na.png\n{over_long}.png\nb.png\n")
+    with pytest.raises(DataError, match=r"long.csv line 3: unreadable CSV \(field larger than field limit") as caught:
+        read_list_file(tmp_path / "long.csv")
+    assert "\n" not in str(caught.value)
+    # an unclosed quote runs its field on: named at the line where that row starts
+    (tmp_path / "quote.csv").write_text('path\n"a.png\n' + "b.png\n" * (csv.field_size_limit() // 6 + 10))
+    with pytest.raises(DataError, match=r"quote.csv line 2: unreadable CSV"):
+        read_list_file(tmp_path / "quote.csv")
+
+
+def test_first_list_entry_reads_only_up_to_it(tmp_path, monkeypatch):
+    import csv
+    from swavkit.data.filelist import first_list_entry
+    (tmp_path / "a.txt").write_text("\n  \nsub/x.tar\ny.png\n")
+    (tmp_path / "h.csv").write_text("label,path\n\n3,s/1.tar\n")
+    (tmp_path / "n.csv").write_text("s/2.tar,9\n")
+    (tmp_path / "blank.txt").write_text("\n\n")
+    assert first_list_entry(tmp_path / "a.txt") == str(tmp_path / "sub" / "x.tar")
+    assert first_list_entry(tmp_path / "h.csv") == str(tmp_path / "s" / "1.tar")
+    assert first_list_entry(tmp_path / "n.csv") == str(tmp_path / "s" / "2.tar")
+    assert first_list_entry(tmp_path / "blank.txt") is None
+    # what follows the first entry is never read: a later row the csv module refuses does not matter
+    (tmp_path / "later.csv").write_text("path\nfirst.png\n" + "x" * (csv.field_size_limit() + 10) + "\n")
+    assert first_list_entry(tmp_path / "later.csv") == str(tmp_path / "first.png")
+    with pytest.raises(DataError, match="later.csv line 3"):
+        read_list_file(tmp_path / "later.csv")

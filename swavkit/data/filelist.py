@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -90,37 +91,93 @@ class PathList:
 
 def read_list_file(list_path: str | os.PathLike) -> list[str]:
     """Paths named by a ``.txt`` or ``.csv`` list (see the module docstring), relative ones joined to the
-    list file's folder. DataError for a missing list or one that names nothing."""
+    list file's folder. DataError for a missing list, one that names nothing, or an unreadable CSV row."""
     list_path = Path(list_path)
-    if not list_path.is_file():
-        raise DataError(f"data.path: list file {printable_path(list_path)} does not exist")
-    text = list_path.read_bytes().decode("utf-8", "surrogateescape")
-    if list_path.suffix.lower() == ".csv":
-        names = _csv_paths(text, list_path)
-    else:
-        names = [line.rstrip("\r") for line in text.split("\n")]
-    names = [name for name in names if name.strip()]
+    names = _list_names(list_path, limit=None)
     if not names:
         raise DataError(f"data.path: list file {printable_path(list_path)} names no files")
+    return names
+
+
+def first_list_entry(list_path: str | os.PathLike) -> str | None:
+    """The first path a list file names (as :func:`read_list_file` gives it), reading only up to it; None
+    when it names nothing. DataError as read_list_file's for what it reads."""
+    names = _list_names(Path(list_path), limit=1)
+    return names[0] if names else None
+
+
+def _list_names(list_path: Path, limit: int | None) -> list[str]:
+    """The non-empty entries of a list file, joined to its folder; only the first ``limit`` when given,
+    and then the file is read only as far as they are."""
+    if not list_path.is_file():
+        raise DataError(f"data.path: list file {printable_path(list_path)} does not exist")
+    is_csv = list_path.suffix.lower() == ".csv"
+    with open(list_path, "rb") as handle:
+        # split at b"\n" only and decoded with surrogateescape: any file name round-trips. The whole list
+        # is decoded at once (10M lines); only a few first entries are read line by line.
+        if limit is None:
+            text = handle.read().decode("utf-8", "surrogateescape")
+            lines = io.StringIO(text, newline="\n") if is_csv else text.split("\n")
+        else:
+            lines = (raw.decode("utf-8", "surrogateescape") for raw in handle)
+        names = _csv_paths(lines, list_path, limit) if is_csv else _txt_paths(lines, limit)
     folder = list_path.parent
     return [name if os.path.isabs(name) else os.path.join(folder, name) for name in names]
 
 
-def _csv_paths(text: str, list_path: Path) -> list[str]:
-    rows = list(csv.reader(io.StringIO(text)))
-    if not rows:
+def _txt_paths(lines: Iterable[str], limit: int | None = None) -> list[str]:
+    """The non-empty lines of a .txt list (line ends dropped); the first ``limit`` only when given."""
+    names = []
+    for line in lines:
+        name = line.rstrip("\n").rstrip("\r")
+        if name.strip():
+            names.append(name)
+            if len(names) == limit:
+                break
+    return names
+
+
+def _csv_rows(lines: Iterable[str], list_path: Path) -> Iterator[list[str]]:
+    """The rows of a CSV list; DataError (one line, naming the file and the line where the row starts)
+    for a row the csv module refuses, e.g. a field over ``csv.field_size_limit()`` (an unclosed quote
+    runs a field to the end of the file)."""
+    reader = csv.reader(lines)
+    while True:
+        start_line = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            raise DataError(f"data.path: {printable_path(list_path)} line {start_line}: unreadable CSV ({err}); "
+                            "fix that line (an unclosed quote?)") from None
+        yield row
+
+
+def _csv_paths(lines: Iterable[str], list_path: Path, limit: int | None = None) -> list[str]:
+    """The path column of a CSV list (see the module docstring); only the first ``limit`` non-empty
+    paths when given, reading no further than they need."""
+    rows = _csv_rows(lines, list_path)
+    first = next(rows, None)
+    if first is None:
         return []
-    header = [cell.strip().lower() for cell in rows[0]]
+    header = [cell.strip().lower() for cell in first]
     if "path" in header:
-        column = header.index("path")
-        body = rows[1:]
+        column, row_number, body = header.index("path"), 1, rows
     else:
-        column, body = 0, rows
-    short = [i for i, row in enumerate(body) if row and len(row) <= column]  # an empty row is a blank line
-    if short:
-        row_number = short[0] + 1 + (len(body) < len(rows))  # counted from 1, the header included
-        raise DataError(f"data.path: {printable_path(list_path)} row {row_number} has no column {column + 1} ('path')")
-    return [row[column] for row in body if len(row) > column]
+        column, row_number, body = 0, 0, itertools.chain([first], rows)
+    names = []
+    for row in body:
+        row_number += 1  # counted from 1, the header included
+        if not row:  # an empty row is a blank line
+            continue
+        if len(row) <= column:
+            raise DataError(f"data.path: {printable_path(list_path)} row {row_number} has no column {column + 1} ('path')")
+        if row[column].strip():
+            names.append(row[column])
+            if len(names) == limit:
+                break
+    return names
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -18,7 +18,10 @@ its shard name and key), as a folder image's are by its index.
 (with its own crops), so a batch always uses exactly B samples of the stream, and listed in
 ``skipped.txt`` as ``<shard>/<member>``. A truncated or corrupt shard ends where it breaks (the samples
 before the break are used) and is listed as ``<shard>``; training goes on. (A shard cut exactly at a
-512-byte block boundary between two members cannot be told from a shorter shard.)
+512-byte block boundary between two members cannot be told from a shorter shard.) Where nothing
+decodes at all, training stops at start-up with one line naming data.path (:func:`check_decodable`),
+and a stream that has read every shard without an image since its last one ends with a DataError rather
+than going round forever.
 
 **Resume (what is exact).** The stream is a pure function of (seed, epoch, slot), and a batch always
 takes exactly B samples of it, so a resume at step k of an epoch fast-forwards each worker past the
@@ -48,7 +51,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from swavkit.data.datasets import seeded_transform
 from swavkit.data.errors import DataError
-from swavkit.data.filelist import LIST_SUFFIXES, read_list_file
+from swavkit.data.filelist import LIST_SUFFIXES, first_list_entry, read_list_file
 from swavkit.data.images import IMAGE_EXTENSIONS, UnreadableImage, describe_failure, read_rgb_bytes
 from swavkit.data.names import printable_path
 from swavkit.data.sampling import sample_seed
@@ -61,15 +64,16 @@ _IMAGE_SUFFIXES = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 # naming shards
 
 def is_shard_spec(spec: str) -> bool:
-    """A brace pattern, glob or path ending in ``.tar``, or a list file whose first entry does."""
+    """A brace pattern, glob or path ending in ``.tar``, or a list file whose first entry does (read up to
+    that entry only: the list may be 10M image paths)."""
     if spec.lower().endswith(".tar"):
         return True
     if spec.lower().endswith(LIST_SUFFIXES) and os.path.isfile(spec):
         try:
-            first = read_list_file(spec)[0]
-        except DataError:
+            first = first_list_entry(spec)
+        except DataError:  # an unreadable list is not shards; reading it as images then says what is wrong
             return False
-        return first.lower().endswith(".tar")
+        return first is not None and first.lower().endswith(".tar")
     return False
 
 
@@ -113,6 +117,13 @@ def stored_count(shards: list[str]) -> int | None:
     return total
 
 
+def describe_shards(shards: list[str]) -> str:
+    """``a.tar`` or ``the 40 shards a.tar ... z.tar``, printable, for messages."""
+    if len(shards) == 1:
+        return printable_path(shards[0])
+    return f"the {len(shards)} shards {printable_path(shards[0])} ... {printable_path(shards[-1])}"
+
+
 # ----------------------------------------------------------------------------------------------------
 # reading one shard
 
@@ -136,6 +147,25 @@ def _shard_samples(shard: str) -> Iterator[tuple[str, bytes | None, str]]:
     size = os.path.getsize(shard)
     if size % 512:
         yield shard, None, f"broken shard: truncated ({size} bytes is not a whole number of 512-byte tar blocks)"
+
+
+def check_decodable(shards: list[str], spec: str) -> list[str]:
+    """``shards`` when one of them holds a decodable image (read in order up to the first one: for a
+    sound set, one image of the first shard); else DataError (one line, naming ``spec``) - the
+    stream of a set without one image would never make a batch."""
+    first_problem = None
+    for shard in shards:
+        for name, data, reason in _shard_samples(shard):
+            if data is None:
+                first_problem = first_problem or f"{printable_path(name)}: {reason}"
+                continue
+            try:
+                read_rgb_bytes(data, name)
+                return shards
+            except UnreadableImage as err:
+                first_problem = first_problem or str(err)
+    raise DataError(f"data.path: nothing in {printable_path(spec)} ({len(shards)} shard(s)) could be decoded "
+                    f"(first: {first_problem or 'no member at all'}); are these WebDataset tar shards of images?")
 
 
 def _member_index(name: str) -> int:
@@ -185,12 +215,30 @@ class ShardStream(IterableDataset):
         return self.rank * workers + role, self.world * workers, worker, role, workers
 
     def _slot_samples(self, slot: int, n_slots: int, worker: int) -> Iterator[tuple[str, bytes | None, str]]:
-        """This slot's endless sample stream for this epoch, before shuffling."""
+        """This slot's endless sample stream for this epoch, before shuffling. DataError once every shard
+        has been read through without an image since the last one that had one: the stream would only
+        go round (and a batch wait) forever."""
+        without_image: set[int] = set()
+        first_problem = ""
         for pass_index in range(1 << 62):
             order = np.random.default_rng([self.seed, self.epoch, pass_index]).permutation(len(self.shards))
             for shard_index in order[slot::n_slots]:
                 self.reading[worker % len(self.reading)] = int(shard_index)
-                yield from _shard_samples(self.shards[shard_index])
+                had_image = False
+                for name, data, reason in _shard_samples(self.shards[shard_index]):
+                    if data is not None:
+                        had_image = True
+                    elif not first_problem:
+                        first_problem = f"{printable_path(name)}: {reason}"
+                    yield name, data, reason
+                if had_image:
+                    without_image.clear()
+                    first_problem = ""
+                else:
+                    without_image.add(int(shard_index))
+                if len(without_image) == len(self.shards):
+                    raise DataError(f"data.path: nothing in {describe_shards(self.shards)} could be decoded (first: "
+                                    f"{first_problem or 'no member at all'}); are these WebDataset tar shards of images?")
 
     def _shuffled(self, slot: int, n_slots: int, worker: int) -> Iterator[tuple[str, bytes | None, str]]:
         """The slot's samples through the shuffle buffer; a bad entry (no bytes) passes at once."""
