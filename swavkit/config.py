@@ -30,14 +30,18 @@ def _help(text: str, **kwargs):
     return field(metadata={"help": text}, **kwargs)
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def default_num_workers(cap: int = 4) -> int:
     """DataLoader worker processes that suit this machine: up to ``cap``, leaving one core to the main
     process. More workers than usable cores only contend, and torch warns about it (4 on 2 cores did)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        cores = os.cpu_count() or 1
-    return max(0, min(cap, cores - 1))
+    return max(0, min(cap, usable_cores() - 1))
 
 
 @dataclass

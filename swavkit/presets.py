@@ -19,6 +19,7 @@ import torch
 from swavkit import distributed
 from swavkit.config import Config, ConfigError, from_dict, validate
 from swavkit.data import BUNDLED_SAMPLE, open_image
+from swavkit.device import training_threads
 from swavkit.schedule import reference_peak_lr
 
 REFERENCE_IMAGES = 1_281_167  # ImageNet-1k train, what the paper's numbers are tuned for
@@ -192,7 +193,7 @@ def derive(n_images: int, side_px: int, world_size: int = 1, global_batch: int |
         out.append(Suggestion("swav.queue_length", 0,
                               f"batch {global_batch} is large enough (or the data too small) for Sinkhorn without a queue"))
 
-    workers = max(0, min(8, (os.cpu_count() or 1) // max(1, local_world_size)))
+    workers = auto_workers(local_world_size)
     out.append(Suggestion("data.num_workers", workers,
                           f"{os.cpu_count()} CPU core(s) shared by {local_world_size} process(es) on this machine"))
 
@@ -205,6 +206,11 @@ def derive(n_images: int, side_px: int, world_size: int = 1, global_batch: int |
                           "paper: 0.6 at 256, 4.8 at 4096, not linear: 0.6 x 16 would be 9.6), AdamW "
                           f"{adamw_peak:.3g} (5e-4 per 256); cosine to peak / 1000"))
     return out
+
+
+def auto_workers(local_world_size: int = 1) -> int:
+    """--auto's data.num_workers: this process's share of the cores, at most 8."""
+    return max(0, min(8, (os.cpu_count() or 1) // max(1, local_world_size)))
 
 
 def measure_seconds_per_image(backbone: str, backbone_kwargs: dict | None = None, batch: int = 16,
@@ -289,16 +295,17 @@ def auto_config(tree: dict) -> Config:
     on_gpu = torch.cuda.is_available() and tree.get("train", {}).get("device", "auto") != "cpu"
     budget = tree.get("train", {}).get("budget_minutes") or None
     backbone = tree["model"]["backbone"] if "model.backbone" in chosen else None
-    speed = None
-    if budget and not on_gpu:
-        start = time.perf_counter()
-        speed_backbone = backbone or CPU_BACKBONE
-        speed = measure_seconds_per_image(speed_backbone, tree.get("model", {}).get("backbone_kwargs"))
-    suggestions = derive(len(paths), typical_side_px(paths), world, local_world_size=launch.local_world_size,
-                         global_batch=tree["train"]["batch_size"] if "train.batch_size" in chosen else None,
-                         on_gpu=on_gpu, epochs=tree["train"]["epochs"] if "train.epochs" in chosen else None,
-                         budget_minutes=float(budget) if budget else None, backbone=backbone,
-                         seconds_per_image=speed)
+    speed, start, speed_backbone = None, time.perf_counter(), backbone or CPU_BACKBONE
+    workers = tree["data"]["num_workers"] if "data.num_workers" in chosen else auto_workers(launch.local_world_size)
+    # timed with the thread count the run will use (swavkit.device.training_threads)
+    with training_threads(torch.device("cuda" if on_gpu else "cpu"), workers, launch.local_world_size):
+        if budget and not on_gpu:
+            speed = measure_seconds_per_image(speed_backbone, tree.get("model", {}).get("backbone_kwargs"))
+        suggestions = derive(len(paths), typical_side_px(paths), world, local_world_size=launch.local_world_size,
+                             global_batch=tree["train"]["batch_size"] if "train.batch_size" in chosen else None,
+                             on_gpu=on_gpu, epochs=tree["train"]["epochs"] if "train.epochs" in chosen else None,
+                             budget_minutes=float(budget) if budget else None, backbone=backbone,
+                             seconds_per_image=speed)
     if speed is not None and distributed.is_main_process():
         print(f"swavkit: --auto timed {speed_backbone} on this machine in {time.perf_counter() - start:.1f} s")
     applied = apply(tree, suggestions, chosen)

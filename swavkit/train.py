@@ -31,7 +31,7 @@ from swavkit.data.errors import DataError
 from swavkit.data.shards import (SHARD_INDEX, ShardStream, check_decodable, expand_shards, is_shard_spec, pass_batch,
                                   stored_count)
 from swavkit.data.sources import data_specs, describe_specs, resolve_images
-from swavkit.device import autocast_dtype, resolve_auto_flag, resolve_device, resolve_precision
+from swavkit.device import autocast_dtype, resolve_auto_flag, resolve_device, resolve_precision, training_threads
 from swavkit.diagnosis import CollapseMonitor, code_statistics
 from swavkit.errors import exit_code_of
 from swavkit.loggers import MetricLoggers, build_loggers
@@ -169,7 +169,8 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
     # ================================================================================================
     started_s = time.monotonic()  # a time budget counts from here
     procs = _start_processes(cfg)
-    with distributed.fail_together(exit_code_of), _StopRequest() as stop_request:
+    with (distributed.fail_together(exit_code_of), _StopRequest() as stop_request,
+          training_threads(procs.device, cfg.data.num_workers, procs.local_world_size)):
         # ============================================================================================
         # 2. run folder: checked, and the checkpoint to resume from (nothing written yet)
         # ============================================================================================
@@ -458,7 +459,9 @@ def _build_model(cfg: Config, procs: _Processes, fresh: bool) -> tuple[SwAVModel
     model = distributed.wrap_ddp(core, device)
     procs.say(f"model: {m.backbone} ({core.backbone.num_features}-d features) -> head {m.hidden_dim or '-'} -> "
               f"{m.output_dim}-d -> {m.n_prototypes} prototypes; precision {procs.precision} on {device}"
-              + (" (channels_last)" if memory_format == torch.channels_last else ""))
+              + (" (channels_last)" if memory_format == torch.channels_last else "")
+              + (f" ({torch.get_num_threads()} compute thread(s) beside {cfg.data.num_workers} data worker(s); "
+                 "OMP_NUM_THREADS overrides)" if device.type == "cpu" else ""))
     return core, model, memory_format
 
 
