@@ -70,13 +70,15 @@ __all__ = ["AUTOCAST_DTYPES", "PRECISIONS", "resolve_device", "resolve_precision
 
 
 def cpu_training_threads(num_workers: int, local_world_size: int = 1) -> int:
-    """Intra-op threads for training on a CPU: this process's share of the usable cores minus its data
-    workers, at least 1. On the 2-core benchmark machine, 1 thread beside 2 workers trained 1.7x faster
-    (225 vs 134 images/s, cifar10_cpu_budget recipe) than torch's default of one thread per core, whose
-    threads wait on cores the workers hold."""
+    """Intra-op threads for training on a CPU: this process's share of the usable cores, at least 1 (torch's
+    default gives every process all cores, which oversubscribes a node running several CPU processes).
+    Data workers are not subtracted: on the quiet 2-core benchmark machine 2 threads beside 2 workers
+    trained at 318 images/s and 1 thread at 225 (cifar10_cpu_budget recipe); an earlier reading the other
+    way round was taken while other work held a core. ``num_workers`` is kept for the callers' record."""
     from swavkit.config import usable_cores
 
-    return max(1, usable_cores() // max(1, local_world_size) - num_workers)
+    del num_workers
+    return max(1, usable_cores() // max(1, local_world_size))
 
 
 @contextlib.contextmanager

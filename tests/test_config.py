@@ -152,20 +152,23 @@ def test_a_key_without_its_section_is_named_with_it():
         load_config([], ["train.epocs=3"])
 
 
-def test_cpu_training_leaves_the_workers_their_cores_and_restores_the_thread_count(monkeypatch):
+def test_cpu_training_threads_share_the_cores_between_processes_and_restore_the_count(monkeypatch):
     import torch
 
     from swavkit import device as device_module
 
     monkeypatch.setattr("swavkit.config.usable_cores", lambda: 8)
-    assert device_module.cpu_training_threads(num_workers=2) == 6
-    assert device_module.cpu_training_threads(num_workers=8) == 1  # never below one
-    assert device_module.cpu_training_threads(num_workers=1, local_world_size=2) == 3
+    assert device_module.cpu_training_threads(num_workers=2) == 8
+    assert device_module.cpu_training_threads(num_workers=1, local_world_size=2) == 4
+    assert device_module.cpu_training_threads(num_workers=0, local_world_size=16) == 1  # never below one
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    before = torch.get_num_threads()
-    with device_module.training_threads(torch.device("cpu"), num_workers=3) as inside:
-        assert inside == torch.get_num_threads() == 5
-    assert torch.get_num_threads() == before
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's setting wins
-    with device_module.training_threads(torch.device("cpu"), num_workers=3) as inside:
-        assert inside == before
+    torch.set_num_threads(3)
+    try:
+        with device_module.training_threads(torch.device("cpu"), num_workers=3, local_world_size=2) as inside:
+            assert inside == torch.get_num_threads() == 4
+        assert torch.get_num_threads() == 3
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's setting wins
+        with device_module.training_threads(torch.device("cpu"), num_workers=3) as inside:
+            assert inside == 3
+    finally:
+        torch.set_num_threads(min(2, torch.get_num_threads()))
