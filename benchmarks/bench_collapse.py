@@ -42,6 +42,7 @@ COLLAPSE_BAND = 0.99  # the collapse monitor's: within 1 % of ln K
 
 def run_arm(name: str, overrides: list[str], data: Path, progress: bool) -> dict:
     from swavkit.api import build_config
+    from swavkit.checkpoint import load_training_checkpoint
     from swavkit.eval_options import EvalOptions, KnnOptions
     from swavkit.features import init_processes
     from swavkit.knn import evaluate_knn
@@ -56,13 +57,11 @@ def run_arm(name: str, overrides: list[str], data: Path, progress: bool) -> dict
                           floors="off")
     knn = evaluate_knn(str(result.backbone_dir), data / "train", data / "val", options, KnnOptions(k=20))
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    dropped = [r["step"] for r in rows if "loss" in r and r.get("queue_in_use") is False]
     return {"arm": name, "overrides": overrides, "final_loss": result.final_loss,
             "ln_k": math.log(cfg.model.n_prototypes), "steps": result.step, "wall_time_s": round(wall_s, 1),
             "knn_top1": knn["metrics"]["top1"], "final_epsilon": rows[-1].get("epsilon"),
             "loss_curve": [(r["step"], r["loss"]) for r in rows if "loss" in r],
-            "queue_off_after_use": bool(cfg.swav.queue_length) and bool(dropped) and any(
-                r.get("queue_in_use") for r in rows)}
+            "queue_dropped_at_step": load_training_checkpoint(result.checkpoint)["queue_dropped_at_step"]}
 
 
 def random_init_floor(data: Path) -> float:

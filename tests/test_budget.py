@@ -94,8 +94,8 @@ def test_a_budget_run_ends_on_time_with_its_export(image_folder, tmp_path):
     assert wall_s >= 0.6 * budget_s, wall_s  # it used the time it was given
     plan = load_training_checkpoint(result.checkpoint)["budget"]
     assert plan["total_steps"] == result.step and plan["used_s"] <= budget_s + 1.0
-    # the warm-up keeps its share of the shape (1 of 2 epochs), unless the plan was made after that point
-    assert plan["warmup_steps"] == pytest.approx(result.step / 2, rel=0.15) or plan["warmup_steps"] > 0
+    # the configured warm-up (1 epoch = 4 steps) is never cut short by the plan, and never reaches the end
+    assert 4 <= plan["warmup_steps"] < result.step
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in rows if "lr" in r]
     peak = max(lrs)
