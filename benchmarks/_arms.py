@@ -1,6 +1,6 @@
 """Training-step arms for the benchmarks: the library's own step, and what it is compared with.
 
-``SwavkitStep`` runs ``swavkit.step.train_step``, the function ``swavkit.train`` calls for every batch, on
+``SwavkitStep`` runs ``swavkit.training.step.train_step``, the function ``swavkit.training.trainer`` calls for every batch, on
 a fresh model and LARS optimiser at the library's SwAV defaults in the steady state (prototypes not frozen,
 no queue): a benchmark of it measures the trainer's step, not a copy.
 
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from swavkit.model import build_model, create_backbone
-from swavkit.optim import build_optimizer
-from swavkit.step import StepSettings, TrainState, train_step
+from swavkit.core.model import build_model, create_backbone
+from swavkit.core.optim import build_optimizer
+from swavkit.training.step import StepSettings, TrainState, train_step
 
 # the library's LARS defaults (swavkit.config), at a fixed learning rate
 OPTIM = dict(lr=0.3, weight_decay=1e-6, momentum=0.9, trust_coefficient=0.001)
@@ -42,7 +42,7 @@ def group_by_size(crops: list[torch.Tensor]) -> list[list[torch.Tensor]]:
 
 
 class SwavkitStep:
-    """One step of ``swavkit.step.train_step`` per call, on ``device`` (CPU unless told)."""
+    """One step of ``swavkit.training.step.train_step`` per call, on ``device`` (CPU unless told)."""
 
     def __init__(self, backbone: str, n_prototypes: int, hidden_dim: int = 2048, output_dim: int = 128,
                  autocast_dtype: torch.dtype | None = None, channels_last: bool = False, seed: int = 0,

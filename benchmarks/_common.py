@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from swavkit.report import run_git
+from swavkit.evaluation.report import run_git
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent

@@ -42,11 +42,11 @@ COLLAPSE_BAND = 0.99  # the collapse monitor's: within 1 % of ln K
 
 def run_arm(name: str, overrides: list[str], data: Path, progress: bool) -> dict:
     from swavkit.api import build_config
-    from swavkit.checkpoint import load_training_checkpoint
-    from swavkit.eval_options import EvalOptions, KnnOptions
-    from swavkit.features import init_processes
-    from swavkit.knn import evaluate_knn
-    from swavkit.train import train
+    from swavkit.artifacts.checkpoint import load_training_checkpoint
+    from swavkit.evaluation.options import EvalOptions, KnnOptions
+    from swavkit.evaluation.features import init_processes
+    from swavkit.evaluation.knn import evaluate_knn
+    from swavkit.training.trainer import train
 
     run_dir = WORK_DIR / "runs" / ("collapse-" + name.replace(", ", "-").replace(" ", "-"))
     cfg = build_config([], [f"data.path={data / 'train'}", f"out_dir={run_dir}", *RECIPE, *overrides], auto=True)
@@ -65,9 +65,9 @@ def run_arm(name: str, overrides: list[str], data: Path, progress: bool) -> dict
 
 
 def random_init_floor(data: Path) -> float:
-    from swavkit.eval_options import EvalOptions, KnnOptions
-    from swavkit.features import init_processes
-    from swavkit.knn import evaluate_knn
+    from swavkit.evaluation.options import EvalOptions, KnnOptions
+    from swavkit.evaluation.features import init_processes
+    from swavkit.evaluation.knn import evaluate_knn
 
     options = EvalOptions(device=init_processes("cpu"), batch_size=256, num_workers=2, out_json="", progress=False,
                           floors="off", image_size_px=32)
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--readme", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    from swavkit.report import git_commit, utc_now
+    from swavkit.evaluation.report import git_commit, utc_now
 
     data = prepare_shared_data(args.data, DATASETS, args.shared_data, "bench_collapse")
     results = [run_arm(name, ARMS[name], data, not args.no_progress) for name in args.arms]

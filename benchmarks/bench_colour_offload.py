@@ -36,7 +36,7 @@ from _common import (WORK_DIR, Verdicts, environment, fmt_spread, interleaved, m
 
 from swavkit.config import CropsConfig  # noqa: E402
 from swavkit.data import EpochSampler, UnlabeledImageFolder, find_images, sample_seed  # noqa: E402
-from swavkit.multicrop import MultiCropTransform  # noqa: E402
+from swavkit.data.multicrop import MultiCropTransform  # noqa: E402
 
 PAPER_RECIPE = asdict(CropsConfig())  # the library's default crops are the paper's
 TARGET = 1.0  # (ours) the offloaded workers must deliver more images/s, or the option has no point

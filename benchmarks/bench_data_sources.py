@@ -12,7 +12,7 @@ memory   loader memory with 8 workers over --paths synthetic paths (default 10M)
          copy-on-write gave them) and the PSS of the whole loader.
          Target (ours): the workers' private memory grows by < 100 MiB in all with the PathList (flat);
          the list of str is reported as it comes (its growth is the refcount problem).
-startup  the data stage of ``swavkit pretrain`` (``swavkit.train._resolve_file_list``) on a folder of --files
+startup  the data stage of ``swavkit pretrain`` (``swavkit.training.trainer._resolve_file_list``) on a folder of --files
          empty files (default 1M, 1000 folders): the first run walks and caches (files.npz), a resume
          reads the cache. Target (ours): the resume is >= 10x faster.
 """
@@ -41,8 +41,8 @@ from swavkit.config import CropsConfig  # noqa: E402
 from swavkit.data import EpochSampler, UnlabeledImageFolder, find_images  # noqa: E402
 from swavkit.data.filelist import CACHE_NAME, PathList  # noqa: E402
 from swavkit.data.shards import ShardStream, expand_shards, pass_batch  # noqa: E402
-from swavkit.multicrop import MultiCropTransform  # noqa: E402
-from swavkit.shard import write_shards  # noqa: E402
+from swavkit.data.multicrop import MultiCropTransform  # noqa: E402
+from swavkit.data.shard_writer import write_shards  # noqa: E402
 
 MEMORY_TARGET_MIB = 100.0
 STARTUP_TARGET = 10.0
@@ -197,7 +197,7 @@ def _empty_tree(root: Path, n_files: int) -> Path:
 
 
 def bench_startup(args, verdicts: Verdicts) -> tuple[str, dict]:
-    train_module = importlib.import_module("swavkit.train")
+    train_module = importlib.import_module("swavkit.training.trainer")
     root = _empty_tree(WORK_DIR / f"walk_{args.files}", args.files)
     procs = SimpleNamespace(is_main=True, say=lambda *a, **k: None)
     files = SimpleNamespace(path=WORK_DIR / "startup_run")  # the cache's folder (bench scratch, not a run)

@@ -2,14 +2,14 @@
 
     .venv/bin/python benchmarks/bench_eval.py [--reps 15] [--knn-reps 3] [--images 1024]
 
-1. ``swavkit.features.extract_features`` on an in-memory dataset of image tensors vs the bare backbone
+1. ``swavkit.evaluation.features.extract_features`` on an in-memory dataset of image tensors vs the bare backbone
    (eval mode, inference_mode) over the SAME tensors already batched: resnet18, 32 px, batch 256,
    fp32 CPU, num_workers=0 (workers only add process start-up for in-memory tensors). A second
    extract_features arm is given a DataLoader of the pre-batched tensors (no per-item collation).
    Target (issue 5): extract_features images/s >= 0.95 x the bare forward's.
 2. k-NN, 20 neighbours, T 0.07, 10 classes, random features: 50,000 x 512 train, 10,000 x 512 queries.
-   ``swavkit.knn.knn_classify`` (faiss exact inner product; and faiss IVF) vs
-   ``swavkit.knn.knn_classify_bruteforce`` (torch matmul + topk), interleaved. No speed target in the
+   ``swavkit.evaluation.knn.knn_classify`` (faiss exact inner product; and faiss IVF) vs
+   ``swavkit.evaluation.knn.knn_classify_bruteforce`` (torch matmul + topk), interleaved. No speed target in the
    issue; checked: the exact faiss search returns the brute-force top-1 for >= 99.9% of the queries.
    (Random Gaussian features are the worst case for IVF: its agreement is shown, not judged.)
 """
@@ -46,8 +46,8 @@ class TensorImages(Dataset):
 
 
 def part_extract(reps: int, n_images: int, verdicts: Verdicts) -> tuple[dict, str]:
-    from swavkit.features import extract_features
-    from swavkit.model import create_backbone
+    from swavkit.evaluation.features import extract_features
+    from swavkit.core.model import create_backbone
 
     torch.manual_seed(0)
     backbone, size, batch = "resnet18", 32, 256
@@ -91,7 +91,7 @@ def part_extract(reps: int, n_images: int, verdicts: Verdicts) -> tuple[dict, st
 
 
 def part_knn(reps: int, verdicts: Verdicts) -> tuple[dict, str]:
-    from swavkit.knn import knn_classify, knn_classify_bruteforce
+    from swavkit.evaluation.knn import knn_classify, knn_classify_bruteforce
 
     n_train, n_val, dim, n_classes, k, T = 50_000, 10_000, 512, 10, 20, 0.07
     g = torch.Generator().manual_seed(0)

@@ -8,7 +8,7 @@ of the labels of those train images.
 Steps: (1) unpack cifar10-small (5,000 train / 1,000 val) and the full 10,000-image val split into
 ``benchmarks/_work/data`` (git-ignored); (2) pretrain ``configs/cifar10_cpu_budget.yaml`` on the train
 images for ``--pretrain-epochs`` (labels never read; an earlier run in the same folder is resumed, a
-finished one reused); (3) ``swavkit.finetune.finetune`` at each label budget with its floor (the same
+finished one reused); (3) ``swavkit.evaluation.finetune.finetune`` at each label budget with its floor (the same
 fine-tune from random init, on the same labelled files); val = ``--val`` (default the full 10k split).
 Writes ``benchmarks/results/finetune-<data>-<budget>.json`` (+ ``.labels.txt``) and
 ``benchmarks/results/finetune-<data>.json`` (summary); ``--readme`` replaces this run's block under
@@ -52,8 +52,8 @@ def prepare_data(name: str, shared_data: Path) -> Path:
 def pretrain(config_file: str, train_dir: Path, epochs: int, progress: bool) -> dict:
     """SwAV on ``train_dir`` (resumed or reused when the run folder already holds this run)."""
     from swavkit.config import load_config
-    from swavkit.fileio import read_jsonl
-    from swavkit.train import train
+    from swavkit.runtime.fileio import read_jsonl
+    from swavkit.training.trainer import train
 
     run_dir = WORK_DIR.relative_to(REPO_ROOT) / "finetune" / f"pretrain-{train_dir.parent.name}"
     overrides = [f"data.path={train_dir}", f"out_dir={run_dir}", f"train.epochs={epochs}"]
@@ -73,7 +73,7 @@ def pretrain(config_file: str, train_dir: Path, epochs: int, progress: bool) -> 
 
 
 def finetune_budget(backbone: str, train_dir: Path, val_dir: Path, budget: str, data_name: str, args) -> dict:
-    from swavkit.finetune import FinetuneOptions, finetune
+    from swavkit.evaluation.finetune import FinetuneOptions, finetune
 
     slug = budget.replace("%", "pct").replace("/", "-per-")
     options = FinetuneOptions(label_fraction=budget, seed=args.seed, min_steps=args.min_steps,
@@ -149,7 +149,7 @@ def main() -> int:
     runs = [finetune_budget(backbone, data / "train", val_dir, budget, "cifar10-small", args)
             for budget in args.budgets]
     target_met = all(run["metrics"]["top1"] > run["floors"]["random_init"]["top1"] for run in runs)
-    from swavkit.report import git_commit
+    from swavkit.evaluation.report import git_commit
 
     commit, _ = git_commit()
     summary = {"data": "cifar10-small", "train_dir": str(data / "train"), "val_dir": str(val_dir),

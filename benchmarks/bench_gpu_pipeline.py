@@ -6,7 +6,7 @@ backbone can train?
 
 1. Makes --images ImageNet-like JPEGs (500 x 375 px, ~110 KB: smooth random colour fields, noise and
    rectangle edges, Pillow quality 90) in --work-dir, and tar shards of them with swavkit's own
-   `swavkit shard` code (swavkit.shard.write_shards).
+   `swavkit shard` code (swavkit.data.shard_writer.write_shards).
 2. The bare step: the same timm resnet50 alone (benchmarks/_arms.py BareBackboneStep: grouped forward
    of the paper crops 2x224 + 6x96, trivial loss, backward, LARS) at the same per-GPU batch, bf16 autocast,
    channels_last, CUDA-synchronised timing on random crops already on the GPU - no data at all. Also the
@@ -87,7 +87,7 @@ def _one_jpeg(job) -> int:
 
 def make_data(work: Path, n: int, width: int, height: int, workers: int) -> tuple[Path, Path, dict]:
     """-> (JPEG folder, shard folder, what was made). Reuses a complete earlier folder."""
-    from swavkit.shard import write_shards
+    from swavkit.data.shard_writer import write_shards
 
     folder, shards = work / f"jpegs_{n}_{width}x{height}", work / f"shards_{n}_{width}x{height}"
     start = time.perf_counter()
@@ -158,7 +158,7 @@ def pretrain_run(args, source: Path, out_dir: Path, decode: str, steps_per_epoch
     overrides = [f"data.path={source}", f"out_dir={out_dir}", f"train.batch_size={args.batch}",
                  f"train.epochs={epochs}", f"data.num_workers={args.workers}", f"train.log_every_steps={args.log_every}",
                  "optim.warmup_epochs=0", "model.sync_batchnorm=none", f"data.decode_on_device={decode}", *extra]
-    command = [PYTHON, "-m", "swavkit.cli", "pretrain", "--config", "configs/imagenet_resnet50.yaml", "--restart",
+    command = [PYTHON, "-m", "swavkit", "pretrain", "--config", "configs/imagenet_resnet50.yaml", "--restart",
                "--no-progress", *overrides]
     print("  " + " ".join(command[1:]), flush=True)
     start = time.perf_counter()

@@ -3,10 +3,10 @@
     .venv/bin/python benchmarks/bench_memory.py [--peak-steps 2] [--leak-epochs 9] [--skip-peak]
 
 1. Peak RSS (fresh subprocess per arm, so each peak is its own): resnet50, crops 2x224 + 6x96, batch 32,
-   K 3000, fp32 CPU, --peak-steps steps of the library's step (swavkit.step.train_step), and the same for the
+   K 3000, fp32 CPU, --peak-steps steps of the library's step (swavkit.training.step.train_step), and the same for the
    bare backbone (grouped forward, trivial loss, LARS). Target (ours; issue 5 names none): the SwAV
    step needs at most 10% more than the backbone alone.
-2. No growth: ``swavkit.train`` itself (resnet10t, crops 2x32 + 2x16, batch 32, the bundled sample,
+2. No growth: ``swavkit.training.trainer`` itself (resnet10t, crops 2x32 + 2x16, batch 32, the bundled sample,
    2 workers, queue on from epoch 1, checkpoint every epoch, metrics every 10 steps) for ~560 steps in a
    subprocess; the main process's RSS is read at every step (a counting wrapper around the loss
    function, installed by this script; the library is not modified) and the workers' RSS alongside.
@@ -76,8 +76,8 @@ def _children_rss_mib() -> float:
 
 
 def child_leak(epochs: int, out_dir: str) -> dict:
-    step_module = importlib.import_module("swavkit.step")
-    train_module = importlib.import_module("swavkit.train")  # the module: swavkit.train is the function
+    step_module = importlib.import_module("swavkit.training.step")
+    train_module = importlib.import_module("swavkit.training.trainer")  # the module: swavkit.training.trainer is the function
     from swavkit.config import load_config
 
     records = []
@@ -153,7 +153,7 @@ def main() -> int:
                        f"<= {PEAK_TARGET} (ours)", ratio <= PEAK_TARGET)
         verdicts.info("peak RSS of the swavkit step, MiB", peaks["swavkit"]["peak_rss_mib"])
 
-    print(f"RSS over training steps: swavkit.train, {args.leak_epochs} epochs ...", flush=True)
+    print(f"RSS over training steps: swavkit.training.trainer, {args.leak_epochs} epochs ...", flush=True)
     started = time.perf_counter()
     leak = run_child(["leak", str(args.leak_epochs), str(WORK_DIR / "memory_leak_run")], args.threads, timeout=1800)
     wall = time.perf_counter() - started
@@ -173,7 +173,7 @@ def main() -> int:
                                         "max": max(main_rss), "min_after_100": min(main_rss[i] for i in tail)},
                        "peak_rss_main_mib": leak["peak_rss_mib"],
                        "per_step": {"step": steps, "rss_main_mib": main_rss, "rss_workers_mib": child_rss}}
-    tables.append(f"**RSS over {leak['steps']} training steps** - `swavkit.train` with "
+    tables.append(f"**RSS over {leak['steps']} training steps** - `swavkit.training.trainer` with "
                   "`benchmarks/memory_leak_config.yaml` (resnet10t, crops 2x32 + 2x16, batch 32, bundled sample, "
                   f"2 workers, queue from epoch 1, checkpoint each epoch), {wall:.0f} s; RSS read at every step:\n\n"
                   + markdown_table(["step", "main process RSS (MiB)", "workers RSS, sum (MiB)"], rows)

@@ -8,7 +8,7 @@ Arms (one process, interleaved A/B/C, alternating order, medians over repetition
           (mean of the pooled features), backward, LARS step over the backbone's parameters;
   model   SwAVModel (backbone + projection head + L2 norm + prototypes), trivial loss (mean score),
           backward, LARS step: isolates what the head and prototypes cost;
-  swavkit the library's training step, swavkit.step.train_step (what train.py runs per batch): prototype
+  swavkit the library's training step, swavkit.training.step.train_step (what train.py runs per batch): prototype
           normalisation, forward, fp32 Sinkhorn on the 2 assignment crops, swapped-prediction loss, backward,
           finiteness check, LARS;
   A/A     a second identical bare backbone: the noise floor of a ratio on this machine.
@@ -201,7 +201,7 @@ def main() -> int:
                 "one call per resolution group (as `SwAVModel.embed`), trivial loss, backward, LARS over the "
                 "backbone (**A/A control**: a second identical bare backbone, whose ratio to the first shows how far "
                 "a ratio moves by noise alone); **backbone+head+prototypes** = `SwAVModel` forward with a trivial loss (isolates "
-                "the head/prototype cost); **swavkit** = the library's `swavkit.step.train_step`, the step train.py runs "
+                "the head/prototype cost); **swavkit** = the library's `swavkit.training.step.train_step`, the step train.py runs "
                 "per batch. Ratio = median of per-repetition ratios. FLOPs: "
                 "`torch.utils.flop_counter` over one step (matmuls and convolutions; the projection head "
                 "and the prototypes are SwAV's own arithmetic, which no implementation can skip).")

@@ -5,8 +5,8 @@
 
 (a) step      training-step images/s, same timm backbone, crops, prototypes, batch, optimiser (LARS):
               lightly as its SwaV example composes it (SwaVProjectionHead, L2 norm, SwaVPrototypes, one
-              backbone call per crop, SwaVLoss) vs swavkit's step (swavkit.step.train_step). Target >= 1.2x.
-(b) sinkhorn  codes alone, K = 3000, 3 iterations, fp32, B = 1024 and 4096: swavkit.sinkhorn vs
+              backbone call per crop, SwaVLoss) vs swavkit's step (swavkit.training.step.train_step). Target >= 1.2x.
+(b) sinkhorn  codes alone, K = 3000, 3 iterations, fp32, B = 1024 and 4096: swavkit.core.sinkhorn vs
               lightly.loss.swav_loss.sinkhorn. Target >= 2x; plus finiteness where exp(scores/epsilon)
               overflows fp32 (epsilon 0.01 on trained-like cosines; unnormalised scores x10).
 (c) data      images/s delivered by a DataLoader over the CIFAR-10 train JPEGs (unpacked from
@@ -46,9 +46,9 @@ except ImportError as err:  # an optional extra: say how to get it, do not prete
           file=sys.stderr)
     sys.exit(2)
 
-from swavkit.model import create_backbone  # noqa: E402
-from swavkit.optim import build_optimizer  # noqa: E402
-from swavkit.sinkhorn import sinkhorn as swavkit_sinkhorn  # noqa: E402
+from swavkit.core.model import create_backbone  # noqa: E402
+from swavkit.core.optim import build_optimizer  # noqa: E402
+from swavkit.core.sinkhorn import sinkhorn as swavkit_sinkhorn  # noqa: E402
 
 STEP_CFG = dict(backbone="resnet18", batch=128, counts=[2, 4], sizes=[32, 16], K=3000, hidden=2048, out=128)
 # configs/cifar10_resnet18.yaml crop recipe
@@ -284,7 +284,7 @@ def part_data(reps: int, verdicts: Verdicts, workers_list=(0, 1, 2), batch: int 
     from torch.utils.data import DataLoader
 
     from swavkit.data import EpochSampler, UnlabeledImageFolder, find_images
-    from swavkit.multicrop import MultiCropTransform
+    from swavkit.data.multicrop import MultiCropTransform
 
     root = root or require_cifar10() / "train"
     r = recipe

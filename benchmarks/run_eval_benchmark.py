@@ -66,7 +66,7 @@ def pretrain(config_files: list[str], overrides: list[str], data: Path, run_dir:
     schedule of the real run still ends where the recipe says. ``auto``: ``--auto`` derives every key not set.
     """
     from swavkit.api import build_config
-    from swavkit.train import train
+    from swavkit.training.trainer import train
 
     base = [f"data.path={data / 'train'}", *overrides] + ([f"train.budget_minutes={budget}"] if budget else [])
     calibration_s = None
@@ -107,11 +107,11 @@ def _steps_per_epoch(run_dir: Path) -> float | None:
 
 def evaluate(label: str, source: str, data: Path, image_size_px: int, args) -> dict:
     """k-NN and fast linear probe of one backbone, sharing one feature extraction."""
-    from swavkit.eval_options import EvalOptions, KnnOptions, LinearOptions
-    from swavkit.features import extract_split_features, init_processes, load_eval_backbone
-    from swavkit.knn import evaluate_knn
-    from swavkit.linear_probe import evaluate_linear
-    from swavkit.preprocessing import resolve_preprocessing
+    from swavkit.evaluation.options import EvalOptions, KnnOptions, LinearOptions
+    from swavkit.evaluation.features import extract_split_features, init_processes, load_eval_backbone
+    from swavkit.evaluation.knn import evaluate_knn
+    from swavkit.evaluation.linear_probe import evaluate_linear
+    from swavkit.artifacts.preprocessing import resolve_preprocessing
 
     options = EvalOptions(device=init_processes(args.device), batch_size=args.batch_size, num_workers=args.workers,
                           out_json="", progress=not args.no_progress)
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     data = prepare_data(args.data, args.shared_data)
     from swavkit.config import load_config
-    from swavkit.report import environment, git_commit, utc_now
+    from swavkit.evaluation.report import environment, git_commit, utc_now
 
     config_files = args.config or ([] if args.auto else [str(REPO_ROOT / "configs" / "cifar10_resnet18.yaml")])
     name = args.name or f"eval-{args.data}"

@@ -1,17 +1,15 @@
 """swavkit: SwAV self-supervised online clustering for any timm backbone.
 
-The small public API; everything else lives in its own module (see the README).
+The small public API; everything else lives in its layer's sub-package (ARCHITECTURE.md): ``runtime``,
+``data``, ``core``, ``artifacts``, ``evaluation``, ``training``, ``cli``.
 
 Names are imported on first use (PEP 562), so ``import swavkit`` and ``swavkit --help`` do not pay for
-torch and timm. Each name is the real object from its module (real signature, no wrapper):
-``swavkit.train is swavkit.train.train`` at the function level.
+torch and timm. Each name is the real object from its module (real signature, no wrapper).
 
-Two functions share their module's name: ``train`` and ``sinkhorn``. The package attribute is the function
-(``swavkit.train(cfg)``, as documented), so ``import swavkit.train as m`` binds the function too: Python
-evaluates that statement as ``m = swavkit.train`` (the attribute; sys.modules only when there is none), and
-no package attribute can be both the function and the module. For the module, use
-``importlib.import_module("swavkit.train")``; ``from swavkit.train import train, TrainResult`` (any name)
-and plain ``import swavkit.train`` work as usual (tests/test_api.py).
+Two functions share the name of an old (0.1) module path: ``train`` (``swavkit.train``, now
+``swavkit.training.trainer``) and ``sinkhorn`` (``swavkit.core.sinkhorn``). The package attribute is always
+the function (``swavkit.train(cfg)``, as documented), also after the old module path was imported
+(swavkit/_moved.py keeps old paths working for this release); ``from swavkit.train import train`` works too.
 """
 
 from __future__ import annotations
@@ -20,26 +18,29 @@ import importlib
 import sys
 import types
 
+from swavkit import _moved
+
 __version__ = "0.1.0"
 
 # public name -> the module that defines it (a plain table, no registry)
 _PUBLIC = {
-    "Config": "swavkit.config", "ConfigError": "swavkit.config", "load_config": "swavkit.config",
-    "SwAVModel": "swavkit.model", "build_model": "swavkit.model", "create_backbone": "swavkit.model",
-    "LoadError": "swavkit.pretrained", "export_checkpoint": "swavkit.pretrained",
-    "load_backbone": "swavkit.pretrained", "load_swav_model": "swavkit.pretrained",
-    "load_initial_backbone_state": "swavkit.pretrained",
-    "sinkhorn": "swavkit.sinkhorn", "swapped_prediction_loss": "swavkit.loss",
-    "train": "swavkit.train", "TrainResult": "swavkit.train", "pretrain": "swavkit.api",
-    "extract_features": "swavkit.features", "evaluate_knn": "swavkit.knn", "evaluate_linear": "swavkit.linear_probe",
-    "EvalOptions": "swavkit.eval_options", "KnnOptions": "swavkit.eval_options",
-    "LinearOptions": "swavkit.eval_options",
+    "Config": "swavkit.config", "ConfigError": "swavkit.errors", "load_config": "swavkit.config",
+    "SwAVModel": "swavkit.core.model", "build_model": "swavkit.core.model", "create_backbone": "swavkit.core.model",
+    "LoadError": "swavkit.artifacts.pretrained", "export_checkpoint": "swavkit.artifacts.pretrained",
+    "load_backbone": "swavkit.artifacts.pretrained", "load_swav_model": "swavkit.artifacts.pretrained",
+    "load_initial_backbone_state": "swavkit.artifacts.pretrained",
+    "sinkhorn": "swavkit.core.sinkhorn", "swapped_prediction_loss": "swavkit.core.loss",
+    "train": "swavkit.training.trainer", "TrainResult": "swavkit.training.trainer", "pretrain": "swavkit.api",
+    "extract_features": "swavkit.evaluation.features", "evaluate_knn": "swavkit.evaluation.knn", "evaluate_linear": "swavkit.evaluation.linear_probe",
+    "EvalOptions": "swavkit.evaluation.options", "KnnOptions": "swavkit.evaluation.options",
+    "LinearOptions": "swavkit.evaluation.options",
 }
 
-# Functions named like the submodule that defines them. Importing a submodule makes Python set the
-# package attribute of that name to the module, which would hide the function: ``swavkit.train(cfg)``
-# then failed on its second call ("'module' object is not callable").
-_SHADOWED = {name for name, module in _PUBLIC.items() if module == f"{__name__}.{name}"}
+# Functions named like an (old) submodule path. Importing a submodule makes Python set the package
+# attribute of that name to the module, which would hide the function: ``swavkit.train(cfg)`` then failed
+# on its second call ("'module' object is not callable").
+_SHADOWED = {name for name in _PUBLIC if f"{__name__}.{name}" in _moved.MOVED}
+_moved.install()
 
 
 class _Package(types.ModuleType):

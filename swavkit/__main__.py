@@ -2,6 +2,6 @@
 
 import sys
 
-from swavkit.cli import main
+from swavkit.cli.main import main
 
 sys.exit(main())

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from swavkit.config import Config, ConfigError, from_dict, merge_sources, validate
 
 if TYPE_CHECKING:
-    from swavkit.train import TrainResult
+    from swavkit.training.trainer import TrainResult
 
 # Keywords that are not the last part of a config key: the words a user types first.
 KEYWORD_ALIASES = {"data": "data.path", "workers": "data.num_workers"}
@@ -116,7 +116,7 @@ def build_config(config_files: Sequence[str | Path] = (), overrides: Sequence[st
         print("swavkit: no config file and no data path given: the quickstart recipe on the bundled Fashion-MNIST "
               f"sample ({files[0]})")
     if auto:
-        from swavkit.presets import auto_config  # torch: only when --auto looks at the data
+        from swavkit.training.presets import auto_config  # torch: only when --auto looks at the data
 
         return auto_config(tree)
     cfg = from_dict(tree)
@@ -162,7 +162,7 @@ def pretrain(data: str | Path | None = None, out_dir: str | Path | None = None, 
     Example:
         ``swavkit.pretrain("imgs/", "runs/a", backbone="resnet18", epochs=50, **{"swav.epsilon": 0.03})``
     """
-    from swavkit.train import train  # torch: imported when a run starts, not with this module
+    from swavkit.training.trainer import train  # torch: imported when a run starts, not with this module
 
     cfg = pretrain_config(data, out_dir, backbone=backbone, epochs=epochs, batch_size=batch_size, init=init,
                           config=config, auto=auto, **keys)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,29 +18,13 @@ from typing import Any
 
 import yaml
 
-from swavkit.preprocessing import IMAGENET_MEAN, IMAGENET_STD  # stdlib only
-
-
-class ConfigError(ValueError):
-    """A configuration problem, described in one line that names the key."""
+from swavkit.data.constants import IMAGENET_MEAN, IMAGENET_STD  # stdlib only
+from swavkit.errors import ConfigError
+from swavkit.runtime.cores import default_num_workers
 
 
 def _help(text: str, **kwargs):
     return field(metadata={"help": text}, **kwargs)
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
-def default_num_workers(cap: int = 4) -> int:
-    """DataLoader worker processes that suit this machine: up to ``cap``, leaving one core to the main
-    process. More workers than usable cores only contend, and torch warns about it (4 on 2 cores did)."""
-    return max(0, min(cap, usable_cores() - 1))
 
 
 @dataclass
@@ -411,18 +394,32 @@ CHOICES = {
     "data.decode_on_device": ("auto", "true", "false"),
     "model.channels_last": ("auto", "true", "false"),
 }
-LOGGER_CHOICES = ("jsonl", "tensorboard", "wandb", "mlflow")  # train.loggers entries (swavkit/loggers.py)
+LOGGER_CHOICES = ("jsonl", "tensorboard", "wandb", "mlflow")  # train.loggers entries (swavkit/training/loggers.py)
+
+
+def check_logger_names(names) -> list[str]:
+    """The names in order without repeats; ConfigError (naming ``train.loggers``) for an unknown one or a
+    list without ``jsonl``."""
+    names = list(dict.fromkeys(names))
+    for name in names:
+        if name not in LOGGER_CHOICES:
+            raise ConfigError(f"train.loggers: '{name}' is not one of {', '.join(LOGGER_CHOICES)}")
+    if "jsonl" not in names:
+        raise ConfigError("train.loggers: must include jsonl (metrics.jsonl is the run's record that resuming and "
+                          "swavkit plot read), e.g. train.loggers=[jsonl,tensorboard]")
+    return names
 
 
 def validate(cfg: Config, world_size: int = 1) -> None:
+    """The config's own checks: choices, ranges, lengths, coherence (pure: nothing is imported, read or
+    created). What needs the world - is the backbone a timm name, does model.init exist - is checked by
+    :func:`swavkit.training.preflight.preflight`, which training runs before anything is written."""
     c = cfg.crops
     for key, choices in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             raise ConfigError(f"{key}: '{value}' is not one of {', '.join(choices)}")
-    from swavkit.loggers import check_logger_names  # here, not at the top: loggers imports this module
-
     check_logger_names(cfg.train.loggers)  # train.loggers: known names (LOGGER_CHOICES), jsonl included
     n_groups = len(c.counts)
     for name in ("sizes_px", "min_scales", "max_scales"):
@@ -494,8 +491,8 @@ WEIGHT_LOADING_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay
 
 
 def _validate_model(m: ModelConfig) -> None:
-    """Backbone name, weight source and timm arguments; last in :func:`validate` because it imports timm
-    (seconds), and before any data is read, so a typo costs no folder scan."""
+    """timm arguments that swavkit owns (weights, classifier); the name and the weight source are checked
+    by the pre-flight step (they need timm and the disk)."""
     for name in WEIGHT_LOADING_KWARGS:
         if name in m.backbone_kwargs:
             raise ConfigError(f"model.backbone_kwargs.{name}: swavkit never loads weights through timm.create_model; "
@@ -504,16 +501,6 @@ def _validate_model(m: ModelConfig) -> None:
     if "num_classes" in m.backbone_kwargs:
         raise ConfigError("model.backbone_kwargs.num_classes: the backbone is always created with num_classes=0 "
                           "(pooled features, no classifier); remove it")
-    from swavkit.model import check_backbone_name  # timm: imported only when a config is validated
-
-    check_backbone_name(m.backbone)
-    if m.init:
-        from swavkit.pretrained import LoadError, locate_initial_source
-
-        try:
-            locate_initial_source(m.init)
-        except LoadError as err:
-            raise ConfigError(str(err)) from None
 
 
 def _validate_lr(o: OptimConfig) -> None:

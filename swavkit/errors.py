@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import sys
 
+
+class ConfigError(ValueError):
+    """A configuration problem, described in one line that names the key (a config key, a CLI option or a
+    file). Every layer raises it; ``swavkit.config`` re-exports it where users always found it."""
+
 # Exceptions whose message is meant for the user as is: printed as one line, exit code 2.
-USER_ERROR_NAMES = (("swavkit.config", "ConfigError"), ("swavkit.data", "DataError"),
-                    ("swavkit.pretrained", "LoadError"), ("swavkit.checkpoint", "CheckpointError"),
-                    ("swavkit.distributed", "LaunchError"), ("swavkit.train", "TrainingDiverged"),
-                    ("swavkit.train", "DataLoaderCrashed"))
+USER_ERROR_NAMES = (("swavkit.errors", "ConfigError"), ("swavkit.data.errors", "DataError"),
+                    ("swavkit.artifacts.pretrained", "LoadError"), ("swavkit.artifacts.checkpoint", "CheckpointError"),
+                    ("swavkit.runtime.distributed", "LaunchError"), ("swavkit.training.trainer", "TrainingDiverged"),
+                    ("swavkit.training.trainer", "DataLoaderCrashed"))
 EXIT_USER_ERROR = 2
 EXIT_STOPPED = 3  # stopped by a signal: resumable, run the same command again
 
@@ -29,7 +34,7 @@ def is_user_error(err: BaseException) -> bool:
 
 
 def is_stop_request(err: BaseException) -> bool:
-    return _is_instance(err, "swavkit.signals", "StopRequested")
+    return _is_instance(err, "swavkit.runtime.signals", "StopRequested")
 
 
 def exit_code_of(err: BaseException) -> int:

@@ -7,11 +7,11 @@ import time
 import pytest
 
 from conftest import tiny_overrides
-from swavkit.budget import (CALIBRATION_S, BudgetClock, BudgetPlan, fit_total_steps, share_of_run,
+from swavkit.training.budget import (CALIBRATION_S, BudgetClock, BudgetPlan, fit_total_steps, share_of_run,
                             worth_changing)
-from swavkit.checkpoint import load_training_checkpoint
+from swavkit.artifacts.checkpoint import load_training_checkpoint
 from swavkit.config import load_config
-from swavkit.train import train
+from swavkit.training.trainer import train
 
 
 class FakeClock:
@@ -120,7 +120,7 @@ def test_a_resumed_budget_run_counts_the_first_attempt(image_folder, tmp_path):
 
 
 def test_budget_can_be_given_as_a_cli_duration():
-    from swavkit.cli import parse_duration_minutes
+    from swavkit.cli.args import parse_duration_minutes
 
     assert parse_duration_minutes("20m") == 20.0
     assert parse_duration_minutes("1300s") == pytest.approx(1300 / 60)

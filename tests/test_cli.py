@@ -16,9 +16,9 @@ import pytest
 
 from conftest import write_images
 from swavkit import config as config_module
-from swavkit.cli import build_parser, main, parse_arguments
-from swavkit.config import default_num_workers
-from swavkit.report import default_result_path
+from swavkit.cli.main import build_parser, main, parse_arguments
+from swavkit.runtime.cores import default_num_workers
+from swavkit.evaluation.report import default_result_path
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = ("pretrain", "export", "knn", "linear", "cluster", "plot", "shard", "finetune")
@@ -33,7 +33,7 @@ def subcommand_parsers() -> dict[str, argparse.ArgumentParser]:
 def test_help_imports_neither_torch_nor_timm():
     code = textwrap.dedent("""
         import contextlib, io, sys
-        from swavkit.cli import main
+        from swavkit.cli.main import main
         for argv in (["--help"], *([c, "--help"] for c in %r)):
             with contextlib.redirect_stdout(io.StringIO()):
                 try:
@@ -83,7 +83,7 @@ def test_options_and_overrides_in_any_order(tmp_path, monkeypatch):
         seen.update(cfg=cfg, **kwargs)
         return argparse.Namespace(completed=True)
 
-    monkeypatch.setattr(importlib.import_module("swavkit.train"), "train", fake_train)
+    monkeypatch.setattr(importlib.import_module("swavkit.training.trainer"), "train", fake_train)
     assert main([*argv, "--workers", "0", "--no-progress"]) == 0
     cfg = seen["cfg"]
     assert (cfg.data.path, cfg.train.epochs, cfg.train.batch_size, cfg.seed, cfg.data.num_workers) == ("x", 3, 16, 4, 0)
@@ -116,11 +116,12 @@ def test_an_unknown_option_gets_the_closest_valid_one_in_one_line(argv, hint, ca
         assert "did you mean" not in err[-1]
 
 
-@pytest.mark.parametrize("command", ["pretrain", "knn", "linear", "cluster"])
+@pytest.mark.parametrize("command", ["pretrain", "knn", "linear", "cluster", "finetune"])
 def test_workers_is_the_same_flag_everywhere(command):
     required = {"pretrain": [], "knn": ["--backbone", "b", "--train", "t", "--val", "v"],
                 "linear": ["--backbone", "b", "--train", "t", "--val", "v"],
-                "cluster": ["--checkpoint", "c", "--data", "d", "--out", "o"]}[command]
+                "cluster": ["--checkpoint", "c", "--data", "d", "--out", "o"],
+                "finetune": ["--backbone", "b", "--train", "t", "--val", "v"]}[command]
     for flag in ("--workers", "--num-workers"):
         assert parse_arguments(build_parser(), [command, *required, flag, "3"]).workers == 3
     default = parse_arguments(build_parser(), [command, *required]).workers
@@ -131,7 +132,9 @@ def test_workers_is_the_same_flag_everywhere(command):
 
 @pytest.mark.parametrize("cores, workers", [(1, 0), (2, 1), (3, 2), (16, 4)])
 def test_default_workers_leave_a_core_to_the_main_process(monkeypatch, cores, workers):
-    monkeypatch.setattr(config_module.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    from swavkit.runtime import cores as cores_module
+
+    monkeypatch.setattr(cores_module.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     assert default_num_workers() == workers
 
 
@@ -192,3 +195,15 @@ def test_result_names_carry_the_run_name(tiny_run):
     assert default_result_path("knn", str(run)).name.startswith("knn-run-")
     assert default_result_path("knn", "swav_800ep_pretrain.pth.tar").name.startswith("knn-swav_800ep_pretrain.pth.tar-")
     assert default_result_path("knn", "timm:resnet18").name.startswith("knn-timm-resnet18-")
+
+
+def test_precision_words_of_the_cli_are_the_resolvers():
+    from swavkit.cli.args import PRECISIONS
+    from swavkit.runtime.device import PRECISIONS as RESOLVED
+
+    assert PRECISIONS == RESOLVED
+    for command, required in (("finetune", ["--backbone", "b", "--train", "t", "--val", "v"]),
+                              ("knn", ["--backbone", "b", "--train", "t", "--val", "v"])):
+        assert parse_arguments(build_parser(), [command, *required, "--precision", "fp16"]).precision == "fp16"
+        with pytest.raises(SystemExit):
+            parse_arguments(build_parser(), [command, *required, "--workers", "-1"])

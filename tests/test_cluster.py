@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 
 from bad_images import ODD_NAMES, EpsSpy, write_eps_as_jpg, write_just_over_limit_png
-from swavkit.checkpoint import CHECKPOINT_FORMAT
-from swavkit.cli import main
+from swavkit.artifacts.checkpoint import CHECKPOINT_FORMAT
+from swavkit.cli.main import main
 from swavkit.config import from_dict, to_dict
 from swavkit.data import MAX_IMAGE_PIXELS, eval_transform, path_from_printable, read_rgb
-from swavkit.model import build_model
+from swavkit.core.model import build_model
 
 N_PROTOTYPES = 8
 TOP_PER_CLUSTER = 4
@@ -97,8 +97,8 @@ def test_csv_has_one_row_per_readable_image(explored):
 
 
 def test_confidence_is_the_softmax_of_the_assigned_prototype(explored):
-    from swavkit.cluster import soft_codes
-    from swavkit.pretrained import load_swav_model
+    from swavkit.evaluation.cluster import soft_codes
+    from swavkit.artifacts.pretrained import load_swav_model
 
     model, _ = load_swav_model(explored["checkpoint"])
     model.prototypes.normalize_()
@@ -178,7 +178,7 @@ def test_hostile_files_are_skipped_and_odd_names_written_exactly(tmp_path, monke
     """Issue 17: PostScript in a .jpg is never given to the EPS decoder, an image just over swavkit's pixel
     limit is refused as in training, a link loop adds no row, and names that are not UTF-8 or hold control
     characters reach the CSV reversibly and the page printable (they used to crash both writers)."""
-    from swavkit.cluster import explore_clusters
+    from swavkit.evaluation.cluster import explore_clusters
 
     spy = EpsSpy(monkeypatch)
     data = tmp_path / "images"

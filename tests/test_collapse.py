@@ -5,8 +5,8 @@ import math
 
 from conftest import tiny_overrides
 from swavkit.config import load_config
-from swavkit.diagnosis import CollapseMonitor, code_statistics
-from swavkit.train import train
+from swavkit.training.diagnosis import CollapseMonitor, code_statistics
+from swavkit.training.trainer import train
 
 import torch
 

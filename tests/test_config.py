@@ -54,7 +54,7 @@ def test_gpu_levers_default_to_auto_meaning_on_a_gpu(tmp_path):
     or a saved run's config.yaml) are the words."""
     import torch
 
-    from swavkit.train import resolve_auto_flag
+    from swavkit.training.trainer import resolve_auto_flag
 
     assert Config().data.colour_on_device == Config().model.channels_last == "auto"
     old_run = tmp_path / "config.yaml"
@@ -104,7 +104,7 @@ def test_cli_bad_config_exit_2_one_line(tmp_path):
                                        (["crops.counts=[2,2]"], "crops.sizes_px: has 1 entries"),
                                        (["model.backbone=resnet_nope"], "model.backbone")])
 def test_cli_bad_config_in_process(tmp_path, capsys, argv, key):
-    from swavkit.cli import main
+    from swavkit.cli.main import main
 
     assert main(["pretrain", f"out_dir={tmp_path}", *argv]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
@@ -112,11 +112,14 @@ def test_cli_bad_config_in_process(tmp_path, capsys, argv, key):
 
 
 def test_misspelled_backbone_is_reported_first_with_suggestions(tmp_path):
+    from swavkit.training.preflight import preflight
+
+    cfg = load_config([], ["model.backbone=resnt18"])  # the config's own checks do not import timm
     with pytest.raises(ConfigError, match=r"model.backbone: 'resnt18' is not a timm model name; did you mean resnet18"):
-        load_config([], ["model.backbone=resnt18"])
+        preflight(cfg)
     # train checks it before it walks the data folder: the (missing) folder is never reached
     from swavkit.config import from_dict
-    from swavkit.train import train
+    from swavkit.training.trainer import train
 
     cfg = from_dict({"model": {"backbone": "ResNet18"}, "data": {"path": str(tmp_path / "no_such_folder")},
                      "out_dir": str(tmp_path / "run")})
@@ -133,8 +136,10 @@ def test_misspelled_backbone_is_reported_first_with_suggestions(tmp_path):
     ("model.init=resnet_nope", "model.init: 'resnet_nope' is neither an existing file"),
 ])
 def test_weight_sources_are_checked_in_one_line(override, message):
+    from swavkit.training.preflight import preflight
+
     with pytest.raises(ConfigError, match=message) as err:
-        load_config([], [override])
+        preflight(load_config([], [override]))
     assert "\n" not in str(err.value)
 
 
@@ -155,20 +160,24 @@ def test_a_key_without_its_section_is_named_with_it():
 def test_cpu_training_threads_share_the_cores_between_processes_and_restore_the_count(monkeypatch):
     import torch
 
-    from swavkit import device as device_module
+    from swavkit.runtime import cores
 
-    monkeypatch.setattr("swavkit.config.usable_cores", lambda: 8)
-    assert device_module.cpu_training_threads(num_workers=2) == 8
-    assert device_module.cpu_training_threads(num_workers=1, local_world_size=2) == 4
-    assert device_module.cpu_training_threads(num_workers=0, local_world_size=16) == 1  # never below one
+    monkeypatch.setattr(cores, "usable_cores", lambda: 8)
+    assert cores.cpu_training_threads() == 8
+    assert cores.cpu_training_threads(local_world_size=2) == 4
+    assert cores.cpu_training_threads(local_world_size=16) == 1  # never below one
+    # one rule for data workers too: the share of the cores, one left to the main process unless --auto
+    assert cores.default_num_workers() == 4 and cores.default_num_workers(8) == 7
+    assert cores.default_num_workers(8, local_world_size=2, leave_one_for_main=False) == 4
+    assert cores.default_num_workers(local_world_size=8) == 0
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     torch.set_num_threads(3)
     try:
-        with device_module.training_threads(torch.device("cpu"), num_workers=3, local_world_size=2) as inside:
+        with cores.training_threads(torch.device("cpu"), local_world_size=2) as inside:
             assert inside == torch.get_num_threads() == 4
         assert torch.get_num_threads() == 3
         monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's setting wins
-        with device_module.training_threads(torch.device("cpu"), num_workers=3) as inside:
+        with cores.training_threads(torch.device("cpu")) as inside:
             assert inside == 3
     finally:
         torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -13,11 +13,11 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import tiny_overrides
-from swavkit import distributed
-from swavkit.checkpoint import load_training_checkpoint
+from swavkit.runtime import distributed
+from swavkit.artifacts.checkpoint import load_training_checkpoint
 from swavkit.config import load_config
-from swavkit.sinkhorn import sinkhorn
-from swavkit.train import train
+from swavkit.core.sinkhorn import sinkhorn
+from swavkit.training.trainer import train
 
 
 def free_port() -> int:
@@ -53,7 +53,7 @@ def test_sinkhorn_two_ranks_equals_one(tmp_path):
 def _sinkhorn_one_rank_falls_back_worker(rank, world, port, scores, out_dir):
     _set_env(rank, world, port)
     distributed.init("cpu")
-    module = importlib.import_module("swavkit.sinkhorn")  # the package's `sinkhorn` attribute is the function
+    module = importlib.import_module("swavkit.core.sinkhorn")  # the package's `sinkhorn` attribute is the function
 
     scaled = module._scaled_codes
     if rank == 1:  # this rank's scalings "overflow": it needs the log-domain fallback, rank 0 does not

@@ -9,15 +9,17 @@ import torch
 from PIL import Image
 
 from evaluation_fixtures import one_thread, write_labelled_folders  # noqa: F401
-from swavkit.checkpoint import export_backbone
-from swavkit.cli import build_parser, evaluation_options, parse_arguments
-from swavkit.config import ConfigError, default_num_workers
+from swavkit.artifacts.checkpoint import export_backbone
+from swavkit.cli.main import build_parser, evaluation_options, parse_arguments
+from swavkit.config import ConfigError
+from swavkit.runtime.cores import default_num_workers
 from swavkit.data import eval_transform
-from swavkit.device import resolve_device, resolve_precision
-from swavkit.eval_options import EvalOptions, KnnOptions, LinearOptions, apply_keywords
-from swavkit.features import load_eval_backbone
-from swavkit.knn import evaluate_knn
-from swavkit.preprocessing import Preprocessing, crop_fraction_for
+from swavkit.runtime.device import resolve_device, resolve_precision
+from swavkit.evaluation.options import EvalOptions, KnnOptions, LinearOptions, apply_keywords
+from swavkit.evaluation.features import load_eval_backbone
+from swavkit.evaluation.knn import evaluate_knn
+from swavkit.data.transforms import Preprocessing
+from swavkit.data.constants import crop_fraction_for
 
 
 def test_device_words_and_objects():
@@ -98,9 +100,9 @@ def test_cli_flags_map_onto_the_options():
 
 
 def test_reference_probe_lr_is_a_cosine_to_zero(monkeypatch):
-    """linear_probe_reference sets each step's LR from swavkit.schedule: peak at step 0, half at the
+    """linear_probe_reference sets each step's LR from swavkit.core.schedule: peak at step 0, half at the
     middle, 0 at the end, and 0.5 * peak * (1 + cos(pi * t / T)) in between."""
-    import swavkit.linear_probe as linear_probe
+    import swavkit.evaluation.linear_probe as linear_probe
 
     seen = []
     original = torch.optim.SGD.step

@@ -12,12 +12,12 @@ import threading
 import time
 
 from conftest import tiny_overrides
-from swavkit.checkpoint import load_training_checkpoint
-from swavkit.fileio import read_jsonl
+from swavkit.artifacts.checkpoint import load_training_checkpoint
+from swavkit.runtime.fileio import read_jsonl
 
 WORKER = textwrap.dedent("""
     import sys, time, torch
-    from swavkit import distributed
+    from swavkit.runtime import distributed
     torch.set_num_threads(1)
     distributed.init("cpu")
     with distributed.fail_together(lambda err: 2, poll_s=0.2):

@@ -8,13 +8,13 @@ import torch
 import torch.multiprocessing as mp
 
 from evaluation_fixtures import one_thread, write_labelled_folders, write_labelled_split  # noqa: F401
-from swavkit.checkpoint import export_backbone
+from swavkit.artifacts.checkpoint import export_backbone
 from swavkit.data import DataError, eval_transform, find_images
 from swavkit.data import LabelledImageFolder
-from swavkit.features import RawPixels, extract_features, load_eval_backbone
-from swavkit.preprocessing import IMAGENET_MEAN as MEAN
-from swavkit.preprocessing import IMAGENET_STD as STD
-from swavkit.preprocessing import resolve_preprocessing
+from swavkit.evaluation.features import RawPixels, extract_features, load_eval_backbone
+from swavkit.data.constants import IMAGENET_MEAN as MEAN
+from swavkit.data.constants import IMAGENET_STD as STD
+from swavkit.artifacts.preprocessing import resolve_preprocessing
 
 
 
@@ -168,7 +168,7 @@ def _small_net():
 def _worker(rank, world, port, out_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from swavkit import distributed
+    from swavkit.runtime import distributed
 
     torch.set_num_threads(1)
     distributed.init("cpu")

@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from evaluation_fixtures import one_thread, write_labelled_folders  # noqa: F401
-from swavkit.checkpoint import export_backbone, load_state
+from swavkit.artifacts.checkpoint import export_backbone, load_state
 from swavkit.config import ConfigError
-from swavkit.finetune import (CHECKPOINT_FILE, FLOOR_FOLDER, FinetuneFolder, FinetuneOptions, build_optimizer,
+from swavkit.evaluation.finetune import (CHECKPOINT_FILE, FLOOR_FOLDER, FinetuneFolder, FinetuneOptions, build_optimizer,
                               evaluate_classifier, finetune, label_list_text, load_labelled_data, parse_label_spec, read_label_list,
                               resolve_recipe, run_finetune, select_labelled)
-from swavkit.preprocessing import resolve_preprocessing
-from swavkit.pretrained import load_backbone
-from swavkit.report import RESULT_KEYS
-from swavkit.signals import StopRequest, StopRequested
+from swavkit.artifacts.preprocessing import resolve_preprocessing
+from swavkit.artifacts.pretrained import load_backbone
+from swavkit.evaluation.report import RESULT_KEYS
+from swavkit.runtime.signals import StopRequest, StopRequested
 
 # Seconds-long runs: 32 px images, batch 4, an explicit epoch count (the default would raise it to 500 steps).
 TINY = dict(epochs=2, batch_size=4, image_size_px=32, num_workers=0, device="cpu", progress=False,
@@ -227,11 +227,11 @@ def test_finetune_writes_result_and_labels_with_the_random_init_floor(folders, t
 
 
 def test_auto_floors_count_the_labelled_images(folders, tmp_path, monkeypatch):
-    import swavkit.floors
+    import swavkit.evaluation.floors
 
     export = export_backbone(load_backbone("timm:resnet10t"), tmp_path / "export", image_size_px=32,
                              mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-    monkeypatch.setattr(swavkit.floors, "AUTO_MAX_TRAIN_IMAGES", 11)  # 12 labelled images: one too many
+    monkeypatch.setattr(swavkit.evaluation.floors, "AUTO_MAX_TRAIN_IMAGES", 11)  # 12 labelled images: one too many
     result = finetune(export, *folders, FinetuneOptions(label_fraction="0.5", out_dir=str(tmp_path / "run"),
                                                         out_json="", **{**TINY, "image_size_px": None}))
     assert result["protocol"]["n_labelled"] == 12 and result["floors"] == {}
@@ -272,7 +272,7 @@ def test_foreign_or_different_out_dir_is_refused_and_restart_deletes_only_its_ow
 
 def _cli(*args, cwd, monkeypatch, capsys):
     """``swavkit finetune ARGS`` in this process (a subprocess would spend ~10 s importing torch here)."""
-    from swavkit.cli import main
+    from swavkit.cli.main import main
 
     monkeypatch.chdir(cwd)
     code = main(["finetune", *args])
@@ -294,27 +294,27 @@ def test_cli_runs_and_prints_a_table(folders, tmp_path, monkeypatch, capsys):
 
 def test_cli_sigterm_exits_3_with_the_state_saved_and_the_same_command_resumes(folders, tmp_path, monkeypatch,
                                                                                capsys):
-    import swavkit.finetune
+    import swavkit.evaluation.finetune
 
     train_dir, val_dir = folders
     args = ("--backbone", "timm:resnet10t", "--train", str(train_dir), "--val", str(val_dir), "--label-fraction",
             "4/class", "--epochs", "2", "--batch-size", "4", "--image-size", "32", "--workers", "0", "--no-progress",
             "--out-dir", "ft")
-    one_epoch = swavkit.finetune.train_one_epoch
+    one_epoch = swavkit.evaluation.finetune.train_one_epoch
 
     def signalled_epoch(*a, **k):
         os.kill(os.getpid(), signal.SIGTERM)  # caught, deferred: the epoch stops after its first batch
         return one_epoch(*a, **k)
 
     handler_before = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(swavkit.finetune, "train_one_epoch", signalled_epoch)
+    monkeypatch.setattr(swavkit.evaluation.finetune, "train_one_epoch", signalled_epoch)
     done = _cli(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert done.returncode == 3, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("swavkit finetune: stopped by SIGTERM at epoch 1, batch 1/3")
     assert load_state(tmp_path / "ft" / CHECKPOINT_FILE)["part_epoch"]["batches"] == 1
     assert not (tmp_path / "results").exists()
-    monkeypatch.setattr(swavkit.finetune, "train_one_epoch", one_epoch)
+    monkeypatch.setattr(swavkit.evaluation.finetune, "train_one_epoch", one_epoch)
     done = _cli(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert done.returncode == 0, done.stderr
     assert signal.getsignal(signal.SIGTERM) == handler_before  # swavkit's handler only while it runs
@@ -340,14 +340,14 @@ def test_cli_user_errors_are_one_line(folders, tmp_path, monkeypatch, capsys, ar
 @pytest.mark.parametrize("given, wanted", [([], "auto"), (["--floors"], "on"), (["--floors", "off"], "off"),
                                            (["--floors", "on"], "on"), (["--no-floors"], "off")])
 def test_floors_flag_is_the_same_auto_on_off_choice_as_knn(command, given, wanted):
-    from swavkit.cli import build_parser
+    from swavkit.cli.main import build_parser
 
     args = build_parser().parse_args([command, "--backbone", "b", "--train", "t", "--val", "v", *given])
     assert args.floors == wanted
 
 
 def test_floors_flag_refuses_other_values(capsys):
-    from swavkit.cli import build_parser
+    from swavkit.cli.main import build_parser
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["finetune", "--backbone", "b", "--train", "t", "--val", "v", "--floors", "yes"])

@@ -25,8 +25,8 @@ from swavkit.data.datasets import UnlabeledImageFolder, seeded_transform
 from swavkit.data.device_decode import (EncodedCrops, EncodedJpeg, collate_encoded, decode_and_crop, decode_batch,
                                         encoded_or_rgb, read_encoded)
 from swavkit.data.images import read_rgb_bytes
-from swavkit.multicrop import MultiCropTransform
-from swavkit.train import train
+from swavkit.data.multicrop import MultiCropTransform
+from swavkit.training.trainer import train
 
 MAX_LEVELS, MEAN_LEVELS = 8, 0.1  # tolerance of the crops against the PIL route (measured: 4, 0.02)
 PAPER = MultiCropTransform([2, 6], [224, 96], [0.14, 0.05], [1.0, 0.14])
@@ -200,7 +200,7 @@ def test_decode_on_device_is_off_unless_asked(value, tmp_path):
 def test_shards_train_with_decode_on_device(tmp_path):
     """Tar shards written by `swavkit shard` keep the JPEG bytes; with data.decode_on_device=true the
     workers pass them on encoded and the run completes with finite losses."""
-    from swavkit.shard import write_shards
+    from swavkit.data.shard_writer import write_shards
 
     folder = _sample_folder(tmp_path / "images")
     write_shards(str(folder), tmp_path / "shards", 6, progress=False)

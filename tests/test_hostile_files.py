@@ -21,7 +21,7 @@ from evaluation_fixtures import write_labelled_split
 from swavkit.data import (MAX_IMAGE_PIXELS, DataError, LabelledImageFolder, UnlabeledImageFolder, UnreadableImage,
                           append_skipped_report, check_readable, eval_transform, find_images, path_from_printable,
                           printable_path, read_rgb, read_skipped_report)
-from swavkit.features import extract_features
+from swavkit.evaluation.features import extract_features
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -156,7 +156,7 @@ def test_messages_about_odd_names_are_one_printable_line(tmp_path):
 
 def test_training_run_lists_odd_names_in_skipped_txt(tmp_path):
     from swavkit.config import load_config
-    from swavkit.train import train
+    from swavkit.training.trainer import train
 
     root = tmp_path / "odd"
     readable, unreadable = _write_odd_folder(root)

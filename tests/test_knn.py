@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from evaluation_fixtures import ONE_THREAD_ENV, clusters, one_thread, write_labelled_folders  # noqa: F401
-from swavkit.features import load_eval_backbone
-from swavkit.knn import build_index, knn_accuracy, knn_classify, knn_classify_bruteforce, knn_monitor, monitor_folders
-from swavkit.metrics import topk_accuracy
-from swavkit.report import RESULT_KEYS
+from swavkit.evaluation.features import load_eval_backbone
+from swavkit.evaluation.knn import build_index, knn_accuracy, knn_classify, knn_classify_bruteforce, knn_monitor, monitor_folders
+from swavkit.evaluation.metrics import topk_accuracy
+from swavkit.evaluation.report import RESULT_KEYS
 
 
 def test_vote_weights_are_exp_similarity_over_temperature():
@@ -128,8 +128,8 @@ def test_floors_are_evaluated_and_recorded_beside_the_result(tmp_path, capsys):
 
     import timm
 
-    from swavkit.checkpoint import export_backbone
-    from swavkit.cli import main
+    from swavkit.artifacts.checkpoint import export_backbone
+    from swavkit.cli.main import main
 
     train_dir, val_dir = write_labelled_folders(tmp_path / "data", n_train=6, n_val=3, size_px=32)
     torch.manual_seed(0)
@@ -156,7 +156,7 @@ def test_floors_are_evaluated_and_recorded_beside_the_result(tmp_path, capsys):
 
 
 def test_a_result_at_or_below_a_floor_is_flagged():
-    from swavkit.floors import below_floors
+    from swavkit.evaluation.floors import below_floors
 
     result = {"metrics": {"top1": 71.8}, "floors": {"random_init": {"source": "timm:r", "top1": 67.2},
                                                     "raw_pixels": {"source": "pixels", "top1": 79.8}}}

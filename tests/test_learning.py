@@ -7,8 +7,8 @@ import pytest
 from swavkit.api import quickstart_config_path
 from swavkit.config import load_config
 from swavkit.data import BUNDLED_SAMPLE
-from swavkit.knn import evaluate_knn
-from swavkit.train import train
+from swavkit.evaluation.knn import evaluate_knn
+from swavkit.training.trainer import train
 
 # Measured on the bundled sample (2,000 train / 1,000 val Fashion-MNIST images, 32 px, 20-NN): random
 # resnet10t 67.2 %, the quickstart after 4 epochs ~73 %, raw pixels 79.8 %. The margin leaves room for

@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from evaluation_fixtures import ONE_THREAD_ENV, clusters, one_thread, write_labelled_folders  # noqa: F401
 from swavkit.data import eval_transform
 from swavkit.data import LabelledImageFolder
-from swavkit.features import load_eval_backbone
-from swavkit.preprocessing import Preprocessing
-from swavkit.linear_probe import (evaluate_linear, fit_softmax_regression, linear_probe_fast,
+from swavkit.evaluation.features import load_eval_backbone
+from swavkit.data.transforms import Preprocessing
+from swavkit.evaluation.linear_probe import (evaluate_linear, fit_softmax_regression, linear_probe_fast,
                                   linear_probe_reference, stratified_holdout, train_transform)
-from swavkit.report import RESULT_KEYS
+from swavkit.evaluation.report import RESULT_KEYS
 
 
 def test_stratified_holdout_is_a_deterministic_per_class_partition():

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from swavkit.config import ConfigError, load_config
-from swavkit.fileio import read_jsonl
-from swavkit.loggers import DEFAULT_LOGGERS, build_loggers, scalars
+from swavkit.runtime.fileio import read_jsonl
+from swavkit.training.loggers import DEFAULT_LOGGERS, build_loggers, scalars
 
 LN_K = round(math.log(30), 5)
 SCALAR_KEYS = ("loss", "ln_k", "lr", "images_per_s", "data_wait_fraction", "prototypes_used", "code_entropy",

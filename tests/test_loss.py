@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from swavkit.loss import FeatureQueue, swapped_prediction_loss
+from swavkit.core.loss import FeatureQueue, swapped_prediction_loss
 
 
 def test_loss_matches_hand_computation():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from swavkit.model import build_model, create_backbone
+from swavkit.core.model import build_model, create_backbone
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import json
 import pytest
 import yaml
 
-from swavkit.checkpoint import EXPORT_TAG, CheckpointError, check_export_target
+from swavkit.artifacts.checkpoint import EXPORT_TAG, CheckpointError, check_export_target
 from swavkit.config import Config, to_dict
-from swavkit.modelcard import (MODEL_CARD_FILE, MODEL_CARD_MARKER, front_matter, is_swavkit_model_card,
+from swavkit.artifacts.modelcard import (MODEL_CARD_FILE, MODEL_CARD_MARKER, front_matter, is_swavkit_model_card,
                                render_model_card, results_for_backbone)
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -17,7 +17,7 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 def result(source: str, architecture: str, top1: float, *, evaluation: str = "knn", val_dir: str = "/d/fmnist/val",
            size_px: int = 32, top5: float | None = None, floors: dict | None = None) -> dict:
-    """A record shaped like swavkit.report.build_result's."""
+    """A record shaped like swavkit.evaluation.report.build_result's."""
     record = {"schema": "swavkit-eval-v1", "evaluation": evaluation,
               "metrics": {"top1": top1, **({"top5": top5} if top5 is not None else {})}, "metrics_unit": "percent",
               "protocol": {"k": 20, "temperature": 0.07} if evaluation == "knn" else {"recipe": "fast"},

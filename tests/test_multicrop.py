@@ -12,7 +12,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from swavkit.data import UnlabeledImageFolder, sample_seed
-from swavkit.multicrop import (N_PARAMS, MultiCropTransform, adjust_brightness, adjust_contrast,
+from swavkit.data.multicrop import (N_PARAMS, MultiCropTransform, adjust_brightness, adjust_contrast,
                                adjust_hue, adjust_saturation, blur_kernel_px, crop_box, gaussian_blur, grayscale)
 from conftest import write_images
 

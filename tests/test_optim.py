@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from swavkit.optim import build_optimizer
+from swavkit.core.optim import build_optimizer
 
 TRUST = 0.001
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from swavkit.config import ConfigError
-from swavkit.plot import PNG_SOFTWARE_TAG, PlotError, add_plot_command, plot_runs, read_run, render_figure, series
+from swavkit.training.plot import PNG_SOFTWARE_TAG, PlotError, add_plot_command, plot_runs, read_run, render_figure, series
 
 
 def write_run(folder, *, loss_drop: float, k: int = 30, knn: bool = True, throughput: float = 800.0):

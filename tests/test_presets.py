@@ -1,8 +1,8 @@
 import pytest
 
-from swavkit import presets
+from swavkit.training import presets
 from swavkit.config import from_dict, validate
-from swavkit.schedule import build_lr_schedule
+from swavkit.core.schedule import build_lr_schedule
 
 
 @pytest.mark.parametrize("n_images, side_px, world", [(2_000, 28, 1), (50_000, 32, 1), (100_000, 96, 2),
@@ -59,7 +59,7 @@ def test_small_images_get_small_crops_only_on_gpus():
 def test_auto_reads_lists_and_refuses_shards(tmp_path, capsys):
     from conftest import write_images
     from swavkit.config import ConfigError, merge_sources
-    from swavkit.presets import auto_config
+    from swavkit.training.presets import auto_config
 
     write_images(tmp_path / "a", 12)
     write_images(tmp_path / "b", 12, seed=1)
@@ -72,7 +72,7 @@ def test_auto_reads_lists_and_refuses_shards(tmp_path, capsys):
 
 
 def test_auto_never_freezes_the_prototypes_for_more_than_5_percent_of_the_run():
-    from swavkit.presets import derive
+    from swavkit.training.presets import derive
 
     for epochs in (1, 4, 20, 400):
         by_key = {s.key: s.value for s in derive(1000, 28, 1, on_gpu=False, epochs=epochs)}
@@ -80,7 +80,7 @@ def test_auto_never_freezes_the_prototypes_for_more_than_5_percent_of_the_run():
 
 
 def test_a_cpu_budget_picks_the_largest_crop_that_affords_enough_passes():
-    from swavkit.presets import CPU_MIN_PASSES, derive
+    from swavkit.training.presets import CPU_MIN_PASSES, derive
 
     def speed(seconds_at_32):  # cost grows with the pixels, as for a convnet
         return lambda size_px: seconds_at_32 * (size_px / 32) ** 2

@@ -5,8 +5,8 @@ import torch
 import torchvision
 from safetensors.torch import load_file
 
-from swavkit.model import build_model
-from swavkit.pretrained import LoadError, export_torchvision, load_backbone, load_swav_model
+from swavkit.core.model import build_model
+from swavkit.artifacts.pretrained import LoadError, export_torchvision, load_backbone, load_swav_model
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_timm_random_init_source():
 
 def _tiny_checkpoint(path, backbone: str = "resnet10t", seed: int = 0):
     """A swavkit training checkpoint (format and config as train writes them) of a tiny SwAVModel."""
-    from swavkit.checkpoint import CHECKPOINT_FORMAT, save_atomic
+    from swavkit.artifacts.checkpoint import CHECKPOINT_FORMAT, save_atomic
     from swavkit.config import from_dict, to_dict
 
     torch.manual_seed(seed)
@@ -95,8 +95,8 @@ def _tiny_checkpoint(path, backbone: str = "resnet10t", seed: int = 0):
 
 
 def test_resolve_source_gives_each_folder_one_meaning(tmp_path):
-    from swavkit.checkpoint import export_backbone
-    from swavkit.pretrained import resolve_source
+    from swavkit.artifacts.checkpoint import export_backbone
+    from swavkit.artifacts.pretrained import resolve_source
 
     run = tmp_path / "run"
     model = _tiny_checkpoint(run / "checkpoints" / "last.pt")
@@ -131,8 +131,8 @@ def _assert_same_state(state: dict, expected: dict) -> None:
 
 
 def test_initial_state_from_an_export_and_a_run(tmp_path):
-    from swavkit.checkpoint import export_backbone
-    from swavkit.pretrained import load_initial_backbone_state
+    from swavkit.artifacts.checkpoint import export_backbone
+    from swavkit.artifacts.pretrained import load_initial_backbone_state
 
     model = _tiny_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", seed=3)
     expected = model.backbone.state_dict()
@@ -145,7 +145,7 @@ def test_initial_state_from_an_export_and_a_run(tmp_path):
 
 def test_initial_state_from_a_released_checkpoint(tmp_path):
     """The reference layout: module. prefix, projection_head.*, prototypes.* (dropped: the head starts fresh)."""
-    from swavkit.pretrained import load_initial_backbone_state
+    from swavkit.artifacts.pretrained import load_initial_backbone_state
 
     torch.manual_seed(1)
     model = build_model("resnet10t", n_prototypes=10, hidden_dim=32, output_dim=16)
@@ -166,7 +166,7 @@ def test_initial_state_from_timm_weights_on_disk_never_downloads(tmp_path, monke
     from huggingface_hub import constants as hf_constants
     from safetensors.torch import save_file
 
-    from swavkit.pretrained import load_initial_backbone_state, locate_initial_source
+    from swavkit.artifacts.pretrained import load_initial_backbone_state, locate_initial_source
 
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from swavkit.cli import build_parser, main, parse_arguments
+from swavkit.cli.main import build_parser, main, parse_arguments
 
 REPO = Path(__file__).resolve().parents[1]
 READMES = (REPO / "README.md",)

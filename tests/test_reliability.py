@@ -18,11 +18,11 @@ import torch
 
 from bad_images import make_bad_folder
 from conftest import tiny_overrides, write_images
-from swavkit.checkpoint import CheckpointError, load_state, load_training_checkpoint, save_atomic
+from swavkit.artifacts.checkpoint import CheckpointError, load_state, load_training_checkpoint, save_atomic
 from swavkit.config import load_config
 from swavkit.data import DataError, UnlabeledImageFolder, find_images, read_rgb, read_skipped_report
-from swavkit.fileio import read_jsonl
-from swavkit.train import TrainingDiverged, train
+from swavkit.runtime.fileio import read_jsonl
+from swavkit.training.trainer import TrainingDiverged, train
 
 
 def cli(*args, env=None, timeout=240):
@@ -39,7 +39,7 @@ def one_line_error(proc) -> str:
 
 def in_process_error(capsys, *args) -> str:
     """Like one_line_error, without paying a new interpreter for every case."""
-    from swavkit.cli import main
+    from swavkit.cli.main import main
 
     assert main([str(a) for a in args]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
@@ -225,7 +225,7 @@ def _assert_saved_equals_clean_run(image_folder, tmp_path, steps: int) -> None:
 
 
 def test_non_finite_loss_stops_after_saving_last_good_state(image_folder, tmp_path, monkeypatch):
-    import swavkit.step as step_module  # the training step computes the loss
+    import swavkit.training.step as step_module  # the training step computes the loss
 
     real_loss = step_module.swapped_prediction_loss
     calls = {"n": 0}
@@ -252,7 +252,7 @@ def test_non_finite_loss_stops_after_saving_last_good_state(image_folder, tmp_pa
 def test_non_finite_gradient_is_never_applied(image_folder, tmp_path, monkeypatch):
     """A finite loss whose backward returns NaN (a broken kernel, an fp overflow in one layer): the step is
     refused like a non-finite loss, naming the parameter, and the saved state is the last good one."""
-    train_module = importlib.import_module("swavkit.train")  # the module: swavkit.train is the function
+    train_module = importlib.import_module("swavkit.training.trainer")  # the module: swavkit.training.trainer is the function
 
     real_build = train_module.build_model
     calls = {"n": 0}
@@ -286,7 +286,7 @@ def test_dying_worker_names_the_file(image_folder, tmp_path):
                 os.kill(os.getpid(), 9)  # what a decoder segfault looks like from outside
             return real(path)
         datasets.read_rgb = read
-        from swavkit.cli import main
+        from swavkit.cli.main import main
         sys.exit(main(sys.argv[1:]))
     """)
     proc = subprocess.run([sys.executable, "-c", script, "pretrain", "--no-progress",

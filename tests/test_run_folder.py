@@ -10,11 +10,11 @@ import timm
 import torch
 
 from conftest import tiny_overrides
-from swavkit.checkpoint import export_backbone, load_training_checkpoint
-from swavkit.cli import main
+from swavkit.artifacts.checkpoint import export_backbone, load_training_checkpoint
+from swavkit.cli.main import main
 from swavkit.config import ConfigError, load_config
-from swavkit.fileio import read_jsonl
-from swavkit.train import train
+from swavkit.runtime.fileio import read_jsonl
+from swavkit.training.trainer import train
 
 
 def _run(overrides, **kwargs):
@@ -94,7 +94,7 @@ def test_a_short_run_that_ends_at_ln_k_says_so(image_folder, tmp_path, capsys):
 
 def test_exported_card_lists_the_results_measured_on_the_run(image_folder, tmp_path, monkeypatch):
     from evaluation_fixtures import write_labelled_folders
-    from swavkit.knn import evaluate_knn
+    from swavkit.evaluation.knn import evaluate_knn
 
     monkeypatch.chdir(tmp_path)  # results/ is relative to the current folder, as for the CLI
     run = tmp_path / "run"

@@ -11,12 +11,12 @@ import torch
 import torchvision
 from safetensors.torch import load_file
 
-from swavkit.checkpoint import CheckpointError, export_backbone, is_swavkit_export
-from swavkit.cli import main
+from swavkit.artifacts.checkpoint import CheckpointError, export_backbone, is_swavkit_export
+from swavkit.cli.main import main
 from swavkit.config import ConfigError, load_config
-from swavkit.fileio import atomic_writer, read_jsonl, write_text_atomic
-from swavkit.pretrained import LoadError, export_torchvision, load_backbone
-from swavkit.rundir import RunFolder
+from swavkit.runtime.fileio import atomic_writer, read_jsonl, write_text_atomic
+from swavkit.artifacts.pretrained import LoadError, export_torchvision, load_backbone
+from swavkit.artifacts.rundir import RunFolder
 
 
 def _export(net, out_dir) -> Path:
@@ -179,7 +179,7 @@ def test_a_run_whose_backbone_folder_holds_user_files_is_refused_before_training
 
 
 def test_cluster_out_never_overwrites_user_files_or_writes_into_the_images(tmp_path):
-    from swavkit.cluster import check_output_folder
+    from swavkit.evaluation.cluster import check_output_folder
     from swavkit.data import DataError
 
     images = tmp_path / "images"
@@ -198,7 +198,7 @@ def test_cluster_out_never_overwrites_user_files_or_writes_into_the_images(tmp_p
 
 
 def test_result_out_file_that_is_not_a_result_is_refused(tmp_path):
-    from swavkit.report import check_result_target, write_result
+    from swavkit.evaluation.report import check_result_target, write_result
 
     precious = tmp_path / "my.json"
     precious.write_text('{"notes": "mine"}')
@@ -228,7 +228,7 @@ def test_export_refusal_names_only_the_foreign_files(tiny_net, tmp_path):
 
 
 def test_cluster_out_with_only_look_alike_names_is_not_taken_for_ours(tmp_path):
-    from swavkit.cluster import check_output_folder
+    from swavkit.evaluation.cluster import check_output_folder
     from swavkit.data import DataError
 
     user = tmp_path / "mine"
@@ -239,7 +239,7 @@ def test_cluster_out_with_only_look_alike_names_is_not_taken_for_ours(tmp_path):
 
 
 def test_finetune_never_writes_over_a_file_it_did_not_write(tmp_path):
-    from swavkit.finetune import check_outputs, labels_path_for
+    from swavkit.evaluation.finetune import check_outputs, labels_path_for
 
     result = tmp_path / "ft.json"
     labels_path_for(result).write_text("my own list")
@@ -262,7 +262,7 @@ def test_a_users_own_recipe_named_config_yaml_does_not_make_a_run(tmp_path):
 
 
 def test_shard_clean_up_never_leaves_the_output_folder(tmp_path):
-    from swavkit.shard import WRITTEN_BY, _own_files
+    from swavkit.data.shard_writer import WRITTEN_BY, _own_files
 
     out = tmp_path / "shards"
     out.mkdir()

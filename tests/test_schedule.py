@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from swavkit.config import Config, ConfigError, load_config
-from swavkit.optim import resolve_optimizer_name
-from swavkit.schedule import LRSchedule, build_lr_schedule, reference_peak_lr
+from swavkit.core.optim import resolve_optimizer_name
+from swavkit.core.schedule import LRSchedule, build_lr_schedule, reference_peak_lr
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 IMAGENET_IMAGES = 1_281_167
@@ -187,7 +187,7 @@ def test_unchanged_total_is_a_no_op():
 
 
 def test_the_banner_says_where_the_peak_lr_comes_from():
-    from swavkit.schedule import explain_peak_lr
+    from swavkit.core.schedule import explain_peak_lr
 
     paper = load_config([CONFIGS / "imagenet_resnet50.yaml"])
     assert explain_peak_lr(paper, "lars") == "optim.base_lr 4.8 at batch 4096"

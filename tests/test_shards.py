@@ -16,14 +16,14 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
 from conftest import tiny_overrides, write_images
-from swavkit.cli import main
-from swavkit.checkpoint import load_training_checkpoint
+from swavkit.cli.main import main
+from swavkit.artifacts.checkpoint import load_training_checkpoint
 from swavkit.config import load_config
 from swavkit.data import DataError, read_skipped_report
 from swavkit.data.shards import ShardStream, expand_shards, is_shard_spec, pass_batch, stored_count
-from swavkit.multicrop import MultiCropTransform
-from swavkit.shard import check_shard_target, write_shards
-from swavkit.train import train
+from swavkit.data.multicrop import MultiCropTransform
+from swavkit.data.shard_writer import check_shard_target, write_shards
+from swavkit.training.trainer import train
 from test_distributed import _train_worker, free_port
 from test_train import assert_same_state
 
@@ -171,7 +171,7 @@ def test_two_processes_train_from_shards(shard_folder, tmp_path):
 
 
 def test_resume_with_other_workers_says_what_is_not_exact(tmp_path, capsys):
-    train_module = importlib.import_module("swavkit.train")
+    train_module = importlib.import_module("swavkit.training.trainer")
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text("data:\n  num_workers: 2\n")
@@ -273,7 +273,7 @@ def test_reshard_failing_midway_leaves_the_earlier_set_untouched(shard_folder, t
 _KILL_SCRIPT = """
 import os, signal, sys
 import swavkit.data.images as images
-import swavkit.shard as shard
+import swavkit.data.shard_writer as shard
 real, when, calls = {patched}, int(sys.argv[3]), []
 def killed(*args):
     calls.append(1)

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from swavkit.checkpoint import load_training_checkpoint
+from swavkit.artifacts.checkpoint import load_training_checkpoint
 from swavkit.config import load_config
-from swavkit.sharpness import (QUEUE_GUARD_WINDOWS, EpsilonControl, queue_should_stop, row_entropy)
-from swavkit.sinkhorn import sinkhorn
-from swavkit.train import train
+from swavkit.training.collapse import (QUEUE_GUARD_WINDOWS, EpsilonControl, queue_should_stop, row_entropy)
+from swavkit.core.sinkhorn import sinkhorn
+from swavkit.training.trainer import train
 
 
 def test_row_entropy_is_ln_k_for_uniform_codes_and_zero_for_one_hot():

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from swavkit.sinkhorn import NonFiniteCodesError, sinkhorn
+from swavkit.core.sinkhorn import NonFiniteCodesError, sinkhorn
 
 
 def reference_sinkhorn(scores: torch.Tensor, epsilon: float, n_iters: int) -> torch.Tensor:
@@ -110,7 +110,7 @@ def test_small_epsilon_matches_float64_reference():
 
 
 def test_log_domain_fallback_equals_reference():
-    from swavkit.sinkhorn import _sinkhorn_log_domain
+    from swavkit.core.sinkhorn import _sinkhorn_log_domain
 
     scores = cosine_scores(48, 20, seed=6).double()
     Q = _sinkhorn_log_domain(scores, 0.05, 3, torch.tensor([48.0], dtype=torch.float64), False)

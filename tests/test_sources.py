@@ -13,9 +13,9 @@ from swavkit.config import load_config
 from swavkit.data import DataError, UnlabeledImageFolder
 from swavkit.data.filelist import CACHE_NAME, PathList, load_path_cache, read_list_file, save_path_cache
 from swavkit.data.sources import data_specs, resolve_images
-from swavkit.train import train
+from swavkit.training.trainer import train
 
-train_module = importlib.import_module("swavkit.train")  # the package attribute `train` is the function
+train_module = importlib.import_module("swavkit.training.trainer")  # the package attribute `train` is the function
 from test_distributed import _train_worker, free_port
 
 

@@ -4,14 +4,14 @@ a refused step leaves no trace."""
 import torch
 import torch.nn.functional as F
 
-from swavkit.checkpoint import state_digest
+from swavkit.artifacts.checkpoint import state_digest
 from swavkit.config import Config
-from swavkit.diagnosis import CollapseMonitor
-from swavkit.loss import FeatureQueue
-from swavkit.model import build_model
-from swavkit.optim import build_optimizer
-from swavkit.sinkhorn import sinkhorn
-from swavkit.step import StepSettings, TrainState, assign_codes, train_step
+from swavkit.training.diagnosis import CollapseMonitor
+from swavkit.core.loss import FeatureQueue
+from swavkit.core.model import build_model
+from swavkit.core.optim import build_optimizer
+from swavkit.core.sinkhorn import sinkhorn
+from swavkit.training.step import StepSettings, TrainState, assign_codes, train_step
 
 B, K, D = 8, 10, 16
 

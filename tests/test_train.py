@@ -12,9 +12,9 @@ import torch
 
 from conftest import tiny_overrides
 from swavkit import load_backbone
-from swavkit.checkpoint import load_training_checkpoint
+from swavkit.artifacts.checkpoint import load_training_checkpoint
 from swavkit.config import ConfigError, load_config
-from swavkit.train import train
+from swavkit.training.trainer import train
 
 
 def run(overrides, **kwargs):

@@ -1,6 +1,7 @@
-"""Images from folders: finding them, decoding them safely, the datasets built on them, and how their
-names are written out. One concept per module:
+"""Images in: finding them, decoding them safely, the datasets built on them, the multi-crop augmentation,
+and how their names are written out. One concept per module:
 
+* ``constants``: normalisation statistics, default image size, the one evaluation crop rule (stdlib only).
 * ``folders``: the one folder walker of every command (symlinks followed without looping), class folders.
 * ``images``: decoding. Only the formats swavkit supports (never EPS and the like, whatever the file's
   extension), one pixel limit, every mode (grey, palette, alpha, CMYK, 16-bit) to 8-bit RGB.
@@ -11,28 +12,49 @@ names are written out. One concept per module:
   skipped-files report.
 * ``sampling``: per-sample augmentation seeds and the epoch sampler (resume and distributed runs see the
   crops of one uninterrupted process).
-* ``transforms``: the evaluation transform.
+* ``transforms``: the evaluation transform and the Preprocessing record that builds it.
+* ``multicrop``: SwAV's multi-crop augmentation (geometry in the workers, colour batched).
 * ``filelist``: the compact path list (PathList) every worker shares, .txt/.csv list files, the run
   folder's cached list (``files.npz``).
 * ``sources``: what data.path / data.paths name (folders, list files, shards) resolved to images.
+* ``shards``: WebDataset tar shards as a stream; ``shard_writer``: ``swavkit shard`` writes them.
 * ``device_decode``: data.decode_on_device, JPEGs handed over encoded and decoded + cut in batches on the
   training device.
+
+The names below are imported on first use (PEP 562), so ``swavkit.config`` can import
+``swavkit.data.constants`` without loading torch, PIL and torchvision through this package.
 """
 
-from swavkit.data.datasets import (ImageFiles, LabelledImageFolder, ReadBatch, ReadOrReport, UnlabeledImageFolder,
-                                   collate_read_or_report, raise_for_unreadable)
-from swavkit.data.errors import DataError
-from swavkit.data.filelist import PathList, read_list_file
-from swavkit.data.folders import BUNDLED_SAMPLE, find_classes, find_images, walk_images
-from swavkit.data.images import (IMAGE_EXTENSIONS, IMAGE_FORMATS, MAX_IMAGE_PIXELS, ImageTooLarge, UnreadableImage,
-                                 check_readable, open_image, read_rgb)
-from swavkit.data.names import append_skipped_report, path_from_printable, printable_path, read_skipped_report
-from swavkit.data.sampling import EpochSampler, sample_seed
-from swavkit.data.transforms import eval_transform
+from __future__ import annotations
 
-__all__ = ["DataError", "UnreadableImage", "ImageTooLarge", "IMAGE_EXTENSIONS", "IMAGE_FORMATS", "MAX_IMAGE_PIXELS",
-           "BUNDLED_SAMPLE", "walk_images", "find_images", "find_classes", "open_image", "read_rgb",
-           "check_readable", "ImageFiles", "LabelledImageFolder", "UnlabeledImageFolder", "ReadOrReport", "ReadBatch",
-           "collate_read_or_report", "raise_for_unreadable", "printable_path", "path_from_printable",
-           "append_skipped_report", "read_skipped_report", "EpochSampler", "sample_seed", "eval_transform",
-           "PathList", "read_list_file"]
+import importlib
+
+# public name -> the submodule that defines it
+_NAMES = {
+    "ImageFiles": "datasets", "LabelledImageFolder": "datasets", "ReadBatch": "datasets", "ReadOrReport": "datasets",
+    "UnlabeledImageFolder": "datasets", "collate_read_or_report": "datasets", "raise_for_unreadable": "datasets",
+    "DataError": "errors", "PathList": "filelist", "read_list_file": "filelist",
+    "BUNDLED_SAMPLE": "folders", "find_classes": "folders", "find_images": "folders", "walk_images": "folders",
+    "IMAGE_EXTENSIONS": "images", "IMAGE_FORMATS": "images", "MAX_IMAGE_PIXELS": "images",
+    "ImageTooLarge": "images", "UnreadableImage": "images", "check_readable": "images", "open_image": "images",
+    "read_rgb": "images",
+    "append_skipped_report": "names", "path_from_printable": "names", "printable_path": "names",
+    "read_skipped_report": "names",
+    "EpochSampler": "sampling", "sample_seed": "sampling", "eval_transform": "transforms",
+}
+
+
+def __getattr__(name: str):
+    module = _NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_NAMES))
+
+
+__all__ = list(_NAMES)

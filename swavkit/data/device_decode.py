@@ -102,7 +102,7 @@ class EncodedSample(NamedTuple):
     jpeg: EncodedJpeg | None  # None: the crops were cut in the worker (``pixels``)
     boxes: torch.Tensor  # [V, 4] int64 (left, top, right, bottom) in the image's pixels
     flips: torch.Tensor  # [V] bool
-    params: torch.Tensor  # [V, N_PARAMS] colour parameters (swavkit.multicrop)
+    params: torch.Tensor  # [V, N_PARAMS] colour parameters (swavkit.data.multicrop)
     pixels: list[torch.Tensor]  # V uint8 crops [3, s_v, s_v] from the PIL route; [] for a JPEG
 
 

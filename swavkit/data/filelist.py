@@ -34,7 +34,7 @@ import numpy as np
 
 from swavkit.data.errors import DataError
 from swavkit.data.names import printable_path
-from swavkit.fileio import atomic_writer
+from swavkit.runtime.fileio import atomic_writer
 
 LIST_SUFFIXES = (".txt", ".csv")
 CACHE_NAME = "files.npz"

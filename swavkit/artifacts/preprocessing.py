@@ -1,0 +1,69 @@
+"""Where a backbone's evaluation preprocessing comes from: the image size and mean/std an export or a
+training checkpoint records (the constants and the crop rule are in swavkit/data/constants.py, the
+transform in swavkit/data/transforms.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from swavkit.artifacts.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_state
+from swavkit.artifacts.pretrained import resolve_source
+from swavkit.data.constants import (DEFAULT_IMAGE_SIZE_PX, IMAGENET_MEAN, IMAGENET_STD, RAW_PIXELS_DEFAULT_SIZE_PX,
+                                    RAW_PIXELS_SOURCE)
+from swavkit.data.transforms import Preprocessing
+
+
+def _export_pretrained_cfg(source: Path) -> dict | None:
+    for folder in (source, source / "backbone"):
+        config = folder / "config.json"
+        if config.is_file() and (folder / "model.safetensors").is_file():
+            try:
+                return json.loads(config.read_text()).get("pretrained_cfg", {})
+            except ValueError:
+                return None
+    return None
+
+
+def _checkpoint_crops(path: Path) -> dict | None:
+    """The ``crops`` section of a swavkit training checkpoint's config; None for any other file."""
+    try:
+        state = load_state(path)
+    except CheckpointError:
+        return None  # load_backbone will report the problem with its own message
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+        return state.get("config", {}).get("crops", {})
+    return None
+
+
+def resolve_preprocessing(source: str | Path, image_size_px: int | None = None) -> Preprocessing:
+    """Image size and normalisation for a backbone source.
+
+    Size: ``image_size_px`` if given, else the ``input_size`` an exported folder records, else the
+    large-crop size of a swavkit training checkpoint, else 224 (32 for ``"pixels"``). Mean/std follow the
+    same sources (ImageNet statistics by default); ``"pixels"`` uses mean 0, std 1. The crop follows
+    :func:`crop_fraction_for`.
+    """
+    size, mean, std, origin = None, IMAGENET_MEAN, IMAGENET_STD, "default"
+    if str(source) == RAW_PIXELS_SOURCE:
+        size, mean, std = RAW_PIXELS_DEFAULT_SIZE_PX, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    elif not str(source).startswith("timm:"):
+        path = resolve_source(source, need="backbone")
+        pretrained_cfg = _export_pretrained_cfg(path) if path.is_dir() else None
+        if pretrained_cfg:
+            if pretrained_cfg.get("input_size"):
+                size, origin = int(pretrained_cfg["input_size"][-1]), "export config"
+            mean = tuple(pretrained_cfg.get("mean", mean))
+            std = tuple(pretrained_cfg.get("std", std))
+        elif path.is_file() and path.suffix == ".pt":
+            crops = _checkpoint_crops(path)
+            if crops is not None:
+                if crops.get("sizes_px"):
+                    size, origin = int(crops["sizes_px"][0]), "checkpoint config"
+                mean, std = tuple(crops.get("mean", mean)), tuple(crops.get("std", std))
+    if image_size_px:
+        size, origin = int(image_size_px), "argument"
+    return Preprocessing.for_size(size or DEFAULT_IMAGE_SIZE_PX, mean, std, origin)
+
+
+__all__ = ["Preprocessing", "resolve_preprocessing"]

@@ -1,0 +1,94 @@
+"""``swavkit pretrain`` and ``swavkit export``: parse, call the library."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from swavkit.cli.args import WORKERS_DEFAULT_HELP, add_command, add_workers, duration
+
+def _cmd_pretrain(args) -> int:
+    if args.help_config:
+        from swavkit.config import describe
+
+        print("\n".join(describe()))
+        return 0
+    from swavkit.runtime import distributed
+    from swavkit.api import build_config
+    from swavkit.training.trainer import train
+
+    # --workers first, so an explicit data.num_workers=N (applied later) wins
+    workers = [f"data.num_workers={args.workers}"] if args.workers is not None else []
+    budget = [f"train.budget_minutes={args.budget}"] if args.budget is not None else []
+    cfg = build_config(args.config or [], workers + budget + list(args.overrides), auto=args.auto)
+    try:
+        result = train(cfg, restart=args.restart, progress=not args.no_progress)
+    finally:
+        distributed.shutdown()  # no-op in a single process; avoids torch's "not destroyed" warning
+    return 0 if result.completed else 3
+
+def _add_pretrain(subparsers) -> None:
+    p = subparsers.add_parser(
+        "pretrain", help="SwAV pretraining on a folder of unlabeled images",
+        description="Pretrain a timm backbone with SwAV. Without --config or data.path it trains on the bundled "
+                    "Fashion-MNIST sample. Re-running with the same out_dir resumes from out_dir/checkpoints/last.pt. "
+                    "Options and key=value overrides may come in any order; overrides apply after every --config.",
+        epilog="examples:\n"
+               "  swavkit pretrain\n"
+               "  swavkit pretrain --config configs/cifar10_resnet18.yaml data.path=/data/imgs out_dir=runs/a\n"
+               "  swavkit pretrain data.path=/data/imgs --auto model.backbone=resnet18 --workers 8\n"
+               "  swavkit pretrain data.path=/data/imgs --auto --budget 20m\n"
+               "  torchrun --nproc_per_node=8 -m swavkit pretrain --config configs/imagenet_resnet50.yaml "
+               "data.path=/data/train",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", action="append", metavar="FILE.yaml", help="YAML recipe (repeatable; later wins)")
+    p.add_argument("--restart", action="store_true", help="discard the checkpoint in out_dir and start over")
+    p.add_argument("--auto", action="store_true",
+                   help="derive crops, batch, prototypes, queue, freezing, warm-up and epochs from the data and the "
+                        "hardware for every key not set explicitly, and print each value with its reason")
+    p.add_argument("--budget", type=duration, default=None, metavar="DURATION",
+                   help="wall-clock time for the whole run (20m, 1300s, 1.5h; same as train.budget_minutes): the "
+                        "schedule is fitted to the measured speed so the run and its export end on time; with --auto "
+                        "it also sizes the backbone and crops")
+    add_workers(p, None, "same as data.num_workers=N; " + WORKERS_DEFAULT_HELP)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="e.g. train.epochs=10 model.backbone=resnet18 model.init=runs/previous")
+    p.set_defaults(func=_cmd_pretrain)
+
+def _cmd_export(args) -> int:
+    from swavkit.artifacts.checkpoint import check_export_target
+    from swavkit.artifacts.pretrained import LoadError, export_checkpoint, export_torchvision, torchvision_state
+
+    check_export_target(args.out_dir)
+    tv_state = None
+    if args.torchvision and Path(args.torchvision).exists():  # a file the user already has is never replaced
+        raise FileExistsError(f"--torchvision {args.torchvision} exists; choose a new file name")
+    if args.torchvision:  # checked before anything is written
+        try:
+            tv_state = torchvision_state(args.source)
+        except LoadError as err:
+            raise LoadError(f"--torchvision {args.torchvision}: {err}") from None
+    out = export_checkpoint(args.source, args.out_dir)
+    print(f"exported backbone to {out} (timm.create_model('local-dir:{out}', pretrained=True))")
+    if tv_state is not None:
+        tv = export_torchvision(out, args.torchvision, state=tv_state)
+        print(f"torchvision ResNet layout: {tv} (model.fc = torch.nn.Identity(); model.load_state_dict(...))")
+    return 0
+
+def _add_export(subparsers) -> None:
+    p = add_command(subparsers, "export", help="run folder or checkpoint -> timm-loadable backbone folder",
+                    examples=["swavkit export runs/a exports/a",
+                              "swavkit export swav_800ep_pretrain.pth.tar exports/swav_rn50 "
+                              "--torchvision exports/rn50_tv.safetensors"], func=_cmd_export)
+    p.add_argument("source", metavar="SOURCE", help="a run folder (out_dir; its checkpoints/last.pt is used), a "
+                                                    "checkpoint .pt, or a released SwAV/VISSL checkpoint")
+    p.add_argument("out_dir", help="folder to write config.json + model.safetensors into")
+    p.add_argument("--torchvision", metavar="FILE.safetensors",
+                   help="also write the weights in torchvision's ResNet key layout")
+
+
+def register(subparsers) -> None:
+    _add_pretrain(subparsers)
+    _add_export(subparsers)

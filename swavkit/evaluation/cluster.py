@@ -1,0 +1,426 @@
+"""Cluster explorer: which images did each SwAV prototype collect?
+
+``explore_clusters`` runs a trained SwAVModel over an image folder and writes to ``out_dir``:
+
+* ``assignments.csv``: one row per readable image: ``path`` (absolute, in swavkit's printable form:
+  control characters and bytes that are not UTF-8 backslash-escaped; ``swavkit.data.path_from_printable``
+  gives the exact name back), ``cluster`` (argmax prototype, 0..K-1), ``confidence`` (the soft code of
+  that prototype, in (0, 1]);
+* ``cluster_sizes.png``: images per prototype, largest first, drawn with PIL only;
+* ``index.html`` + ``thumbs/``: a static page (no server, no network, opens from disk) with a summary
+  and a grid of each used prototype's most confident images (file names in the printable form).
+
+Soft code = softmax(scores / temperature) with the checkpoint's ``swav.temperature``: the model's own
+prediction p in the swapped-prediction loss (SwAV eq. 2), defined per image. We deliberately do not use
+Sinkhorn codes here: they equipartition a batch, so an image's code would depend on which other images
+share its batch and on the batch size, and the enforced equal cluster sizes would hide exactly what an
+explorer should reveal (dominant or empty prototypes).
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from swavkit.config import from_dict
+from swavkit.data import (DataError, ImageFiles, ReadOrReport, UnreadableImage, collate_read_or_report, find_images,
+                          printable_path, read_rgb)
+from swavkit.runtime.device import resolve_device
+from swavkit.data.transforms import Preprocessing
+
+# Longest side of the JPEG thumbnails written to out_dir/thumbs/ (the page shows them at 112 px).
+THUMBNAIL_SIZE_PX = 128
+# Up to this many thumbnails load with the page; the rest load lazily as they scroll into view, so a
+# page for thousands of prototypes still opens quickly.
+EAGER_THUMBNAILS = 2000
+
+HISTOGRAM_FILE = "cluster_sizes.png"
+ASSIGNMENTS_FILE = "assignments.csv"
+PAGE_FILE = "index.html"
+THUMBS_DIR = "thumbs"
+OUTPUT_NAMES = (HISTOGRAM_FILE, ASSIGNMENTS_FILE, PAGE_FILE, THUMBS_DIR)
+PAGE_MARKER = '<meta name="generator" content="swavkit cluster explorer">'  # how a rerun knows the folder
+
+
+def check_output_folder(out_dir: Path, data_dir: str) -> None:
+    """``--out`` must be new, empty, or an earlier explorer output, and outside the image folder (thumbnails
+    there would become training images); refused with one line (DataError) otherwise."""
+    out, data = out_dir.resolve(), Path(data_dir).resolve()
+    if out == data or data in out.parents:
+        raise DataError(f"--out {printable_path(out_dir)} is inside the image folder {printable_path(data_dir)}: "
+                        "its thumbnails would become images there; choose a folder outside it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--out {out_dir} is a file; give a folder for the explorer's files")
+    if not out_dir.is_dir():
+        return
+    entries = sorted(entry.name for entry in out_dir.iterdir())
+    page = out_dir / PAGE_FILE
+    ours = page.is_file() and PAGE_MARKER in page.read_text(encoding="utf-8", errors="replace")
+    # an earlier explorer output (recognised by its page) may be replaced; any other folder must be empty
+    foreign = [name for name in entries if not (ours and name in OUTPUT_NAMES)]
+    if foreign:
+        raise DataError(f"--out {printable_path(out_dir)} holds files swavkit did not write "
+                        f"({', '.join(printable_path(n) for n in foreign[:5])}); choose a new or empty folder")
+
+
+# ----------------------------------------------------------------------------------------------------
+# assignment
+
+@dataclass
+class ClusterAssignments:
+    """Hard and soft assignment of every readable image of a folder.
+
+    ``paths`` [N] are in ``find_images`` order; ``clusters`` [N] int64 holds each image's argmax
+    prototype; ``confidences`` [N] float32 the soft code of that prototype; ``skipped`` lists the
+    (path, reason) of unreadable files.
+    """
+    paths: list[str]
+    clusters: torch.Tensor
+    confidences: torch.Tensor
+    n_prototypes: int
+    skipped: list[tuple[str, str]]
+
+    def sizes(self) -> torch.Tensor:
+        """[K] int64: images assigned to each prototype."""
+        return torch.bincount(self.clusters, minlength=self.n_prototypes)
+
+
+def soft_codes(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[B, K] cosine scores -> [B, K] soft codes softmax(scores / temperature); rows sum to 1."""
+    return torch.softmax(scores.float() / temperature, dim=1)
+
+
+@torch.inference_mode()
+def assign_clusters(model, paths: list[str], transform, *, temperature: float, batch_size: int = 128,
+                    device: str | torch.device = "cpu", num_workers: int = 0,
+                    progress: bool = True) -> ClusterAssignments:
+    """Run ``model`` (a SwAVModel) over ``paths`` and assign each image to a prototype.
+
+    Puts the model in eval mode on ``device`` and projects its prototypes onto the unit sphere (in place).
+
+    Args:
+        transform: PIL image -> [3, s, s] normalised tensor (e.g. ``Preprocessing.for_size(...).transform()``).
+        temperature: softmax temperature of the soft codes (the config's ``swav.temperature``).
+        device: as :func:`swavkit.runtime.device.resolve_device`.
+    """
+    device = resolve_device(device)
+    model.to(device).eval()
+    # Training normalises the prototypes before each step, so the saved ones are one update off the
+    # unit sphere; normalising makes the scores true cosines, as in training.
+    model.prototypes.normalize_()
+    # Unreadable files are not replaced by a neighbour (as in pretraining): every row must be the image
+    # it names.
+    loader = DataLoader(ReadOrReport(ImageFiles(paths, transform=transform)), batch_size=batch_size,
+                        shuffle=False, num_workers=num_workers, collate_fn=collate_read_or_report,
+                        pin_memory=device.type == "cuda")
+    kept_indices, clusters, confidences, skipped = [], [], [], []
+    with tqdm(total=len(paths), desc="assigning", unit="img", disable=not progress) as bar:
+        for indices, images, _, batch_skipped in loader:
+            skipped += batch_skipped
+            if images is not None:
+                _, scores = model(images.to(device, non_blocking=True))  # [B, K]
+                confidence, cluster = soft_codes(scores, temperature).max(dim=1)
+                kept_indices.append(indices)
+                clusters.append(cluster.cpu())
+                confidences.append(confidence.cpu())
+            bar.update(len(indices) + len(batch_skipped))
+    if not kept_indices:
+        example = f", e.g. {UnreadableImage(*skipped[0])}" if skipped else ""
+        raise DataError(f"none of the {len(paths)} image files could be read{example}")
+    kept = torch.cat(kept_indices).tolist()
+    return ClusterAssignments(paths=[paths[i] for i in kept], clusters=torch.cat(clusters),
+                              confidences=torch.cat(confidences), n_prototypes=model.n_prototypes,
+                              skipped=skipped)
+
+
+def top_members(assignments: ClusterAssignments, per_cluster: int) -> dict[int, list[int]]:
+    """{cluster: indices into ``assignments.paths`` of its ``per_cluster`` most confident images},
+    most confident first (ties keep folder order); only clusters with at least one image."""
+    order = torch.argsort(assignments.confidences, descending=True, stable=True).tolist()
+    members: dict[int, list[int]] = {}
+    clusters = assignments.clusters.tolist()
+    for i in order:
+        chosen = members.setdefault(clusters[i], [])
+        if len(chosen) < per_cluster:
+            chosen.append(i)
+    return members
+
+
+# ----------------------------------------------------------------------------------------------------
+# outputs
+
+def write_assignments_csv(assignments: ClusterAssignments, path: str | Path) -> Path:
+    """``path,cluster,confidence`` with one row per readable image, in folder order; paths in the
+    printable form (see swavkit.data.names), so any file name is written and read back exactly."""
+    path = Path(path)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "cluster", "confidence"])
+        for image_path, cluster, confidence in zip(assignments.paths, assignments.clusters.tolist(),
+                                                   assignments.confidences.tolist()):
+            writer.writerow([printable_path(image_path), cluster, f"{confidence:.6f}"])
+    return path
+
+
+def _font(size_px: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size_px)
+    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def draw_size_histogram(sizes: torch.Tensor, path: str | Path, *, width_px: int = 900,
+                        height_px: int = 360) -> Path:
+    """Bar chart of images per prototype ([K] counts), largest first, empty prototypes shaded, as PNG.
+
+    Sorted bars (a rank-size plot) show at a glance whether a few prototypes took most images and how
+    many got none, which a plot in prototype-index order hides once K is in the thousands.
+    """
+    counts = sorted(sizes.tolist(), reverse=True)
+    K, used, n_images = len(counts), sum(1 for c in counts if c > 0), sum(counts)
+    peak = max(counts[0], 1)
+    left, right, top, bottom = 64, 20, 44, 52
+    plot_w, plot_h = width_px - left - right, height_px - top - bottom
+    image = Image.new("RGB", (width_px, height_px), "white")
+    draw = ImageDraw.Draw(image)
+    title_font, font = _font(16), _font(12)
+
+    draw.text((left, 12), f"images per prototype: {n_images} images, {used} of {K} prototypes used",
+              fill="black", font=title_font)
+    bar_w = plot_w / K
+    if used < K:  # shade the empty prototypes so "unused" is visible even where bars are sub-pixel
+        draw.rectangle([left + used * bar_w, top, left + plot_w, top + plot_h], fill=(238, 238, 238))
+        draw.text((left + used * bar_w + 4, top + 4), f"{K - used} empty", fill=(120, 120, 120), font=font)
+    # Axes before bars: with K in the thousands a bar is one pixel wide and the largest one would
+    # otherwise vanish under the y axis.
+    draw.line([left, top, left, top + plot_h, left + plot_w, top + plot_h], fill="black")
+    for rank, count in enumerate(counts[:used]):
+        x0 = left + rank * bar_w
+        # Leave a 1 px gap between bars only where bars are wide enough to show it.
+        x1 = max(x0, x0 + bar_w - (1 if bar_w >= 3 else 0) - 1)
+        draw.rectangle([x0, top + plot_h * (1 - count / peak), x1, top + plot_h], fill=(52, 101, 164))
+
+    for tick in sorted({0, peak // 2, peak}):  # whole images only
+        y = top + plot_h * (1 - tick / peak)
+        draw.line([left - 4, y, left, y], fill="black")
+        draw.text((left - 8, y), str(tick), fill="black", font=font, anchor="rm")
+    draw.text((left + plot_w / 2, top + plot_h + 16), f"prototypes, largest first (K = {K})",
+              fill="black", font=font, anchor="mt")
+    draw.text((left - 8, top - 8), "images", fill="black", font=font, anchor="rb")
+    path = Path(path)
+    image.save(path)
+    return path
+
+
+def write_thumbnail(source: str, destination: Path) -> bool:
+    """Small JPEG of ``source`` (longest side THUMBNAIL_SIZE_PX); False if it cannot be read any more."""
+    try:
+        image = read_rgb(source)
+    except UnreadableImage:  # the file changed or vanished since assignment; the page shows its name instead
+        return False
+    image.thumbnail((THUMBNAIL_SIZE_PX, THUMBNAIL_SIZE_PX))
+    image.save(destination, "JPEG", quality=85)
+    return True
+
+
+_PAGE_STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; background: #fafafa; }
+h1 { font-size: 22px; margin: 0 0 12px; }
+table.summary td { padding: 2px 14px 2px 0; vertical-align: top; }
+table.summary td:first-child { color: #666; }
+.histogram { max-width: 100%; margin: 12px 0; border: 1px solid #ddd; background: white; }
+nav { margin: 8px 0 20px; line-height: 2; }
+nav a { display: inline-block; padding: 0 8px; margin: 0 4px 0 0; border-radius: 10px; background: #e4ecf6;
+        color: #234; text-decoration: none; font-size: 12px; }
+section.cluster { margin: 0 0 28px; }
+section.cluster h2 { font-size: 16px; margin: 0 0 8px; }
+section.cluster h2 small { color: #666; font-weight: normal; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(120px, 1fr)); gap: 8px; }
+figure { margin: 0; background: white; border: 1px solid #ddd; padding: 4px; text-align: center; }
+figure img { width: 112px; height: 112px; object-fit: contain; background: #eee; }
+figcaption { font-size: 11px; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+figcaption .confidence { font-weight: 600; }
+.missing { display: flex; width: 112px; height: 112px; margin: auto; align-items: center; justify-content: center;
+           background: #fdd; font-size: 11px; }
+details { margin: 4px 0; }
+"""
+
+# Sets <body data-images-loaded="OK/TOTAL"> once the page has loaded: how many of the eagerly loaded
+# images decoded. Lets a user (or an automated check) tell a broken page from a good one.
+_PAGE_SCRIPT = """
+window.addEventListener("load", function () {
+  var images = document.querySelectorAll("img:not([loading=lazy])");
+  var ok = 0;
+  images.forEach(function (img) { if (img.complete && img.naturalWidth > 0) { ok += 1; } });
+  document.body.setAttribute("data-images-loaded", ok + "/" + images.length);
+});
+"""
+
+
+def _relative_href(path: str, page_dir: str | None) -> str | None:
+    """Link from the page to an original image, relative (an absolute file:// link breaks as soon as the
+    folder is zipped or moved); None when there is no relative path (no page folder, another drive)."""
+    if page_dir is None:
+        return None
+    try:
+        relative = os.path.relpath(os.path.abspath(path), os.path.abspath(page_dir))
+    except ValueError:
+        return None
+    return quote(os.fsencode(Path(relative).as_posix()))  # bytes: a non-UTF-8 name still gets a link
+
+
+def render_page(assignments: ClusterAssignments, members: dict[int, list[int]], thumbnails: dict[int, str],
+                *, data_dir: str, checkpoint: str, temperature: float, image_size_px: int,
+                page_dir: str | None = None) -> str:
+    """The self-contained ``index.html``: summary, histogram, then one section per used prototype.
+
+    ``thumbnails`` maps an index into ``assignments.paths`` to its thumbnail path relative to the page.
+    Every link is relative: thumbnails, CSV and histogram live next to the page, and each thumbnail links
+    to its original image by a path relative to ``page_dir`` (the page's folder; None = no such link).
+    Every path and name that comes from the file system is shown in swavkit's printable form
+    (swavkit.data.names) and HTML-escaped.
+    """
+
+    def esc(text: str) -> str:  # a file name can hold any bytes: printable first, then HTML-safe
+        return html.escape(printable_path(text))
+
+    sizes = assignments.sizes().tolist()
+    K, n_images = assignments.n_prototypes, len(assignments.paths)
+    ordered = sorted(members, key=lambda c: (-sizes[c], c))  # largest cluster first
+    confidences = assignments.confidences
+    # One pass over N, not one mask per cluster (N x K is 3e9 for a million images and 3000 prototypes).
+    confidence_sums = torch.bincount(assignments.clusters, weights=confidences.double(), minlength=K).tolist()
+
+    skipped_html = f"{len(assignments.skipped)}"
+    if assignments.skipped:
+        items = "".join(f"<li>{esc(path)} <small>({esc(reason)})</small></li>" for path, reason in assignments.skipped)
+        skipped_html = f"<details><summary>{len(assignments.skipped)} unreadable</summary><ul>{items}</ul></details>"
+    out = [
+        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">', PAGE_MARKER,
+        f"<title>SwAV clusters of {esc(os.path.basename(data_dir.rstrip(os.sep)) or data_dir)}</title>",
+        f"<style>{_PAGE_STYLE}</style>", f"<script>{_PAGE_SCRIPT}</script>", "</head>", "<body>",
+        "<h1>SwAV cluster explorer</h1>",
+        '<table class="summary">',
+        f"<tr><td>images</td><td>{n_images}</td></tr>",
+        f"<tr><td>clusters used</td><td>{len(ordered)} of {K} prototypes</td></tr>",
+        f"<tr><td>skipped files</td><td>{skipped_html}</td></tr>",
+        f"<tr><td>data</td><td>{esc(data_dir)}</td></tr>",
+        f"<tr><td>checkpoint</td><td>{esc(checkpoint)}</td></tr>",
+        f"<tr><td>confidence</td><td>softmax(cosine scores / {temperature:g}) at the assigned prototype; "
+        f"model input {image_size_px} x {image_size_px} px centre crop</td></tr>",
+        f'<tr><td>files</td><td><a href="{ASSIGNMENTS_FILE}">{ASSIGNMENTS_FILE}</a> (every image), '
+        f'<a href="{HISTOGRAM_FILE}">{HISTOGRAM_FILE}</a></td></tr>',
+        "</table>",
+        f'<img class="histogram" src="{HISTOGRAM_FILE}" alt="images per prototype">',
+        "<nav>" + "".join(f'<a href="#cluster-{c}">{c} <small>({sizes[c]})</small></a>' for c in ordered) + "</nav>",
+    ]
+    shown = 0
+    for c in ordered:
+        top = members[c]
+        more = sizes[c] - len(top)
+        note = f", top {len(top)} shown" if more > 0 else ""
+        out.append(f'<section class="cluster" id="cluster-{c}">')
+        out.append(f"<h2>cluster {c} <small>{sizes[c]} image{'s' if sizes[c] != 1 else ''}{note}, "
+                   f"mean confidence {confidence_sums[c] / sizes[c]:.2f}</small></h2>")
+        out.append('<div class="grid">')
+        for i in top:
+            path = assignments.paths[i]
+            relative = os.path.relpath(path, data_dir)
+            confidence = float(confidences[i])
+            label = f"{relative} (confidence {confidence:.3f})"
+            if i in thumbnails:
+                loading = ' loading="lazy"' if shown >= EAGER_THUMBNAILS else ""
+                shown += 1
+                picture = f'<img src="{esc(thumbnails[i])}" alt="{esc(relative)}" title="{esc(label)}"{loading}>'
+                href = _relative_href(path, page_dir)
+                if href is not None:
+                    picture = f'<a href="{esc(href)}">{picture}</a>'
+            else:
+                picture = f'<div class="missing" title="{esc(label)}">unreadable</div>'
+            out.append(f'<figure>{picture}<figcaption><span class="confidence">{confidence:.2f}</span> '
+                       f'{esc(relative)}</figcaption></figure>')
+        out.append("</div></section>")
+    out += ["</body>", "</html>", ""]
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# public entry point
+
+def explore_clusters(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path, *,
+                     top_per_cluster: int = 16, batch_size: int = 128, device: str = "cpu",
+                     num_workers: int = 0, image_size_px: int | None = None, progress: bool = True) -> dict:
+    """Assign every image of ``data_dir`` to a prototype of ``checkpoint`` and write the explorer files.
+
+    Args:
+        checkpoint: a swavkit training checkpoint (``checkpoints/last.pt``) or a released SwAV checkpoint.
+        data_dir: folder of images, flat or nested; unreadable files are skipped and listed.
+        out_dir: created if needed; receives assignments.csv, cluster_sizes.png, index.html, thumbs/.
+        top_per_cluster: thumbnails per cluster on the page (the CSV always lists every image).
+        device: "cpu", "cuda", "cuda:1" ... or "auto" (CUDA when available).
+        image_size_px: side of the centre crop fed to the model; default the checkpoint's large crop
+            size (``crops.sizes_px[0]``; 224 for released checkpoints).
+
+    Returns:
+        {"n_images", "n_skipped", "skipped" [(path, reason)], "n_prototypes", "clusters_used",
+        "cluster_sizes" [K], "image_size_px", "temperature", "assignments_csv", "histogram_png",
+        "index_html"} (paths as strings).
+    """
+    from swavkit.artifacts.pretrained import load_swav_model  # heavy (timm registry); only when needed
+
+    if top_per_cluster < 1:
+        raise ValueError(f"top_per_cluster: must be >= 1, got {top_per_cluster}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    if image_size_px is not None and image_size_px < 1:
+        raise ValueError(f"image_size_px: must be >= 1, got {image_size_px}")
+    data_dir = os.path.abspath(data_dir)
+    paths = find_images(data_dir)  # DataError for a missing/empty folder, before the model loads
+    out_dir = Path(out_dir)
+    check_output_folder(out_dir, data_dir)
+    device = resolve_device(device)
+
+    model, config = load_swav_model(checkpoint)
+    cfg = from_dict(config)
+    size_px = image_size_px or cfg.crops.sizes_px[0]
+    transform = Preprocessing.for_size(size_px, cfg.crops.mean, cfg.crops.std).transform()
+    temperature = cfg.swav.temperature
+
+    assignments = assign_clusters(model, paths, transform, temperature=temperature, batch_size=batch_size,
+                                  device=device, num_workers=num_workers, progress=progress)
+
+    (out_dir / THUMBS_DIR).mkdir(parents=True, exist_ok=True)
+    csv_path = write_assignments_csv(assignments, out_dir / ASSIGNMENTS_FILE)
+    sizes = assignments.sizes()
+    histogram_path = draw_size_histogram(sizes, out_dir / HISTOGRAM_FILE)
+    members = top_members(assignments, top_per_cluster)
+    thumbnails: dict[int, str] = {}
+    chosen = sorted(i for top in members.values() for i in top)
+    width = len(str(len(assignments.paths)))
+    for i in tqdm(chosen, desc="thumbnails", unit="img", disable=not progress):
+        name = f"{THUMBS_DIR}/{i:0{width}d}.jpg"  # digits only: nothing to escape, no clashes
+        if write_thumbnail(assignments.paths[i], out_dir / name):
+            thumbnails[i] = name
+    page = render_page(assignments, members, thumbnails, data_dir=data_dir, checkpoint=str(checkpoint),
+                       temperature=temperature, image_size_px=size_px, page_dir=str(out_dir))
+    page_path = out_dir / PAGE_FILE
+    page_path.write_text(page, encoding="utf-8")
+
+    return {"n_images": len(assignments.paths), "n_skipped": len(assignments.skipped),
+            "skipped": assignments.skipped, "n_prototypes": assignments.n_prototypes,
+            "clusters_used": int((sizes > 0).sum()), "cluster_sizes": sizes.tolist(),
+            "image_size_px": size_px, "temperature": temperature, "assignments_csv": str(csv_path),
+            "histogram_png": str(histogram_path), "index_html": str(page_path)}
+
+
+__all__ = ["ClusterAssignments", "assign_clusters", "soft_codes", "top_members", "write_assignments_csv",
+           "draw_size_histogram", "render_page", "explore_clusters"]

@@ -1,0 +1,89 @@
+"""The options of the frozen-backbone evaluations, one dataclass per concern, shared by the library
+(:func:`swavkit.evaluation.knn.evaluate_knn`, :func:`swavkit.evaluation.linear_probe.evaluate_linear`) and the ``knn`` /
+``linear`` commands, so each default is written once.
+
+Imports neither torch nor timm: the CLI reads the defaults for its ``--help`` from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from swavkit.runtime.cores import default_num_workers
+
+if TYPE_CHECKING:
+    import torch
+
+INDEX_TYPES = ("exact", "ivf")
+RECIPES = ("fast", "reference")
+# L2 penalty (on the mean cross-entropy) tried by the fast recipe; standardised features make one grid
+# fit backbones of any width. On 5,000-image CIFAR subsets the optimum lies between 1e-2 and 1 for
+# pixels and convnet features alike; below 1e-4 a few thousand images are effectively unregularised
+# (and L-BFGS needs its whole iteration budget), so the grid stops there. Large train sets want smaller
+# values: pass your own grid.
+DEFAULT_WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+@dataclass
+class EvalOptions:
+    """What every frozen-backbone evaluation shares: how the features are extracted and where the result
+    record goes."""
+    image_size_px: int | None = None  # None: the export's input_size, the checkpoint's large crop, else 224
+    batch_size: int = 256  # images per forward pass in each process
+    num_workers: int = field(default_factory=default_num_workers)  # DataLoader decoding processes
+    device: str | torch.device = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16 | fp16 (GPU)
+    channels_last: bool = False  # NHWC inputs and weights: faster convnets on GPUs
+    max_per_class: int = 0  # images per class in each split, a deterministic subset (0 = all)
+    out_json: str | Path | None = None  # None = results/<evaluation>-<name>-<UTC time>.json; "" = write none
+    progress: bool = True  # tqdm bars on the main process
+    floors: str = "auto"  # auto | on | off: also evaluate random init and raw pixels (swavkit.evaluation.floors)
+
+
+@dataclass
+class KnnOptions:
+    """The k-NN protocol: k neighbours vote with weight exp(cosine / temperature) (see swavkit.evaluation.knn)."""
+    k: int = 20
+    temperature: float = 0.07
+    index: str = "exact"  # exact | ivf (approximate, for train sets of millions)
+    n_lists: int = 0  # ivf cells (0 = ~4 sqrt(N_train))
+    n_probe: int = 0  # ivf cells searched per query (0 = min(16, n_lists))
+
+
+@dataclass
+class LinearOptions:
+    """The linear-probe protocol. ``recipe`` "fast" uses ``weight_decays``, ``holdout_fraction`` and
+    ``lbfgs_iterations``; "reference" uses ``epochs``, ``lr`` (at batch 256), ``weight_decay``, ``momentum``
+    and ``min_crop_scale``; both use ``seed``."""
+    recipe: str = "fast"  # fast | reference
+    seed: int = 0  # held-out split (fast) / training order and head init (reference)
+    weight_decays: tuple[float, ...] = DEFAULT_WEIGHT_DECAYS  # fast: L2 grid searched on held-out train
+    holdout_fraction: float = 0.2  # fast: fraction of each train class held out for the choice
+    lbfgs_iterations: int = 300  # fast: L-BFGS iteration cap per fit
+    epochs: int = 100  # reference
+    lr: float = 0.3  # reference: LR at global batch 256, scaled linearly with the batch
+    weight_decay: float = 1e-6  # reference: SGD weight decay
+    momentum: float = 0.9  # reference: SGD momentum
+    min_crop_scale: float = 0.08  # reference: smallest random-resized-crop area fraction
+
+
+def apply_keywords(keywords: dict, *options) -> list:
+    """Copies of the ``options`` dataclasses with each keyword set on the one that has a field of that name:
+    the keyword form ``evaluate_knn(src, train, val, k=5, batch_size=64)``. An unknown name raises TypeError."""
+    remaining, updated = dict(keywords), []
+    for option in options:
+        names = {f.name for f in dataclasses.fields(option)}
+        updated.append(dataclasses.replace(option, **{name: remaining.pop(name) for name in list(remaining)
+                                                      if name in names}))
+    if remaining:
+        known = sorted(f.name for option in options for f in dataclasses.fields(option))
+        raise TypeError(f"unexpected keyword argument(s) {', '.join(sorted(remaining))}; "
+                        f"options are {', '.join(known)}")
+    return updated
+
+
+__all__ = ["EvalOptions", "KnnOptions", "LinearOptions", "apply_keywords", "INDEX_TYPES", "RECIPES",
+           "DEFAULT_WEIGHT_DECAYS"]

@@ -1,0 +1,227 @@
+"""Evaluation results as JSON records that carry their protocol, and as a short text table.
+
+A number without its protocol cannot be compared with another one (linear-probe accuracies differ
+between papers mostly because the protocols differ), so every result file holds the metrics next to
+every hyperparameter, the data sizes, the image preprocessing, the code version and the machine.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import re
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from swavkit.runtime.fileio import write_json_atomic
+
+RESULT_SCHEMA = "swavkit-eval-v1"
+DEFAULT_RESULTS_DIR = "results"
+# Keys every result has; tests and downstream tables rely on them.
+RESULT_KEYS = ("schema", "evaluation", "metrics", "protocol", "backbone", "data", "preprocessing",
+               "environment", "started_at", "wall_time_s")
+
+
+def swavkit_version() -> str:
+    """Installed distribution version; "unknown" when running from a source tree that is not installed."""
+    try:
+        return metadata.version("swavkit")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+SOURCE_DIR = Path(__file__).resolve().parent
+
+
+def run_git(*args: str, cwd: str | Path = SOURCE_DIR) -> str | None:
+    """stdout of ``git ARGS`` in ``cwd`` (trailing whitespace removed; a leading status column is kept), or
+    None when git is missing, fails or ``cwd`` is no checkout."""
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.rstrip() if out.returncode == 0 else None
+
+
+def git_commit(path: str | Path | None = None) -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the git checkout that holds the swavkit source (or ``path``), or (None, None)
+    without git.
+
+    The commit is that of the code that produced the number, not of the folder the user runs in.
+    """
+    where = Path(path) if path is not None else SOURCE_DIR
+    commit = run_git("rev-parse", "HEAD", cwd=where)
+    if not commit:
+        return None, None
+    status = run_git("status", "--porcelain", "--untracked-files=no", cwd=where)
+    return commit, (bool(status.strip()) if status is not None else None)
+
+
+def describe_device(device: torch.device | str) -> str:
+    """"cuda:0 (NVIDIA H100 80GB HBM3)" or "cpu (x86_64, 16 threads)"."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def environment(device: torch.device | str, world_size: int = 1) -> dict:
+    commit, dirty = git_commit()
+    try:
+        import faiss
+        faiss_version = faiss.__version__
+    except ImportError:
+        faiss_version = None
+    return {"swavkit_version": swavkit_version(), "git_commit": commit, "git_dirty": dirty,
+            "torch_version": torch.__version__, "faiss_version": faiss_version,
+            "python_version": platform.python_version(), "device": describe_device(device),
+            "world_size": world_size, "hostname": platform.node()}
+
+
+def utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def build_result(*, evaluation: str, metrics: dict, protocol: dict, backbone: dict, data: dict,
+                 preprocessing: dict, device: torch.device | str, started_at: datetime.datetime,
+                 wall_time_s: float, world_size: int = 1, extra: dict | None = None) -> dict:
+    """The JSON-able record of one evaluation.
+
+    Args:
+        evaluation: "knn" or "linear".
+        metrics: e.g. {"top1": 71.3, "top5": 90.2} in percent (top5 only with more than 5 classes).
+        protocol: every hyperparameter of the evaluation (k, temperature, recipe, epochs, ...).
+        backbone: {"source", "architecture", "feature_dim"}.
+        data: {"train_dir", "val_dir", "n_train", "n_val", "n_classes", "max_per_class", ...}.
+        preprocessing: image size, crop fraction, mean/std (``Preprocessing.as_dict()``).
+    """
+    result = {
+        "schema": RESULT_SCHEMA,
+        "evaluation": evaluation,
+        "metrics": dict(metrics),
+        "metrics_unit": "percent",
+        "protocol": dict(protocol),
+        "backbone": dict(backbone),
+        "data": dict(data),
+        "preprocessing": dict(preprocessing),
+        "environment": environment(device, world_size),
+        "started_at": started_at.isoformat(timespec="seconds"),
+        "wall_time_s": round(float(wall_time_s), 3),
+    }
+    result.update(extra or {})
+    return result
+
+
+def data_record(train_dir, val_dir, n_train: int, n_val: int, classes: list[str], max_per_class: int) -> dict:
+    """The ``data`` section of a result record."""
+    return {"train_dir": str(train_dir), "val_dir": str(val_dir), "n_train": int(n_train), "n_val": int(n_val),
+            "n_classes": len(classes), "classes": classes, "max_per_class": max_per_class}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:60] or "backbone"
+
+
+def source_name(backbone_source: str | Path) -> str:
+    """A short name for a backbone source that tells runs apart: the run folder's name for the files a run
+    writes (``runs/a/backbone`` and ``runs/a/checkpoints/last.pt`` are both "a": every export folder is
+    called ``backbone``), else the file or folder name, or ``timm:<name>`` as given."""
+    text = str(backbone_source)
+    if text.startswith("timm:"):
+        return text
+    path = Path(text.rstrip("/\\"))
+    if path.name == "backbone" and path.parent.name:
+        return path.parent.name
+    if path.parent.name == "checkpoints" and path.parent.parent.name:
+        return path.parent.parent.name
+    return path.name
+
+
+def default_result_path(evaluation: str, backbone_source: str, started_at: datetime.datetime | None = None,
+                        results_dir: str | Path = DEFAULT_RESULTS_DIR) -> Path:
+    """``results/<evaluation>-<run or backbone name>-<UTC YYYYmmdd-HHMMSS>.json`` under the current folder
+    (see :func:`source_name`)."""
+    stamp = (started_at or utc_now()).strftime("%Y%m%d-%H%M%S")
+    return Path(results_dir) / f"{evaluation}-{_slug(source_name(backbone_source))}-{stamp}.json"
+
+
+def check_result_target(path: str | Path | None) -> None:
+    """An ``--out`` file may be new or an earlier swavkit result; anything else is refused (FileExistsError,
+    one line) - checked before an evaluation starts, and again when it writes."""
+    if not path:
+        return
+    path = Path(path)
+    if not path.exists():
+        return
+    try:
+        ours = json.loads(path.read_text(encoding="utf-8")).get("schema") == RESULT_SCHEMA
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise FileExistsError(f"--out {path} exists and is not a swavkit result; choose another file name")
+
+
+def write_result(result: dict, path: str | Path) -> Path:
+    """Write the record as indented JSON, atomically and durably (see :mod:`swavkit.runtime.fileio`); never over a
+    file that is not a swavkit result."""
+    check_result_target(path)
+    return write_json_atomic(path, result)
+
+
+def write_evaluation_result(result: dict, out_json: str | Path | None, backbone_source, started_at) -> Path | None:
+    """Write ``result`` to ``out_json`` (None = :func:`default_result_path`; "" = write nothing) and record
+    the path in ``result["result_path"]``."""
+    if out_json == "":
+        return None
+    path = Path(out_json) if out_json else default_result_path(result["evaluation"], str(backbone_source),
+                                                               started_at)
+    result["result_path"] = str(path)
+    return write_result(result, path)
+
+
+def format_table(rows: list[tuple[str, object]]) -> str:
+    """Two aligned columns, e.g. ``[("top-1 %", 71.3), ("k", 20)]``; floats get two decimals."""
+    def text(value) -> str:
+        return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+    width = max((len(label) for label, _ in rows), default=0)
+    return "\n".join(f"{label:<{width}}  {text(value)}" for label, value in rows)
+
+
+def summary_rows(result: dict) -> list[tuple[str, object]]:
+    """The lines ``swavkit knn`` / ``swavkit linear`` print for a result record."""
+    metrics, protocol, data = result["metrics"], result["protocol"], result["data"]
+    rows: list[tuple[str, object]] = [("evaluation", result["evaluation"]),
+                                      ("backbone", result["backbone"].get("source")),
+                                      ("feature dim", result["backbone"].get("feature_dim"))]
+    if result["evaluation"] == "knn":
+        rows.append(("protocol", f"{protocol['k']}-NN cosine, weights exp(sim/{protocol['temperature']}), "
+                                 f"{protocol['index']} index"))
+    else:
+        rows.append(("protocol", f"{protocol['recipe']} linear probe"))
+        if "selected_weight_decay" in protocol:
+            rows.append(("weight decay (chosen on held-out train)", f"{protocol['selected_weight_decay']:g}"))
+    rows += [("image size px", result["preprocessing"].get("image_size_px")),
+             ("train / val images", f"{data['n_train']} / {data['n_val']}"),
+             ("classes", data["n_classes"])]
+    for key in ("top1", "top5"):
+        if key in metrics:
+            rows.append((f"{key} %", float(metrics[key])))
+    from swavkit.evaluation.floors import FLOOR_NAMES, below_floors
+
+    for name, floor in result.get("floors", {}).items():
+        rows.append((f"floor: {FLOOR_NAMES.get(name, name)} ({floor['source']}) top1 %", float(floor["top1"])))
+    missed = below_floors(result)
+    if missed:
+        rows.append(("WARNING", "top-1 is not above " + " and ".join(missed) + ": the backbone adds nothing there"))
+    rows.append(("wall time s", float(result["wall_time_s"])))
+    return rows
+
+
+__all__ = ["RESULT_SCHEMA", "RESULT_KEYS", "build_result", "data_record", "write_result", "write_evaluation_result",
+           "default_result_path", "source_name", "format_table", "summary_rows", "run_git", "git_commit",
+           "swavkit_version", "environment", "utc_now"]

@@ -1,0 +1,316 @@
+"""Size-aware defaults: derive the SwAV knobs from the data and the hardware, each with a one-line reason.
+
+``swavkit pretrain --auto data.path=DIR`` looks at the folder (number of images, typical image side),
+the number of processes and the global batch, and fills in every key the user did not set explicitly.
+The rules start from the paper's ImageNet recipe (1.28M images, 3000 prototypes, 2x224 + 6x96 crops,
+queue for small batches, one epoch of frozen prototypes) and scale it down to smaller data.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from swavkit.runtime import distributed
+from swavkit.config import Config, ConfigError, from_dict
+from swavkit.training.preflight import preflight
+from swavkit.data import BUNDLED_SAMPLE, open_image
+from swavkit.runtime.cores import AUTO_WORKER_CAP, default_num_workers, training_threads, usable_cores
+from swavkit.runtime.device import resolve_device
+from swavkit.core.schedule import reference_peak_lr
+
+REFERENCE_IMAGES = 1_281_167  # ImageNet-1k train, what the paper's numbers are tuned for
+REFERENCE_FREEZE_STEPS = 313  # one ImageNet epoch at batch 4096
+
+# On a CPU: resnet10t, timm's cheapest ResNet, whose tiered 3-conv stem keeps the most of a small crop; it
+# learned the most per CPU-minute in the cifar10-small probes (benchmarks/README.md, "Evaluation").
+CPU_BACKBONE = "resnet10t"
+# With a budget on a CPU, the largest crop side (of CROP_LADDER_PX, at most the images' side) that still
+# affords this many passes over the data at the measured speed. On cifar10-small the 20-NN accuracy kept
+# rising from 10 to 89 passes (37.6 -> 44.8 %): passes matter more than pixels on a CPU.
+CPU_MIN_PASSES = 30
+CROP_LADDER_PX = (32, 48, 64, 96, 128, 160, 224)
+BUDGET_TRAINING_SHARE = 0.85  # of the budget, for steps (start-up, checkpoints and export take the rest)
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    key: str
+    value: object
+    reason: str
+
+
+def typical_side_px(paths: list[str], sample: int = 200) -> int:
+    """Median shorter side over an evenly spaced sample of (readable) images; header reads only."""
+    step = max(1, len(paths) // sample)
+    sides = []
+    for path in paths[::step][:sample]:
+        try:
+            with open_image(path) as img:  # swavkit's formats and pixel limit, header only
+                sides.append(min(img.size))
+        except Exception:  # unreadable files are skipped here as in training
+            continue
+    return int(statistics.median(sides)) if sides else 224
+
+
+def _crop_recipe(side_px: int, on_gpu: bool = True) -> tuple[dict, str]:
+    if side_px <= 48 and not on_gpu:
+        return ({"counts": [2], "sizes_px": [32], "min_scales": [0.2], "max_scales": [1.0], "blur_probability": 0.0},
+                f"images are ~{side_px} px on a CPU: two 32 px crops, no small ones (16 px crops end in a 1x1 map "
+                "and cost steps; on cifar10-small they lowered k-NN accuracy at equal epochs: "
+                "benchmarks/README.md), no blur")
+    if side_px <= 48:
+        return ({"counts": [2, 4], "sizes_px": [32, 16], "min_scales": [0.25, 0.08], "max_scales": [1.0, 0.25],
+                 "blur_probability": 0.0},
+                f"images are ~{side_px} px: 2x32 + 4x16 crops, no blur (it erases tiny images)")
+    if side_px <= 128:
+        return ({"counts": [2, 4], "sizes_px": [64, 32], "min_scales": [0.2, 0.08], "max_scales": [1.0, 0.2],
+                 "blur_probability": 0.5},
+                f"images are ~{side_px} px: 2x64 + 4x32 crops")
+    if side_px <= 200:
+        return ({"counts": [2, 6], "sizes_px": [160, 64], "min_scales": [0.14, 0.05], "max_scales": [1.0, 0.14]},
+                f"images are ~{side_px} px: 2x160 + 6x64 crops, the paper's scales")
+    return ({"counts": [2, 6], "sizes_px": [224, 96], "min_scales": [0.14, 0.05], "max_scales": [1.0, 0.14]},
+            f"images are ~{side_px} px: the paper's 2x224 + 6x96 crops")
+
+
+def _cpu_crops(size_px: int) -> dict:
+    """CPU crops for a large-crop side: two crops, plus four at half the side once that is >= 48 px."""
+    if size_px >= 96:
+        return {"counts": [2, 4], "sizes_px": [size_px, size_px // 2], "min_scales": [0.14, 0.05],
+                "max_scales": [1.0, 0.14], "blur_probability": 0.5}
+    return {"counts": [2], "sizes_px": [size_px], "min_scales": [0.2], "max_scales": [1.0],
+            "blur_probability": 0.0 if size_px <= 48 else 0.5}
+
+
+def _crop_seconds_per_image(crops: dict, seconds_per_image: Callable[[int], float]) -> float:
+    return sum(count * seconds_per_image(size) for count, size in zip(crops["counts"], crops["sizes_px"]))
+
+
+def _budget_crops_on_cpu(side_px: int, n_images: int, budget_s: float,
+                         seconds_per_image: Callable[[int], float]) -> tuple[dict, float, str]:
+    """(crops, passes over the data they afford, reason): the largest ladder size <= the images' side whose
+    crops still afford CPU_MIN_PASSES passes in the budget at the measured speed."""
+    sizes = [s for s in CROP_LADDER_PX if s <= max(32, side_px)]
+    chosen, chosen_passes, tried = None, 0.0, []
+    for size in sizes:  # small to large: stop at the first that no longer affords the passes
+        crops = _cpu_crops(size)
+        passes = BUDGET_TRAINING_SHARE * budget_s / (_crop_seconds_per_image(crops, seconds_per_image) * n_images)
+        tried.append(f"{size} px: {passes:.0f}")
+        if chosen is not None and passes < CPU_MIN_PASSES:
+            break
+        chosen, chosen_passes = crops, passes
+    groups = " + ".join(f"{c}x{s}" for c, s in zip(chosen["counts"], chosen["sizes_px"]))
+    return (chosen, chosen_passes,
+            f"images are ~{side_px} px, budget {budget_s / 60:g} min on a CPU: passes over the data at the measured "
+            f"speed ({', '.join(tried)}); {groups} crops, the largest affording >= {CPU_MIN_PASSES} passes "
+            "(passes mattered more than pixels on cifar10-small)")
+
+
+def derive(n_images: int, side_px: int, world_size: int = 1, global_batch: int | None = None,
+           on_gpu: bool = False, epochs: int | None = None, local_world_size: int = 1,
+           budget_minutes: float | None = None, backbone: str | None = None,
+           seconds_per_image: Callable[[int], float] | None = None) -> list[Suggestion]:
+    """Suggested values (with reasons) for a dataset of ``n_images`` images of ~``side_px`` pixels.
+
+    ``budget_minutes``: the run's time budget (None: none). ``backbone``: the user's choice (None: derived
+    here). ``seconds_per_image(size_px)``: measured forward + backward seconds per crop of that side for the
+    backbone on this machine (:func:`measure_seconds_per_image`); needed with a budget on a CPU.
+    """
+    out: list[Suggestion] = []
+    if backbone is None:
+        if on_gpu:
+            backbone = "resnet18" if side_px <= 64 else "resnet50"
+            why = (f"images are ~{side_px} px on a GPU: " + ("resnet18 (a resnet50 is mostly wasted on 1x1 final maps)"
+                                                             if side_px <= 64 else "the paper's resnet50"))
+            out.append(Suggestion("model.backbone", backbone, why))
+        else:
+            backbone = CPU_BACKBONE
+            out.append(Suggestion("model.backbone", backbone,
+                                  "on a CPU: resnet10t, the cheapest timm ResNet, learned the most per CPU-minute in the "
+                                  "cifar10-small probes (resnet50 trains ~2 images/s here: benchmarks/README.md)"))
+            out.append(Suggestion("model.zero_init_last", True, "timm's ResNet init, with which the CPU recipes were "
+                                  "measured"))
+    budget_s = 60.0 * budget_minutes if budget_minutes else None
+    passes = None
+    if budget_s and not on_gpu and seconds_per_image is not None:
+        crops, passes, why = _budget_crops_on_cpu(side_px, n_images, budget_s, seconds_per_image)
+    else:
+        crops, why = _crop_recipe(side_px, on_gpu)
+    for key, value in crops.items():
+        out.append(Suggestion(f"crops.{key}", value, why))
+    if not on_gpu and crops["sizes_px"][0] <= 48:
+        out.append(Suggestion("crops.color_jitter_strength", 0.5, "small images: SimCLR's CIFAR jitter strength (1.0 "
+                              "and 0.25 both lost 1.6-2.4 k-NN points on cifar10-small)"))
+
+    if global_batch is None:
+        per_process = 64 if on_gpu else 128 if crops["sizes_px"][0] <= 64 else 32
+        global_batch = per_process * world_size
+        while global_batch > max(world_size, n_images // 4) and global_batch > world_size:
+            global_batch //= 2
+        global_batch = max(world_size, global_batch // world_size * world_size)
+        out.append(Suggestion("train.batch_size", global_batch,
+                              f"{global_batch // world_size} per process x {world_size} process(es), at most a quarter "
+                              "of the data so an epoch has several steps"))
+
+    n_prototypes = int(min(3000, max(10, round(n_images / 50, -1 if n_images >= 500 else 0))))
+    out.append(Suggestion("model.n_prototypes", n_prototypes,
+                          f"~1 prototype per 50 images ({n_images} images), capped at the paper's 3000: over-cluster, "
+                          "but keep every prototype fed"))
+
+    if epochs is None and passes is not None:
+        epochs = max(1, round(passes))
+        out.append(Suggestion("train.epochs", epochs,
+                              f"the passes the budget affords at the measured speed; the run measures its own speed "
+                              "and fits the schedule to the budget, this only shapes warm-up, freezing and queue"))
+    elif epochs is None:
+        epochs = 800 if n_images <= 20_000 else 400 if n_images <= 200_000 else 200 if n_images <= 2_000_000 else 100
+        out.append(Suggestion("train.epochs", epochs,
+                              f"{n_images} images: small data needs more passes (paper: 200-800 epochs on ImageNet)"
+                              + ("; with the budget this only shapes warm-up, freezing and queue" if budget_s else "")))
+
+    steps_per_epoch = max(1, n_images // global_batch)
+    # the paper's 313 steps, but never more than 5 % of the run (a short run must train its prototypes too)
+    freeze_epochs = min(max(1.0, REFERENCE_FREEZE_STEPS / steps_per_epoch), 0.05 * epochs)
+    out.append(Suggestion("swav.freeze_prototypes_epochs", round(freeze_epochs, 2),
+                          f"prototypes frozen ~{round(freeze_epochs * steps_per_epoch)} steps (paper: 313 steps), at "
+                          "most 5% of training, so the head settles before clusters form"))
+
+    if global_batch < 1024 and n_images >= 8 * global_batch:
+        length = min(3840, (n_images // 4) // global_batch * global_batch)
+        length = max(global_batch, length // global_batch * global_batch)
+        start = max(1, round(0.075 * epochs))
+        out.append(Suggestion("swav.queue_length", length,
+                              f"batch {global_batch} < 1024 gives Sinkhorn too few samples per prototype; a queue of "
+                              f"{length} (a multiple of the batch, at most a quarter of the data) fixes that"))
+        out.append(Suggestion("swav.queue_start_epoch", start,
+                              "queue starts after ~7.5% of training (paper: epoch 15 of 200) so stale early "
+                              "embeddings do not push the loss back to ln K"))
+    else:
+        out.append(Suggestion("swav.queue_length", 0,
+                              f"batch {global_batch} is large enough (or the data too small) for Sinkhorn without a queue"))
+
+    workers = default_num_workers(AUTO_WORKER_CAP, local_world_size, leave_one_for_main=False)
+    out.append(Suggestion("data.num_workers", workers,
+                          f"{usable_cores()} CPU core(s) shared by {local_world_size} process(es) on this machine"))
+
+    warmup = min(10.0, round(0.05 * epochs, 1))
+    out.append(Suggestion("optim.warmup_epochs", warmup,
+                          "5% of training, from LR 0, at most the 10 epochs of the paper's batch-4096 recipe"))
+    lars_peak, adamw_peak = reference_peak_lr("lars", global_batch), reference_peak_lr("adamw", global_batch)
+    out.append(Suggestion("optim.base_lr", 0.0,
+                          f"the optimiser's reference peak LR at batch {global_batch}: LARS {lars_peak:.3g} (the "
+                          "paper: 0.6 at 256, 4.8 at 4096, not linear: 0.6 x 16 would be 9.6), AdamW "
+                          f"{adamw_peak:.3g} (5e-4 per 256); cosine to peak / 1000"))
+    return out
+
+
+def measure_seconds_per_image(backbone: str, backbone_kwargs: dict | None = None, batch: int = 16,
+                              device: str = "cpu") -> Callable[[int], float]:
+    """A function size_px -> seconds of forward + backward per crop of that side, for ``backbone`` on this
+    machine (random weights and pixels, median of 3 timed passes after one warm-up; cached per size)."""
+    from swavkit.core.model import create_backbone
+
+    net = create_backbone(backbone, **(backbone_kwargs or {})).to(device).train()
+    cache: dict[int, float] = {}
+
+    def seconds(size_px: int) -> float:
+        if size_px not in cache:
+            x = torch.randn(batch, 3, size_px, size_px, device=device)
+            times = []
+            for _ in range(4):
+                start = time.perf_counter()
+                net(x).float().square().mean().backward()
+                times.append(time.perf_counter() - start)
+            cache[size_px] = statistics.median(times[1:]) / batch
+        return cache[size_px]
+
+    return seconds
+
+
+def explicit_keys(tree: dict, prefix: str = "") -> set[str]:
+    """Dotted keys present in a merged YAML/override dict (what the user chose)."""
+    keys = set()
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and key != "backbone_kwargs":
+            keys |= explicit_keys(value, f"{dotted}.")
+        else:
+            keys.add(dotted)
+    return keys
+
+
+def apply(tree: dict, suggestions: list[Suggestion], chosen: set[str]) -> list[Suggestion]:
+    """Write suggestions into the nested ``tree`` except for keys the user chose; return those applied."""
+    applied = []
+    for s in suggestions:
+        if s.key in chosen:
+            continue
+        node = tree
+        *parents, leaf = s.key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = s.value
+        applied.append(s)
+    return applied
+
+
+def describe(applied: list[Suggestion]) -> str:
+    """One line per value; a reason shared by consecutive values is printed once."""
+    width = max((len(f"{s.key} = {s.value}") for s in applied), default=0)
+    lines, previous = [], None
+    for s in applied:
+        reason = f"# {s.reason}" if s.reason != previous else ""
+        lines.append(f"  {f'{s.key} = {s.value}':<{width}}  {reason}".rstrip())
+        previous = s.reason
+    return "\n".join(lines)
+
+
+def auto_config(tree: dict) -> Config:
+    """``--auto`` / ``pretrain(auto=True)``: a merged config tree (YAML files + overrides, see
+    :func:`swavkit.config.merge_sources`) -> the validated Config, with every key the user did not set
+    derived from the images under ``data.path`` (the bundled sample when unset) and the launcher's
+    process count. Prints each derived value with its reason (main process only)."""
+    from swavkit.data.shards import is_shard_spec
+    from swavkit.data.sources import data_specs, describe_specs, resolve_images
+
+    chosen = explicit_keys(tree)
+    specs = data_specs(tree.get("data", {}).get("path", ""), tree.get("data", {}).get("paths", []))
+    specs = specs or [str(BUNDLED_SAMPLE / "train")]
+    if any(is_shard_spec(spec) for spec in specs):
+        raise ConfigError("--auto reads image counts and sizes from files, not from tar shards; set the recipe "
+                          "keys yourself (see configs/) or run --auto once on a folder or list of the same images")
+    paths = resolve_images(specs)
+    data_root = describe_specs(specs)
+    launch = distributed.detect_launch()
+    world = launch.world_size
+    # the device the run will train on, by the one rule of swavkit.runtime.device
+    on_gpu = resolve_device(tree.get("train", {}).get("device", "auto"), launch.local_rank).type == "cuda"
+    budget = tree.get("train", {}).get("budget_minutes") or None
+    backbone = tree["model"]["backbone"] if "model.backbone" in chosen else None
+    speed, start, speed_backbone = None, time.perf_counter(), backbone or CPU_BACKBONE
+    # timed with the thread count the run will use (swavkit.runtime.cores.training_threads)
+    with training_threads(torch.device("cuda" if on_gpu else "cpu"), launch.local_world_size):
+        if budget and not on_gpu:
+            speed = measure_seconds_per_image(speed_backbone, tree.get("model", {}).get("backbone_kwargs"))
+        suggestions = derive(len(paths), typical_side_px(paths), world, local_world_size=launch.local_world_size,
+                             global_batch=tree["train"]["batch_size"] if "train.batch_size" in chosen else None,
+                             on_gpu=on_gpu, epochs=tree["train"]["epochs"] if "train.epochs" in chosen else None,
+                             budget_minutes=float(budget) if budget else None, backbone=backbone,
+                             seconds_per_image=speed)
+    if speed is not None and distributed.is_main_process():
+        print(f"swavkit: --auto timed {speed_backbone} on this machine in {time.perf_counter() - start:.1f} s")
+    applied = apply(tree, suggestions, chosen)
+    cfg = from_dict(tree)
+    preflight(cfg, world_size=world)
+    if distributed.is_main_process():
+        print(f"swavkit: --auto derived from {len(paths)} images in {data_root} and {world} process(es) "
+              f"(keys you set are kept):\n{describe(applied)}")
+    return cfg
+
+
+__all__ = ["Suggestion", "auto_config", "derive", "typical_side_px", "explicit_keys", "apply", "describe"]
