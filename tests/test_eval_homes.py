@@ -10,7 +10,8 @@ from PIL import Image
 
 from evaluation_fixtures import one_thread, write_labelled_folders  # noqa: F401
 from swavkit.artifacts.checkpoint import export_backbone
-from swavkit.cli.main import build_parser, evaluation_options, parse_arguments
+from swavkit.cli.evaluate import evaluation_options
+from swavkit.cli.main import build_parser, parse_arguments
 from swavkit.config import ConfigError
 from swavkit.runtime.cores import default_num_workers
 from swavkit.data import eval_transform

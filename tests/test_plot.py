@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
@@ -11,7 +10,8 @@ import pytest
 from PIL import Image
 
 from swavkit.config import ConfigError
-from swavkit.training.plot import PNG_SOFTWARE_TAG, PlotError, add_plot_command, plot_runs, read_run, render_figure, series
+from swavkit.cli.main import build_parser
+from swavkit.training.plot import PNG_SOFTWARE_TAG, PlotError, plot_runs, read_run, render_figure, series
 
 
 def write_run(folder, *, loss_drop: float, k: int = 30, knn: bool = True, throughput: float = 800.0):
@@ -64,9 +64,7 @@ def test_two_runs_give_one_large_colourful_png_that_changes_with_the_data(tmp_pa
 
 def test_default_output_is_the_first_runs_folder_and_it_is_replaced_on_the_next_call(tmp_path, capsys):
     run = write_run(tmp_path / "run", loss_drop=1.5, knn=False)
-    parser = argparse.ArgumentParser(prog="swavkit")
-    add_plot_command(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["plot", str(run)])
+    args = build_parser().parse_args(["plot", str(run)])
     assert args.func(args) == 0
     assert (run / "metrics.png").is_file()
     assert "wrote " in capsys.readouterr().out
