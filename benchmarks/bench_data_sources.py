@@ -12,7 +12,7 @@ memory   loader memory with 8 workers over --paths synthetic paths (default 10M)
          copy-on-write gave them) and the PSS of the whole loader.
          Target (ours): the workers' private memory grows by < 100 MiB in all with the PathList (flat);
          the list of str is reported as it comes (its growth is the refcount problem).
-startup  the data stage of ``swavkit pretrain`` (``swavkit.training.trainer._resolve_file_list``) on a folder of --files
+startup  the data stage of ``swavkit pretrain`` (``swavkit.training.data_setup.resolve_file_list``) on a folder of --files
          empty files (default 1M, 1000 folders): the first run walks and caches (files.npz), a resume
          reads the cache. Target (ours): the resume is >= 10x faster.
 """
@@ -197,7 +197,7 @@ def _empty_tree(root: Path, n_files: int) -> Path:
 
 
 def bench_startup(args, verdicts: Verdicts) -> tuple[str, dict]:
-    train_module = importlib.import_module("swavkit.training.trainer")
+    data_setup = importlib.import_module("swavkit.training.data_setup")
     root = _empty_tree(WORK_DIR / f"walk_{args.files}", args.files)
     procs = SimpleNamespace(is_main=True, say=lambda *a, **k: None)
     files = SimpleNamespace(path=WORK_DIR / "startup_run")  # the cache's folder (bench scratch, not a run)
@@ -205,13 +205,13 @@ def bench_startup(args, verdicts: Verdicts) -> tuple[str, dict]:
     (files.path / CACHE_NAME).unlink(missing_ok=True)
 
     def first_run():
-        paths, from_cache = train_module._resolve_file_list([str(root)], procs, files, resuming=False)
-        data = SimpleNamespace(file_list=paths, file_list_source=train_module.source_key([str(root)]))
-        train_module._cache_file_list(data, procs, files)
+        paths, from_cache = data_setup.resolve_file_list([str(root)], procs, files, resuming=False)
+        data = SimpleNamespace(file_list=paths, file_list_source=data_setup.source_key([str(root)]))
+        data_setup.cache_file_list(data, procs, files)
         assert not from_cache and len(paths) == args.files
 
     def resume():
-        paths, from_cache = train_module._resolve_file_list([str(root)], procs, files, resuming=True)
+        paths, from_cache = data_setup.resolve_file_list([str(root)], procs, files, resuming=True)
         assert from_cache and len(paths) == args.files
 
     times = interleaved({"first_run": first_run, "resume": resume}, args.reps, warmup=1, progress="startup")

@@ -77,7 +77,7 @@ def _children_rss_mib() -> float:
 
 def child_leak(epochs: int, out_dir: str) -> dict:
     step_module = importlib.import_module("swavkit.training.step")
-    train_module = importlib.import_module("swavkit.training.trainer")  # the module: swavkit.training.trainer is the function
+    train_module = importlib.import_module("swavkit.training.trainer")  # the module (swavkit.train is the function)
     from swavkit.config import load_config
 
     records = []

@@ -16,8 +16,8 @@ class ConfigError(ValueError):
 # Exceptions whose message is meant for the user as is: printed as one line, exit code 2.
 USER_ERROR_NAMES = (("swavkit.errors", "ConfigError"), ("swavkit.data.errors", "DataError"),
                     ("swavkit.artifacts.pretrained", "LoadError"), ("swavkit.artifacts.checkpoint", "CheckpointError"),
-                    ("swavkit.runtime.distributed", "LaunchError"), ("swavkit.training.trainer", "TrainingDiverged"),
-                    ("swavkit.training.trainer", "DataLoaderCrashed"))
+                    ("swavkit.runtime.distributed", "LaunchError"), ("swavkit.training.loop", "TrainingDiverged"),
+                    ("swavkit.training.loop", "DataLoaderCrashed"))
 EXIT_USER_ERROR = 2
 EXIT_STOPPED = 3  # stopped by a signal: resumable, run the same command again
 

@@ -252,7 +252,7 @@ def test_non_finite_loss_stops_after_saving_last_good_state(image_folder, tmp_pa
 def test_non_finite_gradient_is_never_applied(image_folder, tmp_path, monkeypatch):
     """A finite loss whose backward returns NaN (a broken kernel, an fp overflow in one layer): the step is
     refused like a non-finite loss, naming the parameter, and the saved state is the last good one."""
-    train_module = importlib.import_module("swavkit.training.trainer")  # the module: swavkit.training.trainer is the function
+    train_module = importlib.import_module("swavkit.training.trainer")  # the module (swavkit.train is the function)
 
     real_build = train_module.build_model
     calls = {"n": 0}

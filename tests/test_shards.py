@@ -171,16 +171,16 @@ def test_two_processes_train_from_shards(shard_folder, tmp_path):
 
 
 def test_resume_with_other_workers_says_what_is_not_exact(tmp_path, capsys):
-    train_module = importlib.import_module("swavkit.training.trainer")
+    data_setup = importlib.import_module("swavkit.training.data_setup")
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text("data:\n  num_workers: 2\n")
     procs = SimpleNamespace(say=print)
     cfg = load_config([], tiny_overrides("x.tar", run))  # num_workers 0
-    train_module._say_if_stream_layout_changed(cfg, procs, SimpleNamespace(config=run / "config.yaml"))
+    data_setup.say_if_stream_layout_changed(cfg, procs, SimpleNamespace(config=run / "config.yaml"))
     assert "changed from 2 to 0" in capsys.readouterr().out
     cfg = load_config([], tiny_overrides("x.tar", run, **{"data.num_workers": 2}))
-    train_module._say_if_stream_layout_changed(cfg, procs, SimpleNamespace(config=run / "config.yaml"))
+    data_setup.say_if_stream_layout_changed(cfg, procs, SimpleNamespace(config=run / "config.yaml"))
     assert capsys.readouterr().out == ""
 
 

@@ -15,7 +15,7 @@ from swavkit.data.filelist import CACHE_NAME, PathList, load_path_cache, read_li
 from swavkit.data.sources import data_specs, resolve_images
 from swavkit.training.trainer import train
 
-train_module = importlib.import_module("swavkit.training.trainer")  # the package attribute `train` is the function
+data_setup = importlib.import_module("swavkit.training.data_setup")  # where train() resolves its images
 from test_distributed import _train_worker, free_port
 
 
@@ -87,13 +87,13 @@ def test_list_trains_and_resume_reads_the_cache(image_folder, tmp_path, monkeypa
     overrides = tiny_overrides(listing, out, **{"train.epochs": 1})
     first = train(load_config([], overrides), progress=False, stop_after_steps=2)
     assert not first.completed and (out / CACHE_NAME).is_file()
-    assert list(load_path_cache(out, train_module.source_key([str(listing)]))[0]) \
+    assert list(load_path_cache(out, data_setup.source_key([str(listing)]))[0]) \
         == [str(tmp_path / os.path.relpath(p, tmp_path)) for p in sorted(image_folder.iterdir())]
 
     def no_walk(specs):
         raise AssertionError("the resume walked the data source again")
 
-    monkeypatch.setattr(train_module, "resolve_images", no_walk)
+    monkeypatch.setattr(data_setup, "resolve_images", no_walk)
     resumed = train(load_config([], overrides), progress=False)
     assert resumed.completed and resumed.step == 4  # 32 images / batch 8
 
@@ -104,11 +104,11 @@ def test_resume_with_a_corrupt_cache_walks_again(image_folder, tmp_path, monkeyp
     train(load_config([], overrides), progress=False, stop_after_steps=2)
     (out / CACHE_NAME).write_bytes(b"not a cache")
     walks = []
-    real = train_module.resolve_images
-    monkeypatch.setattr(train_module, "resolve_images", lambda specs: walks.append(specs) or real(specs))
+    real = data_setup.resolve_images
+    monkeypatch.setattr(data_setup, "resolve_images", lambda specs: walks.append(specs) or real(specs))
     assert train(load_config([], overrides), progress=False).completed
     assert walks == [[str(image_folder)]]
-    assert load_path_cache(out, train_module.source_key([str(image_folder)]))[0] is not None  # rewritten
+    assert load_path_cache(out, data_setup.source_key([str(image_folder)]))[0] is not None  # rewritten
 
 
 def test_two_processes_train_from_a_list(image_folder, tmp_path):

@@ -87,4 +87,39 @@ def queue_should_stop(windows_near_ln_k: int, mean_loss: float, n_prototypes: in
     return count, count >= QUEUE_GUARD_WINDOWS
 
 
-__all__ = ["EpsilonControl", "row_entropy", "queue_should_stop", "QUEUE_GUARD_MARGIN", "QUEUE_GUARD_WINDOWS"]
+
+
+@dataclass
+class CollapsePolicy:
+    """``swav.prevent_collapse``'s decisions at the end of each logging window, in one place: the next
+    Sinkhorn epsilon (EpsilonControl) and whether the queue goes. Every rank calls it with the same
+    all-reduced numbers, so every rank decides the same. It changes ``state.epsilon``,
+    ``state.queue_near_ln_k_windows`` and ``state.queue_dropped_at_step`` (all in the checkpoint)."""
+    epsilon_control: EpsilonControl
+
+    @classmethod
+    def from_config(cls, swav) -> "CollapsePolicy | None":
+        """``swav``: the config's SwAVConfig; None when ``swav.prevent_collapse`` is off (the paper)."""
+        if not swav.prevent_collapse:
+            return None
+        return cls(EpsilonControl(target_fraction=swav.code_entropy_target,
+                                  min_epsilon=min(swav.min_epsilon, swav.epsilon), max_epsilon=swav.epsilon))
+
+    def after_window(self, state, epsilon_used: float, mean_loss: float, mean_row_entropy: float,
+                     queue_in_use: bool) -> str | None:
+        """Update ``state`` for the next window; returns a line to print when the queue was dropped."""
+        n_prototypes = state.core.n_prototypes
+        state.epsilon = self.epsilon_control.next_epsilon(epsilon_used, mean_row_entropy, n_prototypes)
+        if not queue_in_use:
+            return None
+        state.queue_near_ln_k_windows, stop = queue_should_stop(state.queue_near_ln_k_windows, mean_loss,
+                                                                n_prototypes)
+        if not stop:
+            return None
+        state.queue_dropped_at_step = state.step
+        return (f"step {state.step}: the loss returned to ln K while the queue was in use; going on without the "
+                "queue (swav.prevent_collapse=false keeps it)")
+
+
+__all__ = ["EpsilonControl", "CollapsePolicy", "row_entropy", "queue_should_stop", "QUEUE_GUARD_MARGIN",
+           "QUEUE_GUARD_WINDOWS"]

@@ -1,0 +1,368 @@
+"""The training loop (stage 8): epochs of ``train_step`` with logging, the collapse policy, the time
+budget, checkpoints and stop requests; then the export (stage 9). Everything it reads is in ``Loop``,
+built by :func:`swavkit.training.trainer.train`'s setup stages."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from swavkit.runtime import distributed
+from swavkit.training.budget import BudgetClock, BudgetPlan, fit_total_steps, share_of_run, worth_changing
+from swavkit.artifacts.checkpoint import backbone_state, export_backbone, save_atomic
+from swavkit.config import Config, to_dict
+from swavkit.data import (append_skipped_report, printable_path)
+from swavkit.data.device_decode import decode_batch
+from swavkit.training.diagnosis import code_statistics
+from swavkit.training.loggers import MetricLoggers
+from swavkit.core.model import create_backbone
+from swavkit.artifacts.modelcard import card_for_training
+from swavkit.artifacts.rundir import RunFolder
+from swavkit.core.schedule import LRSchedule
+from swavkit.training.collapse import row_entropy
+from swavkit.runtime.signals import StopRequest as _StopRequest
+from swavkit.training.step import StepResult, StepSettings, TrainState, train_step
+from swavkit.training.collapse import CollapsePolicy
+from swavkit.training.data_setup import TrainingData
+from swavkit.training.monitor import monitor_floors, monitor_knn
+from swavkit.training.processes import Processes
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became non-finite; the last good state was saved first."""
+
+
+class DataLoaderCrashed(RuntimeError):
+    """A data-loading worker died; the message names the files it was reading."""
+
+
+UNPLANNED_TOTAL_STEPS = 2 ** 62  # a budget run before its first plan: it ends when the plan says
+
+
+@dataclass
+class Loop:
+    """Everything the training loop reads, built by ``train``'s setup stages. Only a time budget's plan
+    changes it (``settings``, ``lr_schedule``: swavkit/budget.py)."""
+    cfg: Config
+    procs: Processes
+    files: RunFolder
+    data: TrainingData
+    settings: StepSettings
+    lr_schedule: LRSchedule
+    memory_format: torch.memory_format
+    stop_after_steps: int | None
+    loggers: MetricLoggers | None  # the main process's metric backends; None on the others
+    collapse_policy: CollapsePolicy | None  # None: the configured epsilon and queue throughout (the paper)
+    budget_clock: BudgetClock | None  # train.budget_minutes: this attempt's clock (the plan is in the state)
+    monitor_floors: dict = field(default_factory=dict)  # monitor.floors: k-NN of random init / raw pixels, once
+
+
+@dataclass
+class LogWindow:
+    """Sums over the steps since the last metrics row (the loss stays on the device until logged)."""
+    loss_sum: torch.Tensor  # 0-d fp32
+    row_entropy_sum: torch.Tensor  # 0-d fp32: sum over steps of the codes' mean per-sample entropy (nats)
+    steps: int = 0
+    wait_s: float = 0.0  # time blocked on the data loader
+    start_s: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def open(cls, device: torch.device) -> "LogWindow":
+        return cls(torch.zeros((), device=device), torch.zeros((), device=device))
+
+
+@dataclass
+class Progress:
+    """What the loop changes besides the TrainState."""
+    bar: tqdm
+    stop_request: "_StopRequest"
+    window: LogWindow
+    last_save_s: float  # time.monotonic() of the last checkpoint
+    save_duration_s: float = 0.0  # how long the last checkpoint took to write (the budget's reserve)
+
+
+def planned_settings(settings: StepSettings, plan: BudgetPlan | None) -> StepSettings:
+    """The step settings of a budget's plan (a resumed one), else those of the config."""
+    if plan is None or not plan.planned:
+        return settings
+    return dataclasses.replace(settings, freeze_prototype_steps=plan.freeze_prototype_steps,
+                               queue_start_step=plan.queue_start_step)
+
+
+def train_epochs(loop: Loop, state: TrainState, stop_request: "_StopRequest", show_progress: bool) -> str | None:
+    """Epochs of steps until ``total_steps``. Returns None when done, else why it stopped early (a
+    signal or stop_after_steps; a checkpoint is saved then)."""
+    data = loop.data
+    state.model.train()
+    bar = tqdm(total=min(data.total_steps, loop.lr_schedule.total_steps), initial=state.step,
+               disable=not (show_progress and loop.procs.is_main), desc="pretrain", unit="step", dynamic_ncols=True, file=sys.stdout)
+    progress = Progress(bar, stop_request, LogWindow.open(loop.procs.device), time.monotonic())
+    if loop.budget_clock is not None:
+        loop.budget_clock.mark(state.step)
+    with stop_request.deferred():  # a signal now only sets a flag: the loop saves and stops in step
+        while state.step < data.total_steps:
+            epoch = state.step // data.steps_per_epoch
+            if not _train_one_epoch(loop, state, progress, epoch):
+                bar.close()
+                return stop_request.signal_name or f"stop_after_steps={loop.stop_after_steps}"
+            _end_of_epoch(loop, state, epoch)
+    bar.close()
+    return None
+
+
+def _train_one_epoch(loop: Loop, state: TrainState, progress: Progress, epoch: int) -> bool:
+    """The steps of ``epoch`` from ``state.step`` on; False when the run must stop now (checkpoint saved)."""
+    data, cfg = loop.data, loop.cfg
+    epoch_start = epoch * data.steps_per_epoch
+    data.sampler.set_epoch(epoch, start=(state.step - epoch_start) * data.per_rank_batch)
+    batches = iter(data.loader)
+    while state.step < min(epoch_start + data.steps_per_epoch, data.total_steps):
+        crops = _next_batch(loop, state, batches, progress.window)  # ---- 7a. data
+        if crops is None:
+            break
+        lr = loop.lr_schedule.lr(state.step)
+        result = train_step(state, crops, loop.settings, lr)  # ---- 7b-7f. the step
+        if not result.applied:
+            _refused_step(loop, state, result)  # raises once past train.skip_nonfinite_steps
+            state.step += 1  # the batch is dropped; the schedule moves on
+            continue
+        progress.window.loss_sum += result.loss
+        progress.window.row_entropy_sum += row_entropy(result.codes)
+        progress.window.steps += 1
+        progress.bar.update(1)
+        if loop.budget_clock is not None:
+            loop.budget_clock.mark(state.step)
+        if state.step % cfg.train.log_every_steps == 0 or state.step == data.total_steps:
+            _log_metrics(loop, state, result, lr, progress)  # ---- 7g. logging
+            if loop.budget_clock is not None:
+                _follow_budget(loop, state, progress)  # ---- 7g'. the time budget's plan
+        if _checkpoint_and_stop(loop, state, progress):  # ---- 7h. checkpoints and stop requests
+            return False
+    return True
+
+
+def _next_batch(loop: Loop, state: TrainState, batches, window: LogWindow) -> list[torch.Tensor] | None:
+    """7a: the next V crop tensors [B, 3, s, s] on the device, or None when the epoch's batches ran out.
+    The time spent blocked here is the data-wait fraction."""
+    wait_start = time.perf_counter()
+    try:
+        crops, _, skipped = next(batches)
+    except StopIteration:
+        return None
+    except RuntimeError as err:
+        if "DataLoader worker" not in str(err):
+            raise
+        reading = loop.data.dataset.describe_reading()
+        raise DataLoaderCrashed(f"a data-loading worker died ({str(err).splitlines()[0]}) while reading "
+                                f"{', '.join(reading) or 'an unknown file'}; move that file away or use "
+                                "data.num_workers=0 to see the full error") from None
+    if loop.procs.decode_on_device:  # encoded JPEGs: decoded and cut here (counted as data wait)
+        crops, undecodable = decode_batch(crops, loop.data.transform.sizes_px, loop.procs.device)
+        skipped = skipped + undecodable
+    window.wait_s += time.perf_counter() - wait_start
+    if skipped:
+        _record_skipped(loop.files.skipped, state, skipped, loop.procs.is_main)
+    device = loop.procs.device
+    if loop.procs.colour_on_device:  # uint8 crops + parameters: the colour half runs here
+        crops = loop.data.transform.finish(crops, device)
+    return [c.to(device, non_blocking=True, memory_format=loop.memory_format) for c in crops]
+
+
+def _record_skipped(skipped_path: Path, state: TrainState, new: list[tuple[str, str]], is_main: bool) -> None:
+    """Remember unreadable files (path, why) in the state and append the new ones to skipped.txt."""
+    fresh = [(p, why) for p, why in new if p not in state.skipped_files]
+    state.skipped_files.update(p for p, _ in fresh)
+    if fresh and is_main:
+        append_skipped_report(skipped_path, fresh)
+        tqdm.write(f"skipped {len(fresh)} unreadable file(s) (total {len(state.skipped_files)}), e.g. "
+                   f"{printable_path(fresh[0][0])}; see {printable_path(skipped_path)}")
+
+
+def _refused_step(loop: Loop, state: TrainState, result: StepResult) -> None:
+    """A step refused for a non-finite loss or gradient: past train.skip_nonfinite_steps, save the last good
+    state and raise TrainingDiverged; otherwise say so."""
+    if state.nonfinite_skipped <= loop.cfg.train.skip_nonfinite_steps:
+        tqdm.write(f"step {result.step}: non-finite {result.nonfinite}, step skipped ({state.nonfinite_skipped} so far)")
+        return
+    save_checkpoint(loop, state)  # the weights are still those of the last good step
+    if not result.nonfinite_loss and loop.procs.device.type == "cpu" and loop.settings.autocast_dtype == torch.bfloat16:
+        hint = (f"CPU bf16 convolutions return corrupt weight gradients in torch {torch.__version__} when a "
+                "stride-2 3x3 convolution sees a 1x1 map (crops under 32 px): use train.precision=fp32")
+    else:
+        hint = ("Likely causes: learning rate too high (optim.base_lr), swav.epsilon too small for fp32 (try "
+                "swav.sinkhorn_fp64=true), or fp16 overflow (use train.precision=bf16)")
+    epoch = result.step // loop.data.steps_per_epoch
+    raise TrainingDiverged(f"non-finite {result.nonfinite} at step {result.step} (epoch {epoch}); the last good "
+                           f"state is saved in {loop.files.checkpoint}. {hint}. train.skip_nonfinite_steps=N skips "
+                           "up to N bad steps")
+
+
+def _log_metrics(loop: Loop, state: TrainState, result: StepResult, lr: float, progress: Progress) -> None:
+    """7g: one metrics.jsonl row over the window since the last (the only host syncs besides the step's
+    finiteness check), the collapse policy's decisions for the next window, a fresh window."""
+    window, procs = progress.window, loop.procs
+    sums = distributed.all_reduce_sum(torch.stack([window.loss_sum, window.row_entropy_sum]))
+    mean_loss, mean_row_entropy = (sums / (window.steps * procs.world)).tolist()
+    elapsed = time.perf_counter() - window.start_s
+    usage = code_statistics(result.codes)
+    state.last_loss = mean_loss
+    epsilon = loop.settings.epsilon if math.isnan(state.epsilon) else state.epsilon
+    queue_in_use = bool(result.queue_started and state.queue.is_full)
+    row = {"step": state.step, "epoch": state.step / loop.data.steps_per_epoch, "loss": round(state.last_loss, 5),
+           "ln_k": round(math.log(state.core.n_prototypes), 5), "lr": lr,
+           "images_per_s": round(window.steps * loop.data.per_rank_batch * procs.world / elapsed, 2),
+           "data_wait_fraction": round(window.wait_s / elapsed, 4),
+           "prototypes_used": usage["prototypes_used"], "code_entropy": round(usage["code_entropy"], 4),
+           "code_row_entropy": round(mean_row_entropy, 4), "epsilon": epsilon, "queue_in_use": queue_in_use}
+    if procs.is_main:
+        loop.loggers.log(row)
+        progress.bar.set_postfix(loss=f"{state.last_loss:.3f}", lr=f"{lr:.3g}", used=usage["prototypes_used"])
+        warning = state.collapse.update(state.step, state.last_loss, usage["prototypes_used"])
+        if warning:
+            tqdm.write("WARNING " + warning)
+    if loop.collapse_policy is not None:  # every rank decides the same from the all-reduced means
+        said = loop.collapse_policy.after_window(state, epsilon, mean_loss, mean_row_entropy, queue_in_use)
+        if said:
+            procs.say_progress(said)
+    progress.window = LogWindow.open(procs.device)
+
+
+def _checkpoint_and_stop(loop: Loop, state: TrainState, progress: Progress) -> bool:
+    """7h: save when due (every N steps or M minutes, at the end of an epoch, on a stop request); whether the
+    run must stop now. Every rank takes the same decisions."""
+    train_cfg, step = loop.cfg.train, state.step
+    stop = progress.stop_request.signal_name is not None
+    steps_due = train_cfg.checkpoint_every_steps > 0 and step % train_cfg.checkpoint_every_steps == 0
+    time_due = time.monotonic() - progress.last_save_s > 60 * train_cfg.checkpoint_every_minutes
+    if loop.procs.world > 1:
+        # Signals and wall clocks differ between ranks: act on them only at logging steps, where every
+        # rank joins the same all-reduce.
+        if step % train_cfg.log_every_steps == 0:
+            stop, steps_due, time_due = _on_any_rank(loop.procs.device, stop, steps_due, time_due)
+        else:
+            stop = time_due = False
+    if loop.stop_after_steps is not None and step >= loop.stop_after_steps:
+        stop = True
+    if stop or steps_due or time_due or step % loop.data.steps_per_epoch == 0:
+        save_start_s = time.monotonic()
+        save_checkpoint(loop, state)
+        progress.last_save_s = time.monotonic()
+        progress.save_duration_s = progress.last_save_s - save_start_s
+    return stop and step < loop.data.total_steps
+
+
+def _follow_budget(loop: Loop, state: TrainState, progress: Progress) -> None:
+    """7g': with train.budget_minutes, make the plan once the speed is measured, then re-fit the total to the
+    recent speed. Rank 0's clock decides; every rank applies the same numbers."""
+    clock, plan, schedule = loop.budget_clock, state.budget, loop.lr_schedule
+    proposal = [0.0] * 4  # total, warm-up, freeze, queue start; 0 total = no change
+    seconds_per_step = clock.seconds_per_step()
+    if loop.procs.is_main and seconds_per_step is not None and (plan.planned or clock.calibrated()):
+        # the final checkpoint and the export (about two checkpoint writes) must fit too
+        reserve_s = 1.0 + 2.0 * progress.save_duration_s
+        total = fit_total_steps(state.step, clock.elapsed_s(), plan.budget_s, seconds_per_step, reserve_s)
+        if not plan.planned:
+            shape_total = loop.cfg.train.epochs * loop.data.steps_per_epoch  # what the config's shares refer to
+            warmup = schedule.warmup_steps  # a warm-up already over stays as it was
+            if state.step < warmup:  # its share of the planned run, never ending before now (no LR jump)
+                warmup = max(share_of_run(warmup, total, shape_total), state.step)
+            proposal = [total, warmup,
+                        share_of_run(loop.settings.freeze_prototype_steps, total, shape_total),
+                        share_of_run(loop.settings.queue_start_step, total, shape_total)]
+        elif worth_changing(total, plan.total_steps, state.step):
+            proposal = [total, plan.warmup_steps, plan.freeze_prototype_steps, plan.queue_start_step]
+    if loop.procs.world > 1:
+        proposal = distributed.all_reduce_max(torch.tensor(proposal, dtype=torch.float64,
+                                                           device=loop.procs.device)).tolist()
+    total, warmup, freeze, queue_start = (int(v) for v in proposal)
+    if not total:
+        return
+    if not plan.planned:
+        if state.step < schedule.warmup_steps:
+            schedule.warmup_steps, schedule.total_steps = warmup, total
+        else:
+            schedule.change_total_steps(total, state.step, loop.data.steps_per_epoch)
+        plan.warmup_steps, plan.freeze_prototype_steps, plan.queue_start_step = warmup, freeze, queue_start
+        loop.settings = planned_settings(loop.settings, dataclasses.replace(plan, total_steps=total))
+        loop.procs.say_progress(
+            f"budget {plan.budget_s / 60:g} min: {clock.elapsed_s():.0f} s used (start-up and the first steps at "
+            f"{seconds_per_step:.3g} s/step) -> {total} steps = {total / loop.data.steps_per_epoch:.1f} epochs; "
+            f"warm-up {warmup} steps, prototypes frozen {freeze} steps"
+            + (f", queue from step {queue_start}" if state.queue is not None else "")
+            + "; re-fitted as the speed changes")
+    else:
+        schedule.change_total_steps(total, state.step, loop.data.steps_per_epoch)
+    plan.total_steps = loop.data.total_steps = total
+    progress.bar.total = total
+    progress.bar.refresh()
+
+
+def _on_any_rank(device: torch.device, *flags: bool) -> tuple[bool, ...]:
+    """Each flag OR-ed over the ranks, in one all-reduce (on ``device``: NCCL reduces GPU tensors only)."""
+    reduced = distributed.all_reduce_max(torch.tensor([float(f) for f in flags], device=device))
+    return tuple(bool(v) for v in reduced.tolist())
+
+
+def _end_of_epoch(loop: Loop, state: TrainState, epoch: int) -> None:
+    """7i: after a complete epoch, the optional online k-NN on a labelled folder (swavkit/training/monitor.py)."""
+    cfg = loop.cfg
+    complete = state.step == (epoch + 1) * loop.data.steps_per_epoch
+    if cfg.monitor.knn_data and (epoch + 1) % cfg.monitor.every_epochs == 0 and complete:
+        result = monitor_knn(state.core.backbone, cfg, loop.procs.device)
+        if cfg.monitor.floors and not loop.monitor_floors:
+            loop.monitor_floors.update(monitor_floors(cfg, loop.procs.device))
+        floors = loop.monitor_floors
+        if loop.procs.is_main:
+            loop.loggers.log({"step": state.step, "epoch": epoch + 1, **result, **floors})
+            beside = (f" (random init {floors['knn_top1_random_init']:.2f}%, raw pixels "
+                      f"{floors['knn_top1_raw_pixels']:.2f}%, same split)" if floors else "")
+            tqdm.write(f"epoch {epoch + 1}: online k-NN top-1 {result['knn_top1']:.2f}%{beside}")
+    state.model.train()
+
+
+def save_checkpoint(loop: Loop, state: TrainState) -> None:
+    """The checkpoint is the state's dict plus the config. Every rank contributes its queue and RNG; rank 0
+    writes one file atomically."""
+    if loop.budget_clock is not None:
+        state.budget.used_s = loop.budget_clock.elapsed_s()
+    checkpoint = state.state_dict()
+    if loop.procs.is_main:
+        save_atomic({**checkpoint, "config": to_dict(loop.cfg)}, loop.files.checkpoint)
+    distributed.barrier()
+
+
+def export(loop: Loop, state: TrainState) -> Path:
+    """Stage 9: the backbone alone, in timm's local-dir layout with its model card (written by rank 0); the
+    closing lines, which say so when the run ended on the collapse plateau."""
+    cfg, procs, files = loop.cfg, loop.procs, loop.files
+    if not procs.is_main:
+        return files.backbone
+    m = cfg.model
+    export_net = create_backbone(m.backbone, **m.backbone_kwargs)
+    export_net.load_state_dict(backbone_state(state.core.state_dict()), strict=True)
+    card = card_for_training(to_dict(cfg), architecture=m.backbone, feature_dim=export_net.num_features,
+                             backbone_dir=files.backbone, steps=state.step, final_loss=state.last_loss,
+                             n_images=len(loop.data.dataset),
+                             extra_training={"optimizer": type(state.optimizer).__name__,
+                                             "peak_lr": loop.lr_schedule.peak_lr,
+                                             "epochs": round(state.step / loop.data.steps_per_epoch, 2),
+                                             **({"budget_minutes": cfg.train.budget_minutes}
+                                                if state.budget is not None else {})})
+    export_backbone(export_net, files.backbone, image_size_px=cfg.crops.sizes_px[0], mean=cfg.crops.mean,
+                    std=cfg.crops.std, model_card=card)
+    backbone = printable_path(files.backbone)
+    procs.say(f"done: {state.step} steps, final loss {state.last_loss:.4f} (ln K = {math.log(m.n_prototypes):.3f})\n"
+              f"  checkpoint: {printable_path(files.checkpoint)}\n  backbone:   {backbone}  "
+              f"(timm.create_model('local-dir:{backbone}', pretrained=True) or swavkit.load_backbone)\n"
+              f"  metrics:    {printable_path(files.metrics)}")
+    verdict = state.collapse.final_verdict(state.last_loss)
+    if verdict:
+        procs.say(f"WARNING {verdict}")
+    return files.backbone

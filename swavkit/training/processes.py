@@ -1,0 +1,50 @@
+"""Stage 1 of training: where this process runs, among how many, in which precision (and the pre-flight
+checks, before anything is read or written)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from swavkit.runtime import distributed
+from swavkit.config import Config
+from swavkit.training.preflight import preflight
+from swavkit.data.device_decode import resolve_decode_on_device
+from swavkit.runtime.device import resolve_auto_flag, resolve_device, resolve_precision
+
+
+@dataclass
+class Processes:
+    """Stage 1: where this process runs, among how many, in which precision."""
+    device: torch.device
+    world: int
+    rank: int
+    is_main: bool
+    local_world_size: int
+    precision: str  # fp32 | bf16 | fp16
+    colour_on_device: bool  # colour ops in the training loop (True) or in the data workers
+    decode_on_device: bool = False  # JPEGs decoded and cut in the training loop (implies colour_on_device)
+
+    def say(self, *args, **kwargs) -> None:
+        """print on the main process only"""
+        if self.is_main:
+            print(*args, **kwargs)
+
+    def say_progress(self, text: str) -> None:
+        """A line on the main process while a progress bar is showing."""
+        if self.is_main:
+            tqdm.write(text)
+
+
+def start_processes(cfg: Config) -> Processes:
+    launch = distributed.detect_launch()
+    device = resolve_device(cfg.train.device, launch.local_rank)
+    launch = distributed.init(device.type)
+    world = distributed.world_size()
+    preflight(cfg, world_size=world)
+    decode = resolve_decode_on_device(cfg.data.decode_on_device, device)
+    return Processes(device, world, distributed.rank(), distributed.is_main_process(), launch.local_world_size,
+                      resolve_precision(cfg.train.precision, device),
+                      resolve_auto_flag(cfg.data.colour_on_device, device) or decode, decode)
