@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import sys
 from pathlib import Path
 
 from swavkit.config import default_num_workers  # stdlib + yaml only
+# the argument types live in their own module (finetune.py registers its command without importing this one);
+# the underscored names are the ones this module has always used
+from swavkit.cli_args import non_negative_int as _non_negative_int  # stdlib only
+from swavkit.cli_args import parse_duration_minutes
+from swavkit.cli_args import positive_float as _positive_float
+from swavkit.cli_args import positive_int as _positive_int
 from swavkit.eval_options import INDEX_TYPES, RECIPES, EvalOptions, KnnOptions, LinearOptions  # stdlib only
 from swavkit.preprocessing import (CENTRE_CROP_FRACTION, DEFAULT_IMAGE_SIZE_PX, FULL_IMAGE_MAX_SIZE_PX,  # stdlib only
                                    RAW_PIXELS_DEFAULT_SIZE_PX)
@@ -22,36 +27,6 @@ from swavkit.floors import add_floors_argument  # stdlib only
 from swavkit.plot import add_plot_command  # matplotlib is imported only when a plot is drawn
 from swavkit.shard import add_shard_command  # torch and webdataset are imported only when shards are written
 from swavkit.finetune import add_finetune_command  # torch and timm load inside the command
-
-def _non_negative_int(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return int(text)
-
-
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
-
-
-def parse_duration_minutes(text: str) -> float:
-    """'20m', '1300s', '1.5h' or a bare number of minutes -> minutes (> 0); ValueError otherwise."""
-    units = {"s": 1 / 60, "m": 1.0, "min": 1.0, "h": 60.0}
-    text = text.strip().lower()
-    number, unit = text, "m"
-    for suffix in sorted(units, key=len, reverse=True):
-        if text.endswith(suffix):
-            number, unit = text[: -len(suffix)], suffix
-            break
-    try:
-        minutes = float(number) * units[unit]
-    except ValueError:
-        raise ValueError(f"expected a duration like 20m, 1300s or 1.5h, got {text!r}") from None
-    if not (minutes > 0 and math.isfinite(minutes)):
-        raise ValueError(f"expected a positive duration like 20m, 1300s or 1.5h, got {text!r}")
-    return minutes
-
 
 def _duration(text: str) -> float:
     try:
@@ -185,16 +160,6 @@ def evaluation_options(args, method_options: type) -> tuple:
     values["num_workers"] = args.workers  # --workers is the same flag in every command
     return tuple(cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
                  for cls in (EvalOptions, method_options))
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def _add_eval_options(p, evaluation: str) -> None:

@@ -14,7 +14,7 @@ import torch
 from evaluation_fixtures import one_thread, write_labelled_folders  # noqa: F401
 from swavkit.checkpoint import export_backbone, load_state
 from swavkit.config import ConfigError
-from swavkit.finetune import (CHECKPOINT_FILE, FLOOR_FOLDER, FinetuneFolder, FinetuneOptions, build_optimizer,
+from swavkit.finetune import (CHECKPOINT_FILE, FLOOR_FOLDER, FinetuneFolder, FinetuneOptions, build_finetune_optimizer,
                               evaluate_classifier, finetune, label_list_text, load_labelled_data, parse_label_spec, read_label_list,
                               resolve_recipe, run_finetune, select_labelled)
 from swavkit.preprocessing import resolve_preprocessing
@@ -103,7 +103,7 @@ def test_trunk_and_head_get_different_lrs_in_two_groups():
     given = resolve_recipe(FinetuneOptions(batch_size=64, trunk_lr=0.02, head_lr=5.0), 500, 5000)
     assert (given.trunk_lr, given.head_lr, given.reference_lrs) == (0.02 / 4, 5.0 / 4, "given")
     assert ten.decay_epochs == [12, 16]  # the reference's epochs of a 20-epoch run
-    optimizer = build_optimizer(backbone, head, ten)
+    optimizer = build_finetune_optimizer(backbone, head, ten)
     trunk, head_group = optimizer.param_groups
     assert trunk["lr"] != head_group["lr"] and head_group["lr"] / trunk["lr"] == pytest.approx(20.0)
     assert {id(p) for p in trunk["params"]} == {id(p) for p in backbone.parameters()}
