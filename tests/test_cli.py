@@ -116,10 +116,11 @@ def test_an_unknown_option_gets_the_closest_valid_one_in_one_line(argv, hint, ca
         assert "did you mean" not in err[-1]
 
 
-@pytest.mark.parametrize("command", ["pretrain", "knn", "linear", "cluster"])
+@pytest.mark.parametrize("command", ["pretrain", "knn", "linear", "cluster", "finetune"])
 def test_workers_is_the_same_flag_everywhere(command):
     required = {"pretrain": [], "knn": ["--backbone", "b", "--train", "t", "--val", "v"],
                 "linear": ["--backbone", "b", "--train", "t", "--val", "v"],
+                "finetune": ["--backbone", "b", "--train", "t", "--val", "v"],
                 "cluster": ["--checkpoint", "c", "--data", "d", "--out", "o"]}[command]
     for flag in ("--workers", "--num-workers"):
         assert parse_arguments(build_parser(), [command, *required, flag, "3"]).workers == 3
