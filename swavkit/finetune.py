@@ -27,7 +27,10 @@ files) and ``checkpoint.pt`` (weights, optimiser, epoch; written atomically ever
 code 3 like ``pretrain``). Running the same command again resumes from what was saved, and the result equals
 that of an uninterrupted run (each epoch's order is seeded by (seed, epoch) and
 each image's crop by (seed, epoch, image), whichever DataLoader worker reads it). A folder that holds
-anything else is refused, and ``restart`` deletes only those files.
+anything else is refused, and ``restart`` deletes only those files (the rule of every run folder:
+:class:`swavkit.rundir.OwnedFolder`). A fine-tune runs in one process (the CPU or one GPU): under torchrun or
+srun it stops with a LaunchError before anything is written. ``--precision fp16`` (GPU only) scales the loss
+like pretraining does.
 """
 
 from __future__ import annotations
@@ -179,7 +182,7 @@ class FinetuneOptions:
     image_size_px: int | None = None
     num_workers: int = 2
     device: str = "auto"
-    precision: str = "auto"
+    precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16 | fp16 (GPU)
     out_dir: str | None = None  # default runs/finetune-<backbone>-<labels>-seed<seed>
     out_json: str | None = None  # None = results/finetune-<backbone>-<UTC time>.json; "" = none
     floors: str = "auto"  # auto | on | off: also fine-tune from random init (swavkit.floors; auto counts labelled images)

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
