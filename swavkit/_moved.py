@@ -46,6 +46,7 @@ MOVED = {
     "swavkit.sharpness": "swavkit.training.collapse",
     "swavkit.diagnosis": "swavkit.training.diagnosis",
     "swavkit.plot": "swavkit.training.plot",
+    "swavkit.rng": "swavkit.runtime.rng",
 }
 
 

@@ -6,15 +6,15 @@ import os
 import signal
 import subprocess
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from evaluation_fixtures import one_thread, write_labelled_folders  # noqa: F401
 from swavkit.artifacts.checkpoint import export_backbone, load_state
 from swavkit.config import ConfigError
-from swavkit.evaluation.finetune import (CHECKPOINT_FILE, FLOOR_FOLDER, FinetuneFolder, FinetuneOptions, build_optimizer,
+from swavkit.evaluation.finetune import (CHECKPOINT_FILE, FLOOR_FOLDER, FinetuneFolder, FinetuneOptions, build_finetune_optimizer,
                               evaluate_classifier, finetune, label_list_text, load_labelled_data, parse_label_spec, read_label_list,
                               resolve_recipe, run_finetune, select_labelled)
 from swavkit.artifacts.preprocessing import resolve_preprocessing
@@ -103,7 +103,7 @@ def test_trunk_and_head_get_different_lrs_in_two_groups():
     given = resolve_recipe(FinetuneOptions(batch_size=64, trunk_lr=0.02, head_lr=5.0), 500, 5000)
     assert (given.trunk_lr, given.head_lr, given.reference_lrs) == (0.02 / 4, 5.0 / 4, "given")
     assert ten.decay_epochs == [12, 16]  # the reference's epochs of a 20-epoch run
-    optimizer = build_optimizer(backbone, head, ten)
+    optimizer = build_finetune_optimizer(backbone, head, ten)
     trunk, head_group = optimizer.param_groups
     assert trunk["lr"] != head_group["lr"] and head_group["lr"] / trunk["lr"] == pytest.approx(20.0)
     assert {id(p) for p in trunk["params"]} == {id(p) for p in backbone.parameters()}
@@ -202,6 +202,39 @@ def test_sigterm_saves_after_the_batch_and_the_resume_equals_an_uninterrupted_ru
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_checkpoint_with_the_old_rng_keys_still_resumes_to_the_same_result(folders, tmp_path):
+    # checkpoints written before swavkit.runtime.rng saved a part epoch's RNG as {"cpu", "cuda"}; they must still resume
+    _, straight = _run(folders, tmp_path / "straight", epochs=2)
+    options = FinetuneOptions(label_fraction="0.5", **{**TINY, "epochs": 2})
+    data = _data(folders, options)
+    torch.manual_seed(0)
+    backbone = load_backbone("timm:resnet10t")
+    backbone.register_forward_hook(_sigterm_at_training_forward(2))  # the middle of epoch 1
+    folder = FinetuneFolder(tmp_path / "resumed")
+    folder.start({"test": 1}, label_list_text(data.relative, data.indices))
+    with StopRequest() as stop_request, pytest.raises(StopRequested):
+        run_finetune(backbone, data, resolve_recipe(options, 12, 24), folder, options, "test", stop_request)
+    saved = load_state(folder.checkpoint)
+    rng = saved["part_epoch"]["rng"]
+    assert set(rng) == {"rng_cpu", "rng_cuda"}  # what swavkit.runtime.rng writes, like pretraining's TrainState
+    saved["part_epoch"]["rng"] = {"cpu": rng["rng_cpu"], "cuda": rng["rng_cuda"]}
+    torch.save(saved, folder.checkpoint)
+    _, resumed = _run(folders, tmp_path / "resumed", epochs=2)
+    assert resumed["resumed_from_epoch"] == 0 and resumed["history"] == straight["history"]
+    assert resumed["metrics"] == straight["metrics"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 needs a GPU")
+def test_fp16_fine_tunes_on_a_gpu_with_a_loss_scaler_and_resumes(folders, tmp_path):
+    _, first = _run(folders, tmp_path / "run", epochs=2, device="cuda", precision="fp16", stop_after_epochs=1)
+    saved = load_state(tmp_path / "run" / CHECKPOINT_FILE)
+    assert not first["completed"] and saved["scaler"]["scale"] > 0  # the loss scale is part of the state
+    _, second = _run(folders, tmp_path / "run", epochs=2, device="cuda", precision="fp16")
+    assert second["completed"] and second["resumed_from_epoch"] == 1
+    assert all(torch.isfinite(torch.tensor(row["train_loss"])) for row in second["history"])
+    assert 0.0 <= second["metrics"]["top1"] <= 100.0
+
+
 def test_finetune_writes_result_and_labels_with_the_random_init_floor(folders, tmp_path):
     export = export_backbone(load_backbone("timm:resnet10t"), tmp_path / "export", image_size_px=32,
                              mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -265,6 +298,62 @@ def test_foreign_or_different_out_dir_is_refused_and_restart_deletes_only_its_ow
     finetune("timm:resnet10t", *folders, FinetuneOptions(label_fraction="0.25", out_dir=str(run), out_json="",
                                                          restart=True, **TINY))
     assert (run / "user.txt").read_text() == "mine" and (run / CHECKPOINT_FILE).is_file()
+
+
+def test_restart_keeps_a_users_own_random_init_folder(tmp_path):
+    run = FinetuneFolder(tmp_path / "run")
+    run.start({"test": 1}, "a/x.png\n")
+    run.checkpoint.write_bytes(b"state")
+    (run.path / FLOOR_FOLDER).mkdir()
+    (run.path / FLOOR_FOLDER / "mine.txt").write_text("keep")  # not a fine-tune: the restart leaves it
+    (run.path / "notes.txt").write_text("keep too")
+    FinetuneFolder(run.path).discard()
+    assert sorted(p.name for p in run.path.iterdir()) == ["notes.txt", FLOOR_FOLDER]
+    assert (run.path / FLOOR_FOLDER / "mine.txt").read_text() == "keep"
+
+
+def test_the_floor_is_discarded_with_its_run(tmp_path):
+    run = FinetuneFolder(tmp_path / "run")
+    run.start({"test": 1}, "")
+    floor = FinetuneFolder(run.path / FLOOR_FOLDER)
+    floor.start({"test": 2}, "")
+    floor.checkpoint.write_bytes(b"state")
+    FinetuneFolder(run.path).discard()
+    assert list(run.path.iterdir()) == []
+
+
+@pytest.mark.parametrize("env", [{"RANK": "1", "WORLD_SIZE": "2"}, {"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}])
+def test_a_multi_process_launch_is_refused_in_one_line_before_anything_is_written(folders, tmp_path, monkeypatch,
+                                                                                 capsys, env):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    from swavkit.runtime.distributed import LaunchError
+
+    with pytest.raises(LaunchError, match="runs in one process.*not torchrun or srun"):
+        finetune("timm:resnet10t", *folders, FinetuneOptions(out_dir=str(tmp_path / "run"), out_json="", **TINY))
+    train_dir, val_dir = folders
+    done = _cli("--backbone", "timm:resnet10t", "--train", str(train_dir), "--val", str(val_dir), "--image-size",
+                "32", "--workers", "0", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "runs in one process" in lines[0], done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither run folder nor result
+
+
+def test_fine_tuning_augments_like_the_linear_probe(folders):
+    from swavkit.evaluation.linear_probe import train_transform
+
+    preprocessing = resolve_preprocessing("timm:resnet10t", 32)
+    options = FinetuneOptions(label_fraction="0.5", min_crop_scale=0.3, **TINY)
+    train_dir, val_dir = folders
+    data = load_labelled_data(train_dir, val_dir, preprocessing, options)[0]
+    probe = train_transform(preprocessing, min_crop_scale=0.3)
+    image = Image.open(data.train.paths[0]).convert("RGB")
+    torch.manual_seed(5)
+    ours = data.train.transform(image)
+    torch.manual_seed(5)
+    assert torch.equal(ours, probe(image))  # the same crop for the same seed: one definition
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -334,6 +423,42 @@ def test_cli_user_errors_are_one_line(folders, tmp_path, monkeypatch, capsys, ar
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("swavkit finetune: error:") and message in lines[0], done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--workers", "-1", "expected an integer >= 0"), ("--workers", "two", "expected an integer >= 0"),
+    ("--batch-size", "0", "expected a positive integer"), ("--head-lr", "-0.1", "expected a positive number"),
+    ("--precision", "fp8", "invalid choice"),
+])
+def test_cli_argument_types_are_the_shared_ones(flag, value, message, capsys):
+    from swavkit.cli.main import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["finetune", "--backbone", "b", "--train", "t", "--val", "v", flag, value])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_offers_the_precisions_of_the_other_evaluations():
+    from swavkit.cli.main import build_parser
+
+    def choices(command: str) -> tuple:
+        sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+        return tuple(next(a for a in sub._actions if a.dest == "precision").choices)
+
+    assert choices("finetune") == choices("knn") == choices("linear") == ("auto", "fp32", "bf16", "fp16")
+    args = build_parser().parse_args(["finetune", "--backbone", "b", "--train", "t", "--val", "v", "--workers", "0",
+                                      "--precision", "fp16"])
+    assert (args.workers, args.precision) == (0, "fp16")
+
+
+def test_fp16_on_a_cpu_is_refused_in_one_line_before_anything_is_written(folders, tmp_path, monkeypatch, capsys):
+    train_dir, val_dir = folders
+    done = _cli("--backbone", "timm:resnet10t", "--train", str(train_dir), "--val", str(val_dir), "--image-size",
+                "32", "--workers", "0", "--device", "cpu", "--precision", "fp16", cwd=tmp_path,
+                monkeypatch=monkeypatch, capsys=capsys)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "fp16 needs a GPU" in lines[0], done.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("command", ["finetune", "knn"])

@@ -134,6 +134,26 @@ def test_folders_that_are_not_runs_are_refused(tmp_path):
     RunFolder(str(tmp_path / "new"))  # does not exist yet: fine
 
 
+@pytest.mark.parametrize("kind, option, what", [("pretrain", "out_dir:", "a swavkit run"),
+                                                 ("finetune", "--out-dir:", "a swavkit fine-tune")])
+def test_every_run_folder_follows_the_same_rule(kind, option, what, tmp_path):
+    from swavkit.artifacts.rundir import FinetuneFolder
+
+    open_folder = RunFolder if kind == "pretrain" else FinetuneFolder
+    files = _user_folder(tmp_path / "project")
+    with pytest.raises(ConfigError) as refused:
+        open_folder(str(tmp_path / "project"))
+    message = str(refused.value)
+    assert message.startswith(f"{option} ") and f"not {what}" in message and "\n" not in message
+    _assert_untouched(tmp_path / "project", files)
+    (tmp_path / "a_file").write_text("mine")
+    with pytest.raises(ConfigError, match=f"^{option} .*a_file is a file"):
+        open_folder(str(tmp_path / "a_file"))
+    assert (tmp_path / "a_file").read_text() == "mine"
+    open_folder(str(tmp_path / "new"))  # does not exist yet: fine, and nothing is created
+    assert not (tmp_path / "new").exists()
+
+
 def test_restart_deletes_only_the_runs_own_files(tiny_net, tmp_path):
     run = RunFolder(str(tmp_path / "run"))
     run.start("model: {}\n", restart=False, resume_step=None)

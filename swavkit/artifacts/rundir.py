@@ -7,10 +7,15 @@ A run folder holds ``config.yaml``, ``metrics.jsonl``, ``skipped.txt``, ``checkp
 that already holds a swavkit run (its checkpoint, or a config.yaml with swavkit's header); any other folder (a home folder, ``/``, a data folder, a project) is
 refused before anything is written. ``--restart`` deletes only the run's own files, and only after every
 other check of the run (config, backbone name, data folder, model build) has passed.
+
+The same rule holds for every folder swavkit writes a run into: :class:`OwnedFolder` states it once, and
+:class:`RunFolder` (pretraining) and :class:`FinetuneFolder` (``swavkit finetune --out-dir``) name their own
+files. This module is the one place that knows those layouts.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -18,13 +23,22 @@ from pathlib import Path
 from swavkit.artifacts.checkpoint import CheckpointError, check_export_target, is_swavkit_export
 from swavkit.config import ConfigError
 from swavkit.data.filelist import CACHE_NAME as LIST_CACHE_FILE
-from swavkit.data.names import read_skipped_report, skipped_report_text
-from swavkit.runtime.fileio import jsonl_line, read_jsonl, write_text_atomic
+from swavkit.data.names import printable_path, read_skipped_report, skipped_report_text
+from swavkit.runtime.fileio import jsonl_line, read_jsonl, write_json_atomic, write_text_atomic
 
 CONFIG_HEADER = "# swavkit run: the resolved config of this run (written by swavkit pretrain)\n"
 # What swavkit.training.loggers writes into the run folder (deleted with the run on --restart).
 LOGGER_FILES = ("loggers.json", "mlflow.db")
 LOGGER_FOLDERS = ("tensorboard", "wandb")
+
+# A fine-tune's folder (swavkit.evaluation.finetune): finetune.json says what was run (its "format" is the marker),
+# labels.txt lists the labelled files, checkpoint.pt is the training state; the random-init floor is a
+# fine-tune of its own in random-init/.
+FINETUNE_FORMAT = "swavkit-finetune-v1"
+FINETUNE_RUN_FILE = "finetune.json"
+FINETUNE_CHECKPOINT_FILE = "checkpoint.pt"
+FINETUNE_LABELS_FILE = "labels.txt"
+FINETUNE_FLOOR_FOLDER = "random-init"
 
 
 def resolve_out_dir(text: str) -> Path:
@@ -46,49 +60,86 @@ def _is_run_config(path: Path) -> bool:
     return text.startswith(CONFIG_HEADER)
 
 
-class RunFolder:
-    """The files of one run inside ``out_dir``; construction checks that the folder may hold a run."""
+class OwnedFolder:
+    """A folder that swavkit writes one run into, and the rule for all of them: it may be new, empty, or
+    already hold a run of its kind (:meth:`holds_run`); any other folder is refused in one line before anything
+    is written; :meth:`discard` deletes only what the run writes (``OWN_FILES``, ``OWN_FOLDERS``: paths
+    inside the folder), never a file a user put there.
+
+    Subclasses name their layout, the marker that makes a folder theirs (``holds_run``), and for the messages
+    the option that names the folder (``OPTION``) and what it holds (``KIND``).
+    """
+
+    # The files that make holds_run true come last, so that a discard cut short leaves a folder that is still
+    # recognised as a run (and can be discarded again) rather than one that is refused as a user's folder.
+    OWN_FILES: tuple[str, ...] = ()
+    OWN_FOLDERS: tuple[str, ...] = ()
+    OPTION = "out_dir"
+    KIND = "run"
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._check_usable()
+
+    def holds_run(self) -> bool:
+        raise NotImplementedError
+
+    def _check_run(self) -> None:
+        """A folder that holds a run: what else must hold before it is reused (nothing here)."""
+
+    def _check_usable(self) -> None:
+        shown_path = printable_path(self.path)
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"{self.OPTION}: {shown_path} is a file, not a folder; name a new folder")
+        if not self.path.is_dir():
+            return
+        if self.holds_run():
+            self._check_run()
+            return
+        entries = sorted(printable_path(entry.name) for entry in self.path.iterdir())
+        if entries:
+            shown = ", ".join(entries[:5]) + (f" ... (+{len(entries) - 5} more)" if len(entries) > 5 else "")
+            raise ConfigError(f"{self.OPTION}: {shown_path} holds files that are not a swavkit {self.KIND} ({shown}); "
+                              f"swavkit writes {self.KIND}s only into a new folder, an empty one, or an earlier "
+                              f"{self.KIND}: choose another {self.OPTION}")
+
+    def discard(self) -> None:
+        """Restart: delete this run's own files and folders, never anything else in the folder."""
+        for name in self.OWN_FOLDERS:
+            shutil.rmtree(self.path / name, ignore_errors=True)
+        for name in self.OWN_FILES:
+            (self.path / name).unlink(missing_ok=True)
+
+
+class RunFolder(OwnedFolder):
+    """The files of one pretraining run inside ``out_dir``; construction checks that the folder may hold a run."""
+
+    OWN_FILES = ("metrics.jsonl", "skipped.txt", LIST_CACHE_FILE, *LOGGER_FILES, "checkpoints/last.pt", "config.yaml")
+    OWN_FOLDERS = LOGGER_FOLDERS
 
     def __init__(self, out_dir: str):
-        self.path = resolve_out_dir(out_dir)
-        self.config = self.path / "config.yaml"
-        self.metrics = self.path / "metrics.jsonl"
-        self.skipped = self.path / "skipped.txt"
-        self.checkpoint = self.path / "checkpoints" / "last.pt"
-        self.backbone = self.path / "backbone"
-        self._check_usable()
+        path = resolve_out_dir(out_dir)
+        self.config = path / "config.yaml"
+        self.metrics = path / "metrics.jsonl"
+        self.skipped = path / "skipped.txt"
+        self.checkpoint = path / "checkpoints" / "last.pt"
+        self.backbone = path / "backbone"
+        super().__init__(path)
 
     def holds_run(self) -> bool:
         return self.checkpoint.is_file() or _is_run_config(self.config)
 
-    def _check_usable(self) -> None:
-        if self.path.exists() and not self.path.is_dir():
-            raise ConfigError(f"out_dir: {self.path} is a file, not a folder; name a new folder")
-        if not self.path.is_dir():
-            return
-        if self.holds_run():
-            try:  # checked now rather than after hours of training, when the export would be refused
-                check_export_target(self.backbone)
-            except CheckpointError as err:
-                raise ConfigError(f"out_dir: {err}") from None
-            return
-        entries = sorted(entry.name for entry in self.path.iterdir())
-        if entries:
-            shown = ", ".join(entries[:5]) + (f" ... (+{len(entries) - 5} more)" if len(entries) > 5 else "")
-            raise ConfigError(f"out_dir: {self.path} holds files that are not a swavkit run ({shown}); swavkit "
-                              "writes runs only into a new folder, an empty one, or an earlier run: choose another "
-                              "out_dir")
+    def _check_run(self) -> None:
+        try:  # checked now rather than after hours of training, when the export would be refused
+            check_export_target(self.backbone)
+        except CheckpointError as err:
+            raise ConfigError(f"out_dir: {err}") from None
 
-    def discard_previous_run(self) -> None:
-        """``--restart``: delete this run's own files (never anything else in the folder)."""
-        logger_files = [self.path / name for name in LOGGER_FILES]
-        for own_file in (self.checkpoint, self.metrics, self.skipped, self.config, self.path / LIST_CACHE_FILE,
-                         *logger_files):
-            own_file.unlink(missing_ok=True)
-        for own_folder in LOGGER_FOLDERS:
-            shutil.rmtree(self.path / own_folder, ignore_errors=True)
+    def discard(self) -> None:
+        """``--restart``: delete this run's own files, and its ``backbone/`` export if swavkit wrote it."""
         if is_swavkit_export(self.backbone):
             shutil.rmtree(self.backbone)
+        super().discard()
         try:
             self.checkpoint.parent.rmdir()  # only if empty: a user's file in there stays
         except OSError:
@@ -100,7 +151,7 @@ class RunFolder:
         go back to the checkpoint: drop the metrics rows after its step and the skipped.txt lines it did
         not know (those steps run again and write them again), so every step has at most one row."""
         if restart:
-            self.discard_previous_run()
+            self.discard()
         self.path.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.config, CONFIG_HEADER + config_yaml)
         if resume_step is None:
@@ -111,3 +162,60 @@ class RunFolder:
         if self.skipped.exists():
             kept = [entry for entry in read_skipped_report(self.skipped) if entry[0] in skipped_at_resume]
             write_text_atomic(self.skipped, skipped_report_text(kept))
+
+
+def _holds_finetune(run_file: Path) -> bool:
+    try:
+        return json.loads(run_file.read_text(encoding="utf-8")).get("format") == FINETUNE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class FinetuneFolder(OwnedFolder):
+    """``--out-dir`` of one fine-tune: finetune.json (the marker: format + setup), labels.txt, checkpoint.pt,
+    and the random-init floor's fine-tune in ``random-init/``. Construction refuses a folder that holds
+    anything else (a user's folder is never written into)."""
+
+    OWN_FILES = (FINETUNE_LABELS_FILE, FINETUNE_CHECKPOINT_FILE, FINETUNE_RUN_FILE)
+    OPTION = "--out-dir"
+    KIND = "fine-tune"
+
+    def __init__(self, path: str | Path):
+        path = Path(os.path.expanduser(str(path)))
+        self.run_file = path / FINETUNE_RUN_FILE
+        self.labels = path / FINETUNE_LABELS_FILE
+        self.checkpoint = path / FINETUNE_CHECKPOINT_FILE
+        super().__init__(path)
+
+    def holds_run(self) -> bool:
+        return _holds_finetune(self.run_file)
+
+    def discard(self) -> None:
+        """``restart``: delete this run's own files, and its floor's, never anything else."""
+        floor = self.path / FINETUNE_FLOOR_FOLDER
+        # checked without FinetuneFolder(floor), whose refusal of a user's random-init/ would end the restart
+        if floor.is_dir() and _holds_finetune(floor / FINETUNE_RUN_FILE):
+            FinetuneFolder(floor).discard()
+            try:
+                floor.rmdir()  # only if empty: a user's file in there stays
+            except OSError:
+                pass
+        super().discard()
+
+    def saved_setup(self) -> dict | None:
+        if not self.holds_run():
+            return None
+        return json.loads(self.run_file.read_text(encoding="utf-8")).get("setup")
+
+    def start(self, setup: dict, label_text: str) -> None:
+        """Record the setup and the label list; refuse a folder that holds a different fine-tune."""
+        saved = self.saved_setup()
+        if saved is not None and saved != setup:
+            changed = sorted(key for key in set(saved) | set(setup) if saved.get(key) != setup.get(key))
+            details = "; ".join(f"{key}: {saved.get(key)!r} there, {setup.get(key)!r} now" for key in changed[:3])
+            raise ConfigError(f"--out-dir {printable_path(self.path)} holds a different fine-tune ({details}); "
+                              "rerun its own command to resume it, pass --restart to discard it, or choose another "
+                              "--out-dir")
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.run_file, {"format": FINETUNE_FORMAT, "setup": setup})
+        write_text_atomic(self.labels, label_text)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from swavkit.cli.args import PRECISIONS, WORKERS_DEFAULT_HELP, add_workers, positive_int, workers_default
-from swavkit.errors import ConfigError
+from swavkit.cli.args import PRECISIONS, WORKERS_DEFAULT_HELP, add_workers, positive_float, positive_int, workers_default
 from swavkit.evaluation.finetune import REFERENCE_EPOCHS, FinetuneOptions, finetune, summary_rows  # torch: inside
 from swavkit.evaluation.floors import add_floors_argument  # stdlib only
 
@@ -14,8 +13,6 @@ def _cmd_finetune(args) -> int:
     from swavkit.data.names import printable_path
     from swavkit.evaluation.report import format_table
 
-    if args.trunk_lr is not None and args.trunk_lr <= 0 or args.head_lr is not None and args.head_lr <= 0:
-        raise ConfigError("--trunk-lr / --head-lr: give a positive number")
     options = FinetuneOptions(
         label_fraction=args.label_fraction, labels_file=args.labels_file, seed=args.seed, epochs=args.epochs,
         min_steps=args.min_steps, batch_size=args.batch_size, trunk_lr=args.trunk_lr, head_lr=args.head_lr,
@@ -56,9 +53,9 @@ def register(subparsers) -> None:
                    help=f"default {REFERENCE_EPOCHS}, raised until --min-steps optimiser steps are made")
     p.add_argument("--min-steps", type=positive_int, default=500, help="see --epochs (default 500)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="default 64 (at most the labelled images)")
-    p.add_argument("--trunk-lr", type=float, default=None, metavar="LR",
+    p.add_argument("--trunk-lr", type=positive_float, default=None, metavar="LR",
                    help="backbone LR at batch 256, scaled by batch/256 (default 0.01; reference 1 %% recipe: 0.02)")
-    p.add_argument("--head-lr", type=float, default=None, metavar="LR",
+    p.add_argument("--head-lr", type=positive_float, default=None, metavar="LR",
                    help="head LR at batch 256, scaled by batch/256 (default 0.2; the reference's 1 %% recipe: 5)")
     p.add_argument("--min-crop-scale", type=float, default=0.08, help="RandomResizedCrop's smallest area (0.08)")
     p.add_argument("--image-size", type=positive_int, default=None, metavar="PX",
@@ -66,7 +63,7 @@ def register(subparsers) -> None:
     add_workers(p, workers_default(), WORKERS_DEFAULT_HELP)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="auto = bf16 autocast on GPUs that support it, fp32 on CPU; fp16 needs a GPU")
+                   help="auto = bf16 autocast on GPUs that support it, fp32 on CPU; fp16 (loss-scaled) needs a GPU")
     p.add_argument("--out-dir", default=None, metavar="DIR",
                    help="checkpoint folder (default runs/finetune-<backbone>-<labels>-seed<seed>)")
     p.add_argument("--out", default=None, metavar="JSON",

@@ -27,7 +27,10 @@ files) and ``checkpoint.pt`` (weights, optimiser, epoch; written atomically ever
 code 3 like ``pretrain``). Running the same command again resumes from what was saved, and the result equals
 that of an uninterrupted run (each epoch's order is seeded by (seed, epoch) and
 each image's crop by (seed, epoch, image), whichever DataLoader worker reads it). A folder that holds
-anything else is refused, and ``restart`` deletes only those files.
+anything else is refused, and ``restart`` deletes only those files (the rule of every run folder:
+:class:`swavkit.artifacts.rundir.OwnedFolder`). A fine-tune runs in one process (the CPU or one GPU): under torchrun or
+srun it stops with a LaunchError before anything is written. ``--precision fp16`` (GPU only) scales the loss
+like pretraining does.
 """
 
 from __future__ import annotations
@@ -41,20 +44,21 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from swavkit.config import ConfigError
-from swavkit.runtime.fileio import write_json_atomic, write_text_atomic
+from swavkit.runtime.fileio import write_text_atomic
 from swavkit.evaluation.floors import floors_wanted
 from swavkit.runtime.signals import StopRequest, StopRequested
 
-# torch, torchvision, timm and the modules that import them load inside the functions, so that
-# `swavkit --help` (which registers this command) stays instant.
+# torch, torchvision, timm and the modules that import them (swavkit.artifacts.rundir, swavkit.runtime.rng, swavkit.runtime.distributed)
+# load inside the functions, so that `swavkit --help` (which registers this command) stays instant.
+if TYPE_CHECKING:  # annotations only
+    import torch
 
-RUN_FORMAT = "swavkit-finetune-v1"
-RUN_FILE = "finetune.json"
-CHECKPOINT_FILE = "checkpoint.pt"
-LABELS_FILE = "labels.txt"
-FLOOR_FOLDER = "random-init"
+    from swavkit.data import LabelledImageFolder
+    from swavkit.artifacts.rundir import FinetuneFolder
+
 DEFAULT_RUNS_DIR = "runs"
 # Reference LRs at a global batch of 256 (SwAV README, eval_semisup.py): (trunk, head) per label budget.
 # The default for every budget is the 10 % pair (module docstring: the 1 % pair's head LR diverged here).
@@ -175,7 +179,7 @@ class FinetuneOptions:
     image_size_px: int | None = None
     num_workers: int = 2
     device: str = "auto"
-    precision: str = "auto"
+    precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16 | fp16 (GPU)
     out_dir: str | None = None  # default runs/finetune-<backbone>-<labels>-seed<seed>
     out_json: str | None = None  # None = results/finetune-<backbone>-<UTC time>.json; "" = none
     floors: str = "auto"  # auto | on | off: also fine-tune from random init (swavkit.evaluation.floors; auto counts labelled images)
@@ -235,7 +239,7 @@ def lr_factor(epoch: int, decay_epochs: list[int], gamma: float) -> float:
     return gamma ** sum(epoch >= boundary for boundary in decay_epochs)
 
 
-def build_optimizer(backbone: torch.nn.Module, head: torch.nn.Module, recipe: Recipe) -> torch.optim.SGD:
+def build_finetune_optimizer(backbone: torch.nn.Module, head: torch.nn.Module, recipe: Recipe) -> torch.optim.SGD:
     """SGD with two groups: 0 = trunk (every backbone parameter) at trunk_lr, 1 = head at head_lr."""
     import torch
 
@@ -243,87 +247,6 @@ def build_optimizer(backbone: torch.nn.Module, head: torch.nn.Module, recipe: Re
                "name": "trunk"},
               {"params": list(head.parameters()), "lr": recipe.head_lr, "base_lr": recipe.head_lr, "name": "head"}]
     return torch.optim.SGD(groups, lr=recipe.trunk_lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-
-
-def train_transform(image_size_px: int, mean, std, min_crop_scale: float):
-    """RGB PIL image -> [3, s, s]: RandomResizedCrop(s, scale=(min_crop_scale, 1)) + flip + normalise."""
-    import torch
-    from torchvision.transforms import v2
-
-    return v2.Compose([
-        v2.PILToTensor(),
-        v2.RandomResizedCrop(image_size_px, scale=(min_crop_scale, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(0.5),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean, std),
-    ])
-
-
-# ----------------------------------------------------------------------------------------------------
-# the run folder
-
-class FinetuneFolder:
-    """``out_dir`` of one fine-tune: finetune.json, labels.txt, checkpoint.pt. Construction refuses a folder
-    that holds anything but those (a user's folder is never written into)."""
-
-    OWN_FILES = (RUN_FILE, LABELS_FILE, CHECKPOINT_FILE)
-
-    def __init__(self, path: str | Path):
-        self.path = Path(os.path.expanduser(str(path)))
-        self.run_file, self.labels, self.checkpoint = (self.path / name for name in self.OWN_FILES)
-        self._check_usable()
-
-    def holds_run(self) -> bool:
-        try:
-            return json.loads(self.run_file.read_text(encoding="utf-8")).get("format") == RUN_FORMAT
-        except (OSError, ValueError, AttributeError):
-            return False
-
-    def _check_usable(self) -> None:
-        from swavkit.data import printable_path
-
-        if self.path.exists() and not self.path.is_dir():
-            raise ConfigError(f"--out-dir {printable_path(self.path)} is a file; name a new folder")
-        if not self.path.is_dir() or self.holds_run():
-            return
-        entries = sorted(entry.name for entry in self.path.iterdir())
-        if entries:
-            shown = ", ".join(printable_path(name) for name in entries[:5])
-            raise ConfigError(f"--out-dir {printable_path(self.path)} holds files that are not a swavkit fine-tune "
-                              f"({shown}); fine-tuning writes only into a new folder, an empty one or an earlier "
-                              "fine-tune: choose another --out-dir")
-
-    def discard(self) -> None:
-        """``restart``: delete this run's own files, and its floor's, never anything else."""
-        for name in self.OWN_FILES:
-            (self.path / name).unlink(missing_ok=True)
-        floor = self.path / FLOOR_FOLDER
-        if floor.is_dir() and FinetuneFolder(floor).holds_run():
-            FinetuneFolder(floor).discard()
-            try:
-                floor.rmdir()
-            except OSError:
-                pass
-
-    def saved_setup(self) -> dict | None:
-        if not self.holds_run():
-            return None
-        return json.loads(self.run_file.read_text(encoding="utf-8")).get("setup")
-
-    def start(self, setup: dict, label_text: str) -> None:
-        """Record the setup and the label list; refuse a folder that holds a different fine-tune."""
-        from swavkit.data import printable_path
-
-        saved = self.saved_setup()
-        if saved is not None and saved != setup:
-            changed = sorted(key for key in set(saved) | set(setup) if saved.get(key) != setup.get(key))
-            details = "; ".join(f"{key}: {saved.get(key)!r} there, {setup.get(key)!r} now" for key in changed[:3])
-            raise ConfigError(f"--out-dir {printable_path(self.path)} holds a different fine-tune ({details}); "
-                              "rerun its own command to resume it, pass --restart to discard it, or choose another "
-                              "--out-dir")
-        self.path.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.run_file, {"format": RUN_FORMAT, "setup": setup})
-        write_text_atomic(self.labels, label_text)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -340,12 +263,6 @@ class LabelledData:
     @property
     def n_classes(self) -> int:
         return len(self.train.classes)
-
-
-def _device(name: str) -> torch.device:
-    from swavkit.runtime.device import resolve_device  # one-line errors for unknown names and absent GPUs
-
-    return resolve_device(name)
 
 
 class SeededItems:
@@ -385,10 +302,12 @@ def _labelled_loader(data: LabelledData, recipe: Recipe, num_workers: int, devic
 
 
 def train_one_epoch(model: torch.nn.Module, loader, optimizer, device: torch.device, dtype: torch.dtype | None,
-                    sums: dict | None = None, stop_request: StopRequest | None = None) -> dict:
+                    sums: dict | None = None, stop_request: StopRequest | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> dict:
     """One pass of SGD over ``loader`` (images [B, 3, s, s] -> logits [B, C]); returns the epoch's running sums
     {"batches", "loss_sum", "correct", "seen"}, continuing ``sums`` (an epoch resumed in its middle). Ends
-    early, after the current batch, once ``stop_request`` has caught a signal."""
+    early, after the current batch, once ``stop_request`` has caught a signal. ``scaler``: the fp16 loss
+    scaler (a disabled one, or None, leaves the step a plain ``backward`` + ``step``)."""
     import torch
     import torch.nn.functional as F
 
@@ -406,8 +325,13 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer, device: torch.dev
             raise ConfigError(f"fine-tuning loss became {loss.item()}: the LRs are too high for this backbone; "
                               "lower --trunk-lr / --head-lr")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:  # fp16 gradients underflow without loss scaling; it skips a step whose gradients are not finite
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         sums["batches"] += 1
         sums["loss_sum"] += loss.item() * len(labels)
         sums["correct"] += int((logits.argmax(1) == labels).sum())
@@ -445,45 +369,44 @@ def evaluate_classifier(model: torch.nn.Module, dataset, device: torch.device, b
     return topk_accuracy(torch.cat(all_logits), torch.cat(all_labels))
 
 
-def _save(folder: FinetuneFolder, epoch: int, model, optimizer, history: list[dict],
+def _save(folder: FinetuneFolder, epoch: int, model, optimizer, scaler, history: list[dict],
           part_epoch: dict | None = None) -> None:
     """``epoch`` epochs done; ``part_epoch``: the next one's sums and RNG state, when stopped in its middle."""
     from swavkit.artifacts.checkpoint import save_atomic
+    from swavkit.artifacts.rundir import FINETUNE_FORMAT
 
-    state = {"format": RUN_FORMAT, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "history": history}
+    state = {"format": FINETUNE_FORMAT, "epoch": epoch, "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "history": history}
+    if scaler.is_enabled():  # fp16 only: its loss scale
+        state["scaler"] = scaler.state_dict()
     if part_epoch is not None:
         state["part_epoch"] = part_epoch
     save_atomic(state, folder.checkpoint)
 
 
-def _rng_state(device) -> dict:
-    import torch
-
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def _set_rng_state(state: dict, device) -> None:
-    import torch
-
-    torch.set_rng_state(state["cpu"])
-    if state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
+def _rng_state_of(part_epoch: dict) -> dict:
+    """The RNG state saved with a part epoch, as :func:`swavkit.runtime.rng.capture_rng_state` gives it; checkpoints
+    written before that module saved it as {"cpu", "cuda"}."""
+    rng = part_epoch.pop("rng")
+    return {"rng_cpu": rng["cpu"], "rng_cuda": rng["cuda"]} if "cpu" in rng else rng
 
 
-def _resume(folder: FinetuneFolder, model, optimizer) -> tuple[int, list[dict], dict | None]:
+def _resume(folder: FinetuneFolder, model, optimizer, scaler) -> tuple[int, list[dict], dict | None]:
     """(epochs done, per-epoch history, the part of the next epoch done or None) from the folder's checkpoint;
     (0, [], None) without one."""
     from swavkit.artifacts.checkpoint import CheckpointError, load_state
+    from swavkit.artifacts.rundir import FINETUNE_FORMAT
 
     if not folder.checkpoint.is_file():
         return 0, [], None
     state = load_state(folder.checkpoint)
-    if not isinstance(state, dict) or state.get("format") != RUN_FORMAT:
+    if not isinstance(state, dict) or state.get("format") != FINETUNE_FORMAT:
         raise CheckpointError(f"{folder.checkpoint} is not a swavkit fine-tune checkpoint; pass --restart to "
                               "start over")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    if scaler.is_enabled() and "scaler" in state:  # saved at fp16 and resumed at fp16; else it starts afresh
+        scaler.load_state_dict(state["scaler"])
     return int(state["epoch"]), list(state["history"]), state.get("part_epoch")
 
 
@@ -498,10 +421,13 @@ def run_finetune(backbone: torch.nn.Module, data: LabelledData, recipe: Recipe, 
     import torch
     from tqdm import tqdm
 
-    from swavkit.runtime.device import autocast_dtype, resolve_precision
+    from swavkit.runtime.device import autocast_dtype, resolve_device, resolve_precision
+    from swavkit.runtime.rng import capture_rng_state, restore_rng_state
 
-    device = _device(options.device)
-    dtype = autocast_dtype(resolve_precision(options.precision, device))
+    device = resolve_device(options.device)
+    precision = resolve_precision(options.precision, device)
+    dtype = autocast_dtype(precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(recipe.seed)
         with torch.no_grad():
@@ -510,8 +436,8 @@ def run_finetune(backbone: torch.nn.Module, data: LabelledData, recipe: Recipe, 
         torch.nn.init.normal_(head.weight, std=0.01)
         torch.nn.init.zeros_(head.bias)
         model = torch.nn.Sequential(backbone, head).to(device)
-        optimizer = build_optimizer(backbone, head, recipe)
-        start_epoch, history, part_epoch = _resume(folder, model, optimizer)
+        optimizer = build_finetune_optimizer(backbone, head, recipe)
+        start_epoch, history, part_epoch = _resume(folder, model, optimizer, scaler)
         stop_at = recipe.epochs if options.stop_after_epochs is None else min(
             recipe.epochs, start_epoch + options.stop_after_epochs)
         last_save = time.monotonic()
@@ -524,15 +450,15 @@ def run_finetune(backbone: torch.nn.Module, data: LabelledData, recipe: Recipe, 
                 if part_epoch is None:
                     torch.manual_seed(recipe.seed * 1_000_003 + epoch)  # e.g. drop-path: the same after a resume
                 else:
-                    _set_rng_state(part_epoch.pop("rng"), device)
+                    restore_rng_state(_rng_state_of(part_epoch), device)
                 sampler.set_epoch(epoch, start=(part_epoch or {}).get("batches", 0) * recipe.batch_size)
                 for group in optimizer.param_groups:
                     group["lr"] = group["base_lr"] * lr_factor(epoch, recipe.decay_epochs, recipe.decay_gamma)
-                sums = train_one_epoch(model, loader, optimizer, device, dtype, part_epoch, stop_request)
+                sums = train_one_epoch(model, loader, optimizer, device, dtype, part_epoch, stop_request, scaler)
                 part_epoch = None
                 if sums["batches"] < steps_per_epoch:  # a signal in the middle of the epoch
                     bar.close()
-                    _save(folder, epoch, model, optimizer, history, {**sums, "rng": _rng_state(device)})
+                    _save(folder, epoch, model, optimizer, scaler, history, {**sums, "rng": capture_rng_state(device)})
                     _raise_stopped(stop_request, folder, f"epoch {epoch + 1}, batch {sums['batches']}/{steps_per_epoch}")
                 row = _epoch_row(sums)
                 history.append({"epoch": epoch + 1, **{k: round(v, 4) for k, v in row.items()},
@@ -540,7 +466,7 @@ def run_finetune(backbone: torch.nn.Module, data: LabelledData, recipe: Recipe, 
                 bar.set_postfix(loss=f"{row['train_loss']:.3f}", train_top1=f"{row['train_top1']:.1f}")
                 stopped = stop_request is not None and stop_request.signal_name is not None
                 if stopped or epoch + 1 == stop_at or time.monotonic() - last_save >= options.checkpoint_interval_s:
-                    _save(folder, epoch + 1, model, optimizer, history)
+                    _save(folder, epoch + 1, model, optimizer, scaler, history)
                     last_save = time.monotonic()
                 if stopped:
                     bar.close()
@@ -586,6 +512,7 @@ def load_labelled_data(train_dir, val_dir, preprocessing, options: FinetuneOptio
     """The folders, and the labelled subset drawn by the options (or read from ``labels_file``); returns the
     data and what chose the subset (the spec text or the list's file name)."""
     from swavkit.data import LabelledImageFolder
+    from swavkit.data.transforms import train_transform  # the linear probe's augmentation, too
 
     train = LabelledImageFolder(train_dir, train_transform(preprocessing.image_size_px, preprocessing.mean,
                                                            preprocessing.std, options.min_crop_scale))
@@ -612,6 +539,8 @@ def _setup(source: str, train_dir, data: LabelledData, recipe: Recipe, preproces
 
 def _finetune_one(source: str, backbone, data, recipe, preprocessing, folder_path, train_dir, options,
                   description: str, stop_request: StopRequest) -> dict:
+    from swavkit.artifacts.rundir import FinetuneFolder
+
     folder = FinetuneFolder(folder_path)
     if options.restart:
         folder.discard()
@@ -655,11 +584,26 @@ def finetune(backbone_source: str | Path, train_dir: str | Path, val_dir: str | 
         return _finetune(str(backbone_source), train_dir, val_dir, options or FinetuneOptions(), stop_request)
 
 
+def _one_process_device(options: FinetuneOptions) -> torch.device:
+    """The device of this fine-tune, after the checks that need no data: one process (fine-tuning is not
+    distributed; LaunchError under torchrun or srun), a device that is there, a precision it runs."""
+    from swavkit.runtime.device import resolve_device, resolve_precision
+    from swavkit.runtime.distributed import LaunchError, detect_launch
+
+    launch = detect_launch()
+    if launch.world_size > 1:
+        raise LaunchError(f"swavkit finetune runs in one process (one GPU or the CPU), but {launch.launcher} started "
+                          f"{launch.world_size}; launch it with plain python or swavkit, not torchrun or srun")
+    device = resolve_device(options.device)
+    resolve_precision(options.precision, device)  # fp16 on a CPU is refused now, not after reading the data
+    return device
+
+
 def _finetune(source: str, train_dir, val_dir, options: FinetuneOptions, stop_request: StopRequest) -> dict:
     from swavkit.evaluation.report import build_result, default_result_path, utc_now, write_result
+    from swavkit.artifacts.rundir import FINETUNE_FLOOR_FOLDER
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("swavkit finetune runs in one process (one GPU or the CPU); start it without torchrun")
+    device = _one_process_device(options)
     check_outputs(options.out_json)  # before minutes of fine-tuning
     started_at, start = utc_now(), time.perf_counter()
     from swavkit.artifacts.preprocessing import resolve_preprocessing  # torch + timm: not at `swavkit --help`
@@ -681,7 +625,7 @@ def _finetune(source: str, train_dir, val_dir, options: FinetuneOptions, stop_re
     if with_floor:
         floor_source = f"timm:{architecture}"
         floor = _finetune_one(floor_source, _load(floor_source, options.seed), data, recipe, preprocessing,
-                              out_dir / FLOOR_FOLDER, train_dir, options, "random init", stop_request)
+                              out_dir / FINETUNE_FLOOR_FOLDER, train_dir, options, "random init", stop_request)
         if not floor["completed"]:
             return {"completed": False, "out_dir": floor["out_dir"], "history": floor["history"]}
         floors["random_init"] = {"source": floor_source, **floor["metrics"], "out_dir": floor["out_dir"],
@@ -693,7 +637,7 @@ def _finetune(source: str, train_dir, val_dir, options: FinetuneOptions, stop_re
         data={"train_dir": str(train_dir), "val_dir": str(val_dir), "n_train": len(data.indices),
               "n_train_folder": len(data.train), "n_val": len(data.val), "n_classes": data.n_classes,
               "classes": data.train.classes},
-        preprocessing=preprocessing.as_dict(), device=_device(options.device), started_at=started_at,
+        preprocessing=preprocessing.as_dict(), device=device, started_at=started_at,
         wall_time_s=time.perf_counter() - start,
         extra={"floors": floors, "out_dir": main["out_dir"], "resumed_from_epoch": main["resumed_from_epoch"],
                "history": main["history"], "completed": True})
@@ -746,6 +690,22 @@ def summary_rows(result: dict) -> list[tuple[str, object]]:
     return rows
 
 
+# The fine-tune folder and its file names live in swavkit.artifacts.rundir (the one module that knows run-folder
+# layouts); they stay importable from here under their old names. Resolved on first use: swavkit.artifacts.rundir
+# imports torch, and this module must not (it registers its command for `swavkit --help`).
+_IN_RUNDIR = {"FinetuneFolder": "FinetuneFolder", "RUN_FORMAT": "FINETUNE_FORMAT", "RUN_FILE": "FINETUNE_RUN_FILE",
+              "CHECKPOINT_FILE": "FINETUNE_CHECKPOINT_FILE", "LABELS_FILE": "FINETUNE_LABELS_FILE",
+              "FLOOR_FOLDER": "FINETUNE_FLOOR_FOLDER"}
+
+
+def __getattr__(name: str):
+    if name not in _IN_RUNDIR:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import swavkit.artifacts.rundir
+
+    return getattr(swavkit.artifacts.rundir, _IN_RUNDIR[name])
+
+
 __all__ = ["FinetuneOptions", "LabelSpec", "Recipe", "finetune", "run_finetune", "parse_label_spec",
-           "select_labelled", "read_label_list", "label_list_text", "resolve_recipe", "build_optimizer",
+           "select_labelled", "read_label_list", "label_list_text", "resolve_recipe", "build_finetune_optimizer",
            "lr_factor", "labels_path_for", "summary_rows", "FinetuneFolder"]

@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from torchvision.transforms import v2
 from tqdm import tqdm
 
 from swavkit.runtime import distributed
 from swavkit.errors import ConfigError
 from swavkit.runtime.cores import default_num_workers, threads_for_size
 from swavkit.data import LabelledImageFolder, ReadOrReport, collate_read_or_report, raise_for_unreadable
+from swavkit.data.transforms import train_transform as augment
 from swavkit.runtime.device import autocast_dtype, resolve_device, resolve_precision
 from swavkit.evaluation.options import DEFAULT_WEIGHT_DECAYS, RECIPES, EvalOptions, LinearOptions, apply_keywords
 from swavkit.evaluation.floors import add_floors, floors_wanted
@@ -162,14 +162,9 @@ def linear_probe_fast(train_features: torch.Tensor, train_labels: torch.Tensor, 
 # reference recipe: augmented images through the frozen backbone
 
 def train_transform(preprocessing: Preprocessing, min_crop_scale: float = 0.08):
-    """RandomResizedCrop(size, scale=(min_crop_scale, 1)) + horizontal flip + normalise -> [3, s, s]."""
-    return v2.Compose([
-        v2.PILToTensor(),
-        v2.RandomResizedCrop(preprocessing.image_size_px, scale=(min_crop_scale, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(0.5),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(preprocessing.mean, preprocessing.std),
-    ])
+    """RandomResizedCrop(size, scale=(min_crop_scale, 1)) + horizontal flip + normalise -> [3, s, s]
+    (:func:`swavkit.data.transforms.train_transform` at ``preprocessing``'s size, mean and std)."""
+    return augment(preprocessing.image_size_px, preprocessing.mean, preprocessing.std, min_crop_scale)
 
 
 def linear_probe_reference(backbone: torch.nn.Module, train_dataset, val_dataset, *, n_classes: int,

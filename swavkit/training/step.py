@@ -25,6 +25,7 @@ from swavkit.config import Config
 from swavkit.training.diagnosis import CollapseMonitor
 from swavkit.core.loss import FeatureQueue, swapped_prediction_loss
 from swavkit.core.model import SwAVModel
+from swavkit.runtime.rng import capture_rng_state, restore_rng_state
 from swavkit.core.schedule import LRSchedule
 from swavkit.core.sinkhorn import sinkhorn
 
@@ -140,8 +141,7 @@ class TrainState:
         (``per_rank``), and every rank gets the whole dict.
         """
         device = self.device
-        mine = {"rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        mine = {**capture_rng_state(device),  # rng_cpu, rng_cuda
                 "queue": {k: v.cpu() for k, v in self.queue.state_dict().items()} if self.queue is not None else None}
         per_rank = distributed.all_gather_objects(mine)
         return {"format": CHECKPOINT_FORMAT, "step": self.step, "model": self.core.state_dict(),
@@ -175,9 +175,7 @@ class TrainState:
             self.budget.load_state_dict(state["budget"])
         per_rank, world = state["per_rank"], distributed.world_size()
         mine = per_rank[distributed.rank()] if len(per_rank) == world else per_rank[0]
-        torch.set_rng_state(mine["rng_cpu"])
-        if self.device.type == "cuda" and mine.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(mine["rng_cuda"], self.device)
+        restore_rng_state(mine, self.device)
         notes = []
         if self.queue is not None and mine.get("queue") is not None:
             if len(per_rank) == world:
