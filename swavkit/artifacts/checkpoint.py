@@ -22,6 +22,7 @@ import torch
 
 from swavkit.runtime.fileio import atomic_writer, fsync_dir, write_json_atomic, write_text_atomic
 from swavkit.data.constants import crop_fraction_for
+from swavkit.artifacts.layout import EXPORT_CONFIG, EXPORT_FILES, EXPORT_WEIGHTS
 
 CHECKPOINT_FORMAT = "swavkit-train-v1"
 
@@ -103,7 +104,6 @@ def backbone_state(model_state: dict) -> dict:
 
 # What an export folder holds (README.md = the model card). A folder with anything else in it was not
 # written by swavkit alone, so export refuses to replace it.
-EXPORT_FILES = ("config.json", "model.safetensors", "README.md")
 EXPORT_TAG = "swavkit"
 # pretrained_cfg entries that describe our weights and how to feed them. timm's registry entry for the
 # architecture also carries test_input_size, licence, origin URL, paper ids ...: claims about *timm's*
@@ -120,12 +120,12 @@ def is_swavkit_export(path: str | Path) -> bool:
     from swavkit.artifacts.modelcard import MODEL_CARD_FILE, is_swavkit_model_card
 
     names = {entry.name for entry in path.iterdir()}
-    if not names or not names <= set(EXPORT_FILES) or "config.json" not in names:
+    if not names or not names <= set(EXPORT_FILES) or EXPORT_CONFIG not in names:
         return False
     if MODEL_CARD_FILE in names and not is_swavkit_model_card(path / MODEL_CARD_FILE):
         return False  # a README of the user's own
     try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((path / EXPORT_CONFIG).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and (config.get("pretrained_cfg") or {}).get("tag") == EXPORT_TAG
@@ -188,14 +188,14 @@ def export_backbone(backbone: torch.nn.Module, out_dir: str | Path, *, image_siz
                           "num_classes": 0}
         pretrained_cfg.update(extra or {})
         save_for_hf(backbone, tmp, model_config={"pretrained_cfg": pretrained_cfg}, safe_serialization=True)
-        config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((tmp / EXPORT_CONFIG).read_text(encoding="utf-8"))
         config["pretrained_cfg"] = {k: v for k, v in config["pretrained_cfg"].items() if k in _EXPORT_CFG_KEYS}
-        write_json_atomic(tmp / "config.json", config)
+        write_json_atomic(tmp / EXPORT_CONFIG, config)
         if model_card is not None:
             from swavkit.artifacts.modelcard import MODEL_CARD_FILE
 
             write_text_atomic(tmp / MODEL_CARD_FILE, model_card)
-        with open(tmp / "model.safetensors", "rb+") as handle:
+        with open(tmp / EXPORT_WEIGHTS, "rb+") as handle:
             os.fsync(handle.fileno())
         fsync_dir(tmp)
         if out_dir.is_dir() and _exchange_folders(tmp, out_dir):

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import yaml
 
+from swavkit.artifacts.layout import RUN_EXPORT_DIR
+from swavkit.data.constants import eval_size_px
+
 MODEL_CARD_MARKER = "<!-- swavkit model card -->"
 MODEL_CARD_FILE = "README.md"
 RESULT_SCHEMA = "swavkit-eval-v1"  # = swavkit.evaluation.report.RESULT_SCHEMA (not imported: report imports torch)
@@ -307,7 +310,7 @@ def card_for_training(config: dict, *, architecture: str, feature_dim: int | Non
     import math
 
     results, seen = [], set()
-    for folder in [backbone_dir] + ([Path(run_dir) / "backbone"] if run_dir else []):  # also matches run_dir
+    for folder in [backbone_dir] + ([Path(run_dir) / RUN_EXPORT_DIR] if run_dir else []):  # also matches run_dir
         for record in results_for_backbone(folder):
             key = (record.get("evaluation"), str(record.get("backbone", {}).get("source")), record.get("started_at"))
             if key not in seen:
@@ -320,7 +323,7 @@ def card_for_training(config: dict, *, architecture: str, feature_dim: int | Non
     crops = config["crops"]
     return render_model_card(architecture=architecture, config=config,
                              data={"path": _get(config, "data.path"), "n_images": n_images}, training=training,
-                             results=results, image_size_px=crops["sizes_px"][0],
+                             results=results, image_size_px=eval_size_px(crops["sizes_px"]),
                              mean=crops["mean"], std=crops["std"], feature_dim=feature_dim, folder_path=backbone_dir)
 
 

@@ -9,17 +9,17 @@ from pathlib import Path
 
 from swavkit.artifacts.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_state
 from swavkit.artifacts.pretrained import resolve_source
-from swavkit.data.constants import (DEFAULT_IMAGE_SIZE_PX, IMAGENET_MEAN, IMAGENET_STD, RAW_PIXELS_DEFAULT_SIZE_PX,
+from swavkit.data.constants import (DEFAULT_IMAGE_SIZE_PX, eval_size_px, IMAGENET_MEAN, IMAGENET_STD, RAW_PIXELS_DEFAULT_SIZE_PX,
                                     RAW_PIXELS_SOURCE)
 from swavkit.data.transforms import Preprocessing
+from swavkit.artifacts.layout import EXPORT_CONFIG, RUN_EXPORT_DIR, holds_export
 
 
 def _export_pretrained_cfg(source: Path) -> dict | None:
-    for folder in (source, source / "backbone"):
-        config = folder / "config.json"
-        if config.is_file() and (folder / "model.safetensors").is_file():
+    for folder in (source, source / RUN_EXPORT_DIR):
+        if holds_export(folder):
             try:
-                return json.loads(config.read_text()).get("pretrained_cfg", {})
+                return json.loads((folder / EXPORT_CONFIG).read_text()).get("pretrained_cfg", {})
             except ValueError:
                 return None
     return None
@@ -59,7 +59,7 @@ def resolve_preprocessing(source: str | Path, image_size_px: int | None = None) 
             crops = _checkpoint_crops(path)
             if crops is not None:
                 if crops.get("sizes_px"):
-                    size, origin = int(crops["sizes_px"][0]), "checkpoint config"
+                    size, origin = eval_size_px(crops["sizes_px"]), "checkpoint config"
                 mean, std = tuple(crops.get("mean", mean)), tuple(crops.get("std", std))
     if image_size_px:
         size, origin = int(image_size_px), "argument"

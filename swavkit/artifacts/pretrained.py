@@ -24,7 +24,8 @@ from swavkit.artifacts.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, ba
 from swavkit.config import from_dict
 from swavkit.core.model import SwAVModel, build_model, create_backbone
 from swavkit.artifacts.modelcard import card_for_training
-from swavkit.data.constants import DEFAULT_IMAGE_SIZE_PX, IMAGENET_MEAN, IMAGENET_STD
+from swavkit.data.constants import DEFAULT_IMAGE_SIZE_PX, IMAGENET_MEAN, IMAGENET_STD, eval_size_px
+from swavkit.artifacts.layout import EXPORT_CONFIG, EXPORT_WEIGHTS, RUN_CHECKPOINT, RUN_EXPORT_DIR, holds_export, run_folder_of
 
 
 class LoadError(RuntimeError):
@@ -125,15 +126,6 @@ def _reference_head_to_swavkit(head: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # public API
 
-def _is_export_dir(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file()
-
-
-# Inside a training out_dir (see train.py): the export written at the end, and the latest full state.
-RUN_EXPORT_DIR = "backbone"
-RUN_CHECKPOINT = Path("checkpoints") / "last.pt"
-
-
 def resolve_source(source: str | Path, *, need: str = "backbone") -> Path:
     """The file or folder that holds the weights a source names; the one meaning of a source argument for
     ``load_backbone``, ``load_swav_model``, ``model.init``, ``swavkit knn|linear|export|cluster``.
@@ -155,12 +147,12 @@ def resolve_source(source: str | Path, *, need: str = "backbone") -> Path:
                         "checkpoint file")
     if not path.is_dir():
         return path
-    if _is_export_dir(path):
+    if holds_export(path):
         if need == "checkpoint":
             raise LoadError(f"{path} is an exported backbone (no head, prototypes or training state); give the run "
                             f"folder or its {RUN_CHECKPOINT}")
         return path
-    if need == "backbone" and _is_export_dir(path / RUN_EXPORT_DIR):
+    if need == "backbone" and holds_export(path / RUN_EXPORT_DIR):
         return path / RUN_EXPORT_DIR
     for candidate in (path / RUN_CHECKPOINT, path / RUN_CHECKPOINT.name):  # a run folder, or its checkpoints/
         if candidate.is_file():
@@ -184,15 +176,15 @@ def load_backbone(source: str | Path, *, architecture: str = "resnet50") -> torc
     if text.startswith("timm:"):
         return create_backbone(text[len("timm:"):]).eval()
     path = resolve_source(text, need="backbone")
-    if _is_export_dir(path):
+    if holds_export(path):
         try:
-            config = json.loads((path / "config.json").read_text())
+            config = json.loads((path / EXPORT_CONFIG).read_text())
             arch, model_args = config["architecture"], dict(config.get("model_args", {}))
         except (ValueError, KeyError) as err:
             raise LoadError(f"{path / 'config.json'}: not a timm export config ({err})") from None
         model_args["num_classes"] = 0
         net = timm.create_model(arch, pretrained=False, **model_args)
-        return load_strict(net, load_file(str(path / "model.safetensors")), str(path)).eval()
+        return load_strict(net, load_file(str(path / EXPORT_WEIGHTS)), str(path)).eval()
     state = load_state(path)
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         cfg = from_dict(state["config"])
@@ -325,10 +317,10 @@ def _state_and_architecture(located: InitialSource, backbone_kwargs: dict) -> tu
         return net.state_dict(), located.timm_name
     if located.kind == "export":
         try:
-            architecture = json.loads((located.path / "config.json").read_text())["architecture"]
+            architecture = json.loads((located.path / EXPORT_CONFIG).read_text())["architecture"]
         except (ValueError, KeyError) as err:
             raise LoadError(f"model.init: {located.path / 'config.json'} is not a timm export config ({err})") from None
-        return load_file(str(located.path / "model.safetensors")), architecture
+        return load_file(str(located.path / EXPORT_WEIGHTS)), architecture
     state = load_state(located.path)
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         return backbone_state(state["model"]), from_dict(state["config"]).model.backbone
@@ -379,8 +371,8 @@ def export_checkpoint(source: str | Path, out_dir: str | Path) -> Path:
     card = card_for_training(state["config"], architecture=cfg.model.backbone, feature_dim=net.num_features,
                              backbone_dir=out_dir, steps=int(state["step"]),
                              final_loss=float(state.get("last_loss", float("nan"))),
-                             run_dir=checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None)
-    return export_backbone(net, out_dir, image_size_px=cfg.crops.sizes_px[0], mean=cfg.crops.mean,
+                             run_dir=run_folder_of(checkpoint))
+    return export_backbone(net, out_dir, image_size_px=eval_size_px(cfg.crops.sizes_px), mean=cfg.crops.mean,
                            std=cfg.crops.std, model_card=card)
 
 

@@ -20,6 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
+from swavkit.artifacts.layout import RUN_CHECKPOINT, RUN_CONFIG, RUN_EXPORT_DIR, RUN_METRICS, RUN_SKIPPED
 from swavkit.artifacts.checkpoint import CheckpointError, check_export_target, is_swavkit_export
 from swavkit.config import ConfigError
 from swavkit.data.filelist import CACHE_NAME as LIST_CACHE_FILE
@@ -114,16 +115,16 @@ class OwnedFolder:
 class RunFolder(OwnedFolder):
     """The files of one pretraining run inside ``out_dir``; construction checks that the folder may hold a run."""
 
-    OWN_FILES = ("metrics.jsonl", "skipped.txt", LIST_CACHE_FILE, *LOGGER_FILES, "checkpoints/last.pt", "config.yaml")
+    OWN_FILES = (RUN_METRICS, RUN_SKIPPED, LIST_CACHE_FILE, *LOGGER_FILES, str(RUN_CHECKPOINT), RUN_CONFIG)
     OWN_FOLDERS = LOGGER_FOLDERS
 
     def __init__(self, out_dir: str):
         path = resolve_out_dir(out_dir)
-        self.config = path / "config.yaml"
-        self.metrics = path / "metrics.jsonl"
-        self.skipped = path / "skipped.txt"
-        self.checkpoint = path / "checkpoints" / "last.pt"
-        self.backbone = path / "backbone"
+        self.config = path / RUN_CONFIG
+        self.metrics = path / RUN_METRICS
+        self.skipped = path / RUN_SKIPPED
+        self.checkpoint = path / RUN_CHECKPOINT
+        self.backbone = path / RUN_EXPORT_DIR
         super().__init__(path)
 
     def holds_run(self) -> bool:

@@ -26,5 +26,12 @@ def crop_fraction_for(image_size_px: int) -> float:
     return 1.0 if image_size_px <= FULL_IMAGE_MAX_SIZE_PX else CENTRE_CROP_FRACTION
 
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DEFAULT_IMAGE_SIZE_PX", "CENTRE_CROP_FRACTION", "FULL_IMAGE_MAX_SIZE_PX",
+def eval_size_px(crop_sizes_px) -> int:
+    """The image side a backbone is evaluated and exported at: its largest training crop (``crops.sizes_px[0]``,
+    the groups being listed largest first). Every evaluation of a run, its export's ``input_size`` and the
+    online monitor follow it."""
+    return int(crop_sizes_px[0])
+
+
+__all__ = ["eval_size_px", "IMAGENET_MEAN", "IMAGENET_STD", "DEFAULT_IMAGE_SIZE_PX", "CENTRE_CROP_FRACTION", "FULL_IMAGE_MAX_SIZE_PX",
            "RAW_PIXELS_SOURCE", "RAW_PIXELS_DEFAULT_SIZE_PX", "crop_fraction_for"]

@@ -36,6 +36,7 @@ from swavkit.data import (DataError, ImageFiles, ReadOrReport, UnreadableImage, 
                           printable_path, read_rgb)
 from swavkit.runtime.device import resolve_device
 from swavkit.data.transforms import Preprocessing
+from swavkit.data.constants import eval_size_px
 
 # Longest side of the JPEG thumbnails written to out_dir/thumbs/ (the page shows them at 112 px).
 THUMBNAIL_SIZE_PX = 128
@@ -391,7 +392,7 @@ def explore_clusters(checkpoint: str | Path, data_dir: str | Path, out_dir: str 
 
     model, config = load_swav_model(checkpoint)
     cfg = from_dict(config)
-    size_px = image_size_px or cfg.crops.sizes_px[0]
+    size_px = image_size_px or eval_size_px(cfg.crops.sizes_px)
     transform = Preprocessing.for_size(size_px, cfg.crops.mean, cfg.crops.std).transform()
     temperature = cfg.swav.temperature
 

@@ -9,7 +9,6 @@ import argparse
 import dataclasses
 from typing import Callable
 
-from swavkit.runtime.fileio import write_json_atomic
 
 # Stdlib only at import: the CLI registers --floors from here (torch loads inside add_floors).
 
@@ -56,9 +55,8 @@ def add_floors_argument(parser: argparse.ArgumentParser, floors: str, default: s
 def add_floors(result: dict, evaluate: Callable[..., dict], train_dir, val_dir, options, method_options) -> dict:
     """Evaluate each floor of ``result`` with ``evaluate`` (evaluate_knn or evaluate_linear, collective under
     torchrun), at the result's image size and protocol, and record them as ``result["floors"]`` =
-    {name: {"source", "top1"[, "top5"]}}; the result's JSON file (if any) is rewritten with them."""
-    from swavkit.runtime import distributed
-
+    {name: {"source", "top1"[, "top5"]}} in the returned copy (the caller rewrites its result file:
+    :func:`swavkit.evaluation.report.rewrite_result`)."""
     sources = floor_sources(result)
     if not sources:
         return result
@@ -69,10 +67,7 @@ def add_floors(result: dict, evaluate: Callable[..., dict], train_dir, val_dir, 
         floor = evaluate(source, train_dir, val_dir, quiet, method_options)
         floors[name] = {"source": source, "image_size_px": floor["preprocessing"]["image_size_px"],
                         **{k: floor["metrics"][k] for k in ("top1", "top5") if k in floor["metrics"]}}
-    result = {**result, "floors": floors}
-    if distributed.is_main_process() and result.get("result_path"):
-        write_json_atomic(result["result_path"], result)
-    return result
+    return {**result, "floors": floors}
 
 
 def below_floors(result: dict) -> list[str]:

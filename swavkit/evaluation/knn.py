@@ -29,7 +29,8 @@ from swavkit.evaluation.metrics import topk_accuracy
 from swavkit.data.constants import IMAGENET_MEAN, IMAGENET_STD
 from swavkit.data.transforms import Preprocessing
 from swavkit.artifacts.preprocessing import resolve_preprocessing
-from swavkit.evaluation.report import build_result, check_result_target, utc_now, write_evaluation_result
+from swavkit.evaluation.report import (build_result, check_result_target, rewrite_result, utc_now,
+                                      write_evaluation_result)
 
 # faiss's k-means wants >= 39 training points per list; fewer lists than that cannot be trained.
 _IVF_MIN_POINTS_PER_LIST = 39
@@ -217,7 +218,7 @@ def evaluate_knn(backbone_source: str | Path, train_dir: str | Path, val_dir: st
         write_evaluation_result(result, options.out_json, backbone_source, started_at)
     result = distributed.broadcast_object(result)
     if features is None and floors_wanted(options.floors, result["data"]["n_train"]):
-        result = add_floors(result, evaluate_knn, train_dir, val_dir, options, knn)
+        result = rewrite_result(add_floors(result, evaluate_knn, train_dir, val_dir, options, knn))
     return result
 
 

@@ -36,7 +36,8 @@ from swavkit.evaluation.features import (SplitFeatures, backbone_name, backbone_
 from swavkit.evaluation.metrics import topk_accuracy
 from swavkit.data.transforms import Preprocessing
 from swavkit.artifacts.preprocessing import resolve_preprocessing
-from swavkit.evaluation.report import build_result, check_result_target, data_record, utc_now, write_evaluation_result
+from swavkit.evaluation.report import (build_result, check_result_target, data_record, rewrite_result, utc_now,
+                                      write_evaluation_result)
 from swavkit.core.schedule import LRSchedule
 
 
@@ -334,7 +335,7 @@ def evaluate_linear(backbone_source: str | Path, train_dir: str | Path, val_dir:
         write_evaluation_result(result, options.out_json, backbone_source, started_at)
     result = distributed.broadcast_object(result)
     if features is None and floors_wanted(options.floors, result["data"]["n_train"]):
-        result = add_floors(result, evaluate_linear, train_dir, val_dir, options, linear)
+        result = rewrite_result(add_floors(result, evaluate_linear, train_dir, val_dir, options, linear))
     return result
 
 

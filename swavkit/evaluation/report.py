@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
+from swavkit.runtime import distributed
 from swavkit.runtime.fileio import write_json_atomic
+from swavkit.artifacts.layout import run_folder_of
 
 RESULT_SCHEMA = "swavkit-eval-v1"
 DEFAULT_RESULTS_DIR = "results"
@@ -134,11 +136,8 @@ def source_name(backbone_source: str | Path) -> str:
     if text.startswith("timm:"):
         return text
     path = Path(text.rstrip("/\\"))
-    if path.name == "backbone" and path.parent.name:
-        return path.parent.name
-    if path.parent.name == "checkpoints" and path.parent.parent.name:
-        return path.parent.parent.name
-    return path.name
+    run = run_folder_of(path)
+    return run.name if run is not None else path.name
 
 
 def default_result_path(evaluation: str, backbone_source: str, started_at: datetime.datetime | None = None,
@@ -170,6 +169,14 @@ def write_result(result: dict, path: str | Path) -> Path:
     file that is not a swavkit result."""
     check_result_target(path)
     return write_json_atomic(path, result)
+
+
+def rewrite_result(result: dict) -> dict:
+    """Write ``result`` again over its own ``result_path`` (after floors were added), on the main process;
+    nothing when it has no file. Returns ``result``."""
+    if distributed.is_main_process() and result.get("result_path"):
+        write_result(result, result["result_path"])
+    return result
 
 
 def write_evaluation_result(result: dict, out_json: str | Path | None, backbone_source, started_at) -> Path | None:
@@ -222,6 +229,6 @@ def summary_rows(result: dict) -> list[tuple[str, object]]:
     return rows
 
 
-__all__ = ["RESULT_SCHEMA", "RESULT_KEYS", "build_result", "data_record", "write_result", "write_evaluation_result",
+__all__ = ["RESULT_SCHEMA", "RESULT_KEYS", "build_result", "data_record", "write_result", "rewrite_result", "write_evaluation_result",
            "default_result_path", "source_name", "format_table", "summary_rows", "run_git", "git_commit",
            "swavkit_version", "environment", "utc_now"]

@@ -33,6 +33,7 @@ from swavkit.training.collapse import CollapsePolicy
 from swavkit.training.data_setup import TrainingData
 from swavkit.training.monitor import monitor_floors, monitor_knn
 from swavkit.training.processes import Processes
+from swavkit.data.constants import eval_size_px
 
 
 class TrainingDiverged(FloatingPointError):
@@ -355,7 +356,7 @@ def export(loop: Loop, state: TrainState) -> Path:
                                              "epochs": round(state.step / loop.data.steps_per_epoch, 2),
                                              **({"budget_minutes": cfg.train.budget_minutes}
                                                 if state.budget is not None else {})})
-    export_backbone(export_net, files.backbone, image_size_px=cfg.crops.sizes_px[0], mean=cfg.crops.mean,
+    export_backbone(export_net, files.backbone, image_size_px=eval_size_px(cfg.crops.sizes_px), mean=cfg.crops.mean,
                     std=cfg.crops.std, model_card=card)
     backbone = printable_path(files.backbone)
     procs.say(f"done: {state.step} steps, final loss {state.last_loss:.4f} (ln K = {math.log(m.n_prototypes):.3f})\n"

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from swavkit.config import Config
-from swavkit.data.constants import RAW_PIXELS_SOURCE
+from swavkit.data.constants import RAW_PIXELS_SOURCE, eval_size_px
 from swavkit.data.folders import BUNDLED_SAMPLE
 from swavkit.evaluation import knn
 from swavkit.evaluation.features import load_eval_backbone
@@ -22,7 +22,7 @@ def monitor_folders(cfg: Config) -> tuple[Path, Path | None]:
 def monitor_knn(backbone: torch.nn.Module, cfg: Config, device: torch.device) -> dict:
     """k-NN top-1/top-5 of the current backbone on the labelled ``monitor.knn_data``."""
     train_dir, val_dir = monitor_folders(cfg)
-    result = knn.knn_monitor(backbone, train_dir, val_dir, image_size_px=cfg.monitor.image_size or cfg.crops.sizes_px[0],
+    result = knn.knn_monitor(backbone, train_dir, val_dir, image_size_px=cfg.monitor.image_size or eval_size_px(cfg.crops.sizes_px),
                          k=cfg.monitor.k, device=device, max_images=cfg.monitor.max_images, batch_size=256,
                          mean=cfg.crops.mean, std=cfg.crops.std)
     return {"knn_top1": result["top1"], "knn_top5": result.get("top5")}
@@ -32,7 +32,7 @@ def monitor_floors(cfg: Config, device: torch.device) -> dict:
     """The online k-NN's floors on the same split: the same architecture randomly initialised (the floor of
     swavkit.evaluation.features, fixed seed, the training RNG untouched) and raw pixels in [0, 1]."""
     train_dir, val_dir = monitor_folders(cfg)
-    common = dict(image_size_px=cfg.monitor.image_size or cfg.crops.sizes_px[0], k=cfg.monitor.k, device=device,
+    common = dict(image_size_px=cfg.monitor.image_size or eval_size_px(cfg.crops.sizes_px), k=cfg.monitor.k, device=device,
                   max_images=cfg.monitor.max_images, batch_size=256)
     random_init = load_eval_backbone(f"timm:{cfg.model.backbone}").to(device)
     pixels = load_eval_backbone(RAW_PIXELS_SOURCE)

@@ -1,0 +1,43 @@
+"""File layouts, in one place: what a run folder and an export folder are made of, and how to tell them
+apart. Stdlib only. The rules that act on them (what may be replaced, resumed or deleted) are in
+``rundir`` (run folders) and ``checkpoint`` (exports); readers (``pretrained``, ``preprocessing``, the
+evaluation's result names, the model card) ask here instead of spelling the names again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# an exported backbone: timm's local-dir layout plus our model card
+EXPORT_CONFIG = "config.json"
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_CARD = "README.md"
+EXPORT_FILES = (EXPORT_CONFIG, EXPORT_WEIGHTS, EXPORT_CARD)
+
+# a pretraining run folder (out_dir)
+RUN_CONFIG = "config.yaml"
+RUN_METRICS = "metrics.jsonl"
+RUN_SKIPPED = "skipped.txt"
+RUN_CHECKPOINT = Path("checkpoints") / "last.pt"
+RUN_EXPORT_DIR = "backbone"
+
+
+def holds_export(folder: Path) -> bool:
+    """True for a folder with an export's config and weights (swavkit's or anyone's timm local-dir)."""
+    folder = Path(folder)
+    return folder.is_dir() and (folder / EXPORT_CONFIG).is_file() and (folder / EXPORT_WEIGHTS).is_file()
+
+
+def run_folder_of(path: Path) -> Path | None:
+    """The run folder a run's own file lies in (``runs/a`` for ``runs/a/backbone`` and
+    ``runs/a/checkpoints/last.pt``), or None for a path that is not one of a run's files by its place."""
+    path = Path(str(path).rstrip("/\\"))
+    if path.name == RUN_EXPORT_DIR and path.parent.name:
+        return path.parent
+    if path.parent.name == RUN_CHECKPOINT.parent.name and path.parent.parent.name:
+        return path.parent.parent
+    return None
+
+
+__all__ = ["EXPORT_CONFIG", "EXPORT_WEIGHTS", "EXPORT_CARD", "EXPORT_FILES", "RUN_CONFIG", "RUN_METRICS",
+           "RUN_SKIPPED", "RUN_CHECKPOINT", "RUN_EXPORT_DIR", "holds_export", "run_folder_of"]
