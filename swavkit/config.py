@@ -118,7 +118,7 @@ class SwAVConfig:
     prevent_collapse: bool = _help("act when the codes stop carrying information: lower epsilon (down to "
                                    "min_epsilon) while the codes' per-sample entropy is above code_entropy_target x "
                                    "ln K, and stop using the queue if the loss returns to ln K while it is in use. "
-                                   "false = the paper's fixed epsilon and queue (swavkit/sharpness.py, "
+                                   "false = the paper's fixed epsilon and queue (swavkit/training/collapse.py, "
                                    "benchmarks/README.md)", default=True)
     code_entropy_target: float = _help("prevent_collapse's target: mean per-sample code entropy as a fraction of "
                                        "ln K (0 = one-hot codes, 1 = uniform; healthy cifar10-small runs sat at "
@@ -158,7 +158,7 @@ class TrainConfig:
                         "freezing and queue start keep their share of it)", default=100)
     budget_minutes: float = _help("wall-clock minutes for the whole run, start-up and export included (0 = "
                                   "train.epochs decides). The first steps measure the speed, then the schedule is "
-                                  "fitted to end on time and re-fitted if the speed changes (swavkit/budget.py)",
+                                  "fitted to end on time and re-fitted if the speed changes (swavkit/training/budget.py)",
                                   default=0.0)
     batch_size: int = _help("GLOBAL batch (all processes together); must divide by the number of processes",
                             default=256)

@@ -50,7 +50,7 @@ UNPLANNED_TOTAL_STEPS = 2 ** 62  # a budget run before its first plan: it ends w
 @dataclass
 class Loop:
     """Everything the training loop reads, built by ``train``'s setup stages. Only a time budget's plan
-    changes it (``settings``, ``lr_schedule``: swavkit/budget.py)."""
+    changes it (``settings``, ``lr_schedule``: swavkit/training/budget.py)."""
     cfg: Config
     procs: Processes
     files: RunFolder
