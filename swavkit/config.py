@@ -72,6 +72,16 @@ class DataConfig:
                                   "are decoded by the workers as before. Same crops, pixels within a few levels of "
                                   "Pillow's decoder. auto: off until benchmarks/bench_gpu_pipeline.py has measured "
                                   "it on a GPU", default="auto")
+    channels: int = _help("image channels fed to the backbone (timm's in_chans): 3 = RGB, every image converted to "
+                          "RGB; 1 = grey (medical ...); N = multispectral TIFF stacks (samples or pages). With a value "
+                          "other than 3 an image of another channel count is skipped and listed in skipped.txt, "
+                          "colour jitter and grayscale are off, and crops.mean/std are computed from the data unless "
+                          "given (swavkit/data/channels.py)", default=3)
+    bit_depth: int = _help("8 | 16: precision of the pixels in the float tensor. 8 = 16-bit images scaled to 256 levels "
+                           "(value * 255 // 65535); 16 = 16-bit images keep their 65536 levels (value / 65535; 8-bit "
+                           "images value / 255). Recorded in the export", default=8)
+    mean_std_sample_images: int = _help("images (evenly spaced over the data) whose pixels give the per-channel "
+                                        "crops.mean/std when those are computed from the data", default=256)
 
 
 @dataclass
@@ -87,8 +97,11 @@ class CropsConfig:
     grayscale_probability: float = _help("probability of converting a crop to grey", default=0.2)
     blur_probability: float = _help("probability of Gaussian blur (sigma 0.1..2); usually 0 for 32 px data",
                                     default=0.5)
-    mean: list[float] = _help("normalisation mean (RGB)", default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = _help("normalisation std (RGB)", default_factory=lambda: list(IMAGENET_STD))
+    mean: list[float] = _help("normalisation mean, one per data.channels (ImageNet's RGB values by default); [] = "
+                              "computed from data.mean_std_sample_images images, as for data.channels != 3 left at "
+                              "the RGB default; the run records the numbers", default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = _help("normalisation std, one per data.channels; [] = computed like crops.mean",
+                             default_factory=lambda: list(IMAGENET_STD))
 
 
 @dataclass
@@ -449,8 +462,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             raise ConfigError(f"swav.assignment_crops: crop index {i} is outside 0..{n_crops - 1}")
     if not cfg.swav.assignment_crops:
         raise ConfigError("swav.assignment_crops: needs at least one crop index")
-    if len(c.mean) != 3 or len(c.std) != 3:
-        raise ConfigError("crops.mean/crops.std: give three values (RGB)")
+    from swavkit.channel_settings import check_channel_settings  # data.channels / bit_depth, crops.mean/std
+
+    check_channel_settings(cfg)
     positive = {
         "model.n_prototypes": cfg.model.n_prototypes, "model.output_dim": cfg.model.output_dim,
         "train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,

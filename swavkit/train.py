@@ -39,6 +39,8 @@ from swavkit.loss import FeatureQueue
 from swavkit.model import SwAVModel, build_model, create_backbone
 from swavkit.modelcard import card_for_training
 from swavkit.multicrop import MultiCropTransform
+from swavkit.channel_settings import adopt_saved_mean_std, channel_crops
+from swavkit.data.channels import ChannelReader, uses_arrays
 from swavkit.optim import build_optimizer, resolve_optimizer_name
 from swavkit.presets import typical_side_px
 from swavkit.rundir import RunFolder
@@ -242,6 +244,7 @@ def _open_run_folder(cfg: Config, restart: bool) -> tuple[RunFolder, dict | None
     if restart or not files.checkpoint.exists():
         return files, None
     checkpoint = load_training_checkpoint(files.checkpoint)
+    adopt_saved_mean_std(cfg, checkpoint["config"])  # mean/std computed from the data: the run's own numbers
     diffs = config_differences(_with_defaults(checkpoint["config"]), to_dict(cfg))
     if diffs:
         raise ConfigError(f"{printable_path(files.path)} holds a run with a different config ({', '.join(diffs[:6])}); "
@@ -293,7 +296,8 @@ def _build_data(cfg: Config, procs: _Processes, files: RunFolder, resuming: bool
         return _build_shard_data(cfg, procs, specs, files, resuming)
     shown = describe_specs(specs)
     paths, from_cache = _resolve_file_list(specs, procs, files, resuming)
-    check_readable(paths, shown)
+    reader = ChannelReader(cfg.data.channels, cfg.data.bit_depth) if uses_arrays(cfg.data.channels, cfg.data.bit_depth) else None
+    check_readable(paths, shown, reader)  # reader None: 8-bit RGB (read_rgb); else swavkit.data.channels
     per_rank_batch = cfg.train.batch_size // procs.world
     if len(paths) < cfg.train.batch_size:
         raise ConfigError(f"train.batch_size: the global batch {cfg.train.batch_size} is larger than the "
@@ -301,10 +305,12 @@ def _build_data(cfg: Config, procs: _Processes, files: RunFolder, resuming: bool
     if cfg.monitor.knn_data:
         _monitor_folders(cfg)  # a wrong monitoring folder should fail now, not after the first epoch
     transform = MultiCropTransform.from_config(cfg.crops)
+    if reader is not None:  # data.channels / data.bit_depth: arrays, not PIL RGB images
+        transform, reader = channel_crops(cfg, paths, procs.say, procs.is_main, distributed.broadcast_object)
     if procs.decode_on_device:  # workers keep JPEGs encoded; _next_batch decodes them (swavkit.data.device_decode)
         dataset = UnlabeledImageFolder(shown, EncodedCrops(transform), paths=paths, reader=read_encoded)
     else:
-        dataset = UnlabeledImageFolder(shown, transform, paths=paths)
+        dataset = UnlabeledImageFolder(shown, transform, paths=paths, reader=reader)
     sampler = EpochSampler(len(paths), procs.rank, procs.world, cfg.seed)
     workers, on_gpu = cfg.data.num_workers, procs.device.type == "cuda"
     loader = DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler, drop_last=True, num_workers=workers,
@@ -327,6 +333,9 @@ def _build_data(cfg: Config, procs: _Processes, files: RunFolder, resuming: bool
 def _build_shard_data(cfg: Config, procs: _Processes, specs: list[str], files: RunFolder, resuming: bool) -> _Data:
     """Stage 3 for WebDataset shards: a stream of per-rank batches (swavkit.data.shards), an epoch of
     data.samples_per_epoch images."""
+    if uses_arrays(cfg.data.channels, cfg.data.bit_depth):
+        raise DataError(f"data.path: shards are decoded as 8-bit RGB; with data.channels={cfg.data.channels} "
+                        f"data.bit_depth={cfg.data.bit_depth} give a folder or a list of the image files")
     if len(specs) > 1:
         raise DataError("data.paths: shards cannot be mixed with other sources; name all shards in one brace "
                         "pattern, glob or list of .tar files in data.path")
@@ -777,7 +786,7 @@ def _export(loop: _Loop, state: TrainState) -> Path:
                                              **({"budget_minutes": cfg.train.budget_minutes}
                                                 if state.budget is not None else {})})
     export_backbone(export_net, files.backbone, image_size_px=cfg.crops.sizes_px[0], mean=cfg.crops.mean,
-                    std=cfg.crops.std, model_card=card)
+                    std=cfg.crops.std, model_card=card, bit_depth=cfg.data.bit_depth)
     backbone = printable_path(files.backbone)
     procs.say(f"done: {state.step} steps, final loss {state.last_loss:.4f} (ln K = {math.log(m.n_prototypes):.3f})\n"
               f"  checkpoint: {printable_path(files.checkpoint)}\n  backbone:   {backbone}  "
