@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from swavkit.data import images
 from swavkit.data.errors import DataError
-from swavkit.data.images import (GREY16_BAND_PIXELS, GREY16_MODES, MAX_IMAGE_PIXELS, UnreadableImage,
-                                 describe_failure, open_image, read_rgb)
+from swavkit.data.images import GREY16_BAND_PIXELS, GREY16_MODES, UnreadableImage, describe_failure, open_image, read_rgb
 from swavkit.data.names import printable_path
 from swavkit.multicrop import MultiCropTransform
 from swavkit.preprocessing import IMAGENET_MEAN, IMAGENET_STD
@@ -85,9 +85,10 @@ def _tiff_array(path: str | os.PathLike, channels: int) -> np.ndarray:
         if "Y" not in axes or "X" not in axes:
             raise ValueError(f"TIFF axes {axes}: no image plane")
         height, width = shape[axes.index("Y")], shape[axes.index("X")]
-        if height * width > MAX_IMAGE_PIXELS:
+        limit = images.MAX_IMAGE_PIXELS  # looked up here: the one limit of every command (images.py)
+        if height * width > limit:
             raise ValueError(f"{width} x {height} px = {width * height:,} pixels, over swavkit's limit of "
-                             f"{MAX_IMAGE_PIXELS:,} pixels")
+                             f"{limit:,} pixels")
         extra = [(axis, size) for axis, size in zip(axes, shape) if axis not in "YX" and size > 1]
         if len(extra) > 1:
             raise ValueError(f"TIFF axes {axes} {tuple(shape)}: more than one non-spatial axis; swavkit reads one "
