@@ -180,6 +180,10 @@ class OptimConfig:
                                 "weights' step", default=1e-6)
     momentum: float = _help("SGD/LARS momentum", default=0.9)
     lars_trust_coefficient: float = _help("LARS trust coefficient", default=0.001)
+    lars_exclude: str = _help("bn_bias | none: parameters LARS leaves alone. bn_bias = biases and norm layers get "
+                              "neither weight decay nor the trust ratio (timm's Lars; the usual practice); none = "
+                              "every parameter gets both, the SwAV reference's apex LARC (clip=False) exactly "
+                              "(swavkit/larc.py; the paper configs set it)", default="bn_bias")
 
 
 @dataclass
@@ -418,6 +422,7 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
 CHOICES = {
     "model.sync_batchnorm": ("none", "node", "global"),
     "optim.optimizer": ("auto", "lars", "sgd", "adamw"),
+    "optim.lars_exclude": ("bn_bias", "none"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "data.colour_on_device": ("auto", "true", "false"),

@@ -480,7 +480,8 @@ def _build_state(cfg: Config, procs: _Processes, data: _Data, core: SwAVModel,
     optimizer_name = resolve_optimizer_name(cfg.optim.optimizer, core.backbone)
     lr_schedule = build_lr_schedule(cfg, data.steps_per_epoch, optimizer_name)
     optimizer = build_optimizer(core, optimizer_name, lr=lr_schedule.peak_lr, weight_decay=cfg.optim.weight_decay,
-                                momentum=cfg.optim.momentum, trust_coefficient=cfg.optim.lars_trust_coefficient)
+                                momentum=cfg.optim.momentum, trust_coefficient=cfg.optim.lars_trust_coefficient,
+                                lars_exclude=cfg.optim.lars_exclude)
     queue = None
     if cfg.swav.queue_length:
         queue = FeatureQueue(len(cfg.swav.assignment_crops), cfg.swav.queue_length // procs.world,
