@@ -84,4 +84,13 @@ def channel_crops(cfg: Config, paths, say: Callable[[str], None], is_main: bool,
     return ChannelCropTransform.for_channels(c, d.channels), reader
 
 
-__all__ = ["mean_std_from_data", "check_channel_settings", "adopt_saved_mean_std", "channel_crops"]
+def refuse_rgb_only(preprocessing, source, what: str) -> None:
+    """ConfigError (one line) when ``source``'s backbone takes other than 8-bit RGB and ``what`` (a command whose
+    augmentation is RGB-only: swavkit finetune, the reference linear probe) cannot feed it yet."""
+    if (preprocessing.channels, preprocessing.bit_depth) != (3, 8):
+        raise ConfigError(f"{source}: the backbone takes {preprocessing.channels} channel(s) at "
+                          f"{preprocessing.bit_depth} bits; {what} augments 8-bit RGB images only (not yet): use "
+                          "swavkit knn or the fast linear probe, which read images as the export says")
+
+
+__all__ = ["mean_std_from_data", "check_channel_settings", "adopt_saved_mean_std", "channel_crops", "refuse_rgb_only"]

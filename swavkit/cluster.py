@@ -391,6 +391,11 @@ def explore_clusters(checkpoint: str | Path, data_dir: str | Path, out_dir: str 
 
     model, config = load_swav_model(checkpoint)
     cfg = from_dict(config)
+    if (cfg.data.channels, cfg.data.bit_depth) != (3, 8):  # not yet: thumbnails and decoding here are 8-bit RGB
+        from swavkit.pretrained import LoadError
+
+        raise LoadError(f"{printable_path(str(checkpoint))}: trained with data.channels={cfg.data.channels} "
+                        f"data.bit_depth={cfg.data.bit_depth}; the cluster explorer reads 8-bit RGB images only")
     size_px = image_size_px or cfg.crops.sizes_px[0]
     transform = Preprocessing.for_size(size_px, cfg.crops.mean, cfg.crops.std).transform()
     temperature = cfg.swav.temperature

@@ -665,6 +665,9 @@ def _finetune(source: str, train_dir, val_dir, options: FinetuneOptions, stop_re
     check_outputs(options.out_json)  # before minutes of fine-tuning
     started_at, start = utc_now(), time.perf_counter()
     preprocessing = resolve_preprocessing(source, options.image_size_px)
+    from swavkit.channel_settings import refuse_rgb_only
+
+    refuse_rgb_only(preprocessing, source, "swavkit finetune")  # before any image is read
     data, chosen_by = load_labelled_data(train_dir, val_dir, preprocessing, options)
     recipe = resolve_recipe(options, len(data.indices), len(data.train))
     with_floor = floors_wanted(options.floors, len(data.indices)) and not source.startswith("timm:")

@@ -71,7 +71,7 @@ def _architecture_section(architecture: str, config: dict | None, feature_dim: i
                                   "classifier)"],
             ["feature dimension", feature_dim],
             ["input", f"{'RGB' if len(mean) == 3 else f'{len(mean)} channel(s)'}, {image_size_px} x {image_size_px} px"
-                      + (f", {_get(config, 'data.bit_depth')}-bit" if config and _get(config, 'data.bit_depth') == 16 else "")
+                      + (", 16-bit" if config and _get(config, "data.bit_depth") == 16 else "")
                       + ", normalised with mean "
                       f"{[round(m, 4) for m in mean]} and std {[round(s, 4) for s in std]}"]]
     if config:

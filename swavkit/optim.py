@@ -3,9 +3,9 @@
 Biases and normalisation parameters get neither weight decay nor LARS adaptation, the usual practice
 for LARS-trained self-supervised models (``optim.lars_exclude=bn_bias``, the default). The SwAV reference
 wraps every parameter, biases and BN included, in apex LARC with weight decay: ``optim.lars_exclude=none``
-builds exactly that (swavkit/larc.py), and the paper configs set it. timm's Lars adapts a group only when its weight decay is
-non-zero unless ``always_adapt`` is set, so the weight group sets it: ``optim.weight_decay=0`` must not
-quietly turn LARS into plain SGD.
+builds exactly that (swavkit/larc.py), and the paper configs set it. timm's Lars adapts a group only when
+its weight decay is non-zero unless ``always_adapt`` is set, so the weight group sets it:
+``optim.weight_decay=0`` must not quietly turn LARS into plain SGD.
 """
 
 from __future__ import annotations

@@ -296,7 +296,8 @@ def _build_data(cfg: Config, procs: _Processes, files: RunFolder, resuming: bool
         return _build_shard_data(cfg, procs, specs, files, resuming)
     shown = describe_specs(specs)
     paths, from_cache = _resolve_file_list(specs, procs, files, resuming)
-    reader = ChannelReader(cfg.data.channels, cfg.data.bit_depth) if uses_arrays(cfg.data.channels, cfg.data.bit_depth) else None
+    channels, bit_depth = cfg.data.channels, cfg.data.bit_depth
+    reader = ChannelReader(channels, bit_depth) if uses_arrays(channels, bit_depth) else None
     check_readable(paths, shown, reader)  # reader None: 8-bit RGB (read_rgb); else swavkit.data.channels
     per_rank_batch = cfg.train.batch_size // procs.world
     if len(paths) < cfg.train.batch_size:

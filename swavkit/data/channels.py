@@ -39,7 +39,8 @@ from PIL import Image, ImageOps
 
 from swavkit.data import images
 from swavkit.data.errors import DataError
-from swavkit.data.images import GREY16_BAND_PIXELS, GREY16_MODES, UnreadableImage, describe_failure, open_image, read_rgb
+from swavkit.data.images import (GREY16_BAND_PIXELS, GREY16_MODES, UnreadableImage, describe_failure, open_image,
+                                 read_rgb)
 from swavkit.data.names import printable_path
 from swavkit.multicrop import MultiCropTransform
 from swavkit.preprocessing import IMAGENET_MEAN, IMAGENET_STD
@@ -93,10 +94,11 @@ def _tiff_array(path: str | os.PathLike, channels: int) -> np.ndarray:
         if len(extra) > 1:
             raise ValueError(f"TIFF axes {axes} {tuple(shape)}: more than one non-spatial axis; swavkit reads one "
                              "channel axis (samples or pages)")
-        if np.dtype(series.dtype) not in FULL_SCALE:
+        if np.dtype(series.dtype).newbyteorder("=") not in FULL_SCALE:  # big-endian ("MM") files included
             raise ValueError(f"TIFF samples of type {series.dtype}: swavkit reads 8- and 16-bit unsigned integers")
         _check_channels(extra[0][1] if extra else 1, channels)
         pixels = series.asarray()
+    pixels = pixels.astype(pixels.dtype.newbyteorder("="), copy=False)  # native byte order for torch
     kept = [i for i, (axis, size) in enumerate(zip(axes, shape)) if axis in "YX" or size > 1]
     pixels = pixels.reshape([shape[i] for i in kept])
     kept_axes = "".join(axes[i] for i in kept)
@@ -217,8 +219,9 @@ class ArrayEvalTransform:
             raise ValueError(f"{pixels.shape[0]} channel(s) for a backbone of {len(self.mean)}")
         x = as_float(pixels)
         height, width = x.shape[-2:]
-        scale = self.resize_px / min(height, width)
-        size = (max(1, round(height * scale)), max(1, round(width * scale))) if height != width else (self.resize_px,) * 2
+        # torchvision's Resize(int): the short side to resize_px, the long side int(resize_px * long / short)
+        long_px = int(self.resize_px * max(height, width) / min(height, width))
+        size = (self.resize_px, long_px) if height <= width else (long_px, self.resize_px)
         x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0].clamp_(0, 1)
         top, left = (size[0] - self.size_px) // 2, (size[1] - self.size_px) // 2
         return (x[:, top:top + self.size_px, left:left + self.size_px] - self.mean) / self.std
