@@ -62,26 +62,34 @@ def adopt_saved_mean_std(cfg: Config, saved: dict) -> None:
         cfg.crops.mean, cfg.crops.std = list(crops["mean"]), list(crops["std"])
 
 
-def channel_crops(cfg: Config, paths, say: Callable[[str], None], is_main: bool, broadcast: Callable):
-    """The array route's (multi-crop transform, reader) for ``paths``: crops.mean/std computed from the data
-    when asked (on the main process, ``broadcast`` gives every process the same numbers; written into ``cfg``
-    so config.yaml, the checkpoint and the export record them), and a printed reason for each RGB-only
-    augmentation that is switched off."""
-    from swavkit.data.channels import ChannelCropTransform, ChannelReader, estimate_mean_std
+def resolve_mean_std(cfg: Config, paths, say: Callable[[str], None], is_main: bool, broadcast: Callable) -> None:
+    """When asked (:func:`mean_std_from_data`), crops.mean/std computed from ``paths`` on the main process
+    (``broadcast`` gives every process the same numbers) and written into ``cfg``, so config.yaml, the
+    checkpoint and the export record them. Any route: with 3 channels the pixels are those read_rgb gives."""
+    from swavkit.data.channels import ChannelReader, estimate_mean_std
 
     d, c = cfg.data, cfg.crops
+    if not mean_std_from_data(cfg):
+        return
     reader = ChannelReader(d.channels, d.bit_depth)
-    if mean_std_from_data(cfg):
-        mean, std, used = estimate_mean_std(paths, reader, d.mean_std_sample_images) if is_main else (None, None, 0)
-        (mean, std, used) = broadcast((mean, std, used))
-        c.mean, c.std = mean, std
-        say(f"data: per-channel mean {[round(m, 4) for m in mean]}, std {[round(s, 4) for s in std]} from {used} "
-            f"images (data.mean_std_sample_images={d.mean_std_sample_images}); recorded in config.yaml and the export")
+    mean, std, used = estimate_mean_std(paths, reader, d.mean_std_sample_images) if is_main else (None, None, 0)
+    mean, std, used = broadcast((mean, std, used))
+    c.mean, c.std = mean, std
+    say(f"data: per-channel mean {[round(m, 4) for m in mean]}, std {[round(s, 4) for s in std]} from {used} "
+        f"images (data.mean_std_sample_images={d.mean_std_sample_images}); recorded in config.yaml and the export")
+
+
+def channel_crops(cfg: Config, say: Callable[[str], None]):
+    """The array route's multi-crop transform (after :func:`resolve_mean_std`), with a printed reason when
+    the RGB-only augmentations are switched off."""
+    from swavkit.data.channels import ChannelCropTransform
+
+    d, c = cfg.data, cfg.crops
     if d.channels != 3 and ((c.color_jitter_strength > 0 and c.color_jitter_probability > 0)
                             or c.grayscale_probability > 0):
         say(f"crops: colour jitter and grayscale are off: they are RGB operations and data.channels={d.channels} "
             "(crop, flip, blur and normalisation stay)")
-    return ChannelCropTransform.for_channels(c, d.channels), reader
+    return ChannelCropTransform.for_channels(c, d.channels)
 
 
 def refuse_rgb_only(preprocessing, source, what: str) -> None:
@@ -93,4 +101,5 @@ def refuse_rgb_only(preprocessing, source, what: str) -> None:
                           "swavkit knn or the fast linear probe, which read images as the export says")
 
 
-__all__ = ["mean_std_from_data", "check_channel_settings", "adopt_saved_mean_std", "channel_crops", "refuse_rgb_only"]
+__all__ = ["mean_std_from_data", "check_channel_settings", "adopt_saved_mean_std", "resolve_mean_std", "channel_crops",
+           "refuse_rgb_only"]

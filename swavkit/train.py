@@ -39,7 +39,7 @@ from swavkit.loss import FeatureQueue
 from swavkit.model import SwAVModel, build_model, create_backbone
 from swavkit.modelcard import card_for_training
 from swavkit.multicrop import MultiCropTransform
-from swavkit.channel_settings import adopt_saved_mean_std, channel_crops
+from swavkit.channel_settings import adopt_saved_mean_std, channel_crops, mean_std_from_data, resolve_mean_std
 from swavkit.data.channels import ChannelReader, uses_arrays
 from swavkit.optim import build_optimizer, resolve_optimizer_name
 from swavkit.presets import typical_side_px
@@ -305,9 +305,9 @@ def _build_data(cfg: Config, procs: _Processes, files: RunFolder, resuming: bool
                           f"{len(paths)} images in {shown}; lower it")
     if cfg.monitor.knn_data:
         _monitor_folders(cfg)  # a wrong monitoring folder should fail now, not after the first epoch
-    transform = MultiCropTransform.from_config(cfg.crops)
-    if reader is not None:  # data.channels / data.bit_depth: arrays, not PIL RGB images
-        transform, reader = channel_crops(cfg, paths, procs.say, procs.is_main, distributed.broadcast_object)
+    resolve_mean_std(cfg, paths, procs.say, procs.is_main, distributed.broadcast_object)  # crops.mean=[] etc.
+    # reader None: PIL RGB images; else data.channels / data.bit_depth arrays (swavkit.data.channels)
+    transform = MultiCropTransform.from_config(cfg.crops) if reader is None else channel_crops(cfg, procs.say)
     if procs.decode_on_device:  # workers keep JPEGs encoded; _next_batch decodes them (swavkit.data.device_decode)
         dataset = UnlabeledImageFolder(shown, EncodedCrops(transform), paths=paths, reader=read_encoded)
     else:
@@ -337,6 +337,9 @@ def _build_shard_data(cfg: Config, procs: _Processes, specs: list[str], files: R
     if uses_arrays(cfg.data.channels, cfg.data.bit_depth):
         raise DataError(f"data.path: shards are decoded as 8-bit RGB; with data.channels={cfg.data.channels} "
                         f"data.bit_depth={cfg.data.bit_depth} give a folder or a list of the image files")
+    if mean_std_from_data(cfg):
+        raise DataError("crops.mean/crops.std: computing them from the data needs a folder or list of images, not "
+                        "shards; give their values")
     if len(specs) > 1:
         raise DataError("data.paths: shards cannot be mixed with other sources; name all shards in one brace "
                         "pattern, glob or list of .tar files in data.path")

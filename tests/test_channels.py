@@ -176,6 +176,23 @@ def test_colour_jitter_and_grayscale_are_off_for_other_channel_counts():
     assert rgb.colour_parameters([0.0] * 35)[P_JITTER] == 1  # unchanged with 3 channels
 
 
+def test_empty_mean_std_are_computed_for_rgb_too(tmp_path):
+    from swavkit.channel_settings import resolve_mean_std
+
+    rgb = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
+    for i, image in enumerate(rgb):
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+    cfg = load_config([], ["model.backbone=resnet10t", "crops.mean=[]", "crops.std=[]"])
+    said = []
+    resolve_mean_std(cfg, sorted(str(p) for p in tmp_path.glob("*.png")), said.append, True, lambda value: value)
+    np.testing.assert_allclose(cfg.crops.mean, rgb.mean(axis=(0, 1, 2)) / 255, rtol=1e-9)
+    np.testing.assert_allclose(cfg.crops.std, (rgb / 255).std(axis=(0, 1, 2)), rtol=1e-6)
+    assert "from 2 images" in said[0]
+    untouched = load_config([], ["model.backbone=resnet10t"])
+    resolve_mean_std(untouched, [], said.append, True, lambda value: value)
+    assert untouched.crops.mean == [0.485, 0.456, 0.406] and len(said) == 1  # ImageNet's, as given
+
+
 def test_mean_std_of_a_sample_matches_numpy(tmp_path):
     written = write_tiff_folder(tmp_path, 4, n=8)
     paths = sorted(str(p) for p in tmp_path.rglob("*.tif"))
