@@ -90,7 +90,8 @@ def test_pretrain_export_load_embed_on_n_channel_16bit_tiffs(tmp_path, channels)
     assert features.shape == (len(written), net.num_features) and torch.isfinite(features).all()
     assert labels.tolist() == dataset.labels
     # swavkit knn reads the export the same way; its RGB floors are skipped with a reason, not a crash
-    result = evaluate_knn(result.backbone_dir, data, data, num_workers=0, progress=False, k=3)
+    result = evaluate_knn(result.backbone_dir, data, data, num_workers=0, progress=False, k=3,
+                          out_json=str(tmp_path / "knn.json"))
     assert result["preprocessing"]["channels"] == channels and result["preprocessing"]["bit_depth"] == 16
     assert "floors skipped" in result["floors_skipped"] and "floors" not in result
 
