@@ -89,7 +89,7 @@ def channel_crops(cfg: Config, say: Callable[[str], None]):
                             or c.grayscale_probability > 0):
         say(f"crops: colour jitter and grayscale are off: they are RGB operations and data.channels={d.channels} "
             "(crop, flip, blur and normalisation stay)")
-    return ChannelCropTransform.for_channels(c, d.channels)
+    return ChannelCropTransform.from_config(c)  # C = len(crops.mean): jitter and grayscale off unless 3
 
 
 def refuse_rgb_only(preprocessing, source, what: str) -> None:

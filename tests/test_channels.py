@@ -168,13 +168,31 @@ def test_array_route_cuts_the_rgb_routes_crops_and_evaluates_alike(tmp_path):
     assert got.shape == want.shape == (3, 40, 40) and (got - want).abs().mean() < 0.05
 
 
+def test_array_crops_collate_and_normalise_per_channel(tmp_path):
+    """The batched half (in the workers, or finish() on the training device with data.colour_on_device) takes
+    the float crops as they are (no / 255) and normalises each of the C channels with its own mean/std."""
+    mean, std = [0.1, 0.2, 0.3, 0.4], [0.5, 0.25, 0.125, 1.0]
+    transform = ChannelCropTransform([1, 1], [8, 4], [0.5, 0.2], [1.0, 0.5], blur_probability=0.0, mean=mean, std=std)
+    pixels = np.random.default_rng(0).integers(0, 65535, (3, 4, 12, 10)).astype(np.uint16)
+    items = [(transform(p), i, []) for i, p in enumerate(pixels)]
+    views, indices, _ = transform.collate(items)
+    assert [tuple(v.shape) for v in views] == [(3, 4, 8, 8), (3, 4, 4, 4)] and indices.tolist() == [0, 1, 2]
+    raw = torch.stack([crops[0][0] for crops, _, _ in items])  # [3, 4, 8, 8] in [0, 1]
+    want = (raw - torch.tensor(mean).view(1, 4, 1, 1)) / torch.tensor(std).view(1, 4, 1, 1)
+    assert torch.allclose(views[0], want, atol=1e-6)
+    groups, _, _ = transform.collate_pixels(items)
+    assert all(torch.equal(a, b) for a, b in zip(transform.finish(groups), views))
+
+
 def test_colour_jitter_and_grayscale_are_off_for_other_channel_counts():
-    cfg = load_config([], ["data.channels=4", "crops.color_jitter_probability=1", "crops.grayscale_probability=1"])
-    transform = ChannelCropTransform.for_channels(cfg.crops, 4)
+    cfg = load_config([], ["data.channels=4", "crops.color_jitter_probability=1", "crops.grayscale_probability=1",
+                           "crops.mean=[0.5,0.5,0.5,0.5]", "crops.std=[0.2,0.2,0.2,0.2]"])
+    transform = ChannelCropTransform.from_config(cfg.crops)
     params = torch.stack([transform.colour_parameters(u) for u in torch.rand(200, 35).tolist()])
     assert not params[:, P_JITTER].any() and not params[:, P_GRAY].any()
-    rgb = ChannelCropTransform.for_channels(cfg.crops, 3)
+    rgb = ChannelCropTransform([2], [8], [0.5], [1.0], color_jitter_probability=1, grayscale_probability=1)
     assert rgb.colour_parameters([0.0] * 35)[P_JITTER] == 1  # unchanged with 3 channels
+    assert rgb.colour_parameters([0.0] * 35)[P_GRAY] == 1
 
 
 def test_empty_mean_std_are_computed_for_rgb_too(tmp_path):

@@ -182,15 +182,14 @@ class ChannelCropTransform(MultiCropTransform):
     The crop boxes, flips and blur come from ``MultiCropTransform.geometry`` (the same single draw per
     image); the crops are cut from the array and resized with antialiased bilinear interpolation (as PIL's
     resize on the RGB route). ``collate`` / ``collate_pixels`` / ``finish`` are MultiCropTransform's.
+    The channel count is that of ``mean``/``std``: unless it is 3, colour jitter and grayscale (RGB
+    operations) are off whatever their probabilities say.
     """
 
-    @classmethod
-    def for_channels(cls, crops_cfg, channels: int) -> "ChannelCropTransform":
-        """From the ``crops`` config; colour jitter and grayscale off unless ``channels`` is 3."""
-        c, rgb = crops_cfg, channels == 3
-        return cls(c.counts, c.sizes_px, c.min_scales, c.max_scales, c.color_jitter_strength if rgb else 0.0,
-                   c.color_jitter_probability if rgb else 0.0, c.grayscale_probability if rgb else 0.0,
-                   c.blur_probability, c.mean, c.std)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.mean.shape[1] != 3:  # one home for the rule: every way of building the transform obeys it
+            self.jitter_probability = self.grayscale_probability = 0.0
 
     def __call__(self, pixels: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
         _, height, width = pixels.shape
