@@ -400,7 +400,8 @@ RESUMABLE_CHANGES = ("train.epochs", "train.budget_minutes", "swav.prevent_colla
                      "train.checkpoint_every_steps", "train.device", "train.skip_nonfinite_steps",
                      "train.collapse_patience_steps", "data.num_workers", "data.pin_memory",
                      "data.prefetch_factor", "data.colour_on_device", "data.decode_on_device", "model.channels_last", "model.compile",
-                     "model.init", "train.loggers", "monitor.", "out_dir")
+                     "model.init", "train.loggers", "monitor.", "out_dir",
+                     "data.mean_std_sample_images")  # a resume takes the mean/std the run computed
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
