@@ -138,6 +138,14 @@ def test_channel_rule_layouts_and_mismatches(tmp_path):
         read_channels(tmp_path / "float.tif", 4)
 
 
+def test_typical_side_reads_stacks_pillow_cannot_open(tmp_path):
+    from swavkit.presets import typical_side_px
+
+    for i in range(3):
+        write_stack(tmp_path / f"{i}.tif", np.zeros((4, 40 + i, 50), np.uint16))  # 16-bit, 4 samples: not Pillow's
+    assert typical_side_px(sorted(str(p) for p in tmp_path.glob("*.tif"))) == 41
+
+
 def test_tiff_over_the_pixel_limit_is_refused_from_its_header(tmp_path, monkeypatch):
     monkeypatch.setattr(images_module, "MAX_IMAGE_PIXELS", 64 * 64)
     write_stack(tmp_path / "ok.tif", np.zeros((4, 64, 64), np.uint16))

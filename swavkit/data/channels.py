@@ -128,6 +128,19 @@ def _pil_array(path: str | os.PathLike, channels: int) -> np.ndarray:
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
 
+def header_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) in px from the header only: TIFFs through tifffile (Pillow cannot open every stack),
+    other files through open_image. Raises what the reader raises for a file it cannot identify."""
+    if _is_tiff(path):
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            axes, shape = tif.series[0].axes, tif.series[0].shape
+            return shape[axes.index("X")], shape[axes.index("Y")]
+    with open_image(path) as image:
+        return image.size
+
+
 def to_8bit(pixels: np.ndarray) -> np.ndarray:
     """uint16 [C, H, W] -> uint8 (value * 255 // 65535, read_rgb's scaling), a band of rows at a time so the
     transient copy stays small (GREY16_BAND_PIXELS)."""
@@ -260,5 +273,5 @@ def estimate_mean_std(paths, reader: ChannelReader, n_images: int) -> tuple[list
     return [float(m) for m in mean], [float(s) if s > 1e-6 else 1.0 for s in std], used
 
 
-__all__ = ["BIT_DEPTHS", "uses_arrays", "read_channels", "ChannelReader", "ChannelCountMismatch", "to_8bit",
+__all__ = ["BIT_DEPTHS", "uses_arrays", "read_channels", "header_size", "ChannelReader", "ChannelCountMismatch", "to_8bit",
            "as_float", "ChannelCropTransform", "ArrayEvalTransform", "estimate_mean_std"]
