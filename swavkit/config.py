@@ -55,6 +55,16 @@ class DataConfig:
                                   "are decoded by the workers as before. Same crops, pixels within a few levels of "
                                   "Pillow's decoder. auto: off until benchmarks/bench_gpu_pipeline.py has measured "
                                   "it on a GPU", default="auto")
+    channels: int = _help("image channels fed to the backbone (timm's in_chans): 3 = RGB, every image converted to "
+                          "RGB; 1 = grey (medical ...); N = multispectral TIFF stacks (samples or pages). With a value "
+                          "other than 3 an image of another channel count is skipped and listed in skipped.txt, "
+                          "colour jitter and grayscale are off, and crops.mean/std are computed from the data unless "
+                          "given (swavkit/data/channels.py)", default=3)
+    bit_depth: int = _help("8 | 16: precision of the pixels in the float tensor. 8 = 16-bit images scaled to 256 levels "
+                           "(value * 255 // 65535); 16 = 16-bit images keep their 65536 levels (value / 65535; 8-bit "
+                           "images value / 255). Recorded in the export", default=8)
+    mean_std_sample_images: int = _help("images (evenly spaced over the data) whose pixels give the per-channel "
+                                        "crops.mean/std when those are computed from the data", default=256)
 
 
 @dataclass
@@ -70,8 +80,11 @@ class CropsConfig:
     grayscale_probability: float = _help("probability of converting a crop to grey", default=0.2)
     blur_probability: float = _help("probability of Gaussian blur (sigma 0.1..2); usually 0 for 32 px data",
                                     default=0.5)
-    mean: list[float] = _help("normalisation mean (RGB)", default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = _help("normalisation std (RGB)", default_factory=lambda: list(IMAGENET_STD))
+    mean: list[float] = _help("normalisation mean, one per data.channels (ImageNet's RGB values by default); [] = "
+                              "computed from data.mean_std_sample_images images, as for data.channels != 3 left at "
+                              "the RGB default; the run records the numbers", default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = _help("normalisation std, one per data.channels; [] = computed like crops.mean",
+                             default_factory=lambda: list(IMAGENET_STD))
 
 
 @dataclass
@@ -150,6 +163,10 @@ class OptimConfig:
                                 "weights' step", default=1e-6)
     momentum: float = _help("SGD/LARS momentum", default=0.9)
     lars_trust_coefficient: float = _help("LARS trust coefficient", default=0.001)
+    lars_exclude: str = _help("bn_bias | none: parameters LARS leaves alone. bn_bias = biases and norm layers get "
+                              "neither weight decay nor the trust ratio (timm's Lars; the usual practice); none = "
+                              "every parameter gets both, the SwAV reference's apex LARC (clip=False) exactly "
+                              "(swavkit/core/larc.py; the paper configs set it)", default="bn_bias")
 
 
 @dataclass
@@ -366,7 +383,8 @@ RESUMABLE_CHANGES = ("train.epochs", "train.budget_minutes", "swav.prevent_colla
                      "train.checkpoint_every_steps", "train.device", "train.skip_nonfinite_steps",
                      "train.collapse_patience_steps", "data.num_workers", "data.pin_memory",
                      "data.prefetch_factor", "data.colour_on_device", "data.decode_on_device", "model.channels_last", "model.compile",
-                     "model.init", "train.loggers", "monitor.", "out_dir")
+                     "model.init", "train.loggers", "monitor.", "out_dir",
+                     "data.mean_std_sample_images")  # a resume takes the mean/std the run computed
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -388,6 +406,7 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
 CHOICES = {
     "model.sync_batchnorm": ("none", "node", "global"),
     "optim.optimizer": ("auto", "lars", "sgd", "adamw"),
+    "optim.lars_exclude": ("bn_bias", "none"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "data.colour_on_device": ("auto", "true", "false"),
@@ -408,6 +427,49 @@ def check_logger_names(names) -> list[str]:
         raise ConfigError("train.loggers: must include jsonl (metrics.jsonl is the run's record that resuming and "
                           "swavkit plot read), e.g. train.loggers=[jsonl,tensorboard]")
     return names
+
+
+def mean_std_from_data(cfg: Config) -> bool:
+    """True when crops.mean/std are to be computed from the data: both [] or, with data.channels != 3, still
+    ImageNet's three RGB values (which cannot normalise another channel count)."""
+    c = cfg.crops
+    if not c.mean and not c.std:
+        return True
+    rgb_default = tuple(c.mean) == IMAGENET_MEAN and tuple(c.std) == IMAGENET_STD
+    return cfg.data.channels != 3 and rgb_default
+
+
+def check_channel_settings(cfg: Config) -> None:
+    """ConfigError (one line naming the key) for settings the array route cannot take; records
+    data.channels as ``model.backbone_kwargs.in_chans``, so every place that builds the backbone from a run's
+    config (training, export, load_backbone, model.init checks) builds the same one."""
+    d, c = cfg.data, cfg.crops
+    if d.channels < 1:
+        raise ConfigError(f"data.channels: must be >= 1, got {d.channels}")
+    if d.bit_depth not in (8, 16):
+        raise ConfigError(f"data.bit_depth: 8 or 16, got {d.bit_depth}")
+    if d.mean_std_sample_images < 1:
+        raise ConfigError(f"data.mean_std_sample_images: must be >= 1, got {d.mean_std_sample_images}")
+    if bool(c.mean) != bool(c.std):
+        raise ConfigError("crops.mean/crops.std: one is [] and the other is not; give both, or [] for both to "
+                          "compute them from the data")
+    if not mean_std_from_data(cfg) and not (len(c.mean) == len(c.std) == d.channels):
+        raise ConfigError(f"crops.mean/crops.std: {len(c.mean)} and {len(c.std)} values for data.channels="
+                          f"{d.channels}; give {d.channels} each, or [] to compute them from the data")
+    in_chans = cfg.model.backbone_kwargs.get("in_chans", d.channels)
+    if in_chans != d.channels:
+        raise ConfigError(f"model.backbone_kwargs.in_chans={in_chans} differs from data.channels={d.channels}; "
+                          "set data.channels only")
+    if d.channels != 3:
+        cfg.model.backbone_kwargs = {**cfg.model.backbone_kwargs, "in_chans": d.channels}
+    if d.channels == 3 and d.bit_depth == 8:
+        return
+    if d.decode_on_device == "true":
+        raise ConfigError(f"data.decode_on_device=true: decodes 8-bit RGB JPEGs only; with data.channels="
+                          f"{d.channels} data.bit_depth={d.bit_depth} set it to false")
+    if d.channels != 3 and cfg.monitor.knn_data:
+        raise ConfigError(f"monitor.knn_data: the online k-NN reads RGB images; with data.channels={d.channels} "
+                          "leave it empty and evaluate the export (swavkit.features.extract_features)")
 
 
 def validate(cfg: Config, world_size: int = 1) -> None:
@@ -446,8 +508,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             raise ConfigError(f"swav.assignment_crops: crop index {i} is outside 0..{n_crops - 1}")
     if not cfg.swav.assignment_crops:
         raise ConfigError("swav.assignment_crops: needs at least one crop index")
-    if len(c.mean) != 3 or len(c.std) != 3:
-        raise ConfigError("crops.mean/crops.std: give three values (RGB)")
+
+    check_channel_settings(cfg)
     positive = {
         "model.n_prototypes": cfg.model.n_prototypes, "model.output_dim": cfg.model.output_dim,
         "train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,

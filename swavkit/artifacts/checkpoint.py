@@ -105,6 +105,8 @@ def backbone_state(model_state: dict) -> dict:
 # What an export folder holds (README.md = the model card). A folder with anything else in it was not
 # written by swavkit alone, so export refuses to replace it.
 EXPORT_TAG = "swavkit"
+# config.json's record of data.bit_depth=16 (absent: 8), read by swavkit.preprocessing.resolve_preprocessing
+EXPORT_BIT_DEPTH_KEY = "input_bit_depth"
 # pretrained_cfg entries that describe our weights and how to feed them. timm's registry entry for the
 # architecture also carries test_input_size, licence, origin URL, paper ids ...: claims about *timm's*
 # weights, not ours, so they are dropped from the export.
@@ -168,13 +170,15 @@ def _exchange_folders(a: Path, b: Path) -> bool:
 
 
 def export_backbone(backbone: torch.nn.Module, out_dir: str | Path, *, image_size_px: int,
-                    mean, std, extra: dict | None = None, model_card: str | None = None) -> Path:
+                    mean, std, extra: dict | None = None, model_card: str | None = None, bit_depth: int = 8) -> Path:
     """Write ``out_dir/config.json`` + ``out_dir/model.safetensors`` for timm's ``local-dir:`` loader, and
     ``out_dir/README.md`` when a ``model_card`` text is given (then the folder is ready for the Hub).
 
     ``out_dir`` must be new, empty, or an earlier swavkit export (:func:`check_export_target`); the files
     are written to a temporary sibling and fsynced, then swapped in atomically, so ``out_dir`` always
-    holds one complete export.
+    holds one complete export. ``mean``/``std`` hold one value per input channel (``input_size`` follows);
+    ``bit_depth`` 16 is recorded as ``config.json["input_bit_depth"]`` (timm's pretrained_cfg refuses unknown
+    keys; timm ignores this top-level one), which swavkit.preprocessing reads back for evaluation.
     """
     from timm.models import save_for_hf
 
@@ -183,13 +187,15 @@ def export_backbone(backbone: torch.nn.Module, out_dir: str | Path, *, image_siz
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         # crop_pct: how swavkit evaluates at this size (timm's registry value, e.g. 0.95, is not)
-        pretrained_cfg = {"tag": EXPORT_TAG, "input_size": [3, image_size_px, image_size_px],
+        pretrained_cfg = {"tag": EXPORT_TAG, "input_size": [len(mean), image_size_px, image_size_px],
                           "crop_pct": crop_fraction_for(image_size_px), "mean": list(mean), "std": list(std),
                           "num_classes": 0}
         pretrained_cfg.update(extra or {})
         save_for_hf(backbone, tmp, model_config={"pretrained_cfg": pretrained_cfg}, safe_serialization=True)
         config = json.loads((tmp / EXPORT_CONFIG).read_text(encoding="utf-8"))
         config["pretrained_cfg"] = {k: v for k, v in config["pretrained_cfg"].items() if k in _EXPORT_CFG_KEYS}
+        if bit_depth != 8:  # only then: 8-bit RGB exports stay as they were
+            config[EXPORT_BIT_DEPTH_KEY] = int(bit_depth)
         write_json_atomic(tmp / EXPORT_CONFIG, config)
         if model_card is not None:
             from swavkit.artifacts.modelcard import MODEL_CARD_FILE

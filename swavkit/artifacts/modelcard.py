@@ -73,7 +73,9 @@ def _architecture_section(architecture: str, config: dict | None, feature_dim: i
     rows = [["timm architecture", f"`{architecture}` (created with `num_classes=0`: pooled features, no "
                                   "classifier)"],
             ["feature dimension", feature_dim],
-            ["input", f"RGB, {image_size_px} x {image_size_px} px, normalised with mean "
+            ["input", f"{'RGB' if len(mean) == 3 else f'{len(mean)} channel(s)'}, {image_size_px} x {image_size_px} px"
+                      + (", 16-bit" if config and _get(config, "data.bit_depth") == 16 else "")
+                      + ", normalised with mean "
                       f"{[round(m, 4) for m in mean]} and std {[round(s, 4) for s in std]}"]]
     if config:
         hidden, out, k = (_get(config, f"model.{key}") for key in ("hidden_dim", "output_dim", "n_prototypes"))

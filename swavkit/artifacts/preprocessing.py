@@ -19,20 +19,24 @@ def _export_pretrained_cfg(source: Path) -> dict | None:
     for folder in (source, source / RUN_EXPORT_DIR):
         if holds_export(folder):
             try:
-                return json.loads((folder / EXPORT_CONFIG).read_text()).get("pretrained_cfg", {})
+                loaded = json.loads((folder / EXPORT_CONFIG).read_text())
             except ValueError:
                 return None
+            # the export's data.bit_depth (swavkit.artifacts.checkpoint.EXPORT_BIT_DEPTH_KEY) travels with its mean/std
+            return {**loaded.get("pretrained_cfg", {}), "bit_depth": loaded.get("input_bit_depth", 8)}
     return None
 
 
 def _checkpoint_crops(path: Path) -> dict | None:
-    """The ``crops`` section of a swavkit training checkpoint's config; None for any other file."""
+    """The ``crops`` section of a swavkit training checkpoint's config, plus its data.bit_depth as
+    ``bit_depth``; None for any other file."""
     try:
         state = load_state(path)
     except CheckpointError:
         return None  # load_backbone will report the problem with its own message
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
-        return state.get("config", {}).get("crops", {})
+        config = state.get("config", {})
+        return {**config.get("crops", {}), "bit_depth": config.get("data", {}).get("bit_depth", 8)}
     return None
 
 
@@ -42,9 +46,9 @@ def resolve_preprocessing(source: str | Path, image_size_px: int | None = None) 
     Size: ``image_size_px`` if given, else the ``input_size`` an exported folder records, else the
     large-crop size of a swavkit training checkpoint, else 224 (32 for ``"pixels"``). Mean/std follow the
     same sources (ImageNet statistics by default); ``"pixels"`` uses mean 0, std 1. The crop follows
-    :func:`crop_fraction_for`.
+    :func:`crop_fraction_for`. The channel count (len(mean)) and bit depth follow the export or checkpoint too.
     """
-    size, mean, std, origin = None, IMAGENET_MEAN, IMAGENET_STD, "default"
+    size, mean, std, origin, bit_depth = None, IMAGENET_MEAN, IMAGENET_STD, "default", 8
     if str(source) == RAW_PIXELS_SOURCE:
         size, mean, std = RAW_PIXELS_DEFAULT_SIZE_PX, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     elif not str(source).startswith("timm:"):
@@ -55,15 +59,17 @@ def resolve_preprocessing(source: str | Path, image_size_px: int | None = None) 
                 size, origin = int(pretrained_cfg["input_size"][-1]), "export config"
             mean = tuple(pretrained_cfg.get("mean", mean))
             std = tuple(pretrained_cfg.get("std", std))
+            bit_depth = pretrained_cfg.get("bit_depth", 8)
         elif path.is_file() and path.suffix == ".pt":
             crops = _checkpoint_crops(path)
             if crops is not None:
                 if crops.get("sizes_px"):
                     size, origin = eval_size_px(crops["sizes_px"]), "checkpoint config"
                 mean, std = tuple(crops.get("mean", mean)), tuple(crops.get("std", std))
+                bit_depth = crops.get("bit_depth", 8)
     if image_size_px:
         size, origin = int(image_size_px), "argument"
-    return Preprocessing.for_size(size or DEFAULT_IMAGE_SIZE_PX, mean, std, origin)
+    return Preprocessing.for_size(size or DEFAULT_IMAGE_SIZE_PX, mean, std, origin, bit_depth)
 
 
 __all__ = ["Preprocessing", "resolve_preprocessing"]

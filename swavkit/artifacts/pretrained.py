@@ -373,7 +373,7 @@ def export_checkpoint(source: str | Path, out_dir: str | Path) -> Path:
                              final_loss=float(state.get("last_loss", float("nan"))),
                              run_dir=run_folder_of(checkpoint))
     return export_backbone(net, out_dir, image_size_px=eval_size_px(cfg.crops.sizes_px), mean=cfg.crops.mean,
-                           std=cfg.crops.std, model_card=card)
+                           std=cfg.crops.std, model_card=card, bit_depth=cfg.data.bit_depth)
 
 
 def export_torchvision(source: str | Path, out_file: str | Path, state: dict | None = None) -> Path:

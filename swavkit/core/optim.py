@@ -1,10 +1,11 @@
 """Optimisers: LARS (timm's maintained implementation) around SGD for CNNs, AdamW for transformers.
 
 Biases and normalisation parameters get neither weight decay nor LARS adaptation, the usual practice
-for LARS-trained self-supervised models. (The SwAV reference wraps every parameter, biases and BN
-included, in apex LARC with weight decay.) timm's Lars adapts a group only when its weight decay is
-non-zero unless ``always_adapt`` is set, so the weight group sets it: ``optim.weight_decay=0`` must not
-quietly turn LARS into plain SGD.
+for LARS-trained self-supervised models (``optim.lars_exclude=bn_bias``, the default). The SwAV reference
+wraps every parameter, biases and BN included, in apex LARC with weight decay: ``optim.lars_exclude=none``
+builds exactly that (swavkit/core/larc.py), and the paper configs set it. timm's Lars adapts a group only when
+its weight decay is non-zero unless ``always_adapt`` is set, so the weight group sets it:
+``optim.weight_decay=0`` must not quietly turn LARS into plain SGD.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 from timm.optim import Lars
 
+from swavkit.core.larc import ReferenceLARC
 from swavkit.core.model import is_transformer
 
 
@@ -37,7 +39,13 @@ REFERENCE_BASE_LR = {"lars": 0.6, "sgd": 0.6, "adamw": 5e-4}
 
 
 def build_optimizer(model: torch.nn.Module, name: str, *, lr: float, weight_decay: float, momentum: float,
-                    trust_coefficient: float) -> torch.optim.Optimizer:
+                    trust_coefficient: float, lars_exclude: str = "bn_bias") -> torch.optim.Optimizer:
+    """``lars_exclude`` (LARS only): "bn_bias" = biases and norm parameters without decay or adaptation
+    (timm's Lars); "none" = the reference's LARC over every parameter (ReferenceLARC)."""
+    if name == "lars" and lars_exclude == "none":
+        params = [p for p in model.parameters() if p.requires_grad]
+        return ReferenceLARC(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                             trust_coefficient=trust_coefficient)
     groups = parameter_groups(model, weight_decay)
     if name == "lars":
         weights, norms_and_biases = groups

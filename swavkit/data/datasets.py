@@ -33,14 +33,16 @@ from swavkit.data.names import printable_path
 class ImageFiles(Dataset):
     """``paths[i]`` -> (transform(image), labels[i]) (label None without ``labels``; the PIL image
     without ``transform``). Raises UnreadableImage naming the file when it cannot be decoded or its
-    transform fails."""
+    transform fails. ``reader``: path -> what ``transform`` takes (None: read_rgb, an RGB PIL image;
+    swavkit.data.channels.ChannelReader: a [C, H, W] array)."""
 
-    def __init__(self, paths: list[str], labels: list[int] | None = None, transform=None):
+    def __init__(self, paths: list[str], labels: list[int] | None = None, transform=None, reader=None):
         if labels is not None and len(labels) != len(paths):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
         self.paths = list(paths)
         self.labels = labels
         self.transform = transform
+        self.reader = reader
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -48,7 +50,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int):
         path = self.paths[index]
         label = self.labels[index] if self.labels is not None else None
-        image = read_rgb(path)
+        image = (self.reader or read_rgb)(path)
         if self.transform is None:
             return image, label
         try:
@@ -85,7 +87,7 @@ class LabelledImageFolder(ImageFiles):
     """
 
     def __init__(self, root: str | Path, transform=None, *, classes: list[str] | None = None,
-                 max_per_class: int = 0):
+                 max_per_class: int = 0, reader=None):
         self.root = Path(root)
         present = find_classes(self.root)
         self.classes = list(classes) if classes is not None else present
@@ -106,7 +108,7 @@ class LabelledImageFolder(ImageFiles):
         if not paths:
             raise DataError(f"{printable_path(self.root)}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its "
                             "class folders")
-        super().__init__(paths, labels, transform)
+        super().__init__(paths, labels, transform, reader)
 
     @property
     def samples(self) -> list[tuple[str, int]]:

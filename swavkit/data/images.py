@@ -134,13 +134,14 @@ def read_rgb(path: str | os.PathLike) -> Image.Image:
         raise UnreadableImage(path, describe_failure(err)) from err
 
 
-def check_readable(paths: list[str], root: str | os.PathLike) -> int:
+def check_readable(paths: list[str], root: str | os.PathLike, reader=None) -> int:
     """Index of the first decodable image; DataError naming the folder when none is (a folder of only
-    broken files would otherwise fail deep inside a data-loading worker)."""
+    broken files would otherwise fail deep inside a data-loading worker). ``reader``: the decoder training
+    uses (None: read_rgb; swavkit.data.channels.ChannelReader for data.channels / data.bit_depth)."""
     first_error = None
     for index, path in enumerate(paths):
         try:
-            read_rgb(path)
+            (reader or read_rgb)(path)
             return index
         except UnreadableImage as err:
             first_error = first_error or err

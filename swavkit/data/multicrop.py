@@ -72,8 +72,9 @@ class MultiCropTransform:
         self.blur_probability = float(blur_probability)
         self.crops = [(int(size), (float(lo), float(hi)))
                       for count, size, lo, hi in zip(counts, sizes_px, min_scales, max_scales) for _ in range(count)]
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        # [1, C, 1, 1]: 3 for RGB, data.channels for the array route (swavkit.data.channels)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
 
     @classmethod
     def from_config(cls, crops_cfg) -> "MultiCropTransform":
@@ -159,7 +160,9 @@ class MultiCropTransform:
         the CPU: which crops get which op is decided there, so a GPU needs no host sync for it."""
         views = []
         for pixels, params, n_views in groups:
-            x = pixels.to(device if device is not None else pixels.device, non_blocking=True).float().div_(255)
+            x = pixels.to(device if device is not None else pixels.device, non_blocking=True).float()
+            if pixels.dtype == torch.uint8:  # the array route's crops are float in [0, 1] already (16-bit kept)
+                x.div_(255)
             views += list(self.colour(x, params.cpu()).split(len(params) // n_views))
         return views
 

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 import torch
 from torchvision.transforms import v2
 
+from swavkit.data.channels import ArrayEvalTransform, ChannelReader, uses_arrays
 from swavkit.data.constants import IMAGENET_MEAN, IMAGENET_STD, crop_fraction_for
+from swavkit.errors import ConfigError
 
 
 def eval_transform(size_px: int, mean, std, crop_fraction: float | None = None):
@@ -48,19 +50,44 @@ class Preprocessing:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     size_from: str  # where image_size_px came from: "argument", "export config", "checkpoint config", "default"
+    bit_depth: int = 8  # data.bit_depth the backbone was trained with (16: 16-bit images keep 65536 levels)
 
     @classmethod
     def for_size(cls, image_size_px: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 size_from: str = "argument") -> Preprocessing:
+                 size_from: str = "argument", bit_depth: int = 8) -> Preprocessing:
         """Preprocessing at ``image_size_px`` with the crop rule of :func:`crop_fraction_for`."""
         size = int(image_size_px)
         return cls(size, crop_fraction_for(size), tuple(float(m) for m in mean), tuple(float(s) for s in std),
-                   size_from)
+                   size_from, int(bit_depth))
+
+    @property
+    def channels(self) -> int:
+        """Input channels: one mean per channel."""
+        return len(self.mean)
+
+    def reader(self):
+        """path -> what :meth:`transform` takes: None = swavkit.data.read_rgb (RGB PIL image), else a
+        swavkit.data.channels.ChannelReader ([C, H, W] array) for other channel counts or 16 bits."""
+        return ChannelReader(self.channels, self.bit_depth) if uses_arrays(self.channels, self.bit_depth) else None
+
+    def require_rgb(self, source, what: str) -> None:
+        """ConfigError (one line) when ``source``'s backbone takes other than 8-bit RGB and ``what`` (a command whose
+        augmentation is RGB-only: swavkit finetune, the reference linear probe) cannot feed it yet."""
+        if (self.channels, self.bit_depth) != (3, 8):
+            raise ConfigError(f"{source}: the backbone takes {self.channels} channel(s) at {self.bit_depth} bits; "
+                              f"{what} augments 8-bit RGB images only (not yet): use swavkit knn or the fast linear "
+                              "probe, which read images as the export says")
 
     def transform(self):
-        """RGB PIL image -> [3, image_size_px, image_size_px] float32 (resize, centre crop, normalise)."""
+        """RGB PIL image -> [3, image_size_px, image_size_px] float32 (resize, centre crop, normalise); with
+        another channel count or 16 bits, :meth:`reader`'s [C, H, W] array -> [C, image_size_px, image_size_px]."""
+        if self.reader() is not None:
+            return ArrayEvalTransform(self.image_size_px, self.mean, self.std, self.crop_fraction)
         return eval_transform(self.image_size_px, self.mean, self.std, self.crop_fraction)
 
     def as_dict(self) -> dict:
-        return {"image_size_px": self.image_size_px, "crop_fraction": self.crop_fraction,
-                "mean": list(self.mean), "std": list(self.std), "image_size_from": self.size_from}
+        record = {"image_size_px": self.image_size_px, "crop_fraction": self.crop_fraction,
+                  "mean": list(self.mean), "std": list(self.std), "image_size_from": self.size_from}
+        if self.channels != 3 or self.bit_depth != 8:  # RGB records stay as they were
+            record.update(channels=self.channels, bit_depth=self.bit_depth)
+        return record

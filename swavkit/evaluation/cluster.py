@@ -376,7 +376,7 @@ def explore_clusters(checkpoint: str | Path, data_dir: str | Path, out_dir: str 
         "cluster_sizes" [K], "image_size_px", "temperature", "assignments_csv", "histogram_png",
         "index_html"} (paths as strings).
     """
-    from swavkit.artifacts.pretrained import load_swav_model  # heavy (timm registry); only when needed
+    from swavkit.artifacts.pretrained import LoadError, load_swav_model  # heavy (timm registry); only when needed
 
     if top_per_cluster < 1:
         raise ValueError(f"top_per_cluster: must be >= 1, got {top_per_cluster}")
@@ -392,6 +392,9 @@ def explore_clusters(checkpoint: str | Path, data_dir: str | Path, out_dir: str 
 
     model, config = load_swav_model(checkpoint)
     cfg = from_dict(config)
+    if (cfg.data.channels, cfg.data.bit_depth) != (3, 8):  # not yet: thumbnails and decoding here are 8-bit RGB
+        raise LoadError(f"{printable_path(str(checkpoint))}: trained with data.channels={cfg.data.channels} "
+                        f"data.bit_depth={cfg.data.bit_depth}; the cluster explorer reads 8-bit RGB images only")
     size_px = image_size_px or eval_size_px(cfg.crops.sizes_px)
     transform = Preprocessing.for_size(size_px, cfg.crops.mean, cfg.crops.std).transform()
     temperature = cfg.swav.temperature

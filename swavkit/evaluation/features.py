@@ -226,9 +226,10 @@ def extract_split_features(backbone: torch.nn.Module, train_dir: str | Path, val
     """Read both folders (val labels follow train's class list; ``options.max_per_class`` caps both) and
     extract their features with ``options``' device, batch size, workers, precision and memory format."""
     options = options or EvalOptions()
-    transform = preprocessing.transform()
-    train = LabelledImageFolder(train_dir, transform, max_per_class=options.max_per_class)
-    val = LabelledImageFolder(val_dir, transform, classes=train.classes, max_per_class=options.max_per_class)
+    transform, reader = preprocessing.transform(), preprocessing.reader()  # the export's channels and bit depth
+    train = LabelledImageFolder(train_dir, transform, max_per_class=options.max_per_class, reader=reader)
+    val = LabelledImageFolder(val_dir, transform, classes=train.classes, max_per_class=options.max_per_class,
+                              reader=reader)
     start = time.perf_counter()
     common = dict(device=options.device, batch_size=options.batch_size, num_workers=options.num_workers,
                   precision=options.precision, channels_last=options.channels_last, progress=options.progress)

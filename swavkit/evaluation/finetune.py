@@ -609,6 +609,7 @@ def _finetune(source: str, train_dir, val_dir, options: FinetuneOptions, stop_re
     from swavkit.artifacts.preprocessing import resolve_preprocessing  # torch + timm: not at `swavkit --help`
 
     preprocessing = resolve_preprocessing(source, options.image_size_px)
+    preprocessing.require_rgb(source, "swavkit finetune")  # before any image is read
     data, chosen_by = load_labelled_data(train_dir, val_dir, preprocessing, options)
     recipe = resolve_recipe(options, len(data.indices), len(data.train))
     with_floor = floors_wanted(options.floors, len(data.indices)) and not source.startswith("timm:")

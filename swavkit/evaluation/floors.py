@@ -57,9 +57,18 @@ def add_floors(result: dict, evaluate: Callable[..., dict], train_dir, val_dir, 
     torchrun), at the result's image size and protocol, and record them as ``result["floors"]`` =
     {name: {"source", "top1"[, "top5"]}} in the returned copy (the caller rewrites its result file:
     :func:`swavkit.evaluation.report.rewrite_result`)."""
+    from swavkit.runtime import distributed  # torch: this module is imported by `swavkit --help` (stdlib only)
+
     sources = floor_sources(result)
     if not sources:
         return result
+    channels, bit_depth = result["preprocessing"].get("channels", 3), result["preprocessing"].get("bit_depth", 8)
+    if (channels, bit_depth) != (3, 8):  # not yet: floors are built for 8-bit RGB inputs (swavkit/data/channels.py)
+        note = (f"floors skipped: they are built for 8-bit RGB inputs and this backbone takes {channels} channel(s) "
+                f"at {bit_depth} bits")
+        if distributed.is_main_process():
+            print(note)
+        return {**result, "floors_skipped": note}
     size_px = result["preprocessing"]["image_size_px"]
     quiet = dataclasses.replace(options, image_size_px=size_px, out_json="", floors="off")
     floors = {}

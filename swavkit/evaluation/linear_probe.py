@@ -264,6 +264,7 @@ def _run_fast(split: SplitFeatures, linear: LinearOptions, device: torch.device,
 def _run_reference(backbone, train_dir, val_dir, preprocessing: Preprocessing, options: EvalOptions,
                    linear: LinearOptions):
     """(metrics, protocol, timings, data record) of the reference recipe on augmented images."""
+    preprocessing.require_rgb("the backbone", "the reference linear probe (--recipe reference)")
     train = LabelledImageFolder(train_dir, train_transform(preprocessing, linear.min_crop_scale),
                                 max_per_class=options.max_per_class)
     val = LabelledImageFolder(val_dir, preprocessing.transform(), classes=train.classes,

@@ -21,6 +21,9 @@ from swavkit.data.multicrop import MultiCropTransform
 from swavkit.training.presets import typical_side_px
 from swavkit.artifacts.rundir import RunFolder
 from swavkit.training.monitor import monitor_folders
+from swavkit.config import mean_std_from_data
+from swavkit.training.channels import channel_crops, resolve_mean_std
+from swavkit.data.channels import ChannelReader, uses_arrays
 from swavkit.training.processes import Processes
 
 
@@ -45,18 +48,22 @@ def build_data(cfg: Config, procs: Processes, files: RunFolder, resuming: bool) 
         return _build_shard_data(cfg, procs, specs, files, resuming)
     shown = describe_specs(specs)
     paths, from_cache = resolve_file_list(specs, procs, files, resuming)
-    check_readable(paths, shown)
+    channels, bit_depth = cfg.data.channels, cfg.data.bit_depth
+    reader = ChannelReader(channels, bit_depth) if uses_arrays(channels, bit_depth) else None
+    check_readable(paths, shown, reader)  # reader None: 8-bit RGB (read_rgb); else swavkit.data.channels
     per_rank_batch = cfg.train.batch_size // procs.world
     if len(paths) < cfg.train.batch_size:
         raise ConfigError(f"train.batch_size: the global batch {cfg.train.batch_size} is larger than the "
                           f"{len(paths)} images in {shown}; lower it")
     if cfg.monitor.knn_data:
         monitor_folders(cfg)  # a wrong monitoring folder should fail now, not after the first epoch
-    transform = MultiCropTransform.from_config(cfg.crops)
+    resolve_mean_std(cfg, paths, procs.say, procs.is_main, distributed.broadcast_object)  # crops.mean=[] etc.
+    # reader None: PIL RGB images; else data.channels / data.bit_depth arrays (swavkit.data.channels)
+    transform = MultiCropTransform.from_config(cfg.crops) if reader is None else channel_crops(cfg, procs.say)
     if procs.decode_on_device:  # workers keep JPEGs encoded; _next_batch decodes them (swavkit.data.device_decode)
         dataset = UnlabeledImageFolder(shown, EncodedCrops(transform), paths=paths, reader=read_encoded)
     else:
-        dataset = UnlabeledImageFolder(shown, transform, paths=paths)
+        dataset = UnlabeledImageFolder(shown, transform, paths=paths, reader=reader)
     sampler = EpochSampler(len(paths), procs.rank, procs.world, cfg.seed)
     workers, on_gpu = cfg.data.num_workers, procs.device.type == "cuda"
     loader = DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler, drop_last=True, num_workers=workers,
@@ -79,6 +86,12 @@ def build_data(cfg: Config, procs: Processes, files: RunFolder, resuming: bool) 
 def _build_shard_data(cfg: Config, procs: Processes, specs: list[str], files: RunFolder, resuming: bool) -> TrainingData:
     """Stage 3 for WebDataset shards: a stream of per-rank batches (swavkit.data.shards), an epoch of
     data.samples_per_epoch images."""
+    if uses_arrays(cfg.data.channels, cfg.data.bit_depth):
+        raise DataError(f"data.path: shards are decoded as 8-bit RGB; with data.channels={cfg.data.channels} "
+                        f"data.bit_depth={cfg.data.bit_depth} give a folder or a list of the image files")
+    if mean_std_from_data(cfg):
+        raise DataError("crops.mean/crops.std: computing them from the data needs a folder or list of images, not "
+                        "shards; give their values")
     if len(specs) > 1:
         raise DataError("data.paths: shards cannot be mixed with other sources; name all shards in one brace "
                         "pattern, glob or list of .tar files in data.path")

@@ -357,7 +357,7 @@ def export(loop: Loop, state: TrainState) -> Path:
                                              **({"budget_minutes": cfg.train.budget_minutes}
                                                 if state.budget is not None else {})})
     export_backbone(export_net, files.backbone, image_size_px=eval_size_px(cfg.crops.sizes_px), mean=cfg.crops.mean,
-                    std=cfg.crops.std, model_card=card)
+                    std=cfg.crops.std, model_card=card, bit_depth=cfg.data.bit_depth)
     backbone = printable_path(files.backbone)
     procs.say(f"done: {state.step} steps, final loss {state.last_loss:.4f} (ln K = {math.log(m.n_prototypes):.3f})\n"
               f"  checkpoint: {printable_path(files.checkpoint)}\n  backbone:   {backbone}  "

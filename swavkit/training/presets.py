@@ -18,7 +18,8 @@ import torch
 from swavkit.runtime import distributed
 from swavkit.config import Config, ConfigError, from_dict
 from swavkit.training.preflight import preflight
-from swavkit.data import BUNDLED_SAMPLE, open_image
+from swavkit.data import BUNDLED_SAMPLE
+from swavkit.data.channels import header_size
 from swavkit.runtime.cores import AUTO_WORKER_CAP, default_num_workers, training_threads, usable_cores
 from swavkit.runtime.device import resolve_device
 from swavkit.core.schedule import reference_peak_lr
@@ -50,8 +51,7 @@ def typical_side_px(paths: list[str], sample: int = 200) -> int:
     sides = []
     for path in paths[::step][:sample]:
         try:
-            with open_image(path) as img:  # swavkit's formats and pixel limit, header only
-                sides.append(min(img.size))
+            sides.append(min(header_size(path)))  # header only; multispectral TIFFs too (data/channels.py)
         except Exception:  # unreadable files are skipped here as in training
             continue
     return int(statistics.median(sides)) if sides else 224

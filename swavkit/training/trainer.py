@@ -29,6 +29,7 @@ from swavkit.core.schedule import build_lr_schedule, explain_peak_lr
 from swavkit.runtime.signals import StopRequest as _StopRequest, StopRequested
 from swavkit.training.step import StepSettings, TrainState
 from swavkit.training.collapse import CollapsePolicy
+from swavkit.training.channels import adopt_saved_mean_std
 from swavkit.training.data_setup import TrainingData, build_data, cache_file_list
 from swavkit.training.loop import (UNPLANNED_TOTAL_STEPS, DataLoaderCrashed, Loop, TrainingDiverged, export,
                                    planned_settings, save_checkpoint, train_epochs)
@@ -122,6 +123,7 @@ def _open_run_folder(cfg: Config, restart: bool) -> tuple[RunFolder, dict | None
     if restart or not files.checkpoint.exists():
         return files, None
     checkpoint = load_training_checkpoint(files.checkpoint)
+    adopt_saved_mean_std(cfg, checkpoint["config"])  # mean/std computed from the data: the run's own numbers
     diffs = config_differences(_with_defaults(checkpoint["config"]), to_dict(cfg))
     if diffs:
         raise ConfigError(f"{printable_path(files.path)} holds a run with a different config ({', '.join(diffs[:6])}); "
@@ -203,7 +205,8 @@ def _build_state(cfg: Config, procs: Processes, data: TrainingData, core: SwAVMo
     optimizer_name = resolve_optimizer_name(cfg.optim.optimizer, core.backbone)
     lr_schedule = build_lr_schedule(cfg, data.steps_per_epoch, optimizer_name)
     optimizer = build_optimizer(core, optimizer_name, lr=lr_schedule.peak_lr, weight_decay=cfg.optim.weight_decay,
-                                momentum=cfg.optim.momentum, trust_coefficient=cfg.optim.lars_trust_coefficient)
+                                momentum=cfg.optim.momentum, trust_coefficient=cfg.optim.lars_trust_coefficient,
+                                lars_exclude=cfg.optim.lars_exclude)
     queue = None
     if cfg.swav.queue_length:
         queue = FeatureQueue(len(cfg.swav.assignment_crops), cfg.swav.queue_length // procs.world,
