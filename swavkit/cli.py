@@ -368,6 +368,35 @@ def _add_cluster(subparsers) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# embed, neighbours (their flags and their work live in swavkit/embed.py and swavkit/neighbours.py)
+
+def _add_embed(subparsers) -> None:
+    from swavkit.embed import add_arguments, run  # stdlib only at import; torch loads inside run
+
+    p = add_command(
+        subparsers, "embed", help="L2-normalised backbone features of every image, resumable, to .npy or .parquet",
+        description="Embed every image of DATA with the backbone's eval crop rule; unreadable files are skipped "
+                    "and listed. Writes FILE.npy + FILE.paths.txt (or FILE.parquet) and FILE.json, a manifest "
+                    "naming the backbone. Run the same command again to resume an interrupted run.",
+        examples=["swavkit embed runs/a /data/imgs --out embeddings/a.npy",
+                  "swavkit embed runs/a 'shards/train-{000000..000099}.tar' --out embeddings/a.parquet"], func=run)
+    add_arguments(p)
+
+
+def _add_neighbours(subparsers) -> None:
+    from swavkit.neighbours import add_arguments, run  # numpy only at import; faiss and torch inside run
+
+    p = add_command(
+        subparsers, "neighbours", help="nearest neighbours and near-duplicates in an embeddings file (faiss)",
+        description="Top-k cosine neighbours of every embedded image, or of --query images (embedded with the "
+                    "backbone the manifest names), or --duplicates groups; writes a CSV and a page of thumbnails.",
+        examples=["swavkit neighbours embeddings/a.npy --k 10 --out neighbours/a",
+                  "swavkit neighbours embeddings/a.npy --query cat.jpg --out neighbours/cat",
+                  "swavkit neighbours embeddings/a.npy --duplicates --threshold 0.95 --out duplicates/a"], func=run)
+    add_arguments(p)
+
+
+# ----------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swavkit", description="SwAV self-supervised learning for timm backbones")
@@ -376,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(subparsers)
     add_eval_commands(subparsers)
     _add_cluster(subparsers)
+    _add_embed(subparsers)
+    _add_neighbours(subparsers)
     add_plot_command(subparsers)
     add_shard_command(subparsers)
     add_finetune_command(subparsers)
