@@ -33,7 +33,7 @@ _PUBLIC = {
     "train": "swavkit.train", "TrainResult": "swavkit.train", "pretrain": "swavkit.api",
     "extract_features": "swavkit.features", "evaluate_knn": "swavkit.knn", "evaluate_linear": "swavkit.linear_probe",
     "EvalOptions": "swavkit.eval_options", "KnnOptions": "swavkit.eval_options",
-    "LinearOptions": "swavkit.eval_options",
+    "LinearOptions": "swavkit.eval_options", "embed": "swavkit.embed",
 }
 
 # Functions named like the submodule that defines them. Importing a submodule makes Python set the

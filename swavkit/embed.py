@@ -524,6 +524,7 @@ def embed(source: str | Path, data: str | Path | list, out: str | Path, *, image
     done = {chunk["index"] for chunk in manifest["chunks"]}
     if not manifest["complete"]:
         write_json_atomic(files.manifest, manifest)  # first: from now on every file here is recognisably ours
+        _rewind_skipped(files, sum(chunk["n_skipped"] for chunk in manifest["chunks"]))
         workers = default_num_workers() if num_workers is None else num_workers
         transform = preprocessing.transform()
         already = sum(chunk["n_inputs"] for chunk in manifest["chunks"])
@@ -543,6 +544,20 @@ def embed(source: str | Path, data: str | Path | list, out: str | Path, *, image
     return EmbedResult(files.vectors, files.manifest, None if files.is_parquet else files.paths, files.skipped,
                        manifest["n_rows"], manifest["n_skipped"], feature_dim, len(done),
                        time.perf_counter() - start_time)
+
+
+def _rewind_skipped(files: EmbeddingFiles, n_recorded: int) -> None:
+    """Keep the first ``n_recorded`` lines of the skipped list (those of the chunks the manifest records):
+    a run killed after listing a chunk's unreadable files but before recording the chunk would otherwise
+    list them twice once the chunk is redone - as a resumed training run takes skipped.txt back."""
+    from swavkit.data import read_skipped_report
+    from swavkit.data.names import skipped_report_text
+    from swavkit.fileio import write_text_atomic
+
+    if files.skipped.exists():
+        entries = read_skipped_report(files.skipped)
+        if len(entries) != n_recorded:
+            write_text_atomic(files.skipped, skipped_report_text(entries[:n_recorded]))
 
 
 def _finish(files: EmbeddingFiles, manifest: dict, feature_dim: int) -> None:
