@@ -25,6 +25,7 @@ chunks are joined into ``emb.npy`` (atomically), the manifest says complete and 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -102,8 +103,6 @@ class EmbeddingFiles:
 
 
 def _manifest_vectors(path: Path) -> str | None:
-    import json
-
     try:
         return json.loads(path.read_text(encoding="utf-8")).get("vectors_file")
     except (OSError, ValueError, AttributeError):
@@ -113,7 +112,6 @@ def _manifest_vectors(path: Path) -> str | None:
 def read_manifest(files: EmbeddingFiles) -> dict | None:
     """The manifest of ``files``; None when there is none. DataError when the file is not one of ours."""
     from swavkit.data import DataError, printable_path
-    import json
 
     if not files.manifest.exists():
         return None
@@ -210,6 +208,7 @@ def _shard_samples_class():
 
         def __iter__(self):
             from torch.utils.data import get_worker_info
+
             from swavkit.data import UnreadableImage
             from swavkit.data.images import describe_failure, read_rgb_bytes
             from swavkit.data.shards import _shard_samples
@@ -253,17 +252,18 @@ def _collate(items):
 
 @dataclass(frozen=True)
 class Chunk:
-    """One resumable unit: ``paths`` of a folder/list (inputs ``first``..) or one ``shard``."""
+    """One resumable unit: images ``start``..``stop`` of ``images`` (a folder/list's compact PathList,
+    shared by every chunk: no per-image Python string for millions of images), or one ``shard``."""
     index: int
-    paths: list[str] | None = None
+    images: object = None  # swavkit.data.PathList
+    start: int = 0
+    stop: int = 0
     shard: str | None = None
-    first: int = 0
 
     def dataset(self, transform):
-        return _shard_samples_class()(self.shard, transform) if self.shard else _NamedFiles(self.paths, transform)
-
-    def n_inputs(self) -> int | None:
-        return len(self.paths) if self.paths is not None else None
+        if self.shard:
+            return _shard_samples_class()(self.shard, transform)
+        return _NamedFiles([os.path.abspath(p) for p in self.images[self.start:self.stop]], transform)
 
 
 def plan_chunks(data: list[str], chunk_images: int) -> tuple[list[Chunk], dict]:
@@ -286,10 +286,10 @@ def plan_chunks(data: list[str], chunk_images: int) -> tuple[list[Chunk], dict]:
         chunks = [Chunk(i, shard=shard) for i, shard in enumerate(shards)]
         n_inputs = stored_count(shards)
     else:
-        paths = [os.path.abspath(p) for p in resolve_images(list(data))]
+        paths = resolve_images(list(data))
         for path in paths:
-            digest.update(os.fsencode(path) + b"\n")
-        chunks = [Chunk(i, paths=paths[start:start + chunk_images], first=start)
+            digest.update(os.fsencode(os.path.abspath(path)) + b"\n")
+        chunks = [Chunk(i, paths, start, min(start + chunk_images, len(paths)))
                   for i, start in enumerate(range(0, len(paths), chunk_images))]
         n_inputs = len(paths)
     record = {"sources": [os.path.abspath(spec) for spec in data], "kind": "shards" if shard_specs else "images",
@@ -352,6 +352,7 @@ def _embed_batches(backbone, chunk, transform, *, device, dtype, batch_size, num
 
 def _save_chunk(files: EmbeddingFiles, chunk: Chunk, vectors: np.ndarray, names: list[str]) -> None:
     import numpy as np
+
     from swavkit.data import printable_path
 
     vectors_path, names_path = files.chunk(chunk.index)
@@ -407,6 +408,7 @@ def _join_npy(files: EmbeddingFiles, chunks: list[dict], feature_dim: int) -> No
     """The chunks' vectors -> ``files.vectors`` [N, D], streamed through a memory map (never all in RAM),
     written to a temporary sibling and renamed; the paths list likewise."""
     import numpy as np
+
     from swavkit.fileio import fsync_dir
 
     n_rows = sum(chunk["n_rows"] for chunk in chunks)
@@ -464,6 +466,7 @@ def _remove_parts(files: EmbeddingFiles, chunks: list[dict]) -> None:
 def _prepare_backbone(source, image_size_px: int | None, device: torch.device, channels_last: bool):
     """(backbone on ``device`` in eval mode, Preprocessing, identity dict, feature dim D)."""
     import torch
+
     from swavkit.features import load_eval_backbone
     from swavkit.preprocessing import resolve_preprocessing
 
@@ -502,8 +505,9 @@ def embed(source: str | Path, data: str | Path | list, out: str | Path, *, image
         :class:`EmbedResult`. Raises DataError (one line) for refused outputs and sources without images.
     """
     from tqdm import tqdm
-    from swavkit.data import append_skipped_report
+
     from swavkit.config import default_num_workers
+    from swavkit.data import append_skipped_report
     from swavkit.device import autocast_dtype, resolve_device, resolve_precision
 
     if chunk_images < 1 or batch_size < 1:
@@ -595,6 +599,7 @@ def load_embeddings(path: str | Path) -> Embeddings:
     no manifest (not written by swavkit embed: its backbone is unknown), an unfinished run, or files
     whose row counts disagree with the manifest."""
     import numpy as np
+
     from swavkit.data import DataError, path_from_printable, printable_path
 
     files = EmbeddingFiles.for_output(path)
