@@ -518,7 +518,8 @@ def embed(source: str | Path, data: str | Path | list, out: str | Path, *, image
     chunks, data_record = plan_chunks([str(d) for d in data] if isinstance(data, (list, tuple)) else [str(data)],
                                       chunk_images)
     device = resolve_device(device)
-    dtype = autocast_dtype(resolve_precision(precision, device))
+    precision = resolve_precision(precision, device)
+    dtype = autocast_dtype(precision)
     backbone, preprocessing, identity, feature_dim = _prepare_backbone(source, image_size_px, device, channels_last)
     earlier = check_output(files, identity, data_record)  # all checks before the first write
     manifest = earlier or {"format": EMBEDDINGS_FORMAT, "complete": False, "vectors_file": files.vectors.name,
@@ -542,7 +543,8 @@ def embed(source: str | Path, data: str | Path | list, out: str | Path, *, image
                 _save_chunk(files, chunk, vectors.reshape(-1, feature_dim), names)
                 append_skipped_report(files.skipped, unreadable)
                 manifest["chunks"].append({"index": chunk.index, "n_inputs": len(names) + len(unreadable),
-                                           "n_rows": len(names), "n_skipped": len(unreadable)})
+                                           "n_rows": len(names), "n_skipped": len(unreadable),
+                                           "precision": precision})  # a resumed run may run elsewhere
                 write_json_atomic(files.manifest, manifest)  # the chunk counts as done only from here on
         _finish(files, manifest, feature_dim)
     return EmbedResult(files.vectors, files.manifest, None if files.is_parquet else files.paths, files.skipped,
