@@ -183,3 +183,19 @@ def test_parquet_without_pyarrow_is_one_line_naming_the_extra(images, tmp_path, 
     with pytest.raises(ConfigError, match=r'pip install "swavkit\[parquet\]", or name a .npy file'):
         embed_function(BACKBONE, root, tmp_path / "emb.parquet", **COMMON)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_embed_and_neighbours_need_none_of_the_extras(images, embedded, tmp_path, monkeypatch):
+    """The core path (.npy, faiss search, page) with pyarrow and the ONNX packages unimportable."""
+    for extra in ("pyarrow", "pyarrow.parquet", "onnx", "onnxscript", "onnxruntime"):
+        monkeypatch.setitem(sys.modules, extra, None)
+    from swavkit.neighbours import neighbours
+
+    root, readable, _ = images
+    _, loaded = embedded
+    embed_function(BACKBONE, [str(root / "sub")], tmp_path / "sub.npy", **COMMON)
+    got = embed_module.load_embeddings(tmp_path / "sub.npy")
+    sub_rows = [loaded.paths.index(p) for p in got.paths]
+    np.testing.assert_allclose(got.vectors, loaded.vectors[sub_rows], atol=1e-5)
+    result = neighbours(str(tmp_path / "sub.npy"), str(tmp_path / "nn"), k=2, progress=False)
+    assert result["n_queries"] == len(got.paths) == 6 and (tmp_path / "nn" / "index.html").is_file()
