@@ -633,6 +633,23 @@ def load_embeddings(path: str | Path) -> Embeddings:
 # ----------------------------------------------------------------------------------------------------
 # command line: swavkit embed
 
+def _count(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse prints the one-line usage error otherwise)."""
+    import argparse
+
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _count_or_zero(text: str) -> int:
+    import argparse
+
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
+
+
 def add_arguments(parser) -> None:
     """The flags of ``swavkit embed``."""
     from swavkit.config import default_num_workers
@@ -643,17 +660,17 @@ def add_arguments(parser) -> None:
                         "or tar shards (a pattern ending in .tar)")
     parser.add_argument("--out", required=True, metavar="FILE",
                         help="FILE.npy (+ FILE.paths.txt) or FILE.parquet (pyarrow), + FILE.json manifest")
-    parser.add_argument("--image-size", type=int, default=None, metavar="PX",
+    parser.add_argument("--image-size", type=_count, default=None, metavar="PX",
                         help="input side (default: the export's input size, else the checkpoint's large crop)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
-    parser.add_argument("--workers", "--num-workers", dest="workers", type=int, default=default_num_workers(),
+    parser.add_argument("--batch-size", type=_count, default=256, help="images per forward pass (default 256)")
+    parser.add_argument("--workers", "--num-workers", dest="workers", type=_count_or_zero, default=default_num_workers(),
                         metavar="N", help="DataLoader decoding processes; 0 decodes in this process")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto: the GPU when "
                                                           "there is one)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                         help="auto = bf16 autocast on GPUs that support it, fp32 on CPU")
     parser.add_argument("--channels-last", action="store_true", help="NHWC (faster convnets on GPUs)")
-    parser.add_argument("--chunk-images", type=int, default=DEFAULT_CHUNK_IMAGES, metavar="N",
+    parser.add_argument("--chunk-images", type=_count, default=DEFAULT_CHUNK_IMAGES, metavar="N",
                         help=f"images per resumable chunk (default {DEFAULT_CHUNK_IMAGES}; shards: one per shard)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
