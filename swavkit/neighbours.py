@@ -274,7 +274,7 @@ def render_page(rows: list[tuple[str, list[tuple[str, str]]]], summary: list[tup
         for path, score in figures:
             out.append(thumbnail_figure(path, os.path.basename(path), f"{path} ({score})", score,
                                         thumbnails.get(path), page_dir=page_dir, lazy=shown >= EAGER_THUMBNAILS))
-            shown += 1
+            shown += path in thumbnails
         out.append("</div></section>")
     out += ["</body>", "</html>", ""]
     return "\n".join(out)
