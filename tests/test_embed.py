@@ -4,6 +4,7 @@ that names the backbone, refusals that change nothing (tiny resnet10t at 32 px, 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import sys
 import tarfile
@@ -20,8 +21,6 @@ from swavkit.cli import main
 from swavkit.data import DataError, find_images, read_rgb, read_skipped_report
 from swavkit.features import load_eval_backbone
 from swavkit.preprocessing import Preprocessing
-
-import importlib
 
 embed_module = importlib.import_module("swavkit.embed")
 BACKBONE = "timm:resnet10t"
