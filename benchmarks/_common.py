@@ -261,9 +261,11 @@ def update_readme(name: str, markdown: str, *, prefix: str = "perf", heading: st
 
 
 def report(name: str, title: str, command: str, protocol: str, tables: str, verdicts: Verdicts, env: dict,
-           payload: dict, write_readme: bool = True, machine: str | None = None) -> int:
+           payload: dict, write_readme: bool = True, machine: str | None = None,
+           heading: str = PERFORMANCE_HEADING) -> int:
     """Print the markdown, write results/<name>.json and the README block; return the exit code.
-    ``machine``: a description that replaces the shared-CPU-machine sentence (e.g. a lent GPU machine)."""
+    ``machine``: a description that replaces the shared-CPU-machine sentence (e.g. a lent GPU machine).
+    ``heading``: the README section that holds the block (created at the end when missing)."""
     if machine:  # the JSON says the same as the README line, not the shared-machine default
         env = {**env, "note": machine}
     machine = machine or (f"{env['cpu_count']} CPUs ({env['cpu_model']}), "
@@ -281,7 +283,7 @@ def report(name: str, title: str, command: str, protocol: str, tables: str, verd
     write_result(name, {"benchmark": name, "command": command, "environment": env, "targets": verdicts.items,
                         "all_targets_met": verdicts.exit_code == 0, **payload})
     if write_readme:
-        update_readme(name, md)
+        update_readme(name, md, heading=heading)
     return verdicts.exit_code
 
 

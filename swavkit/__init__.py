@@ -33,7 +33,7 @@ _PUBLIC = {
     "train": "swavkit.training.trainer", "TrainResult": "swavkit.training.trainer", "pretrain": "swavkit.api",
     "extract_features": "swavkit.evaluation.features", "evaluate_knn": "swavkit.evaluation.knn", "evaluate_linear": "swavkit.evaluation.linear_probe",
     "EvalOptions": "swavkit.evaluation.options", "KnnOptions": "swavkit.evaluation.options",
-    "LinearOptions": "swavkit.evaluation.options",
+    "LinearOptions": "swavkit.evaluation.options", "embed": "swavkit.evaluation.embed",
 }
 
 # Functions named like an (old) submodule path. Importing a submodule makes Python set the package

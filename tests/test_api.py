@@ -121,6 +121,7 @@ def test_every_public_callable_works_twice_in_one_process(tmp_path):
         "EvalOptions": lambda: swavkit.EvalOptions(num_workers=0),
         "KnnOptions": lambda: swavkit.KnnOptions(k=3),
         "LinearOptions": lambda: swavkit.LinearOptions(recipe="reference"),
+        "embed": lambda: swavkit.embed(run, images, tmp_path / "emb.npy", num_workers=0, device="cpu", progress=False),
     }
     public = {name for name in swavkit.__all__ if callable(getattr(swavkit, name))}
     assert set(calls) == public, "a public name without a call here (or a call for a name no longer public)"

@@ -1,5 +1,5 @@
 """data.channels / data.bit_depth: N-channel and 16-bit images from file to features, end to end
-(pretrain -> export -> load_backbone -> extract_features) on generated 1- and 4-channel TIFF folders."""
+(pretrain -> export -> load_backbone -> extract_features -> embed) on generated 1- and 4-channel TIFF folders."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from swavkit.data import LabelledImageFolder, UnreadableImage, read_rgb, read_sk
 from swavkit.data import images as images_module
 from swavkit.data.channels import (ArrayEvalTransform, ChannelCropTransform, ChannelReader, estimate_mean_std,
                                    read_channels)
+from swavkit.data.errors import DataError
 from swavkit.evaluation.features import extract_features
 from swavkit.evaluation.knn import evaluate_knn
 from swavkit.data.multicrop import P_GRAY, P_JITTER, MultiCropTransform
@@ -94,6 +95,24 @@ def test_pretrain_export_load_embed_on_n_channel_16bit_tiffs(tmp_path, channels)
                           out_json=str(tmp_path / "knn.json"))
     assert result["preprocessing"]["channels"] == channels and result["preprocessing"]["bit_depth"] == 16
     assert "floors skipped" in result["floors_skipped"] and "floors" not in result
+    # swavkit embed on the same folder: one unit row per image, the same features as extract_features
+    from swavkit import embed
+    from swavkit.evaluation.neighbours import neighbours
+
+    embedded = embed(tmp_path / "run" / "backbone", data, tmp_path / "emb.npy", num_workers=0, device="cpu",
+                     progress=False)
+    rows = np.load(embedded.vectors)
+    assert rows.shape == (len(written), net.num_features)
+    np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, rtol=1e-5)
+    expected = torch.nn.functional.normalize(features, dim=1).numpy()
+    paths = embedded.paths.read_text().splitlines()
+    order = [sorted(paths).index(path) for path in paths]  # the folder order of both readers
+    np.testing.assert_allclose(rows, expected[order], atol=1e-5)
+    # a query of another channel count is refused in one line, nothing written
+    Image.new("RGB", (24, 24), (9, 9, 9)).save(tmp_path / "rgb_query.png")
+    with pytest.raises(DataError, match=f"3 channel\\(s\\), but data.channels={channels}"):
+        neighbours(embedded.manifest, tmp_path / "nb", queries=[str(tmp_path / "rgb_query.png")], progress=False)
+    assert not (tmp_path / "nb").exists()
 
 
 def test_sixteen_bits_keep_every_level_and_eight_bits_scale_like_read_rgb(tmp_path):

@@ -1,4 +1,4 @@
-"""Command line: ``swavkit pretrain | export | knn | linear | cluster | finetune | plot | shard``. Thin: parse,
+"""Command line: ``swavkit pretrain | export | knn | linear | cluster | embed | neighbours | finetune | plot | shard``. Thin: parse,
 call the library. Every sub-command lives in one module of this package and is registered the same way
 (its module's ``register(subparsers)``, listed in COMMAND_MODULES).
 
@@ -12,11 +12,11 @@ import argparse
 import os
 import sys
 
-from swavkit.cli import evaluate, finetune, pretrain, tools
+from swavkit.cli import embed, evaluate, finetune, pretrain, tools
 from swavkit.errors import EXIT_STOPPED, is_stop_request, is_user_error
 
 # the sub-command modules, in the order `swavkit --help` lists their commands
-COMMAND_MODULES = (pretrain, evaluate, finetune, tools)
+COMMAND_MODULES = (pretrain, evaluate, embed, finetune, tools)
 
 
 def build_parser() -> argparse.ArgumentParser:

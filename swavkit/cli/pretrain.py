@@ -60,7 +60,17 @@ def _add_pretrain(subparsers) -> None:
 def _cmd_export(args) -> int:
     from swavkit.artifacts.checkpoint import check_export_target
     from swavkit.artifacts.pretrained import LoadError, export_checkpoint, export_torchvision, torchvision_state
+    from swavkit.errors import ConfigError
 
+    if args.out_dir is None and (args.torchvision or not args.onnx):
+        raise ConfigError("export: give OUT_DIR (the timm layout; --torchvision converts it), --onnx FILE, or both")
+    if args.onnx:  # checked before anything is written
+        from swavkit.evaluation.onnx_export import check_onnx_target, require_exporter
+
+        require_exporter()
+        check_onnx_target(args.onnx)
+    if args.out_dir is None:
+        return _export_onnx(args)
     check_export_target(args.out_dir)
     tv_state = None
     if args.torchvision and Path(args.torchvision).exists():  # a file the user already has is never replaced
@@ -75,16 +85,30 @@ def _cmd_export(args) -> int:
     if tv_state is not None:
         tv = export_torchvision(out, args.torchvision, state=tv_state)
         print(f"torchvision ResNet layout: {tv} (model.fc = torch.nn.Identity(); model.load_state_dict(...))")
+    if args.onnx:
+        return _export_onnx(args)
+    return 0
+
+
+def _export_onnx(args) -> int:
+    from swavkit.evaluation.onnx_export import describe, export_onnx
+
+    print(describe(export_onnx(args.source, args.onnx)))
     return 0
 
 def _add_export(subparsers) -> None:
     p = add_command(subparsers, "export", help="run folder or checkpoint -> timm-loadable backbone folder",
                     examples=["swavkit export runs/a exports/a",
                               "swavkit export swav_800ep_pretrain.pth.tar exports/swav_rn50 "
-                              "--torchvision exports/rn50_tv.safetensors"], func=_cmd_export)
+                              "--torchvision exports/rn50_tv.safetensors",
+                              "swavkit export runs/a --onnx exports/a.onnx"], func=_cmd_export)
     p.add_argument("source", metavar="SOURCE", help="a run folder (out_dir; its checkpoints/last.pt is used), a "
                                                     "checkpoint .pt, or a released SwAV/VISSL checkpoint")
-    p.add_argument("out_dir", help="folder to write config.json + model.safetensors into")
+    p.add_argument("out_dir", nargs="?", default=None,
+                   help="folder to write config.json + model.safetensors into (may be left out with --onnx)")
+    p.add_argument("--onnx", metavar="FILE.onnx", default=None,
+                   help="also (or only) write the backbone as ONNX with a dynamic batch axis, checked against "
+                        "PyTorch's output (max abs difference printed); needs pip install \"swavkit[onnx]\"")
     p.add_argument("--torchvision", metavar="FILE.safetensors",
                    help="also write the weights in torchvision's ResNet key layout")
 

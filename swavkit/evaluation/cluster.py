@@ -52,9 +52,11 @@ OUTPUT_NAMES = (HISTOGRAM_FILE, ASSIGNMENTS_FILE, PAGE_FILE, THUMBS_DIR)
 PAGE_MARKER = '<meta name="generator" content="swavkit cluster explorer">'  # how a rerun knows the folder
 
 
-def check_output_folder(out_dir: Path, data_dir: str) -> None:
-    """``--out`` must be new, empty, or an earlier explorer output, and outside the image folder (thumbnails
-    there would become training images); refused with one line (DataError) otherwise."""
+def check_output_folder(out_dir: Path, data_dir: str, *, output_names: tuple[str, ...] = OUTPUT_NAMES,
+                        page_marker: str = PAGE_MARKER) -> None:
+    """``--out`` must be new, empty, or an earlier output of the same command (recognised by ``page_marker``
+    in its page; it may hold ``output_names``), and outside the image folder (thumbnails there would become
+    training images); refused with one line (DataError) otherwise. ``swavkit neighbours`` passes its own."""
     out, data = out_dir.resolve(), Path(data_dir).resolve()
     if out == data or data in out.parents:
         raise DataError(f"--out {printable_path(out_dir)} is inside the image folder {printable_path(data_dir)}: "
@@ -65,9 +67,9 @@ def check_output_folder(out_dir: Path, data_dir: str) -> None:
         return
     entries = sorted(entry.name for entry in out_dir.iterdir())
     page = out_dir / PAGE_FILE
-    ours = page.is_file() and PAGE_MARKER in page.read_text(encoding="utf-8", errors="replace")
-    # an earlier explorer output (recognised by its page) may be replaced; any other folder must be empty
-    foreign = [name for name in entries if not (ours and name in OUTPUT_NAMES)]
+    ours = page.is_file() and page_marker in page.read_text(encoding="utf-8", errors="replace")
+    # an earlier output (recognised by its page) may be replaced; any other folder must be empty
+    foreign = [name for name in entries if not (ours and name in output_names)]
     if foreign:
         raise DataError(f"--out {printable_path(out_dir)} holds files swavkit did not write "
                         f"({', '.join(printable_path(n) for n in foreign[:5])}); choose a new or empty folder")
@@ -279,6 +281,34 @@ def _relative_href(path: str, page_dir: str | None) -> str | None:
     return quote(os.fsencode(Path(relative).as_posix()))  # bytes: a non-UTF-8 name still gets a link
 
 
+def page_head(title: str, marker: str) -> list[str]:
+    """The opening lines of a swavkit thumbnail page up to ``<body>``: style, load check, ``marker`` (how a
+    rerun recognises its own output folder); ``title`` is escaped here."""
+    return ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">', marker,
+            f"<title>{html.escape(printable_path(title))}</title>", f"<style>{_PAGE_STYLE}</style>",
+            f"<script>{_PAGE_SCRIPT}</script>", "</head>", "<body>"]
+
+
+def thumbnail_figure(path: str, name: str, title: str, score: str, thumbnail: str | None, *,
+                     page_dir: str | None, lazy: bool) -> str:
+    """One ``<figure>`` of a thumbnail page: the thumbnail (a relative path; None = "unreadable" box)
+    linked to the original ``path``, captioned "``score`` ``name``" (``score`` in bold), ``title`` on hover.
+    Names are shown printable and HTML-escaped."""
+    def esc(text: str) -> str:
+        return html.escape(printable_path(text))
+
+    if thumbnail is not None:
+        loading = ' loading="lazy"' if lazy else ""
+        picture = f'<img src="{esc(thumbnail)}" alt="{esc(name)}" title="{esc(title)}"{loading}>'
+        href = _relative_href(path, page_dir)
+        if href is not None:
+            picture = f'<a href="{esc(href)}">{picture}</a>'
+    else:
+        picture = f'<div class="missing" title="{esc(title)}">unreadable</div>'
+    return (f'<figure>{picture}<figcaption><span class="confidence">{esc(score)}</span> '
+            f'{esc(name)}</figcaption></figure>')
+
+
 def render_page(assignments: ClusterAssignments, members: dict[int, list[int]], thumbnails: dict[int, str],
                 *, data_dir: str, checkpoint: str, temperature: float, image_size_px: int,
                 page_dir: str | None = None) -> str:
@@ -306,9 +336,7 @@ def render_page(assignments: ClusterAssignments, members: dict[int, list[int]], 
         items = "".join(f"<li>{esc(path)} <small>({esc(reason)})</small></li>" for path, reason in assignments.skipped)
         skipped_html = f"<details><summary>{len(assignments.skipped)} unreadable</summary><ul>{items}</ul></details>"
     out = [
-        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">', PAGE_MARKER,
-        f"<title>SwAV clusters of {esc(os.path.basename(data_dir.rstrip(os.sep)) or data_dir)}</title>",
-        f"<style>{_PAGE_STYLE}</style>", f"<script>{_PAGE_SCRIPT}</script>", "</head>", "<body>",
+        *page_head(f"SwAV clusters of {os.path.basename(data_dir.rstrip(os.sep)) or data_dir}", PAGE_MARKER),
         "<h1>SwAV cluster explorer</h1>",
         '<table class="summary">',
         f"<tr><td>images</td><td>{n_images}</td></tr>",
@@ -338,17 +366,9 @@ def render_page(assignments: ClusterAssignments, members: dict[int, list[int]], 
             relative = os.path.relpath(path, data_dir)
             confidence = float(confidences[i])
             label = f"{relative} (confidence {confidence:.3f})"
-            if i in thumbnails:
-                loading = ' loading="lazy"' if shown >= EAGER_THUMBNAILS else ""
-                shown += 1
-                picture = f'<img src="{esc(thumbnails[i])}" alt="{esc(relative)}" title="{esc(label)}"{loading}>'
-                href = _relative_href(path, page_dir)
-                if href is not None:
-                    picture = f'<a href="{esc(href)}">{picture}</a>'
-            else:
-                picture = f'<div class="missing" title="{esc(label)}">unreadable</div>'
-            out.append(f'<figure>{picture}<figcaption><span class="confidence">{confidence:.2f}</span> '
-                       f'{esc(relative)}</figcaption></figure>')
+            out.append(thumbnail_figure(path, relative, label, f"{confidence:.2f}", thumbnails.get(i),
+                                        page_dir=page_dir, lazy=shown >= EAGER_THUMBNAILS))
+            shown += i in thumbnails
         out.append("</div></section>")
     out += ["</body>", "</html>", ""]
     return "\n".join(out)
@@ -427,4 +447,4 @@ def explore_clusters(checkpoint: str | Path, data_dir: str | Path, out_dir: str 
 
 
 __all__ = ["ClusterAssignments", "assign_clusters", "soft_codes", "top_members", "write_assignments_csv",
-           "draw_size_histogram", "render_page", "explore_clusters"]
+           "draw_size_histogram", "render_page", "page_head", "thumbnail_figure", "explore_clusters"]

@@ -1,0 +1,644 @@
+"""Embeddings of every image of a data source (``swavkit embed``, ``swavkit.evaluation.embed``).
+
+Each image is decoded as in pretraining (every mode to RGB; an unreadable file is skipped and listed,
+not fatal), cut by the backbone's evaluation crop rule (:func:`swavkit.artifacts.preprocessing.resolve_preprocessing`),
+run through the backbone in batches (on the GPU when there is one) and L2-normalised, so the inner
+product of two rows is their cosine similarity.
+
+Files, for ``--out emb.npy`` (``emb.parquet``: one file of (path, vector) rows instead of the first two):
+
+* ``emb.npy``: [N, D] float32, one unit-length row per readable image;
+* ``emb.paths.txt``: N lines, row i's image in swavkit's printable form (swavkit.data.path_from_printable
+  gives the exact name back); a shard sample is ``<shard>/<member>``;
+* ``emb.json``: the manifest: format, whether the run is complete, the backbone's identity (source,
+  architecture, feature dim, input channels, sha256 of its weights), the preprocessing, the sources and the
+  finished chunks. ``swavkit neighbours`` and a resumed run refuse a file whose identity differs;
+* ``emb.skipped.txt``: unreadable files, ``path<TAB>reason`` (appended line by line, as in pretraining);
+* ``emb.parts/``: while the run is going, one ``.npy`` + ``.paths.txt`` per finished chunk.
+
+Resumable: the images are cut into chunks (``chunk_images`` images of a folder or list; one shard each for
+shards). A chunk is written atomically, then the manifest (also atomic) records it, so a killed run loses at
+most the chunk in flight and the same command continues after the last recorded chunk. At the end the
+chunks are joined into ``emb.npy`` (atomically), the manifest says complete and the parts are removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from swavkit.runtime.fileio import atomic_writer, write_json_atomic
+
+# torch, numpy and swavkit.data (which imports torch) load inside the functions, so that the command
+# line's --help, which reads add_arguments below, stays instant (tests/test_cli.py).
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+EMBEDDINGS_FORMAT = "swavkit-embeddings-v1"
+# Images per resumable chunk of a folder or list: a kill loses at most this many images' work (about a
+# minute of a CPU, seconds of a GPU) and a million images make ~120 chunk files, few enough to join.
+DEFAULT_CHUNK_IMAGES = 8192
+SUFFIXES = (".npy", ".parquet")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the files of one embeddings output
+
+@dataclass(frozen=True)
+class EmbeddingFiles:
+    """Where the files of ``--out`` go (see the module docstring)."""
+    vectors: Path  # emb.npy or emb.parquet
+
+    @classmethod
+    def for_output(cls, out: str | Path) -> EmbeddingFiles:
+        """``emb.npy`` / ``emb.parquet`` -> its files; ``emb.json`` (the manifest) finds the vectors it names."""
+        from swavkit.data import DataError, printable_path
+
+        out = Path(out)
+        if out.suffix == ".json":
+            vectors = _manifest_vectors(out)
+            return cls(out.with_name(vectors) if vectors else out.with_suffix(".npy"))
+        if out.suffix not in SUFFIXES:
+            raise DataError(f"--out {printable_path(out)}: name a .npy file (vectors + a .paths.txt list) or a "
+                            ".parquet file (path, vector rows; needs pyarrow)")
+        return cls(out)
+
+    @property
+    def stem(self) -> Path:
+        return self.vectors.with_suffix("")
+
+    @property
+    def is_parquet(self) -> bool:
+        return self.vectors.suffix == ".parquet"
+
+    @property
+    def manifest(self) -> Path:
+        return self.stem.with_suffix(".json")
+
+    @property
+    def paths(self) -> Path:
+        return self.stem.with_name(self.stem.name + ".paths.txt")
+
+    @property
+    def skipped(self) -> Path:
+        return self.stem.with_name(self.stem.name + ".skipped.txt")
+
+    @property
+    def parts(self) -> Path:
+        return self.stem.with_name(self.stem.name + ".parts")
+
+    def chunk(self, index: int) -> tuple[Path, Path]:
+        """(vectors .npy, paths .txt) of chunk ``index`` inside ``parts``."""
+        return self.parts / f"chunk-{index:06d}.npy", self.parts / f"chunk-{index:06d}.paths.txt"
+
+    def outputs(self) -> list[Path]:
+        """Every name this output may write, the manifest first."""
+        return [self.manifest, self.vectors] + ([] if self.is_parquet else [self.paths]) + [self.skipped, self.parts]
+
+
+def _manifest_vectors(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("vectors_file")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def read_manifest(files: EmbeddingFiles) -> dict | None:
+    """The manifest of ``files``; None when there is none. DataError when the file is not one of ours."""
+    from swavkit.data import DataError, printable_path
+
+    if not files.manifest.exists():
+        return None
+    try:
+        manifest = json.loads(files.manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        manifest = {"error": str(err)}
+    if not isinstance(manifest, dict) or manifest.get("format") != EMBEDDINGS_FORMAT:
+        raise DataError(f"{printable_path(files.manifest)} is not a swavkit embeddings manifest; choose another --out")
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------------
+# identity: which backbone and preprocessing made the vectors
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes), in state_dict order: the same
+    weights give the same hash wherever the files live, any changed weight another."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().to("cpu").contiguous().reshape(-1)  # 0-d buffers (BN counters) too
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def input_channels(module: torch.nn.Module) -> int:
+    """Channels the backbone takes: its first convolution's (timm's patch embedding is one too), else 3."""
+    import torch
+
+    first = next((m for m in module.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    return int(first.in_channels) if first is not None else 3
+
+
+def backbone_identity(source, backbone: torch.nn.Module, feature_dim: int) -> dict:
+    """The manifest's ``backbone`` section (see :func:`same_identity` for what must match)."""
+    from swavkit.evaluation.features import backbone_name, backbone_record
+
+    return {**backbone_record(source, backbone_name(backbone), feature_dim),
+            "in_channels": input_channels(backbone), "weights_sha256": weights_sha256(backbone)}
+
+
+IDENTITY_KEYS = ("architecture", "feature_dim", "in_channels", "weights_sha256")
+PREPROCESSING_KEYS = ("image_size_px", "crop_fraction", "mean", "std")
+
+
+def identity_mismatch(recorded: dict, current: dict) -> str:
+    """"" when ``current`` (a manifest's backbone + preprocessing) may extend or query ``recorded``; else
+    what differs, for a one-line message. The source path is not compared: a moved folder is the same
+    backbone."""
+    differences = []
+    for section, keys in (("backbone", IDENTITY_KEYS), ("preprocessing", PREPROCESSING_KEYS)):
+        for key in keys:
+            old, new = recorded.get(section, {}).get(key), current.get(section, {}).get(key)
+            if old != new:
+                shown = (lambda v: str(v)[:12]) if key == "weights_sha256" else str
+                differences.append(f"{key} {shown(old)} there, {shown(new)} here")
+    return "; ".join(differences)
+
+
+# ----------------------------------------------------------------------------------------------------
+# reading the images of one chunk
+
+class _NamedFiles:  # map-style: a DataLoader needs only __len__ and __getitem__
+    """``paths[i]`` -> (i, [C, H, W] tensor | None, path, None | (path, reason)): ReadOrReport's item with
+    the name, so a worker's result says which image it is."""
+
+    def __init__(self, paths: list[str], transform, reader=None):
+        from swavkit.data import ImageFiles, ReadOrReport
+
+        self.paths, self.files = paths, ReadOrReport(ImageFiles(paths, transform=transform, reader=reader))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        _, sample, _, unreadable = self.files[index]
+        return index, sample, self.paths[index], unreadable
+
+
+def _shard_samples_class():
+    """:class:`_ShardSamples`, defined on first use: a DataLoader streams only from a subclass of torch's
+    IterableDataset, and torch must not load when this module is imported (see the imports)."""
+    from torch.utils.data import IterableDataset
+
+    class _ShardSamples(IterableDataset):
+        """The samples of one tar shard, in tar order, as :class:`_NamedFiles` items; data worker w of W
+        decodes samples w, w + W, ... (each worker reads the tar; decoding, not reading, is the cost)."""
+
+        def __init__(self, shard: str, transform):
+            self.shard, self.transform = shard, transform
+
+        def __iter__(self):
+            from torch.utils.data import get_worker_info
+
+            from swavkit.data import UnreadableImage
+            from swavkit.data.images import describe_failure, read_rgb_bytes
+            from swavkit.data.shards import _shard_samples
+
+            worker = get_worker_info()
+            slot, n_slots = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+            for position, (name, data, reason) in enumerate(_shard_samples(self.shard)):
+                if position % n_slots != slot:
+                    continue
+                if data is None:
+                    yield position, None, name, (name, reason)
+                    continue
+                try:
+                    yield position, self.transform(read_rgb_bytes(data, name)), name, None
+                except UnreadableImage as err:
+                    yield position, None, name, (err.path, err.reason)
+                except Exception as err:  # a decodable but degenerate image: still this sample's fault
+                    yield position, None, name, (name, describe_failure(err))
+
+    _ShardSamples.__module__, _ShardSamples.__qualname__ = __name__, "_ShardSamples"
+    globals()["_ShardSamples"] = _ShardSamples  # workers started by spawn find it by name (__getattr__)
+    return _ShardSamples
+
+
+def __getattr__(name: str):
+    if name == "_ShardSamples":
+        return _shard_samples_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _collate(items):
+    """[(position, sample | None, name, unreadable | None)] -> (positions [B'], samples [B', C, H, W] | None,
+    names [B'], unreadable [(path, reason)]) for the B' readable items."""
+    import torch
+
+    readable = [item for item in items if item[3] is None]
+    samples = torch.stack([item[1] for item in readable]) if readable else None
+    return ([item[0] for item in readable], samples, [item[2] for item in readable],
+            [item[3] for item in items if item[3] is not None])
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One resumable unit: images ``start``..``stop`` of ``images`` (a folder/list's compact PathList,
+    shared by every chunk: no per-image Python string for millions of images), or one ``shard``."""
+    index: int
+    images: object = None  # swavkit.data.PathList
+    start: int = 0
+    stop: int = 0
+    shard: str | None = None
+
+    def dataset(self, transform, reader=None):
+        """``reader``: Preprocessing.reader() (None: 8-bit RGB, the only decoding of shards)."""
+        if self.shard:
+            return _shard_samples_class()(self.shard, transform)
+        return _NamedFiles([os.path.abspath(p) for p in self.images[self.start:self.stop]], transform, reader)
+
+
+def plan_chunks(data: list[str], chunk_images: int) -> tuple[list[Chunk], dict]:
+    """The chunks of the sources ``data`` (folders and list files, or shards; not both) and the manifest's
+    ``data`` section, whose ``paths_sha256`` tells a resumed run whether the images are still the same."""
+    from swavkit.data import DataError
+    from swavkit.data.shards import expand_shards, is_shard_spec, stored_count
+    from swavkit.data.sources import resolve_images
+
+    if not data:
+        raise DataError("embed: name at least one folder, list file or shard pattern")
+    shard_specs = [spec for spec in data if is_shard_spec(spec)]
+    if shard_specs and len(shard_specs) < len(data):
+        raise DataError("embed: give folders and list files, or shards, not both in one run")
+    digest = hashlib.sha256()
+    if shard_specs:
+        shards = [os.path.abspath(s) for spec in shard_specs for s in expand_shards(spec)]
+        for shard in shards:
+            digest.update(os.fsencode(shard) + b"\n")
+        chunks = [Chunk(i, shard=shard) for i, shard in enumerate(shards)]
+        n_inputs = stored_count(shards)
+    else:
+        paths = resolve_images(list(data))
+        for path in paths:
+            digest.update(os.fsencode(os.path.abspath(path)) + b"\n")
+        chunks = [Chunk(i, paths, start, min(start + chunk_images, len(paths)))
+                  for i, start in enumerate(range(0, len(paths), chunk_images))]
+        n_inputs = len(paths)
+    record = {"sources": [os.path.abspath(spec) for spec in data], "kind": "shards" if shard_specs else "images",
+              "n_inputs": n_inputs, "n_chunks": len(chunks), "chunk_images": None if shard_specs else chunk_images,
+              "paths_sha256": digest.hexdigest()}
+    return chunks, record
+
+
+# ----------------------------------------------------------------------------------------------------
+# the run
+
+@dataclass
+class EmbedResult:
+    """What ``embed`` wrote: ``vectors`` (.npy/.parquet), ``manifest`` (.json); ``n_rows`` images embedded,
+    ``n_skipped`` unreadable files (listed in ``skipped``), ``resumed_chunks`` chunks an earlier run had
+    finished, ``wall_time_s`` this call's time."""
+    vectors: Path
+    manifest: Path
+    paths: Path | None
+    skipped: Path
+    n_rows: int
+    n_skipped: int
+    feature_dim: int
+    resumed_chunks: int
+    wall_time_s: float
+
+
+def _embed_chunk(backbone, chunk: Chunk, transform, reader, *, device: torch.device, dtype, batch_size: int,
+                 num_workers: int, bar) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+    """-> (vectors [n, D] float32 unit rows in input order, their n names, unreadable (path, reason))."""
+    import torch
+
+    with torch.inference_mode():
+        return _embed_batches(backbone, chunk, transform, reader, device=device, dtype=dtype, batch_size=batch_size,
+                              num_workers=num_workers, bar=bar)
+
+
+def _embed_batches(backbone, chunk, transform, reader, *, device, dtype, batch_size, num_workers, bar):
+    """The body of :func:`_embed_chunk` (under inference mode)."""
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(chunk.dataset(transform, reader), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=_collate, pin_memory=device.type == "cuda")
+    positions, vectors, names, unreadable = [], [], [], []
+    for batch_positions, images, batch_names, batch_unreadable in loader:
+        unreadable += batch_unreadable
+        if images is not None:
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                features = backbone(images.to(device, non_blocking=True))
+            vectors.append(torch.nn.functional.normalize(features.float(), dim=1).cpu().numpy())
+            positions += batch_positions
+            names += batch_names
+        bar.update(len(batch_positions) + len(batch_unreadable))
+    order = np.argsort(np.asarray(positions, dtype=np.int64), kind="stable")  # shard workers interleave
+    stacked = np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32)
+    return stacked[order], [names[i] for i in order], unreadable
+
+
+def _save_chunk(files: EmbeddingFiles, chunk: Chunk, vectors: np.ndarray, names: list[str]) -> None:
+    import numpy as np
+
+    from swavkit.data import printable_path
+
+    vectors_path, names_path = files.chunk(chunk.index)
+    files.parts.mkdir(parents=True, exist_ok=True)
+    with atomic_writer(vectors_path) as handle:
+        np.save(handle, vectors)
+    with atomic_writer(names_path, "w") as handle:
+        handle.writelines(printable_path(name) + "\n" for name in names)
+
+
+def _require_pyarrow(files: EmbeddingFiles) -> None:
+    from swavkit.data import printable_path
+
+    if files.is_parquet:
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            from swavkit.config import ConfigError
+
+            raise ConfigError(f"--out {printable_path(files.vectors)}: .parquet needs pyarrow; pip install "
+                              "\"swavkit[parquet]\", or name a .npy file") from None
+
+
+def check_output(files: EmbeddingFiles, identity: dict, data_record: dict) -> dict | None:
+    """The earlier manifest to resume (None: a new output). Refused with one line (DataError), before
+    anything is written: files there that no swavkit embed run wrote (no manifest), or a manifest made by
+    another backbone, preprocessing or set of images - the earlier vectors stay as they are."""
+    from swavkit.data import DataError, printable_path
+
+    manifest = read_manifest(files)
+    if manifest is None:
+        foreign = [path.name for path in files.outputs()[1:] if path.exists() or path.is_symlink()]
+        if foreign:
+            raise DataError(f"--out {printable_path(files.vectors)}: {', '.join(map(printable_path, foreign))} "
+                            f"exist(s) without the manifest {printable_path(files.manifest.name)} that swavkit "
+                            "embed writes first: not swavkit's to replace; choose another --out")
+        return None
+    if manifest.get("vectors_file") != files.vectors.name:
+        raise DataError(f"{printable_path(files.manifest)} belongs to {printable_path(manifest.get('vectors_file'))}, "
+                        f"not {printable_path(files.vectors.name)}; choose another --out")
+    mismatch = identity_mismatch(manifest, identity)
+    if mismatch:
+        raise DataError(f"{printable_path(files.manifest)} holds embeddings from another backbone or preprocessing "
+                        f"({mismatch}); nothing was changed: use the same backbone to resume, or another --out")
+    if manifest.get("data", {}).get("paths_sha256") != data_record["paths_sha256"] or \
+            manifest.get("data", {}).get("chunk_images") != data_record["chunk_images"]:
+        raise DataError(f"{printable_path(files.manifest)} was made from other images or chunks (the sources, "
+                        "their files or --chunk-images changed since); nothing was changed: choose another --out")
+    return manifest
+
+
+def _join_npy(files: EmbeddingFiles, chunks: list[dict], feature_dim: int) -> None:
+    """The chunks' vectors -> ``files.vectors`` [N, D], streamed through a memory map (never all in RAM),
+    written to a temporary sibling and renamed; the paths list likewise."""
+    import numpy as np
+
+    from swavkit.runtime.fileio import fsync_dir
+
+    n_rows = sum(chunk["n_rows"] for chunk in chunks)
+    tmp = files.vectors.with_name(f".{files.vectors.name}.{os.getpid()}.tmp")
+    try:
+        joined = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_rows, feature_dim))
+        row = 0
+        for chunk in chunks:
+            part = np.load(files.chunk(chunk["index"])[0])
+            joined[row:row + len(part)] = part
+            row += len(part)
+        joined.flush()
+        del joined
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, files.vectors)
+        fsync_dir(files.vectors.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+    with atomic_writer(files.paths, "w") as handle:
+        for chunk in chunks:
+            handle.write(files.chunk(chunk["index"])[1].read_text(encoding="utf-8"))
+
+
+def _join_parquet(files: EmbeddingFiles, chunks: list[dict], feature_dim: int) -> None:
+    """The chunks -> one parquet file of (path: string, vector: fixed-size list of D float32), chunk by
+    chunk (one row group each), written to a temporary sibling and renamed."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("path", pa.string()), ("vector", pa.list_(pa.float32(), feature_dim))])
+    with atomic_writer(files.vectors) as handle:
+        with pq.ParquetWriter(handle, schema) as writer:
+            for chunk in chunks:
+                vectors_path, names_path = files.chunk(chunk["index"])
+                vectors = np.load(vectors_path).reshape(-1, feature_dim)
+                names = names_path.read_text(encoding="utf-8").splitlines()
+                column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), feature_dim)
+                writer.write_table(pa.table({"path": pa.array(names, pa.string()), "vector": column}, schema=schema))
+
+
+def _remove_parts(files: EmbeddingFiles, chunks: list[dict]) -> None:
+    """Delete the chunk files this run wrote (by name: a file someone else put there stays, and so does
+    the folder then)."""
+    for chunk in chunks:
+        for path in files.chunk(chunk["index"]):
+            path.unlink(missing_ok=True)
+    try:
+        files.parts.rmdir()
+    except OSError:
+        pass
+
+
+def _prepare_backbone(source, image_size_px: int | None, device: torch.device, channels_last: bool):
+    """(backbone on ``device`` in eval mode, Preprocessing, identity dict, feature dim D)."""
+    import torch
+
+    from swavkit.evaluation.features import load_eval_backbone
+    from swavkit.artifacts.preprocessing import resolve_preprocessing
+
+    preprocessing = resolve_preprocessing(source, image_size_px)
+    backbone = load_eval_backbone(source)
+    channels = input_channels(backbone)
+    with torch.inference_mode():  # D from one forward pass: not every module records its width
+        size = preprocessing.image_size_px
+        feature_dim = int(backbone(torch.zeros(1, channels, size, size)).shape[1])
+    identity = {"backbone": backbone_identity(source, backbone, feature_dim),
+                "preprocessing": preprocessing.as_dict()}
+    backbone.to(device).eval()
+    if channels_last:
+        backbone.to(memory_format=torch.channels_last)
+    return backbone, preprocessing, identity, feature_dim
+
+
+def embed(source: str | Path, data: str | Path | list, out: str | Path, *, image_size_px: int | None = None,
+          batch_size: int = 256, num_workers: int | None = None, device: str | torch.device = "auto",
+          precision: str = "auto", channels_last: bool = False, chunk_images: int = DEFAULT_CHUNK_IMAGES,
+          progress: bool = True) -> EmbedResult:
+    """L2-normalised backbone features of every image of ``data``, written to ``out`` (see the module
+    docstring for the files); resumes an unfinished run of the same backbone, preprocessing and images.
+
+    Args:
+        source: a backbone source as for :func:`swavkit.load_backbone` (run folder, export, checkpoint,
+            released SwAV file), ``timm:<name>`` (random init, seeded) or ``pixels``.
+        data: a folder, a .txt/.csv list of image paths, a shard pattern ending in .tar, or a list of them.
+        out: ``emb.npy`` or ``emb.parquet`` (pyarrow).
+        image_size_px: input side (default: the export's input size, else the checkpoint's large crop).
+        num_workers: decoding processes (None: :func:`swavkit.config.default_num_workers`).
+        device / precision / channels_last: as for :func:`swavkit.extract_features`.
+        chunk_images: images per resumable chunk of a folder or list (shards: one chunk per shard).
+
+    Returns:
+        :class:`EmbedResult`. Raises DataError (one line) for refused outputs and sources without images.
+    """
+    from tqdm import tqdm
+
+    from swavkit.runtime.cores import default_num_workers
+    from swavkit.data import append_skipped_report
+    from swavkit.runtime.device import autocast_dtype, resolve_device, resolve_precision
+
+    if chunk_images < 1 or batch_size < 1:
+        raise ValueError(f"chunk_images and batch_size must be >= 1, got {chunk_images} and {batch_size}")
+    start_time = time.perf_counter()
+    files = EmbeddingFiles.for_output(out)
+    _require_pyarrow(files)
+    chunks, data_record = plan_chunks([str(d) for d in data] if isinstance(data, (list, tuple)) else [str(data)],
+                                      chunk_images)
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+    dtype = autocast_dtype(precision)
+    backbone, preprocessing, identity, feature_dim = _prepare_backbone(source, image_size_px, device, channels_last)
+    if preprocessing.reader() is not None and any(chunk.shard for chunk in chunks):
+        from swavkit.data import DataError
+
+        raise DataError(f"{data}: shards are decoded as 8-bit RGB and this backbone takes {preprocessing.channels} "
+                        f"channel(s) at {preprocessing.bit_depth} bits; embed a folder or a list of the image files")
+    earlier = check_output(files, identity, data_record)  # all checks before the first write
+    manifest = earlier or {"format": EMBEDDINGS_FORMAT, "complete": False, "vectors_file": files.vectors.name,
+                           "paths_file": None if files.is_parquet else files.paths.name,
+                           "skipped_file": files.skipped.name, **identity, "data": data_record,
+                           "normalisation": "l2", "dtype": "float32", "chunks": []}
+    done = {chunk["index"] for chunk in manifest["chunks"]}
+    if not manifest["complete"]:
+        write_json_atomic(files.manifest, manifest)  # first: from now on every file here is recognisably ours
+        _rewind_skipped(files, sum(chunk["n_skipped"] for chunk in manifest["chunks"]))
+        workers = default_num_workers() if num_workers is None else num_workers
+        transform, reader = preprocessing.transform(), preprocessing.reader()
+        already = sum(chunk["n_inputs"] for chunk in manifest["chunks"])
+        with tqdm(total=data_record["n_inputs"], initial=already, desc="embedding", unit="img",
+                  disable=not progress, dynamic_ncols=True) as bar:
+            for chunk in chunks:
+                if chunk.index in done:
+                    continue
+                vectors, names, unreadable = _embed_chunk(backbone, chunk, transform, reader, device=device, dtype=dtype,
+                                                          batch_size=batch_size, num_workers=workers, bar=bar)
+                _save_chunk(files, chunk, vectors.reshape(-1, feature_dim), names)
+                append_skipped_report(files.skipped, unreadable)
+                manifest["chunks"].append({"index": chunk.index, "n_inputs": len(names) + len(unreadable),
+                                           "n_rows": len(names), "n_skipped": len(unreadable),
+                                           "precision": precision})  # a resumed run may run elsewhere
+                write_json_atomic(files.manifest, manifest)  # the chunk counts as done only from here on
+        _finish(files, manifest, feature_dim)
+    return EmbedResult(files.vectors, files.manifest, None if files.is_parquet else files.paths, files.skipped,
+                       manifest["n_rows"], manifest["n_skipped"], feature_dim, len(done),
+                       time.perf_counter() - start_time)
+
+
+def _rewind_skipped(files: EmbeddingFiles, n_recorded: int) -> None:
+    """Keep the first ``n_recorded`` lines of the skipped list (those of the chunks the manifest records):
+    a run killed after listing a chunk's unreadable files but before recording the chunk would otherwise
+    list them twice once the chunk is redone - as a resumed training run takes skipped.txt back."""
+    from swavkit.data import read_skipped_report
+    from swavkit.data.names import skipped_report_text
+    from swavkit.runtime.fileio import write_text_atomic
+
+    if files.skipped.exists():
+        entries = read_skipped_report(files.skipped)
+        if len(entries) != n_recorded:
+            write_text_atomic(files.skipped, skipped_report_text(entries[:n_recorded]))
+
+
+def _finish(files: EmbeddingFiles, manifest: dict, feature_dim: int) -> None:
+    """Join the chunks in order, mark the manifest complete, remove the parts."""
+    from swavkit.data import DataError, printable_path
+
+    chunks = sorted(manifest["chunks"], key=lambda chunk: chunk["index"])
+    manifest["n_rows"] = sum(chunk["n_rows"] for chunk in chunks)
+    manifest["n_skipped"] = sum(chunk["n_skipped"] for chunk in chunks)
+    if manifest["n_rows"] == 0:
+        raise DataError(f"none of the {manifest['n_skipped']} images could be read (listed in "
+                        f"{printable_path(files.skipped)})")
+    (_join_parquet if files.is_parquet else _join_npy)(files, chunks, feature_dim)
+    manifest["complete"] = True
+    manifest["chunks"] = chunks
+    write_json_atomic(files.manifest, manifest)
+    _remove_parts(files, chunks)
+
+
+# ----------------------------------------------------------------------------------------------------
+# reading a finished output
+
+@dataclass
+class Embeddings:
+    """A finished embeddings output: ``vectors`` [N, D] float32 unit rows, ``paths`` [N] exact file names,
+    ``manifest`` (its ``backbone`` and ``preprocessing`` say how to embed a query the same way)."""
+    vectors: np.ndarray
+    paths: list[str]
+    manifest: dict
+    files: EmbeddingFiles
+
+
+def load_embeddings(path: str | Path) -> Embeddings:
+    """Read what :func:`embed` wrote (``emb.npy``, ``emb.parquet`` or ``emb.json``). DataError, one line:
+    no manifest (not written by swavkit embed: its backbone is unknown), an unfinished run, or files
+    whose row counts disagree with the manifest."""
+    import numpy as np
+
+    from swavkit.data import DataError, path_from_printable, printable_path
+
+    files = EmbeddingFiles.for_output(path)
+    manifest = read_manifest(files)
+    if manifest is None:
+        raise DataError(f"{printable_path(path)}: no {printable_path(files.manifest.name)} next to it; only what "
+                        "swavkit embed wrote can be searched (its manifest names the backbone)")
+    if not manifest.get("complete"):
+        total = manifest.get("data", {}).get("n_chunks", "?")
+        raise DataError(f"{printable_path(files.manifest)}: the embedding run is not finished "
+                        f"({len(manifest.get('chunks', []))} of {total} chunks); run the same swavkit embed "
+                        "command again to finish it")
+    if files.is_parquet:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(files.vectors)
+        dim = int(manifest["backbone"]["feature_dim"])
+        vectors = table.column("vector").combine_chunks().flatten().to_numpy().reshape(-1, dim)
+        paths = [path_from_printable(p) for p in table.column("path").to_pylist()]
+    else:
+        vectors = np.load(files.vectors, mmap_mode="r")
+        paths = [path_from_printable(line) for line in files.paths.read_text(encoding="utf-8").splitlines()]
+    if not (len(vectors) == len(paths) == manifest["n_rows"]):
+        raise DataError(f"{printable_path(files.vectors)}: {len(vectors)} vectors and {len(paths)} paths, the "
+                        f"manifest says {manifest['n_rows']}; the files were changed after swavkit embed wrote them")
+    return Embeddings(np.ascontiguousarray(vectors, dtype=np.float32), paths, manifest, files)
+
+
+# ----------------------------------------------------------------------------------------------------
+# command line: swavkit embed
+
+
+__all__ = ["EMBEDDINGS_FORMAT", "DEFAULT_CHUNK_IMAGES", "EmbeddingFiles", "EmbedResult", "Embeddings", "embed",
+           "load_embeddings", "weights_sha256", "backbone_identity", "identity_mismatch"]
