@@ -89,8 +89,14 @@ def load_state(path: str | Path) -> dict:
     return state
 
 
-def load_training_checkpoint(path: str | Path) -> dict:
+def load_training_checkpoint(path: str | Path, model_tensors: bool = False) -> dict:
+    """A swavkit training checkpoint; ``model_tensors``: with the whole ``model`` dict also when an FSDP run
+    saved it as shards (swavkit.sharded_checkpoint; otherwise such a dict has ``sharded`` instead)."""
     state = load_state(path)
+    if model_tensors:
+        from swavkit.sharded_checkpoint import with_model_tensors
+
+        state = with_model_tensors(state, Path(path))
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a swavkit training checkpoint (no format '{CHECKPOINT_FORMAT}')")
     return state

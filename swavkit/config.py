@@ -117,6 +117,22 @@ class ModelConfig:
     compile: bool = _help("torch.compile the backbone with static shapes (opt-in; the first steps are slow while "
                           "it compiles one graph per crop resolution, and online k-NN monitoring compiles its own)",
                           default=False)
+    activation_checkpointing: str = _help("off | on | a fraction of the backbone's blocks (e.g. 0.5): recompute their "
+                                          "activations in the backward pass instead of storing them; same loss and "
+                                          "gradients, less activation memory for ~one extra forward. on: timm's "
+                                          "set_grad_checkpointing; a fraction: the first blocks, where CNN feature "
+                                          "maps are largest (swavkit/activation_checkpointing.py)", default="off")
+
+
+@dataclass
+class DistConfig:
+    """How the processes of a multi-process run share the model."""
+    strategy: str = _help("ddp | fsdp. ddp: every process holds all weights, gradients and optimiser state "
+                          "(DistributedDataParallel). fsdp: PyTorch FSDP2 fully_shard over the backbone's blocks and "
+                          "the head, so each of N processes holds 1/N of them (prototypes stay whole); for models "
+                          "bigger than one GPU, usually with model.activation_checkpointing=on. Needs >= 2 processes; "
+                          "checkpoints are then sharded (torch.distributed.checkpoint) and resume at any process "
+                          "count", default="ddp")
 
 
 @dataclass
@@ -219,6 +235,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -253,7 +270,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, bool) and "true" in CHOICES.get(key, ()):
+        if isinstance(value, bool) and ("true" in CHOICES.get(key, ()) or key == "model.activation_checkpointing"):
             # an auto | true | false key: YAML read the word as a bool (other string keys still refuse
             # bools, so out_dir=off cannot quietly become "false")
             return str(value).lower()
@@ -383,7 +400,8 @@ RESUMABLE_CHANGES = ("train.epochs", "train.budget_minutes", "swav.prevent_colla
                      "train.checkpoint_every_steps", "train.device", "train.skip_nonfinite_steps",
                      "train.collapse_patience_steps", "data.num_workers", "data.pin_memory",
                      "data.prefetch_factor", "data.colour_on_device", "data.decode_on_device", "model.channels_last", "model.compile",
-                     "model.init", "train.loggers", "monitor.", "out_dir")
+                     "model.init", "train.loggers", "monitor.", "out_dir",
+                     "model.activation_checkpointing", "dist.strategy")  # recompute / sharding: same maths
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -410,6 +428,7 @@ CHOICES = {
     "data.colour_on_device": ("auto", "true", "false"),
     "data.decode_on_device": ("auto", "true", "false"),
     "model.channels_last": ("auto", "true", "false"),
+    "dist.strategy": ("ddp", "fsdp"),
 }
 LOGGER_CHOICES = ("jsonl", "tensorboard", "wandb", "mlflow")  # train.loggers entries (swavkit/loggers.py)
 
@@ -424,6 +443,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     from swavkit.loggers import check_logger_names  # here, not at the top: loggers imports this module
 
     check_logger_names(cfg.train.loggers)  # train.loggers: known names (LOGGER_CHOICES), jsonl included
+    from swavkit.sharding import check_strategy  # torch: imported only when a config is validated
+
+    check_strategy(cfg)  # model.activation_checkpointing, dist.strategy (the process count: at launch)
     n_groups = len(c.counts)
     for name in ("sizes_px", "min_scales", "max_scales"):
         if len(getattr(c, name)) != n_groups:

@@ -24,6 +24,7 @@ from swavkit.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, backbone_sta
 from swavkit.config import from_dict
 from swavkit.model import SwAVModel, build_model, create_backbone
 from swavkit.modelcard import card_for_training
+from swavkit.sharded_checkpoint import with_model_tensors
 from swavkit.preprocessing import DEFAULT_IMAGE_SIZE_PX, IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -194,6 +195,7 @@ def load_backbone(source: str | Path, *, architecture: str = "resnet50") -> torc
         net = timm.create_model(arch, pretrained=False, **model_args)
         return load_strict(net, load_file(str(path / "model.safetensors")), str(path)).eval()
     state = load_state(path)
+    state = with_model_tensors(state, Path(path))  # an FSDP run's shards: its whole model
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         cfg = from_dict(state["config"])
         net = create_backbone(cfg.model.backbone, **cfg.model.backbone_kwargs)
@@ -211,6 +213,7 @@ def load_swav_model(source: str | Path, *, architecture: str = "resnet50") -> tu
     """
     path = resolve_source(source, need="checkpoint")
     state = load_state(path)
+    state = with_model_tensors(state, Path(path))  # an FSDP run's shards: its whole model
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         cfg = from_dict(state["config"])
         m = cfg.model
@@ -330,6 +333,7 @@ def _state_and_architecture(located: InitialSource, backbone_kwargs: dict) -> tu
             raise LoadError(f"model.init: {located.path / 'config.json'} is not a timm export config ({err})") from None
         return load_file(str(located.path / "model.safetensors")), architecture
     state = load_state(located.path)
+    state = with_model_tensors(state, Path(located.path))  # an FSDP run's shards: its whole model
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         return backbone_state(state["model"]), from_dict(state["config"]).model.backbone
     return split_reference_state(state)[0], None  # released files do not record their architecture
@@ -369,6 +373,7 @@ def export_checkpoint(source: str | Path, out_dir: str | Path) -> Path:
     check_export_target(out_dir)  # before any loading: a refused target should fail fast
     checkpoint = resolve_source(source, need="checkpoint")
     state = load_state(checkpoint)
+    state = with_model_tensors(state, Path(checkpoint))  # an FSDP run's shards: its whole model
     if not (isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT):
         backbone = load_backbone(checkpoint)
         return export_backbone(backbone, out_dir, image_size_px=DEFAULT_IMAGE_SIZE_PX, mean=IMAGENET_MEAN,

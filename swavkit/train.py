@@ -43,6 +43,9 @@ from swavkit.optim import build_optimizer, resolve_optimizer_name
 from swavkit.presets import typical_side_px
 from swavkit.rundir import RunFolder
 from swavkit.schedule import LRSchedule, build_lr_schedule, explain_peak_lr
+from swavkit.activation_checkpointing import apply_activation_checkpointing
+from swavkit.sharded_checkpoint import SHARDED_KEY, load_sharded_into, save_sharded_checkpoint
+from swavkit.sharding import check_processes, full_model_state, shard_model
 from swavkit.sharpness import EpsilonControl, queue_should_stop, row_entropy
 from swavkit.signals import StopRequest as _StopRequest, StopRequested
 from swavkit.step import StepResult, StepSettings, TrainState, train_step
@@ -229,6 +232,7 @@ def _start_processes(cfg: Config) -> _Processes:
     launch = distributed.init(device.type)
     world = distributed.world_size()
     validate(cfg, world_size=world)
+    check_processes(cfg.dist.strategy, world, device.type)
     decode = resolve_decode_on_device(cfg.data.decode_on_device, device)
     return _Processes(device, world, distributed.rank(), distributed.is_main_process(), launch.local_world_size,
                       resolve_precision(cfg.train.precision, device),
@@ -259,6 +263,8 @@ def _with_defaults(saved: dict) -> dict:
 
 def _resume(state: TrainState, checkpoint: dict, procs: _Processes, data: _Data, files: RunFolder) -> int:
     """Stage 6: weights, optimiser, step, queue, RNG and LR schedule from the checkpoint; its step."""
+    if SHARDED_KEY in checkpoint:  # an FSDP run's weights and optimiser: DCP shards, re-sharded to this run
+        load_sharded_into(state, files.checkpoint, checkpoint)
     for note in state.load_state_dict(checkpoint):
         procs.say(f"resume: {note}")
     if state.budget is not None:  # the budget's plan (when made) decides the length, not train.epochs
@@ -447,6 +453,7 @@ def _build_model(cfg: Config, procs: _Processes, fresh: bool) -> tuple[SwAVModel
 
         core.backbone.load_state_dict(load_initial_backbone_state(m.init, m.backbone, m.backbone_kwargs), strict=True)
         procs.say(f"model: backbone weights from model.init={printable_path(m.init)} (head and prototypes fresh)")
+    checkpointing = apply_activation_checkpointing(core.backbone, m.activation_checkpointing, m.backbone)
     core = core.to(device)
     memory_format = torch.channels_last if resolve_auto_flag(m.channels_last, device) else torch.contiguous_format
     core = core.to(memory_format=memory_format)
@@ -456,12 +463,17 @@ def _build_model(cfg: Config, procs: _Processes, fresh: bool) -> tuple[SwAVModel
         # resolution makes dynamo recompile a dynamic-shape graph: twice the compile time on a CPU (19 vs
         # 39 s for resnet18, same speed after), and on an H100 still compiling after 170 s.
         core.backbone.compile(dynamic=False)
-    model = distributed.wrap_ddp(core, device)
+    if cfg.dist.strategy == "fsdp":  # what the forward runs: the sharded core itself, not DDP around it
+        model = shard_model(core, procs.precision, device, m.backbone)
+    else:
+        model = distributed.wrap_ddp(core, device)
     procs.say(f"model: {m.backbone} ({core.backbone.num_features}-d features) -> head {m.hidden_dim or '-'} -> "
               f"{m.output_dim}-d -> {m.n_prototypes} prototypes; precision {procs.precision} on {device}"
               + (" (channels_last)" if memory_format == torch.channels_last else "")
               + (f" ({torch.get_num_threads()} compute thread(s) beside {cfg.data.num_workers} data worker(s); "
-                 "OMP_NUM_THREADS overrides)" if device.type == "cpu" else ""))
+                 "OMP_NUM_THREADS overrides)" if device.type == "cpu" else "")
+              + (f"; {checkpointing}" if checkpointing else "")
+              + (f"; FSDP over {procs.world} processes" if cfg.dist.strategy == "fsdp" else ""))
     return core, model, memory_format
 
 
@@ -480,6 +492,7 @@ def _build_state(cfg: Config, procs: _Processes, data: _Data, core: SwAVModel,
                        queue, CollapseMonitor(cfg.model.n_prototypes, cfg.train.collapse_patience_steps), model,
                        lr_schedule=lr_schedule, epsilon=cfg.swav.epsilon,
                        budget=BudgetPlan(60.0 * cfg.train.budget_minutes) if cfg.train.budget_minutes > 0 else None)
+    state.sharded = cfg.dist.strategy == "fsdp"
     if state.budget is not None:  # until the first plan, the run cannot end by train.epochs
         data.total_steps = UNPLANNED_TOTAL_STEPS
     settings = StepSettings.from_config(cfg, data.steps_per_epoch, autocast_dtype(procs.precision))
@@ -753,6 +766,9 @@ def _save_checkpoint(loop: _Loop, state: TrainState) -> None:
     writes one file atomically."""
     if loop.budget_clock is not None:
         state.budget.used_s = loop.budget_clock.elapsed_s()
+    if state.sharded:
+        save_sharded_checkpoint(state, loop.files.checkpoint, to_dict(loop.cfg))
+        return
     checkpoint = state.state_dict()
     if loop.procs.is_main:
         save_atomic({**checkpoint, "config": to_dict(loop.cfg)}, loop.files.checkpoint)
@@ -763,11 +779,12 @@ def _export(loop: _Loop, state: TrainState) -> Path:
     """Stage 9: the backbone alone, in timm's local-dir layout with its model card (written by rank 0); the
     closing lines, which say so when the run ended on the collapse plateau."""
     cfg, procs, files = loop.cfg, loop.procs, loop.files
+    model_state = full_model_state(state.core)  # collective under FSDP (gathers the shards on rank 0)
     if not procs.is_main:
         return files.backbone
     m = cfg.model
     export_net = create_backbone(m.backbone, **m.backbone_kwargs)
-    export_net.load_state_dict(backbone_state(state.core.state_dict()), strict=True)
+    export_net.load_state_dict(backbone_state(model_state), strict=True)
     card = card_for_training(to_dict(cfg), architecture=m.backbone, feature_dim=export_net.num_features,
                              backbone_dir=files.backbone, steps=state.step, final_loss=state.last_loss,
                              n_images=len(loop.data.dataset),
