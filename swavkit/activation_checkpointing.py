@@ -1,20 +1,21 @@
 """Activation checkpointing (``model.activation_checkpointing``): recompute a block's activations in the
 backward pass instead of keeping them, trading ~one extra forward for memory.
 
-"on" uses timm's own ``set_grad_checkpointing`` where the backbone has it (every block); a fraction f in
-(0, 1) checkpoints the first ceil(f x n) of the backbone's n blocks with ``torch.utils.checkpoint`` (the
-early blocks of a CNN hold the largest feature maps, so they free the most per recomputed FLOP). A
-backbone without timm's ``set_grad_checkpointing`` under "on" gets the same per-block wrapping. Blocks
-are what timm's ``group_matcher`` calls blocks (``s1.b1`` in a RegNet, ``layer1.0`` in a ResNet,
-``blocks.0`` in a ViT), also the units :mod:`swavkit.sharding` shards.
+A fraction f in (0, 1] checkpoints the first ceil(f x n) of the backbone's n blocks with
+``torch.utils.checkpoint`` (the early blocks of a CNN hold the largest feature maps, so they free the most
+per recomputed FLOP); "on" is all of them. Blocks are what timm's ``group_matcher`` calls blocks (``s1.b1``
+in a RegNet, ``layer1.0`` in a ResNet, ``blocks.0`` in a ViT), also the units :mod:`swavkit.sharding` shards.
 
-Loss and gradients are the same as without it (tests/test_sharding.py). One side effect: a recomputed
-BatchNorm updates its running statistics a second time in the same step (as with any recompute in torch);
-the running averages still track the same batch statistics, with a shorter memory.
+Why not timm's ``set_grad_checkpointing`` for "on": its recompute runs every BatchNorm a second time in train
+mode, which applies the running-statistics update twice per step (measured: the running means then differ
+from a run without checkpointing). Our wrapper sets BN momentum to 0 during the recompute, so loss,
+gradients AND BN statistics equal those without checkpointing (tests/test_sharding.py). timm's method is
+used only for a backbone whose blocks its group_matcher does not name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import types
@@ -81,7 +82,26 @@ def _checkpointed_forward(block: nn.Module, *args, **kwargs):
     """The block's own forward under torch.utils.checkpoint (non-reentrant: works with FSDP2 and with
     inputs that need no gradient)."""
     original = type(block).forward
-    return checkpoint(original, block, *args, use_reentrant=False, **kwargs)
+    return checkpoint(original, block, *args, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), _frozen_batchnorm(block)), **kwargs)
+
+
+@contextlib.contextmanager
+def _frozen_batchnorm(block: nn.Module):
+    """During the recompute: BN layers normalise with the batch statistics as in the forward, but leave their
+    running statistics (and batch count) as the forward left them."""
+    norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+             and m.track_running_stats]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0  # running = (1 - 0) x running + 0 x batch: unchanged, exactly
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
 
 
 def apply_activation_checkpointing(backbone: nn.Module, value: str, backbone_name: str = "") -> str:
@@ -93,7 +113,7 @@ def apply_activation_checkpointing(backbone: nn.Module, value: str, backbone_nam
     if fraction == 0.0:
         return ""
     blocks = backbone_blocks(backbone)
-    if fraction == 1.0 and hasattr(backbone, "set_grad_checkpointing"):
+    if fraction == 1.0 and not blocks and hasattr(backbone, "set_grad_checkpointing"):
         try:
             backbone.set_grad_checkpointing(True)
             return f"activation checkpointing: every block (timm set_grad_checkpointing, {len(blocks) or '?'} blocks)"

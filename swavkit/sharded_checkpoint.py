@@ -29,6 +29,15 @@ SHARDED_KEY = "sharded"  # last.pt entry: the folder (a sibling) holding model +
 _FOLDER = re.compile(r"^sharded-step\d{9}-[0-9a-f]{8}$")  # the only folder names swavkit writes (and may remove)
 
 
+def _read_errors() -> tuple[type[BaseException], ...]:
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+    return (Exception, CheckpointException)
+
+
+_READ_ERRORS = _read_errors()
+
+
 def _new_folder_name(step: int) -> str:
     """A fresh name, the same on every rank: a second save at the same step (end of epoch, then the final
     one) must not overwrite the folder the current last.pt names."""
@@ -77,8 +86,10 @@ def load_sharded_into(state, checkpoint: Path, saved: dict) -> None:
     model_state, optimizer_state = get_state_dict(state.core, state.optimizer)
     target = {"model": model_state, "optimizer": optimizer_state}
     try:
-        dcp.load(target, checkpoint_id=str(folder))
-    except Exception as err:  # DCP wraps a missing or short shard file in its own error types
+        with warnings.catch_warnings():  # one plain process: "assuming the intent is to load in a single process"
+            warnings.filterwarnings("ignore", message=".*single process.*")
+            dcp.load(target, checkpoint_id=str(folder))
+    except _READ_ERRORS as err:  # DCP wraps a missing or short shard file in its own error types
         first = " ".join(str(err).split())[:200]
         raise CheckpointError(f"{folder}: the sharded checkpoint cannot be re-sharded to {distributed.world_size()} "
                               f"process(es) ({type(err).__name__}: {first}); restore the folder from a copy, or "
@@ -101,7 +112,7 @@ def with_model_tensors(saved: dict, checkpoint: Path) -> dict:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message=".*single process.*")
             model = _load_state_dict_from_keys(keys={"model"}, checkpoint_id=str(folder))["model"]
-    except Exception as err:
+    except _READ_ERRORS as err:
         first = " ".join(str(err).split())[:200]
         raise CheckpointError(f"{folder}: cannot read the sharded weights ({type(err).__name__}: {first})") from None
     return {**saved, "model": {k: v.detach().cpu() for k, v in model.items() if isinstance(v, torch.Tensor)}}
