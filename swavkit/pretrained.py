@@ -24,6 +24,7 @@ from swavkit.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, backbone_sta
 from swavkit.config import from_dict
 from swavkit.model import SwAVModel, build_model, create_backbone
 from swavkit.modelcard import card_for_training
+from swavkit.seer import is_vissl_regnet, vissl_regnet_to_timm
 from swavkit.sharded_checkpoint import with_model_tensors
 from swavkit.preprocessing import DEFAULT_IMAGE_SIZE_PX, IMAGENET_MEAN, IMAGENET_STD
 
@@ -94,6 +95,8 @@ def split_reference_state(state: dict) -> tuple[dict, dict]:
     loaded into a :class:`SwAVModel`.
     """
     tensors = _unwrap_container(state)
+    if is_vissl_regnet(tensors):  # SEER: VISSL's RegNet trunk names, mapped as timm maps them
+        return vissl_regnet_to_timm(tensors), {}
     backbone, head = {}, {}
     for key, value in tensors.items():
         if not isinstance(value, torch.Tensor):
