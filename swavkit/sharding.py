@@ -32,6 +32,11 @@ def check_strategy(cfg: Config) -> None:
     if cfg.dist.strategy == "fsdp" and cfg.train.precision == "fp16":
         raise ConfigError("train.precision=fp16 with dist.strategy=fsdp: fp16's loss scaler cannot unscale sharded "
                           "gradients here; use train.precision=bf16 (or fp32)")
+    if cfg.dist.strategy == "fsdp" and cfg.monitor.knn_data:
+        # its feature pass splits the images over the processes, possibly unevenly: a sharded backbone would
+        # then wait in an all-gather that another process never joins
+        raise ConfigError("monitor.knn_data with dist.strategy=fsdp is not supported yet; leave monitor.knn_data "
+                          "empty and run `swavkit knn` on the export (or on a checkpoint) instead")
     if cfg.dist.strategy == "fsdp" and cfg.model.compile:
         raise ConfigError("model.compile=true with dist.strategy=fsdp is not supported yet; set model.compile=false")
 

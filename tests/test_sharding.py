@@ -225,6 +225,8 @@ def test_bad_input_is_one_line(image_folder, tmp_path):
     assert load_config([], ["model.activation_checkpointing=on"]).model.activation_checkpointing == "true"
     with pytest.raises(ConfigError, match="train.precision=fp16 with dist.strategy=fsdp"):
         load_config([], ["dist.strategy=fsdp", "train.precision=fp16"])
+    with pytest.raises(ConfigError, match="monitor.knn_data with dist.strategy=fsdp is not supported yet"):
+        load_config([], ["dist.strategy=fsdp", "monitor.knn_data=bundled"])
     with pytest.raises(ConfigError, match="dist.strategy: 'zero3' is not one of ddp, fsdp"):
         load_config([], ["dist.strategy=zero3"])
     # FSDP in one CPU process: refused before anything is written
