@@ -25,7 +25,7 @@ from swavkit.sharding import check_processes, shard_model
 from swavkit.train import train
 from test_distributed import free_port, kill_tree
 
-RUN = {"train.epochs": 3, "train.checkpoint_every_steps": 1}  # 12 steps; prototypes frozen for the first 2
+RUN = {"train.epochs": 2, "train.checkpoint_every_steps": 1}  # 8 steps; prototypes frozen for the first 2
 
 
 def _set_env(rank: int, world: int, port: int) -> None:
@@ -43,7 +43,7 @@ def _runs_worker(rank, world, port, runs):
 
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory):
-    """(image folder, DDP run folder, FSDP run folder): the same 12 steps on 2 gloo processes each."""
+    """(image folder, DDP run folder, FSDP run folder): the same 8 steps on 2 gloo processes each."""
     root = tmp_path_factory.mktemp("sharding")
     write_images(root / "images", 32)
     ddp = tiny_overrides(root / "images", root / "ddp", **RUN)
@@ -58,11 +58,12 @@ def assert_same_model(a: dict, b: dict, atol: float = 1e-5) -> None:
         torch.testing.assert_close(b[key].float(), a[key].float(), rtol=1e-4, atol=atol, msg=key)
 
 
+@pytest.mark.slow
 def test_fsdp_run_equals_ddp_run(two_process_runs):
     _, ddp, fsdp = two_process_runs
     a = load_training_checkpoint(ddp / "checkpoints" / "last.pt")
     b = load_training_checkpoint(fsdp / "checkpoints" / "last.pt", model_tensors=True)
-    assert a["step"] == b["step"] == 12 and len(b["per_rank"]) == 2
+    assert a["step"] == b["step"] == 8 and len(b["per_rank"]) == 2
     assert_same_model(a["model"], b["model"])  # weights, prototypes and BN statistics
     # sharded on disk: last.pt names one complete DCP folder, older ones are gone
     folders = [p.name for p in (fsdp / "checkpoints").iterdir() if p.is_dir()]
@@ -72,6 +73,7 @@ def test_fsdp_run_equals_ddp_run(two_process_runs):
     assert (fsdp / "backbone" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_fsdp_killed_then_resumed_equals_uninterrupted_and_resumes_in_one_process(two_process_runs, tmp_path):
     images, _, uninterrupted = two_process_runs
     out = tmp_path / "killed"
@@ -90,16 +92,16 @@ def test_fsdp_killed_then_resumed_equals_uninterrupted_and_resumes_in_one_proces
     kill_tree(proc.pid)  # kill -9: no chance to save anything
     proc.wait()
     killed_at = load_training_checkpoint(checkpoint)["step"]
-    assert 3 <= killed_at < 12
+    assert 3 <= killed_at < 8
     one_process = tmp_path / "one"
     shutil.copytree(out, one_process)
 
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert f"at step {killed_at}/12" in done.stdout, done.stdout
+    assert f"at step {killed_at}/8" in done.stdout, done.stdout
     final = load_training_checkpoint(checkpoint, model_tensors=True)
     reference = load_training_checkpoint(uninterrupted / "checkpoints" / "last.pt", model_tensors=True)
-    assert final["step"] == 12
+    assert final["step"] == 8
     assert_same_model(reference["model"], final["model"])
 
     # the 2-process FSDP checkpoint resumes in one plain process (dist.strategy may change on resume)
@@ -171,6 +173,7 @@ def _prototypes_worker(rank, world, port, out_dir):
     distributed.shutdown()
 
 
+@pytest.mark.slow
 def test_prototypes_whole_normalised_and_frozen_under_fsdp_with_checkpointing(tmp_path):
     mp.spawn(_prototypes_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
     results = torch.load(tmp_path / "results.pt")
