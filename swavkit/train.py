@@ -456,7 +456,8 @@ def _build_model(cfg: Config, procs: _Processes, fresh: bool) -> tuple[SwAVModel
     checkpointing = apply_activation_checkpointing(core.backbone, m.activation_checkpointing, m.backbone)
     core = core.to(device)
     memory_format = torch.channels_last if resolve_auto_flag(m.channels_last, device) else torch.contiguous_format
-    core = core.to(memory_format=memory_format)
+    if cfg.dist.strategy != "fsdp":  # FSDP2 shards contiguous weights only; NHWC crops still make NHWC convolutions
+        core = core.to(memory_format=memory_format)
     core = distributed.convert_sync_batchnorm(core, m.sync_batchnorm, procs.local_world_size)
     if m.compile:
         # Static shapes: the backbone sees one fixed shape per crop resolution. Left automatic, the second

@@ -46,8 +46,12 @@ def two_process_runs(tmp_path_factory):
     """(image folder, DDP run folder, FSDP run folder): the same 8 steps on 2 gloo processes each."""
     root = tmp_path_factory.mktemp("sharding")
     write_images(root / "images", 32)
-    ddp = tiny_overrides(root / "images", root / "ddp", **RUN)
-    fsdp = tiny_overrides(root / "images", root / "fsdp", **RUN, **{"dist.strategy": "fsdp"})
+    # both take the GPU default channels_last (NHWC kernels round differently from NCHW ones, so both arms must
+    # use it; FSDP2 shards contiguous weights, so there only the crops are NHWC); FSDP also checkpoints half the
+    # blocks: neither may change the maths
+    ddp = tiny_overrides(root / "images", root / "ddp", **RUN, **{"model.channels_last": "true"})
+    fsdp = tiny_overrides(root / "images", root / "fsdp", **RUN, **{"dist.strategy": "fsdp", "model.channels_last": "true",
+                                                                    "model.activation_checkpointing": 0.5})
     mp.spawn(_runs_worker, args=(2, free_port(), [ddp, fsdp]), nprocs=2)
     return root / "images", root / "ddp", root / "fsdp"
 
@@ -77,7 +81,8 @@ def test_fsdp_run_equals_ddp_run(two_process_runs):
 def test_fsdp_killed_then_resumed_equals_uninterrupted_and_resumes_in_one_process(two_process_runs, tmp_path):
     images, _, uninterrupted = two_process_runs
     out = tmp_path / "killed"
-    overrides = tiny_overrides(images, out, **RUN, **{"dist.strategy": "fsdp"})
+    overrides = tiny_overrides(images, out, **RUN, **{"dist.strategy": "fsdp", "model.channels_last": "true",
+                                                      "model.activation_checkpointing": 0.5})
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "swavkit",
                "pretrain", "--no-progress", *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -106,7 +111,7 @@ def test_fsdp_killed_then_resumed_equals_uninterrupted_and_resumes_in_one_proces
 
     # the 2-process FSDP checkpoint resumes in one plain process (dist.strategy may change on resume)
     saved = load_training_checkpoint(one_process / "checkpoints" / "last.pt", model_tensors=True)
-    cfg = load_config([], tiny_overrides(images, one_process, **RUN, **{"dist.strategy": "ddp"}))
+    cfg = load_config([], tiny_overrides(images, one_process, **RUN, **{"dist.strategy": "ddp", "model.channels_last": "true"}))
     result = train(cfg, progress=False, stop_after_steps=killed_at + 1)
     assert result.step == killed_at + 1
     after_one_step = load_training_checkpoint(one_process / "checkpoints" / "last.pt")
