@@ -89,6 +89,9 @@ class RunFolder:
             shutil.rmtree(self.path / own_folder, ignore_errors=True)
         if is_swavkit_export(self.backbone):
             shutil.rmtree(self.backbone)
+        from swavkit.sharded_checkpoint import remove_shard_folders  # torch.distributed: only when restarting
+
+        remove_shard_folders(self.checkpoint.parent)  # an FSDP run's shards (swavkit's folder names only)
         try:
             self.checkpoint.parent.rmdir()  # only if empty: a user's file in there stays
         except OSError:

@@ -56,12 +56,15 @@ def save_sharded_checkpoint(state, checkpoint: Path, config: dict) -> None:
     rest = state.state_dict(weights=False)  # collective: every rank's RNG and queue
     if distributed.is_main_process():
         save_atomic({**rest, SHARDED_KEY: folder.name, "config": config}, checkpoint)
-        _remove_old_folders(checkpoint.parent, keep=folder.name)
+        remove_shard_folders(checkpoint.parent, keep=folder.name)
     distributed.barrier()
 
 
-def _remove_old_folders(checkpoints: Path, keep: str) -> None:
-    """The previous save's folder, and partial ones of a killed run (swavkit's names only)."""
+def remove_shard_folders(checkpoints: Path, keep: str | None = None) -> None:
+    """Remove swavkit's shard folders but ``keep`` (the previous save's, partial ones of a killed run, or all of
+    them after a whole-model save or on --restart). Only names swavkit writes; a missing folder is a no-op."""
+    if not checkpoints.is_dir():
+        return
     for entry in checkpoints.iterdir():
         if entry.is_dir() and _FOLDER.match(entry.name) and entry.name != keep:
             shutil.rmtree(entry, ignore_errors=True)
@@ -118,4 +121,4 @@ def with_model_tensors(saved: dict, checkpoint: Path) -> dict:
     return {**saved, "model": {k: v.detach().cpu() for k, v in model.items() if isinstance(v, torch.Tensor)}}
 
 
-__all__ = ["SHARDED_KEY", "save_sharded_checkpoint", "load_sharded_into", "with_model_tensors", "shard_folder"]
+__all__ = ["SHARDED_KEY", "save_sharded_checkpoint", "remove_shard_folders", "load_sharded_into", "with_model_tensors", "shard_folder"]

@@ -44,7 +44,7 @@ from swavkit.presets import typical_side_px
 from swavkit.rundir import RunFolder
 from swavkit.schedule import LRSchedule, build_lr_schedule, explain_peak_lr
 from swavkit.activation_checkpointing import apply_activation_checkpointing
-from swavkit.sharded_checkpoint import SHARDED_KEY, load_sharded_into, save_sharded_checkpoint
+from swavkit.sharded_checkpoint import SHARDED_KEY, load_sharded_into, remove_shard_folders, save_sharded_checkpoint
 from swavkit.sharding import check_processes, full_model_state, shard_model
 from swavkit.sharpness import EpsilonControl, queue_should_stop, row_entropy
 from swavkit.signals import StopRequest as _StopRequest, StopRequested
@@ -773,6 +773,7 @@ def _save_checkpoint(loop: _Loop, state: TrainState) -> None:
     checkpoint = state.state_dict()
     if loop.procs.is_main:
         save_atomic({**checkpoint, "config": to_dict(loop.cfg)}, loop.files.checkpoint)
+        remove_shard_folders(loop.files.checkpoint.parent)  # a resumed FSDP run's shards: now superseded
     distributed.barrier()
 
 

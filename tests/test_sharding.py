@@ -116,6 +116,7 @@ def test_fsdp_killed_then_resumed_equals_uninterrupted_and_resumes_in_one_proces
     assert result.step == killed_at + 1
     after_one_step = load_training_checkpoint(one_process / "checkpoints" / "last.pt")
     assert "model" in after_one_step and after_one_step["optimizer"]["state"]  # whole again, momentum restored
+    assert [p.name for p in (one_process / "checkpoints").iterdir()] == ["last.pt"]  # the superseded shards went
     moved = [k for k in saved["model"] if k.endswith(".weight") and not torch.equal(saved["model"][k],
                                                                                       after_one_step["model"][k])]
     assert moved and all(torch.allclose(saved["model"][k], after_one_step["model"][k], atol=0.05) for k in moved)
@@ -253,3 +254,15 @@ def test_bad_input_is_one_line(image_folder, tmp_path):
     core.backbone = no_blocks
     with pytest.raises(ConfigError, match="dist.strategy=fsdp: mlp names no blocks.*use dist.strategy=ddp"):
         shard_model(core, "fp32", torch.device("cpu"), "mlp")
+
+
+def test_restart_removes_the_shards_and_nothing_else(two_process_runs, tmp_path):
+    from swavkit.rundir import RunFolder
+
+    _, _, fsdp = two_process_runs
+    run = tmp_path / "run"
+    shutil.copytree(fsdp, run)
+    (run / "checkpoints" / "notes.txt").write_text("mine")
+    (run / "checkpoints" / "sharded-step-mine").mkdir()  # not a name swavkit writes
+    RunFolder(str(run)).discard_previous_run()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["notes.txt", "sharded-step-mine"]
