@@ -101,6 +101,23 @@ def load_sharded_into(state, checkpoint: Path, saved: dict) -> None:
                    optim_state_dict=target["optimizer"])
 
 
+def load_whole_into_sharded(state, saved: dict) -> None:
+    """Collective: a whole checkpoint (a DDP run's ``model`` and ``optimizer``) into a sharded ``state``, so a run
+    may switch to ``dist.strategy=fsdp`` on resume. The optimizer dict numbers parameters in the order of its
+    groups, which is the same order here (swavkit.optim builds both from ``named_parameters``); it is re-keyed by
+    parameter name, the form torch's ``set_state_dict`` reads, and each process keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    names = {id(p): n for n, p in state.core.named_parameters()}
+    order = [names[id(p)] for group in state.optimizer.param_groups for p in group["params"]]
+    optimizer = saved["optimizer"]
+    by_name = {"state": {order[i]: value for i, value in optimizer["state"].items()},
+               "param_groups": [{**group, "params": [order[i] for i in group["params"]]}
+                                for group in optimizer["param_groups"]]}
+    set_state_dict(state.core, state.optimizer, model_state_dict=saved["model"], optim_state_dict=by_name,
+                   options=StateDictOptions(full_state_dict=True))
+
+
 def with_model_tensors(saved: dict, checkpoint: Path) -> dict:
     """``saved`` (a loaded last.pt) with a whole ``model`` state dict, read from its DCP folder when sharded.
 
@@ -121,4 +138,4 @@ def with_model_tensors(saved: dict, checkpoint: Path) -> dict:
     return {**saved, "model": {k: v.detach().cpu() for k, v in model.items() if isinstance(v, torch.Tensor)}}
 
 
-__all__ = ["SHARDED_KEY", "save_sharded_checkpoint", "remove_shard_folders", "load_sharded_into", "with_model_tensors", "shard_folder"]
+__all__ = ["SHARDED_KEY", "save_sharded_checkpoint", "remove_shard_folders", "load_whole_into_sharded", "load_sharded_into", "with_model_tensors", "shard_folder"]

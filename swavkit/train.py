@@ -44,7 +44,8 @@ from swavkit.presets import typical_side_px
 from swavkit.rundir import RunFolder
 from swavkit.schedule import LRSchedule, build_lr_schedule, explain_peak_lr
 from swavkit.activation_checkpointing import apply_activation_checkpointing
-from swavkit.sharded_checkpoint import SHARDED_KEY, load_sharded_into, remove_shard_folders, save_sharded_checkpoint
+from swavkit.sharded_checkpoint import (SHARDED_KEY, load_sharded_into, load_whole_into_sharded, remove_shard_folders,
+                                        save_sharded_checkpoint)
 from swavkit.sharding import check_processes, full_model_state, shard_model
 from swavkit.sharpness import EpsilonControl, queue_should_stop, row_entropy
 from swavkit.signals import StopRequest as _StopRequest, StopRequested
@@ -265,6 +266,9 @@ def _resume(state: TrainState, checkpoint: dict, procs: _Processes, data: _Data,
     """Stage 6: weights, optimiser, step, queue, RNG and LR schedule from the checkpoint; its step."""
     if SHARDED_KEY in checkpoint:  # an FSDP run's weights and optimiser: DCP shards, re-sharded to this run
         load_sharded_into(state, files.checkpoint, checkpoint)
+    elif state.sharded:  # a DDP run's whole checkpoint, continued with dist.strategy=fsdp
+        load_whole_into_sharded(state, checkpoint)
+        checkpoint = {k: v for k, v in checkpoint.items() if k not in ("model", "optimizer")}
     for note in state.load_state_dict(checkpoint):
         procs.say(f"resume: {note}")
     if state.budget is not None:  # the budget's plan (when made) decides the length, not train.epochs

@@ -171,7 +171,26 @@ def _prototypes_worker(rank, world, port, out_dir):
         torch.testing.assert_close(torch.cat(norms), torch.ones(len(norms) * 10), rtol=0, atol=1e-5)
         from swavkit.sharding import full_model_state
 
-        results[checkpointing] = full_model_state(core)
+        results[checkpointing] = {k: v.clone() for k, v in full_model_state(core).items()}  # buffers are shared
+    # a DDP run's whole checkpoint (model + id-keyed optimizer) continued sharded: dist.strategy=fsdp on resume
+    from swavkit.sharded_checkpoint import load_whole_into_sharded
+
+    torch.manual_seed(1)
+    plain = build_model("resnet10t", 10, 32, 16)
+    plain_optimizer = build_optimizer(plain, "lars", lr=0.5, weight_decay=1e-6, momentum=0.9, trust_coefficient=0.001)
+    crops = [torch.randn(4, 3, 32, 32)] * 2 + [torch.randn(4, 3, 16, 16)] * 2
+    plain_state = TrainState(plain, plain_optimizer, torch.amp.GradScaler("cpu", enabled=False))
+    train_step(plain_state, crops, StepSettings(), lr=0.5)
+    saved = distributed.broadcast_object({"model": plain.state_dict(), "optimizer": plain_optimizer.state_dict()})
+    expected = {k: v.clone() for k, v in saved["model"].items()}  # set_state_dict shards the dict it is given
+    load_whole_into_sharded(state, saved)
+    loaded = full_model_state(core)
+    momentum = {n: state.optimizer.state[p]["momentum_buffer"].full_tensor() for n, p in core.named_parameters()
+                if p in state.optimizer.state and hasattr(state.optimizer.state[p]["momentum_buffer"], "full_tensor")}
+    plain_momentum = {n: plain_optimizer.state[p]["momentum_buffer"] for n, p in plain.named_parameters()}
+    if rank == 0:
+        assert_same_model(expected, loaded, atol=0)
+    assert momentum and all(torch.equal(m, plain_momentum[n]) for n, m in momentum.items())
     everyone = distributed.all_gather_objects(prototypes[-1])
     if rank == 0:
         torch.testing.assert_close(everyone[0], everyone[1], rtol=0, atol=0)  # the same prototypes on every rank
