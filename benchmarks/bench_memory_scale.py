@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -60,7 +61,8 @@ def build_state(args, strategy: str, checkpointing: str, device):
     from swavkit.step import TrainState
 
     torch.manual_seed(0)
-    core = build_model(args.backbone, args.prototypes, args.hidden_dim, 128)
+    with torch.device(device):  # on a GPU, initialise there: a 1.3 B-parameter init on the CPU takes minutes
+        core = build_model(args.backbone, args.prototypes, args.hidden_dim, 128)
     apply_activation_checkpointing(core.backbone, checkpointing)
     core = core.to(device)
     model = core
@@ -263,6 +265,7 @@ def measure_largest(args) -> tuple[list[list], dict]:
         for name in REGNETY[REGNETY.index(args.search_from):]:
             state = None
             try:
+                gc.collect()  # the previous model, and an out-of-memory traceback's frames
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
                 state = build_state(argparse.Namespace(**{**vars(args), "backbone": name}), "ddp", checkpointing, device)
