@@ -191,6 +191,15 @@ def _prototypes_worker(rank, world, port, out_dir):
     if rank == 0:
         assert_same_model(expected, loaded, atol=0)
     assert momentum and all(torch.equal(m, plain_momentum[n]) for n, m in momentum.items())
+    # bf16: FSDP's policy reduces in fp32, autocast computes in bf16 (BatchNorm kept its fp32 weights: no dtype clash)
+    torch.manual_seed(0)
+    bf16 = build_model("resnet10t", 10, 32, 16)
+    shard_model(bf16, "bf16", torch.device("cpu"))
+    bf16_state = TrainState(bf16, build_optimizer(bf16, "lars", lr=0.5, weight_decay=1e-6, momentum=0.9,
+                                                  trust_coefficient=0.001), torch.amp.GradScaler("cpu", enabled=False),
+                            sharded=True)
+    big = [torch.randn(4, 3, 64, 64)] * 2  # >= 64 px: CPU bf16 convolutions are wrong on 1x1 maps (train.py warns)
+    assert train_step(bf16_state, big, StepSettings(autocast_dtype=torch.bfloat16), lr=0.5).applied
     everyone = distributed.all_gather_objects(prototypes[-1])
     if rank == 0:
         torch.testing.assert_close(everyone[0], everyone[1], rtol=0, atol=0)  # the same prototypes on every rank
