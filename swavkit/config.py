@@ -113,6 +113,22 @@ class ModelConfig:
     compile: bool = _help("torch.compile the backbone with static shapes (opt-in; the first steps are slow while "
                           "it compiles one graph per crop resolution, and online k-NN monitoring compiles its own)",
                           default=False)
+    activation_checkpointing: str = _help("off | on | a fraction of the backbone's blocks (e.g. 0.5): recompute their "
+                                          "activations in the backward pass instead of storing them; same loss and "
+                                          "gradients, less activation memory for ~one extra forward. on: timm's "
+                                          "set_grad_checkpointing; a fraction: the first blocks, where CNN feature "
+                                          "maps are largest (swavkit/activation_checkpointing.py)", default="off")
+
+
+@dataclass
+class DistConfig:
+    """How the processes of a multi-process run share the model."""
+    strategy: str = _help("ddp | fsdp. ddp: every process holds all weights, gradients and optimiser state "
+                          "(DistributedDataParallel). fsdp: PyTorch FSDP2 fully_shard over the backbone's blocks and "
+                          "the head, so each of N processes holds 1/N of them (prototypes stay whole); for models "
+                          "bigger than one GPU, usually with model.activation_checkpointing=on. Needs >= 2 processes; "
+                          "checkpoints are then sharded (torch.distributed.checkpoint) and resume at any process "
+                          "count", default="ddp")
 
 
 @dataclass
@@ -219,6 +235,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -253,7 +270,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, bool) and "true" in CHOICES.get(key, ()):
+        if isinstance(value, bool) and ("true" in CHOICES.get(key, ()) or key == "model.activation_checkpointing"):
             # an auto | true | false key: YAML read the word as a bool (other string keys still refuse
             # bools, so out_dir=off cannot quietly become "false")
             return str(value).lower()
@@ -384,7 +401,8 @@ RESUMABLE_CHANGES = ("train.epochs", "train.budget_minutes", "swav.prevent_colla
                      "train.collapse_patience_steps", "data.num_workers", "data.pin_memory",
                      "data.prefetch_factor", "data.colour_on_device", "data.decode_on_device", "model.channels_last", "model.compile",
                      "model.init", "train.loggers", "monitor.", "out_dir",
-                     "data.mean_std_sample_images")  # a resume takes the mean/std the run computed
+                     "data.mean_std_sample_images",  # a resume takes the mean/std the run computed
+                     "model.activation_checkpointing", "dist.strategy")  # recompute / sharding: same maths
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -412,6 +430,7 @@ CHOICES = {
     "data.colour_on_device": ("auto", "true", "false"),
     "data.decode_on_device": ("auto", "true", "false"),
     "model.channels_last": ("auto", "true", "false"),
+    "dist.strategy": ("ddp", "fsdp"),
 }
 LOGGER_CHOICES = ("jsonl", "tensorboard", "wandb", "mlflow")  # train.loggers entries (swavkit/training/loggers.py)
 
@@ -469,7 +488,39 @@ def check_channel_settings(cfg: Config) -> None:
                           f"{d.channels} data.bit_depth={d.bit_depth} set it to false")
     if d.channels != 3 and cfg.monitor.knn_data:
         raise ConfigError(f"monitor.knn_data: the online k-NN reads RGB images; with data.channels={d.channels} "
-                          "leave it empty and evaluate the export (swavkit.features.extract_features)")
+                          "leave it empty and evaluate the export (swavkit.evaluation.features.extract_features)")
+
+
+def parse_fraction(value: str) -> float:
+    """``off|on|<fraction>`` -> the fraction of blocks to checkpoint, 0.0 .. 1.0 (ConfigError otherwise)."""
+    text = str(value).strip().lower()
+    if text in ("off", "false", "0", "none", ""):
+        return 0.0
+    if text in ("on", "true", "1", "all"):
+        return 1.0
+    try:
+        fraction = float(text)
+    except ValueError:
+        fraction = math.nan
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"model.activation_checkpointing: '{value}' is not off, on or a fraction of blocks in (0, 1], e.g. 0.5")
+    return fraction
+
+
+def check_strategy(cfg: Config) -> None:
+    """``model.activation_checkpointing`` and ``dist.strategy`` values (ConfigError, one line). The process count
+    is checked at launch (:func:`check_processes`)."""
+    parse_fraction(cfg.model.activation_checkpointing)
+    if cfg.dist.strategy == "fsdp" and cfg.train.precision == "fp16":
+        raise ConfigError("train.precision=fp16 with dist.strategy=fsdp: fp16's loss scaler cannot unscale sharded "
+                          "gradients here; use train.precision=bf16 (or fp32)")
+    if cfg.dist.strategy == "fsdp" and cfg.monitor.knn_data:
+        # its feature pass splits the images over the processes, possibly unevenly: a sharded backbone would
+        # then wait in an all-gather that another process never joins
+        raise ConfigError("monitor.knn_data with dist.strategy=fsdp is not supported yet; leave monitor.knn_data "
+                          "empty and run `swavkit knn` on the export (or on a checkpoint) instead")
+    if cfg.dist.strategy == "fsdp" and cfg.model.compile:
+        raise ConfigError("model.compile=true with dist.strategy=fsdp is not supported yet; set model.compile=false")
 
 
 def validate(cfg: Config, world_size: int = 1) -> None:
@@ -483,6 +534,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         if value not in choices:
             raise ConfigError(f"{key}: '{value}' is not one of {', '.join(choices)}")
     check_logger_names(cfg.train.loggers)  # train.loggers: known names (LOGGER_CHOICES), jsonl included
+    check_strategy(cfg)  # model.activation_checkpointing, dist.strategy (the process count: at launch)
     n_groups = len(c.counts)
     for name in ("sizes_px", "min_scales", "max_scales"):
         if len(getattr(c, name)) != n_groups:

@@ -91,6 +91,8 @@ def load_state(path: str | Path) -> dict:
 
 
 def load_training_checkpoint(path: str | Path) -> dict:
+    """A swavkit training checkpoint as saved (an FSDP run's holds ``sharded`` instead of ``model``: its whole
+    model comes from :func:`swavkit.artifacts.sharded_checkpoint.load_whole_training_checkpoint`)."""
     state = load_state(path)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a swavkit training checkpoint (no format '{CHECKPOINT_FORMAT}')")
@@ -105,7 +107,7 @@ def backbone_state(model_state: dict) -> dict:
 # What an export folder holds (README.md = the model card). A folder with anything else in it was not
 # written by swavkit alone, so export refuses to replace it.
 EXPORT_TAG = "swavkit"
-# config.json's record of data.bit_depth=16 (absent: 8), read by swavkit.preprocessing.resolve_preprocessing
+# config.json's record of data.bit_depth=16 (absent: 8), read by swavkit.artifacts.preprocessing.resolve_preprocessing
 EXPORT_BIT_DEPTH_KEY = "input_bit_depth"
 # pretrained_cfg entries that describe our weights and how to feed them. timm's registry entry for the
 # architecture also carries test_input_size, licence, origin URL, paper ids ...: claims about *timm's*
@@ -178,7 +180,7 @@ def export_backbone(backbone: torch.nn.Module, out_dir: str | Path, *, image_siz
     are written to a temporary sibling and fsynced, then swapped in atomically, so ``out_dir`` always
     holds one complete export. ``mean``/``std`` hold one value per input channel (``input_size`` follows);
     ``bit_depth`` 16 is recorded as ``config.json["input_bit_depth"]`` (timm's pretrained_cfg refuses unknown
-    keys; timm ignores this top-level one), which swavkit.preprocessing reads back for evaluation.
+    keys; timm ignores this top-level one), which swavkit.artifacts.preprocessing reads back for evaluation.
     """
     from timm.models import save_for_hf
 

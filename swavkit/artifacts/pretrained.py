@@ -24,6 +24,8 @@ from swavkit.artifacts.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, ba
 from swavkit.config import from_dict
 from swavkit.core.model import SwAVModel, build_model, create_backbone
 from swavkit.artifacts.modelcard import card_for_training
+from swavkit.artifacts.seer import is_vissl_regnet, vissl_regnet_to_timm
+from swavkit.artifacts.sharded_checkpoint import with_model_tensors
 from swavkit.data.constants import DEFAULT_IMAGE_SIZE_PX, IMAGENET_MEAN, IMAGENET_STD, eval_size_px
 from swavkit.artifacts.layout import EXPORT_CONFIG, EXPORT_WEIGHTS, RUN_CHECKPOINT, RUN_EXPORT_DIR, holds_export, run_folder_of
 
@@ -94,6 +96,8 @@ def split_reference_state(state: dict) -> tuple[dict, dict]:
     loaded into a :class:`SwAVModel`.
     """
     tensors = _unwrap_container(state)
+    if is_vissl_regnet(tensors):  # SEER: VISSL's RegNet trunk names, mapped as timm maps them
+        return vissl_regnet_to_timm(tensors), {}
     backbone, head = {}, {}
     for key, value in tensors.items():
         if not isinstance(value, torch.Tensor):
@@ -186,6 +190,7 @@ def load_backbone(source: str | Path, *, architecture: str = "resnet50") -> torc
         net = timm.create_model(arch, pretrained=False, **model_args)
         return load_strict(net, load_file(str(path / EXPORT_WEIGHTS)), str(path)).eval()
     state = load_state(path)
+    state = with_model_tensors(state, Path(path))  # an FSDP run's shards: its whole model
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         cfg = from_dict(state["config"])
         net = create_backbone(cfg.model.backbone, **cfg.model.backbone_kwargs)
@@ -203,6 +208,7 @@ def load_swav_model(source: str | Path, *, architecture: str = "resnet50") -> tu
     """
     path = resolve_source(source, need="checkpoint")
     state = load_state(path)
+    state = with_model_tensors(state, Path(path))  # an FSDP run's shards: its whole model
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         cfg = from_dict(state["config"])
         m = cfg.model
@@ -322,6 +328,7 @@ def _state_and_architecture(located: InitialSource, backbone_kwargs: dict) -> tu
             raise LoadError(f"model.init: {located.path / 'config.json'} is not a timm export config ({err})") from None
         return load_file(str(located.path / EXPORT_WEIGHTS)), architecture
     state = load_state(located.path)
+    state = with_model_tensors(state, Path(located.path))  # an FSDP run's shards: its whole model
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         return backbone_state(state["model"]), from_dict(state["config"]).model.backbone
     return split_reference_state(state)[0], None  # released files do not record their architecture
@@ -361,6 +368,7 @@ def export_checkpoint(source: str | Path, out_dir: str | Path) -> Path:
     check_export_target(out_dir)  # before any loading: a refused target should fail fast
     checkpoint = resolve_source(source, need="checkpoint")
     state = load_state(checkpoint)
+    state = with_model_tensors(state, Path(checkpoint))  # an FSDP run's shards: its whole model
     if not (isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT):
         backbone = load_backbone(checkpoint)
         return export_backbone(backbone, out_dir, image_size_px=DEFAULT_IMAGE_SIZE_PX, mean=IMAGENET_MEAN,

@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 from swavkit.artifacts.layout import RUN_CHECKPOINT, RUN_CONFIG, RUN_EXPORT_DIR, RUN_METRICS, RUN_SKIPPED
+from swavkit.artifacts.sharded_checkpoint import remove_shard_folders
 from swavkit.artifacts.checkpoint import CheckpointError, check_export_target, is_swavkit_export
 from swavkit.config import ConfigError
 from swavkit.data.filelist import CACHE_NAME as LIST_CACHE_FILE
@@ -140,6 +141,7 @@ class RunFolder(OwnedFolder):
         """``--restart``: delete this run's own files, and its ``backbone/`` export if swavkit wrote it."""
         if is_swavkit_export(self.backbone):
             shutil.rmtree(self.backbone)
+        remove_shard_folders(self.checkpoint.parent)  # an FSDP run's shards (swavkit's folder names only)
         super().discard()
         try:
             self.checkpoint.parent.rmdir()  # only if empty: a user's file in there stays

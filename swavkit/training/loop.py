@@ -33,6 +33,8 @@ from swavkit.training.collapse import CollapsePolicy
 from swavkit.training.data_setup import TrainingData
 from swavkit.training.monitor import monitor_floors, monitor_knn
 from swavkit.training.processes import Processes
+from swavkit.artifacts.sharded_checkpoint import remove_shard_folders, save_sharded_checkpoint
+from swavkit.training.sharding import full_model_state
 from swavkit.data.constants import eval_size_px
 
 
@@ -333,9 +335,13 @@ def save_checkpoint(loop: Loop, state: TrainState) -> None:
     writes one file atomically."""
     if loop.budget_clock is not None:
         state.budget.used_s = loop.budget_clock.elapsed_s()
+    if state.sharded:
+        save_sharded_checkpoint(state, loop.files.checkpoint, to_dict(loop.cfg))
+        return
     checkpoint = state.state_dict()
     if loop.procs.is_main:
         save_atomic({**checkpoint, "config": to_dict(loop.cfg)}, loop.files.checkpoint)
+        remove_shard_folders(loop.files.checkpoint.parent)  # a resumed FSDP run's shards: now superseded
     distributed.barrier()
 
 
@@ -343,11 +349,12 @@ def export(loop: Loop, state: TrainState) -> Path:
     """Stage 9: the backbone alone, in timm's local-dir layout with its model card (written by rank 0); the
     closing lines, which say so when the run ended on the collapse plateau."""
     cfg, procs, files = loop.cfg, loop.procs, loop.files
+    model_state = full_model_state(state.core)  # collective under FSDP (gathers the shards on rank 0)
     if not procs.is_main:
         return files.backbone
     m = cfg.model
     export_net = create_backbone(m.backbone, **m.backbone_kwargs)
-    export_net.load_state_dict(backbone_state(state.core.state_dict()), strict=True)
+    export_net.load_state_dict(backbone_state(model_state), strict=True)
     card = card_for_training(to_dict(cfg), architecture=m.backbone, feature_dim=export_net.num_features,
                              backbone_dir=files.backbone, steps=state.step, final_loss=state.last_loss,
                              n_images=len(loop.data.dataset),

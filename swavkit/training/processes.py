@@ -11,6 +11,7 @@ from tqdm import tqdm
 from swavkit.runtime import distributed
 from swavkit.config import Config
 from swavkit.training.preflight import preflight
+from swavkit.training.sharding import check_processes
 from swavkit.data.device_decode import resolve_decode_on_device
 from swavkit.runtime.device import resolve_auto_flag, resolve_device, resolve_precision
 
@@ -44,6 +45,7 @@ def start_processes(cfg: Config) -> Processes:
     launch = distributed.init(device.type)
     world = distributed.world_size()
     preflight(cfg, world_size=world)
+    check_processes(cfg.dist.strategy, world, device.type)
     decode = resolve_decode_on_device(cfg.data.decode_on_device, device)
     return Processes(device, world, distributed.rank(), distributed.is_main_process(), launch.local_world_size,
                       resolve_precision(cfg.train.precision, device),

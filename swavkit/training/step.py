@@ -28,6 +28,7 @@ from swavkit.core.model import SwAVModel
 from swavkit.runtime.rng import capture_rng_state, restore_rng_state
 from swavkit.core.schedule import LRSchedule
 from swavkit.core.sinkhorn import sinkhorn
+from swavkit.training.sharding import broadcast_buffers, sync_whole_gradients
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -107,6 +108,7 @@ class TrainState:
     nonfinite_skipped: int = 0  # steps refused for a non-finite loss or gradient
     last_loss: float = math.nan  # mean loss of the last logging window
     skipped_files: set[str] = field(default_factory=set)  # unreadable files met so far
+    sharded: bool = False  # dist.strategy=fsdp: core holds FSDP shards (swavkit.training.sharding)
     # scratch reused by every step (not state): BN buffers and their backup, Sinkhorn outputs per crop
     _bn_buffers: list[torch.Tensor] = field(init=False, repr=False)
     _bn_backup: list[torch.Tensor] = field(init=False, repr=False)
@@ -134,8 +136,9 @@ class TrainState:
         if self._bn_buffers:
             torch._foreach_copy_(self._bn_buffers, self._bn_backup)
 
-    def state_dict(self) -> dict:
-        """The training checkpoint without its config (format ``swavkit-train-v1``).
+    def state_dict(self, weights: bool = True) -> dict:
+        """The training checkpoint without its config (format ``swavkit-train-v1``); ``weights=False`` leaves out
+        ``model`` and ``optimizer`` (an FSDP run saves them as shards: swavkit.artifacts.sharded_checkpoint).
 
         Collective in a multi-process run: every rank must call it, each contributes its queue and RNG
         (``per_rank``), and every rank gets the whole dict.
@@ -144,8 +147,9 @@ class TrainState:
         mine = {**capture_rng_state(device),  # rng_cpu, rng_cuda
                 "queue": {k: v.cpu() for k, v in self.queue.state_dict().items()} if self.queue is not None else None}
         per_rank = distributed.all_gather_objects(mine)
-        return {"format": CHECKPOINT_FORMAT, "step": self.step, "model": self.core.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "per_rank": per_rank,
+        return {"format": CHECKPOINT_FORMAT, "step": self.step,
+                **({"model": self.core.state_dict(), "optimizer": self.optimizer.state_dict()} if weights else {}),
+                "scaler": self.scaler.state_dict(), "per_rank": per_rank,
                 "collapse": self.collapse.state_dict(), "nonfinite_skipped": self.nonfinite_skipped,
                 "last_loss": self.last_loss, "skipped_files": sorted(self.skipped_files), "epsilon": self.epsilon,
                 "queue_dropped_at_step": self.queue_dropped_at_step,
@@ -159,8 +163,9 @@ class TrainState:
         A run resumed with another number of processes takes rank 0's RNG and starts with an empty
         queue. Returns notes for the user about what could not be restored as saved.
         """
-        self.core.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "model" in state:  # else a sharded checkpoint, loaded by swavkit.artifacts.sharded_checkpoint
+            self.core.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.nonfinite_skipped = int(state["step"]), int(state.get("nonfinite_skipped", 0))
         self.last_loss = float(state.get("last_loss", math.nan))
@@ -269,6 +274,8 @@ def train_step(state: TrainState, crops: list[torch.Tensor], settings: StepSetti
     state.scaler.scale(forward.loss).backward()
     if state.step < settings.freeze_prototype_steps:
         state.core.prototypes.weight.grad = None
+    if state.sharded:  # FSDP averaged the shards' gradients; the whole prototypes are averaged here
+        sync_whole_gradients(state.core)
     result = StepResult(state.step, forward.loss.detach(), forward.codes[settings.assignment_crops[0]],
                         queue_started, applied=update_is_finite(state, forward.loss))
     if not result.applied:
@@ -281,6 +288,8 @@ def train_step(state: TrainState, crops: list[torch.Tensor], settings: StepSetti
         return result
     state.scaler.step(state.optimizer)
     state.scaler.update()
+    if state.sharded:  # DDP starts every forward from rank 0's BN statistics: every rank keeps rank 0's here too
+        broadcast_buffers(state.core)
     if queue_started:
         state.queue.push(forward.embeddings[list(settings.assignment_crops)])
     state.step += 1
@@ -292,7 +301,7 @@ def update_is_finite(state: TrainState, loss: torch.Tensor) -> bool:
     # With fp16 the GradScaler already skips steps with inf/NaN gradients (and lowers its scale).
     check_grads = not state.scaler.is_enabled()
     finite = torch.isfinite(loss.detach() + (gradient_norm_sum(state.core) if check_grads else 0.0))
-    if not check_grads and distributed.world_size() > 1:
+    if (not check_grads or state.sharded) and distributed.world_size() > 1:  # FSDP: each rank checks its shards
         # Gradients are all-reduced, so their norm is the same on every rank, but the loss is not: with
         # fp16 only the loss is checked, so the ranks must agree on it. Otherwise the refusing rank skips
         # scaler.update(), the loss scales drift apart, and a TrainingDiverged on one rank leaves the
@@ -305,7 +314,7 @@ def gradient_norm_sum(module: torch.nn.Module) -> torch.Tensor:
     """Sum of the per-parameter gradient L2 norms (fp32 scalar, on the parameters' device): non-finite
     exactly when some gradient is, and also when one is so large (> ~1e19) that its square overflows -
     the kind of garbage a broken kernel returns. One fused pass, no host sync."""
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    grads = [getattr(p.grad, "_local_tensor", p.grad) for p in module.parameters() if p.grad is not None]  # FSDP: shards
     if not grads:
         return torch.zeros(())
     return torch.stack(torch._foreach_norm(grads)).float().sum()

@@ -34,6 +34,9 @@ from swavkit.training.data_setup import TrainingData, build_data, cache_file_lis
 from swavkit.training.loop import (UNPLANNED_TOTAL_STEPS, DataLoaderCrashed, Loop, TrainingDiverged, export,
                                    planned_settings, save_checkpoint, train_epochs)
 from swavkit.training.processes import Processes, start_processes
+from swavkit.core.activation_checkpointing import apply_activation_checkpointing
+from swavkit.artifacts.sharded_checkpoint import SHARDED_KEY, load_sharded_into, load_whole_into_sharded
+from swavkit.training.sharding import shard_model
 
 
 @dataclass
@@ -141,6 +144,11 @@ def _with_defaults(saved: dict) -> dict:
 
 def _resume(state: TrainState, checkpoint: dict, procs: Processes, data: TrainingData, files: RunFolder) -> int:
     """Stage 6: weights, optimiser, step, queue, RNG and LR schedule from the checkpoint; its step."""
+    if SHARDED_KEY in checkpoint:  # an FSDP run's weights and optimiser: DCP shards, re-sharded to this run
+        load_sharded_into(state, files.checkpoint, checkpoint)
+    elif state.sharded:  # a DDP run's whole checkpoint, continued with dist.strategy=fsdp
+        load_whole_into_sharded(state, checkpoint)
+        checkpoint = {k: v for k, v in checkpoint.items() if k not in ("model", "optimizer")}
     for note in state.load_state_dict(checkpoint):
         procs.say(f"resume: {note}")
     if state.budget is not None:  # the budget's plan (when made) decides the length, not train.epochs
@@ -181,21 +189,28 @@ def _build_model(cfg: Config, procs: Processes, fresh: bool) -> tuple[SwAVModel,
 
         core.backbone.load_state_dict(load_initial_backbone_state(m.init, m.backbone, m.backbone_kwargs), strict=True)
         procs.say(f"model: backbone weights from model.init={printable_path(m.init)} (head and prototypes fresh)")
+    checkpointing = apply_activation_checkpointing(core.backbone, m.activation_checkpointing, m.backbone)
     core = core.to(device)
     memory_format = torch.channels_last if resolve_auto_flag(m.channels_last, device) else torch.contiguous_format
-    core = core.to(memory_format=memory_format)
+    if cfg.dist.strategy != "fsdp":  # FSDP2 shards contiguous weights only; NHWC crops still make NHWC convolutions
+        core = core.to(memory_format=memory_format)
     core = distributed.convert_sync_batchnorm(core, m.sync_batchnorm, procs.local_world_size)
     if m.compile:
         # Static shapes: the backbone sees one fixed shape per crop resolution. Left automatic, the second
         # resolution makes dynamo recompile a dynamic-shape graph: twice the compile time on a CPU (19 vs
         # 39 s for resnet18, same speed after), and on an H100 still compiling after 170 s.
         core.backbone.compile(dynamic=False)
-    model = distributed.wrap_ddp(core, device)
+    if cfg.dist.strategy == "fsdp":  # what the forward runs: the sharded core itself, not DDP around it
+        model = shard_model(core, procs.precision, device, m.backbone)
+    else:
+        model = distributed.wrap_ddp(core, device)
     procs.say(f"model: {m.backbone} ({core.backbone.num_features}-d features) -> head {m.hidden_dim or '-'} -> "
               f"{m.output_dim}-d -> {m.n_prototypes} prototypes; precision {procs.precision} on {device}"
               + (" (channels_last)" if memory_format == torch.channels_last else "")
               + (f" ({torch.get_num_threads()} compute thread(s) beside {cfg.data.num_workers} data worker(s); "
-                 "OMP_NUM_THREADS overrides)" if device.type == "cpu" else ""))
+                 "OMP_NUM_THREADS overrides)" if device.type == "cpu" else "")
+              + (f"; {checkpointing}" if checkpointing else "")
+              + (f"; FSDP over {procs.world} processes" if cfg.dist.strategy == "fsdp" else ""))
     return core, model, memory_format
 
 
@@ -215,6 +230,7 @@ def _build_state(cfg: Config, procs: Processes, data: TrainingData, core: SwAVMo
                        queue, CollapseMonitor(cfg.model.n_prototypes, cfg.train.collapse_patience_steps), model,
                        lr_schedule=lr_schedule, epsilon=cfg.swav.epsilon,
                        budget=BudgetPlan(60.0 * cfg.train.budget_minutes) if cfg.train.budget_minutes > 0 else None)
+    state.sharded = cfg.dist.strategy == "fsdp"
     if state.budget is not None:  # until the first plan, the run cannot end by train.epochs
         data.total_steps = UNPLANNED_TOTAL_STEPS
     settings = StepSettings.from_config(cfg, data.steps_per_epoch, autocast_dtype(procs.precision))

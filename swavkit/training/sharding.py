@@ -1,0 +1,141 @@
+"""``dist.strategy=fsdp``: PyTorch FSDP2 (``torch.distributed.fsdp.fully_shard``) for models bigger than one GPU.
+
+Each of the backbone's blocks (timm's ``group_matcher``, as in :mod:`swavkit.core.activation_checkpointing`) and the
+projection head become one FSDP unit, the rest of the backbone (stem, final norm) the root unit: every process
+holds 1/N of each weight, gradient and optimiser state, and a unit's full weights exist only while it runs.
+The prototypes stay whole on every process (FSDP's ``ignored_params``): they are re-normalised before every
+step, read by the queue's scores outside the forward and may be frozen, all of which wants the plain [K, D]
+matrix; their gradient is averaged here (:func:`sync_whole_gradients`), as DDP would.
+
+LARS: timm's ``Lars`` computes ``p.norm()`` and ``grad.norm()`` on the sharded DTensors, whose norm is that of
+the whole parameter (DTensor reduces the shard norms across processes), so the trust ratio, and the update,
+equal DDP's (tests/test_sharding.py checks the weights after several steps). Mixed precision: FSDP's
+``MixedPrecisionPolicy`` reduces gradients in fp32 and the step's autocast computes in bf16, as on the DDP path
+(:func:`precision_policy` says why weights are not all-gathered in bf16); fp16 is refused (its GradScaler does
+not unscale sharded gradients).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from swavkit.core.activation_checkpointing import backbone_blocks
+from swavkit.config import ConfigError
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+def check_processes(strategy: str, world_size: int, device_type: str) -> None:
+    """Refuse FSDP in one process: there is nothing to shard over, and it would only slow the step."""
+    if strategy == "fsdp" and world_size < 2:
+        where = "torchrun --nproc_per_node=N (N GPUs; on a CPU, N >= 2)" if device_type == "cuda" else \
+            "torchrun --nproc_per_node=2 or more"
+        raise ConfigError(f"dist.strategy=fsdp needs several processes, this run has 1 on {device_type}: launch "
+                          f"with {where}, or use dist.strategy=ddp (one process holds the whole model anyway)")
+
+
+def precision_policy(precision: str):
+    """FSDP's MixedPrecisionPolicy for ``train.precision``: fp32 weights all-gathered, fp32 gradient reduction;
+    bf16 compute comes from the step's autocast, exactly as on the DDP path.
+
+    Why not ``param_dtype=bf16`` (half the all-gather traffic): it casts BatchNorm's weight to bf16 while its
+    running statistics stay fp32, and torch's batch_norm refuses that mix (measured here on CPU: "expected
+    scalar type BFloat16 but found Float" in the first RegNet/ResNet BN). Worth revisiting for BN-free
+    backbones, not measured."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if precision in ("bf16", "fp32"):
+        return MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def shard_model(core: nn.Module, precision: str, device: torch.device, backbone_name: str = "") -> nn.Module:
+    """``fully_shard`` the backbone's blocks, the head, then the whole model with the prototypes left whole.
+
+    Args:
+        core: a SwAVModel on ``device`` (BN already converted to SyncBN if asked); changed in place.
+    Returns:
+        ``core`` itself (now an FSDPModule): what the forward runs, instead of DDP.
+    """
+    from torch.distributed import get_world_size
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = backbone_blocks(core.backbone)
+    if not blocks:
+        raise ConfigError(f"dist.strategy=fsdp: {backbone_name or type(core.backbone).__name__} names no blocks in "
+                          "timm's group_matcher, so it cannot be sharded block by block; use dist.strategy=ddp")
+    mesh = init_device_mesh(device.type, (get_world_size(),))
+    policy = precision_policy(precision)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(core.head, mesh=mesh, mp_policy=policy)
+    fully_shard(core, mesh=mesh, mp_policy=policy, ignored_params={core.prototypes.weight})
+    return core
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` holds FSDP-sharded (DTensor) parameters."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def sync_whole_gradients(core: nn.Module) -> None:
+    """Average the prototypes' gradient over the processes (FSDP leaves ignored parameters alone; DDP would
+    average it). No-op while the prototypes are frozen (no gradient on any process)."""
+    from swavkit.runtime import distributed
+
+    grad = core.prototypes.weight.grad
+    if grad is not None and distributed.world_size() > 1:
+        distributed.all_reduce_sum(grad).div_(distributed.world_size())
+
+
+def broadcast_buffers(module: nn.Module) -> None:
+    """Rank 0's BatchNorm statistics (and other buffers) on every rank, one broadcast per dtype: what DDP does
+    before each forward (broadcast_buffers=True), so an FSDP run keeps the same statistics as a DDP run."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for buffer in module.buffers():
+        by_dtype.setdefault(buffer.dtype, []).append(buffer)
+    for buffers in by_dtype.values():
+        flat = _flatten_dense_tensors(buffers)
+        dist.broadcast(flat, src=0)
+        torch._foreach_copy_(buffers, list(_unflatten_dense_tensors(flat, buffers)))
+
+
+def full_model_state(core: nn.Module) -> dict:
+    """The SwAVModel's whole state dict (plain CPU tensors) on rank 0, e.g. for the timm export.
+
+    Collective under FSDP (every process must call it; the others get {}); ``core.state_dict()`` otherwise.
+    """
+    if not is_sharded(core):
+        return core.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(core, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def local_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+    """Bytes this process holds of parameters, gradients and optimiser state (its shards under FSDP)."""
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    params = [local(p) for p in model.parameters()]
+    out = {"params": sum(p.numel() * p.element_size() for p in params),
+           "grads": sum(local(p.grad).numel() * local(p.grad).element_size()
+                        for p in model.parameters() if p.grad is not None),
+           "optimizer": 0}
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor) and value.ndim > 0:
+                    out["optimizer"] += local(value).numel() * local(value).element_size()
+    return out
+
+
+__all__ = ["STRATEGIES", "check_processes", "precision_policy", "shard_model", "is_sharded",
+           "sync_whole_gradients", "broadcast_buffers", "full_model_state", "local_state_bytes"]
