@@ -137,25 +137,37 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-def test_torchrun_cli_killed_then_resumed(image_folder, tmp_path):
-    out = tmp_path / "tr"
-    overrides = tiny_overrides(image_folder, out, **{"train.epochs": 3, "train.checkpoint_every_steps": 1})
+def torchrun_pretrain(overrides: list[str]) -> tuple[list[str], dict]:
+    """(command, environment) of ``swavkit pretrain`` under torchrun with 2 CPU processes."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "swavkit",
                "pretrain", "--no-progress", *overrides]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return command, dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def torchrun_killed_after(overrides: list[str], checkpoint, min_step: int) -> int:
+    """:func:`torchrun_pretrain`, killed with SIGKILL once ``checkpoint`` holds step ``min_step`` or later: no
+    chance to save anything. Returns the step of the checkpoint it left."""
+    command, env = torchrun_pretrain(overrides)
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    checkpoint = out / "checkpoints" / "last.pt"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if checkpoint.exists() and load_training_checkpoint(checkpoint)["step"] >= 2:
+        if checkpoint.exists() and load_training_checkpoint(checkpoint)["step"] >= min_step:
             break
         time.sleep(0.2)
     assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
-    kill_tree(proc.pid)  # no chance to save anything
+    kill_tree(proc.pid)
     proc.wait()
-    killed_at = load_training_checkpoint(checkpoint)["step"]
+    return load_training_checkpoint(checkpoint)["step"]
+
+
+def test_torchrun_cli_killed_then_resumed(image_folder, tmp_path):
+    out = tmp_path / "tr"
+    overrides = tiny_overrides(image_folder, out, **{"train.epochs": 3, "train.checkpoint_every_steps": 1})
+    checkpoint = out / "checkpoints" / "last.pt"
+    killed_at = torchrun_killed_after(overrides, checkpoint, min_step=2)
     assert 2 <= killed_at < 12
 
+    command, env = torchrun_pretrain(overrides)
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert f"resume: {checkpoint} at step {killed_at}/12" in done.stdout, done.stdout

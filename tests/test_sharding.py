@@ -7,8 +7,6 @@ Two gloo processes on CPU with resnet10t at 32 px. BatchNorm is per process in b
 import os
 import shutil
 import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -16,7 +14,8 @@ import torch.multiprocessing as mp
 
 from conftest import tiny_overrides, write_images
 from swavkit.runtime import distributed
-from swavkit.core.activation_checkpointing import apply_activation_checkpointing, backbone_blocks, parse_fraction
+from swavkit.config import parse_fraction
+from swavkit.core.activation_checkpointing import apply_activation_checkpointing, backbone_blocks
 from swavkit.artifacts.checkpoint import CheckpointError, load_training_checkpoint
 from swavkit.artifacts.sharded_checkpoint import load_whole_training_checkpoint
 from swavkit.config import ConfigError, load_config
@@ -24,7 +23,7 @@ from swavkit.core.model import build_model
 from swavkit.artifacts.pretrained import load_backbone
 from swavkit.training.sharding import check_processes, shard_model
 from swavkit.training.trainer import train
-from test_distributed import free_port, kill_tree
+from test_distributed import free_port, torchrun_killed_after, torchrun_pretrain
 
 RUN = {"train.epochs": 2, "train.checkpoint_every_steps": 1}  # 8 steps; prototypes frozen for the first 2
 
@@ -84,24 +83,13 @@ def test_fsdp_killed_then_resumed_equals_uninterrupted_and_resumes_in_one_proces
     out = tmp_path / "killed"
     overrides = tiny_overrides(images, out, **RUN, **{"dist.strategy": "fsdp", "model.channels_last": "true",
                                                       "model.activation_checkpointing": 0.5})
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "swavkit",
-               "pretrain", "--no-progress", *overrides]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     checkpoint = out / "checkpoints" / "last.pt"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if checkpoint.exists() and load_training_checkpoint(checkpoint)["step"] >= 3:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
-    kill_tree(proc.pid)  # kill -9: no chance to save anything
-    proc.wait()
-    killed_at = load_training_checkpoint(checkpoint)["step"]
+    killed_at = torchrun_killed_after(overrides, checkpoint, min_step=3)  # kill -9 mid-run
     assert 3 <= killed_at < 8
     one_process = tmp_path / "one"
     shutil.copytree(out, one_process)
 
+    command, env = torchrun_pretrain(overrides)
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert f"at step {killed_at}/8" in done.stdout, done.stdout
