@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from swavkit.runtime.fileio import (atomic_writer, fsync_dir, make_temp_folder, naming, write_json_atomic,
+from swavkit.runtime.fileio import (atomic_writer, file_mode, fsync_dir, make_temp_folder, naming, write_json_atomic,
                                     write_text_atomic)
 from swavkit.data.constants import crop_fraction_for
 from swavkit.artifacts.layout import EXPORT_CONFIG, EXPORT_FILES, EXPORT_WEIGHTS
@@ -204,6 +204,7 @@ def export_backbone(backbone: torch.nn.Module, out_dir: str | Path, *, image_siz
 
             write_text_atomic(tmp / MODEL_CARD_FILE, model_card)
         with open(tmp / EXPORT_WEIGHTS, "rb+") as handle:
+            os.fchmod(handle.fileno(), file_mode())  # safetensors writes it 0600: others could not load it
             os.fsync(handle.fileno())
         fsync_dir(tmp)
         if out_dir.is_dir() and _exchange_folders(tmp, out_dir):

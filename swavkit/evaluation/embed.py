@@ -700,9 +700,14 @@ def load_embeddings(path: str | Path) -> Embeddings:
     except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as err:  # zero-byte, torn, foreign
         raise DataError(f"{printable_path(files.vectors)}: not readable as swavkit embeddings ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else 'empty'}); {changed}") from None
-    if vectors.ndim != 2 or vectors.shape[1] != dim or not (len(vectors) == len(names) == n_rows) or n_rows < 1:
-        raise DataError(f"{printable_path(files.vectors)}: {len(vectors)} vectors of shape {list(vectors.shape[1:])} "
-                        f"and {len(names)} paths, the manifest says {n_rows} rows of {dim}; {changed}")
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise DataError(f"{printable_path(files.vectors)}: an array of shape {list(vectors.shape)}, the manifest says "
+                        f"rows of {dim}; {changed}")
+    if n_rows < 1 or len(vectors) == 0:  # swavkit embed never finishes without a row
+        raise DataError(f"{printable_path(files.vectors)}: holds no embeddings (0 rows); {changed}")
+    if not len(vectors) == len(names) == n_rows:
+        raise DataError(f"{printable_path(files.vectors)}: {len(vectors)} vectors and {len(names)} paths, the "
+                        f"manifest says {n_rows}; {changed}")
     recorded = manifest.get("rows_sha256")  # absent in files of swavkit before it was recorded
     if recorded is not None and hashlib.sha256(names_bytes).hexdigest() != recorded:
         raise DataError(f"{printable_path(files.paths if not files.is_parquet else files.vectors)}: its image names "

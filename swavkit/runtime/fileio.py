@@ -92,8 +92,12 @@ def _names_nothing_else(name, path: Path) -> bool:
 def make_temp_folder(parent: str | Path, prefix: str) -> Path:
     """A new folder ``parent/<prefix>XXXX`` to build an output in before renaming it into place, with the
     mode an ordinary folder gets (mkdtemp's is 0700: a renamed export would be private)."""
-    with naming_output(parent):
+    try:
         folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    except OSError as err:  # it names the random name it tried: the folder to fix is ``parent``
+        if not is_unwritable(err):
+            raise
+        raise OSError(err.errno, err.strerror, str(parent)) from err
     os.chmod(folder, folder_mode())
     return folder
 
