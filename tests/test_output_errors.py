@@ -247,3 +247,30 @@ def test_a_file_failing_twice_in_one_batch_is_listed_once(tmp_path):
     _record_skipped(report, state, [("/a.png", "truncated"), ("/b.png", "empty"), ("/a.png", "crop 2")], True)
     _record_skipped(report, state, [("/b.png", "empty"), ("/c.png", "empty")], True)
     assert read_skipped_report(report) == [("/a.png", "truncated"), ("/b.png", "empty"), ("/c.png", "empty")]
+
+
+def test_sharded_checkpoint_on_a_full_disk_is_the_disk_error_and_no_partial_shards(tmp_path, monkeypatch):
+    """An FSDP run's DCP save: DCP wraps a rank's ENOSPC in its CheckpointException (a BaseException with
+    every rank's traceback, which would escape the one-line handler); it becomes the OSError, and the
+    partial shard folder goes (last.pt still names the previous, complete save)."""
+    import torch
+
+    from swavkit.artifacts.sharded_checkpoint import save_sharded_checkpoint
+    from swavkit.errors import is_user_error
+
+    class State:  # what save_sharded_checkpoint reads of a TrainState
+        core = torch.nn.Linear(4, 2)
+        optimizer = torch.optim.SGD(core.parameters(), lr=0.1)
+        step = 3
+
+        def state_dict(self, weights=True):
+            return {"step": self.step}
+
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    Unwritable(checkpoints, errno.ENOSPC).install(monkeypatch)
+    with pytest.raises(OSError) as caught:
+        save_sharded_checkpoint(State(), checkpoints / "last.pt", {})
+    monkeypatch.undo()
+    assert caught.value.errno == errno.ENOSPC and is_user_error(caught.value)
+    assert str(checkpoints) in str(caught.value.filename) and list(checkpoints.iterdir()) == []
