@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
+from swavkit.errors import is_unwritable
 from swavkit.runtime import distributed
+from swavkit.runtime.fileio import naming
 from swavkit.artifacts.checkpoint import CheckpointError, load_training_checkpoint, save_atomic
 
 SHARDED_KEY = "sharded"  # last.pt entry: the folder (a sibling) holding model + optimizer as DCP shards
@@ -47,12 +49,20 @@ def _new_folder_name(step: int) -> str:
 def save_sharded_checkpoint(state, checkpoint: Path, config: dict) -> None:
     """Collective: DCP shards of model + optimizer, then ``last.pt`` (rank 0), then old shard folders removed."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     checkpoint = Path(checkpoint)
     folder = checkpoint.parent / _new_folder_name(state.step)
     model_state, optimizer_state = get_state_dict(state.core, state.optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
+    try:
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
+    except CheckpointException as err:  # a BaseException wrapping each rank's error, traceback and all
+        unwritable = [error for error, _ in err.failures.values() if is_unwritable(error)]
+        if not unwritable:
+            raise
+        shutil.rmtree(folder, ignore_errors=True)  # partial shards: last.pt still names the previous save
+        raise naming(unwritable[0], folder) from None
     rest = state.state_dict(weights=False)  # collective: every rank's RNG and queue
     if distributed.is_main_process():
         save_atomic({**rest, SHARDED_KEY: folder.name, "config": config}, checkpoint)

@@ -35,6 +35,7 @@ from swavkit.config import from_dict
 from swavkit.data import (DataError, ImageFiles, ReadOrReport, UnreadableImage, collate_read_or_report, find_images,
                           printable_path, read_rgb)
 from swavkit.runtime.device import resolve_device
+from swavkit.runtime.fileio import atomic_writer, removed_on_failure, write_text_atomic
 from swavkit.data.transforms import Preprocessing
 from swavkit.data.constants import eval_size_px
 
@@ -165,7 +166,7 @@ def write_assignments_csv(assignments: ClusterAssignments, path: str | Path) -> 
     """``path,cluster,confidence`` with one row per readable image, in folder order; paths in the
     printable form (see swavkit.data.names), so any file name is written and read back exactly."""
     path = Path(path)
-    with open(path, "w", newline="", encoding="utf-8") as handle:
+    with atomic_writer(path, "w") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "cluster", "confidence"])
         for image_path, cluster, confidence in zip(assignments.paths, assignments.clusters.tolist(),
@@ -220,7 +221,8 @@ def draw_size_histogram(sizes: torch.Tensor, path: str | Path, *, width_px: int 
               fill="black", font=font, anchor="mt")
     draw.text((left - 8, top - 8), "images", fill="black", font=font, anchor="rb")
     path = Path(path)
-    image.save(path)
+    with atomic_writer(path) as handle:
+        image.save(handle, "PNG")
     return path
 
 
@@ -422,22 +424,22 @@ def explore_clusters(checkpoint: str | Path, data_dir: str | Path, out_dir: str 
     assignments = assign_clusters(model, paths, transform, temperature=temperature, batch_size=batch_size,
                                   device=device, num_workers=num_workers, progress=progress)
 
-    (out_dir / THUMBS_DIR).mkdir(parents=True, exist_ok=True)
-    csv_path = write_assignments_csv(assignments, out_dir / ASSIGNMENTS_FILE)
-    sizes = assignments.sizes()
-    histogram_path = draw_size_histogram(sizes, out_dir / HISTOGRAM_FILE)
-    members = top_members(assignments, top_per_cluster)
-    thumbnails: dict[int, str] = {}
-    chosen = sorted(i for top in members.values() for i in top)
-    width = len(str(len(assignments.paths)))
-    for i in tqdm(chosen, desc="thumbnails", unit="img", disable=not progress):
-        name = f"{THUMBS_DIR}/{i:0{width}d}.jpg"  # digits only: nothing to escape, no clashes
-        if write_thumbnail(assignments.paths[i], out_dir / name):
-            thumbnails[i] = name
-    page = render_page(assignments, members, thumbnails, data_dir=data_dir, checkpoint=str(checkpoint),
-                       temperature=temperature, image_size_px=size_px, page_dir=str(out_dir))
-    page_path = out_dir / PAGE_FILE
-    page_path.write_text(page, encoding="utf-8")
+    with removed_on_failure(out_dir):  # a new folder that could not be finished is not left to block the rerun
+        (out_dir / THUMBS_DIR).mkdir(parents=True, exist_ok=True)
+        csv_path = write_assignments_csv(assignments, out_dir / ASSIGNMENTS_FILE)
+        sizes = assignments.sizes()
+        histogram_path = draw_size_histogram(sizes, out_dir / HISTOGRAM_FILE)
+        members = top_members(assignments, top_per_cluster)
+        thumbnails: dict[int, str] = {}
+        chosen = sorted(i for top in members.values() for i in top)
+        width = len(str(len(assignments.paths)))
+        for i in tqdm(chosen, desc="thumbnails", unit="img", disable=not progress):
+            name = f"{THUMBS_DIR}/{i:0{width}d}.jpg"  # digits only: nothing to escape, no clashes
+            if write_thumbnail(assignments.paths[i], out_dir / name):
+                thumbnails[i] = name
+        page = render_page(assignments, members, thumbnails, data_dir=data_dir, checkpoint=str(checkpoint),
+                           temperature=temperature, image_size_px=size_px, page_dir=str(out_dir))
+        page_path = write_text_atomic(out_dir / PAGE_FILE, page)
 
     return {"n_images": len(assignments.paths), "n_skipped": len(assignments.skipped),
             "skipped": assignments.skipped, "n_prototypes": assignments.n_prototypes,

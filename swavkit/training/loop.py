@@ -180,7 +180,11 @@ def _next_batch(loop: Loop, state: TrainState, batches, window: LogWindow) -> li
 
 def _record_skipped(skipped_path: Path, state: TrainState, new: list[tuple[str, str]], is_main: bool) -> None:
     """Remember unreadable files (path, why) in the state and append the new ones to skipped.txt."""
-    fresh = [(p, why) for p, why in new if p not in state.skipped_files]
+    first_reason: dict[str, str] = {}  # a file can fail more than once in one batch: listed once, first reason
+    for path, why in new:
+        if path not in state.skipped_files:
+            first_reason.setdefault(path, why)
+    fresh = list(first_reason.items())
     state.skipped_files.update(p for p, _ in fresh)
     if fresh and is_main:
         append_skipped_report(skipped_path, fresh)
