@@ -101,7 +101,13 @@ class ModelConfig:
                                  "identity (timm's default for ResNets) instead of 1 (false: the SwAV reference's "
                                  "torchvision-style ResNet-50). For backbones with timm's zero_init_last option "
                                  "(ResNet, ResNetV2, RegNet, ...); others have nothing to set", default=False)
-    hidden_dim: int = _help("projection head hidden width; 0 = a single linear layer", default=2048)
+    hidden_dim: int = _help("projection head hidden width (one hidden layer, the SwAV paper's 2048); 0 = a single "
+                            "linear layer. model.head_dims replaces it for deeper heads", default=2048)
+    head_dims: list[int] = _help("projection head hidden widths, one Linear (+ BN if head_bn) + ReLU each, then a "
+                                 "Linear to output_dim; empty = [hidden_dim]. SEER: [8192, 8192] with head_bn false "
+                                 "(configs/seer_*.yaml). Set it or hidden_dim, not both", default_factory=list)
+    head_bn: bool = _help("BatchNorm1d after each hidden Linear of the projection head (the SwAV paper: true; SEER's "
+                          "head: false)", default=True)
     output_dim: int = _help("embedding dimension fed to the prototypes", default=128)
     n_prototypes: int = _help("K, number of prototypes (clusters); ~10x the number of classes you expect. "
                               "Collapse shows as loss at ln K", default=3000)
@@ -604,9 +610,23 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 WEIGHT_LOADING_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path")
 
 
+def head_hidden_dims(m: ModelConfig) -> list[int]:
+    """The projection head's hidden widths: ``model.head_dims``, else ``[model.hidden_dim]`` ([] when it is 0)."""
+    if m.head_dims:
+        return list(m.head_dims)
+    return [m.hidden_dim] if m.hidden_dim else []
+
+
 def _validate_model(m: ModelConfig) -> None:
-    """timm arguments that swavkit owns (weights, classifier); the name and the weight source are checked
-    by the pre-flight step (they need timm and the disk)."""
+    """The head's widths; timm arguments that swavkit owns (weights, classifier); the name and the weight
+    source are checked by the pre-flight step (they need timm and the disk)."""
+    if m.head_dims and m.hidden_dim != ModelConfig.hidden_dim:
+        raise ConfigError(f"model.head_dims={list(m.head_dims)} and model.hidden_dim={m.hidden_dim} both set the head's "
+                          "hidden widths; keep head_dims (the list) and remove hidden_dim")
+    for i, width in enumerate(m.head_dims):
+        if width < 1:
+            raise ConfigError(f"model.head_dims[{i}]: a hidden width must be >= 1, got {width}; use an empty list "
+                              "and model.hidden_dim=0 for a single linear head")
     for name in WEIGHT_LOADING_KWARGS:
         if name in m.backbone_kwargs:
             raise ConfigError(f"model.backbone_kwargs.{name}: swavkit never loads weights through timm.create_model; "

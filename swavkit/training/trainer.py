@@ -14,7 +14,7 @@ import torch
 from swavkit.runtime import distributed
 from swavkit.training.budget import BudgetClock, BudgetPlan
 from swavkit.artifacts.checkpoint import load_training_checkpoint
-from swavkit.config import Config, ConfigError, config_differences, dump_yaml, from_dict, to_dict
+from swavkit.config import Config, ConfigError, config_differences, dump_yaml, from_dict, head_hidden_dims, to_dict
 from swavkit.data import printable_path
 from swavkit.runtime.device import autocast_dtype, resolve_auto_flag
 from swavkit.runtime.cores import training_threads
@@ -182,8 +182,8 @@ def _build_model(cfg: Config, procs: Processes, fresh: bool) -> tuple[SwAVModel,
     run (no checkpoint) starts its backbone from ``model.init`` when set."""
     device, m = procs.device, cfg.model
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    core = build_model(m.backbone, m.n_prototypes, m.hidden_dim, m.output_dim, m.backbone_kwargs,
-                       zero_init_last=m.zero_init_last)
+    core = build_model(m.backbone, m.n_prototypes, head_hidden_dims(m), m.output_dim, m.backbone_kwargs,
+                       zero_init_last=m.zero_init_last, head_bn=m.head_bn)
     if m.init and fresh:
         from swavkit.artifacts.pretrained import load_initial_backbone_state
 
@@ -204,8 +204,8 @@ def _build_model(cfg: Config, procs: Processes, fresh: bool) -> tuple[SwAVModel,
         model = shard_model(core, procs.precision, device, m.backbone)
     else:
         model = distributed.wrap_ddp(core, device)
-    procs.say(f"model: {m.backbone} ({core.backbone.num_features}-d features) -> head {m.hidden_dim or '-'} -> "
-              f"{m.output_dim}-d -> {m.n_prototypes} prototypes; precision {procs.precision} on {device}"
+    procs.say(f"model: {m.backbone} ({core.backbone.num_features}-d features) -> head "
+              f"{' -> '.join(map(str, head_hidden_dims(m))) or '-'}{'' if m.head_bn else ' (no BN)'} -> {m.output_dim}-d -> {m.n_prototypes} prototypes; precision {procs.precision} on {device}"
               + (" (channels_last)" if memory_format == torch.channels_last else "")
               + (f" ({torch.get_num_threads()} compute thread(s) beside {cfg.data.num_workers} data worker(s); "
                  "OMP_NUM_THREADS overrides)" if device.type == "cpu" else "")
