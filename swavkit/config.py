@@ -150,6 +150,9 @@ class SwAVConfig:
     queue_start_epoch: int = _help("epoch at which the queue starts filling; it is used once full", default=15)
     freeze_prototypes_epochs: float = _help("epochs (fractions allowed) during which prototypes get no gradient",
                                             default=1.0)
+    freeze_prototypes_steps: int = _help("optimiser steps during which prototypes get no gradient; -1 = from "
+                                         "freeze_prototypes_epochs (which it replaces when >= 0). SEER: 313",
+                                         default=-1)
     prevent_collapse: bool = _help("act when the codes stop carrying information: lower epsilon (down to "
                                    "min_epsilon) while the codes' per-sample entropy is above code_entropy_target x "
                                    "ln K, and stop using the queue if the loss returns to ln K while it is in use. "
@@ -179,8 +182,13 @@ class OptimConfig:
                             "paper's ratio (4.8 -> 0.0048, 0.6 -> 0.0006)", default=-1.0)
     warmup_epochs: float = _help("linear warm-up length (the paper: 10 at batch 4096, none at 256; ViTs with "
                                  "AdamW want ~10)", default=0.0)
+    warmup_steps: int = _help("linear warm-up length in optimiser steps, whatever the epoch length; -1 = from "
+                              "warmup_epochs (set one of the two). SEER: 8000 (configs/seer_*.yaml)", default=-1)
     warmup_start_lr: float = _help("LR at step 0 when warming up, at reference_batch_size (the paper: 0.3 at 4096)",
                                    default=0.0)
+    warmup_start_lr_absolute: bool = _help("true: warmup_start_lr is the LR itself at any batch, not scaled with "
+                                           "train.batch_size (VISSL's SEER warm-up starts at 0.3 at batch 8192); "
+                                           "false: stated at reference_batch_size like base_lr", default=False)
     weight_decay: float = _help("weight decay (not applied to biases and norm layers); at 0, LARS still adapts the "
                                 "weights' step", default=1e-6)
     momentum: float = _help("SGD/LARS momentum", default=0.9)
@@ -583,6 +591,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for key, value in strictly_positive_floats.items():
         if not (value > 0 and math.isfinite(value)):
             raise ConfigError(f"{key}: must be a positive number, got {value}")
+    if cfg.swav.freeze_prototypes_steps < -1:
+        raise ConfigError(f"swav.freeze_prototypes_steps: must be >= 0, or -1 for swav.freeze_prototypes_epochs, got "
+                          f"{cfg.swav.freeze_prototypes_steps}")
     if not 0.0 < cfg.swav.code_entropy_target < 1.0:
         raise ConfigError(f"swav.code_entropy_target: a fraction of ln K strictly between 0 and 1, got "
                           f"{cfg.swav.code_entropy_target}")
@@ -656,6 +667,13 @@ def _validate_lr(o: OptimConfig) -> None:
     if o.final_lr > o.base_lr:
         raise ConfigError(f"optim.final_lr: {o.final_lr} is above optim.base_lr {o.base_lr}, so the cosine would "
                           "raise the LR; use a final LR below the peak (the paper: peak / 1000)")
+    if o.warmup_steps < -1:
+        raise ConfigError(f"optim.warmup_steps: must be >= 0, or -1 for optim.warmup_epochs, got {o.warmup_steps}")
+    if o.warmup_steps >= 0 and o.warmup_epochs > 0:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} and optim.warmup_epochs={o.warmup_epochs} both set the "
+                          "warm-up; keep one (warmup_steps=-1 or warmup_epochs=0)")
+    if o.warmup_start_lr_absolute:  # an LR at the actual batch: base_lr's scale is not known here
+        return
     if o.warmup_start_lr > o.base_lr:
         raise ConfigError(f"optim.warmup_start_lr: {o.warmup_start_lr} is above optim.base_lr {o.base_lr}, so the "
                           "warm-up would lower the LR; start below the peak (the paper: 0.3 to 4.8)")
