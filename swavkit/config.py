@@ -655,6 +655,11 @@ def _validate_lr(o: OptimConfig) -> None:
         if not math.isfinite(value) or (value < 0 and not (name == "final_lr" and value == -1)):
             allowed = ", or -1 for the peak LR / 1000" if name == "final_lr" else ""
             raise ConfigError(f"optim.{name}: must be >= 0{allowed}, got {value}")
+    if o.warmup_steps < -1:
+        raise ConfigError(f"optim.warmup_steps: must be >= 0, or -1 for optim.warmup_epochs, got {o.warmup_steps}")
+    if o.warmup_steps >= 0 and o.warmup_epochs > 0:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} and optim.warmup_epochs={o.warmup_epochs} both set the "
+                          "warm-up; keep one (warmup_steps=-1 or warmup_epochs=0)")
     if o.base_lr == 0:
         # base_lr 0 picks the reference peak for the actual batch, so an explicit start or end LR, which is
         # stated at reference_batch_size, has nothing fixed to relate to.
@@ -667,11 +672,6 @@ def _validate_lr(o: OptimConfig) -> None:
     if o.final_lr > o.base_lr:
         raise ConfigError(f"optim.final_lr: {o.final_lr} is above optim.base_lr {o.base_lr}, so the cosine would "
                           "raise the LR; use a final LR below the peak (the paper: peak / 1000)")
-    if o.warmup_steps < -1:
-        raise ConfigError(f"optim.warmup_steps: must be >= 0, or -1 for optim.warmup_epochs, got {o.warmup_steps}")
-    if o.warmup_steps >= 0 and o.warmup_epochs > 0:
-        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} and optim.warmup_epochs={o.warmup_epochs} both set the "
-                          "warm-up; keep one (warmup_steps=-1 or warmup_epochs=0)")
     if o.warmup_start_lr_absolute:  # an LR at the actual batch: base_lr's scale is not known here
         return
     if o.warmup_start_lr > o.base_lr:

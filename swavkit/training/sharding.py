@@ -94,7 +94,8 @@ def materialise_shards(core: nn.Module, recording, device: torch.device, seed: i
 def load_backbone_into_shards(backbone: nn.Module, state: dict | None) -> None:
     """Collective: a whole backbone state dict held by rank 0 alone (``state``; None on the other processes)
     into a sharded backbone. Rank 0 broadcasts one tensor at a time and every process keeps its shard, so no
-    other process ever holds a whole copy; strict (missing or unexpected keys raise)."""
+    other process ever holds a whole copy; strict (missing or unexpected keys raise). ``state`` is consumed
+    (torch replaces its values as it distributes them)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     set_model_state_dict(backbone, state or {}, options=StateDictOptions(full_state_dict=True,
