@@ -121,9 +121,10 @@ class ModelConfig:
                           default=False)
     activation_checkpointing: str = _help("off | on | a fraction of the backbone's blocks (e.g. 0.5): recompute their "
                                           "activations in the backward pass instead of storing them; same loss and "
-                                          "gradients, less activation memory for ~one extra forward. on: timm's "
-                                          "set_grad_checkpointing; a fraction: the first blocks, where CNN feature "
-                                          "maps are largest (swavkit/activation_checkpointing.py)", default="off")
+                                          "gradients, less activation memory for ~one extra forward. on: every block "
+                                          "timm's group_matcher names; a fraction: the first blocks, where CNN "
+                                          "feature maps are largest (swavkit/core/activation_checkpointing.py)",
+                                          default="off")
 
 
 @dataclass
