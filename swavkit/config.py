@@ -101,7 +101,13 @@ class ModelConfig:
                                  "identity (timm's default for ResNets) instead of 1 (false: the SwAV reference's "
                                  "torchvision-style ResNet-50). For backbones with timm's zero_init_last option "
                                  "(ResNet, ResNetV2, RegNet, ...); others have nothing to set", default=False)
-    hidden_dim: int = _help("projection head hidden width; 0 = a single linear layer", default=2048)
+    hidden_dim: int = _help("projection head hidden width (one hidden layer, the SwAV paper's 2048); 0 = a single "
+                            "linear layer. model.head_dims replaces it for deeper heads", default=2048)
+    head_dims: list[int] = _help("projection head hidden widths, one Linear (+ BN if head_bn) + ReLU each, then a "
+                                 "Linear to output_dim; empty = [hidden_dim]. SEER: [8192, 8192] with head_bn false "
+                                 "(configs/seer_*.yaml). Set it or hidden_dim, not both", default_factory=list)
+    head_bn: bool = _help("BatchNorm1d after each hidden Linear of the projection head (the SwAV paper: true; SEER's "
+                          "head: false)", default=True)
     output_dim: int = _help("embedding dimension fed to the prototypes", default=128)
     n_prototypes: int = _help("K, number of prototypes (clusters); ~10x the number of classes you expect. "
                               "Collapse shows as loss at ln K", default=3000)
@@ -115,9 +121,10 @@ class ModelConfig:
                           default=False)
     activation_checkpointing: str = _help("off | on | a fraction of the backbone's blocks (e.g. 0.5): recompute their "
                                           "activations in the backward pass instead of storing them; same loss and "
-                                          "gradients, less activation memory for ~one extra forward. on: timm's "
-                                          "set_grad_checkpointing; a fraction: the first blocks, where CNN feature "
-                                          "maps are largest (swavkit/activation_checkpointing.py)", default="off")
+                                          "gradients, less activation memory for ~one extra forward. on: every block "
+                                          "timm's group_matcher names; a fraction: the first blocks, where CNN "
+                                          "feature maps are largest (swavkit/core/activation_checkpointing.py)",
+                                          default="off")
 
 
 @dataclass
@@ -144,6 +151,9 @@ class SwAVConfig:
     queue_start_epoch: int = _help("epoch at which the queue starts filling; it is used once full", default=15)
     freeze_prototypes_epochs: float = _help("epochs (fractions allowed) during which prototypes get no gradient",
                                             default=1.0)
+    freeze_prototypes_steps: int = _help("optimiser steps during which prototypes get no gradient; -1 = from "
+                                         "freeze_prototypes_epochs (which it replaces when >= 0). SEER: 313",
+                                         default=-1)
     prevent_collapse: bool = _help("act when the codes stop carrying information: lower epsilon (down to "
                                    "min_epsilon) while the codes' per-sample entropy is above code_entropy_target x "
                                    "ln K, and stop using the queue if the loss returns to ln K while it is in use. "
@@ -173,8 +183,13 @@ class OptimConfig:
                             "paper's ratio (4.8 -> 0.0048, 0.6 -> 0.0006)", default=-1.0)
     warmup_epochs: float = _help("linear warm-up length (the paper: 10 at batch 4096, none at 256; ViTs with "
                                  "AdamW want ~10)", default=0.0)
+    warmup_steps: int = _help("linear warm-up length in optimiser steps, whatever the epoch length; -1 = from "
+                              "warmup_epochs (set one of the two). SEER: 8000 (configs/seer_*.yaml)", default=-1)
     warmup_start_lr: float = _help("LR at step 0 when warming up, at reference_batch_size (the paper: 0.3 at 4096)",
                                    default=0.0)
+    warmup_start_lr_absolute: bool = _help("true: warmup_start_lr is the LR itself at any batch, not scaled with "
+                                           "train.batch_size (VISSL's SEER warm-up starts at 0.3 at batch 8192); "
+                                           "false: stated at reference_batch_size like base_lr", default=False)
     weight_decay: float = _help("weight decay (not applied to biases and norm layers); at 0, LARS still adapts the "
                                 "weights' step", default=1e-6)
     momentum: float = _help("SGD/LARS momentum", default=0.9)
@@ -577,6 +592,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for key, value in strictly_positive_floats.items():
         if not (value > 0 and math.isfinite(value)):
             raise ConfigError(f"{key}: must be a positive number, got {value}")
+    if cfg.swav.freeze_prototypes_steps < -1:
+        raise ConfigError(f"swav.freeze_prototypes_steps: must be >= 0, or -1 for swav.freeze_prototypes_epochs, got "
+                          f"{cfg.swav.freeze_prototypes_steps}")
     if not 0.0 < cfg.swav.code_entropy_target < 1.0:
         raise ConfigError(f"swav.code_entropy_target: a fraction of ln K strictly between 0 and 1, got "
                           f"{cfg.swav.code_entropy_target}")
@@ -604,9 +622,23 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 WEIGHT_LOADING_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path")
 
 
+def head_hidden_dims(m: ModelConfig) -> list[int]:
+    """The projection head's hidden widths: ``model.head_dims``, else ``[model.hidden_dim]`` ([] when it is 0)."""
+    if m.head_dims:
+        return list(m.head_dims)
+    return [m.hidden_dim] if m.hidden_dim else []
+
+
 def _validate_model(m: ModelConfig) -> None:
-    """timm arguments that swavkit owns (weights, classifier); the name and the weight source are checked
-    by the pre-flight step (they need timm and the disk)."""
+    """The head's widths; timm arguments that swavkit owns (weights, classifier); the name and the weight
+    source are checked by the pre-flight step (they need timm and the disk)."""
+    if m.head_dims and m.hidden_dim != ModelConfig.hidden_dim:
+        raise ConfigError(f"model.head_dims={list(m.head_dims)} and model.hidden_dim={m.hidden_dim} both set the head's "
+                          "hidden widths; keep head_dims (the list) and remove hidden_dim")
+    for i, width in enumerate(m.head_dims):
+        if width < 1:
+            raise ConfigError(f"model.head_dims[{i}]: a hidden width must be >= 1, got {width}; use an empty list "
+                              "and model.hidden_dim=0 for a single linear head")
     for name in WEIGHT_LOADING_KWARGS:
         if name in m.backbone_kwargs:
             raise ConfigError(f"model.backbone_kwargs.{name}: swavkit never loads weights through timm.create_model; "
@@ -624,6 +656,11 @@ def _validate_lr(o: OptimConfig) -> None:
         if not math.isfinite(value) or (value < 0 and not (name == "final_lr" and value == -1)):
             allowed = ", or -1 for the peak LR / 1000" if name == "final_lr" else ""
             raise ConfigError(f"optim.{name}: must be >= 0{allowed}, got {value}")
+    if o.warmup_steps < -1:
+        raise ConfigError(f"optim.warmup_steps: must be >= 0, or -1 for optim.warmup_epochs, got {o.warmup_steps}")
+    if o.warmup_steps >= 0 and o.warmup_epochs > 0:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} and optim.warmup_epochs={o.warmup_epochs} both set the "
+                          "warm-up; keep one (warmup_steps=-1 or warmup_epochs=0)")
     if o.base_lr == 0:
         # base_lr 0 picks the reference peak for the actual batch, so an explicit start or end LR, which is
         # stated at reference_batch_size, has nothing fixed to relate to.
@@ -636,6 +673,8 @@ def _validate_lr(o: OptimConfig) -> None:
     if o.final_lr > o.base_lr:
         raise ConfigError(f"optim.final_lr: {o.final_lr} is above optim.base_lr {o.base_lr}, so the cosine would "
                           "raise the LR; use a final LR below the peak (the paper: peak / 1000)")
+    if o.warmup_start_lr_absolute:  # an LR at the actual batch: base_lr's scale is not known here
+        return
     if o.warmup_start_lr > o.base_lr:
         raise ConfigError(f"optim.warmup_start_lr: {o.warmup_start_lr} is above optim.base_lr {o.base_lr}, so the "
                           "warm-up would lower the LR; start below the peak (the paper: 0.3 to 4.8)")

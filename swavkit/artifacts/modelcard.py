@@ -79,9 +79,11 @@ def _architecture_section(architecture: str, config: dict | None, feature_dim: i
                       f"{[round(m, 4) for m in mean]} and std {[round(s, 4) for s in std]}"]]
     if config:
         hidden, out, k = (_get(config, f"model.{key}") for key in ("hidden_dim", "output_dim", "n_prototypes"))
+        widths = _get(config, "model.head_dims") or ([hidden] if hidden else [])
+        bn = "" if _get(config, "model.head_bn") in (None, True) or not widths else " (no BN)"
         rows.append(["training head (not in this folder)",
-                     f"projection {hidden or '-'} -> {out}-d, L2-normalised, {k} prototypes; only the backbone "
-                     "is exported"])
+                     f"projection {' -> '.join(map(str, widths)) or '-'}{bn} -> {out}-d, L2-normalised, {k} "
+                     "prototypes; only the backbone is exported"])
     return "## Architecture\n\n" + _table(["", ""], rows)
 
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save
 
 from swavkit.artifacts.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, backbone_state, check_export_target,
                                 export_backbone, load_state)
-from swavkit.config import from_dict
+from swavkit.config import from_dict, head_hidden_dims
 from swavkit.core.model import SwAVModel, build_model, create_backbone
 from swavkit.artifacts.modelcard import card_for_training
 from swavkit.artifacts.seer import is_vissl_regnet, vissl_regnet_to_timm
@@ -212,7 +212,8 @@ def load_swav_model(source: str | Path, *, architecture: str = "resnet50") -> tu
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         cfg = from_dict(state["config"])
         m = cfg.model
-        model = build_model(m.backbone, m.n_prototypes, m.hidden_dim, m.output_dim, m.backbone_kwargs)
+        model = build_model(m.backbone, m.n_prototypes, head_hidden_dims(m), m.output_dim, m.backbone_kwargs,
+                            head_bn=m.head_bn)
         return load_strict(model, state["model"], str(path)).eval(), state["config"]
     backbone, head = split_reference_state(state)
     head = _reference_head_to_swavkit(head)

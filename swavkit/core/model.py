@@ -60,15 +60,28 @@ def create_backbone(name: str, zero_init_last: bool | None = None, **kwargs) -> 
 
 
 class ProjectionHead(nn.Module):
-    """Linear(d, hidden) -> BN -> ReLU -> Linear(hidden, out); hidden_dim=0 gives a single Linear."""
+    """An MLP: for each hidden width h, Linear -> [BatchNorm1d] -> ReLU; then Linear(last, out).
 
-    def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 128):
+    ``hidden_dims`` 2048 (an int: one hidden layer; 0 = a single Linear) with BN is the SwAV paper's head;
+    [8192, 8192] without BN is SEER's (VISSL ``swav_head`` with ``use_bn: False``). The layers sit in one
+    ``nn.Sequential`` named ``layers`` so the default head keeps the state-dict keys ``layers.0``, ``layers.1``
+    (BN), ``layers.3`` that older checkpoints and exports carry.
+    """
+
+    def __init__(self, in_dim: int, hidden_dims: int | list[int] = 2048, out_dim: int = 128, batch_norm: bool = True):
         super().__init__()
-        if hidden_dim:
-            self.layers = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim),
-                                        nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
-        else:
-            self.layers = nn.Sequential(nn.Linear(in_dim, out_dim))
+        if isinstance(hidden_dims, int):
+            hidden_dims = [hidden_dims] if hidden_dims else []
+        layers: list[nn.Module] = []
+        width = in_dim
+        for hidden in hidden_dims:
+            layers.append(nn.Linear(width, hidden))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(hidden))
+            layers.append(nn.ReLU(inplace=True))
+            width = hidden
+        layers.append(nn.Linear(width, out_dim))
+        self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[N, in_dim] -> [N, out_dim]"""
@@ -135,9 +148,12 @@ class SwAVModel(nn.Module):
         return z, self.prototypes(z)
 
 
-def build_model(backbone: str, n_prototypes: int, hidden_dim: int = 2048, output_dim: int = 128,
-                backbone_kwargs: dict | None = None, zero_init_last: bool = False) -> SwAVModel:
-    """The model to pretrain. ``zero_init_last`` defaults to the SwAV reference (False: its torchvision-style
-    ResNet-50 starts every BN at gamma 1), not to timm's True; ``backbone_kwargs`` may still override it."""
+def build_model(backbone: str, n_prototypes: int, hidden_dim: int | list[int] = 2048, output_dim: int = 128,
+                backbone_kwargs: dict | None = None, zero_init_last: bool = False, head_bn: bool = True) -> SwAVModel:
+    """The model to pretrain. ``hidden_dim``: the head's hidden width, or a list of widths (``head_hidden_dims``
+    of the config); ``head_bn``: BatchNorm after each hidden Linear. ``zero_init_last`` defaults to the SwAV
+    reference (False: its torchvision-style ResNet-50 starts every BN at gamma 1), not to timm's True;
+    ``backbone_kwargs`` may still override it."""
     net = create_backbone(backbone, zero_init_last=zero_init_last, **(backbone_kwargs or {}))
-    return SwAVModel(net, ProjectionHead(net.num_features, hidden_dim, output_dim), Prototypes(output_dim, n_prototypes))
+    head = ProjectionHead(net.num_features, hidden_dim, output_dim, batch_norm=head_bn)
+    return SwAVModel(net, head, Prototypes(output_dim, n_prototypes))

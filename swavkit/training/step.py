@@ -26,7 +26,7 @@ from swavkit.training.diagnosis import CollapseMonitor
 from swavkit.core.loss import FeatureQueue, swapped_prediction_loss
 from swavkit.core.model import SwAVModel
 from swavkit.runtime.rng import capture_rng_state, restore_rng_state
-from swavkit.core.schedule import LRSchedule
+from swavkit.core.schedule import LRSchedule, steps_of
 from swavkit.core.sinkhorn import sinkhorn
 from swavkit.training.sharding import broadcast_buffers, sync_whole_gradients
 
@@ -81,7 +81,7 @@ class StepSettings:
                    sinkhorn_iterations=s.sinkhorn_iterations,
                    sinkhorn_dtype=torch.float64 if s.sinkhorn_fp64 else torch.float32, temperature=s.temperature,
                    autocast_dtype=autocast_dtype,
-                   freeze_prototype_steps=round(s.freeze_prototypes_epochs * steps_per_epoch),
+                   freeze_prototype_steps=steps_of(s.freeze_prototypes_epochs, s.freeze_prototypes_steps, steps_per_epoch),
                    queue_start_step=s.queue_start_epoch * steps_per_epoch)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ import torch
 from swavkit.runtime import distributed
 from swavkit.training.budget import BudgetClock, BudgetPlan
 from swavkit.artifacts.checkpoint import load_training_checkpoint
-from swavkit.config import Config, ConfigError, config_differences, dump_yaml, from_dict, to_dict
+from swavkit.config import Config, ConfigError, config_differences, dump_yaml, from_dict, head_hidden_dims, to_dict
 from swavkit.data import printable_path
 from swavkit.runtime.device import autocast_dtype, resolve_auto_flag
 from swavkit.runtime.cores import training_threads
@@ -36,7 +37,8 @@ from swavkit.training.loop import (UNPLANNED_TOTAL_STEPS, DataLoaderCrashed, Loo
 from swavkit.training.processes import Processes, start_processes
 from swavkit.core.activation_checkpointing import apply_activation_checkpointing
 from swavkit.artifacts.sharded_checkpoint import SHARDED_KEY, load_sharded_into, load_whole_into_sharded
-from swavkit.training.sharding import shard_model
+from swavkit.training.meta_init import build_on_meta, check_replayable
+from swavkit.training.sharding import load_backbone_into_shards, materialise_shards, shard_model
 
 
 @dataclass
@@ -179,39 +181,59 @@ def _start_run_folder(cfg: Config, procs: Processes, files: RunFolder, restart: 
 def _build_model(cfg: Config, procs: Processes, fresh: bool) -> tuple[SwAVModel, torch.nn.Module,
                                                                        torch.memory_format]:
     """(core SwAVModel, what the forward runs: core or DDP around it, the crops' memory format). A ``fresh``
-    run (no checkpoint) starts its backbone from ``model.init`` when set."""
-    device, m = procs.device, cfg.model
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    core = build_model(m.backbone, m.n_prototypes, m.hidden_dim, m.output_dim, m.backbone_kwargs,
-                       zero_init_last=m.zero_init_last)
-    if m.init and fresh:
-        from swavkit.artifacts.pretrained import load_initial_backbone_state
+    run (no checkpoint) starts its backbone from ``model.init`` when set.
 
-        core.backbone.load_state_dict(load_initial_backbone_state(m.init, m.backbone, m.backbone_kwargs), strict=True)
-        procs.say(f"model: backbone weights from model.init={printable_path(m.init)} (head and prototypes fresh)")
+    Under ``dist.strategy=fsdp`` no process ever holds the whole model: it is built on the meta device, sharded,
+    then each process materialises and initialises its shards with the values of the unsharded build
+    (:mod:`swavkit.training.meta_init`), and ``model.init`` weights reach the shards from rank 0 one tensor at a
+    time."""
+    device, m, sharded = procs.device, cfg.model, cfg.dist.strategy == "fsdp"
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    build = partial(build_model, m.backbone, m.n_prototypes, head_hidden_dims(m), m.output_dim, m.backbone_kwargs,
+                    zero_init_last=m.zero_init_last, head_bn=m.head_bn)
+    initial = m.init if m.init and fresh else ""
+    if sharded:
+        core, recording = build_on_meta(build)
+        check_replayable(recording, core, skip=("prototypes.",))
+    else:
+        core = build()
+        if initial:
+            core.backbone.load_state_dict(_initial_backbone_state(cfg), strict=True)
     checkpointing = apply_activation_checkpointing(core.backbone, m.activation_checkpointing, m.backbone)
-    core = core.to(device)
     memory_format = torch.channels_last if resolve_auto_flag(m.channels_last, device) else torch.contiguous_format
-    if cfg.dist.strategy != "fsdp":  # FSDP2 shards contiguous weights only; NHWC crops still make NHWC convolutions
-        core = core.to(memory_format=memory_format)
+    if not sharded:  # FSDP2 shards contiguous weights only; NHWC crops still make NHWC convolutions
+        core = core.to(device).to(memory_format=memory_format)
     core = distributed.convert_sync_batchnorm(core, m.sync_batchnorm, procs.local_world_size)
     if m.compile:
         # Static shapes: the backbone sees one fixed shape per crop resolution. Left automatic, the second
         # resolution makes dynamo recompile a dynamic-shape graph: twice the compile time on a CPU (19 vs
         # 39 s for resnet18, same speed after), and on an H100 still compiling after 170 s.
         core.backbone.compile(dynamic=False)
-    if cfg.dist.strategy == "fsdp":  # what the forward runs: the sharded core itself, not DDP around it
+    if sharded:  # what the forward runs: the sharded core itself, not DDP around it
         model = shard_model(core, procs.precision, device, m.backbone)
+        materialise_shards(core, recording, device, cfg.seed)
+        if initial:  # rank 0 reads the file; the others receive their shards tensor by tensor
+            load_backbone_into_shards(core.backbone, _initial_backbone_state(cfg) if procs.is_main else None)
     else:
         model = distributed.wrap_ddp(core, device)
-    procs.say(f"model: {m.backbone} ({core.backbone.num_features}-d features) -> head {m.hidden_dim or '-'} -> "
-              f"{m.output_dim}-d -> {m.n_prototypes} prototypes; precision {procs.precision} on {device}"
+    if initial:
+        procs.say(f"model: backbone weights from model.init={printable_path(m.init)} (head and prototypes fresh)")
+    procs.say(f"model: {m.backbone} ({core.backbone.num_features}-d features) -> head "
+              f"{' -> '.join(map(str, head_hidden_dims(m))) or '-'}{'' if m.head_bn else ' (no BN)'} -> {m.output_dim}-d"
+              f" -> {m.n_prototypes} prototypes; precision {procs.precision} on {device}"
               + (" (channels_last)" if memory_format == torch.channels_last else "")
               + (f" ({torch.get_num_threads()} compute thread(s) beside {cfg.data.num_workers} data worker(s); "
                  "OMP_NUM_THREADS overrides)" if device.type == "cpu" else "")
               + (f"; {checkpointing}" if checkpointing else "")
-              + (f"; FSDP over {procs.world} processes" if cfg.dist.strategy == "fsdp" else ""))
+              + (f"; FSDP over {procs.world} processes, built on the meta device" if sharded else ""))
     return core, model, memory_format
+
+
+def _initial_backbone_state(cfg: Config) -> dict:
+    """The ``model.init`` weights, whole (strictly checked against the backbone)."""
+    from swavkit.artifacts.pretrained import load_initial_backbone_state
+
+    return load_initial_backbone_state(cfg.model.init, cfg.model.backbone, cfg.model.backbone_kwargs)
 
 
 def _build_state(cfg: Config, procs: Processes, data: TrainingData, core: SwAVModel,
