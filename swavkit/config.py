@@ -195,6 +195,13 @@ class TrainConfig:
                                   default=0.0)
     batch_size: int = _help("GLOBAL batch (all processes together); must divide by the number of processes",
                             default=256)
+    accumulate_steps: int = _help("micro-batches per optimiser step, to reach a batch that does not fit in memory: "
+                                  "each process's batch (train.batch_size / processes) runs as this many micro-batches. "
+                                  "The codes are computed first for the whole batch (a forward pass without "
+                                  "gradients: ~1/3 more compute, benchmarks/README.md) with ONE Sinkhorn over all of "
+                                  "it, so equipartition acts on train.batch_size samples as without accumulation; "
+                                  "steps, LR, warm-up, freezing and the queue count optimiser steps. 1 = off",
+                                  default=1)
     precision: str = _help("auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs that support it, fp32 on CPU)",
                            default="auto")
     device: str = _help("auto | cpu | cuda", default="auto")
@@ -398,6 +405,7 @@ def dump_yaml(cfg: Config) -> str:
 RESUMABLE_CHANGES = ("train.epochs", "train.budget_minutes", "swav.prevent_collapse", "swav.code_entropy_target",
                      "swav.min_epsilon", "train.log_every_steps", "train.checkpoint_every_minutes",
                      "train.checkpoint_every_steps", "train.device", "train.skip_nonfinite_steps",
+                     "train.accumulate_steps",  # same codes and update; only BatchNorm's batch is smaller
                      "train.collapse_patience_steps", "data.num_workers", "data.pin_memory",
                      "data.prefetch_factor", "data.colour_on_device", "data.decode_on_device", "model.channels_last", "model.compile",
                      "model.init", "train.loggers", "monitor.", "out_dir",
@@ -594,6 +602,13 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if cfg.train.batch_size % world_size:
         raise ConfigError(f"train.batch_size: the global batch {cfg.train.batch_size} does not divide by "
                           f"{world_size} processes; use a multiple of {world_size}")
+    if cfg.train.accumulate_steps < 1:
+        raise ConfigError(f"train.accumulate_steps: must be >= 1 (1 = no accumulation), got {cfg.train.accumulate_steps}")
+    if (cfg.train.batch_size // world_size) % cfg.train.accumulate_steps:
+        per_process = cfg.train.batch_size // world_size
+        raise ConfigError(f"train.accumulate_steps: {per_process} images per process (train.batch_size "
+                          f"{cfg.train.batch_size} / {world_size}) do not split into {cfg.train.accumulate_steps} "
+                          "equal micro-batches; use a divisor of it")
     if cfg.swav.queue_length and cfg.swav.queue_length % cfg.train.batch_size:
         raise ConfigError(f"swav.queue_length: {cfg.swav.queue_length} is not a multiple of the global batch "
                           f"{cfg.train.batch_size}; try {max(1, round(cfg.swav.queue_length / cfg.train.batch_size)) * cfg.train.batch_size}")

@@ -203,7 +203,8 @@ def _build_model(cfg: Config, procs: Processes, fresh: bool) -> tuple[SwAVModel,
     if cfg.dist.strategy == "fsdp":  # what the forward runs: the sharded core itself, not DDP around it
         model = shard_model(core, procs.precision, device, m.backbone)
     else:
-        model = distributed.wrap_ddp(core, device)
+        # train.accumulate_steps: DDP's static graph refuses no_sync (an internal assert in its reducer)
+        model = distributed.wrap_ddp(core, device, static_graph=cfg.train.accumulate_steps == 1)
     procs.say(f"model: {m.backbone} ({core.backbone.num_features}-d features) -> head {m.hidden_dim or '-'} -> "
               f"{m.output_dim}-d -> {m.n_prototypes} prototypes; precision {procs.precision} on {device}"
               + (" (channels_last)" if memory_format == torch.channels_last else "")
