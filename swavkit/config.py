@@ -211,6 +211,16 @@ class TrainConfig:
     checkpoint_every_steps: int = _help("steps between checkpoints (0 = by time only)", default=0)
     skip_nonfinite_steps: int = _help("non-finite losses to skip before stopping (0 = stop at the first)",
                                       default=0)
+    signal_images: int = _help("training images (evenly spaced over the file list, fixed at the run's start and "
+                               "listed in checkpoints/signal-images.txt) on which every checkpoint save measures a "
+                               "label-free quality signal at the evaluation crop: RankMe (effective rank of the "
+                               "backbone's features) and the prototypes' usage entropy, logged in metrics.jsonl; the "
+                               "checkpoint with the highest RankMe is kept as checkpoints/best-rankme.pt. 0 = off. "
+                               "Folders and list files (not tar shards), not with dist.strategy=fsdp", default=512)
+    export_checkpoint: str = _help("last | rankme: which checkpoint the run's backbone/ export is made from: the last "
+                                   "one, or checkpoints/best-rankme.pt (highest RankMe; how well it tracked k-NN accuracy: "
+                                   "docs/guides/checkpoint-selection.md)",
+                                   default="last")
     collapse_patience_steps: int = _help("steps with the loss within 1% of ln K before the collapse warning",
                                          default=200)
     loggers: list[str] = _help("metric backends, each getting every metrics.jsonl row: jsonl (metrics.jsonl, always "
@@ -406,6 +416,7 @@ RESUMABLE_CHANGES = ("train.epochs", "train.budget_minutes", "swav.prevent_colla
                      "swav.min_epsilon", "train.log_every_steps", "train.checkpoint_every_minutes",
                      "train.checkpoint_every_steps", "train.device", "train.skip_nonfinite_steps",
                      "train.accumulate_steps",  # same codes and update; only BatchNorm's batch is smaller
+                     "train.export_checkpoint",
                      "train.collapse_patience_steps", "data.num_workers", "data.pin_memory",
                      "data.prefetch_factor", "data.colour_on_device", "data.decode_on_device", "model.channels_last", "model.compile",
                      "model.init", "train.loggers", "monitor.", "out_dir",
@@ -439,6 +450,7 @@ CHOICES = {
     "data.decode_on_device": ("auto", "true", "false"),
     "model.channels_last": ("auto", "true", "false"),
     "dist.strategy": ("ddp", "fsdp"),
+    "train.export_checkpoint": ("last", "rankme"),
 }
 LOGGER_CHOICES = ("jsonl", "tensorboard", "wandb", "mlflow")  # train.loggers entries (swavkit/training/loggers.py)
 
@@ -595,6 +607,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                     "optim.warmup_epochs": cfg.optim.warmup_epochs, "optim.weight_decay": cfg.optim.weight_decay,
                     "train.budget_minutes": cfg.train.budget_minutes,
                     "train.checkpoint_every_steps": cfg.train.checkpoint_every_steps,
+                    "train.signal_images": cfg.train.signal_images,
                     "train.skip_nonfinite_steps": cfg.train.skip_nonfinite_steps}
     for key, value in non_negative.items():
         if value < 0:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
@@ -58,6 +59,13 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     with atomic_writer(path, "w") as handle:
         handle.write(text)
     return Path(path)
+
+
+def copy_atomic(source: str | Path, target: str | Path) -> Path:
+    """Copy a file so that ``target`` is either its old self or the whole copy, never part of one."""
+    with open(source, "rb") as src, atomic_writer(target) as dst:
+        shutil.copyfileobj(src, dst, 16 << 20)
+    return Path(target)
 
 
 def write_json_atomic(path: str | Path, data) -> Path:
