@@ -359,6 +359,7 @@ class CheckpointSignal:
     sample: SignalSample
     best_rankme: float  # -inf before the first measurement
     best_path: Path  # checkpoints/best-rankme.pt
+    measured_step: int = -1  # the step of the last measurement
 
 
 def start_signal(loop: Loop) -> CheckpointSignal | None:
@@ -383,6 +384,9 @@ def checkpoint_signal(loop: Loop, state: TrainState) -> None:
     """7h': after a checkpoint save, the label-free signal on the fixed sample (one metrics.jsonl row); a new
     best RankMe copies the checkpoint just written to checkpoints/best-rankme.pt."""
     signal = loop.signal
+    if signal.measured_step == state.step:  # the end of a run saves the last epoch's state again
+        return
+    signal.measured_step = state.step
     row = measure_signal(state.core, signal.sample, loop.procs.device, loop.settings.temperature)
     state.model.train()
     if not row:  # every sampled image unreadable
