@@ -59,6 +59,17 @@ def test_four_micro_batches_of_32_make_the_update_of_one_batch_of_128():
     assert not torch.allclose(torch.cat(per_micro), one.codes, atol=1e-3)
 
 
+def test_freezing_and_the_queue_count_optimiser_steps():
+    state = gn_state(queue_length=64)
+    settings = StepSettings(accumulate_steps=4, freeze_prototype_steps=1, queue_start_step=1)
+    frozen = torch.nn.functional.normalize(state.core.prototypes.weight.detach(), dim=1)
+    train_step(state, crops_of(4, n=32), settings, lr=0.5)  # optimiser step 0: 4 micro-batches
+    assert state.step == 1 and torch.equal(state.core.prototypes.weight, frozen) and state.queue._n_filled == 0
+    train_step(state, crops_of(5, n=32), settings, lr=0.5)  # step 1: prototypes learn, the queue gets all 32 rows
+    assert state.step == 2 and not torch.allclose(state.core.prototypes.weight, frozen)
+    assert state.queue._n_filled == 32
+
+
 def test_scores_pass_leaves_batchnorm_statistics_to_the_gradient_pass():
     """With BatchNorm, the running statistics after an accumulated step are those of the gradient pass over the
     micro-batches only (the no-gradient pass that computes the codes is not counted)."""
