@@ -109,6 +109,11 @@ def train_epochs(loop: Loop, state: TrainState, stop_request: "_StopRequest", sh
     signal or stop_after_steps; a checkpoint is saved then)."""
     data = loop.data
     loop.signal = start_signal(loop)
+    if loop.settings.accumulate_steps > 1:
+        micro = data.per_rank_batch // loop.settings.accumulate_steps
+        loop.procs.say(f"accumulation: each step runs {loop.settings.accumulate_steps} micro-batches of {micro} per "
+                       f"process, codes from one Sinkhorn over the global batch {loop.cfg.train.batch_size} (one extra "
+                       "forward pass without gradients; docs/guides/accumulation.md)")
     state.model.train()
     bar = tqdm(total=min(data.total_steps, loop.lr_schedule.total_steps), initial=state.step,
                disable=not (show_progress and loop.procs.is_main), desc="pretrain", unit="step", dynamic_ncols=True, file=sys.stdout)

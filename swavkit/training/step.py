@@ -4,7 +4,9 @@
 monitor and counters; ``TrainState.state_dict()`` plus the config is the training checkpoint.
 ``train_step(state, crops, settings, lr)`` is one step (stages 7b-7f of ``swavkit.training.trainer``): projected
 prototypes, grouped forward, codes, swapped-prediction loss, backward, and an update that is applied only
-when the loss and every gradient are finite. ``assign_codes`` is the pure maths of the codes.
+when the loss and every gradient are finite. ``assign_codes`` is the pure maths of the codes. With
+``train.accumulate_steps`` > 1, ``accumulated_train_step`` takes that optimiser step over micro-batches whose
+codes come from one Sinkhorn over the whole batch.
 
 Data flow of a step: crops [B, 3, s, s] x V -> SwAVModel -> scores [V, B, K] -> assign_codes (Sinkhorn,
 with the queue once full) -> codes Q_i [B, K] -> swapped_prediction_loss -> backward -> optimiser.
