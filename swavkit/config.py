@@ -210,6 +210,13 @@ class TrainConfig:
                                   default=0.0)
     batch_size: int = _help("GLOBAL batch (all processes together); must divide by the number of processes",
                             default=256)
+    accumulate_steps: int = _help("micro-batches per optimiser step, to reach a batch that does not fit in memory: "
+                                  "each process's batch (train.batch_size / processes) runs as this many micro-batches. "
+                                  "The codes are computed first for the whole batch (a forward pass without "
+                                  "gradients: ~1/3 more compute, benchmarks/README.md) with ONE Sinkhorn over all of "
+                                  "it, so equipartition acts on train.batch_size samples as without accumulation; "
+                                  "steps, LR, warm-up, freezing and the queue count optimiser steps. 1 = off",
+                                  default=1)
     precision: str = _help("auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs that support it, fp32 on CPU)",
                            default="auto")
     device: str = _help("auto | cpu | cuda", default="auto")
@@ -219,6 +226,17 @@ class TrainConfig:
     checkpoint_every_steps: int = _help("steps between checkpoints (0 = by time only)", default=0)
     skip_nonfinite_steps: int = _help("non-finite losses to skip before stopping (0 = stop at the first)",
                                       default=0)
+    signal_images: int = _help("training images (evenly spaced over the file list, fixed at the run's start and "
+                               "listed in checkpoints/signal-images.txt) on which every checkpoint save measures a "
+                               "label-free quality signal at the evaluation crop: RankMe (effective rank of the "
+                               "backbone's features) and the prototypes' usage entropy, logged in metrics.jsonl; the "
+                               "checkpoint with the highest RankMe is kept as checkpoints/best-rankme.pt. 0 = off. "
+                               "Folders and list files (not tar shards), not with dist.strategy=fsdp", default=512)
+    export_checkpoint: str = _help("last | rankme: which checkpoint the run's backbone/ export is made from: the last "
+                                   "one, or checkpoints/best-rankme.pt (highest RankMe). On short CIFAR-10 and Fashion-MNIST runs RankMe "
+                                   "ordered checkpoints only weakly as k-NN did (Spearman 0.31, 0.12) and its pick was "
+                                   "~1 point below the last: docs/guides/checkpoint-selection.md",
+                                   default="last")
     collapse_patience_steps: int = _help("steps with the loss within 1% of ln K before the collapse warning",
                                          default=200)
     loggers: list[str] = _help("metric backends, each getting every metrics.jsonl row: jsonl (metrics.jsonl, always "
@@ -413,6 +431,8 @@ def dump_yaml(cfg: Config) -> str:
 RESUMABLE_CHANGES = ("train.epochs", "train.budget_minutes", "swav.prevent_collapse", "swav.code_entropy_target",
                      "swav.min_epsilon", "train.log_every_steps", "train.checkpoint_every_minutes",
                      "train.checkpoint_every_steps", "train.device", "train.skip_nonfinite_steps",
+                     "train.accumulate_steps",  # same codes and update; only BatchNorm's batch is smaller
+                     "train.export_checkpoint",
                      "train.collapse_patience_steps", "data.num_workers", "data.pin_memory",
                      "data.prefetch_factor", "data.colour_on_device", "data.decode_on_device", "model.channels_last", "model.compile",
                      "model.init", "train.loggers", "monitor.", "out_dir",
@@ -446,6 +466,7 @@ CHOICES = {
     "data.decode_on_device": ("auto", "true", "false"),
     "model.channels_last": ("auto", "true", "false"),
     "dist.strategy": ("ddp", "fsdp"),
+    "train.export_checkpoint": ("last", "rankme"),
 }
 LOGGER_CHOICES = ("jsonl", "tensorboard", "wandb", "mlflow")  # train.loggers entries (swavkit/training/loggers.py)
 
@@ -605,6 +626,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                     "optim.warmup_epochs": cfg.optim.warmup_epochs, "optim.weight_decay": cfg.optim.weight_decay,
                     "train.budget_minutes": cfg.train.budget_minutes,
                     "train.checkpoint_every_steps": cfg.train.checkpoint_every_steps,
+                    "train.signal_images": cfg.train.signal_images,
                     "train.skip_nonfinite_steps": cfg.train.skip_nonfinite_steps}
     for key, value in non_negative.items():
         if value < 0:
@@ -612,6 +634,13 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if cfg.train.batch_size % world_size:
         raise ConfigError(f"train.batch_size: the global batch {cfg.train.batch_size} does not divide by "
                           f"{world_size} processes; use a multiple of {world_size}")
+    if cfg.train.accumulate_steps < 1:
+        raise ConfigError(f"train.accumulate_steps: must be >= 1 (1 = no accumulation), got {cfg.train.accumulate_steps}")
+    if (cfg.train.batch_size // world_size) % cfg.train.accumulate_steps:
+        per_process = cfg.train.batch_size // world_size
+        raise ConfigError(f"train.accumulate_steps: {per_process} images per process (train.batch_size "
+                          f"{cfg.train.batch_size} / {world_size}) do not split into {cfg.train.accumulate_steps} "
+                          "equal micro-batches; use a divisor of it")
     if cfg.swav.queue_length and cfg.swav.queue_length % cfg.train.batch_size:
         raise ConfigError(f"swav.queue_length: {cfg.swav.queue_length} is not a multiple of the global batch "
                           f"{cfg.train.batch_size}; try {max(1, round(cfg.swav.queue_length / cfg.train.batch_size)) * cfg.train.batch_size}")

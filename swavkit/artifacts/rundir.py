@@ -1,7 +1,8 @@
 """The run folder (``out_dir``): what a swavkit run writes there, and the rule that it never touches
 anything else.
 
-A run folder holds ``config.yaml``, ``metrics.jsonl``, ``skipped.txt``, ``checkpoints/last.pt``,
+A run folder holds ``config.yaml``, ``metrics.jsonl``, ``skipped.txt``, ``checkpoints/last.pt`` (and
+``best-rankme.pt``, ``signal-images.txt`` beside it),
 ``backbone/`` and what the metric loggers write (``tensorboard/``, ``loggers.json``, ``mlflow.db``,
 ``wandb/``). ``pretrain`` accepts an ``out_dir`` that does not exist yet, an empty folder, or a folder
 that already holds a swavkit run (its checkpoint, or a config.yaml with swavkit's header); any other folder (a home folder, ``/``, a data folder, a project) is
@@ -20,7 +21,8 @@ import os
 import shutil
 from pathlib import Path
 
-from swavkit.artifacts.layout import RUN_CHECKPOINT, RUN_CONFIG, RUN_EXPORT_DIR, RUN_METRICS, RUN_SKIPPED
+from swavkit.artifacts.layout import (RUN_BEST_CHECKPOINT, RUN_CHECKPOINT, RUN_CONFIG, RUN_EXPORT_DIR, RUN_METRICS,
+                                     RUN_SIGNAL_SAMPLE, RUN_SKIPPED)
 from swavkit.artifacts.sharded_checkpoint import remove_shard_folders
 from swavkit.artifacts.checkpoint import CheckpointError, check_export_target, is_swavkit_export
 from swavkit.config import ConfigError
@@ -116,7 +118,8 @@ class OwnedFolder:
 class RunFolder(OwnedFolder):
     """The files of one pretraining run inside ``out_dir``; construction checks that the folder may hold a run."""
 
-    OWN_FILES = (RUN_METRICS, RUN_SKIPPED, LIST_CACHE_FILE, *LOGGER_FILES, str(RUN_CHECKPOINT), RUN_CONFIG)
+    OWN_FILES = (RUN_METRICS, RUN_SKIPPED, LIST_CACHE_FILE, *LOGGER_FILES, str(RUN_BEST_CHECKPOINT),
+                 str(RUN_SIGNAL_SAMPLE), str(RUN_CHECKPOINT), RUN_CONFIG)
     OWN_FOLDERS = LOGGER_FOLDERS
 
     def __init__(self, out_dir: str):

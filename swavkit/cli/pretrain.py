@@ -64,6 +64,7 @@ def _cmd_export(args) -> int:
 
     if args.out_dir is None and (args.torchvision or not args.onnx):
         raise ConfigError("export: give OUT_DIR (the timm layout; --torchvision converts it), --onnx FILE, or both")
+    args.source = _selected_checkpoint(args.source, args.select)
     if args.onnx:  # checked before anything is written
         from swavkit.evaluation.onnx_export import check_onnx_target, require_exporter
 
@@ -90,6 +91,20 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _selected_checkpoint(source: str, select: str) -> str:
+    """--select rankme: a run folder's checkpoints/best-rankme.pt (ConfigError, one line, when there is none)."""
+    from swavkit.artifacts.layout import RUN_CHECKPOINT_CHOICES
+    from swavkit.errors import ConfigError
+
+    if select == "last":
+        return source
+    best = Path(source) / RUN_CHECKPOINT_CHOICES[select]
+    if not best.is_file():
+        raise ConfigError(f"export --select {select}: {best} does not exist; SOURCE must be a run folder trained with "
+                          "train.signal_images > 0 (it keeps that checkpoint at every save), or use --select last")
+    return str(best)
+
+
 def _export_onnx(args) -> int:
     from swavkit.evaluation.onnx_export import describe, export_onnx
 
@@ -101,7 +116,8 @@ def _add_export(subparsers) -> None:
                     examples=["swavkit export runs/a exports/a",
                               "swavkit export swav_800ep_pretrain.pth.tar exports/swav_rn50 "
                               "--torchvision exports/rn50_tv.safetensors",
-                              "swavkit export runs/a --onnx exports/a.onnx"], func=_cmd_export)
+                              "swavkit export runs/a --onnx exports/a.onnx",
+                              "swavkit export runs/a exports/a-rankme --select rankme"], func=_cmd_export)
     p.add_argument("source", metavar="SOURCE", help="a run folder (out_dir; its checkpoints/last.pt is used), a "
                                                     "checkpoint .pt, or a released SwAV/VISSL checkpoint")
     p.add_argument("out_dir", nargs="?", default=None,
@@ -109,6 +125,9 @@ def _add_export(subparsers) -> None:
     p.add_argument("--onnx", metavar="FILE.onnx", default=None,
                    help="also (or only) write the backbone as ONNX with a dynamic batch axis, checked against "
                         "PyTorch's output (max abs difference printed); needs pip install \"swavkit[onnx]\"")
+    p.add_argument("--select", choices=("last", "rankme"), default="last",
+                   help="for a run folder: export its last checkpoint (default) or checkpoints/best-rankme.pt, the one "
+                        "with the highest label-free RankMe signal (docs/guides/checkpoint-selection.md)")
     p.add_argument("--torchvision", metavar="FILE.safetensors",
                    help="also write the weights in torchvision's ResNet key layout")
 

@@ -161,6 +161,13 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def copy_atomic(source: str | Path, target: str | Path) -> Path:
+    """Copy a file so that ``target`` is either its old self or the whole copy, never part of one."""
+    with open(source, "rb") as src, atomic_writer(target) as dst:
+        shutil.copyfileobj(src, dst, 16 << 20)
+    return Path(target)
+
+
 def write_json_atomic(path: str | Path, data) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 

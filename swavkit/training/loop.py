@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from swavkit.runtime import distributed
 from swavkit.training.budget import BudgetClock, BudgetPlan, fit_total_steps, share_of_run, worth_changing
-from swavkit.artifacts.checkpoint import backbone_state, export_backbone, save_atomic
+from swavkit.artifacts.checkpoint import backbone_state, export_backbone, load_training_checkpoint, save_atomic
 from swavkit.config import Config, to_dict
 from swavkit.data import (append_skipped_report, printable_path)
 from swavkit.data.device_decode import decode_batch
@@ -32,6 +32,10 @@ from swavkit.training.step import StepResult, StepSettings, TrainState, train_st
 from swavkit.training.collapse import CollapsePolicy
 from swavkit.training.data_setup import TrainingData
 from swavkit.training.monitor import monitor_floors, monitor_knn
+from swavkit.training.checkpoint_signal import (SignalSample, best_so_far, measure_signal, sample_paths,
+                                                write_sample_list)
+from swavkit.artifacts.layout import RUN_BEST_CHECKPOINT, RUN_SIGNAL_SAMPLE
+from swavkit.runtime.fileio import copy_atomic, read_jsonl
 from swavkit.training.processes import Processes
 from swavkit.artifacts.sharded_checkpoint import remove_shard_folders, save_sharded_checkpoint
 from swavkit.training.sharding import full_model_state
@@ -65,6 +69,7 @@ class Loop:
     collapse_policy: CollapsePolicy | None  # None: the configured epsilon and queue throughout (the paper)
     budget_clock: BudgetClock | None  # train.budget_minutes: this attempt's clock (the plan is in the state)
     monitor_floors: dict = field(default_factory=dict)  # monitor.floors: k-NN of random init / raw pixels, once
+    signal: "CheckpointSignal | None" = None  # train.signal_images: set up by train_epochs (None: off)
 
 
 @dataclass
@@ -103,6 +108,12 @@ def train_epochs(loop: Loop, state: TrainState, stop_request: "_StopRequest", sh
     """Epochs of steps until ``total_steps``. Returns None when done, else why it stopped early (a
     signal or stop_after_steps; a checkpoint is saved then)."""
     data = loop.data
+    loop.signal = start_signal(loop)
+    if loop.settings.accumulate_steps > 1:
+        micro = data.per_rank_batch // loop.settings.accumulate_steps
+        loop.procs.say(f"accumulation: each step runs {loop.settings.accumulate_steps} micro-batches of {micro} per "
+                       f"process, codes from one Sinkhorn over the global batch {loop.cfg.train.batch_size} (one extra "
+                       "forward pass without gradients; docs/guides/accumulation.md)")
     state.model.train()
     bar = tqdm(total=min(data.total_steps, loop.lr_schedule.total_steps), initial=state.step,
                disable=not (show_progress and loop.procs.is_main), desc="pretrain", unit="step", dynamic_ncols=True, file=sys.stdout)
@@ -347,6 +358,69 @@ def save_checkpoint(loop: Loop, state: TrainState) -> None:
         save_atomic({**checkpoint, "config": to_dict(loop.cfg)}, loop.files.checkpoint)
         remove_shard_folders(loop.files.checkpoint.parent)  # a resumed FSDP run's shards: now superseded
     distributed.barrier()
+    if loop.signal is not None and loop.procs.is_main:
+        checkpoint_signal(loop, state)
+
+
+@dataclass
+class CheckpointSignal:
+    """train.signal_images: the fixed sample and the best RankMe so far (main process only)."""
+    sample: SignalSample
+    best_rankme: float  # -inf before the first measurement
+    best_path: Path  # checkpoints/best-rankme.pt
+    measured_step: int = -1  # the step of the last measurement
+
+
+def start_signal(loop: Loop) -> CheckpointSignal | None:
+    """At the run's start (and at a resume, which gets the same images from the same file list): the sample,
+    listed in checkpoints/signal-images.txt, and the best RankMe in metrics.jsonl so far. None when off, on
+    the other processes, or where it cannot run (tar shards: no file list; FSDP: the forward needs all
+    processes, and the best checkpoint would be shards)."""
+    cfg, procs = loop.cfg, loop.procs
+    paths = getattr(loop.data.dataset, "paths", None)
+    if not cfg.train.signal_images or not procs.is_main:
+        return None
+    if paths is None or cfg.dist.strategy == "fsdp":
+        procs.say("checkpoint signal: off (" + ("dist.strategy=fsdp" if paths is not None else "tar shards have no "
+                  "file list") + "); train.signal_images=0 silences this")
+        return None
+    sample = SignalSample.from_config(cfg, [str(p) for p in sample_paths(paths, cfg.train.signal_images)])
+    write_sample_list(loop.files.path / RUN_SIGNAL_SAMPLE, sample)
+    return CheckpointSignal(sample, best_so_far(read_jsonl(loop.files.metrics)), loop.files.path / RUN_BEST_CHECKPOINT)
+
+
+def checkpoint_signal(loop: Loop, state: TrainState) -> None:
+    """7h': after a checkpoint save, the label-free signal on the fixed sample (one metrics.jsonl row); a new
+    best RankMe copies the checkpoint just written to checkpoints/best-rankme.pt."""
+    signal = loop.signal
+    if signal.measured_step == state.step:  # the end of a run saves the last epoch's state again
+        return
+    signal.measured_step = state.step
+    row = measure_signal(state.core, signal.sample, loop.procs.device, loop.settings.temperature)
+    state.model.train()
+    if not row:  # every sampled image unreadable
+        return
+    best = row["rankme"] > signal.best_rankme
+    if best:
+        signal.best_rankme = row["rankme"]
+        copy_atomic(loop.files.checkpoint, signal.best_path)
+    loop.loggers.log({"step": state.step, "epoch": state.step / loop.data.steps_per_epoch, **row,
+                      "best_rankme": best})
+
+
+def _exported_checkpoint(loop: Loop, state: TrainState, model_state: dict) -> tuple[dict, int, float, str]:
+    """train.export_checkpoint: (model state dict, its step, its loss, what was chosen, for the message; "" for the
+    last state). ``rankme`` without a best-rankme.pt (signal off, or no checkpoint measured) exports the last, and
+    says so."""
+    if loop.cfg.train.export_checkpoint != "rankme":
+        return model_state, state.step, state.last_loss, ""
+    best = loop.files.path / RUN_BEST_CHECKPOINT
+    if not best.is_file():
+        return model_state, state.step, state.last_loss, (f"the last state: train.export_checkpoint=rankme, but "
+                                                          f"{printable_path(best)} does not exist (train.signal_images=0?)")
+    saved = load_training_checkpoint(best)
+    return saved["model"], int(saved["step"]), float(saved.get("last_loss", math.nan)), \
+        f"{printable_path(best)} (step {int(saved['step'])}, train.export_checkpoint=rankme)"
 
 
 def export(loop: Loop, state: TrainState) -> Path:
@@ -357,10 +431,11 @@ def export(loop: Loop, state: TrainState) -> Path:
     if not procs.is_main:
         return files.backbone
     m = cfg.model
+    model_state, steps, loss, chosen = _exported_checkpoint(loop, state, model_state)
     export_net = create_backbone(m.backbone, **m.backbone_kwargs)
     export_net.load_state_dict(backbone_state(model_state), strict=True)
     card = card_for_training(to_dict(cfg), architecture=m.backbone, feature_dim=export_net.num_features,
-                             backbone_dir=files.backbone, steps=state.step, final_loss=state.last_loss,
+                             backbone_dir=files.backbone, steps=steps, final_loss=loss,
                              n_images=len(loop.data.dataset),
                              extra_training={"optimizer": type(state.optimizer).__name__,
                                              "peak_lr": loop.lr_schedule.peak_lr,
@@ -373,7 +448,11 @@ def export(loop: Loop, state: TrainState) -> Path:
     procs.say(f"done: {state.step} steps, final loss {state.last_loss:.4f} (ln K = {math.log(m.n_prototypes):.3f})\n"
               f"  checkpoint: {printable_path(files.checkpoint)}\n  backbone:   {backbone}  "
               f"(timm.create_model('local-dir:{backbone}', pretrained=True) or swavkit.load_backbone)\n"
-              f"  metrics:    {printable_path(files.metrics)}")
+              + (f"              made from {chosen}\n" if chosen else "")
+              + (f"  best RankMe: {printable_path(loop.signal.best_path)} (RankMe {loop.signal.best_rankme:g}; "
+                 "swavkit export RUN OUT --select rankme)\n" if loop.signal is not None and loop.signal.best_path.exists()
+                 else "")
+              + f"  metrics:    {printable_path(files.metrics)}")
     verdict = state.collapse.final_verdict(state.last_loss)
     if verdict:
         procs.say(f"WARNING {verdict}")

@@ -215,7 +215,8 @@ def _build_model(cfg: Config, procs: Processes, fresh: bool) -> tuple[SwAVModel,
         if initial:  # rank 0 reads the file; the others receive their shards tensor by tensor
             load_backbone_into_shards(core.backbone, _initial_backbone_state(cfg) if procs.is_main else None)
     else:
-        model = distributed.wrap_ddp(core, device)
+        # train.accumulate_steps: DDP's static graph refuses no_sync (an internal assert in its reducer)
+        model = distributed.wrap_ddp(core, device, static_graph=cfg.train.accumulate_steps == 1)
     if initial:
         procs.say(f"model: backbone weights from model.init={printable_path(m.init)} (head and prototypes fresh)")
     procs.say(f"model: {m.backbone} ({core.backbone.num_features}-d features) -> head "
