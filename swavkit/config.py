@@ -562,6 +562,12 @@ def check_method(cfg: Config) -> None:
                           "targets are not in the sharded checkpoint); use dist.strategy=ddp")
 
 
+def prototype_rows(cfg: Config) -> int:
+    """Rows of the model's prototype matrix: model.n_prototypes, or for deepclusterv2 one block of
+    model.n_prototypes per k-means head (head after head, as a released checkpoint's prototypes0, 1, 2)."""
+    return cfg.model.n_prototypes * (cfg.deepcluster.n_heads if cfg.method == "deepclusterv2" else 1)
+
+
 def validate(cfg: Config, world_size: int = 1) -> None:
     """The config's own checks: choices, ranges, lengths, coherence (pure: nothing is imported, read or
     created). What needs the world - is the backbone a timm name, does model.init exist - is checked by

@@ -14,7 +14,7 @@ import torch
 from swavkit.runtime import distributed
 from swavkit.training.budget import BudgetClock, BudgetPlan
 from swavkit.artifacts.checkpoint import load_training_checkpoint
-from swavkit.config import Config, ConfigError, config_differences, dump_yaml, from_dict, to_dict
+from swavkit.config import Config, ConfigError, config_differences, dump_yaml, from_dict, prototype_rows, to_dict
 from swavkit.data import printable_path
 from swavkit.runtime.device import autocast_dtype, resolve_auto_flag
 from swavkit.runtime.cores import training_threads
@@ -186,8 +186,8 @@ def _build_model(cfg: Config, procs: Processes, fresh: bool) -> tuple[SwAVModel,
     device, m = procs.device, cfg.model
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     deepcluster = cfg.method == "deepclusterv2"
-    core = build_model(m.backbone, m.n_prototypes * (cfg.deepcluster.n_heads if deepcluster else 1), m.hidden_dim,
-                       m.output_dim, m.backbone_kwargs, zero_init_last=m.zero_init_last)
+    core = build_model(m.backbone, prototype_rows(cfg), m.hidden_dim, m.output_dim, m.backbone_kwargs,
+                       zero_init_last=m.zero_init_last)
     if deepcluster:  # the heads' k-means centroids, never trained (the reference freezes them past its last step)
         core.prototypes.weight.requires_grad_(False)
     if m.init and fresh:
