@@ -194,6 +194,7 @@ class DeepClusterState:
     table: TargetTable
     clustered_epoch: int = -1  # the epoch whose targets ``table`` holds (-1: none yet)
     bank_filled: bool = False  # the full pass before training is done (or the bank came from a checkpoint)
+    collapse_warned: bool = False  # a k-means collapse warning is standing (said once until the clusters recover)
 
     def per_rank_state_dict(self) -> dict:
         return {"embeddings": self.bank.embeddings.cpu(), "ids": self.bank.ids.cpu(), "next_slot": self.bank.next_slot,

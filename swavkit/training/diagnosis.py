@@ -27,14 +27,14 @@ DEEPCLUSTER_LEVERS = (
     "soften the augmentation (crops.color_jitter_strength, larger crops.min_scales)",
     "compare with method=swav, whose equipartition rules this collapse out",
 )
-LARGEST_CLUSTER_WARNING = 0.5  # one cluster with half the images ...
+LARGEST_CLUSTER_WARNING = 0.5  # one cluster with over half the images (and over 2/K: not just a small K) ...
 EMPTY_CLUSTERS_WARNING = 0.5  # ... or half the clusters empty: the k-means targets say little
 
 
 def kmeans_collapse_warning(head: int, K: int, stats: dict) -> str | None:
     """A warning text for one head's k-means (``stats`` from cluster_statistics), None when healthy."""
     largest, empty = stats["largest_cluster_fraction"], stats["empty_clusters"]
-    if largest < LARGEST_CLUSTER_WARNING and empty < EMPTY_CLUSTERS_WARNING * K:
+    if largest <= max(LARGEST_CLUSTER_WARNING, 2 / K) and empty < EMPTY_CLUSTERS_WARNING * K:
         return None
     levers = "; ".join(f"({i}) {lever}" for i, lever in enumerate(DEEPCLUSTER_LEVERS, 1))
     return (f"collapse: k-means head {head} put {largest:.0%} of the images into one cluster and left {empty} of {K} "

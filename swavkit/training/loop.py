@@ -214,12 +214,13 @@ def _deepcluster_epoch_start(loop: Loop, state: TrainState, epoch: int, show_pro
     row = {"step": state.step, "epoch": epoch, "kmeans_seconds": round(time.perf_counter() - start_s, 3),
            "kmeans_empty_clusters": max(s["empty_clusters"] for s in stats),
            "kmeans_largest_cluster_fraction": max(s["largest_cluster_fraction"] for s in stats)}
+    warnings = [w for w in (kmeans_collapse_warning(h, K, s) for h, (K, s) in enumerate(zip(dc.centroid_counts, stats)))
+                if w]
     if procs.is_main:
         loop.loggers.log(row)
-        for head, s in enumerate(stats):
-            warning = kmeans_collapse_warning(head, dc.centroid_counts[head], s)
-            if warning:
-                tqdm.write("WARNING " + warning)
+        if warnings and not dc.collapse_warned:  # once, not every epoch, until the clusters recover
+            tqdm.write("WARNING " + warnings[0])
+    dc.collapse_warned = bool(warnings)
 
 
 def _record_skipped(skipped_path: Path, state: TrainState, new: list[tuple[str, str]], is_main: bool) -> None:
