@@ -11,7 +11,7 @@ pass and k-means, and the export all count). Evaluation as benchmarks/run_eval_b
 
 Target (exit 1 when missed): each method's export beats both floors on 20-NN and on linear top-1. Which
 method wins is reported, not targeted. Missing data: one line on stderr, exit 2.
-Writes benchmarks/results/deepcluster-vs-swav-<data>.json.
+Writes benchmarks/results/deepcluster-vs-swav-<data>-<budget>min.json.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def main() -> int:
     winner = {kind: max(ARMS, key=lambda a: statistics.median(r[f"{kind}_top1"] for r in runs[a]))
               for kind in ("knn", "linear")}
     print("\n" + markdown + f"\n\nhigher 20-NN: {winner['knn']}; higher linear: {winner['linear']}")
-    write_result(f"deepcluster-vs-swav-{args.data}", {
+    write_result(f"deepcluster-vs-swav-{args.data}-{args.budget:g}min", {
         "command": "python benchmarks/bench_deepcluster_vs_swav.py " + " ".join(sys.argv[1:]),
         "environment": environment(), "budget_minutes": args.budget, "runs": runs, "floors": floor_top1,
         "winner": winner, "markdown": markdown, "missed": missed})

@@ -262,3 +262,15 @@ def test_kmeans_collapse_is_diagnosed():
     assert kmeans_collapse_warning(0, 10, {"largest_cluster_fraction": 0.2, "empty_clusters": 1}) is None
     text = kmeans_collapse_warning(1, 10, {"largest_cluster_fraction": 0.9, "empty_clusters": 8})
     assert "head 1 put 90% of the images into one cluster and left 8 of 10" in text and "model.n_prototypes" in text
+
+
+def test_auto_leaves_the_queue_to_swav(tmp_path):
+    from conftest import write_images
+    from swavkit.config import merge_sources
+    from swavkit.training.presets import auto_config
+
+    write_images(tmp_path / "imgs", 64, size_px=16)
+    keys = [f"data.path={tmp_path / 'imgs'}", "train.batch_size=8", f"out_dir={tmp_path / 'run'}"]
+    assert auto_config(merge_sources([], keys)).swav.queue_length == 16  # SwAV at batch 8 gets a queue
+    cfg = auto_config(merge_sources([], keys + ["method=deepclusterv2"]))
+    assert cfg.method == "deepclusterv2" and cfg.swav.queue_length == 0  # the memory bank replaces it
