@@ -168,7 +168,8 @@ def test_two_gloo_processes_give_the_single_process_kmeans(tmp_path):
 
 DC = {"method": "deepclusterv2", "model.n_prototypes": 3, "deepcluster.n_heads": 2, "deepcluster.kmeans_iterations": 3,
       "crops.counts": "[2]", "crops.sizes_px": "[16]", "crops.min_scales": "[0.3]", "crops.max_scales": "[1.0]",
-      "train.epochs": 3, "train.batch_size": 8, "train.log_every_steps": 1, "model.hidden_dim": 0}
+      "train.epochs": 3, "train.batch_size": 8, "train.log_every_steps": 1, "model.hidden_dim": 0,
+      "train.checkpoint_every_steps": 1}
 
 
 @pytest.mark.slow
@@ -180,16 +181,18 @@ def test_resume_equals_uninterrupted_and_the_export_loads(tiny_images_16, tmp_pa
     from swavkit.config import load_config
     from swavkit.training.trainer import train
 
-    # 16 images, batch 8: 2 steps per epoch, 3 epochs. The stop at step 3 is inside epoch 1 (its targets and the
-    # half-refreshed bank come from the checkpoint); epoch 2's k-means then runs on the restored bank.
+    # 16 images, batch 8: 2 steps per epoch, 3 epochs. A run killed with SIGKILL once it has checkpointed step 3:
+    # inside epoch 1 its targets and the half-refreshed bank come from the checkpoint, and epoch 2's k-means runs
+    # on the restored bank (or, killed at step 4, on the bank saved at the epoch's end).
     run = lambda out, **kw: train(load_config([], tiny_overrides(tiny_images_16, out, **DC)), progress=False, **kw)
     full = run(tmp_path / "full")
     assert full.completed and full.step == 6
     out = capsys.readouterr().out
     assert "memory bank of 2 x 16 x 16 embeddings per process" in out and "2 k-means head(s) of 3 clusters" in out
 
-    first = run(tmp_path / "parts", stop_after_steps=3)
-    assert not first.completed and first.step == 3
+    killed_at = _killed_after(tiny_overrides(tiny_images_16, tmp_path / "parts", **DC),
+                              tmp_path / "parts" / "checkpoints" / "last.pt", min_step=3)
+    assert 3 <= killed_at < 6  # inside epoch 1 or at the start of epoch 2: nothing saved at the kill
     last = run(tmp_path / "parts")
     assert last.completed and last.step == 6
 
@@ -206,6 +209,30 @@ def test_resume_equals_uninterrupted_and_the_export_loads(tiny_images_16, tmp_pa
         torch.testing.assert_close(load_backbone(full.backbone_dir)(x), load_backbone(full.checkpoint)(x))
     model, _ = load_swav_model(full.checkpoint)  # the whole model: both heads' prototype rows
     assert model.prototypes.weight.shape == (6, 16)
+
+
+def _killed_after(overrides: list[str], checkpoint, min_step: int) -> int:
+    """``swavkit pretrain`` in a subprocess, killed with SIGKILL once ``checkpoint`` holds ``min_step`` or later;
+    the step of the checkpoint it left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from swavkit.artifacts.checkpoint import load_training_checkpoint
+
+    proc = subprocess.Popen([sys.executable, "-m", "swavkit", "pretrain", "--no-progress", *overrides],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if checkpoint.exists() and load_training_checkpoint(checkpoint)["step"] >= min_step:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return load_training_checkpoint(checkpoint)["step"]
 
 
 @pytest.fixture
