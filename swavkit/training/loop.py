@@ -342,7 +342,7 @@ def _follow_budget(loop: Loop, state: TrainState, progress: Progress) -> None:
         loop.procs.say_progress(
             f"budget {plan.budget_s / 60:g} min: {clock.elapsed_s():.0f} s used (start-up and the first steps at "
             f"{seconds_per_step:.3g} s/step) -> {total} steps = {total / loop.data.steps_per_epoch:.1f} epochs; "
-            f"warm-up {warmup} steps, prototypes frozen {freeze} steps"
+            f"warm-up {warmup} steps" + (f", prototypes frozen {freeze} steps" if state.deepcluster is None else "")
             + (f", queue from step {queue_start}" if state.queue is not None else "")
             + "; re-fitted as the speed changes")
     else:
