@@ -166,6 +166,17 @@ class SwAVConfig:
 
 
 @dataclass
+class DeepClusterConfig:
+    """method=deepclusterv2 (swavkit/core/deepcluster.py; docs/guides/deepcluster-v2.md). It also reads
+    swav.assignment_crops (the crops whose embeddings fill the memory bank: the reference's crops_for_assign)
+    and swav.temperature; SwAV's other swav.* keys (epsilon, queue, prototype freezing) do not apply."""
+    n_heads: int = _help("k-means heads, each with model.n_prototypes clusters of its own and its own targets; the "
+                         "loss is averaged over them (the reference: 3 heads of 3000)", default=3)
+    kmeans_iterations: int = _help("spherical k-means iterations at every epoch start, over the memory bank of all "
+                                   "processes (the reference: 10)", default=10)
+
+
+@dataclass
 class OptimConfig:
     """The LRs are at a global batch of ``reference_batch_size`` and move with the batch by the same factor.
     The paper's two recipes (facebookresearch/swav scripts): batch 4096: warm-up 10 epochs from 0.3 to 4.8,
@@ -261,10 +272,15 @@ class MonitorConfig:
 class Config:
     out_dir: str = _help("run directory: config.yaml, metrics.jsonl, checkpoints/, backbone/", default="runs/swav")
     seed: int = _help("seed for weights, sampling and augmentation", default=0)
+    method: str = _help("swav | deepclusterv2: the online-clustering method. swav: Sinkhorn codes per batch and the "
+                        "swapped prediction (swav.*). deepclusterv2: a memory bank of last epoch's embeddings, "
+                        "k-means at every epoch start whose clusters are the epoch's hard targets "
+                        "(deepcluster.*; docs/guides/deepcluster-v2.md)", default="swav")
     data: DataConfig = field(default_factory=DataConfig)
     crops: CropsConfig = field(default_factory=CropsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     swav: SwAVConfig = field(default_factory=SwAVConfig)
+    deepcluster: DeepClusterConfig = field(default_factory=DeepClusterConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
@@ -559,6 +575,35 @@ def check_strategy(cfg: Config) -> None:
         raise ConfigError("model.compile=true with dist.strategy=fsdp is not supported yet; set model.compile=false")
 
 
+METHODS = ("swav", "deepclusterv2")
+
+
+def check_method(cfg: Config) -> None:
+    """``method`` and what deepclusterv2 cannot take (ConfigError, one line naming the key)."""
+    if cfg.method not in METHODS:
+        raise ConfigError(f"method: '{cfg.method}' is not one of {', '.join(METHODS)}")
+    if cfg.method != "deepclusterv2":
+        return
+    d = cfg.deepcluster
+    for key, value in (("deepcluster.n_heads", d.n_heads), ("deepcluster.kmeans_iterations", d.kmeans_iterations)):
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if cfg.swav.queue_length:
+        raise ConfigError(f"swav.queue_length={cfg.swav.queue_length}: the queue is SwAV's; method=deepclusterv2 keeps "
+                          "a memory bank of the whole epoch instead; set swav.queue_length=0")
+    if cfg.dist.strategy == "fsdp":
+        # the memory bank, the epoch's targets and the k-means writes into the prototypes have not been
+        # carried through the sharded (DCP) checkpoint and its re-sharding on resume
+        raise ConfigError("method=deepclusterv2 with dist.strategy=fsdp is not supported yet (its memory bank and "
+                          "targets are not in the sharded checkpoint); use dist.strategy=ddp")
+
+
+def prototype_rows(cfg: Config) -> int:
+    """Rows of the model's prototype matrix: model.n_prototypes, or for deepclusterv2 one block of
+    model.n_prototypes per k-means head (head after head, as a released checkpoint's prototypes0, 1, 2)."""
+    return cfg.model.n_prototypes * (cfg.deepcluster.n_heads if cfg.method == "deepclusterv2" else 1)
+
+
 def validate(cfg: Config, world_size: int = 1) -> None:
     """The config's own checks: choices, ranges, lengths, coherence (pure: nothing is imported, read or
     created). What needs the world - is the backbone a timm name, does model.init exist - is checked by
@@ -570,6 +615,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         if value not in choices:
             raise ConfigError(f"{key}: '{value}' is not one of {', '.join(choices)}")
     check_logger_names(cfg.train.loggers)  # train.loggers: known names (LOGGER_CHOICES), jsonl included
+    check_method(cfg)  # method and its section
     check_strategy(cfg)  # model.activation_checkpointing, dist.strategy (the process count: at launch)
     n_groups = len(c.counts)
     for name in ("sizes_px", "min_scales", "max_scales"):

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save
 
 from swavkit.artifacts.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, backbone_state, check_export_target,
                                 export_backbone, load_state)
-from swavkit.config import from_dict, head_hidden_dims
+from swavkit.config import from_dict, head_hidden_dims, prototype_rows
 from swavkit.core.model import SwAVModel, build_model, create_backbone
 from swavkit.artifacts.modelcard import card_for_training
 from swavkit.artifacts.seer import is_vissl_regnet, vissl_regnet_to_timm
@@ -117,13 +117,19 @@ def split_reference_state(state: dict) -> tuple[dict, dict]:
 
 
 def _reference_head_to_swavkit(head: dict) -> dict:
-    """projection_head.{0,1,3} / prototypes.weight -> SwAVModel's head.layers.* / prototypes.weight."""
-    out = {}
+    """projection_head.{0,1,3} / prototypes.weight -> SwAVModel's head.layers.* / prototypes.weight. Several
+    heads (DeepCluster-v2, SeLa-v2: prototypes.prototypes0.weight, 1, 2 ...) become one prototypes.weight, head
+    after head, as a swavkit method=deepclusterv2 model holds them."""
+    out, heads = {}, {}
     for key, value in head.items():
         if key.startswith("projection_head."):
             out["head.layers." + key[len("projection_head."):]] = value
+        elif key.startswith("prototypes.prototypes") and key.endswith(".weight"):
+            heads[int(key[len("prototypes.prototypes"):-len(".weight")])] = value
         elif key.startswith("prototypes."):
             out["prototypes." + key[len("prototypes."):]] = value
+    if heads:
+        out["prototypes.weight"] = torch.cat([heads[i] for i in sorted(heads)])
     return out
 
 
@@ -212,7 +218,7 @@ def load_swav_model(source: str | Path, *, architecture: str = "resnet50") -> tu
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         cfg = from_dict(state["config"])
         m = cfg.model
-        model = build_model(m.backbone, m.n_prototypes, head_hidden_dims(m), m.output_dim, m.backbone_kwargs,
+        model = build_model(m.backbone, prototype_rows(cfg), head_hidden_dims(m), m.output_dim, m.backbone_kwargs,
                             head_bn=m.head_bn)
         return load_strict(model, state["model"], str(path)).eval(), state["config"]
     backbone, head = split_reference_state(state)

@@ -20,7 +20,8 @@ from swavkit.artifacts.checkpoint import backbone_state, export_backbone, load_t
 from swavkit.config import Config, to_dict
 from swavkit.data import (append_skipped_report, printable_path)
 from swavkit.data.device_decode import decode_batch
-from swavkit.training.diagnosis import code_statistics
+from swavkit.training.diagnosis import code_statistics, kmeans_collapse_warning
+from swavkit.training.deepcluster_epoch import cluster_epoch, fill_memory_bank
 from swavkit.training.loggers import MetricLoggers
 from swavkit.core.model import create_backbone
 from swavkit.artifacts.modelcard import card_for_training
@@ -123,6 +124,8 @@ def train_epochs(loop: Loop, state: TrainState, stop_request: "_StopRequest", sh
     with stop_request.deferred():  # a signal now only sets a flag: the loop saves and stops in step
         while state.step < data.total_steps:
             epoch = state.step // data.steps_per_epoch
+            if state.deepcluster is not None:  # method=deepclusterv2: bank, k-means, the epoch's targets
+                _deepcluster_epoch_start(loop, state, epoch, show_progress)
             if not _train_one_epoch(loop, state, progress, epoch):
                 bar.close()
                 return stop_request.signal_name or f"stop_after_steps={loop.stop_after_steps}"
@@ -138,11 +141,12 @@ def _train_one_epoch(loop: Loop, state: TrainState, progress: Progress, epoch: i
     data.sampler.set_epoch(epoch, start=(state.step - epoch_start) * data.per_rank_batch)
     batches = iter(data.loader)
     while state.step < min(epoch_start + data.steps_per_epoch, data.total_steps):
-        crops = _next_batch(loop, state, batches, progress.window)  # ---- 7a. data
-        if crops is None:
+        batch = _next_batch(loop, state, batches, progress.window)  # ---- 7a. data
+        if batch is None:
             break
+        crops, indices = batch
         lr = loop.lr_schedule.lr(state.step)
-        result = train_step(state, crops, loop.settings, lr)  # ---- 7b-7f. the step
+        result = train_step(state, crops, loop.settings, lr, indices=indices)  # ---- 7b-7f. the step
         if not result.applied:
             _refused_step(loop, state, result)  # raises once past train.skip_nonfinite_steps
             state.step += 1  # the batch is dropped; the schedule moves on
@@ -162,12 +166,13 @@ def _train_one_epoch(loop: Loop, state: TrainState, progress: Progress, epoch: i
     return True
 
 
-def _next_batch(loop: Loop, state: TrainState, batches, window: LogWindow) -> list[torch.Tensor] | None:
-    """7a: the next V crop tensors [B, 3, s, s] on the device, or None when the epoch's batches ran out.
-    The time spent blocked here is the data-wait fraction."""
+def _next_batch(loop: Loop, state: TrainState, batches,
+                window: LogWindow) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+    """7a: the next V crop tensors [B, 3, s, s] on the device and the images' dataset indices [B] (CPU), or
+    None when the epoch's batches ran out. The time spent blocked here is the data-wait fraction."""
     wait_start = time.perf_counter()
     try:
-        crops, _, skipped = next(batches)
+        crops, indices, skipped = next(batches)
     except StopIteration:
         return None
     except RuntimeError as err:
@@ -186,7 +191,47 @@ def _next_batch(loop: Loop, state: TrainState, batches, window: LogWindow) -> li
     device = loop.procs.device
     if loop.procs.colour_on_device:  # uint8 crops + parameters: the colour half runs here
         crops = loop.data.transform.finish(crops, device)
-    return [c.to(device, non_blocking=True, memory_format=loop.memory_format) for c in crops]
+    return [c.to(device, non_blocking=True, memory_format=loop.memory_format) for c in crops], indices
+
+
+def _deepcluster_epoch_start(loop: Loop, state: TrainState, epoch: int, show_progress: bool) -> None:
+    """method=deepclusterv2 before the steps of ``epoch``: the first full pass that fills the memory bank (once,
+    or again after a resume with another process count), then the k-means unless this epoch's targets came
+    from the checkpoint; one metrics row and a collapse warning per head that needs one."""
+    data, procs, dc = loop.data, loop.procs, state.deepcluster
+    if not dc.bank_filled:
+        data.sampler.set_epoch(epoch)
+        batches, window = iter(data.loader), LogWindow.open(procs.device)
+        bar = tqdm(total=data.steps_per_epoch, disable=not (show_progress and procs.is_main), desc="memory bank",
+                   unit="step", dynamic_ncols=True, file=sys.stdout, leave=False)
+
+        def bank_batches():
+            for _ in range(data.steps_per_epoch):
+                batch = _next_batch(loop, state, batches, window)
+                if batch is None:
+                    return
+                bar.update(1)
+                yield batch
+
+        start_s = time.perf_counter()
+        written = fill_memory_bank(state, bank_batches(), loop.settings)
+        bar.close()
+        procs.say_progress(f"deepclusterv2: memory bank filled with {written} images per process in "
+                           f"{time.perf_counter() - start_s:.1f} s")
+    if dc.clustered_epoch == epoch:  # resumed inside the epoch: its targets are the checkpoint's
+        return
+    start_s = time.perf_counter()
+    stats = cluster_epoch(state, epoch, loop.cfg.seed, loop.cfg.deepcluster.kmeans_iterations)
+    row = {"step": state.step, "epoch": epoch, "kmeans_seconds": round(time.perf_counter() - start_s, 3),
+           "kmeans_empty_clusters": max(s["empty_clusters"] for s in stats),
+           "kmeans_largest_cluster_fraction": max(s["largest_cluster_fraction"] for s in stats)}
+    warnings = [w for w in (kmeans_collapse_warning(h, K, s) for h, (K, s) in enumerate(zip(dc.centroid_counts, stats)))
+                if w]
+    if procs.is_main:
+        loop.loggers.log(row)
+        if warnings and not dc.collapse_warned:  # once, not every epoch, until the clusters recover
+            tqdm.write("WARNING " + warnings[0])
+    dc.collapse_warned = bool(warnings)
 
 
 def _record_skipped(skipped_path: Path, state: TrainState, new: list[tuple[str, str]], is_main: bool) -> None:
@@ -234,7 +279,7 @@ def _log_metrics(loop: Loop, state: TrainState, result: StepResult, lr: float, p
     epsilon = loop.settings.epsilon if math.isnan(state.epsilon) else state.epsilon
     queue_in_use = bool(result.queue_started and state.queue.is_full)
     row = {"step": state.step, "epoch": state.step / loop.data.steps_per_epoch, "loss": round(state.last_loss, 5),
-           "ln_k": round(math.log(state.core.n_prototypes), 5), "lr": lr,
+           "ln_k": round(state.collapse.ln_k, 5), "lr": lr,
            "images_per_s": round(window.steps * loop.data.per_rank_batch * procs.world / elapsed, 2),
            "data_wait_fraction": round(window.wait_s / elapsed, 4),
            "prototypes_used": usage["prototypes_used"], "code_entropy": round(usage["code_entropy"], 4),
@@ -312,7 +357,7 @@ def _follow_budget(loop: Loop, state: TrainState, progress: Progress) -> None:
         loop.procs.say_progress(
             f"budget {plan.budget_s / 60:g} min: {clock.elapsed_s():.0f} s used (start-up and the first steps at "
             f"{seconds_per_step:.3g} s/step) -> {total} steps = {total / loop.data.steps_per_epoch:.1f} epochs; "
-            f"warm-up {warmup} steps, prototypes frozen {freeze} steps"
+            f"warm-up {warmup} steps" + (f", prototypes frozen {freeze} steps" if state.deepcluster is None else "")
             + (f", queue from step {queue_start}" if state.queue is not None else "")
             + "; re-fitted as the speed changes")
     else:

@@ -27,6 +27,7 @@ from swavkit.training.budget import BudgetPlan
 from swavkit.artifacts.checkpoint import CHECKPOINT_FORMAT
 from swavkit.config import Config
 from swavkit.training.diagnosis import CollapseMonitor
+from swavkit.core.deepcluster import DeepClusterState, deepcluster_loss
 from swavkit.core.loss import FeatureQueue, swapped_prediction_loss
 from swavkit.core.model import SwAVModel
 from swavkit.runtime.rng import capture_rng_state, restore_rng_state
@@ -115,6 +116,7 @@ class TrainState:
     last_loss: float = math.nan  # mean loss of the last logging window
     skipped_files: set[str] = field(default_factory=set)  # unreadable files met so far
     sharded: bool = False  # dist.strategy=fsdp: core holds FSDP shards (swavkit.training.sharding)
+    deepcluster: DeepClusterState | None = None  # method=deepclusterv2: memory bank and the epoch's targets
     # scratch reused by every step (not state): BN buffers and their backup, Sinkhorn outputs per crop
     _bn_buffers: list[torch.Tensor] = field(init=False, repr=False)
     _bn_backup: list[torch.Tensor] = field(init=False, repr=False)
@@ -151,7 +153,8 @@ class TrainState:
         """
         device = self.device
         mine = {**capture_rng_state(device),  # rng_cpu, rng_cuda
-                "queue": {k: v.cpu() for k, v in self.queue.state_dict().items()} if self.queue is not None else None}
+                "queue": {k: v.cpu() for k, v in self.queue.state_dict().items()} if self.queue is not None else None,
+                **({"deepcluster_bank": self.deepcluster.per_rank_state_dict()} if self.deepcluster is not None else {})}
         per_rank = distributed.all_gather_objects(mine)
         return {"format": CHECKPOINT_FORMAT, "step": self.step,
                 **({"model": self.core.state_dict(), "optimizer": self.optimizer.state_dict()} if weights else {}),
@@ -161,7 +164,8 @@ class TrainState:
                 "queue_dropped_at_step": self.queue_dropped_at_step,
                 "queue_near_ln_k_windows": self.queue_near_ln_k_windows,
                 **({"lr_schedule": self.lr_schedule.state_dict()} if self.lr_schedule is not None else {}),
-                **({"budget": self.budget.state_dict()} if self.budget is not None else {})}
+                **({"budget": self.budget.state_dict()} if self.budget is not None else {}),
+                **({"deepcluster": self.deepcluster.shared_state_dict()} if self.deepcluster is not None else {})}
 
     def load_state_dict(self, state: dict) -> list[str]:
         """Restore a checkpoint dict (as ``state_dict`` or ``load_training_checkpoint`` gives it).
@@ -193,6 +197,13 @@ class TrainState:
                 self.queue.load_state_dict(mine["queue"])
             else:
                 notes.append(f"the queue was saved by {len(per_rank)} process(es), now {world}: it refills")
+        if self.deepcluster is not None and "deepcluster" in state:
+            self.deepcluster.load_shared_state_dict(state["deepcluster"])
+            if len(per_rank) == world:
+                self.deepcluster.load_per_rank_state_dict(mine["deepcluster_bank"])
+            else:
+                notes.append(f"the memory bank was saved by {len(per_rank)} process(es), now {world}: a full pass "
+                             "fills it again (the epoch's targets are kept)")
         return notes
 
 
@@ -223,14 +234,17 @@ class StepResult:
 
 
 def forward_loss(state: TrainState, crops: list[torch.Tensor], settings: StepSettings,
-                 use_queue: bool = False) -> Forward:
+                 use_queue: bool = False, indices: torch.Tensor | None = None) -> Forward:
     """Stages 7b-7e: projected prototypes, grouped forward under autocast, codes (fp32 Sinkhorn, with the
     queue once full when ``use_queue``), swapped-prediction loss. Keeps a copy of the BN statistics first.
+    method=deepclusterv2 (``state.deepcluster``): the epoch's hard targets of ``indices`` instead of codes.
 
     crops: V tensors [B, 3, s_v, s_v] on the model's device, large crops first.
+    indices: [B] int64 dataset indices of the images (deepclusterv2 only).
     """
     core = state.core
-    core.prototypes.normalize_()  # projected gradient: scores stay cosines
+    if state.deepcluster is None:  # deepclusterv2's prototypes are k-means centroids, unit rows already
+        core.prototypes.normalize_()  # projected gradient: scores stay cosines
     state.keep_bn_statistics()  # a refused step must leave no trace in the running statistics
     V, B, K = len(crops), crops[0].shape[0], core.n_prototypes
     dtype = settings.autocast_dtype
@@ -238,6 +252,8 @@ def forward_loss(state: TrainState, crops: list[torch.Tensor], settings: StepSet
         z, scores = state.model(crops)
     scores = scores.float().view(V, B, K)
     z = z.detach().float().view(V, B, -1)
+    if state.deepcluster is not None:
+        return _deepcluster_forward(state.deepcluster, scores, z, indices, settings)
     codes = _batch_codes(state, scores, settings, use_queue)
     return Forward(swapped_prediction_loss(scores, codes, settings.temperature), z, codes)
 
@@ -259,12 +275,28 @@ def _batch_codes(state: TrainState, scores: torch.Tensor, settings: StepSettings
     return codes
 
 
-def train_step(state: TrainState, crops: list[torch.Tensor], settings: StepSettings, lr: float) -> StepResult:
+def _deepcluster_forward(dc: DeepClusterState, scores: torch.Tensor, z: torch.Tensor, indices: torch.Tensor,
+                         settings: StepSettings) -> Forward:
+    """deepclusterv2's loss on scores [V, B, H*K] against the epoch's targets of ``indices`` [B]; its ``codes``
+    are head 0's targets one-hot (rows of images without a target left out), for the usage statistics."""
+    targets = dc.table.lookup(indices.cpu()).to(scores.device)  # [H, B]
+    loss = deepcluster_loss(scores, targets, dc.centroid_counts, settings.temperature)
+    head0 = targets[0][targets[0] >= 0]
+    codes = torch.nn.functional.one_hot(head0, dc.centroid_counts[0]).float()
+    if not len(codes):  # no image of the batch has a target: one empty row keeps the statistics finite
+        codes = scores.new_zeros(1, dc.centroid_counts[0])
+    return Forward(loss, z, {settings.assignment_crops[0]: codes})
+
+
+def train_step(state: TrainState, crops: list[torch.Tensor], settings: StepSettings, lr: float,
+               indices: torch.Tensor | None = None) -> StepResult:
     """One training step (train.py stages 7b-7f) on ``state``.
 
     Args:
         crops: V tensors [B, 3, s_v, s_v] on the model's device, large crops first.
         lr: this step's learning rate (``state.lr_schedule.lr(state.step)``).
+        indices: [B] int64 dataset indices of the batch's images (method=deepclusterv2: its targets and the
+            memory bank's ids; unused by SwAV).
 
     An applied step updates the weights, feeds the queue and advances ``state.step``. A refused step
     (non-finite loss or gradient; one host sync decides) restores the BN statistics, drops the
@@ -276,7 +308,7 @@ def train_step(state: TrainState, crops: list[torch.Tensor], settings: StepSetti
     for group in state.optimizer.param_groups:
         group["lr"] = lr
     queue_started = queue_in_step(state, settings)
-    forward = forward_loss(state, crops, settings, use_queue=queue_started)
+    forward = forward_loss(state, crops, settings, use_queue=queue_started, indices=indices)
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(forward.loss).backward()
     if state.step < settings.freeze_prototype_steps:
@@ -285,14 +317,15 @@ def train_step(state: TrainState, crops: list[torch.Tensor], settings: StepSetti
         sync_whole_gradients(state.core)
     result = StepResult(state.step, forward.loss.detach(), forward.codes[settings.assignment_crops[0]],
                         queue_started, applied=update_is_finite(state, forward.loss))
-    return finish_step(state, result, forward.embeddings[list(settings.assignment_crops)])
+    return finish_step(state, result, forward.embeddings[list(settings.assignment_crops)], indices)
 
 
-def finish_step(state: TrainState, result: StepResult, queue_embeddings: torch.Tensor) -> StepResult:
+def finish_step(state: TrainState, result: StepResult, queue_embeddings: torch.Tensor,
+                indices: torch.Tensor | None = None) -> StepResult:
     """The end of a step whose gradients are in place: a refused step (``result.applied`` False) restores the
     BN statistics, drops the gradients and is counted; an applied one updates the weights, feeds the queue
-    with ``queue_embeddings`` [n_assignment_crops, B, D] (once ``result.queue_started``) and advances
-    ``state.step``."""
+    with ``queue_embeddings`` [n_assignment_crops, B, D] (once ``result.queue_started``; under deepclusterv2 they
+    also refresh the memory bank rows of ``indices`` [B]) and advances ``state.step``."""
     if not result.applied:
         state.restore_bn_statistics()
         result.nonfinite_loss = not bool(torch.isfinite(result.loss))
@@ -307,6 +340,8 @@ def finish_step(state: TrainState, result: StepResult, queue_embeddings: torch.T
         broadcast_buffers(state.core)
     if result.queue_started:
         state.queue.push(queue_embeddings)
+    if state.deepcluster is not None:  # the reference: the bank takes the embeddings of the step just taken
+        state.deepcluster.bank.write(indices, queue_embeddings)
     state.step += 1
     return result
 

@@ -15,7 +15,8 @@ import torch
 from swavkit.runtime import distributed
 from swavkit.training.budget import BudgetClock, BudgetPlan
 from swavkit.artifacts.checkpoint import load_training_checkpoint
-from swavkit.config import Config, ConfigError, config_differences, dump_yaml, from_dict, head_hidden_dims, to_dict
+from swavkit.config import (Config, ConfigError, config_differences, dump_yaml, from_dict, head_hidden_dims,
+                            prototype_rows, to_dict)
 from swavkit.data import printable_path
 from swavkit.runtime.device import autocast_dtype, resolve_auto_flag
 from swavkit.runtime.cores import training_threads
@@ -30,6 +31,8 @@ from swavkit.core.schedule import build_lr_schedule, explain_peak_lr
 from swavkit.runtime.signals import StopRequest as _StopRequest, StopRequested
 from swavkit.training.step import StepSettings, TrainState
 from swavkit.training.collapse import CollapsePolicy
+from swavkit.training.deepcluster_epoch import build_deepcluster, describe_bank
+from swavkit.training.diagnosis import DEEPCLUSTER_LEVERS
 from swavkit.training.channels import adopt_saved_mean_std
 from swavkit.training.data_setup import TrainingData, build_data, cache_file_list
 from swavkit.training.loop import (UNPLANNED_TOTAL_STEPS, DataLoaderCrashed, Loop, TrainingDiverged, export,
@@ -97,7 +100,8 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
         # 8. training loop
         # ============================================================================================
         loop = Loop(cfg, procs, files, data, planned_settings(settings, state.budget), state.lr_schedule,
-                     memory_format, stop_after_steps, loggers, CollapsePolicy.from_config(cfg.swav),
+                     memory_format, stop_after_steps, loggers,
+                     CollapsePolicy.from_config(cfg.swav) if cfg.method == "swav" else None,
                      BudgetClock(state.budget, started_s) if state.budget is not None else None)
         try:
             stopped_by = train_epochs(loop, state, stop_request, show_progress=progress)
@@ -189,7 +193,8 @@ def _build_model(cfg: Config, procs: Processes, fresh: bool) -> tuple[SwAVModel,
     time."""
     device, m, sharded = procs.device, cfg.model, cfg.dist.strategy == "fsdp"
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    build = partial(build_model, m.backbone, m.n_prototypes, head_hidden_dims(m), m.output_dim, m.backbone_kwargs,
+    deepcluster = cfg.method == "deepclusterv2"
+    build = partial(build_model, m.backbone, prototype_rows(cfg), head_hidden_dims(m), m.output_dim, m.backbone_kwargs,
                     zero_init_last=m.zero_init_last, head_bn=m.head_bn)
     initial = m.init if m.init and fresh else ""
     if sharded:
@@ -199,6 +204,8 @@ def _build_model(cfg: Config, procs: Processes, fresh: bool) -> tuple[SwAVModel,
         core = build()
         if initial:
             core.backbone.load_state_dict(_initial_backbone_state(cfg), strict=True)
+    if deepcluster:  # the heads' k-means centroids, never trained (the reference freezes them past its last step)
+        core.prototypes.weight.requires_grad_(False)
     checkpointing = apply_activation_checkpointing(core.backbone, m.activation_checkpointing, m.backbone)
     memory_format = torch.channels_last if resolve_auto_flag(m.channels_last, device) else torch.contiguous_format
     if not sharded:  # FSDP2 shards contiguous weights only; NHWC crops still make NHWC convolutions
@@ -221,7 +228,9 @@ def _build_model(cfg: Config, procs: Processes, fresh: bool) -> tuple[SwAVModel,
         procs.say(f"model: backbone weights from model.init={printable_path(m.init)} (head and prototypes fresh)")
     procs.say(f"model: {m.backbone} ({core.backbone.num_features}-d features) -> head "
               f"{' -> '.join(map(str, head_hidden_dims(m))) or '-'}{'' if m.head_bn else ' (no BN)'} -> {m.output_dim}-d"
-              f" -> {m.n_prototypes} prototypes; precision {procs.precision} on {device}"
+              f" -> {m.n_prototypes} prototypes"
+              + (f" x {cfg.deepcluster.n_heads} k-means heads" if deepcluster else "")
+              + f"; precision {procs.precision} on {device}"
               + (" (channels_last)" if memory_format == torch.channels_last else "")
               + (f" ({torch.get_num_threads()} compute thread(s) beside {cfg.data.num_workers} data worker(s); "
                  "OMP_NUM_THREADS overrides)" if device.type == "cpu" else "")
@@ -249,18 +258,28 @@ def _build_state(cfg: Config, procs: Processes, data: TrainingData, core: SwAVMo
     if cfg.swav.queue_length:
         queue = FeatureQueue(len(cfg.swav.assignment_crops), cfg.swav.queue_length // procs.world,
                              cfg.model.output_dim).to(procs.device)
+    deepcluster = cfg.method == "deepclusterv2"
+    levers = {"levers": DEEPCLUSTER_LEVERS} if deepcluster else {}
     state = TrainState(core, optimizer, torch.amp.GradScaler(procs.device.type, enabled=procs.precision == "fp16"),
-                       queue, CollapseMonitor(cfg.model.n_prototypes, cfg.train.collapse_patience_steps), model,
+                       queue, CollapseMonitor(cfg.model.n_prototypes, cfg.train.collapse_patience_steps, **levers), model,
                        lr_schedule=lr_schedule, epsilon=cfg.swav.epsilon,
                        budget=BudgetPlan(60.0 * cfg.train.budget_minutes) if cfg.train.budget_minutes > 0 else None)
     state.sharded = cfg.dist.strategy == "fsdp"
+    if deepcluster:
+        state.deepcluster = build_deepcluster(cfg, data.steps_per_epoch * data.per_rank_batch, procs.device)
     if state.budget is not None:  # until the first plan, the run cannot end by train.epochs
         data.total_steps = UNPLANNED_TOTAL_STEPS
     settings = StepSettings.from_config(cfg, data.steps_per_epoch, autocast_dtype(procs.precision))
+    frozen = ("prototypes = k-means centroids, never trained" if deepcluster
+              else f"prototypes frozen for {settings.freeze_prototype_steps} steps")
     procs.say(f"optimiser: {optimizer_name}, {lr_schedule.describe()} ({explain_peak_lr(cfg, optimizer_name)}); "
-              f"prototypes frozen for {settings.freeze_prototype_steps} steps"
+              f"{frozen}"
               + (f"; queue {cfg.swav.queue_length} from epoch {cfg.swav.queue_start_epoch}" if queue is not None else ""))
     s = cfg.swav
+    if deepcluster:
+        procs.say(f"targets: deepclusterv2, {cfg.deepcluster.kmeans_iterations}-iteration spherical k-means at every "
+                  f"epoch start, temperature {s.temperature:g}; {describe_bank(state.deepcluster)}")
+        return state, settings
     procs.say(f"codes: Sinkhorn epsilon {s.epsilon:g}" + (
         f", lowered towards {s.min_epsilon:g} while the codes' entropy is above {s.code_entropy_target:g} ln K "
         "(swav.prevent_collapse=false: fixed, as in the paper)" if s.prevent_collapse else ", fixed"))
