@@ -9,6 +9,7 @@ from swavkit.cli.args import (PRECISIONS, SOURCE_HELP, WORKERS_DEFAULT_HELP, add
                               positive_float, positive_int, workers_default)
 from swavkit.data.constants import (CENTRE_CROP_FRACTION, DEFAULT_IMAGE_SIZE_PX, FULL_IMAGE_MAX_SIZE_PX,
                                     RAW_PIXELS_DEFAULT_SIZE_PX)
+from swavkit.evaluation.baselines import add_baselines_argument  # stdlib only
 from swavkit.evaluation.floors import add_floors_argument  # stdlib only
 from swavkit.evaluation.options import INDEX_TYPES, RECIPES, EvalOptions, KnnOptions, LinearOptions  # stdlib only
 
@@ -50,14 +51,14 @@ def _add_eval_options(p, evaluation: str) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     add_floors_argument(p, "the same architecture at random init and raw pixels at the same image size and "
                         "protocol", default=defaults.floors)
+    add_baselines_argument(p, "the same split, image size and protocol")
 
 def _finish_evaluation(result: dict) -> int:
     from swavkit.runtime import distributed
-    from swavkit.evaluation.report import format_table, summary_rows
+    from swavkit.evaluation.report import print_report, summary_rows
 
     if distributed.is_main_process():
-        print(format_table(summary_rows(result)))
-        print(f"wrote {result['result_path']}")
+        print_report(summary_rows(result), result)
     distributed.shutdown()
     return 0
 
