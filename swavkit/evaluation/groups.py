@@ -244,6 +244,8 @@ def group_images(backbone_source: str | Path, data_dir: str | Path, out_dir: str
         _write_k_selection(out_dir, selection, k)
     else:
         grouped = kmeans.spherical_kmeans(vectors, min(k, n), seed)
+        for name in (K_SELECTION_CSV, K_SELECTION_JSON):  # an earlier --k auto's table no longer describes OUT
+            (out_dir / name).unlink(missing_ok=True)
     thresholds = kmeans.default_thresholds(grouped.clusters, grouped.cosines, len(grouped.centroids))
     manifest = embeddings.manifest
     preprocessing = manifest["preprocessing"]
