@@ -179,12 +179,15 @@ def load_backbone(source: str | Path, *, architecture: str = "resnet50") -> torc
         source: an exported folder (``config.json`` + ``model.safetensors``), a swavkit run folder
             (its ``backbone/``, else its ``checkpoints/last.pt``; see :func:`resolve_source`), a swavkit
             training checkpoint (``.pt``), a released SwAV or VISSL checkpoint (``.pth``/``.torch``/``.tar``),
-            or ``timm:<name>`` for random init.
+            ``timm:<name>`` for random init, or a timm pretrained name (``resnet50.a1_in1k``) whose weights are
+            already in the local timm / Hugging Face cache (never downloaded; LoadError saying how to fetch them).
         architecture: timm name for released checkpoints, which do not record it (default resnet50).
     """
     text = str(source)
     if text.startswith("timm:"):
         return create_backbone(text[len("timm:"):]).eval()
+    if pretrained_timm_name(text):  # downloadable weights already on disk (--baselines), never fetched
+        return cached_timm_backbone(locate_initial_source(text, what="backbone")).eval()
     path = resolve_source(text, need="backbone")
     if holds_export(path):
         try:
@@ -285,12 +288,24 @@ def _timm_weight_candidates(name: str) -> tuple[list[Path], list[str]]:
     return found, places
 
 
-def locate_initial_source(source: str | Path) -> InitialSource:
-    """What a ``model.init`` value names, checked without loading it and without network access.
+def pretrained_timm_name(source: str | Path) -> str | None:
+    """``source`` when it names timm pretrained weights (``resnet50.a1_in1k``; not an existing path, no
+    folder separator or weight-file suffix), else None. Says nothing about whether they are on disk."""
+    text = str(source)
+    if (text.startswith("timm:") or Path(text).exists() or os.sep in text or "/" in text
+            or text.endswith(_WEIGHT_FILE_SUFFIXES) or not timm.is_model(text)):
+        return None
+    pretrained_cfg = timm.models.get_pretrained_cfg(text)
+    return text if pretrained_cfg is not None and pretrained_cfg.has_weights else None
+
+
+def locate_initial_source(source: str | Path, what: str = "model.init") -> InitialSource:
+    """What a ``model.init`` value (or another backbone source: ``what`` names it in messages) names, checked
+    without loading it and without network access.
 
     Raises:
-        LoadError: one line starting with ``model.init:``; for a timm name whose weights are not cached
-            it says where timm looks.
+        LoadError: one line starting with ``what:``; for a timm name whose weights are not cached it says
+            where timm looks and how to fetch them.
     """
     text = str(source)
     path = Path(text)
@@ -298,21 +313,30 @@ def locate_initial_source(source: str | Path) -> InitialSource:
         resolved = resolve_source(path, need="backbone")
         return InitialSource("export" if resolved.is_dir() else "file", resolved)
     if os.sep in text or "/" in text or text.endswith(_WEIGHT_FILE_SUFFIXES):
-        raise LoadError(f"model.init: {text} does not exist; give an existing export folder, run folder or "
+        raise LoadError(f"{what}: {text} does not exist; give an existing export folder, run folder or "
                         "checkpoint file, or a timm pretrained name such as resnet50.a1_in1k")
     if not timm.is_model(text):
-        raise LoadError(f"model.init: '{text}' is neither an existing file or folder nor a timm model name "
+        raise LoadError(f"{what}: '{text}' is neither an existing file or folder nor a timm model name "
                         "(timm.list_pretrained() lists the names with weights)")
     pretrained_cfg = timm.models.get_pretrained_cfg(text)
     if pretrained_cfg is None or not pretrained_cfg.has_weights:
-        raise LoadError(f"model.init: timm has no pretrained weights for '{text}'; see "
+        raise LoadError(f"{what}: timm has no pretrained weights for '{text}'; see "
                         f"timm.list_pretrained('{text.split('.')[0]}*')")
     found, places = _timm_weight_candidates(text)
     if not found:
-        raise LoadError(f"model.init: the weights of timm's '{text}' are not on disk (looked for "
+        raise LoadError(f"{what}: the weights of timm's '{text}' are not on disk (looked for "
                         f"{'; '.join(places)}); swavkit never downloads: run timm.create_model('{text}', "
                         "pretrained=True) once where there is network, or give a file")
     return InitialSource("timm", found[0], text)
+
+
+def cached_timm_backbone(located: InitialSource, backbone_kwargs: dict | None = None) -> torch.nn.Module:
+    """The timm backbone (num_classes=0) with the cached pretrained weights ``located`` found.
+
+    timm itself maps the file to the model (its filter_fn, classifier removal); pointing its 'file' source
+    at the cached file keeps it off the network."""
+    return timm.create_model(located.timm_name, pretrained=True, num_classes=0,
+                             pretrained_cfg_overlay={"file": str(located.path)}, **(backbone_kwargs or {}))
 
 
 def _base_architecture(name: str) -> str:
@@ -323,11 +347,7 @@ def _base_architecture(name: str) -> str:
 def _state_and_architecture(located: InitialSource, backbone_kwargs: dict) -> tuple[dict, str | None]:
     """The backbone state dict a located source holds, and the architecture it records (None: unknown)."""
     if located.kind == "timm":
-        # timm itself maps the file to the model (its filter_fn, classifier removal); pointing its 'file'
-        # source at the cached file keeps it off the network.
-        net = timm.create_model(located.timm_name, pretrained=True, num_classes=0,
-                                pretrained_cfg_overlay={"file": str(located.path)}, **backbone_kwargs)
-        return net.state_dict(), located.timm_name
+        return cached_timm_backbone(located, backbone_kwargs).state_dict(), located.timm_name
     if located.kind == "export":
         try:
             architecture = json.loads((located.path / EXPORT_CONFIG).read_text())["architecture"]
@@ -426,5 +446,5 @@ def torchvision_state(source: str | Path) -> dict:
 
 
 __all__ = ["LoadError", "CheckpointError", "load_backbone", "load_swav_model", "load_strict", "key_mismatch",
-           "resolve_source", "InitialSource", "locate_initial_source", "load_initial_backbone_state",
+           "resolve_source", "InitialSource", "locate_initial_source", "pretrained_timm_name", "cached_timm_backbone", "load_initial_backbone_state",
            "export_checkpoint", "export_torchvision", "split_reference_state"]

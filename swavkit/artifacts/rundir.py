@@ -43,6 +43,7 @@ FINETUNE_RUN_FILE = "finetune.json"
 FINETUNE_CHECKPOINT_FILE = "checkpoint.pt"
 FINETUNE_LABELS_FILE = "labels.txt"
 FINETUNE_FLOOR_FOLDER = "random-init"
+FINETUNE_BASELINE_PREFIX = "baseline-"  # + the baseline's name: its fine-tune beside the floor's
 
 
 def resolve_out_dir(text: str) -> Path:

@@ -1,4 +1,4 @@
-"""Command line: ``swavkit pretrain | export | knn | linear | cluster | embed | neighbours | finetune | plot | shard``. Thin: parse,
+"""Command line: ``swavkit pretrain | export | knn | linear | cluster | assign | embed | neighbours | finetune | plot | shard``. Thin: parse,
 call the library. Every sub-command lives in one module of this package and is registered the same way
 (its module's ``register(subparsers)``, listed in COMMAND_MODULES).
 

@@ -23,6 +23,7 @@ from swavkit.config import ConfigError
 from swavkit.data import LabelledImageFolder, find_classes
 from swavkit.evaluation.options import INDEX_TYPES, EvalOptions, KnnOptions, apply_keywords
 from swavkit.evaluation.floors import add_floors, floors_wanted
+from swavkit.evaluation.baselines import add_baselines, check_baselines
 from swavkit.evaluation.features import (SplitFeatures, backbone_record, extract_features, extract_split_features, init_processes,
                               load_eval_backbone)
 from swavkit.evaluation.metrics import topk_accuracy
@@ -194,6 +195,7 @@ def evaluate_knn(backbone_source: str | Path, train_dir: str | Path, val_dir: st
     """
     options, knn = apply_keywords(keywords, options or EvalOptions(), knn or KnnOptions())
     check_result_target(options.out_json)  # before minutes of feature extraction
+    check_baselines(options.baselines)  # a baseline that is not on disk: one line, before any work
     started_at, start = utc_now(), time.perf_counter()
     device = init_processes(options.device)
     split = features
@@ -219,6 +221,8 @@ def evaluate_knn(backbone_source: str | Path, train_dir: str | Path, val_dir: st
     result = distributed.broadcast_object(result)
     if features is None and floors_wanted(options.floors, result["data"]["n_train"]):
         result = rewrite_result(add_floors(result, evaluate_knn, train_dir, val_dir, options, knn))
+    if features is None and options.baselines:
+        result = rewrite_result(add_baselines(result, evaluate_knn, train_dir, val_dir, options, knn))
     return result
 
 

@@ -31,6 +31,7 @@ from swavkit.data.transforms import train_transform as augment
 from swavkit.runtime.device import autocast_dtype, resolve_device, resolve_precision
 from swavkit.evaluation.options import DEFAULT_WEIGHT_DECAYS, RECIPES, EvalOptions, LinearOptions, apply_keywords
 from swavkit.evaluation.floors import add_floors, floors_wanted
+from swavkit.evaluation.baselines import add_baselines, check_baselines
 from swavkit.evaluation.features import (SplitFeatures, backbone_name, backbone_record, extract_features,
                               extract_split_features, init_processes, load_eval_backbone)
 from swavkit.evaluation.metrics import topk_accuracy
@@ -303,6 +304,7 @@ def evaluate_linear(backbone_source: str | Path, train_dir: str | Path, val_dir:
     """
     options, linear = apply_keywords(keywords, options or EvalOptions(), linear or LinearOptions())
     check_result_target(options.out_json)  # before minutes of feature extraction
+    check_baselines(options.baselines)  # a baseline that is not on disk: one line, before any work
     if linear.recipe not in RECIPES:
         raise ConfigError(f"recipe: '{linear.recipe}' is not one of {', '.join(RECIPES)}")
     if features is not None and linear.recipe != "fast":
@@ -337,6 +339,8 @@ def evaluate_linear(backbone_source: str | Path, train_dir: str | Path, val_dir:
     result = distributed.broadcast_object(result)
     if features is None and floors_wanted(options.floors, result["data"]["n_train"]):
         result = rewrite_result(add_floors(result, evaluate_linear, train_dir, val_dir, options, linear))
+    if features is None and options.baselines:
+        result = rewrite_result(add_baselines(result, evaluate_linear, train_dir, val_dir, options, linear))
     return result
 
 

@@ -41,6 +41,9 @@ class EvalOptions:
     out_json: str | Path | None = None  # None = results/<evaluation>-<name>-<UTC time>.json; "" = write none
     progress: bool = True  # tqdm bars on the main process
     floors: str = "auto"  # auto | on | off: also evaluate random init and raw pixels (swavkit.evaluation.floors)
+    # also evaluate these backbones (cached timm pretrained names, released files, other runs or exports) with
+    # the same split, size and protocol (swavkit.evaluation.baselines); a "a,b" string is split at commas
+    baselines: tuple[str, ...] = ()
 
 
 @dataclass
