@@ -596,6 +596,11 @@ def check_method(cfg: Config) -> None:
         # carried through the sharded (DCP) checkpoint and its re-sharding on resume
         raise ConfigError("method=deepclusterv2 with dist.strategy=fsdp is not supported yet (its memory bank and "
                           "targets are not in the sharded checkpoint); use dist.strategy=ddp")
+    if cfg.train.accumulate_steps > 1:
+        # the accumulated step shares one Sinkhorn over the micro-batches, which deepclusterv2 has no use for
+        # (its targets are fixed for the epoch); its memory-bank writes are not carried through the micro-batches
+        raise ConfigError(f"train.accumulate_steps={cfg.train.accumulate_steps}: not supported with "
+                          "method=deepclusterv2 yet; set train.accumulate_steps=1")
 
 
 def prototype_rows(cfg: Config) -> int:

@@ -280,6 +280,8 @@ def test_config_refuses_what_deepclusterv2_cannot_take():
         load_config([], ["method=deepclusterv2", "swav.queue_length=256"])
     with pytest.raises(ConfigError, match="dist.strategy=fsdp is not supported yet"):
         load_config([], ["method=deepclusterv2", "dist.strategy=fsdp"])
+    with pytest.raises(ConfigError, match="train.accumulate_steps=2: not supported with method=deepclusterv2"):
+        load_config([], ["method=deepclusterv2", "train.accumulate_steps=2"])
     assert load_config([], ["swav.queue_length=256"]).method == "swav"
 
 
