@@ -53,6 +53,10 @@ ALLOWED_GLOBALS = frozenset({
 _DATA_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
+class ForbiddenGlobal(pickle.UnpicklingError):
+    """A pickle naming a class or function outside :data:`ALLOWED_GLOBALS` (not a damaged file)."""
+
+
 class MetadataUnpickler(pickle.Unpickler):
     """``pickle.Unpickler`` that builds only :data:`ALLOWED_GLOBALS` and torch dtypes; anything else (a
     function such as ``os.system``, any other class) is an ``UnpicklingError`` before it is called."""
@@ -62,10 +66,10 @@ class MetadataUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP metadata")
+        raise ForbiddenGlobal(f"{module}.{name} is not part of DCP metadata")
 
     def persistent_load(self, pid):
-        raise pickle.UnpicklingError("persistent ids are not part of DCP metadata")
+        raise ForbiddenGlobal("persistent ids are not part of DCP metadata")
 
 
 def read_metadata_file(path: str | os.PathLike) -> Metadata:
@@ -74,10 +78,10 @@ def read_metadata_file(path: str | os.PathLike) -> Metadata:
     try:
         with open(path, "rb") as handle:
             metadata = MetadataUnpickler(handle).load()
-    except pickle.UnpicklingError as err:
+    except ForbiddenGlobal as err:
         raise CheckpointError(f"refused to read {path}: it names Python objects that DCP metadata is not made of, "
                               f"so it could run code ({str(err)[:160]}); only load checkpoints you trust") from None
-    except (EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError, OSError, RecursionError,
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError, OSError, RecursionError,
             MemoryError) as err:
         first = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
         raise CheckpointError(f"{path} is truncated or corrupt ({first}); restore the folder from a copy") from None
@@ -159,33 +163,45 @@ class _WeightsOnlyBytes:
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """DCP's ``FileSystemReader`` for a local folder that runs no code from it (see the module docstring)."""
+    """DCP's ``FileSystemReader`` for a local folder that runs no code from it (see the module docstring).
+
+    The ``.metadata`` is read and checked when the reader is made, so a refusal is a plain CheckpointError
+    raised before DCP starts (inside DCP, a failed metadata read is logged with its traceback and retried as
+    rank-local metadata, which swavkit never writes); every process reading the folder reaches the same verdict.
+    """
 
     def __init__(self, folder: str | os.PathLike):
         super().__init__(folder)
         self.folder = Path(folder)
+        self.metadata = read_metadata_file(self.folder / ".metadata")
+        check_metadata(self.metadata, self.folder)
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
-        metadata = read_metadata_file(self._get_metadata_path(kwargs.get("rank")))
-        check_metadata(metadata, self.folder)
-        if getattr(metadata, "storage_meta", None) is None:  # as DCP's own reader does
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
+        if kwargs.get("rank") is not None:
+            raise CheckpointError(f"{self.folder}: rank-local metadata is not read (swavkit writes one .metadata)")
+        if getattr(self.metadata, "storage_meta", None) is None:  # as DCP's own reader does
+            self.metadata.storage_meta = StorageMeta()
+        self.metadata.storage_meta.load_id = self.load_id
+        return self.metadata
 
     def read_data(self, plan, planner):
         return super().read_data(plan, _WeightsOnlyBytes(planner, self.folder))
 
 
-def unwrap_read_error(err: BaseException) -> CheckpointError | None:
+def unwrap_read_error(err: BaseException, depth: int = 0) -> CheckpointError | None:
     """The CheckpointError a reader raised, out of DCP's ``CheckpointException`` (which holds every rank's
-    failure); None when the failure was something else."""
+    failure, sometimes a CheckpointException again); None when the failure was something else."""
     if isinstance(err, CheckpointError):
         return err
-    for failure in getattr(err, "failures", {}).values():
-        inner = failure[0] if isinstance(failure, tuple) else failure
-        if isinstance(inner, CheckpointError):
-            return inner
+    if depth > 4:
+        return None
+    inner = [failure[0] if isinstance(failure, tuple) else failure
+             for failure in getattr(err, "failures", {}).values()]
+    for candidate in [*inner, err.__cause__, err.__context__]:
+        if isinstance(candidate, BaseException):
+            found = unwrap_read_error(candidate, depth + 1)
+            if found is not None:
+                return found
     return None
 
 

@@ -102,12 +102,13 @@ def load_sharded_into(state, checkpoint: Path, saved: dict) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     folder = shard_folder(checkpoint, saved)
+    reader = _safe_reader(folder)  # refuses an unsafe or inconsistent folder (one line) before DCP starts
     model_state, optimizer_state = get_state_dict(state.core, state.optimizer)
     target = {"model": model_state, "optimizer": optimizer_state}
     try:
         with warnings.catch_warnings():  # one plain process: "assuming the intent is to load in a single process"
             warnings.filterwarnings("ignore", message=".*single process.*")
-            dcp.load(target, storage_reader=_safe_reader(folder))
+            dcp.load(target, storage_reader=reader)
     except _READ_ERRORS as err:  # DCP wraps a missing or short shard file in its own error types
         refused = _refused(err)
         if refused is not None:
@@ -147,10 +148,11 @@ def with_model_tensors(saved: dict, checkpoint: Path) -> dict:
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
     folder = shard_folder(checkpoint, saved)
+    reader = _safe_reader(folder)  # refuses an unsafe or inconsistent folder (one line) before DCP starts
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message=".*single process.*")
-            model = _load_state_dict_from_keys(keys={"model"}, storage_reader=_safe_reader(folder))["model"]
+            model = _load_state_dict_from_keys(keys={"model"}, storage_reader=reader)["model"]
     except _READ_ERRORS as err:
         refused = _refused(err)
         if refused is not None:
