@@ -176,6 +176,21 @@ def test_the_sound_sharded_run_loads_the_same_weights_as_the_whole_one(world):
     assert whole.keys() == sharded.keys() and all(torch.equal(whole[k], sharded[k]) for k in whole)
 
 
+def test_a_metadata_pickle_cannot_change_the_classes_it_may_build(tmp_path):
+    """pickle's BUILD with a slot state sets attributes on whatever object precedes it: here the Metadata class
+    itself. Refused, and the class is as it was."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    before = dict(vars(Metadata))
+    sets_a_class_attribute = (b"\x80\x04" + pickle.GLOBAL + b"torch.distributed.checkpoint.metadata\nMetadata\n"
+                              + pickle.NONE + pickle.MARK + pickle.SHORT_BINUNICODE + bytes([7]) + b"__eq__x"
+                              + pickle.NONE + pickle.DICT + pickle.TUPLE2 + pickle.BUILD + pickle.STOP)
+    (tmp_path / ".metadata").write_bytes(sets_a_class_attribute)
+    with pytest.raises(CheckpointError, match="sets attributes of Metadata.__eq__x"):
+        read_metadata_file(tmp_path / ".metadata")
+    assert dict(vars(Metadata)) == before
+
+
 def _refused_in_python(world, call, form: str) -> str:
     before = snapshot(world["root"])
     with pytest.raises((CheckpointError, LoadError)) as info:
