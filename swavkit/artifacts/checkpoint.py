@@ -99,6 +99,21 @@ def load_training_checkpoint(path: str | Path) -> dict:
     return state
 
 
+def is_swavkit_checkpoint(path: str | Path) -> bool:
+    """True when ``path`` is a training checkpoint in swavkit's format: it loads weights-only (no code runs) and
+    carries ``format: swavkit-train-v1``. Cheap at any size: the tensors are memory-mapped, never read, and
+    the SHA-256 is not checked (it proves the file intact, not who wrote it). What makes a folder a run that
+    ``--restart`` may clear (swavkit.artifacts.rundir)."""
+    path = Path(path)
+    if not path.is_file() or path.is_symlink():
+        return False
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - any file torch cannot read weights-only is not one swavkit wrote
+        return False
+    return isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT
+
+
 def backbone_state(model_state: dict) -> dict:
     """The ``backbone.*`` entries of a SwAVModel state dict, prefix removed."""
     return {k[len("backbone."):]: v for k, v in model_state.items() if k.startswith("backbone.")}

@@ -9,7 +9,9 @@ last, once all shards are complete); then rank 0 writes ``last.pt`` atomically w
 another process count (or in one plain process, ``dist.strategy=ddp``) re-shards on load.
 
 Everything that reads a training checkpoint for its weights (``load_backbone``, ``swavkit export``, ``model.init``)
-gets the whole ``model`` dict through :func:`with_model_tensors`.
+gets the whole ``model`` dict through :func:`with_model_tensors`. Every read of a DCP folder here goes through
+:class:`swavkit.artifacts.dcp_reader.SafeFileSystemReader`: DCP's own reader would unpickle the folder's
+``.metadata`` and its non-tensor items without restriction, so a folder from someone else could run code.
 """
 
 from __future__ import annotations
@@ -38,6 +40,20 @@ def _read_errors() -> tuple[type[BaseException], ...]:
 
 
 _READ_ERRORS = _read_errors()
+
+
+def _safe_reader(folder: Path):
+    # imported here: torch.distributed.checkpoint is heavy, and only sharded checkpoints need it
+    from swavkit.artifacts.dcp_reader import SafeFileSystemReader
+
+    return SafeFileSystemReader(folder)
+
+
+def _refused(err: BaseException) -> CheckpointError | None:
+    """The reader's own one-line refusal (unsafe or inconsistent folder) inside DCP's wrapped error, if any."""
+    from swavkit.artifacts.dcp_reader import unwrap_read_error
+
+    return unwrap_read_error(err)
 
 
 def _new_folder_name(step: int) -> str:
@@ -96,13 +112,17 @@ def load_sharded_into(state, checkpoint: Path, saved: dict) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     folder = shard_folder(checkpoint, saved)
+    reader = _safe_reader(folder)  # refuses an unsafe or inconsistent folder (one line) before DCP starts
     model_state, optimizer_state = get_state_dict(state.core, state.optimizer)
     target = {"model": model_state, "optimizer": optimizer_state}
     try:
         with warnings.catch_warnings():  # one plain process: "assuming the intent is to load in a single process"
             warnings.filterwarnings("ignore", message=".*single process.*")
-            dcp.load(target, checkpoint_id=str(folder))
+            dcp.load(target, storage_reader=reader)
     except _READ_ERRORS as err:  # DCP wraps a missing or short shard file in its own error types
+        refused = _refused(err)
+        if refused is not None:
+            raise CheckpointError(str(refused)) from None
         first = " ".join(str(err).split())[:200]
         raise CheckpointError(f"{folder}: the sharded checkpoint cannot be re-sharded to {distributed.world_size()} "
                               f"process(es) ({type(err).__name__}: {first}); restore the folder from a copy, or "
@@ -138,11 +158,15 @@ def with_model_tensors(saved: dict, checkpoint: Path) -> dict:
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
     folder = shard_folder(checkpoint, saved)
+    reader = _safe_reader(folder)  # refuses an unsafe or inconsistent folder (one line) before DCP starts
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message=".*single process.*")
-            model = _load_state_dict_from_keys(keys={"model"}, checkpoint_id=str(folder))["model"]
+            model = _load_state_dict_from_keys(keys={"model"}, storage_reader=reader)["model"]
     except _READ_ERRORS as err:
+        refused = _refused(err)
+        if refused is not None:
+            raise CheckpointError(str(refused)) from None
         first = " ".join(str(err).split())[:200]
         raise CheckpointError(f"{folder}: cannot read the sharded weights ({type(err).__name__}: {first})") from None
     return {**saved, "model": {k: v.detach().cpu() for k, v in model.items() if isinstance(v, torch.Tensor)}}
