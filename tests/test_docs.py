@@ -97,3 +97,16 @@ def test_help_config_with_a_recipe_shows_its_values(capsys):
     out = capsys.readouterr().out
     assert "optim.base_lr (float, default 0.0, recipe 4.8)" in out
     assert "  tiny_cpu_debug: " in out
+
+
+def test_the_pictures_are_drawn_from_committed_results(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "docs"))
+    try:
+        import make_figures
+    finally:
+        sys.path.remove(str(REPO / "docs"))
+    monkeypatch.setattr(make_figures, "OUT", tmp_path)
+    make_figures.main()
+    drawn = sorted(path.name for path in tmp_path.glob("*.png"))
+    committed = sorted(path.name for path in (REPO / "docs" / "images").glob("*.png"))
+    assert drawn == committed and len(drawn) == 5, (drawn, committed)
