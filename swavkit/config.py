@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,6 +271,20 @@ class MonitorConfig:
 
 @dataclass
 class Config:
+    """The whole configuration of a pretraining run: one section per concern (``data``, ``crops``, ``model``,
+    ``swav``, ``optim``, ``train``, ``monitor``, ``dist``) plus ``out_dir`` and ``seed``. Every key, its
+    default, unit and meaning is in the configuration reference (``swavkit pretrain --help-config``).
+
+    Build one with :func:`load_config` (files and ``key=value`` overrides, validated) rather than by hand; a
+    run saves the resolved one as ``out_dir/config.yaml``.
+
+    Example:
+        >>> import swavkit
+        >>> cfg = swavkit.load_config([], ["model.backbone=resnet18", "train.epochs=5"])
+        >>> cfg.model.backbone, cfg.train.epochs, cfg.swav.epsilon
+        ('resnet18', 5, 0.05)
+    """
+
     out_dir: str = _help("run directory: config.yaml, metrics.jsonl, checkpoints/, backbone/", default="runs/swav")
     seed: int = _help("seed for weights, sampling and augmentation", default=0)
     method: str = _help("swav | deepclusterv2: the online-clustering method. swav: Sinkhorn codes per batch and the "
@@ -396,10 +411,59 @@ def _merge(base: dict, update: dict) -> dict:
     return base
 
 
+# ----------------------------------------------------------------------------------------------------
+# recipes: the configs/*.yaml files, shipped inside the wheel as swavkit/recipes/ (setup.py maps the folder)
+
+def recipe_folders() -> list[Path]:
+    """Where named recipes live: ``swavkit/recipes/`` in an installed wheel, the checkout's ``configs/`` when
+    swavkit runs from its source tree (``pyproject.toml`` beside it, so no stray ``site-packages/configs``)."""
+    package = Path(__file__).resolve().parent
+    checkout = package.parent
+    folders = [package / "recipes"]
+    if (checkout / "pyproject.toml").is_file():
+        folders.append(checkout / "configs")
+    return [folder for folder in folders if folder.is_dir()]
+
+
+def recipes() -> dict[str, Path]:
+    """Recipe name (file name without ``.yaml``) -> its file, for ``--config NAME``."""
+    found: dict[str, Path] = {}
+    for folder in recipe_folders():
+        for path in sorted(folder.glob("*.yaml")):
+            found.setdefault(path.stem, path)
+    return found
+
+
+def recipe_summary(path: Path, max_chars: int = 160) -> str:
+    """The first sentence of a recipe file's opening comment: what it is for."""
+    words = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        words.append(line.lstrip("#").strip())
+    text = " ".join(words)
+    end = re.search(r"(?<!\bal)\.(\s|$)", text)  # a sentence's end, not "et al."
+    text = text[:end.start() + 1] if end else text
+    return text if len(text) <= max_chars else text[:max_chars - 3].rstrip() + "..."
+
+
+def resolve_config_file(name: str | Path) -> Path:
+    """A ``--config`` value -> the YAML file: an existing path as given, else a shipped recipe's name
+    (``imagenet_resnet50`` or ``imagenet_resnet50.yaml``). ConfigError naming the recipes otherwise."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    named = recipes()
+    stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    if path.parent == Path(".") and stem in named:
+        return named[stem]
+    hint = (f"; the shipped recipe of that name is --config {stem}" if stem in named
+            else f"; shipped recipes (--config NAME): {', '.join(named) or 'none found'}")
+    raise ConfigError(f"config file {path} does not exist{hint}")
+
+
 def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+    path = resolve_config_file(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as err:
@@ -428,7 +492,27 @@ def merge_sources(config_files: list[str | Path] = (), overrides: list[str] = ()
 
 
 def load_config(config_files: list[str | Path] = (), overrides: list[str] = ()) -> Config:
-    """Defaults <- each YAML file in order <- key=value overrides; then validated."""
+    """Defaults <- each YAML file in order <- ``key=value`` overrides; then validated.
+
+    Args:
+        config_files: recipes applied in order, later ones winning: a YAML path or the name of a shipped
+            recipe (``"imagenet_resnet50"``; ``swavkit pretrain --help-config`` lists them).
+        overrides: ``"section.key=value"`` strings applied last; values are read as YAML
+            (``"crops.sizes_px=[224, 96]"``).
+
+    Returns:
+        The validated :class:`Config`.
+
+    Raises:
+        ConfigError: one line naming the file or key: a missing file or unknown recipe name, invalid YAML,
+            an unknown key, a value of the wrong type, or settings that contradict each other.
+
+    Example:
+        >>> import swavkit
+        >>> cfg = swavkit.load_config(["cifar10_resnet18"], ["data.path=/data/imgs", "out_dir=runs/c"])
+        >>> cfg.model.backbone, cfg.data.path
+        ('resnet18', '/data/imgs')
+    """
     cfg = from_dict(merge_sources(config_files, overrides))
     validate(cfg)
     return cfg
@@ -760,16 +844,24 @@ def _validate_lr(o: OptimConfig) -> None:
                           "warm-up would lower the LR; start below the peak (the paper: 0.3 to 4.8)")
 
 
-def describe(cls=Config, prefix: str = "") -> list[str]:
-    """Lines ``key (type, default): help`` for --help-config."""
+def describe(cls=Config, prefix: str = "", recipe=None) -> list[str]:
+    """Lines ``key (type, default): help`` for --help-config; with ``recipe`` (a Config of the same
+    class) each key the recipe changes reads ``key (type, default D, recipe V): help``."""
     lines = []
     default = cls()
     for f in dataclasses.fields(cls):
         value = getattr(default, f.name)
         if dataclasses.is_dataclass(value):
-            lines.extend(describe(type(value), f"{prefix}{f.name}."))
+            lines.extend(describe(type(value), f"{prefix}{f.name}.", getattr(recipe, f.name, None)))
         else:
             type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-            lines.append(f"{prefix}{f.name} ({type_name}, default {value!r}): {f.metadata.get('help', '')}")
+            changed = recipe is not None and getattr(recipe, f.name) != value
+            set_by = f", recipe {getattr(recipe, f.name)!r}" if changed else ""
+            lines.append(f"{prefix}{f.name} ({type_name}, default {value!r}{set_by}): {f.metadata.get('help', '')}")
     return lines
+
+
+def describe_recipes() -> list[str]:
+    """Lines ``NAME: what it is for`` of every shipped recipe, for --help-config."""
+    return [f"{name}: {recipe_summary(path)}" for name, path in recipes().items()]
 

@@ -12,7 +12,17 @@ import sys
 
 class ConfigError(ValueError):
     """A configuration problem, described in one line that names the key (a config key, a CLI option or a
-    file). Every layer raises it; ``swavkit.config`` re-exports it where users always found it."""
+    file). Every layer raises it; ``swavkit.config`` re-exports it where users always found it. The command
+    line prints its message as one line and exits with code 2.
+
+    Example:
+        >>> import swavkit
+        >>> try:
+        ...     swavkit.load_config([], ["train.epoch=3"])
+        ... except swavkit.ConfigError as err:
+        ...     print("refused:", str(err).split(";")[0])
+        refused: unknown config key 'train.epoch' (did you mean train.epochs?)
+    """
 
 # Exceptions whose message is meant for the user as is: printed as one line, exit code 2.
 USER_ERROR_NAMES = (("swavkit.errors", "ConfigError"), ("swavkit.data.errors", "DataError"),

@@ -31,7 +31,18 @@ from swavkit.artifacts.layout import EXPORT_CONFIG, EXPORT_WEIGHTS, RUN_CHECKPOI
 
 
 class LoadError(RuntimeError):
-    """The weights do not fit the model; the message lists missing and unexpected keys."""
+    """The weights do not fit the model, or the source is not a checkpoint swavkit can read; the message
+    names the source and lists the missing, unexpected and mis-shaped keys. Loading never falls back to
+    random weights. The command line prints it as one line and exits with code 2.
+
+    Example:
+        >>> import swavkit
+        >>> try:
+        ...     swavkit.load_backbone("no/such/run")
+        ... except (swavkit.LoadError, FileNotFoundError) as err:
+        ...     print(type(err).__name__)
+        LoadError
+    """
 
 
 def _describe_keys(keys, limit: int = 8) -> str:
@@ -182,6 +193,23 @@ def load_backbone(source: str | Path, *, architecture: str = "resnet50") -> torc
             ``timm:<name>`` for random init, or a timm pretrained name (``resnet50.a1_in1k``) whose weights are
             already in the local timm / Hugging Face cache (never downloaded; LoadError saying how to fetch them).
         architecture: timm name for released checkpoints, which do not record it (default resnet50).
+
+    Returns:
+        The timm backbone in eval mode: images [N, C, H, W] -> pooled features [N, num_features], with
+        exactly the stored weights (keys checked strictly).
+
+    Raises:
+        LoadError: the source does not exist or is not a readable checkpoint, or its keys do not fit the
+            architecture (the message lists the missing, unexpected and mis-shaped keys).
+
+    Example:
+        >>> import torch, swavkit
+        >>> net = swavkit.load_backbone("timm:resnet10t")   # random init; a run folder or export in practice
+        >>> tuple(net(torch.randn(2, 3, 32, 32)).shape), net.training
+        ((2, 512), False)
+
+        With a finished run: ``swavkit.load_backbone("runs/a")``, ``swavkit.load_backbone("runs/a/backbone")``,
+        ``swavkit.load_backbone("swav_800ep_pretrain.pth.tar")`` (a released SwAV ResNet-50).
     """
     text = str(source)
     if text.startswith("timm:"):
@@ -213,7 +241,26 @@ def load_swav_model(source: str | Path, *, architecture: str = "resnet50") -> tu
     """The whole SwAVModel (backbone + head + prototypes) and the config dict it was trained with.
 
     Works for swavkit training checkpoints and released SwAV checkpoints (projection 2048-128,
-    3000 prototypes are read from the tensor shapes). A run folder means its ``checkpoints/last.pt``.
+    3000 prototypes are read from the tensor shapes).
+
+    Args:
+        source: a swavkit run folder (its ``checkpoints/last.pt``), a training checkpoint, or a released
+            SwAV checkpoint.
+        architecture: timm name for released checkpoints, which do not record it (default resnet50).
+
+    Returns:
+        (model, config): the :class:`SwAVModel` in eval mode, and the run's config as a nested dict (for a
+        released checkpoint, the settings read from its tensors).
+
+    Raises:
+        LoadError: the source is not a checkpoint with prototypes, or its keys do not fit.
+
+    Example:
+        ```python
+        model, config = swavkit.load_swav_model("runs/a")
+        z, scores = model(images)               # images [B, 3, H, W] -> scores [B, K]
+        clusters = scores.argmax(dim=1)         # what `swavkit cluster` assigns
+        ```
     """
     path = resolve_source(source, need="checkpoint")
     state = load_state(path)
@@ -371,8 +418,20 @@ def load_initial_backbone_state(source: str | Path, backbone_name: str,
             swavkit run folder or checkpoint (its backbone part), or a released SwAV/VISSL checkpoint
             (``module.``/``trunk`` prefixes stripped, head and prototypes dropped).
         backbone_name: ``model.backbone``; a source recording another architecture is refused.
+        backbone_kwargs: ``model.backbone_kwargs`` (``in_chans`` ...), the keyword arguments the backbone is
+            built with.
+
+    Returns:
+        The backbone's state dict (parameter and buffer name -> tensor), ready for ``load_state_dict``.
+
     Raises:
         LoadError: one line naming the source and the missing, unexpected or mis-shaped keys.
+
+    Example:
+        ```python
+        net = swavkit.create_backbone("resnet50")
+        net.load_state_dict(swavkit.load_initial_backbone_state("runs/a", "resnet50"))
+        ```
     """
     backbone_kwargs = dict(backbone_kwargs or {})
     located = locate_initial_source(source)
@@ -391,7 +450,27 @@ def load_initial_backbone_state(source: str | Path, backbone_name: str,
 
 def export_checkpoint(source: str | Path, out_dir: str | Path) -> Path:
     """``swavkit export``: a run folder or checkpoint -> timm-loadable ``out_dir`` (config.json,
-    model.safetensors and, for swavkit runs, the README.md model card)."""
+    model.safetensors and, for swavkit runs, the README.md model card).
+
+    Args:
+        source: a swavkit run folder (its ``checkpoints/last.pt``), a training checkpoint, or a released
+            SwAV/VISSL checkpoint.
+        out_dir: a new or empty folder, or an earlier export (replaced in one atomic step); any other
+            folder is refused before anything is loaded.
+
+    Returns:
+        ``out_dir`` as a Path; ``timm.create_model(f"local-dir:{out_dir}", pretrained=True)`` loads it.
+
+    Raises:
+        LoadError: the source cannot be read or does not fit its architecture.
+        CheckpointError: ``out_dir`` is a file, or holds files that are not an earlier export.
+
+    Example:
+        ```python
+        out = swavkit.export_checkpoint("runs/a", "exports/a")
+        net = timm.create_model(f"local-dir:{out}", pretrained=True)
+        ```
+    """
     check_export_target(out_dir)  # before any loading: a refused target should fail fast
     checkpoint = resolve_source(source, need="checkpoint")
     state = load_state(checkpoint)

@@ -9,9 +9,12 @@ from swavkit.cli.args import WORKERS_DEFAULT_HELP, add_command, add_workers, dur
 
 def _cmd_pretrain(args) -> int:
     if args.help_config:
-        from swavkit.config import describe
+        from swavkit.config import describe, describe_recipes, load_config
 
-        print("\n".join(describe()))
+        recipe = load_config(args.config, args.overrides) if args.config else None
+        print("\n".join(describe(recipe=recipe)))
+        print("\nrecipes (--config NAME, or a path to your own YAML file):")
+        print("\n".join(f"  {line}" for line in describe_recipes()))
         return 0
     from swavkit.runtime import distributed
     from swavkit.api import build_config
@@ -35,13 +38,15 @@ def _add_pretrain(subparsers) -> None:
                     "Options and key=value overrides may come in any order; overrides apply after every --config.",
         epilog="examples:\n"
                "  swavkit pretrain\n"
-               "  swavkit pretrain --config configs/cifar10_resnet18.yaml data.path=/data/imgs out_dir=runs/a\n"
+               "  swavkit pretrain --config cifar10_resnet18 data.path=/data/imgs out_dir=runs/a\n"
                "  swavkit pretrain data.path=/data/imgs --auto model.backbone=resnet18 --workers 8\n"
                "  swavkit pretrain data.path=/data/imgs --auto --budget 20m\n"
                "  torchrun --nproc_per_node=8 -m swavkit pretrain --config configs/imagenet_resnet50.yaml "
                "data.path=/data/train",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", action="append", metavar="FILE.yaml", help="YAML recipe (repeatable; later wins)")
+    p.add_argument("--config", action="append", metavar="NAME|FILE.yaml",
+                   help="a shipped recipe by name (imagenet_resnet50; --help-config lists them) or a YAML file "
+                        "(repeatable; later wins)")
     p.add_argument("--restart", action="store_true", help="discard the checkpoint in out_dir and start over")
     p.add_argument("--auto", action="store_true",
                    help="derive crops, batch, prototypes, queue, freezing, warm-up and epochs from the data and the "
@@ -52,7 +57,9 @@ def _add_pretrain(subparsers) -> None:
                         "it also sizes the backbone and crops")
     add_workers(p, None, "same as data.num_workers=N; " + WORKERS_DEFAULT_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
-    p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    p.add_argument("--help-config", action="store_true",
+                   help="list every config key with its default and meaning, and the shipped recipes; with --config, "
+                        "also the value the recipe gives each key it changes")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="e.g. train.epochs=10 model.backbone=resnet18 model.init=runs/previous")
     p.set_defaults(func=_cmd_pretrain)

@@ -537,12 +537,29 @@ def embed(source: str | Path, data: str | Path | list, out: str | Path, *, image
         data: a folder, a .txt/.csv list of image paths, a shard pattern ending in .tar, or a list of them.
         out: ``emb.npy`` or ``emb.parquet`` (pyarrow).
         image_size_px: input side (default: the export's input size, else the checkpoint's large crop).
-        num_workers: decoding processes (None: :func:`swavkit.config.default_num_workers`).
-        device / precision / channels_last: as for :func:`swavkit.extract_features`.
+        batch_size: images per forward pass.
+        num_workers: decoding processes (None: min(4, usable CPU cores - 1)).
+        device: "auto", "cpu", "cuda", "cuda:1", or a torch.device.
+        precision: "auto" (bf16 on GPUs that support it, else fp32), "fp32", "bf16" or "fp16"; the vectors are
+            float32 either way.
+        channels_last: NHWC inputs and weights; faster for convnets on GPUs.
         chunk_images: images per resumable chunk of a folder or list (shards: one chunk per shard).
+        progress: show a tqdm bar.
 
     Returns:
-        :class:`EmbedResult`. Raises DataError (one line) for refused outputs and sources without images.
+        :class:`EmbedResult`: the files written and the counts.
+
+    Raises:
+        DataError: one line for a refused output (a file of another backbone or preprocessing, a file
+            swavkit did not write) and for sources without images.
+        LoadError: the backbone source cannot be loaded.
+
+    Example:
+        ```python
+        result = swavkit.embed("runs/a", "/data/unlabelled", "embeddings/a.npy")   # the same call resumes
+        vectors = numpy.load(result.vectors)            # [N, D] float32, unit rows
+        paths = result.paths.read_text().splitlines()   # row i is paths[i]
+        ```
     """
     from tqdm import tqdm
 

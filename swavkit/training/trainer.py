@@ -46,6 +46,24 @@ from swavkit.training.sharding import load_backbone_into_shards, materialise_sha
 
 @dataclass
 class TrainResult:
+    """What a pretraining run returns (:func:`swavkit.train`, :func:`swavkit.pretrain`).
+
+    Attributes:
+        out_dir: the run folder.
+        checkpoint: its ``checkpoints/last.pt`` (full training state; the same command resumes from it).
+        backbone_dir: the exported backbone (``out_dir/backbone``), None when the run stopped before the end.
+        step: the last global step done.
+        final_loss: the loss of the last logged step.
+        completed: False when the run stopped early (a signal, or ``stop_after_steps``); it is resumable.
+
+    Example:
+        ```python
+        result = swavkit.pretrain("imgs/", "runs/a", epochs=50)
+        if result.completed:
+            backbone = swavkit.load_backbone(result.backbone_dir)
+        ```
+    """
+
     out_dir: Path
     checkpoint: Path
     backbone_dir: Path | None
@@ -62,8 +80,27 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
     data folder, model build); a failure or a SIGTERM on any process ends every process of the job.
 
     Args:
+        cfg: the run's configuration (:func:`swavkit.load_config`).
         restart: discard an existing run in ``out_dir`` (its own files only) and start over.
         stop_after_steps: stop (with a checkpoint, like a preemption) once this global step is reached.
+        progress: show a tqdm progress bar (rank 0 only); ``metrics.jsonl`` is written either way.
+
+    Returns:
+        A :class:`TrainResult`: the run folder, checkpoint, exported backbone, last step and loss, and whether
+        the run completed.
+
+    Raises:
+        ConfigError: an invalid or contradictory config, or a changed config in an existing run folder
+            without ``restart``.
+        DataError: the data path is missing, holds no images, or only unreadable ones.
+        LoadError: ``model.init`` does not fit ``model.backbone``.
+        TrainingDiverged: the loss or a gradient became non-finite (the last good state is saved).
+
+    Example:
+        ```python
+        cfg = swavkit.load_config(["cifar10_resnet18"], ["data.path=/data/imgs", "out_dir=runs/c"])
+        result = swavkit.train(cfg)          # the same call again resumes runs/c
+        ```
     """
     # ================================================================================================
     # 1. processes, device, precision
