@@ -9,7 +9,7 @@ matrix; their gradient is averaged here (:func:`sync_whole_gradients`), as DDP w
 
 LARS: timm's ``Lars`` computes ``p.norm()`` and ``grad.norm()`` on the sharded DTensors, whose norm is that of
 the whole parameter (DTensor reduces the shard norms across processes), so the trust ratio, and the update,
-equal DDP's (tests/test_sharding.py checks the weights after several steps). Mixed precision: FSDP's
+equal DDP's (tests/test_sharding.py checks the weights after one step from the same state). Mixed precision: FSDP's
 ``MixedPrecisionPolicy`` reduces gradients in fp32 and the step's autocast computes in bf16, as on the DDP path
 (:func:`precision_policy` says why weights are not all-gathered in bf16); fp16 is refused (its GradScaler does
 not unscale sharded gradients).
