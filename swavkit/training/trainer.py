@@ -37,6 +37,7 @@ from swavkit.training.processes import Processes, start_processes
 from swavkit.core.activation_checkpointing import apply_activation_checkpointing
 from swavkit.artifacts.sharded_checkpoint import SHARDED_KEY, load_sharded_into, load_whole_into_sharded
 from swavkit.training.sharding import shard_model
+from swavkit.training.memory_plan import check_memory, out_of_memory
 
 
 @dataclass
@@ -67,6 +68,7 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
     procs = start_processes(cfg)
     with (distributed.fail_together(exit_code_of), _StopRequest() as stop_request,
           training_threads(procs.device, procs.local_world_size)):
+        check_memory(cfg, procs.device, procs.world, procs.local_world_size, procs.precision, procs.colour_on_device)
         # ============================================================================================
         # 2. run folder: checked, and the checkpoint to resume from (nothing written yet)
         # ============================================================================================
@@ -99,6 +101,8 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
                      BudgetClock(state.budget, started_s) if state.budget is not None else None)
         try:
             stopped_by = train_epochs(loop, state, stop_request, show_progress=progress)
+        except torch.cuda.OutOfMemoryError:  # the pre-flight check's one line, with the plan's numbers
+            raise out_of_memory(cfg, procs.device, procs.world, procs.precision, state.step) from None
         finally:
             if loggers is not None:
                 loggers.close()
