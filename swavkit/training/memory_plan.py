@@ -23,6 +23,8 @@ give it (a number of bytes or a size such as 4GB): for a machine shared with oth
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import math
 import os
@@ -31,8 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
-from swavkit.config import Config, ConfigError
+from swavkit.config import Config, ConfigError, from_dict, parse_fraction, to_dict
 from swavkit.core.activation_checkpointing import apply_activation_checkpointing, backbone_blocks
 from swavkit.core.loss import swapped_prediction_loss
 from swavkit.core.model import SwAVModel, build_model
@@ -146,24 +149,25 @@ def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def model_state_bytes(core: SwAVModel, optimizer_name: str, processes: int, sharded: bool) -> tuple[int, int, int]:
-    """(parameter, gradient, optimiser-state) bytes per process: everything under DDP; under FSDP 1/N of the
-    backbone and head plus the whole prototypes, plus the full weights of the largest block while it runs."""
+@functools.lru_cache(maxsize=64)
+def model_state_bytes(model_yaml: str, optimizer: str, processes: int, sharded: bool) -> tuple[int, int, int]:
+    """(parameter, gradient, optimiser-state) bytes per process of the model ``model_yaml`` (the config's model
+    section) trained with ``optimizer`` (auto | lars | sgd | adamw): everything under DDP; under FSDP 1/N of the
+    backbone and head plus the whole prototypes, plus the full weights of the units running."""
+    core, _ = build_meta_model(_model_config(model_yaml))
+    factor = OPTIMIZER_STATE_FACTOR[resolve_optimizer_name(optimizer, core.backbone)]
     prototypes = core.prototypes.weight
-    others = [p for p in core.parameters() if p is not prototypes]
     whole = _tensor_bytes([prototypes])
-    shardable = _tensor_bytes(others)
-    trainable = _tensor_bytes([p for p in core.parameters() if p.requires_grad])
+    shardable = _tensor_bytes([p for p in core.parameters() if p is not prototypes])
     if not sharded:
-        params, grads = shardable + whole, trainable
-    else:
-        # a unit's full weights exist while it runs (forward and backward; FSDP2 prefetches the next one)
-        largest_unit = max([_tensor_bytes(b.parameters()) for b in backbone_blocks(core.backbone)]
-                           + [_tensor_bytes(core.head.parameters())])
-        params = math.ceil(shardable / processes) + whole + 2 * largest_unit
-        grads = math.ceil(shardable / processes) + whole + largest_unit
-    state = OPTIMIZER_STATE_FACTOR[optimizer_name] * (math.ceil(shardable / processes) if sharded else shardable)
-    return params, grads, state + OPTIMIZER_STATE_FACTOR[optimizer_name] * whole
+        return shardable + whole, _tensor_bytes([p for p in core.parameters() if p.requires_grad]), \
+            factor * (shardable + whole)
+    # a unit's full weights exist while it runs, and FSDP2 prefetches the next one's: the two largest units;
+    # its full gradient exists until it is reduce-scattered: the largest
+    units = sorted([_tensor_bytes(b.parameters()) for b in backbone_blocks(core.backbone)]
+                   + [_tensor_bytes(core.head.parameters())], reverse=True)
+    shard = math.ceil(shardable / processes)
+    return shard + whole + sum(units[:2]), shard + whole + units[0], factor * (shard + whole)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -184,22 +188,24 @@ def _to_fake(core: SwAVModel, mode) -> None:
                 module._buffers[name] = FakeTensor(mode, b, cpu)
 
 
-@functools.lru_cache(maxsize=32)
-def _saved_bytes(model_key: str, cfg_yaml: str, batch: int, sizes: tuple[tuple[int, int], ...], channels: int,
-                 precision: str, temperature: float, assignment: tuple[int, ...]) -> tuple[int, int]:
+@functools.lru_cache(maxsize=64)
+def _saved_bytes(model_yaml: str, batch: int, sizes: tuple[tuple[int, int], ...], channels: int, precision: str,
+                 temperature: float, assignment: tuple[int, ...]) -> tuple[int, int]:
     """(bytes autograd saves for the backward, bytes of the largest saved tensor) for one forward + loss of the
     crops ``sizes`` ((count, side px) per group) at ``batch``. Cached: the same run configuration in one process
-    (tests, --plan at several process counts) is traced once."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    (tests, --plan at several process counts) is traced once.
 
-    from swavkit.config import from_dict
-    import yaml
-
-    cfg = from_dict(yaml.safe_load(cfg_yaml))
-    core, _ = build_meta_model(cfg)
+    fp32 runs on meta tensors; with autocast (bf16/fp16) on fake CPU tensors, which autocast sees as CPU tensors
+    (meta tensors would skip it), at ~3x the tracing time (batch norm is decomposed op by op there)."""
+    core, _ = build_meta_model(_model_config(model_yaml))
     core.train()
-    mode = FakeTensorMode()
-    _to_fake(core, mode)
+    dtype = autocast_dtype(precision)
+    device, mode = torch.device("meta"), contextlib.nullcontext()
+    if dtype is not None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        mode, device = FakeTensorMode(), torch.device("cpu")
+        _to_fake(core, mode)
     parameters = {id(p) for p in core.parameters()}
     seen: dict[int, torch.Tensor] = {}  # storage address -> a tensor on it (kept alive so addresses stay unique)
     sizes_saved: list[int] = []
@@ -208,38 +214,45 @@ def _saved_bytes(model_key: str, cfg_yaml: str, batch: int, sizes: tuple[tuple[i
         if id(t) in parameters:
             return t
         storage = t.untyped_storage()
-        key = storage._cdata  # the storage's address: views of one tensor share it
-        if key not in seen:
-            seen[key] = t
+        if storage._cdata not in seen:  # the storage's address: views of one tensor share it
+            seen[storage._cdata] = t
             sizes_saved.append(storage.nbytes())
         return t
 
-    dtype = autocast_dtype(precision)
     with mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        crops = [torch.empty(batch, channels, side, side) for count, side in sizes for _ in range(count)]
+        crops = [torch.empty(batch, channels, side, side, device=device) for count, side in sizes
+                 for _ in range(count)]
         with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
             _, scores = core(crops)
         V, K = len(crops), core.n_prototypes
         scores = scores.float().view(V, batch, K)
         with torch.no_grad():  # the codes: Sinkhorn needs no gradient; its buffers are transient
             codes = {i: torch.softmax(scores[i], dim=-1) for i in assignment}
-        loss = swapped_prediction_loss(scores, codes, temperature)
-        del loss
+        swapped_prediction_loss(scores, codes, temperature)
     return sum(sizes_saved), max(sizes_saved, default=0)
+
+
+def _model_yaml(cfg: Config) -> str:
+    """The ``model`` section as text: the cache key of everything built from it."""
+    return yaml.safe_dump(to_dict(cfg)["model"], sort_keys=True)
+
+
+def _model_config(model_yaml: str) -> Config:
+    return from_dict({"model": yaml.safe_load(model_yaml)})
 
 
 def activation_bytes(cfg: Config, batch: int, precision: str) -> int:
     """Bytes of activations one step holds at its peak at ``batch`` images per process (see module docstring)."""
-    import yaml
-
-    from swavkit.config import to_dict
-
-    model_only = {"model": to_dict(cfg)["model"]}
     c = cfg.crops
-    saved, largest = _saved_bytes(cfg.model.backbone, yaml.safe_dump(model_only), batch,
-                                  tuple(zip(c.counts, c.sizes_px)), cfg.data.channels, precision,
-                                  cfg.swav.temperature, tuple(cfg.swav.assignment_crops))
+    saved, largest = _saved_bytes(_model_yaml(cfg), batch, tuple(zip(c.counts, c.sizes_px)), cfg.data.channels,
+                                  precision, cfg.swav.temperature, tuple(cfg.swav.assignment_crops))
     return int(saved + BACKWARD_TRANSIENT_FACTOR * largest)
+
+
+def _checkpointing(m) -> str:
+    """What model.activation_checkpointing does to this backbone, in words ("" = off)."""
+    return "" if parse_fraction(m.activation_checkpointing) == 0 else \
+        build_meta_model(_model_config(yaml.safe_dump(dataclasses.asdict(m))))[1]
 
 
 def crop_bytes(cfg: Config, batch: int, dtype_bytes: int = 4) -> int:
@@ -253,14 +266,13 @@ def plan_memory(cfg: Config, processes: int = 1, device_type: str = "cpu", preci
     """The memory plan of ``cfg`` run as ``processes`` processes (the global batch split over them) on
     ``device_type`` in ``precision`` (resolved: fp32 | bf16 | fp16). Allocates nothing."""
     batch = max(1, cfg.train.batch_size // processes)
-    core, checkpointing = build_meta_model(cfg)
-    optimizer_name = resolve_optimizer_name(cfg.optim.optimizer, core.backbone)
-    params, grads, state = model_state_bytes(core, optimizer_name, processes,
+    params, grads, state = model_state_bytes(_model_yaml(cfg), cfg.optim.optimizer, processes,
                                              sharded=cfg.dist.strategy == "fsdp" and processes > 1)
     activations = activation_bytes(cfg, batch, precision)
     # workers hand over uint8 crops when the colour ops run on the device, float32 views otherwise
     handed_over = crop_bytes(cfg, batch, 1 if colour_on_device else 4)
     workers = cfg.data.num_workers * (WORKER_HOST_BYTES + cfg.data.prefetch_factor * handed_over)
+    checkpointing = _checkpointing(cfg.model)
     return MemoryPlan(processes, batch, device_type, precision, checkpointing, params, grads, state, activations,
                       crop_bytes(cfg, batch), workers, RUNTIME_HOST_BYTES[device_type])
 
