@@ -390,13 +390,13 @@ def out_of_memory(cfg: Config, device: torch.device, processes: int, precision: 
 
 def describe_plan(plan: MemoryPlan, gpu_memory_bytes: int | None = None) -> str:
     """The plan as a small table (one row per component, bytes per process) and whether it fits."""
-    width = max(len(what) for what, _ in plan.rows())
+    total = "on the " + ("GPU" if plan.device_type == "cuda" else "CPU (host RAM)")
+    width = max([len(what) for what, _ in plan.rows()] + [len(total)])
     lines = [f"memory plan per process ({plan.processes} process(es), batch {plan.per_process_batch} per process, "
              f"{plan.precision}, model on {plan.device_type}"
              + (f", {plan.checkpointing}" if plan.checkpointing else "") + "):"]
     lines += [f"  {what:<{width}}  {format_bytes(n):>11}" for what, n in plan.rows()]
-    lines.append(f"  {'on the ' + ('GPU' if plan.device_type == 'cuda' else 'CPU (host RAM)'):<{width}}  "
-                 f"{format_bytes(plan.device_bytes):>11}")
+    lines.append(f"  {total:<{width}}  {format_bytes(plan.device_bytes):>11}")
     if plan.device_type == "cuda":
         lines.append(f"  {'host RAM':<{width}}  {format_bytes(plan.host_bytes):>11}")
     if gpu_memory_bytes is not None:
