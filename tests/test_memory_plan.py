@@ -75,9 +75,22 @@ def test_a_recipe_that_does_not_fit_is_refused_in_one_line_before_anything_is_wr
     # the same run with memory to spare, and with the check switched off where it would refuse, trains
     monkeypatch.setenv(ENV_HOST, "64GB")
     assert swavkit.train(tiny_config(tmp_path), stop_after_steps=1, progress=False).step == 1
-    monkeypatch.setenv(ENV_HOST, "200MB")
+    monkeypatch.setenv(ENV_HOST, "200MB")  # the explicit key overrides the check
     unchecked = tiny_config(tmp_path, "b", **{"train.memory_check": "false"})
-    assert swavkit.train(unchecked, stop_after_steps=1, progress=False).step == 1
+    assert memory_plan.check_memory(unchecked, torch.device("cpu"), 1, 1, "fp32") is None
+    with pytest.raises(memory_plan.MemoryPlanError):
+        memory_plan.check_memory(tiny_config(tmp_path), torch.device("cpu"), 1, 1, "fp32")
+
+
+@pytest.mark.slow
+def test_the_issues_plain_command_completes_on_this_machine(tmp_path, capsys):
+    """Issue 28's command: the bundled sample's 500-image val split, one epoch, nothing else (derived: resnet10t,
+    2x32 px, batch 64, 7 steps; it was the paper's recipe and killed at 23.9 GB)."""
+    out = tmp_path / "oomtest"
+    assert main(["pretrain", "--no-progress", f"out_dir={out}",
+                 f"data.path={REPO / 'swavkit' / 'sample_data' / 'fashion_mnist' / 'val'}", "train.epochs=1"]) == 0
+    assert "derived for this machine from 500 images" in capsys.readouterr().out
+    assert (out / "backbone" / "model.safetensors").is_file()
 
 
 def test_a_cuda_out_of_memory_error_in_the_step_is_the_same_one_line(tmp_path, capsys, monkeypatch):
