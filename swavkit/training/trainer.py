@@ -68,7 +68,6 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
     procs = start_processes(cfg)
     with (distributed.fail_together(exit_code_of), _StopRequest() as stop_request,
           training_threads(procs.device, procs.local_world_size)):
-        check_memory(cfg, procs.device, procs.world, procs.local_world_size, procs.precision, procs.colour_on_device)
         # ============================================================================================
         # 2. run folder: checked, and the checkpoint to resume from (nothing written yet)
         # ============================================================================================
@@ -77,6 +76,8 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
         # 3. data: unlabeled folder -> multi-crop -> per-rank batches
         # ============================================================================================
         data = build_data(cfg, procs, files, resuming=checkpoint is not None)
+        # the memory plan: a step that would not fit stops here, before the model is built or a file written
+        check_memory(cfg, procs.device, procs.world, procs.local_world_size, procs.precision, procs.colour_on_device)
         # ============================================================================================
         # 4. model: timm backbone (model.init weights) -> projection head -> L2 norm -> prototypes
         # ============================================================================================
