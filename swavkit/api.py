@@ -8,6 +8,7 @@ one-line errors as YAML files and ``key=value`` overrides); ``swavkit pretrain``
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -16,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from swavkit.config import Config, ConfigError, from_dict, merge_sources, validate
+from swavkit.config import Config, ConfigError, from_dict, merge_sources, merge_trees, validate
 
 if TYPE_CHECKING:
     from swavkit.training.trainer import TrainResult
@@ -103,24 +104,61 @@ def keyword_tree(keywords: dict[str, Any]) -> dict:
 
 
 def build_config(config_files: Sequence[str | Path] = (), overrides: Sequence[str] = (),
-                 updates: dict | None = None, *, auto: bool = False) -> Config:
+                 updates: dict | None = None, *, auto: bool | None = None, restart: bool = False) -> Config:
     """Defaults <- YAML files <- ``key=value`` overrides <- ``updates`` (nested dict), validated.
 
     With no file and no ``data.path`` anywhere, the bundled quickstart recipe on the Fashion-MNIST sample
-    is used (and said so), as ``swavkit pretrain`` alone does."""
+    is used (and said so), as ``swavkit pretrain`` alone does.
+
+    ``auto``: True derives every unset key from the data and the hardware (``--auto``); False keeps the schema
+    defaults (``--no-auto``); None (the default) derives when no recipe file is given, so a plain folder gets a
+    run that fits this machine, and keeps a recipe's values otherwise. A run already in ``out_dir`` (and not
+    ``restart``) is never derived again: its saved config.yaml fills the unset keys, so a resume trains on.
+    """
     files = list(config_files)
     tree = merge_sources(files, overrides, updates)
-    if not files and not tree.get("data", {}).get("path"):
+    if not files and not tree.get("data", {}).get("path") and not tree.get("data", {}).get("paths"):
         files = [quickstart_config_path()]
         tree = merge_sources(files, overrides, updates)
         print("swavkit: no config file and no data path given: the quickstart recipe on the bundled Fashion-MNIST "
               f"sample ({files[0]})")
-    if auto:
-        from swavkit.training.presets import auto_config  # torch: only when --auto looks at the data
+        auto = bool(auto)  # the quickstart recipe is the recipe
+    derive = (not files) if auto is None else auto
+    if derive:
+        saved = None if restart else _saved_run_config(tree)
+        if saved is not None:
+            return _resumed_config(saved, tree)
+        from swavkit.training.presets import auto_config  # torch: only when the data is looked at
 
-        return auto_config(tree)
+        return auto_config(tree, implicit=auto is None)
     cfg = from_dict(tree)
     validate(cfg)
+    return cfg
+
+
+def _saved_run_config(tree: dict) -> dict | None:
+    """The config.yaml of the run in ``out_dir`` when it has a checkpoint to resume from; None otherwise."""
+    import yaml
+
+    from swavkit.artifacts.layout import RUN_CHECKPOINT, RUN_CONFIG
+
+    out_dir = Path(str(tree.get("out_dir") or Config().out_dir))
+    if not (out_dir / RUN_CHECKPOINT).is_file() or not (out_dir / RUN_CONFIG).is_file():
+        return None
+    try:
+        saved = yaml.safe_load((out_dir / RUN_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None  # not readable: derive as for a new run; training then names the run folder's problem
+    return saved if isinstance(saved, dict) else None
+
+
+def _resumed_config(saved: dict, tree: dict) -> Config:
+    """The saved config with the keys the user set now on top (training then refuses those a resume cannot
+    change, naming them)."""
+    merged = merge_trees(merge_sources(updates=saved), copy.deepcopy(tree))
+    cfg = from_dict(merged)
+    validate(cfg)
+    print(f"swavkit: resuming the run in {cfg.out_dir}: unset keys come from its config.yaml (not derived again)")
     return cfg
 
 
@@ -135,17 +173,17 @@ def _config_files(config: str | Path | Sequence[str | Path] | None) -> list:
 def pretrain_config(data: str | Path | None = None, out_dir: str | Path | None = None, *,
                     backbone: str | None = None, epochs: int | None = None, batch_size: int | None = None,
                     init: str | Path | None = None, config: str | Path | Sequence[str | Path] | None = None,
-                    auto: bool = False, **keys: Any) -> Config:
+                    auto: bool | None = None, restart: bool = False, **keys: Any) -> Config:
     """The :class:`~swavkit.config.Config` that :func:`pretrain` with the same arguments trains with."""
     keywords = {"data": data, "out_dir": out_dir, "backbone": backbone, "epochs": epochs,
                 "batch_size": batch_size, "init": init, **keys}
-    return build_config(_config_files(config), updates=keyword_tree(keywords), auto=auto)
+    return build_config(_config_files(config), updates=keyword_tree(keywords), auto=auto, restart=restart)
 
 
 def pretrain(data: str | Path | None = None, out_dir: str | Path | None = None, *,
              backbone: str | None = None, epochs: int | None = None, batch_size: int | None = None,
              init: str | Path | None = None, config: str | Path | Sequence[str | Path] | None = None,
-             restart: bool = False, auto: bool = False, progress: bool = True,
+             restart: bool = False, auto: bool | None = None, progress: bool = True,
              stop_after_steps: int | None = None, **keys: Any) -> TrainResult:
     """SwAV pretraining from keywords; returns what :func:`swavkit.train` returns.
 
@@ -159,7 +197,9 @@ def pretrain(data: str | Path | None = None, out_dir: str | Path | None = None, 
         config: recipe(s) applied first: a shipped recipe's name (``"cifar10_resnet18"``) or a YAML path, or a
             list of them; keywords win over them.
         restart: discard the run in ``out_dir`` (its own files only) and start over.
-        auto: derive unset keys from the data and the hardware (as ``swavkit pretrain --auto``).
+        auto: None (default): without ``config``, the unset keys are derived from the data and the hardware
+            and printed with their reasons (as ``swavkit pretrain data.path=DIR``); True: derive them also under
+            a ``config`` (``--auto``); False: the schema defaults (``--no-auto``). Never on a resume.
         progress: show a progress bar.
         stop_after_steps: stop with a checkpoint once this global step is reached (resumable).
         **keys: any other config key, by its last part (``n_prototypes=512``, ``epsilon=0.03``) or dotted
@@ -180,7 +220,7 @@ def pretrain(data: str | Path | None = None, out_dir: str | Path | None = None, 
     from swavkit.training.trainer import train  # torch: imported when a run starts, not with this module
 
     cfg = pretrain_config(data, out_dir, backbone=backbone, epochs=epochs, batch_size=batch_size, init=init,
-                          config=config, auto=auto, **keys)
+                          config=config, auto=auto, restart=restart, **keys)
     return train(cfg, restart=restart, stop_after_steps=stop_after_steps, progress=progress)
 
 

@@ -251,6 +251,12 @@ class TrainConfig:
                                    default="last")
     collapse_patience_steps: int = _help("steps with the loss within 1% of ln K before the collapse warning",
                                          default=200)
+    memory_check: bool = _help("before the first step, estimate the peak memory of one step per process (model "
+                               "state, activations at the per-process batch, crops, precision and checkpointing, data "
+                               "workers; swavkit/training/memory_plan.py) and stop in one line when it exceeds the "
+                               "host RAM or GPU memory available (SWAVKIT_MEMORY_AVAILABLE_BYTES / "
+                               "SWAVKIT_GPU_MEMORY_AVAILABLE_BYTES override what the system reports). false: skip the "
+                               "check (the estimate can be off for unusual backbones)", default=True)
     loggers: list[str] = _help("metric backends, each getting every metrics.jsonl row: jsonl (metrics.jsonl, always "
                                "needed), tensorboard (out_dir/tensorboard; `tensorboard --logdir OUT_DIR`), wandb "
                                "and mlflow (pip install 'swavkit[wandb]' / 'swavkit[mlflow]')",
@@ -402,10 +408,11 @@ def parse_override(text: str) -> dict:
     return nested
 
 
-def _merge(base: dict, update: dict) -> dict:
+def merge_trees(base: dict, update: dict) -> dict:
+    """``update`` merged into the nested dict ``base`` (in place; a nested mapping merges key by key)."""
     for k, v in update.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _merge(base[k], v)
+            merge_trees(base[k], v)
         else:
             base[k] = v
     return base
@@ -484,10 +491,10 @@ def merge_sources(config_files: list[str | Path] = (), overrides: list[str] = ()
     ``updates`` (a nested dict of Python values: the keyword API)."""
     merged: dict = {}
     for path in config_files:
-        _merge(merged, read_yaml(path))
+        merge_trees(merged, read_yaml(path))
     for text in overrides:
-        _merge(merged, parse_override(text))
-    _merge(merged, copy.deepcopy(updates or {}))
+        merge_trees(merged, parse_override(text))
+    merge_trees(merged, copy.deepcopy(updates or {}))
     return merged
 
 
@@ -533,7 +540,7 @@ RESUMABLE_CHANGES = ("train.epochs", "train.budget_minutes", "swav.prevent_colla
                      "train.checkpoint_every_steps", "train.device", "train.skip_nonfinite_steps",
                      "train.accumulate_steps",  # same codes and update; only BatchNorm's batch is smaller
                      "train.export_checkpoint",
-                     "train.collapse_patience_steps", "data.num_workers", "data.pin_memory",
+                     "train.collapse_patience_steps", "train.memory_check", "data.num_workers", "data.pin_memory",
                      "data.prefetch_factor", "data.colour_on_device", "data.decode_on_device", "model.channels_last", "model.compile",
                      "model.init", "train.loggers", "monitor.", "out_dir",
                      "data.mean_std_sample_images",  # a resume takes the mean/std the run computed

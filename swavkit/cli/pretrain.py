@@ -20,26 +20,58 @@ def _cmd_pretrain(args) -> int:
     from swavkit.api import build_config
     from swavkit.training.trainer import train
 
+    if args.auto and args.no_auto:
+        from swavkit.errors import ConfigError
+
+        raise ConfigError("--auto and --no-auto: choose one (derive the unset keys, or keep the schema defaults)")
     # --workers first, so an explicit data.num_workers=N (applied later) wins
     workers = [f"data.num_workers={args.workers}"] if args.workers is not None else []
     budget = [f"train.budget_minutes={args.budget}"] if args.budget is not None else []
-    cfg = build_config(args.config or [], workers + budget + list(args.overrides), auto=args.auto)
+    cfg = build_config(args.config or [], workers + budget + list(args.overrides),
+                       auto=True if args.auto else False if args.no_auto else None, restart=args.restart)
+    if args.plan:
+        return _print_plan(cfg, args)
     try:
         result = train(cfg, restart=args.restart, progress=not args.no_progress)
     finally:
         distributed.shutdown()  # no-op in a single process; avoids torch's "not destroyed" warning
     return 0 if result.completed else 3
 
+def _print_plan(cfg, args) -> int:
+    """``--plan``: the memory plan of ``cfg`` at ``--procs`` processes (nothing allocated, nothing written)."""
+    import torch
+
+    from swavkit.config import validate
+    from swavkit.training.memory_plan import describe_plan, parse_bytes, plan_memory
+
+    validate(cfg, world_size=args.procs)
+    gpu_bytes = parse_bytes(args.gpu_memory, "--gpu-memory") if args.gpu_memory else None
+    on_gpu = gpu_bytes is not None or cfg.train.device == "cuda" or (cfg.train.device == "auto"
+                                                                     and torch.cuda.is_available())
+    precision = cfg.train.precision if cfg.train.precision != "auto" else "bf16" if on_gpu else "fp32"
+    plan = plan_memory(cfg, args.procs, "cuda" if on_gpu else "cpu", precision,
+                       colour_on_device=cfg.data.colour_on_device == "true" or (on_gpu and cfg.data.colour_on_device
+                                                                                 == "auto"))
+    print(f"{cfg.model.backbone}: global batch {cfg.train.batch_size} over {args.procs} process(es), crops "
+          + " + ".join(f"{n}x{s}" for n, s in zip(cfg.crops.counts, cfg.crops.sizes_px))
+          + f", dist.strategy={cfg.dist.strategy}")
+    print(describe_plan(plan, gpu_bytes))
+    return 0 if gpu_bytes is None or plan.device_bytes <= gpu_bytes else 1
+
+
 def _add_pretrain(subparsers) -> None:
     p = subparsers.add_parser(
         "pretrain", help="SwAV pretraining on a folder of unlabeled images",
         description="Pretrain a timm backbone with SwAV. Without --config or data.path it trains on the bundled "
-                    "Fashion-MNIST sample. Re-running with the same out_dir resumes from out_dir/checkpoints/last.pt. "
+                    "Fashion-MNIST sample. With data.path and no --config, unset keys are derived from the data and "
+                    "this machine (printed with reasons; --config configs/imagenet_resnet50.yaml is the paper's "
+                    "recipe). A memory check stops a run that would not fit before anything is written. Re-running with the same out_dir resumes from out_dir/checkpoints/last.pt. "
                     "Options and key=value overrides may come in any order; overrides apply after every --config.",
         epilog="examples:\n"
                "  swavkit pretrain\n"
                "  swavkit pretrain --config cifar10_resnet18 data.path=/data/imgs out_dir=runs/a\n"
-               "  swavkit pretrain data.path=/data/imgs --auto model.backbone=resnet18 --workers 8\n"
+               "  swavkit pretrain data.path=/data/imgs model.backbone=resnet18 --workers 8\n"
+               "  swavkit pretrain --config seer_regnety_1.3b --plan --procs 8 --gpu-memory 80GB\n"
                "  swavkit pretrain data.path=/data/imgs --auto --budget 20m\n"
                "  torchrun --nproc_per_node=8 -m swavkit pretrain --config configs/imagenet_resnet50.yaml "
                "data.path=/data/train",
@@ -50,7 +82,20 @@ def _add_pretrain(subparsers) -> None:
     p.add_argument("--restart", action="store_true", help="discard the checkpoint in out_dir and start over")
     p.add_argument("--auto", action="store_true",
                    help="derive crops, batch, prototypes, queue, freezing, warm-up and epochs from the data and the "
-                        "hardware for every key not set explicitly, and print each value with its reason")
+                        "hardware for every key not set explicitly, and print each value with its reason; the "
+                        "default without --config, and with --config it fills what the recipe leaves unset")
+    p.add_argument("--no-auto", action="store_true",
+                   help="keep every unset key at the schema default (`--help-config`) instead of deriving it; "
+                        "without --config, unset keys are otherwise derived as with --auto")
+    p.add_argument("--plan", action="store_true",
+                   help="print the memory plan per process (parameters, gradients, optimiser state, activations at "
+                        "the configured batch, crops, precision and checkpointing) and exit, allocating nothing; "
+                        "exit 1 when it does not fit --gpu-memory")
+    p.add_argument("--procs", type=int, default=1, metavar="N",
+                   help="with --plan: the number of processes (GPUs) the global batch and FSDP shards are split over")
+    p.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                   help="with --plan: memory per GPU to check the plan against (e.g. 80GB); plans for a GPU, bf16 "
+                        "unless train.precision says otherwise")
     p.add_argument("--budget", type=duration, default=None, metavar="DURATION",
                    help="wall-clock time for the whole run (20m, 1300s, 1.5h; same as train.budget_minutes): the "
                         "schedule is fitted to the measured speed so the run and its export end on time; with --auto "

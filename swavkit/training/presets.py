@@ -16,7 +16,8 @@ from typing import Callable
 import torch
 
 from swavkit.runtime import distributed
-from swavkit.config import Config, ConfigError, from_dict
+from swavkit.config import Config, ConfigError, from_dict, validate
+from swavkit.core.model import check_backbone_name
 from swavkit.training.preflight import preflight
 from swavkit.data import BUNDLED_SAMPLE
 from swavkit.data.channels import header_size
@@ -270,21 +271,37 @@ def describe(applied: list[Suggestion]) -> str:
     return "\n".join(lines)
 
 
-def auto_config(tree: dict) -> Config:
+def auto_config(tree: dict, implicit: bool = False) -> Config:
     """``--auto`` / ``pretrain(auto=True)``: a merged config tree (YAML files + overrides, see
     :func:`swavkit.config.merge_sources`) -> the validated Config, with every key the user did not set
     derived from the images under ``data.path`` (the bundled sample when unset) and the launcher's
-    process count. Prints each derived value with its reason (main process only)."""
+    process count. Prints each derived value with its reason (main process only).
+
+    ``implicit``: derived because no recipe was given (``swavkit pretrain data.path=DIR``), not asked for. Then
+    data that cannot be looked at (tar shards, a folder that is missing or holds no images) derives nothing:
+    the keys keep the schema defaults, and training reports the data itself."""
     from swavkit.data.shards import is_shard_spec
     from swavkit.data.sources import data_specs, describe_specs, resolve_images
+    from swavkit.errors import is_user_error
 
     chosen = explicit_keys(tree)
+    from_dict(tree)  # unknown keys and wrong types are named before any folder is read
+    if "model.backbone" in chosen:
+        check_backbone_name(tree["model"]["backbone"])
     specs = data_specs(tree.get("data", {}).get("path", ""), tree.get("data", {}).get("paths", []))
     specs = specs or [str(BUNDLED_SAMPLE / "train")]
     if any(is_shard_spec(spec) for spec in specs):
+        if implicit:
+            return _schema_defaults(tree, "tar shards: image counts and sizes are read from files, so nothing was "
+                                          "derived")
         raise ConfigError("--auto reads image counts and sizes from files, not from tar shards; set the recipe "
                           "keys yourself (see configs/) or run --auto once on a folder or list of the same images")
-    paths = resolve_images(specs)
+    try:
+        paths = resolve_images(specs)
+    except Exception as err:
+        if not (implicit and is_user_error(err)):
+            raise
+        return _schema_defaults(tree, "the data could not be looked at, so nothing was derived")
     data_root = describe_specs(specs)
     launch = distributed.detect_launch()
     world = launch.world_size
@@ -310,8 +327,22 @@ def auto_config(tree: dict) -> Config:
     cfg = from_dict(tree)
     preflight(cfg, world_size=world)
     if distributed.is_main_process():
-        print(f"swavkit: --auto derived from {len(paths)} images in {data_root} and {world} process(es) "
-              f"(keys you set are kept):\n{describe(applied)}")
+        how = (f"no recipe given (--config): derived for this machine from {len(paths)} images in {data_root} and "
+               f"{world} process(es) (keys you set are kept; --config configs/imagenet_resnet50.yaml is the paper's "
+               "recipe, --no-auto the schema defaults)" if implicit else
+               f"--auto derived from {len(paths)} images in {data_root} and {world} process(es) (keys you set are "
+               "kept)")
+        print(f"swavkit: {how}:\n{describe(applied)}")
+    return cfg
+
+
+def _schema_defaults(tree: dict, why: str) -> Config:
+    """The config of ``tree`` with every unset key at its schema default, saying so (implicit derivation only)."""
+    cfg = from_dict(tree)
+    validate(cfg)
+    if distributed.is_main_process():
+        print(f"swavkit: no recipe given (--config) and {why}: unset keys keep the schema defaults (the pre-flight "
+              "memory check still guards the run)")
     return cfg
 
 

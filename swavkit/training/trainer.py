@@ -42,6 +42,7 @@ from swavkit.core.activation_checkpointing import apply_activation_checkpointing
 from swavkit.artifacts.sharded_checkpoint import SHARDED_KEY, load_sharded_into, load_whole_into_sharded
 from swavkit.training.meta_init import build_on_meta, check_replayable
 from swavkit.training.sharding import load_backbone_into_shards, materialise_shards, shard_model
+from swavkit.training.memory_plan import check_memory, out_of_memory
 
 
 @dataclass
@@ -117,6 +118,8 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
         # 3. data: unlabeled folder -> multi-crop -> per-rank batches
         # ============================================================================================
         data = build_data(cfg, procs, files, resuming=checkpoint is not None)
+        # the memory plan: a step that would not fit stops here, before the model is built or a file written
+        check_memory(cfg, procs.device, procs.world, procs.local_world_size, procs.precision, procs.colour_on_device)
         # ============================================================================================
         # 4. model: timm backbone (model.init weights) -> projection head -> L2 norm -> prototypes
         # ============================================================================================
@@ -142,6 +145,8 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
                      BudgetClock(state.budget, started_s) if state.budget is not None else None)
         try:
             stopped_by = train_epochs(loop, state, stop_request, show_progress=progress)
+        except torch.cuda.OutOfMemoryError:  # the pre-flight check's one line, with the plan's numbers
+            raise out_of_memory(cfg, procs.device, procs.world, procs.precision, state.step) from None
         finally:
             if loggers is not None:
                 loggers.close()
