@@ -110,7 +110,7 @@ def test_a_cuda_out_of_memory_error_in_the_step_is_the_same_one_line(tmp_path, c
 def test_the_plan_of_seer_prints_per_process_bytes_without_allocating_the_model(capsys):
     rss_before_kib = int(next(line.split()[1] for line in Path("/proc/self/status").read_text().splitlines()
                               if line.startswith("VmRSS:")))
-    argv = ["pretrain", "--config", str(REPO / "configs" / "seer_regnety.yaml"), "--plan", "--procs", "512"]
+    argv = ["pretrain", "--config", str(REPO / "configs" / "seer_regnety_1.3b.yaml"), "--plan", "--procs", "512"]
     assert main([*argv, "--gpu-memory", "80GB"]) == 0  # SEER's 16 images per GPU
     out = capsys.readouterr().out
     assert "batch 16 per process, bf16, model on cuda" in out and "fits 80.0 GiB per GPU: yes" in out
