@@ -140,13 +140,15 @@ def _saved_run_config(tree: dict) -> dict | None:
     """The config.yaml of the run in ``out_dir`` when it has a checkpoint to resume from; None otherwise."""
     import yaml
 
-    from swavkit.artifacts.layout import RUN_CHECKPOINT, RUN_CONFIG
+    from swavkit.artifacts.layout import RUN_CHECKPOINT, RUN_CONFIG, RUN_CONFIG_HEADER
 
     out_dir = Path(str(tree.get("out_dir") or Config().out_dir))
     if not (out_dir / RUN_CHECKPOINT).is_file() or not (out_dir / RUN_CONFIG).is_file():
         return None
     try:
-        saved = yaml.safe_load((out_dir / RUN_CONFIG).read_text(encoding="utf-8"))
+        text = (out_dir / RUN_CONFIG).read_text(encoding="utf-8")
+        # only swavkit's own config.yaml: another tool's folder is not read here (training refuses it in one line)
+        saved = yaml.safe_load(text) if text.startswith(RUN_CONFIG_HEADER) else None
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None  # not readable: derive as for a new run; training then names the run folder's problem
     return saved if isinstance(saved, dict) else None

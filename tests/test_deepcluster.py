@@ -221,7 +221,7 @@ def _killed_after(overrides: list[str], checkpoint, min_step: int) -> int:
 
     from swavkit.artifacts.checkpoint import load_training_checkpoint
 
-    proc = subprocess.Popen([sys.executable, "-m", "swavkit", "pretrain", "--no-progress", *overrides],
+    proc = subprocess.Popen([sys.executable, "-m", "swavkit", "pretrain", "--no-progress", "--no-auto", *overrides],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     deadline = time.time() + 300

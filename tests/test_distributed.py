@@ -140,7 +140,7 @@ def kill_tree(pid: int) -> None:
 def torchrun_pretrain(overrides: list[str]) -> tuple[list[str], dict]:
     """(command, environment) of ``swavkit pretrain`` under torchrun with 2 CPU processes."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "swavkit",
-               "pretrain", "--no-progress", *overrides]
+               "pretrain", "--no-progress", "--no-auto", *overrides]
     return command, dict(os.environ, OMP_NUM_THREADS="1")
 
 

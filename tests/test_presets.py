@@ -113,3 +113,14 @@ def test_auto_with_a_budget_times_the_backbone_and_says_so(tmp_path, capsys):
     assert cfg.model.backbone == "resnet10t" and cfg.crops.sizes_px == [32]
     assert "timed resnet10t" in printed and "passes over the data at the measured speed" in printed
     assert cfg.train.epochs >= 1 and cfg.train.budget_minutes == 2
+
+
+def test_a_crop_layout_the_user_set_is_not_mixed_with_a_derived_one():
+    # the user's two resolution groups, no scales given: derived one-group scales would not fit them
+    tree: dict = {"crops": {"counts": [2, 2], "sizes_px": [32, 16]}}
+    applied = presets.apply(tree, presets.derive(2_000, 28, 1), chosen={"crops.counts", "crops.sizes_px"})
+    assert not [s.key for s in applied if s.key in presets.CROP_GROUP_KEYS]
+    cfg = from_dict(tree)
+    validate(cfg)  # the schema's per-group scales for two groups
+    assert cfg.crops.counts == [2, 2] and len(cfg.crops.min_scales) == 2
+    assert any(s.key == "model.backbone" for s in applied)  # the rest is still derived

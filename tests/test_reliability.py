@@ -171,7 +171,9 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(image_folder,
              "swav.queue_start_epoch": 1}
     reference = train(load_config([], tiny_overrides(image_folder, tmp_path / "ref", **extra)), progress=False)
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "swavkit", "pretrain", "--no-progress", *tiny_overrides(image_folder, out, **extra)]
+    # --no-auto: the reference above is the plain config (load_config), so the CLI must not derive unset keys
+    command = [sys.executable, "-m", "swavkit", "pretrain", "--no-progress", "--no-auto",
+               *tiny_overrides(image_folder, out, **extra)]
     # bitwise equality needs the reference's thread count in the child processes too: the count train() ran
     # the reference with (OMP_NUM_THREADS when set, else swavkit's own rule), not this process's (conftest's),
     # which differ on a machine with more than 2 cores

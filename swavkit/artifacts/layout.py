@@ -16,6 +16,8 @@ EXPORT_FILES = (EXPORT_CONFIG, EXPORT_WEIGHTS, EXPORT_CARD)
 
 # a pretraining run folder (out_dir)
 RUN_CONFIG = "config.yaml"
+# the first line of a run's config.yaml: with it, the folder is proven to be a swavkit run (artifacts/rundir.py)
+RUN_CONFIG_HEADER = "# swavkit run: the resolved config of this run (written by swavkit pretrain)\n"
 RUN_METRICS = "metrics.jsonl"
 RUN_SKIPPED = "skipped.txt"
 RUN_CHECKPOINT = Path("checkpoints") / "last.pt"

@@ -23,8 +23,8 @@ import os
 import shutil
 from pathlib import Path
 
-from swavkit.artifacts.layout import (RUN_BEST_CHECKPOINT, RUN_CHECKPOINT, RUN_CONFIG, RUN_EXPORT_DIR, RUN_METRICS,
-                                     RUN_SIGNAL_SAMPLE, RUN_SKIPPED)
+from swavkit.artifacts.layout import (RUN_BEST_CHECKPOINT, RUN_CHECKPOINT, RUN_CONFIG, RUN_CONFIG_HEADER,
+                                     RUN_EXPORT_DIR, RUN_METRICS, RUN_SIGNAL_SAMPLE, RUN_SKIPPED)
 from swavkit.artifacts.sharded_checkpoint import remove_shard_folders
 from swavkit.artifacts.checkpoint import CheckpointError, check_export_target, is_swavkit_checkpoint, is_swavkit_export
 from swavkit.config import ConfigError
@@ -32,7 +32,7 @@ from swavkit.data.filelist import CACHE_NAME as LIST_CACHE_FILE
 from swavkit.data.names import printable_path, read_skipped_report, skipped_report_text
 from swavkit.runtime.fileio import jsonl_line, read_jsonl, write_json_atomic, write_text_atomic
 
-CONFIG_HEADER = "# swavkit run: the resolved config of this run (written by swavkit pretrain)\n"
+CONFIG_HEADER = RUN_CONFIG_HEADER
 # What swavkit.training.loggers writes into the run folder (deleted with the run on --restart).
 LOGGER_FILES = ("loggers.json", "mlflow.db")
 LOGGER_FOLDERS = ("tensorboard", "wandb")

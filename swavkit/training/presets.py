@@ -245,8 +245,16 @@ def explicit_keys(tree: dict, prefix: str = "") -> set[str]:
     return keys
 
 
+# Keys holding one value per crop resolution group: they must agree in length, so a user who sets any of them
+# sets the crop layout, and none of the others is derived for another layout.
+CROP_GROUP_KEYS = ("crops.counts", "crops.sizes_px", "crops.min_scales", "crops.max_scales")
+
+
 def apply(tree: dict, suggestions: list[Suggestion], chosen: set[str]) -> list[Suggestion]:
-    """Write suggestions into the nested ``tree`` except for keys the user chose; return those applied."""
+    """Write suggestions into the nested ``tree`` except for keys the user chose (and, when the user set any
+    per-group crop key, the other per-group crop keys); return those applied."""
+    if chosen.intersection(CROP_GROUP_KEYS):
+        chosen = chosen | set(CROP_GROUP_KEYS)
     applied = []
     for s in suggestions:
         if s.key in chosen:
