@@ -222,8 +222,8 @@ def _killed_after(overrides: list[str], checkpoint, min_step: int) -> int:
     from swavkit.artifacts.checkpoint import load_training_checkpoint
 
     proc = subprocess.Popen([sys.executable, "-m", "swavkit", "pretrain", "--no-progress", "--no-auto", *overrides],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    # the environment as it is: another thread count would change the float sums of the convolutions
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if checkpoint.exists() and load_training_checkpoint(checkpoint)["step"] >= min_step:
