@@ -349,7 +349,7 @@ def main() -> int:
                   f"{fmt_spread(ckpt['seconds']['plain'], ' s')} per step):\n\n" + markdown_table(
                       ["model.activation_checkpointing", "activations kept (MiB)", "cut (x)", "s/step",
                        "step time / plain"], rows))
-    for value in ("on", "0.5"):  # both settings are checked: "on" is what configs/seer_regnety.yaml uses
+    for value in ("on", "0.5"):  # both settings are checked: "on" is what configs/seer_regnety_1.3b.yaml uses
         verdicts.check(f"activation checkpointing={value}: activation bytes plain / checkpointed",
                        ckpt["activation_cut"][value], f">= {ACTIVATION_CUT_TARGET}",
                        ckpt["activation_cut"][value] >= ACTIVATION_CUT_TARGET)

@@ -190,17 +190,32 @@ def pretrain(data: str | Path | None = None, out_dir: str | Path | None = None, 
     Args:
         data: folder of images (``data.path``); None with no ``config`` = the bundled sample, quickstart recipe.
         out_dir: run folder; a run already there resumes (``restart=True`` starts over).
-        backbone, epochs, batch_size: ``model.backbone``, ``train.epochs``, ``train.batch_size`` (global).
+        backbone: ``model.backbone``, a timm model name.
+        epochs: ``train.epochs``.
+        batch_size: ``train.batch_size``, the global batch (all processes together).
         init: ``model.init``: starting backbone weights (cached timm name, export, run folder, checkpoint).
-        config: YAML recipe(s) applied first; keywords win over them.
+        config: recipe(s) applied first: a shipped recipe's name (``"cifar10_resnet18"``) or a YAML path, or a
+            list of them; keywords win over them.
+        restart: discard the run in ``out_dir`` (its own files only) and start over.
         auto: None (default): without ``config``, the unset keys are derived from the data and the hardware
             and printed with their reasons (as ``swavkit pretrain data.path=DIR``); True: derive them also under
             a ``config`` (``--auto``); False: the schema defaults (``--no-auto``). Never on a resume.
-        keys: any other config key, by its last part (``n_prototypes=512``, ``epsilon=0.03``) or dotted
-            (``**{"swav.epsilon": 0.03}``); an unknown name raises :class:`ConfigError` naming it.
+        progress: show a progress bar.
+        stop_after_steps: stop with a checkpoint once this global step is reached (resumable).
+        **keys: any other config key, by its last part (``n_prototypes=512``, ``epsilon=0.03``) or dotted
+            (``**{"swav.epsilon": 0.03}``).
+
+    Returns:
+        The :class:`~swavkit.training.trainer.TrainResult` of :func:`swavkit.train`.
+
+    Raises:
+        ConfigError: an unknown keyword (named, with the closest key) or an invalid value, before anything runs.
 
     Example:
-        ``swavkit.pretrain("imgs/", "runs/a", backbone="resnet18", epochs=50, **{"swav.epsilon": 0.03})``
+        ```python
+        result = swavkit.pretrain("imgs/", "runs/a", backbone="resnet18", epochs=50, **{"swav.epsilon": 0.03})
+        backbone = swavkit.load_backbone(result.backbone_dir)
+        ```
     """
     from swavkit.training.trainer import train  # torch: imported when a run starts, not with this module
 

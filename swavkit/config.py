@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,7 +102,13 @@ class ModelConfig:
                                  "identity (timm's default for ResNets) instead of 1 (false: the SwAV reference's "
                                  "torchvision-style ResNet-50). For backbones with timm's zero_init_last option "
                                  "(ResNet, ResNetV2, RegNet, ...); others have nothing to set", default=False)
-    hidden_dim: int = _help("projection head hidden width; 0 = a single linear layer", default=2048)
+    hidden_dim: int = _help("projection head hidden width (one hidden layer, the SwAV paper's 2048); 0 = a single "
+                            "linear layer. model.head_dims replaces it for deeper heads", default=2048)
+    head_dims: list[int] = _help("projection head hidden widths, one Linear (+ BN if head_bn) + ReLU each, then a "
+                                 "Linear to output_dim; empty = [hidden_dim]. SEER: [8192, 8192] with head_bn false "
+                                 "(configs/seer_*.yaml). Set it or hidden_dim, not both", default_factory=list)
+    head_bn: bool = _help("BatchNorm1d after each hidden Linear of the projection head (the SwAV paper: true; SEER's "
+                          "head: false)", default=True)
     output_dim: int = _help("embedding dimension fed to the prototypes", default=128)
     n_prototypes: int = _help("K, number of prototypes (clusters); ~10x the number of classes you expect. "
                               "Collapse shows as loss at ln K", default=3000)
@@ -115,9 +122,10 @@ class ModelConfig:
                           default=False)
     activation_checkpointing: str = _help("off | on | a fraction of the backbone's blocks (e.g. 0.5): recompute their "
                                           "activations in the backward pass instead of storing them; same loss and "
-                                          "gradients, less activation memory for ~one extra forward. on: timm's "
-                                          "set_grad_checkpointing; a fraction: the first blocks, where CNN feature "
-                                          "maps are largest (swavkit/activation_checkpointing.py)", default="off")
+                                          "gradients, less activation memory for ~one extra forward. on: every block "
+                                          "timm's group_matcher names; a fraction: the first blocks, where CNN "
+                                          "feature maps are largest (swavkit/core/activation_checkpointing.py)",
+                                          default="off")
 
 
 @dataclass
@@ -144,6 +152,9 @@ class SwAVConfig:
     queue_start_epoch: int = _help("epoch at which the queue starts filling; it is used once full", default=15)
     freeze_prototypes_epochs: float = _help("epochs (fractions allowed) during which prototypes get no gradient",
                                             default=1.0)
+    freeze_prototypes_steps: int = _help("optimiser steps during which prototypes get no gradient; -1 = from "
+                                         "freeze_prototypes_epochs (which it replaces when >= 0). SEER: 313",
+                                         default=-1)
     prevent_collapse: bool = _help("act when the codes stop carrying information: lower epsilon (down to "
                                    "min_epsilon) while the codes' per-sample entropy is above code_entropy_target x "
                                    "ln K, and stop using the queue if the loss returns to ln K while it is in use. "
@@ -153,6 +164,17 @@ class SwAVConfig:
                                        "ln K (0 = one-hot codes, 1 = uniform; healthy cifar10-small runs sat at "
                                        "0.5-0.7 with a fixed epsilon)", default=0.6)
     min_epsilon: float = _help("prevent_collapse's lower bound for epsilon", default=0.005)
+
+
+@dataclass
+class DeepClusterConfig:
+    """method=deepclusterv2 (swavkit/core/deepcluster.py; docs/guides/deepcluster-v2.md). It also reads
+    swav.assignment_crops (the crops whose embeddings fill the memory bank: the reference's crops_for_assign)
+    and swav.temperature; SwAV's other swav.* keys (epsilon, queue, prototype freezing) do not apply."""
+    n_heads: int = _help("k-means heads, each with model.n_prototypes clusters of its own and its own targets; the "
+                         "loss is averaged over them (the reference: 3 heads of 3000)", default=3)
+    kmeans_iterations: int = _help("spherical k-means iterations at every epoch start, over the memory bank of all "
+                                   "processes (the reference: 10)", default=10)
 
 
 @dataclass
@@ -173,8 +195,13 @@ class OptimConfig:
                             "paper's ratio (4.8 -> 0.0048, 0.6 -> 0.0006)", default=-1.0)
     warmup_epochs: float = _help("linear warm-up length (the paper: 10 at batch 4096, none at 256; ViTs with "
                                  "AdamW want ~10)", default=0.0)
+    warmup_steps: int = _help("linear warm-up length in optimiser steps, whatever the epoch length; -1 = from "
+                              "warmup_epochs (set one of the two). SEER: 8000 (configs/seer_*.yaml)", default=-1)
     warmup_start_lr: float = _help("LR at step 0 when warming up, at reference_batch_size (the paper: 0.3 at 4096)",
                                    default=0.0)
+    warmup_start_lr_absolute: bool = _help("true: warmup_start_lr is the LR itself at any batch, not scaled with "
+                                           "train.batch_size (VISSL's SEER warm-up starts at 0.3 at batch 8192); "
+                                           "false: stated at reference_batch_size like base_lr", default=False)
     weight_decay: float = _help("weight decay (not applied to biases and norm layers); at 0, LARS still adapts the "
                                 "weights' step", default=1e-6)
     momentum: float = _help("SGD/LARS momentum", default=0.9)
@@ -195,6 +222,13 @@ class TrainConfig:
                                   default=0.0)
     batch_size: int = _help("GLOBAL batch (all processes together); must divide by the number of processes",
                             default=256)
+    accumulate_steps: int = _help("micro-batches per optimiser step, to reach a batch that does not fit in memory: "
+                                  "each process's batch (train.batch_size / processes) runs as this many micro-batches. "
+                                  "The codes are computed first for the whole batch (a forward pass without "
+                                  "gradients: ~1/3 more compute, benchmarks/README.md) with ONE Sinkhorn over all of "
+                                  "it, so equipartition acts on train.batch_size samples as without accumulation; "
+                                  "steps, LR, warm-up, freezing and the queue count optimiser steps. 1 = off",
+                                  default=1)
     precision: str = _help("auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs that support it, fp32 on CPU)",
                            default="auto")
     device: str = _help("auto | cpu | cuda", default="auto")
@@ -204,6 +238,17 @@ class TrainConfig:
     checkpoint_every_steps: int = _help("steps between checkpoints (0 = by time only)", default=0)
     skip_nonfinite_steps: int = _help("non-finite losses to skip before stopping (0 = stop at the first)",
                                       default=0)
+    signal_images: int = _help("training images (evenly spaced over the file list, fixed at the run's start and "
+                               "listed in checkpoints/signal-images.txt) on which every checkpoint save measures a "
+                               "label-free quality signal at the evaluation crop: RankMe (effective rank of the "
+                               "backbone's features) and the prototypes' usage entropy, logged in metrics.jsonl; the "
+                               "checkpoint with the highest RankMe is kept as checkpoints/best-rankme.pt. 0 = off. "
+                               "Folders and list files (not tar shards), not with dist.strategy=fsdp", default=512)
+    export_checkpoint: str = _help("last | rankme: which checkpoint the run's backbone/ export is made from: the last "
+                                   "one, or checkpoints/best-rankme.pt (highest RankMe). On short CIFAR-10 and Fashion-MNIST runs RankMe "
+                                   "ordered checkpoints only weakly as k-NN did (Spearman 0.31, 0.12) and its pick was "
+                                   "~1 point below the last: docs/guides/checkpoint-selection.md",
+                                   default="last")
     collapse_patience_steps: int = _help("steps with the loss within 1% of ln K before the collapse warning",
                                          default=200)
     memory_check: bool = _help("before the first step, estimate the peak memory of one step per process (model "
@@ -232,12 +277,31 @@ class MonitorConfig:
 
 @dataclass
 class Config:
+    """The whole configuration of a pretraining run: one section per concern (``data``, ``crops``, ``model``,
+    ``swav``, ``optim``, ``train``, ``monitor``, ``dist``) plus ``out_dir`` and ``seed``. Every key, its
+    default, unit and meaning is in the configuration reference (``swavkit pretrain --help-config``).
+
+    Build one with :func:`load_config` (files and ``key=value`` overrides, validated) rather than by hand; a
+    run saves the resolved one as ``out_dir/config.yaml``.
+
+    Example:
+        >>> import swavkit
+        >>> cfg = swavkit.load_config([], ["model.backbone=resnet18", "train.epochs=5"])
+        >>> cfg.model.backbone, cfg.train.epochs, cfg.swav.epsilon
+        ('resnet18', 5, 0.05)
+    """
+
     out_dir: str = _help("run directory: config.yaml, metrics.jsonl, checkpoints/, backbone/", default="runs/swav")
     seed: int = _help("seed for weights, sampling and augmentation", default=0)
+    method: str = _help("swav | deepclusterv2: the online-clustering method. swav: Sinkhorn codes per batch and the "
+                        "swapped prediction (swav.*). deepclusterv2: a memory bank of last epoch's embeddings, "
+                        "k-means at every epoch start whose clusters are the epoch's hard targets "
+                        "(deepcluster.*; docs/guides/deepcluster-v2.md)", default="swav")
     data: DataConfig = field(default_factory=DataConfig)
     crops: CropsConfig = field(default_factory=CropsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     swav: SwAVConfig = field(default_factory=SwAVConfig)
+    deepcluster: DeepClusterConfig = field(default_factory=DeepClusterConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
@@ -354,10 +418,59 @@ def merge_trees(base: dict, update: dict) -> dict:
     return base
 
 
+# ----------------------------------------------------------------------------------------------------
+# recipes: the configs/*.yaml files, shipped inside the wheel as swavkit/recipes/ (setup.py maps the folder)
+
+def recipe_folders() -> list[Path]:
+    """Where named recipes live: ``swavkit/recipes/`` in an installed wheel, the checkout's ``configs/`` when
+    swavkit runs from its source tree (``pyproject.toml`` beside it, so no stray ``site-packages/configs``)."""
+    package = Path(__file__).resolve().parent
+    checkout = package.parent
+    folders = [package / "recipes"]
+    if (checkout / "pyproject.toml").is_file():
+        folders.append(checkout / "configs")
+    return [folder for folder in folders if folder.is_dir()]
+
+
+def recipes() -> dict[str, Path]:
+    """Recipe name (file name without ``.yaml``) -> its file, for ``--config NAME``."""
+    found: dict[str, Path] = {}
+    for folder in recipe_folders():
+        for path in sorted(folder.glob("*.yaml")):
+            found.setdefault(path.stem, path)
+    return found
+
+
+def recipe_summary(path: Path, max_chars: int = 160) -> str:
+    """The first sentence of a recipe file's opening comment: what it is for."""
+    words = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        words.append(line.lstrip("#").strip())
+    text = " ".join(words)
+    end = re.search(r"(?<!\bal)\.(\s|$)", text)  # a sentence's end, not "et al."
+    text = text[:end.start() + 1] if end else text
+    return text if len(text) <= max_chars else text[:max_chars - 3].rstrip() + "..."
+
+
+def resolve_config_file(name: str | Path) -> Path:
+    """A ``--config`` value -> the YAML file: an existing path as given, else a shipped recipe's name
+    (``imagenet_resnet50`` or ``imagenet_resnet50.yaml``). ConfigError naming the recipes otherwise."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    named = recipes()
+    stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    if path.parent == Path(".") and stem in named:
+        return named[stem]
+    hint = (f"; the shipped recipe of that name is --config {stem}" if stem in named
+            else f"; shipped recipes (--config NAME): {', '.join(named) or 'none found'}")
+    raise ConfigError(f"config file {path} does not exist{hint}")
+
+
 def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+    path = resolve_config_file(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as err:
@@ -386,7 +499,27 @@ def merge_sources(config_files: list[str | Path] = (), overrides: list[str] = ()
 
 
 def load_config(config_files: list[str | Path] = (), overrides: list[str] = ()) -> Config:
-    """Defaults <- each YAML file in order <- key=value overrides; then validated."""
+    """Defaults <- each YAML file in order <- ``key=value`` overrides; then validated.
+
+    Args:
+        config_files: recipes applied in order, later ones winning: a YAML path or the name of a shipped
+            recipe (``"imagenet_resnet50"``; ``swavkit pretrain --help-config`` lists them).
+        overrides: ``"section.key=value"`` strings applied last; values are read as YAML
+            (``"crops.sizes_px=[224, 96]"``).
+
+    Returns:
+        The validated :class:`Config`.
+
+    Raises:
+        ConfigError: one line naming the file or key: a missing file or unknown recipe name, invalid YAML,
+            an unknown key, a value of the wrong type, or settings that contradict each other.
+
+    Example:
+        >>> import swavkit
+        >>> cfg = swavkit.load_config(["cifar10_resnet18"], ["data.path=/data/imgs", "out_dir=runs/c"])
+        >>> cfg.model.backbone, cfg.data.path
+        ('resnet18', '/data/imgs')
+    """
     cfg = from_dict(merge_sources(config_files, overrides))
     validate(cfg)
     return cfg
@@ -405,6 +538,8 @@ def dump_yaml(cfg: Config) -> str:
 RESUMABLE_CHANGES = ("train.epochs", "train.budget_minutes", "swav.prevent_collapse", "swav.code_entropy_target",
                      "swav.min_epsilon", "train.log_every_steps", "train.checkpoint_every_minutes",
                      "train.checkpoint_every_steps", "train.device", "train.skip_nonfinite_steps",
+                     "train.accumulate_steps",  # same codes and update; only BatchNorm's batch is smaller
+                     "train.export_checkpoint",
                      "train.collapse_patience_steps", "train.memory_check", "data.num_workers", "data.pin_memory",
                      "data.prefetch_factor", "data.colour_on_device", "data.decode_on_device", "model.channels_last", "model.compile",
                      "model.init", "train.loggers", "monitor.", "out_dir",
@@ -438,6 +573,7 @@ CHOICES = {
     "data.decode_on_device": ("auto", "true", "false"),
     "model.channels_last": ("auto", "true", "false"),
     "dist.strategy": ("ddp", "fsdp"),
+    "train.export_checkpoint": ("last", "rankme"),
 }
 LOGGER_CHOICES = ("jsonl", "tensorboard", "wandb", "mlflow")  # train.loggers entries (swavkit/training/loggers.py)
 
@@ -530,6 +666,40 @@ def check_strategy(cfg: Config) -> None:
         raise ConfigError("model.compile=true with dist.strategy=fsdp is not supported yet; set model.compile=false")
 
 
+METHODS = ("swav", "deepclusterv2")
+
+
+def check_method(cfg: Config) -> None:
+    """``method`` and what deepclusterv2 cannot take (ConfigError, one line naming the key)."""
+    if cfg.method not in METHODS:
+        raise ConfigError(f"method: '{cfg.method}' is not one of {', '.join(METHODS)}")
+    if cfg.method != "deepclusterv2":
+        return
+    d = cfg.deepcluster
+    for key, value in (("deepcluster.n_heads", d.n_heads), ("deepcluster.kmeans_iterations", d.kmeans_iterations)):
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if cfg.swav.queue_length:
+        raise ConfigError(f"swav.queue_length={cfg.swav.queue_length}: the queue is SwAV's; method=deepclusterv2 keeps "
+                          "a memory bank of the whole epoch instead; set swav.queue_length=0")
+    if cfg.dist.strategy == "fsdp":
+        # the memory bank, the epoch's targets and the k-means writes into the prototypes have not been
+        # carried through the sharded (DCP) checkpoint and its re-sharding on resume
+        raise ConfigError("method=deepclusterv2 with dist.strategy=fsdp is not supported yet (its memory bank and "
+                          "targets are not in the sharded checkpoint); use dist.strategy=ddp")
+    if cfg.train.accumulate_steps > 1:
+        # the accumulated step shares one Sinkhorn over the micro-batches, which deepclusterv2 has no use for
+        # (its targets are fixed for the epoch); its memory-bank writes are not carried through the micro-batches
+        raise ConfigError(f"train.accumulate_steps={cfg.train.accumulate_steps}: not supported with "
+                          "method=deepclusterv2 yet; set train.accumulate_steps=1")
+
+
+def prototype_rows(cfg: Config) -> int:
+    """Rows of the model's prototype matrix: model.n_prototypes, or for deepclusterv2 one block of
+    model.n_prototypes per k-means head (head after head, as a released checkpoint's prototypes0, 1, 2)."""
+    return cfg.model.n_prototypes * (cfg.deepcluster.n_heads if cfg.method == "deepclusterv2" else 1)
+
+
 def validate(cfg: Config, world_size: int = 1) -> None:
     """The config's own checks: choices, ranges, lengths, coherence (pure: nothing is imported, read or
     created). What needs the world - is the backbone a timm name, does model.init exist - is checked by
@@ -541,6 +711,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         if value not in choices:
             raise ConfigError(f"{key}: '{value}' is not one of {', '.join(choices)}")
     check_logger_names(cfg.train.loggers)  # train.loggers: known names (LOGGER_CHOICES), jsonl included
+    check_method(cfg)  # method and its section
     check_strategy(cfg)  # model.activation_checkpointing, dist.strategy (the process count: at launch)
     n_groups = len(c.counts)
     for name in ("sizes_px", "min_scales", "max_scales"):
@@ -584,6 +755,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for key, value in strictly_positive_floats.items():
         if not (value > 0 and math.isfinite(value)):
             raise ConfigError(f"{key}: must be a positive number, got {value}")
+    if cfg.swav.freeze_prototypes_steps < -1:
+        raise ConfigError(f"swav.freeze_prototypes_steps: must be >= 0, or -1 for swav.freeze_prototypes_epochs, got "
+                          f"{cfg.swav.freeze_prototypes_steps}")
     if not 0.0 < cfg.swav.code_entropy_target < 1.0:
         raise ConfigError(f"swav.code_entropy_target: a fraction of ln K strictly between 0 and 1, got "
                           f"{cfg.swav.code_entropy_target}")
@@ -594,6 +768,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                     "optim.warmup_epochs": cfg.optim.warmup_epochs, "optim.weight_decay": cfg.optim.weight_decay,
                     "train.budget_minutes": cfg.train.budget_minutes,
                     "train.checkpoint_every_steps": cfg.train.checkpoint_every_steps,
+                    "train.signal_images": cfg.train.signal_images,
                     "train.skip_nonfinite_steps": cfg.train.skip_nonfinite_steps}
     for key, value in non_negative.items():
         if value < 0:
@@ -601,6 +776,13 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if cfg.train.batch_size % world_size:
         raise ConfigError(f"train.batch_size: the global batch {cfg.train.batch_size} does not divide by "
                           f"{world_size} processes; use a multiple of {world_size}")
+    if cfg.train.accumulate_steps < 1:
+        raise ConfigError(f"train.accumulate_steps: must be >= 1 (1 = no accumulation), got {cfg.train.accumulate_steps}")
+    if (cfg.train.batch_size // world_size) % cfg.train.accumulate_steps:
+        per_process = cfg.train.batch_size // world_size
+        raise ConfigError(f"train.accumulate_steps: {per_process} images per process (train.batch_size "
+                          f"{cfg.train.batch_size} / {world_size}) do not split into {cfg.train.accumulate_steps} "
+                          "equal micro-batches; use a divisor of it")
     if cfg.swav.queue_length and cfg.swav.queue_length % cfg.train.batch_size:
         raise ConfigError(f"swav.queue_length: {cfg.swav.queue_length} is not a multiple of the global batch "
                           f"{cfg.train.batch_size}; try {max(1, round(cfg.swav.queue_length / cfg.train.batch_size)) * cfg.train.batch_size}")
@@ -611,9 +793,23 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 WEIGHT_LOADING_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path")
 
 
+def head_hidden_dims(m: ModelConfig) -> list[int]:
+    """The projection head's hidden widths: ``model.head_dims``, else ``[model.hidden_dim]`` ([] when it is 0)."""
+    if m.head_dims:
+        return list(m.head_dims)
+    return [m.hidden_dim] if m.hidden_dim else []
+
+
 def _validate_model(m: ModelConfig) -> None:
-    """timm arguments that swavkit owns (weights, classifier); the name and the weight source are checked
-    by the pre-flight step (they need timm and the disk)."""
+    """The head's widths; timm arguments that swavkit owns (weights, classifier); the name and the weight
+    source are checked by the pre-flight step (they need timm and the disk)."""
+    if m.head_dims and m.hidden_dim != ModelConfig.hidden_dim:
+        raise ConfigError(f"model.head_dims={list(m.head_dims)} and model.hidden_dim={m.hidden_dim} both set the head's "
+                          "hidden widths; keep head_dims (the list) and remove hidden_dim")
+    for i, width in enumerate(m.head_dims):
+        if width < 1:
+            raise ConfigError(f"model.head_dims[{i}]: a hidden width must be >= 1, got {width}; use an empty list "
+                              "and model.hidden_dim=0 for a single linear head")
     for name in WEIGHT_LOADING_KWARGS:
         if name in m.backbone_kwargs:
             raise ConfigError(f"model.backbone_kwargs.{name}: swavkit never loads weights through timm.create_model; "
@@ -631,6 +827,11 @@ def _validate_lr(o: OptimConfig) -> None:
         if not math.isfinite(value) or (value < 0 and not (name == "final_lr" and value == -1)):
             allowed = ", or -1 for the peak LR / 1000" if name == "final_lr" else ""
             raise ConfigError(f"optim.{name}: must be >= 0{allowed}, got {value}")
+    if o.warmup_steps < -1:
+        raise ConfigError(f"optim.warmup_steps: must be >= 0, or -1 for optim.warmup_epochs, got {o.warmup_steps}")
+    if o.warmup_steps >= 0 and o.warmup_epochs > 0:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} and optim.warmup_epochs={o.warmup_epochs} both set the "
+                          "warm-up; keep one (warmup_steps=-1 or warmup_epochs=0)")
     if o.base_lr == 0:
         # base_lr 0 picks the reference peak for the actual batch, so an explicit start or end LR, which is
         # stated at reference_batch_size, has nothing fixed to relate to.
@@ -643,21 +844,31 @@ def _validate_lr(o: OptimConfig) -> None:
     if o.final_lr > o.base_lr:
         raise ConfigError(f"optim.final_lr: {o.final_lr} is above optim.base_lr {o.base_lr}, so the cosine would "
                           "raise the LR; use a final LR below the peak (the paper: peak / 1000)")
+    if o.warmup_start_lr_absolute:  # an LR at the actual batch: base_lr's scale is not known here
+        return
     if o.warmup_start_lr > o.base_lr:
         raise ConfigError(f"optim.warmup_start_lr: {o.warmup_start_lr} is above optim.base_lr {o.base_lr}, so the "
                           "warm-up would lower the LR; start below the peak (the paper: 0.3 to 4.8)")
 
 
-def describe(cls=Config, prefix: str = "") -> list[str]:
-    """Lines ``key (type, default): help`` for --help-config."""
+def describe(cls=Config, prefix: str = "", recipe=None) -> list[str]:
+    """Lines ``key (type, default): help`` for --help-config; with ``recipe`` (a Config of the same
+    class) each key the recipe changes reads ``key (type, default D, recipe V): help``."""
     lines = []
     default = cls()
     for f in dataclasses.fields(cls):
         value = getattr(default, f.name)
         if dataclasses.is_dataclass(value):
-            lines.extend(describe(type(value), f"{prefix}{f.name}."))
+            lines.extend(describe(type(value), f"{prefix}{f.name}.", getattr(recipe, f.name, None)))
         else:
             type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-            lines.append(f"{prefix}{f.name} ({type_name}, default {value!r}): {f.metadata.get('help', '')}")
+            changed = recipe is not None and getattr(recipe, f.name) != value
+            set_by = f", recipe {getattr(recipe, f.name)!r}" if changed else ""
+            lines.append(f"{prefix}{f.name} ({type_name}, default {value!r}{set_by}): {f.metadata.get('help', '')}")
     return lines
+
+
+def describe_recipes() -> list[str]:
+    """Lines ``NAME: what it is for`` of every shipped recipe, for --help-config."""
+    return [f"{name}: {recipe_summary(path)}" for name, path in recipes().items()]
 

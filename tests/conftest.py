@@ -56,6 +56,8 @@ def tiny_overrides(data_path: Path, out_dir: Path, **extra) -> list[str]:
         "crops.max_scales": "[1.0,0.5]", "crops.blur_probability": 0.0,
         "train.epochs": 2, "train.batch_size": 8, "train.log_every_steps": 2, "optim.warmup_epochs": 1,
         "swav.freeze_prototypes_epochs": 0.5,
+        # the checkpoint signal measures at every save (~45 ms here); tests/test_checkpoint_signal.py turns it on
+        "train.signal_images": 0,
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]

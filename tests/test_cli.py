@@ -21,7 +21,7 @@ from swavkit.runtime.cores import default_num_workers
 from swavkit.evaluation.report import default_result_path
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ("pretrain", "export", "knn", "linear", "cluster", "embed", "neighbours", "plot", "shard", "finetune")
+COMMANDS = ("pretrain", "export", "knn", "linear", "cluster", "assign", "embed", "neighbours", "plot", "shard", "finetune")
 
 
 def subcommand_parsers() -> dict[str, argparse.ArgumentParser]:

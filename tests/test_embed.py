@@ -198,3 +198,70 @@ def test_embed_and_neighbours_need_none_of_the_extras(images, embedded, tmp_path
     np.testing.assert_allclose(got.vectors, loaded.vectors[sub_rows], atol=1e-5)
     result = neighbours(str(tmp_path / "sub.npy"), str(tmp_path / "nn"), k=2, progress=False)
     assert result["n_queries"] == len(got.paths) == 6 and (tmp_path / "nn" / "index.html").is_file()
+
+
+def exported_backbone(folder: Path, edit=None) -> Path:
+    """resnet10t (timm's random init, seeded) exported as swavkit exports it, after ``edit(backbone)``."""
+    from swavkit.artifacts.checkpoint import export_backbone
+
+    backbone = load_eval_backbone(BACKBONE)
+    if edit is not None:
+        with torch.no_grad():
+            edit(backbone)
+    return export_backbone(backbone, folder, image_size_px=SIZE_PX, mean=(0.5,) * 3, std=(0.25,) * 3)
+
+
+def test_a_backbone_with_one_nan_weight_is_refused_before_anything_is_written(images, tmp_path, capsys):
+    root, _, _ = images
+    broken = exported_backbone(tmp_path / "broken", lambda b: b.layer1[0].conv1.weight.view(-1)[7].fill_(float("nan")))
+    out = tmp_path / "out" / "emb.npy"
+    assert main(["embed", str(broken), str(root), "--out", str(out), "--workers", "0", "--device", "cpu",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "NaN/inf even for a blank image" in err
+    assert "1 non-finite weight value(s) (in layer1.0.conv1.weight)" in err and "use an earlier checkpoint" in err
+    assert not out.parent.exists()  # nothing written, not even the manifest
+
+
+def test_rows_that_overflow_stop_the_run_unfinished(images, tmp_path, capsys):
+    """Finite weights whose activations overflow fp32 on real images (1e30 x 1e30; a blank image stays 0:
+    no bias in the stem): the first chunk with a NaN row stops the run, names how many and the cause;
+    nothing is marked complete and neighbours refuses the unfinished output."""
+    root, _, _ = images
+
+    def overflowing(backbone):
+        backbone.conv1[0].weight.mul_(1e30)
+        backbone.conv1[3].weight.mul_(1e30)
+
+    huge = exported_backbone(tmp_path / "huge", overflowing)
+    out = tmp_path / "emb.npy"
+    assert main(["embed", str(huge), str(root), "--out", str(out), "--chunk-images", "7", "--workers", "0",
+                 "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "embed: 7 of the 7 images of chunk 0 gave NaN/inf features" in err and "overflow even in fp32" in err
+    manifest = json.loads((tmp_path / "emb.json").read_text())
+    assert not manifest["complete"] and manifest["chunks"] == [] and not out.exists()
+    assert main(["neighbours", str(out), "--out", str(tmp_path / "nn"), "--no-progress"]) == 2
+    assert "not finished" in capsys.readouterr().err
+
+
+def test_the_manifest_names_the_backbone_by_its_absolute_path(images, tmp_path, monkeypatch, capsys):
+    """Embedded with a relative path, queried from another directory: found; moved: the one line names
+    --backbone."""
+    root, readable, _ = images
+    exported_backbone(tmp_path / "work" / "exported")
+    monkeypatch.chdir(tmp_path / "work")
+    embed_function("exported", [str(root / "sub")], "emb.npy", **COMMON)
+    manifest = json.loads((tmp_path / "work" / "emb.json").read_text())
+    assert manifest["backbone"]["source"] == str(tmp_path / "work" / "exported")
+    monkeypatch.chdir(tmp_path)
+    query = str(root / "sub" / Path(readable[-1]).name)
+    argv = ["neighbours", "work/emb.npy", "--query", query, "--k", "1", "--device", "cpu", "--no-progress"]
+    assert main([*argv, "--out", "q1"]) == 0
+    (tmp_path / "work" / "exported").rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert main([*argv, "--out", "q2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pass where it lives now with --backbone" in err
+    assert str(tmp_path / "work" / "exported") in err and not (tmp_path / "q2").exists()

@@ -225,3 +225,53 @@ def test_sixteen_bit_conversion_never_holds_a_float_copy(tmp_path):
     # A float64 copy alone is 8 bytes per pixel (the old conversion made two); the banded one needs the
     # 1-byte result plus one band.
     assert peak_bytes < 3 * height * width, f"{peak_bytes / (height * width):.1f} bytes per pixel"
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 27, item 3: a multi-page TIFF is bounded in all its pages and samples, on every channel route
+
+class WholeStackSpy:
+    """Records every decode of a whole TIFF series (tifffile's TiffPageSeries.asarray)."""
+
+    def __init__(self, monkeypatch):
+        import tifffile
+
+        self.shapes = []
+        real = tifffile.TiffPageSeries.asarray
+
+        def spy(series, *args, **kwargs):
+            self.shapes.append(tuple(series.shape))
+            return real(series, *args, **kwargs)
+
+        monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", spy)
+
+
+@pytest.mark.parametrize("channels, bit_depth", [(5, 16), (5, 8), (3, 16), (1, 16)])
+def test_a_multi_page_tiff_is_bounded_in_all_its_pages_and_samples(tmp_path, monkeypatch, channels, bit_depth):
+    import tifffile
+
+    from swavkit.data.channels import read_channels
+
+    # The limits lowered (64 x 64 px, 4 samples per pixel of it) so that a small real stack sits over them:
+    # 5 pages of 64 x 64 = 20,480 samples, each page within the pixel limit - the shape of the 3.7 MB file
+    # of 100 pages of 4096 x 4096 that decoded to 3.4 GB.
+    monkeypatch.setattr(images_module, "MAX_IMAGE_PIXELS", 64 * 64)
+    monkeypatch.setattr(images_module, "MAX_IMAGE_SAMPLES", 4 * 64 * 64)
+    spy = WholeStackSpy(monkeypatch)
+    stack = tmp_path / "stack.tif"
+    tifffile.imwrite(stack, np.full((5, 64, 64), 40000, dtype=np.uint16), photometric="minisblack")  # 5 pages
+    if channels == 5:  # read whole: refused from the header, nothing decoded
+        with pytest.raises(UnreadableImage, match="5 x 64 x 64 = 20,480 samples in all, over swavkit's limit of "
+                                                  "16,384"):
+            read_channels(stack, channels, bit_depth)
+        assert spy.shapes == []
+    elif channels == 3:  # converted as the RGB route does: its first page only, the stack never read whole
+        assert read_channels(stack, channels, bit_depth).shape == (3, 64, 64) and spy.shapes == []
+    else:  # another channel count: skipped from the header as before
+        with pytest.raises(UnreadableImage, match="5 channel"):
+            read_channels(stack, channels, bit_depth)
+        assert spy.shapes == []
+    at_limit = tmp_path / "four_pages.tif"  # 4 x 64 x 64 = 16,384 samples: read whole
+    tifffile.imwrite(at_limit, np.full((4, 64, 64), 40000, dtype=np.uint16), photometric="minisblack")
+    if channels not in (1, 3):
+        assert read_channels(at_limit, 4, bit_depth).shape == (4, 64, 64) and spy.shapes == [(4, 64, 64)]

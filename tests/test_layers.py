@@ -134,3 +134,63 @@ def test_old_module_paths_still_import_and_name_the_new_home(old, new):
         module = importlib.import_module(old)
     assert module is importlib.import_module(new)
     assert any(new in str(w.message) and issubclass(w.category, DeprecationWarning) for w in caught)
+
+
+# Python's default warning filters (what a user's script runs under): DeprecationWarning shown only where it
+# is attributed to __main__.
+DEFAULT_FILTERS = [("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, None)]
+
+
+def _import_as_a_users_script(code: str, old: str) -> list:
+    """Run ``code`` as the main script of a user (file user_script.py) under the default filters, the old
+    module path not yet imported; the warnings it shows."""
+    import sys
+    import warnings
+
+    sys.modules.pop(old, None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()
+        for action, category, module in reversed(DEFAULT_FILTERS):
+            warnings.filterwarnings(action, category=category, module=module or "")
+        exec(compile(code, "user_script.py", "exec"), {"__name__": "__main__"})
+    return caught
+
+
+@pytest.mark.parametrize("code, old", [
+    ("import os\nfrom swavkit.presets import CPU_BACKBONE\n", "swavkit.presets"),  # a data folder of that name too
+    ("import os\nimport swavkit.knn\n", "swavkit.knn"),
+    ("import importlib\nimportlib.import_module('swavkit.checkpoint')\n", "swavkit.checkpoint"),
+])
+def test_an_old_path_warns_at_the_users_own_import_line(code, old):
+    caught = _import_as_a_users_script(code, old)
+    assert [(w.filename, w.lineno, w.category) for w in caught] == [("user_script.py", 2, DeprecationWarning)]
+    assert old in str(caught[0].message)
+
+
+def test_old_presets_path_is_the_presets_module():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from swavkit.presets import CPU_BACKBONE
+        from swavkit.training.presets import CPU_BACKBONE as NEW
+
+    assert CPU_BACKBONE == NEW
+
+
+def test_aliasing_alters_no_module_and_reload_still_reloads():
+    import importlib
+    import sys
+    import warnings
+
+    import swavkit.evaluation.floors as floors  # stdlib only, no classes: safe to reload here
+
+    spec = floors.__spec__
+    sys.modules.pop("swavkit.floors", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        assert importlib.import_module("swavkit.floors") is floors
+    assert floors.__spec__ is spec and floors.__name__ == "swavkit.evaluation.floors"
+    original = floors.add_floors
+    floors.add_floors = None  # reload must re-execute the module, restoring it
+    assert importlib.reload(floors) is floors and callable(floors.add_floors) and floors.add_floors is not original

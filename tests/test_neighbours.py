@@ -174,3 +174,69 @@ def test_query_of_another_channel_count_or_for_changed_weights_is_one_line(embed
 
         neighbours(str(other), str(tmp_path / "q2"), queries=[query], device="cpu", progress=False)
     assert not (tmp_path / "q2" / "neighbours.csv").exists()
+
+
+def copied(out: Path, tmp_path: Path, name: str = "copy") -> Path:
+    """A copy of the three embeddings files (to edit) -> its .npy."""
+    target = tmp_path / name
+    target.mkdir()
+    for suffix in (".npy", ".paths.txt", ".json"):
+        shutil.copy(out.with_name("emb" + suffix), target / ("emb" + suffix))
+    return target / "emb.npy"
+
+
+def refused(argv: list[str], capsys) -> str:
+    """The one line of a refused command (exit 2)."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_nan_rows_are_refused_not_dropped(embedded, tmp_path, capsys):
+    """A NaN row edited into a good file: every search refuses it (faiss would rank it nowhere and a duplicate
+    search would quietly find fewer groups)."""
+    _, out = embedded
+    edited = copied(out, tmp_path)
+    vectors = np.load(edited)
+    vectors[4] = np.nan
+    np.save(edited, vectors)
+    for extra in ([], ["--duplicates"]):
+        err = refused(["neighbours", str(edited), *extra, "--out", str(tmp_path / "nn"), "--no-progress"], capsys)
+        assert "1 of its 15 rows are NaN/inf (first: row 4" in err and "embed the images again" in err
+    assert not (tmp_path / "nn").exists()
+
+
+def test_zero_byte_empty_and_reordered_files_are_one_line(embedded, tmp_path, capsys):
+    _, out = embedded
+    zero = copied(out, tmp_path, "zero")
+    zero.write_bytes(b"")
+    assert "not readable as swavkit embeddings (EOFError" in refused(
+        ["neighbours", str(zero), "--out", str(tmp_path / "nn"), "--no-progress"], capsys)
+
+    empty = copied(out, tmp_path, "empty")  # 0 rows everywhere, the manifest edited to agree
+    np.save(empty, np.zeros((0, 512), np.float32))
+    empty.with_name("emb.paths.txt").write_text("")
+    manifest = json.loads(empty.with_name("emb.json").read_text())
+    manifest.update(n_rows=0, rows_sha256=None)
+    empty.with_name("emb.json").write_text(json.dumps(manifest))
+    assert "holds no embeddings (0 rows)" in refused(
+        ["neighbours", str(empty), "--out", str(tmp_path / "nn"), "--no-progress"], capsys)
+
+    swapped = copied(out, tmp_path, "swapped")  # two lines of the names exchanged: rows now name other images
+    lines = swapped.with_name("emb.paths.txt").read_text().splitlines(keepends=True)
+    lines[0], lines[1] = lines[1], lines[0]
+    swapped.with_name("emb.paths.txt").write_text("".join(lines))
+    assert "not the ones (or not in the order) swavkit embed wrote" in refused(
+        ["neighbours", str(swapped), "--out", str(tmp_path / "nn"), "--no-progress"], capsys)
+    assert not (tmp_path / "nn").exists()
+
+
+def test_more_neighbours_asked_than_there_are_says_what_was_found(embedded, tmp_path, capsys):
+    _, out = embedded
+    assert main(["neighbours", str(out), "--k", "100", "--out", str(tmp_path / "nn"), "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert "14 neighbours (--k 100: there are not that many) of 15 queries among 15 images" in said
+    assert len(read_csv(tmp_path / "nn" / "neighbours.csv")) == 15 * 14
+    assert "swavkit 14 nearest neighbours" in (tmp_path / "nn" / "index.html").read_text()

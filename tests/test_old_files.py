@@ -14,7 +14,7 @@ import yaml
 
 import swavkit
 from swavkit.artifacts.checkpoint import load_training_checkpoint
-from swavkit.config import from_dict
+from swavkit.config import ConfigError, from_dict
 
 OLD_RUN = Path(__file__).parent / "data" / "v0_1_run"
 
@@ -41,6 +41,19 @@ def test_a_checkpoint_written_before_the_move_resumes(tmp_path):
     resumed = load_training_checkpoint(run / "checkpoints" / "last.pt")
     changed = [k for k, v in saved["model"].items() if v.is_floating_point() and not torch.equal(v, resumed["model"][k])]
     assert changed, "the resumed steps must have trained the old weights"
+
+
+@pytest.mark.parametrize("proof", ["config.yaml", "checkpoints/last.pt"])
+def test_an_old_run_folder_still_counts_as_a_run_by_either_proof(tmp_path, proof):
+    from swavkit.artifacts.rundir import RunFolder
+
+    run = tmp_path / "run"
+    shutil.copytree(OLD_RUN, run)
+    (run / ("checkpoints/last.pt" if proof == "config.yaml" else "config.yaml")).unlink()  # only `proof` left
+    assert RunFolder(str(run)).holds_run()
+    (run / proof).unlink()
+    with pytest.raises(ConfigError, match="not a swavkit run"):  # backbone/ alone proves nothing
+        RunFolder(str(run))
 
 
 @pytest.mark.parametrize("old", ["swavkit.train", "swavkit.pretrained", "swavkit.rundir"])

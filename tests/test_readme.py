@@ -1,5 +1,5 @@
-"""Every command the README shows is real: it parses with swavkit's own parser, names configs that exist,
-and the cheap ones run."""
+"""Every command the README and the documentation site (docs/**/*.md) show in a ```bash block is real: it
+parses with swavkit's own parser, names configs and recipes that exist, and the cheap ones run."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from swavkit.cli.main import build_parser, main, parse_arguments
+from swavkit.config import recipes
 
 REPO = Path(__file__).resolve().parents[1]
-READMES = (REPO / "README.md",)
+# every page of the site too: a ```bash block is a promise that it runs as written from the repository root
+READMES = (REPO / "README.md", *sorted((REPO / "docs").rglob("*.md")))
 
 
 def readme_commands() -> list[tuple[str, list[str]]]:
@@ -46,6 +48,14 @@ def test_readme_command_parses_and_names_real_files(line, argv):
         for part in value.split("="):
             if part.startswith("configs/"):
                 assert (REPO / part).is_file(), f"{line}: {part} does not exist"
+    for name in getattr(args, "config", None) or []:
+        if "/" not in name:  # a recipe by name
+            assert name.removesuffix(".yaml") in recipes(), f"{line}: --config {name} is not a shipped recipe"
+
+
+def test_the_site_is_searched_too():
+    assert any(path.parent.name == "guides" for path in READMES), READMES
+    assert any(line.startswith("swavkit embed") for line, _ in readme_commands())
 
 
 def test_cheap_readme_commands_run(capsys):

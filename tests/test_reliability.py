@@ -21,6 +21,7 @@ from conftest import tiny_overrides, write_images
 from swavkit.artifacts.checkpoint import CheckpointError, load_state, load_training_checkpoint, save_atomic
 from swavkit.config import load_config
 from swavkit.data import DataError, UnlabeledImageFolder, find_images, read_rgb, read_skipped_report
+from swavkit.runtime.cores import cpu_training_threads
 from swavkit.runtime.fileio import read_jsonl
 from swavkit.training.trainer import TrainingDiverged, train
 
@@ -171,9 +172,10 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(image_folder,
     reference = train(load_config([], tiny_overrides(image_folder, tmp_path / "ref", **extra)), progress=False)
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "swavkit", "pretrain", "--no-progress", *tiny_overrides(image_folder, out, **extra)]
-    # bitwise equality needs the reference's thread count (conftest's) in the child processes too, also
-    # when the suite runs under OMP_NUM_THREADS=1
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    # bitwise equality needs the reference's thread count in the child processes too: the count train() ran
+    # the reference with (OMP_NUM_THREADS when set, else swavkit's own rule), not this process's (conftest's),
+    # which differ on a machine with more than 2 cores
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(cpu_training_threads())}
     checkpoint = out / "checkpoints" / "last.pt"
     rng = random.Random(1234)
     kills = 0

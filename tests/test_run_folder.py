@@ -4,6 +4,8 @@ schedule continuous, model.init, and the closing lines of a run that ended on th
 from __future__ import annotations
 
 import math
+import os
+import pickle
 
 import pytest
 import timm
@@ -43,6 +45,55 @@ def test_a_folder_that_is_not_a_run_is_refused_and_kept(image_folder, tmp_path):
         with pytest.raises(ConfigError, match="not a swavkit run"):
             _run(tiny_overrides(image_folder, project), restart=restart)
     assert sorted(p.name for p in project.iterdir()) == ["thesis.tex"]
+
+
+def _another_tools_run(folder, marker) -> dict:
+    """What another trainer leaves in its out_dir, with a last.pt that runs code when unpickled; {path: bytes}."""
+    class CodeRunner:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "wandb").mkdir()
+    (folder / "tensorboard").mkdir()
+    with open(folder / "checkpoints" / "last.pt", "wb") as handle:
+        pickle.dump({"epoch": 3, "state": CodeRunner()}, handle)
+    torch.save({"format": "other-trainer", "model": torch.zeros(2)}, folder / "checkpoints" / "best.pt")
+    (folder / "config.yaml").write_text("lr: 0.1\n")
+    (folder / "metrics.jsonl").write_text('{"step": 1}\n')
+    (folder / "wandb" / "run.log").write_text("wandb")
+    (folder / "tensorboard" / "events.out").write_text("tb")
+    (folder / "notes.md").write_text("mine")
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("last_pt", ["code-running pickle", "another format"])
+def test_restart_never_clears_a_folder_swavkit_cannot_prove_it_wrote(image_folder, tmp_path, capsys, last_pt):
+    folder, marker = tmp_path / "other-run", tmp_path / "CODE-RAN"
+    files = _another_tools_run(folder, marker)
+    if last_pt == "another format":  # a plain tensor file without swavkit's format marker
+        torch.save({"format": "other-trainer", "model": torch.zeros(2)}, folder / "checkpoints" / "last.pt")
+        files[folder / "checkpoints" / "last.pt"] = (folder / "checkpoints" / "last.pt").read_bytes()
+    for restart in ([], ["--restart"]):
+        assert main(["pretrain", *restart, "--no-progress", *tiny_overrides(image_folder, folder)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "not a swavkit run" in err and "--restart" not in err, err
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == files and not marker.exists()
+
+
+def test_a_fine_tune_folder_is_one_only_with_its_marker(tmp_path):
+    from swavkit.artifacts.rundir import FINETUNE_FORMAT, FinetuneFolder
+
+    folder = tmp_path / "ft"
+    folder.mkdir()
+    (folder / "checkpoint.pt").write_bytes(b"another tool's")
+    (folder / "finetune.json").write_text('{"format": "not-swavkit"}')
+    with pytest.raises(ConfigError, match="not a swavkit fine-tune") as info:
+        FinetuneFolder(folder)  # what finetune --restart builds before it discards anything
+    assert "--restart" not in str(info.value) and (folder / "checkpoint.pt").read_bytes() == b"another tool's"
+    (folder / "finetune.json").write_text(f'{{"format": "{FINETUNE_FORMAT}"}}')
+    FinetuneFolder(folder).discard()
+    assert sorted(p.name for p in folder.iterdir()) == []
 
 
 def test_restart_keeps_the_users_files_in_a_run_folder(image_folder, tmp_path):

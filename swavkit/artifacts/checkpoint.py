@@ -14,13 +14,13 @@ import json
 import os
 import pickle
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 
-from swavkit.runtime.fileio import atomic_writer, fsync_dir, write_json_atomic, write_text_atomic
+from swavkit.runtime.fileio import (atomic_writer, file_mode, fsync_dir, make_temp_folder, naming, write_json_atomic,
+                                    write_text_atomic)
 from swavkit.data.constants import crop_fraction_for
 from swavkit.artifacts.layout import EXPORT_CONFIG, EXPORT_FILES, EXPORT_WEIGHTS
 
@@ -97,6 +97,21 @@ def load_training_checkpoint(path: str | Path) -> dict:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a swavkit training checkpoint (no format '{CHECKPOINT_FORMAT}')")
     return state
+
+
+def is_swavkit_checkpoint(path: str | Path) -> bool:
+    """True when ``path`` is a training checkpoint in swavkit's format: it loads weights-only (no code runs) and
+    carries ``format: swavkit-train-v1``. Cheap at any size: the tensors are memory-mapped, never read, and
+    the SHA-256 is not checked (it proves the file intact, not who wrote it). What makes a folder a run that
+    ``--restart`` may clear (swavkit.artifacts.rundir)."""
+    path = Path(path)
+    if not path.is_file() or path.is_symlink():
+        return False
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - any file torch cannot read weights-only is not one swavkit wrote
+        return False
+    return isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT
 
 
 def backbone_state(model_state: dict) -> dict:
@@ -186,7 +201,7 @@ def export_backbone(backbone: torch.nn.Module, out_dir: str | Path, *, image_siz
 
     out_dir = check_export_target(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = make_temp_folder(out_dir.parent, f".{out_dir.name}.")  # renamed into place: an ordinary mode
     try:
         # crop_pct: how swavkit evaluates at this size (timm's registry value, e.g. 0.95, is not)
         pretrained_cfg = {"tag": EXPORT_TAG, "input_size": [len(mean), image_size_px, image_size_px],
@@ -204,19 +219,22 @@ def export_backbone(backbone: torch.nn.Module, out_dir: str | Path, *, image_siz
 
             write_text_atomic(tmp / MODEL_CARD_FILE, model_card)
         with open(tmp / EXPORT_WEIGHTS, "rb+") as handle:
+            os.fchmod(handle.fileno(), file_mode())  # safetensors writes it 0600: others could not load it
             os.fsync(handle.fileno())
         fsync_dir(tmp)
         if out_dir.is_dir() and _exchange_folders(tmp, out_dir):
             pass  # tmp now holds the previous export, removed below
         elif out_dir.is_dir():
             # No atomic exchange here: a short moment without out_dir, never a partial one.
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            old = make_temp_folder(out_dir.parent, f".{out_dir.name}.old.")
             os.replace(out_dir, old / "previous")
             os.replace(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
         fsync_dir(out_dir.parent)
+    except OSError as err:  # the temporary folder's name means nothing to the user: name the export
+        raise naming(err, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

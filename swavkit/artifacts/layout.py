@@ -19,6 +19,12 @@ RUN_CONFIG = "config.yaml"
 RUN_METRICS = "metrics.jsonl"
 RUN_SKIPPED = "skipped.txt"
 RUN_CHECKPOINT = Path("checkpoints") / "last.pt"
+# the checkpoint with the best label-free signal so far (swavkit.training.checkpoint_signal), and the images
+# that signal is measured on
+RUN_BEST_CHECKPOINT = Path("checkpoints") / "best-rankme.pt"
+RUN_SIGNAL_SAMPLE = Path("checkpoints") / "signal-images.txt"
+# ``swavkit export RUN --select`` / train.export_checkpoint: which checkpoint of a run folder
+RUN_CHECKPOINT_CHOICES = {"last": RUN_CHECKPOINT, "rankme": RUN_BEST_CHECKPOINT}
 RUN_EXPORT_DIR = "backbone"
 
 
@@ -40,4 +46,5 @@ def run_folder_of(path: Path) -> Path | None:
 
 
 __all__ = ["EXPORT_CONFIG", "EXPORT_WEIGHTS", "EXPORT_CARD", "EXPORT_FILES", "RUN_CONFIG", "RUN_METRICS",
-           "RUN_SKIPPED", "RUN_CHECKPOINT", "RUN_EXPORT_DIR", "holds_export", "run_folder_of"]
+           "RUN_SKIPPED", "RUN_CHECKPOINT", "RUN_BEST_CHECKPOINT", "RUN_SIGNAL_SAMPLE",
+           "RUN_CHECKPOINT_CHOICES", "RUN_EXPORT_DIR", "holds_export", "run_folder_of"]

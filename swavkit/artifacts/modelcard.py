@@ -79,9 +79,11 @@ def _architecture_section(architecture: str, config: dict | None, feature_dim: i
                       f"{[round(m, 4) for m in mean]} and std {[round(s, 4) for s in std]}"]]
     if config:
         hidden, out, k = (_get(config, f"model.{key}") for key in ("hidden_dim", "output_dim", "n_prototypes"))
+        widths = _get(config, "model.head_dims") or ([hidden] if hidden else [])
+        bn = "" if _get(config, "model.head_bn") in (None, True) or not widths else " (no BN)"
         rows.append(["training head (not in this folder)",
-                     f"projection {hidden or '-'} -> {out}-d, L2-normalised, {k} prototypes; only the backbone "
-                     "is exported"])
+                     f"projection {' -> '.join(map(str, widths)) or '-'}{bn} -> {out}-d, L2-normalised, {k} "
+                     "prototypes; only the backbone is exported"])
     return "## Architecture\n\n" + _table(["", ""], rows)
 
 
@@ -204,11 +206,17 @@ def _embedded_floors(record: dict) -> dict[str, float]:
     return floors
 
 
+def _embedded_baselines(record: dict) -> dict[str, float]:
+    """``record["baselines"]`` (swavkit.evaluation.baselines) as {shown name: top-1 %}."""
+    return {str(value.get("name", name)): float(value["top1"]) for name, value in (record.get("baselines") or {}).items()
+            if isinstance(value, dict) and isinstance(value.get("top1"), (int, float))}
+
+
 def _results_section(results: list[dict]) -> str:
     if not results:
         return ("## Benchmark results\n\nNone recorded yet. Measure them with `swavkit knn` / `swavkit linear` "
                 "(each writes a JSON record with its protocol) and export again to list them here.")
-    rows = []
+    rows, verdicts = [], []
     for record in results:
         data, prep = record.get("data") or {}, record.get("preprocessing") or {}
         top1, floor = _metric(record, "top1"), _floor_kind(record)
@@ -221,11 +229,18 @@ def _results_section(results: list[dict]) -> str:
             prep.get("image_size_px"), f"{top1:.2f}" if top1 is not None else None,
             f"{_metric(record, 'top5'):.2f}" if _metric(record, "top5") is not None else None,
             ", ".join(f"{name} {value:.2f}" for name, value in floors.items()) or None,
+            ", ".join(f"{name} {value:.2f}" for name, value in _embedded_baselines(record).items()) or None,
             ("**not above the " + " and ".join(below) + " floor**") if below else None])
+        if record.get("verdict"):
+            verdicts.append(f"- {_protocol(record)}: {record['verdict']}")
     return ("## Benchmark results\n\nTop-1 / top-5 accuracy in %, frozen features unless the protocol says "
             "otherwise. The floors are what the same protocol gives without SwAV: the same architecture "
-            "randomly initialised, and raw pixels. A number is only worth what it adds above them.\n\n"
-            + _table(["backbone", "protocol", "data", "image px", "top-1", "top-5", "floors (top-1)", "note"], rows))
+            "randomly initialised, and raw pixels. A number is only worth what it adds above them. The baselines "
+            "are other weights (e.g. downloadable ImageNet ones) measured with the same data, image size and "
+            "protocol: what the pretraining had to beat.\n\n"
+            + _table(["backbone", "protocol", "data", "image px", "top-1", "top-5", "floors (top-1)",
+                      "baselines (top-1)", "note"], rows)
+            + ("\n\n" + "\n".join(verdicts) if verdicts else ""))
 
 
 def _use_section(image_size_px: int) -> str:
@@ -286,7 +301,8 @@ def render_model_card(*, architecture: str, config: dict | None, data: dict | No
             "device", and "optimizer" / "peak_lr" as resolved from "auto" / 0 in the config}.
         results: evaluation records as ``swavkit knn`` / ``linear`` write them (swavkit.evaluation.report.RESULT_KEYS);
             records of ``timm:<name>`` or ``pixels`` are shown as floors, and a record's own ``"floors"``
-            ({name: top-1 % | {"top1": x} | record}) fills its floors column.
+            ({name: top-1 % | {"top1": x} | record}) fills its floors column, its ``"baselines"`` the baselines
+            column and its ``"verdict"`` a line below the table.
         image_size_px, mean, std: the input the backbone was trained with.
         feature_dim: the backbone's pooled feature size, when known.
         license: a Hub licence id; None leaves the line for the user to fill.

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from swavkit.artifacts.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_state
-from swavkit.artifacts.pretrained import resolve_source
+from swavkit.artifacts.pretrained import pretrained_timm_name, resolve_source
 from swavkit.data.constants import (DEFAULT_IMAGE_SIZE_PX, eval_size_px, IMAGENET_MEAN, IMAGENET_STD, RAW_PIXELS_DEFAULT_SIZE_PX,
                                     RAW_PIXELS_SOURCE)
 from swavkit.data.transforms import Preprocessing
@@ -40,17 +40,30 @@ def _checkpoint_crops(path: Path) -> dict | None:
     return None
 
 
+def timm_pretrained_cfg(name: str) -> dict:
+    """timm's pretrained cfg of ``name`` (``input_size`` [C, H, W], ``mean``, ``std``, ...): what its weights
+    were trained and are evaluated at."""
+    import timm  # the registry: only for timm names
+
+    return timm.models.get_pretrained_cfg(name).to_dict()
+
+
 def resolve_preprocessing(source: str | Path, image_size_px: int | None = None) -> Preprocessing:
     """Image size and normalisation for a backbone source.
 
     Size: ``image_size_px`` if given, else the ``input_size`` an exported folder records, else the
-    large-crop size of a swavkit training checkpoint, else 224 (32 for ``"pixels"``). Mean/std follow the
+    large-crop size of a swavkit training checkpoint, else the ``input_size`` of a timm pretrained name's cfg,
+    else 224 (32 for ``"pixels"``). Mean/std follow the
     same sources (ImageNet statistics by default); ``"pixels"`` uses mean 0, std 1. The crop follows
     :func:`crop_fraction_for`. The channel count (len(mean)) and bit depth follow the export or checkpoint too.
     """
     size, mean, std, origin, bit_depth = None, IMAGENET_MEAN, IMAGENET_STD, "default", 8
     if str(source) == RAW_PIXELS_SOURCE:
         size, mean, std = RAW_PIXELS_DEFAULT_SIZE_PX, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    elif pretrained_timm_name(source):  # downloadable weights: their own pretrained cfg
+        pretrained_cfg = timm_pretrained_cfg(str(source))
+        size, origin = int(pretrained_cfg["input_size"][-1]), "timm pretrained cfg"
+        mean, std = tuple(pretrained_cfg["mean"]), tuple(pretrained_cfg["std"])
     elif not str(source).startswith("timm:"):
         path = resolve_source(source, need="backbone")
         pretrained_cfg = _export_pretrained_cfg(path) if path.is_dir() else None
@@ -72,4 +85,4 @@ def resolve_preprocessing(source: str | Path, image_size_px: int | None = None) 
     return Preprocessing.for_size(size or DEFAULT_IMAGE_SIZE_PX, mean, std, origin, bit_depth)
 
 
-__all__ = ["Preprocessing", "resolve_preprocessing"]
+__all__ = ["Preprocessing", "resolve_preprocessing", "timm_pretrained_cfg"]

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save
 
 from swavkit.artifacts.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, backbone_state, check_export_target,
                                 export_backbone, load_state)
-from swavkit.config import from_dict
+from swavkit.config import from_dict, head_hidden_dims, prototype_rows
 from swavkit.core.model import SwAVModel, build_model, create_backbone
 from swavkit.artifacts.modelcard import card_for_training
 from swavkit.artifacts.seer import is_vissl_regnet, vissl_regnet_to_timm
@@ -31,7 +31,18 @@ from swavkit.artifacts.layout import EXPORT_CONFIG, EXPORT_WEIGHTS, RUN_CHECKPOI
 
 
 class LoadError(RuntimeError):
-    """The weights do not fit the model; the message lists missing and unexpected keys."""
+    """The weights do not fit the model, or the source is not a checkpoint swavkit can read; the message
+    names the source and lists the missing, unexpected and mis-shaped keys. Loading never falls back to
+    random weights. The command line prints it as one line and exits with code 2.
+
+    Example:
+        >>> import swavkit
+        >>> try:
+        ...     swavkit.load_backbone("no/such/run")
+        ... except (swavkit.LoadError, FileNotFoundError) as err:
+        ...     print(type(err).__name__)
+        LoadError
+    """
 
 
 def _describe_keys(keys, limit: int = 8) -> str:
@@ -117,13 +128,19 @@ def split_reference_state(state: dict) -> tuple[dict, dict]:
 
 
 def _reference_head_to_swavkit(head: dict) -> dict:
-    """projection_head.{0,1,3} / prototypes.weight -> SwAVModel's head.layers.* / prototypes.weight."""
-    out = {}
+    """projection_head.{0,1,3} / prototypes.weight -> SwAVModel's head.layers.* / prototypes.weight. Several
+    heads (DeepCluster-v2, SeLa-v2: prototypes.prototypes0.weight, 1, 2 ...) become one prototypes.weight, head
+    after head, as a swavkit method=deepclusterv2 model holds them."""
+    out, heads = {}, {}
     for key, value in head.items():
         if key.startswith("projection_head."):
             out["head.layers." + key[len("projection_head."):]] = value
+        elif key.startswith("prototypes.prototypes") and key.endswith(".weight"):
+            heads[int(key[len("prototypes.prototypes"):-len(".weight")])] = value
         elif key.startswith("prototypes."):
             out["prototypes." + key[len("prototypes."):]] = value
+    if heads:
+        out["prototypes.weight"] = torch.cat([heads[i] for i in sorted(heads)])
     return out
 
 
@@ -173,12 +190,32 @@ def load_backbone(source: str | Path, *, architecture: str = "resnet50") -> torc
         source: an exported folder (``config.json`` + ``model.safetensors``), a swavkit run folder
             (its ``backbone/``, else its ``checkpoints/last.pt``; see :func:`resolve_source`), a swavkit
             training checkpoint (``.pt``), a released SwAV or VISSL checkpoint (``.pth``/``.torch``/``.tar``),
-            or ``timm:<name>`` for random init.
+            ``timm:<name>`` for random init, or a timm pretrained name (``resnet50.a1_in1k``) whose weights are
+            already in the local timm / Hugging Face cache (never downloaded; LoadError saying how to fetch them).
         architecture: timm name for released checkpoints, which do not record it (default resnet50).
+
+    Returns:
+        The timm backbone in eval mode: images [N, C, H, W] -> pooled features [N, num_features], with
+        exactly the stored weights (keys checked strictly).
+
+    Raises:
+        LoadError: the source does not exist or is not a readable checkpoint, or its keys do not fit the
+            architecture (the message lists the missing, unexpected and mis-shaped keys).
+
+    Example:
+        >>> import torch, swavkit
+        >>> net = swavkit.load_backbone("timm:resnet10t")   # random init; a run folder or export in practice
+        >>> tuple(net(torch.randn(2, 3, 32, 32)).shape), net.training
+        ((2, 512), False)
+
+        With a finished run: ``swavkit.load_backbone("runs/a")``, ``swavkit.load_backbone("runs/a/backbone")``,
+        ``swavkit.load_backbone("swav_800ep_pretrain.pth.tar")`` (a released SwAV ResNet-50).
     """
     text = str(source)
     if text.startswith("timm:"):
         return create_backbone(text[len("timm:"):]).eval()
+    if pretrained_timm_name(text):  # downloadable weights already on disk (--baselines), never fetched
+        return cached_timm_backbone(locate_initial_source(text, what="backbone")).eval()
     path = resolve_source(text, need="backbone")
     if holds_export(path):
         try:
@@ -204,7 +241,26 @@ def load_swav_model(source: str | Path, *, architecture: str = "resnet50") -> tu
     """The whole SwAVModel (backbone + head + prototypes) and the config dict it was trained with.
 
     Works for swavkit training checkpoints and released SwAV checkpoints (projection 2048-128,
-    3000 prototypes are read from the tensor shapes). A run folder means its ``checkpoints/last.pt``.
+    3000 prototypes are read from the tensor shapes).
+
+    Args:
+        source: a swavkit run folder (its ``checkpoints/last.pt``), a training checkpoint, or a released
+            SwAV checkpoint.
+        architecture: timm name for released checkpoints, which do not record it (default resnet50).
+
+    Returns:
+        (model, config): the :class:`SwAVModel` in eval mode, and the run's config as a nested dict (for a
+        released checkpoint, the settings read from its tensors).
+
+    Raises:
+        LoadError: the source is not a checkpoint with prototypes, or its keys do not fit.
+
+    Example:
+        ```python
+        model, config = swavkit.load_swav_model("runs/a")
+        z, scores = model(images)               # images [B, 3, H, W] -> scores [B, K]
+        clusters = scores.argmax(dim=1)         # what `swavkit cluster` assigns
+        ```
     """
     path = resolve_source(source, need="checkpoint")
     state = load_state(path)
@@ -212,7 +268,8 @@ def load_swav_model(source: str | Path, *, architecture: str = "resnet50") -> tu
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         cfg = from_dict(state["config"])
         m = cfg.model
-        model = build_model(m.backbone, m.n_prototypes, m.hidden_dim, m.output_dim, m.backbone_kwargs)
+        model = build_model(m.backbone, prototype_rows(cfg), head_hidden_dims(m), m.output_dim, m.backbone_kwargs,
+                            head_bn=m.head_bn)
         return load_strict(model, state["model"], str(path)).eval(), state["config"]
     backbone, head = split_reference_state(state)
     head = _reference_head_to_swavkit(head)
@@ -278,12 +335,24 @@ def _timm_weight_candidates(name: str) -> tuple[list[Path], list[str]]:
     return found, places
 
 
-def locate_initial_source(source: str | Path) -> InitialSource:
-    """What a ``model.init`` value names, checked without loading it and without network access.
+def pretrained_timm_name(source: str | Path) -> str | None:
+    """``source`` when it names timm pretrained weights (``resnet50.a1_in1k``; not an existing path, no
+    folder separator or weight-file suffix), else None. Says nothing about whether they are on disk."""
+    text = str(source)
+    if (text.startswith("timm:") or Path(text).exists() or os.sep in text or "/" in text
+            or text.endswith(_WEIGHT_FILE_SUFFIXES) or not timm.is_model(text)):
+        return None
+    pretrained_cfg = timm.models.get_pretrained_cfg(text)
+    return text if pretrained_cfg is not None and pretrained_cfg.has_weights else None
+
+
+def locate_initial_source(source: str | Path, what: str = "model.init") -> InitialSource:
+    """What a ``model.init`` value (or another backbone source: ``what`` names it in messages) names, checked
+    without loading it and without network access.
 
     Raises:
-        LoadError: one line starting with ``model.init:``; for a timm name whose weights are not cached
-            it says where timm looks.
+        LoadError: one line starting with ``what:``; for a timm name whose weights are not cached it says
+            where timm looks and how to fetch them.
     """
     text = str(source)
     path = Path(text)
@@ -291,21 +360,30 @@ def locate_initial_source(source: str | Path) -> InitialSource:
         resolved = resolve_source(path, need="backbone")
         return InitialSource("export" if resolved.is_dir() else "file", resolved)
     if os.sep in text or "/" in text or text.endswith(_WEIGHT_FILE_SUFFIXES):
-        raise LoadError(f"model.init: {text} does not exist; give an existing export folder, run folder or "
+        raise LoadError(f"{what}: {text} does not exist; give an existing export folder, run folder or "
                         "checkpoint file, or a timm pretrained name such as resnet50.a1_in1k")
     if not timm.is_model(text):
-        raise LoadError(f"model.init: '{text}' is neither an existing file or folder nor a timm model name "
+        raise LoadError(f"{what}: '{text}' is neither an existing file or folder nor a timm model name "
                         "(timm.list_pretrained() lists the names with weights)")
     pretrained_cfg = timm.models.get_pretrained_cfg(text)
     if pretrained_cfg is None or not pretrained_cfg.has_weights:
-        raise LoadError(f"model.init: timm has no pretrained weights for '{text}'; see "
+        raise LoadError(f"{what}: timm has no pretrained weights for '{text}'; see "
                         f"timm.list_pretrained('{text.split('.')[0]}*')")
     found, places = _timm_weight_candidates(text)
     if not found:
-        raise LoadError(f"model.init: the weights of timm's '{text}' are not on disk (looked for "
+        raise LoadError(f"{what}: the weights of timm's '{text}' are not on disk (looked for "
                         f"{'; '.join(places)}); swavkit never downloads: run timm.create_model('{text}', "
                         "pretrained=True) once where there is network, or give a file")
     return InitialSource("timm", found[0], text)
+
+
+def cached_timm_backbone(located: InitialSource, backbone_kwargs: dict | None = None) -> torch.nn.Module:
+    """The timm backbone (num_classes=0) with the cached pretrained weights ``located`` found.
+
+    timm itself maps the file to the model (its filter_fn, classifier removal); pointing its 'file' source
+    at the cached file keeps it off the network."""
+    return timm.create_model(located.timm_name, pretrained=True, num_classes=0,
+                             pretrained_cfg_overlay={"file": str(located.path)}, **(backbone_kwargs or {}))
 
 
 def _base_architecture(name: str) -> str:
@@ -316,11 +394,7 @@ def _base_architecture(name: str) -> str:
 def _state_and_architecture(located: InitialSource, backbone_kwargs: dict) -> tuple[dict, str | None]:
     """The backbone state dict a located source holds, and the architecture it records (None: unknown)."""
     if located.kind == "timm":
-        # timm itself maps the file to the model (its filter_fn, classifier removal); pointing its 'file'
-        # source at the cached file keeps it off the network.
-        net = timm.create_model(located.timm_name, pretrained=True, num_classes=0,
-                                pretrained_cfg_overlay={"file": str(located.path)}, **backbone_kwargs)
-        return net.state_dict(), located.timm_name
+        return cached_timm_backbone(located, backbone_kwargs).state_dict(), located.timm_name
     if located.kind == "export":
         try:
             architecture = json.loads((located.path / EXPORT_CONFIG).read_text())["architecture"]
@@ -344,8 +418,20 @@ def load_initial_backbone_state(source: str | Path, backbone_name: str,
             swavkit run folder or checkpoint (its backbone part), or a released SwAV/VISSL checkpoint
             (``module.``/``trunk`` prefixes stripped, head and prototypes dropped).
         backbone_name: ``model.backbone``; a source recording another architecture is refused.
+        backbone_kwargs: ``model.backbone_kwargs`` (``in_chans`` ...), the keyword arguments the backbone is
+            built with.
+
+    Returns:
+        The backbone's state dict (parameter and buffer name -> tensor), ready for ``load_state_dict``.
+
     Raises:
         LoadError: one line naming the source and the missing, unexpected or mis-shaped keys.
+
+    Example:
+        ```python
+        net = swavkit.create_backbone("resnet50")
+        net.load_state_dict(swavkit.load_initial_backbone_state("runs/a", "resnet50"))
+        ```
     """
     backbone_kwargs = dict(backbone_kwargs or {})
     located = locate_initial_source(source)
@@ -364,7 +450,27 @@ def load_initial_backbone_state(source: str | Path, backbone_name: str,
 
 def export_checkpoint(source: str | Path, out_dir: str | Path) -> Path:
     """``swavkit export``: a run folder or checkpoint -> timm-loadable ``out_dir`` (config.json,
-    model.safetensors and, for swavkit runs, the README.md model card)."""
+    model.safetensors and, for swavkit runs, the README.md model card).
+
+    Args:
+        source: a swavkit run folder (its ``checkpoints/last.pt``), a training checkpoint, or a released
+            SwAV/VISSL checkpoint.
+        out_dir: a new or empty folder, or an earlier export (replaced in one atomic step); any other
+            folder is refused before anything is loaded.
+
+    Returns:
+        ``out_dir`` as a Path; ``timm.create_model(f"local-dir:{out_dir}", pretrained=True)`` loads it.
+
+    Raises:
+        LoadError: the source cannot be read or does not fit its architecture.
+        CheckpointError: ``out_dir`` is a file, or holds files that are not an earlier export.
+
+    Example:
+        ```python
+        out = swavkit.export_checkpoint("runs/a", "exports/a")
+        net = timm.create_model(f"local-dir:{out}", pretrained=True)
+        ```
+    """
     check_export_target(out_dir)  # before any loading: a refused target should fail fast
     checkpoint = resolve_source(source, need="checkpoint")
     state = load_state(checkpoint)
@@ -419,5 +525,5 @@ def torchvision_state(source: str | Path) -> dict:
 
 
 __all__ = ["LoadError", "CheckpointError", "load_backbone", "load_swav_model", "load_strict", "key_mismatch",
-           "resolve_source", "InitialSource", "locate_initial_source", "load_initial_backbone_state",
+           "resolve_source", "InitialSource", "locate_initial_source", "pretrained_timm_name", "cached_timm_backbone", "load_initial_backbone_state",
            "export_checkpoint", "export_torchvision", "split_reference_state"]

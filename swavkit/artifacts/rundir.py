@@ -1,11 +1,14 @@
 """The run folder (``out_dir``): what a swavkit run writes there, and the rule that it never touches
 anything else.
 
-A run folder holds ``config.yaml``, ``metrics.jsonl``, ``skipped.txt``, ``checkpoints/last.pt``,
+A run folder holds ``config.yaml``, ``metrics.jsonl``, ``skipped.txt``, ``checkpoints/last.pt`` (and
+``best-rankme.pt``, ``signal-images.txt`` beside it),
 ``backbone/`` and what the metric loggers write (``tensorboard/``, ``loggers.json``, ``mlflow.db``,
 ``wandb/``). ``pretrain`` accepts an ``out_dir`` that does not exist yet, an empty folder, or a folder
-that already holds a swavkit run (its checkpoint, or a config.yaml with swavkit's header); any other folder (a home folder, ``/``, a data folder, a project) is
-refused before anything is written. ``--restart`` deletes only the run's own files, and only after every
+that swavkit can prove holds one of its runs: a ``checkpoints/last.pt`` in swavkit's format (read weights-only,
+its ``format`` marker checked: another tool's ``last.pt`` does not count), or a config.yaml with swavkit's header.
+Any other folder (a home folder, ``/``, a data folder, a project, another tool's run) is refused before
+anything is written, with or without ``--restart``. ``--restart`` deletes only the run's own files, and only after every
 other check of the run (config, backbone name, data folder, model build) has passed.
 
 The same rule holds for every folder swavkit writes a run into: :class:`OwnedFolder` states it once, and
@@ -20,9 +23,10 @@ import os
 import shutil
 from pathlib import Path
 
-from swavkit.artifacts.layout import RUN_CHECKPOINT, RUN_CONFIG, RUN_EXPORT_DIR, RUN_METRICS, RUN_SKIPPED
+from swavkit.artifacts.layout import (RUN_BEST_CHECKPOINT, RUN_CHECKPOINT, RUN_CONFIG, RUN_EXPORT_DIR, RUN_METRICS,
+                                     RUN_SIGNAL_SAMPLE, RUN_SKIPPED)
 from swavkit.artifacts.sharded_checkpoint import remove_shard_folders
-from swavkit.artifacts.checkpoint import CheckpointError, check_export_target, is_swavkit_export
+from swavkit.artifacts.checkpoint import CheckpointError, check_export_target, is_swavkit_checkpoint, is_swavkit_export
 from swavkit.config import ConfigError
 from swavkit.data.filelist import CACHE_NAME as LIST_CACHE_FILE
 from swavkit.data.names import printable_path, read_skipped_report, skipped_report_text
@@ -41,6 +45,7 @@ FINETUNE_RUN_FILE = "finetune.json"
 FINETUNE_CHECKPOINT_FILE = "checkpoint.pt"
 FINETUNE_LABELS_FILE = "labels.txt"
 FINETUNE_FLOOR_FOLDER = "random-init"
+FINETUNE_BASELINE_PREFIX = "baseline-"  # + the baseline's name: its fine-tune beside the floor's
 
 
 def resolve_out_dir(text: str) -> Path:
@@ -116,7 +121,8 @@ class OwnedFolder:
 class RunFolder(OwnedFolder):
     """The files of one pretraining run inside ``out_dir``; construction checks that the folder may hold a run."""
 
-    OWN_FILES = (RUN_METRICS, RUN_SKIPPED, LIST_CACHE_FILE, *LOGGER_FILES, str(RUN_CHECKPOINT), RUN_CONFIG)
+    OWN_FILES = (RUN_METRICS, RUN_SKIPPED, LIST_CACHE_FILE, *LOGGER_FILES, str(RUN_BEST_CHECKPOINT),
+                 str(RUN_SIGNAL_SAMPLE), str(RUN_CHECKPOINT), RUN_CONFIG)
     OWN_FOLDERS = LOGGER_FOLDERS
 
     def __init__(self, out_dir: str):
@@ -129,7 +135,8 @@ class RunFolder(OwnedFolder):
         super().__init__(path)
 
     def holds_run(self) -> bool:
-        return self.checkpoint.is_file() or _is_run_config(self.config)
+        """Proof that swavkit wrote this run: its config header, or a checkpoint in its format (read safely)."""
+        return _is_run_config(self.config) or is_swavkit_checkpoint(self.checkpoint)
 
     def _check_run(self) -> None:
         try:  # checked now rather than after hours of training, when the export would be refused

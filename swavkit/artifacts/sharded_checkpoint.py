@@ -9,7 +9,9 @@ last, once all shards are complete); then rank 0 writes ``last.pt`` atomically w
 another process count (or in one plain process, ``dist.strategy=ddp``) re-shards on load.
 
 Everything that reads a training checkpoint for its weights (``load_backbone``, ``swavkit export``, ``model.init``)
-gets the whole ``model`` dict through :func:`with_model_tensors`.
+gets the whole ``model`` dict through :func:`with_model_tensors`. Every read of a DCP folder here goes through
+:class:`swavkit.artifacts.dcp_reader.SafeFileSystemReader`: DCP's own reader would unpickle the folder's
+``.metadata`` and its non-tensor items without restriction, so a folder from someone else could run code.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from pathlib import Path
 
 import torch
 
+from swavkit.errors import is_unwritable
 from swavkit.runtime import distributed
+from swavkit.runtime.fileio import naming
 from swavkit.artifacts.checkpoint import CheckpointError, load_training_checkpoint, save_atomic
 
 SHARDED_KEY = "sharded"  # last.pt entry: the folder (a sibling) holding model + optimizer as DCP shards
@@ -38,6 +42,20 @@ def _read_errors() -> tuple[type[BaseException], ...]:
 _READ_ERRORS = _read_errors()
 
 
+def _safe_reader(folder: Path):
+    # imported here: torch.distributed.checkpoint is heavy, and only sharded checkpoints need it
+    from swavkit.artifacts.dcp_reader import SafeFileSystemReader
+
+    return SafeFileSystemReader(folder)
+
+
+def _refused(err: BaseException) -> CheckpointError | None:
+    """The reader's own one-line refusal (unsafe or inconsistent folder) inside DCP's wrapped error, if any."""
+    from swavkit.artifacts.dcp_reader import unwrap_read_error
+
+    return unwrap_read_error(err)
+
+
 def _new_folder_name(step: int) -> str:
     """A fresh name, the same on every rank: a second save at the same step (end of epoch, then the final
     one) must not overwrite the folder the current last.pt names."""
@@ -47,12 +65,20 @@ def _new_folder_name(step: int) -> str:
 def save_sharded_checkpoint(state, checkpoint: Path, config: dict) -> None:
     """Collective: DCP shards of model + optimizer, then ``last.pt`` (rank 0), then old shard folders removed."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     checkpoint = Path(checkpoint)
     folder = checkpoint.parent / _new_folder_name(state.step)
     model_state, optimizer_state = get_state_dict(state.core, state.optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
+    try:
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
+    except CheckpointException as err:  # a BaseException wrapping each rank's error, traceback and all
+        unwritable = [error for error, _ in err.failures.values() if is_unwritable(error)]
+        if not unwritable:
+            raise
+        shutil.rmtree(folder, ignore_errors=True)  # partial shards: last.pt still names the previous save
+        raise naming(unwritable[0], folder) from None
     rest = state.state_dict(weights=False)  # collective: every rank's RNG and queue
     if distributed.is_main_process():
         save_atomic({**rest, SHARDED_KEY: folder.name, "config": config}, checkpoint)
@@ -86,13 +112,17 @@ def load_sharded_into(state, checkpoint: Path, saved: dict) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     folder = shard_folder(checkpoint, saved)
+    reader = _safe_reader(folder)  # refuses an unsafe or inconsistent folder (one line) before DCP starts
     model_state, optimizer_state = get_state_dict(state.core, state.optimizer)
     target = {"model": model_state, "optimizer": optimizer_state}
     try:
         with warnings.catch_warnings():  # one plain process: "assuming the intent is to load in a single process"
             warnings.filterwarnings("ignore", message=".*single process.*")
-            dcp.load(target, checkpoint_id=str(folder))
+            dcp.load(target, storage_reader=reader)
     except _READ_ERRORS as err:  # DCP wraps a missing or short shard file in its own error types
+        refused = _refused(err)
+        if refused is not None:
+            raise CheckpointError(str(refused)) from None
         first = " ".join(str(err).split())[:200]
         raise CheckpointError(f"{folder}: the sharded checkpoint cannot be re-sharded to {distributed.world_size()} "
                               f"process(es) ({type(err).__name__}: {first}); restore the folder from a copy, or "
@@ -128,11 +158,15 @@ def with_model_tensors(saved: dict, checkpoint: Path) -> dict:
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
     folder = shard_folder(checkpoint, saved)
+    reader = _safe_reader(folder)  # refuses an unsafe or inconsistent folder (one line) before DCP starts
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message=".*single process.*")
-            model = _load_state_dict_from_keys(keys={"model"}, checkpoint_id=str(folder))["model"]
+            model = _load_state_dict_from_keys(keys={"model"}, storage_reader=reader)["model"]
     except _READ_ERRORS as err:
+        refused = _refused(err)
+        if refused is not None:
+            raise CheckpointError(str(refused)) from None
         first = " ".join(str(err).split())[:200]
         raise CheckpointError(f"{folder}: cannot read the sharded weights ({type(err).__name__}: {first})") from None
     return {**saved, "model": {k: v.detach().cpu() for k, v in model.items() if isinstance(v, torch.Tensor)}}

@@ -98,8 +98,9 @@ def _cmd_neighbours(args) -> int:
     result = neighbours(args.embeddings, args.out, k=args.k, queries=args.query, duplicates=args.duplicates,
                         threshold=args.threshold, index=args.index, backbone=args.backbone, device=args.device,
                         page_rows=args.page_rows, progress=not args.no_progress)
+    fewer = f" (--k {result['k_asked']}: there are not that many)" if result["k"] < result["k_asked"] else ""
     found = (f"{result['n_groups']} near-duplicate groups" if "n_groups" in result
-             else f"{result['k']} neighbours of {result['n_queries']} queries")
+             else f"{result['k']} neighbours{fewer} of {result['n_queries']} queries")
     print(f"{found} among {result['n_vectors']} images ({result['index']}); wrote {printable_path(result['csv'])}")
     print(f"open {printable_path(os.path.abspath(result['page']))}")
     return 0

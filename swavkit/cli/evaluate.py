@@ -9,6 +9,7 @@ from swavkit.cli.args import (PRECISIONS, SOURCE_HELP, WORKERS_DEFAULT_HELP, add
                               positive_float, positive_int, workers_default)
 from swavkit.data.constants import (CENTRE_CROP_FRACTION, DEFAULT_IMAGE_SIZE_PX, FULL_IMAGE_MAX_SIZE_PX,
                                     RAW_PIXELS_DEFAULT_SIZE_PX)
+from swavkit.evaluation.baselines import add_baselines_argument  # stdlib only
 from swavkit.evaluation.floors import add_floors_argument  # stdlib only
 from swavkit.evaluation.options import INDEX_TYPES, RECIPES, EvalOptions, KnnOptions, LinearOptions  # stdlib only
 
@@ -50,14 +51,14 @@ def _add_eval_options(p, evaluation: str) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     add_floors_argument(p, "the same architecture at random init and raw pixels at the same image size and "
                         "protocol", default=defaults.floors)
+    add_baselines_argument(p, "the same split, image size and protocol")
 
 def _finish_evaluation(result: dict) -> int:
     from swavkit.runtime import distributed
-    from swavkit.evaluation.report import format_table, summary_rows
+    from swavkit.evaluation.report import print_report, summary_rows
 
     if distributed.is_main_process():
-        print(format_table(summary_rows(result)))
-        print(f"wrote {result['result_path']}")
+        print_report(summary_rows(result), result)
     distributed.shutdown()
     return 0
 
@@ -134,20 +135,39 @@ def _add_linear(subparsers) -> None:
                 "reference: smallest random-resized-crop area fraction", type=positive_float)
 
 def _cmd_cluster(args) -> int:
-    from swavkit.evaluation.cluster import explore_clusters
-
-    result = explore_clusters(args.checkpoint, args.data, args.out, top_per_cluster=args.top,
-                              batch_size=args.batch_size, device=args.device, num_workers=args.workers,
-                              image_size_px=args.image_size, progress=not args.no_progress)
-    print(f"{result['n_images']} images in {result['clusters_used']} of {result['n_prototypes']} clusters "
-          f"({result['n_skipped']} unreadable files skipped)")
     from swavkit.data import printable_path
 
+    common = dict(top_per_cluster=args.top, batch_size=args.batch_size, device=args.device, num_workers=args.workers,
+                  image_size_px=args.image_size, progress=not args.no_progress)
+    if args.k is None:
+        from swavkit.evaluation.cluster import explore_clusters
+
+        result = explore_clusters(args.checkpoint, args.data, args.out, **common)
+    else:
+        from swavkit.evaluation.groups import group_images
+
+        result = group_images(args.checkpoint, args.data, args.out, k=args.k, max_k=args.k_max, seed=args.seed, **common)
+        for row in result["k_selection"] or []:
+            print(f"  K={row['k']:<3} silhouette {row['silhouette']:.3f}  stability (ARI) {row['stability_ari']:.3f}"
+                  + ("  <- chosen" if row["chosen"] else "" if row["stable"] else "  (unstable)"))
+    unit = "prototypes" if args.k is None else "k-means groups"
+    print(f"{result['n_images']} images in {result['clusters_used']} of {result['n_prototypes']} {unit} "
+          f"({result['n_skipped']} unreadable files skipped)")
     for path, reason in result["skipped"][:5]:
         print(f"  skipped {printable_path(path)}: {printable_path(reason)}")
     print(f"wrote {printable_path(result['assignments_csv'])}, {printable_path(result['histogram_png'])}")
+    if args.k is not None:
+        print(f"wrote {printable_path(result['centroids'])} (new images: swavkit assign --clusters "
+              f"{printable_path(args.out)} ...; unassigned beyond cosine distance "
+              + ", ".join(f"{t:.3f}" for t in result["thresholds_cosine_distance"]) + " per group) and "
+              f"{printable_path(result['groups_dir'])}/ ({result['groups_written']})")
     print(f"open {printable_path(Path(result['index_html']).absolute())}")
     return 0
+
+
+def _k_value(text: str):
+    """--k: auto, or a whole number >= 1 (argparse type; stdlib only)."""
+    return "auto" if text.strip().lower() == "auto" else positive_int(text)
 
 def _add_cluster(subparsers) -> None:
     p = add_command(
@@ -157,11 +177,21 @@ def _add_cluster(subparsers) -> None:
                     "OUT/cluster_sizes.png and OUT/index.html, a static page of each cluster's most confident "
                     "images that opens from disk (relative links: zip OUT and open it elsewhere).",
         examples=["swavkit cluster --checkpoint runs/a --data /data/imgs --out clusters",
-                  "swavkit cluster --checkpoint swav_800ep_pretrain.pth.tar --data /data/imgs --out clusters --top 8"],
+                  "swavkit cluster --checkpoint swav_800ep_pretrain.pth.tar --data /data/imgs --out clusters --top 8",
+                  "swavkit cluster --backbone runs/a --data /data/imgs --out groups --k auto"],
         func=_cmd_cluster)
-    p.add_argument("--checkpoint", required=True, metavar="SRC",
+    p.add_argument("--checkpoint", "--backbone", dest="checkpoint", required=True, metavar="SRC",
                    help="a run folder (out_dir; its checkpoints/last.pt), a checkpoint .pt, or a released SwAV "
-                        "checkpoint (the prototypes are needed, so not an exported backbone)")
+                        "checkpoint (the prototypes are needed, so not an exported backbone); with --k any backbone "
+                        "source (export, cached timm pretrained name ...)")
+    p.add_argument("--k", type=_k_value, default=None, metavar="N|auto",
+                   help="instead of the prototypes: spherical k-means (faiss) of the backbone's L2-normalised "
+                        "embeddings into N groups, or auto: the K of highest cosine silhouette among those stable "
+                        "over seeds 0-2 (adjusted Rand index >= 0.8), each candidate's numbers in k_selection.csv; "
+                        "also writes centroids.safetensors (for swavkit assign) and groups/<cluster>/ links")
+    p.add_argument("--k-max", type=positive_int, default=20, metavar="N",
+                   help="--k auto: the largest K tried (default 20; at most images/5)")
+    p.add_argument("--seed", type=int, default=0, help="--k N: the k-means seed (default 0)")
     p.add_argument("--data", required=True, metavar="DIR", help="folder of images, flat or nested")
     p.add_argument("--out", required=True, metavar="OUT", help="folder for assignments.csv, cluster_sizes.png, "
                                                                "index.html and thumbs/")
@@ -174,7 +204,51 @@ def _add_cluster(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _cmd_assign(args) -> int:
+    from swavkit.data import printable_path
+    from swavkit.evaluation.groups import assign_images
+
+    result = assign_images(args.clusters, args.data, args.out, backbone_source=args.backbone, threshold=args.threshold,
+                           batch_size=args.batch_size, device=args.device, num_workers=args.workers,
+                           progress=not args.no_progress)
+    print(f"{result['n_images']} images: {result['n_assigned']} assigned, {result['n_unassigned']} unassigned (cosine "
+          f"distance to the nearest centroid above its group's threshold "
+          + ", ".join(f"{t:.3f}" for t in result["thresholds_cosine_distance"]) + f"), {result['n_skipped']} "
+          "unreadable files skipped")
+    print("images per group: " + ", ".join(f"{k}: {n}" for k, n in enumerate(result["cluster_sizes"])))
+    print(f"wrote {printable_path(result['assignments_csv'])} and {printable_path(result['groups_dir'])}/ "
+          f"({result['groups_written']})")
+    return 0
+
+
+def _add_assign(subparsers) -> None:
+    p = add_command(
+        subparsers, "assign", help="put new images into the groups of an earlier swavkit cluster --k",
+        description="Embed the images of --data with the backbone the groups were made with (refused when its "
+                    "weights sha256 differs from the one centroids.safetensors records) and put each into the group "
+                    "of its nearest centroid, or leave it unassigned (cluster -1, groups/unassigned/) when its "
+                    "cosine distance to that centroid is above the threshold. Writes OUT/assignments.csv (path, "
+                    "cluster, nearest_cluster, cosine_distance), OUT/groups/ and OUT/assign.json.",
+        examples=["swavkit assign --clusters groups --data /data/new --out new-groups",
+                  "swavkit assign --clusters groups --data /data/new --out new-groups --threshold 0.3"],
+        func=_cmd_assign)
+    p.add_argument("--clusters", required=True, metavar="DIR", help="the --out folder of swavkit cluster --k")
+    p.add_argument("--data", required=True, metavar="DIR", help="folder of images (flat or nested) or a list file")
+    p.add_argument("--out", required=True, metavar="OUT", help="folder for assignments.csv, groups/ and assign.json")
+    p.add_argument("--threshold", type=float, default=None, metavar="D",
+                   help="cosine distance (1 - cosine) to the nearest centroid above which an image is unassigned, "
+                        "for every group (default: each group's own, saved by swavkit cluster: the median + 2 x (99th "
+                        "percentile - median) of its clustered images' distances)")
+    p.add_argument("--backbone", default=None, metavar="SRC",
+                   help="where the backbone is now, if it moved (default: the source the centroids record)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass (default 128)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    add_workers(p, workers_default(), WORKERS_DEFAULT_HELP)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def register(subparsers) -> None:
     _add_knn(subparsers)
     _add_linear(subparsers)
     _add_cluster(subparsers)
+    _add_assign(subparsers)

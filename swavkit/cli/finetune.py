@@ -6,23 +6,21 @@ import argparse
 
 from swavkit.cli.args import PRECISIONS, WORKERS_DEFAULT_HELP, add_workers, positive_float, positive_int, workers_default
 from swavkit.evaluation.finetune import REFERENCE_EPOCHS, FinetuneOptions, finetune, summary_rows  # torch: inside
+from swavkit.evaluation.baselines import add_baselines_argument  # stdlib only
 from swavkit.evaluation.floors import add_floors_argument  # stdlib only
 
 
 def _cmd_finetune(args) -> int:
-    from swavkit.data.names import printable_path
-    from swavkit.evaluation.report import format_table
+    from swavkit.evaluation.report import print_report
 
     options = FinetuneOptions(
         label_fraction=args.label_fraction, labels_file=args.labels_file, seed=args.seed, epochs=args.epochs,
         min_steps=args.min_steps, batch_size=args.batch_size, trunk_lr=args.trunk_lr, head_lr=args.head_lr,
         min_crop_scale=args.min_crop_scale, image_size_px=args.image_size, num_workers=args.workers,
         device=args.device, precision=args.precision, out_dir=args.out_dir, out_json=args.out,
-        floors=args.floors, restart=args.restart, progress=not args.no_progress)
+        floors=args.floors, baselines=args.baselines, restart=args.restart, progress=not args.no_progress)
     result = finetune(args.backbone, args.train, args.val, options)
-    print(format_table(summary_rows(result)))
-    if "result_path" in result:  # --out "" writes no record
-        print(f"wrote {printable_path(result['result_path'])} and {printable_path(result['labels_path'])}")
+    print_report(summary_rows(result), result)  # --out "" writes no record: no "wrote" line
     return 0
 
 
@@ -70,6 +68,7 @@ def register(subparsers) -> None:
                    help="result file (default results/finetune-<backbone>-<UTC time>.json)")
     add_floors_argument(p, "the same architecture fine-tuned from random init on the same labelled files",
                         default=FinetuneOptions.floors, counted="the labelled set")
+    add_baselines_argument(p, "the same labelled files, image size and recipe (each in --out-dir/baseline-NAME/)")
     p.add_argument("--restart", action="store_true", help="discard --out-dir's fine-tune and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_finetune)

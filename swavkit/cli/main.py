@@ -1,4 +1,4 @@
-"""Command line: ``swavkit pretrain | export | knn | linear | cluster | embed | neighbours | finetune | plot | shard``. Thin: parse,
+"""Command line: ``swavkit pretrain | export | knn | linear | cluster | assign | embed | neighbours | finetune | plot | shard``. Thin: parse,
 call the library. Every sub-command lives in one module of this package and is registered the same way
 (its module's ``register(subparsers)``, listed in COMMAND_MODULES).
 
@@ -13,7 +13,7 @@ import os
 import sys
 
 from swavkit.cli import embed, evaluate, finetune, pretrain, tools
-from swavkit.errors import EXIT_STOPPED, is_stop_request, is_user_error
+from swavkit.errors import EXIT_STOPPED, UNWRITABLE_ERRNOS, is_stop_request, is_unwritable, is_user_error
 
 # the sub-command modules, in the order `swavkit --help` lists their commands
 COMMAND_MODULES = (pretrain, evaluate, embed, finetune, tools)
@@ -79,6 +79,17 @@ def _did_you_mean(parser: argparse.ArgumentParser, stray: list[str], argv: list[
                       and word.search((action.help or "").split(" (default")[0])]
     return f" (did you mean {close[0]}{' ' + value if value else ''}?)" if close else ""
 
+def describe_unwritable(err: OSError) -> str:
+    """One line for an ``is_unwritable`` OSError: the file it concerns, what happened, what to do. The
+    writers of swavkit.runtime.fileio name the file they were writing (not their temporary sibling) and
+    remove what they had written, so nothing half-written is left behind."""
+    from swavkit.data.names import printable_path
+
+    name = err.filename if err.filename is not None else err.filename2
+    where = f"{printable_path(name)}: " if name is not None else ""
+    return f"{where}{UNWRITABLE_ERRNOS[err.errno]}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_arguments(parser, argv)
@@ -99,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_STOPPED
         if not is_user_error(err):
             raise
+        if is_unwritable(err):  # any output (or input) on a read-only or full disk: one line, whoever wrote it
+            print(f"swavkit {args.command}: error: {describe_unwritable(err)}", file=sys.stderr)
+            return 2
         lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
         # An error raised inside a DataLoader worker arrives as "Caught X in DataLoader worker ...",
         # the traceback, then the original message on the last line: show that line.

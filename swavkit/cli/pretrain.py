@@ -9,9 +9,12 @@ from swavkit.cli.args import WORKERS_DEFAULT_HELP, add_command, add_workers, dur
 
 def _cmd_pretrain(args) -> int:
     if args.help_config:
-        from swavkit.config import describe
+        from swavkit.config import describe, describe_recipes, load_config
 
-        print("\n".join(describe()))
+        recipe = load_config(args.config, args.overrides) if args.config else None
+        print("\n".join(describe(recipe=recipe)))
+        print("\nrecipes (--config NAME, or a path to your own YAML file):")
+        print("\n".join(f"  {line}" for line in describe_recipes()))
         return 0
     from swavkit.runtime import distributed
     from swavkit.api import build_config
@@ -66,14 +69,16 @@ def _add_pretrain(subparsers) -> None:
                     "Options and key=value overrides may come in any order; overrides apply after every --config.",
         epilog="examples:\n"
                "  swavkit pretrain\n"
-               "  swavkit pretrain --config configs/cifar10_resnet18.yaml data.path=/data/imgs out_dir=runs/a\n"
+               "  swavkit pretrain --config cifar10_resnet18 data.path=/data/imgs out_dir=runs/a\n"
                "  swavkit pretrain data.path=/data/imgs model.backbone=resnet18 --workers 8\n"
-               "  swavkit pretrain --config configs/seer_regnety.yaml --plan --procs 8 --gpu-memory 80GB\n"
+               "  swavkit pretrain --config seer_regnety_1.3b --plan --procs 8 --gpu-memory 80GB\n"
                "  swavkit pretrain data.path=/data/imgs --auto --budget 20m\n"
                "  torchrun --nproc_per_node=8 -m swavkit pretrain --config configs/imagenet_resnet50.yaml "
                "data.path=/data/train",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", action="append", metavar="FILE.yaml", help="YAML recipe (repeatable; later wins)")
+    p.add_argument("--config", action="append", metavar="NAME|FILE.yaml",
+                   help="a shipped recipe by name (imagenet_resnet50; --help-config lists them) or a YAML file "
+                        "(repeatable; later wins)")
     p.add_argument("--restart", action="store_true", help="discard the checkpoint in out_dir and start over")
     p.add_argument("--auto", action="store_true",
                    help="derive crops, batch, prototypes, queue, freezing, warm-up and epochs from the data and the "
@@ -97,7 +102,9 @@ def _add_pretrain(subparsers) -> None:
                         "it also sizes the backbone and crops")
     add_workers(p, None, "same as data.num_workers=N; " + WORKERS_DEFAULT_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
-    p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    p.add_argument("--help-config", action="store_true",
+                   help="list every config key with its default and meaning, and the shipped recipes; with --config, "
+                        "also the value the recipe gives each key it changes")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="e.g. train.epochs=10 model.backbone=resnet18 model.init=runs/previous")
     p.set_defaults(func=_cmd_pretrain)
@@ -109,6 +116,7 @@ def _cmd_export(args) -> int:
 
     if args.out_dir is None and (args.torchvision or not args.onnx):
         raise ConfigError("export: give OUT_DIR (the timm layout; --torchvision converts it), --onnx FILE, or both")
+    args.source = _selected_checkpoint(args.source, args.select)
     if args.onnx:  # checked before anything is written
         from swavkit.evaluation.onnx_export import check_onnx_target, require_exporter
 
@@ -135,6 +143,20 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _selected_checkpoint(source: str, select: str) -> str:
+    """--select rankme: a run folder's checkpoints/best-rankme.pt (ConfigError, one line, when there is none)."""
+    from swavkit.artifacts.layout import RUN_CHECKPOINT_CHOICES
+    from swavkit.errors import ConfigError
+
+    if select == "last":
+        return source
+    best = Path(source) / RUN_CHECKPOINT_CHOICES[select]
+    if not best.is_file():
+        raise ConfigError(f"export --select {select}: {best} does not exist; SOURCE must be a run folder trained with "
+                          "train.signal_images > 0 (it keeps that checkpoint at every save), or use --select last")
+    return str(best)
+
+
 def _export_onnx(args) -> int:
     from swavkit.evaluation.onnx_export import describe, export_onnx
 
@@ -146,7 +168,8 @@ def _add_export(subparsers) -> None:
                     examples=["swavkit export runs/a exports/a",
                               "swavkit export swav_800ep_pretrain.pth.tar exports/swav_rn50 "
                               "--torchvision exports/rn50_tv.safetensors",
-                              "swavkit export runs/a --onnx exports/a.onnx"], func=_cmd_export)
+                              "swavkit export runs/a --onnx exports/a.onnx",
+                              "swavkit export runs/a exports/a-rankme --select rankme"], func=_cmd_export)
     p.add_argument("source", metavar="SOURCE", help="a run folder (out_dir; its checkpoints/last.pt is used), a "
                                                     "checkpoint .pt, or a released SwAV/VISSL checkpoint")
     p.add_argument("out_dir", nargs="?", default=None,
@@ -154,6 +177,9 @@ def _add_export(subparsers) -> None:
     p.add_argument("--onnx", metavar="FILE.onnx", default=None,
                    help="also (or only) write the backbone as ONNX with a dynamic batch axis, checked against "
                         "PyTorch's output (max abs difference printed); needs pip install \"swavkit[onnx]\"")
+    p.add_argument("--select", choices=("last", "rankme"), default="last",
+                   help="for a run folder: export its last checkpoint (default) or checkpoints/best-rankme.pt, the one "
+                        "with the highest label-free RankMe signal (docs/guides/checkpoint-selection.md)")
     p.add_argument("--torchvision", metavar="FILE.safetensors",
                    help="also write the weights in torchvision's ResNet key layout")
 

@@ -10,7 +10,8 @@ Why not timm's ``set_grad_checkpointing`` for "on": its recompute runs every Bat
 mode, which applies the running-statistics update twice per step (measured: the running means then differ
 from a run without checkpointing). Our wrapper sets BN momentum to 0 during the recompute, so loss,
 gradients AND BN statistics equal those without checkpointing (tests/test_sharding.py). timm's method is
-used only for a backbone whose blocks its group_matcher does not name.
+used only for a backbone whose blocks its group_matcher does not name AND that has no BatchNorm tracking
+running statistics; such a backbone with BatchNorm is refused (one line), since its statistics would drift.
 """
 
 from __future__ import annotations
@@ -69,12 +70,16 @@ def _checkpointed_forward(block: nn.Module, *args, **kwargs):
                       context_fn=lambda: (contextlib.nullcontext(), _frozen_batchnorm(block)), **kwargs)
 
 
+def _tracked_batchnorms(module: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers that update running statistics in train mode."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
 @contextlib.contextmanager
 def _frozen_batchnorm(block: nn.Module):
     """During the recompute: BN layers normalise with the batch statistics as in the forward, but leave their
     running statistics (and batch count) as the forward left them."""
-    norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-             and m.track_running_stats]
+    norms = [m for m in _tracked_batchnorms(block) if m.training]
     saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
     for m in norms:
         m.momentum = 0.0  # running = (1 - 0) x running + 0 x batch: unchanged, exactly
@@ -96,14 +101,21 @@ def apply_activation_checkpointing(backbone: nn.Module, value: str, backbone_nam
     if fraction == 0.0:
         return ""
     blocks = backbone_blocks(backbone)
+    name = backbone_name or type(backbone).__name__
     if fraction == 1.0 and not blocks and hasattr(backbone, "set_grad_checkpointing"):
+        if _tracked_batchnorms(backbone):
+            # timm's recompute would run these in train mode a second time: two running-statistics updates a step
+            raise ConfigError(f"{KEY}={value}: {name} names no blocks in timm's group_matcher, and timm's "
+                              "set_grad_checkpointing would update its BatchNorm statistics twice per step; set it "
+                              "to off, or use a backbone whose blocks timm names (RegNet, ResNet, ViT ...)")
         try:
             backbone.set_grad_checkpointing(True)
-            return f"activation checkpointing: every block (timm set_grad_checkpointing, {len(blocks) or '?'} blocks)"
+            return ("activation checkpointing: timm's set_grad_checkpointing (the backbone names no blocks, so "
+                    "timm chooses the segments; no BatchNorm statistics to update twice)")
         except (AssertionError, NotImplementedError):
-            pass  # timm models that declare it unsupported: wrap the blocks ourselves
+            pass  # timm models that declare it unsupported: refused below
     if not blocks:
-        raise ConfigError(f"{KEY}={value}: {backbone_name or type(backbone).__name__} has neither timm's "
+        raise ConfigError(f"{KEY}={value}: {name} has neither timm's "
                           "set_grad_checkpointing nor blocks named by its group_matcher; set it to off")
     count = max(1, math.ceil(fraction * len(blocks)))
     for block in blocks[:count]:

@@ -17,6 +17,14 @@ def swapped_prediction_loss(scores: torch.Tensor, codes: dict[int, torch.Tensor]
     Returns:
         scalar: mean over assignment crops i of the mean over crops v != i of
         -sum_k q_i[b, k] log softmax(scores_v[b] / tau)_k, averaged over the batch.
+
+    Example:
+        >>> import math, torch, swavkit
+        >>> scores = torch.zeros(8, 4, 3000)               # V=8 crops, B=4, K=3000; equal scores
+        >>> codes = {i: swavkit.sinkhorn(scores[i]) for i in (0, 1)}   # the two large crops assign
+        >>> loss = swavkit.swapped_prediction_loss(scores, codes, temperature=0.1)
+        >>> round(loss.item(), 3), round(math.log(3000), 3)   # uniform codes: the loss is ln K
+        (8.006, 8.006)
     """
     V = scores.shape[0]
     log_p = F.log_softmax(scores.float() / temperature, dim=-1)  # [V, B, K]

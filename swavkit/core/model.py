@@ -37,9 +37,26 @@ def create_backbone(name: str, zero_init_last: bool | None = None, **kwargs) -> 
 
     Never downloads weights (pretrained=False). Models that can take several input resolutions only when
     told so (vision transformers) get ``dynamic_img_size=True``, so the small crops go through the same
-    model; models that have no such option are created without it. ``zero_init_last`` (None = timm's
-    default) is passed to backbones that have timm's option (ResNets: last BN of each block at 0 or 1);
-    False is then a no-op for the others, True on them is a ConfigError.
+    model; models that have no such option are created without it.
+
+    Args:
+        name: a timm model name.
+        zero_init_last: None = timm's default; else passed to backbones that have timm's option (ResNets:
+            last BN of each block at 0 or 1). False is then a no-op for the others.
+        **kwargs: passed to ``timm.create_model`` (``in_chans=1``, ``drop_path_rate=0.1`` ...).
+
+    Returns:
+        The backbone module: images [N, C, H, W] -> pooled features [N, num_features].
+
+    Raises:
+        ConfigError: ``name`` is not a timm model (the message names the closest ones), or
+            ``zero_init_last=True`` for a backbone without that option.
+
+    Example:
+        >>> import torch, swavkit
+        >>> net = swavkit.create_backbone("resnet10t")
+        >>> tuple(net(torch.randn(2, 3, 32, 32)).shape)
+        (2, 512)
     """
     check_backbone_name(name)
     optional = {"dynamic_img_size": True} if "dynamic_img_size" not in kwargs else {}
@@ -60,15 +77,28 @@ def create_backbone(name: str, zero_init_last: bool | None = None, **kwargs) -> 
 
 
 class ProjectionHead(nn.Module):
-    """Linear(d, hidden) -> BN -> ReLU -> Linear(hidden, out); hidden_dim=0 gives a single Linear."""
+    """An MLP: for each hidden width h, Linear -> [BatchNorm1d] -> ReLU; then Linear(last, out).
 
-    def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 128):
+    ``hidden_dims`` 2048 (an int: one hidden layer; 0 = a single Linear) with BN is the SwAV paper's head;
+    [8192, 8192] without BN is SEER's (VISSL ``swav_head`` with ``use_bn: False``). The layers sit in one
+    ``nn.Sequential`` named ``layers`` so the default head keeps the state-dict keys ``layers.0``, ``layers.1``
+    (BN), ``layers.3`` that older checkpoints and exports carry.
+    """
+
+    def __init__(self, in_dim: int, hidden_dims: int | list[int] = 2048, out_dim: int = 128, batch_norm: bool = True):
         super().__init__()
-        if hidden_dim:
-            self.layers = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim),
-                                        nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
-        else:
-            self.layers = nn.Sequential(nn.Linear(in_dim, out_dim))
+        if isinstance(hidden_dims, int):
+            hidden_dims = [hidden_dims] if hidden_dims else []
+        layers: list[nn.Module] = []
+        width = in_dim
+        for hidden in hidden_dims:
+            layers.append(nn.Linear(width, hidden))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(hidden))
+            layers.append(nn.ReLU(inplace=True))
+            width = hidden
+        layers.append(nn.Linear(width, out_dim))
+        self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[N, in_dim] -> [N, out_dim]"""
@@ -100,6 +130,19 @@ class SwAVModel(nn.Module):
     Grouped forward: consecutive crops of the same size are concatenated and run through the backbone in
     one call per resolution (BN statistics are per resolution group, as in the reference); the head
     and prototypes then run once over all crops.
+
+    Args:
+        backbone: a timm model with ``num_classes=0``: images [B, C, H, W] -> pooled features [B, d].
+        head: the projection head, features [N, d] -> embeddings [N, out_dim].
+        prototypes: K prototype vectors of out_dim (a bias-free linear layer, rows kept at unit length).
+
+    Example:
+        >>> import torch, swavkit
+        >>> model = swavkit.build_model("resnet10t", n_prototypes=30, hidden_dim=64, output_dim=16)
+        >>> crops = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.randn(4, 3, 16, 16)]
+        >>> z, scores = model(crops)          # two backbone calls: one per resolution
+        >>> tuple(z.shape), tuple(scores.shape)
+        ((12, 16), (12, 30))
     """
 
     def __init__(self, backbone: nn.Module, head: ProjectionHead, prototypes: Prototypes):
@@ -113,7 +156,14 @@ class SwAVModel(nn.Module):
         return self.prototypes.weight.shape[0]
 
     def embed(self, crops: list[torch.Tensor]) -> torch.Tensor:
-        """V crops of [B, 3, H_v, W_v] -> backbone features [V*B, d], crop-major."""
+        """Backbone features of every crop, one backbone call per run of equal-sized crops.
+
+        Args:
+            crops: V tensors [B, C, H_v, W_v], all large crops first.
+
+        Returns:
+            features [V*B, d], crop-major (crop 0's B rows first).
+        """
         features = []
         start = 0
         while start < len(crops):
@@ -125,7 +175,14 @@ class SwAVModel(nn.Module):
         return torch.cat(features)
 
     def forward(self, crops: list[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (z [V*B, out_dim] unit-norm embeddings, scores [V*B, K]) in crop-major order."""
+        """Embeddings and prototype scores of every crop.
+
+        Args:
+            crops: V tensors [B, C, H_v, W_v] (all large crops first), or one tensor [B, C, H, W].
+
+        Returns:
+            (z [V*B, out_dim] unit-norm embeddings, scores [V*B, K] cosines with the prototypes), crop-major.
+        """
         if isinstance(crops, torch.Tensor):
             crops = [crops]
         z = self.head(self.embed(crops))
@@ -135,9 +192,35 @@ class SwAVModel(nn.Module):
         return z, self.prototypes(z)
 
 
-def build_model(backbone: str, n_prototypes: int, hidden_dim: int = 2048, output_dim: int = 128,
-                backbone_kwargs: dict | None = None, zero_init_last: bool = False) -> SwAVModel:
-    """The model to pretrain. ``zero_init_last`` defaults to the SwAV reference (False: its torchvision-style
-    ResNet-50 starts every BN at gamma 1), not to timm's True; ``backbone_kwargs`` may still override it."""
+def build_model(backbone: str, n_prototypes: int, hidden_dim: int | list[int] = 2048, output_dim: int = 128,
+                backbone_kwargs: dict | None = None, zero_init_last: bool = False, head_bn: bool = True) -> SwAVModel:
+    """The model to pretrain: a timm backbone, a projection head and prototypes.
+
+    Args:
+        backbone: a timm model name (``model.backbone``), created without weights and without classifier.
+        n_prototypes: K, the number of prototypes (``model.n_prototypes``; the paper: 3000).
+        hidden_dim: the head's hidden width (the paper: 2048), or a list of widths (``head_hidden_dims`` of the
+            config; SEER: ``[8192, 8192]``); an empty list or 0 is a single Linear.
+        output_dim: dimension of the L2-normalised embedding the prototypes score (the paper: 128).
+        backbone_kwargs: extra keyword arguments for ``timm.create_model`` (e.g. ``{"in_chans": 1}``).
+        zero_init_last: start the last BN of each residual block at 0 (timm's default) or 1. Defaults to the
+            SwAV reference (False: its torchvision-style ResNet-50 starts every BN at gamma 1);
+            ``backbone_kwargs`` may still override it.
+        head_bn: BatchNorm after each hidden Linear of the head (the paper: True; SEER: False).
+
+    Returns:
+        A :class:`SwAVModel` in training mode.
+
+    Raises:
+        ConfigError: an unknown timm name (with the closest names), or ``zero_init_last=True`` for a
+            backbone without that option.
+
+    Example:
+        >>> import swavkit
+        >>> model = swavkit.build_model("resnet10t", n_prototypes=100, hidden_dim=512, output_dim=64)
+        >>> model.n_prototypes, model.backbone.num_features
+        (100, 512)
+    """
     net = create_backbone(backbone, zero_init_last=zero_init_last, **(backbone_kwargs or {}))
-    return SwAVModel(net, ProjectionHead(net.num_features, hidden_dim, output_dim), Prototypes(output_dim, n_prototypes))
+    head = ProjectionHead(net.num_features, hidden_dim, output_dim, batch_norm=head_bn)
+    return SwAVModel(net, head, Prototypes(output_dim, n_prototypes))

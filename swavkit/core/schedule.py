@@ -150,9 +150,20 @@ def build_lr_schedule(cfg: Config, steps_per_epoch: int, optimizer_name: str) ->
     else:
         peak_lr = reference_peak_lr(optimizer_name, cfg.train.batch_size)
     final_lr = o.final_lr * batch_factor if o.final_lr >= 0 else peak_lr * FINAL_LR_RATIO
-    return LRSchedule(peak_lr=peak_lr, final_lr=final_lr, warmup_start_lr=o.warmup_start_lr * batch_factor,
-                      warmup_steps=round(o.warmup_epochs * steps_per_epoch),
+    warmup_start_lr = o.warmup_start_lr if o.warmup_start_lr_absolute else o.warmup_start_lr * batch_factor
+    if warmup_start_lr > peak_lr:
+        raise ConfigError(f"optim.warmup_start_lr: {warmup_start_lr:g} (absolute) is above the peak LR {peak_lr:g} at "
+                          f"batch {cfg.train.batch_size}, so the warm-up would lower the LR; start below the peak")
+    return LRSchedule(peak_lr=peak_lr, final_lr=final_lr, warmup_start_lr=warmup_start_lr,
+                      warmup_steps=steps_of(o.warmup_epochs, o.warmup_steps, steps_per_epoch),
                       total_steps=steps_per_epoch * cfg.train.epochs)
+
+
+def steps_of(epochs: float, steps: int, steps_per_epoch: int) -> int:
+    """A length the config gives in epochs (fractions allowed) or, when ``steps`` >= 0, in optimiser steps
+    (``optim.warmup_steps``, ``swav.freeze_prototypes_steps``: a recipe's iteration count, exact at any
+    epoch length)."""
+    return steps if steps >= 0 else round(epochs * steps_per_epoch)
 
 
 def explain_peak_lr(cfg: Config, optimizer_name: str) -> str:

@@ -41,11 +41,22 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3, *,
             eager call at B 1024, 1.4x at B 4096 (benchmarks/README.md). The trainer does not use it (see
             ``_CudaGraphs``).
 
-    Raises NonFiniteCodesError when the scores themselves hold NaN/inf (checked with one host sync).
-
     Returns:
         Q: [B, K] codes in ``dtype``; every row (sample) sums to 1 and every column (prototype) sums
         to about B_global / K over all ranks.
+
+    Raises:
+        NonFiniteCodesError: the scores themselves hold NaN/inf (checked with one host sync).
+        ValueError: ``n_iters`` < 1.
+
+    Example:
+        >>> import torch, swavkit
+        >>> embeddings = torch.nn.functional.normalize(torch.randn(256, 128), dim=1)   # [B, d], unit rows
+        >>> prototypes = torch.nn.functional.normalize(torch.randn(3000, 128), dim=1)  # [K, d], unit rows
+        >>> scores = embeddings @ prototypes.T                                          # [B, K] cosines
+        >>> Q = swavkit.sinkhorn(scores, epsilon=0.05, n_iters=3)
+        >>> tuple(Q.shape), torch.allclose(Q.sum(dim=1), torch.ones(256))
+        ((256, 3000), True)
     """
     B, K = scores.shape
     if n_iters < 1:

@@ -74,8 +74,10 @@ def _check_channels(found: int, wanted: int) -> None:
                                    f"data.channels={found}")
 
 
-def _tiff_array(path: str | os.PathLike, channels: int) -> np.ndarray:
-    """A TIFF's first series as [C, H, W]; the channel count and size checked from the header."""
+def _tiff_array(path: str | os.PathLike, channels: int) -> np.ndarray | None:
+    """A TIFF's first series as [C, H, W]; the channel count, the page size and the total number of samples
+    checked from the header. None when ``channels`` is 3 and the TIFF holds neither 1 nor 3 channels: the
+    caller converts its first page with read_rgb (the RGB route's rule) instead."""
     import tifffile  # only TIFF users pay its import
 
     with tifffile.TiffFile(path) as tif:
@@ -94,7 +96,12 @@ def _tiff_array(path: str | os.PathLike, channels: int) -> np.ndarray:
                              "channel axis (samples or pages)")
         if np.dtype(series.dtype).newbyteorder("=") not in FULL_SCALE:  # big-endian ("MM") files included
             raise ValueError(f"TIFF samples of type {series.dtype}: swavkit reads 8- and 16-bit unsigned integers")
-        _check_channels(extra[0][1] if extra else 1, channels)
+        count = extra[0][1] if extra else 1
+        _check_channels(count, channels)
+        if channels == 3 and count not in (1, 3):
+            return None  # converted by read_rgb, which decodes one page: the stack is never read whole
+        # all pages and samples are decoded at once: bounded from the header, before any of them is
+        images.check_samples(math.prod(shape), f"TIFF {axes} {' x '.join(map(str, shape))}")
         pixels = series.asarray()
     pixels = pixels.astype(pixels.dtype.newbyteorder("="), copy=False)  # native byte order for torch
     kept = [i for i, (axis, size) in enumerate(zip(axes, shape)) if axis in "YX" or size > 1]
@@ -158,10 +165,10 @@ def read_channels(path: str | os.PathLike, channels: int, bit_depth: int = 8) ->
     """
     try:
         pixels = _tiff_array(path, channels) if _is_tiff(path) else _pil_array(path, channels)
-        if channels == 3 and pixels.shape[0] == 1:
+        if pixels is None or (channels == 3 and pixels.shape[0] not in (1, 3)):
+            pixels = np.asarray(read_rgb(path)).transpose(2, 0, 1)  # alpha, CMYK, stacks ...: read_rgb's conversions
+        elif channels == 3 and pixels.shape[0] == 1:
             pixels = np.repeat(pixels, 3, axis=0)  # grey in an RGB set, as read_rgb does
-        elif channels == 3 and pixels.shape[0] != 3:
-            pixels = np.asarray(read_rgb(path)).transpose(2, 0, 1)  # alpha, CMYK ...: read_rgb's conversions
     except UnreadableImage:
         raise
     except Exception as err:  # decoders raise OSError, ValueError, struct.error, tifffile's own errors ...

@@ -8,7 +8,9 @@ images through :func:`open_image` / :func:`read_rgb`, so they all accept and ref
   (a PNG named ``.jpg`` is still read). A ``.jpg`` holding PostScript is refused instead of reaching
   Pillow's EPS decoder, which hands the file to Ghostscript where that is installed.
 * size: an image of more than MAX_IMAGE_PIXELS pixels is refused from its header, before any pixel is
-  decoded.
+  decoded; and whatever one decode produces, all pages and samples per pixel together, is at most
+  MAX_IMAGE_SAMPLES samples (Pillow decodes one frame of at most 4 bands; a TIFF stack read whole by
+  swavkit.data.channels is checked against it from its header).
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ IMAGE_FORMATS = tuple(sorted(set(FORMAT_OF_EXTENSION.values())))
 # Pillow's default decompression-bomb threshold (0.25 GiB of 24-bit pixels, about 9459 x 9459). Pillow
 # only warns between 1x and 2x of it; swavkit refuses everything above 1x, in every command.
 MAX_IMAGE_PIXELS = 89_478_485
+# Everything one decode may produce, all pages and samples per pixel together: what Pillow decodes for an RGBA
+# or CMYK image at the pixel limit (0.33 GiB at 8 bits, 0.67 GiB at 16). A 100-page stack of 4096 x 4096 px
+# (1.7 billion samples, 3.4 GB at 16 bits from a 4 MB file) is refused from its header.
+MAX_IMAGE_SAMPLES = 4 * MAX_IMAGE_PIXELS
 # 16-bit images are scaled to 8 bits this many pixels at a time: the transient memory is ~20 bytes per
 # pixel of one band (5 MB), where one float64 copy of the whole image would be 0.7 GB at the limit.
 GREY16_BAND_PIXELS = 1 << 18
@@ -85,6 +91,14 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         image.close()
         raise ImageTooLarge(f"{width} x {height} px = {width * height:,} pixels, over {limit}")
     return image
+
+
+def check_samples(samples: int, described: str) -> None:
+    """ImageTooLarge when a decode would produce more than MAX_IMAGE_SAMPLES samples (``described``: the
+    header's shape, for the message)."""
+    if samples > MAX_IMAGE_SAMPLES:
+        raise ImageTooLarge(f"{described} = {samples:,} samples in all, over swavkit's limit of "
+                            f"{MAX_IMAGE_SAMPLES:,} (4 per pixel of its {MAX_IMAGE_PIXELS:,}-pixel limit)")
 
 
 def _grey16_to_8bit(image: Image.Image) -> Image.Image:

@@ -35,6 +35,7 @@ from swavkit.config import from_dict
 from swavkit.data import (DataError, ImageFiles, ReadOrReport, UnreadableImage, collate_read_or_report, find_images,
                           printable_path, read_rgb)
 from swavkit.runtime.device import resolve_device
+from swavkit.runtime.fileio import atomic_writer, removed_on_failure, write_text_atomic
 from swavkit.data.transforms import Preprocessing
 from swavkit.data.constants import eval_size_px
 
@@ -53,10 +54,11 @@ PAGE_MARKER = '<meta name="generator" content="swavkit cluster explorer">'  # ho
 
 
 def check_output_folder(out_dir: Path, data_dir: str, *, output_names: tuple[str, ...] = OUTPUT_NAMES,
-                        page_marker: str = PAGE_MARKER) -> None:
+                        page_marker: str = PAGE_MARKER, page_file: str = PAGE_FILE) -> None:
     """``--out`` must be new, empty, or an earlier output of the same command (recognised by ``page_marker``
-    in its page; it may hold ``output_names``), and outside the image folder (thumbnails there would become
-    training images); refused with one line (DataError) otherwise. ``swavkit neighbours`` passes its own."""
+    in its ``page_file``; it may hold ``output_names``), and outside the image folder (thumbnails there would
+    become training images); refused with one line (DataError) otherwise. ``swavkit neighbours`` and
+    ``swavkit assign`` pass their own."""
     out, data = out_dir.resolve(), Path(data_dir).resolve()
     if out == data or data in out.parents:
         raise DataError(f"--out {printable_path(out_dir)} is inside the image folder {printable_path(data_dir)}: "
@@ -66,7 +68,7 @@ def check_output_folder(out_dir: Path, data_dir: str, *, output_names: tuple[str
     if not out_dir.is_dir():
         return
     entries = sorted(entry.name for entry in out_dir.iterdir())
-    page = out_dir / PAGE_FILE
+    page = out_dir / page_file
     ours = page.is_file() and page_marker in page.read_text(encoding="utf-8", errors="replace")
     # an earlier output (recognised by its page) may be replaced; any other folder must be empty
     foreign = [name for name in entries if not (ours and name in output_names)]
@@ -165,7 +167,7 @@ def write_assignments_csv(assignments: ClusterAssignments, path: str | Path) -> 
     """``path,cluster,confidence`` with one row per readable image, in folder order; paths in the
     printable form (see swavkit.data.names), so any file name is written and read back exactly."""
     path = Path(path)
-    with open(path, "w", newline="", encoding="utf-8") as handle:
+    with atomic_writer(path, "w") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "cluster", "confidence"])
         for image_path, cluster, confidence in zip(assignments.paths, assignments.clusters.tolist(),
@@ -182,8 +184,8 @@ def _font(size_px: int) -> ImageFont.ImageFont:
 
 
 def draw_size_histogram(sizes: torch.Tensor, path: str | Path, *, width_px: int = 900,
-                        height_px: int = 360) -> Path:
-    """Bar chart of images per prototype ([K] counts), largest first, empty prototypes shaded, as PNG.
+                        height_px: int = 360, unit: str = "prototype") -> Path:
+    """Bar chart of images per prototype (``unit``; [K] counts), largest first, empty ones shaded, as PNG.
 
     Sorted bars (a rank-size plot) show at a glance whether a few prototypes took most images and how
     many got none, which a plot in prototype-index order hides once K is in the thousands.
@@ -197,7 +199,7 @@ def draw_size_histogram(sizes: torch.Tensor, path: str | Path, *, width_px: int 
     draw = ImageDraw.Draw(image)
     title_font, font = _font(16), _font(12)
 
-    draw.text((left, 12), f"images per prototype: {n_images} images, {used} of {K} prototypes used",
+    draw.text((left, 12), f"images per {unit}: {n_images} images, {used} of {K} {unit}s used",
               fill="black", font=title_font)
     bar_w = plot_w / K
     if used < K:  # shade the empty prototypes so "unused" is visible even where bars are sub-pixel
@@ -216,11 +218,12 @@ def draw_size_histogram(sizes: torch.Tensor, path: str | Path, *, width_px: int 
         y = top + plot_h * (1 - tick / peak)
         draw.line([left - 4, y, left, y], fill="black")
         draw.text((left - 8, y), str(tick), fill="black", font=font, anchor="rm")
-    draw.text((left + plot_w / 2, top + plot_h + 16), f"prototypes, largest first (K = {K})",
+    draw.text((left + plot_w / 2, top + plot_h + 16), f"{unit}s, largest first (K = {K})",
               fill="black", font=font, anchor="mt")
     draw.text((left - 8, top - 8), "images", fill="black", font=font, anchor="rb")
     path = Path(path)
-    image.save(path)
+    with atomic_writer(path) as handle:
+        image.save(handle, "PNG")
     return path
 
 
@@ -311,14 +314,15 @@ def thumbnail_figure(path: str, name: str, title: str, score: str, thumbnail: st
 
 def render_page(assignments: ClusterAssignments, members: dict[int, list[int]], thumbnails: dict[int, str],
                 *, data_dir: str, checkpoint: str, temperature: float, image_size_px: int,
-                page_dir: str | None = None) -> str:
+                page_dir: str | None = None, unit: str = "prototype", confidence_text: str | None = None) -> str:
     """The self-contained ``index.html``: summary, histogram, then one section per used prototype.
 
     ``thumbnails`` maps an index into ``assignments.paths`` to its thumbnail path relative to the page.
     Every link is relative: thumbnails, CSV and histogram live next to the page, and each thumbnail links
     to its original image by a path relative to ``page_dir`` (the page's folder; None = no such link).
     Every path and name that comes from the file system is shown in swavkit's printable form
-    (swavkit.data.names) and HTML-escaped.
+    (swavkit.data.names) and HTML-escaped. ``unit`` names a cluster ("prototype", or "k-means group") and
+    ``confidence_text`` says what the confidence is (default: the soft code at ``temperature``).
     """
 
     def esc(text: str) -> str:  # a file name can hold any bytes: printable first, then HTML-safe
@@ -340,16 +344,16 @@ def render_page(assignments: ClusterAssignments, members: dict[int, list[int]], 
         "<h1>SwAV cluster explorer</h1>",
         '<table class="summary">',
         f"<tr><td>images</td><td>{n_images}</td></tr>",
-        f"<tr><td>clusters used</td><td>{len(ordered)} of {K} prototypes</td></tr>",
+        f"<tr><td>clusters used</td><td>{len(ordered)} of {K} {esc(unit)}s</td></tr>",
         f"<tr><td>skipped files</td><td>{skipped_html}</td></tr>",
         f"<tr><td>data</td><td>{esc(data_dir)}</td></tr>",
         f"<tr><td>checkpoint</td><td>{esc(checkpoint)}</td></tr>",
-        f"<tr><td>confidence</td><td>softmax(cosine scores / {temperature:g}) at the assigned prototype; "
+        f"<tr><td>confidence</td><td>{esc(confidence_text or f'softmax(cosine scores / {temperature:g}) at the assigned prototype')}; "
         f"model input {image_size_px} x {image_size_px} px centre crop</td></tr>",
         f'<tr><td>files</td><td><a href="{ASSIGNMENTS_FILE}">{ASSIGNMENTS_FILE}</a> (every image), '
         f'<a href="{HISTOGRAM_FILE}">{HISTOGRAM_FILE}</a></td></tr>',
         "</table>",
-        f'<img class="histogram" src="{HISTOGRAM_FILE}" alt="images per prototype">',
+        f'<img class="histogram" src="{HISTOGRAM_FILE}" alt="images per {esc(unit)}">',
         "<nav>" + "".join(f'<a href="#cluster-{c}">{c} <small>({sizes[c]})</small></a>' for c in ordered) + "</nav>",
     ]
     shown = 0
@@ -421,28 +425,39 @@ def explore_clusters(checkpoint: str | Path, data_dir: str | Path, out_dir: str 
 
     assignments = assign_clusters(model, paths, transform, temperature=temperature, batch_size=batch_size,
                                   device=device, num_workers=num_workers, progress=progress)
+    return write_explorer(assignments, out_dir, data_dir=data_dir, checkpoint=str(checkpoint),
+                          top_per_cluster=top_per_cluster, progress=progress, temperature=temperature,
+                          image_size_px=size_px)
 
-    (out_dir / THUMBS_DIR).mkdir(parents=True, exist_ok=True)
-    csv_path = write_assignments_csv(assignments, out_dir / ASSIGNMENTS_FILE)
-    sizes = assignments.sizes()
-    histogram_path = draw_size_histogram(sizes, out_dir / HISTOGRAM_FILE)
-    members = top_members(assignments, top_per_cluster)
-    thumbnails: dict[int, str] = {}
-    chosen = sorted(i for top in members.values() for i in top)
-    width = len(str(len(assignments.paths)))
-    for i in tqdm(chosen, desc="thumbnails", unit="img", disable=not progress):
-        name = f"{THUMBS_DIR}/{i:0{width}d}.jpg"  # digits only: nothing to escape, no clashes
-        if write_thumbnail(assignments.paths[i], out_dir / name):
-            thumbnails[i] = name
-    page = render_page(assignments, members, thumbnails, data_dir=data_dir, checkpoint=str(checkpoint),
-                       temperature=temperature, image_size_px=size_px, page_dir=str(out_dir))
-    page_path = out_dir / PAGE_FILE
-    page_path.write_text(page, encoding="utf-8")
+
+def write_explorer(assignments: ClusterAssignments, out_dir: Path, *, data_dir: str, checkpoint: str,
+                   top_per_cluster: int, progress: bool, temperature: float, image_size_px: int,
+                   unit: str = "prototype", confidence_text: str | None = None) -> dict:
+    """Write the CSV, the size histogram, the thumbnails and the page of ``assignments`` into ``out_dir``
+    (prototype clusters, or k-means groups: ``unit`` and ``confidence_text`` as in :func:`render_page`);
+    returns the summary dict of :func:`explore_clusters`."""
+    with removed_on_failure(out_dir):  # a new folder that could not be finished is not left to block the rerun
+        (out_dir / THUMBS_DIR).mkdir(parents=True, exist_ok=True)
+        csv_path = write_assignments_csv(assignments, out_dir / ASSIGNMENTS_FILE)
+        sizes = assignments.sizes()
+        histogram_path = draw_size_histogram(sizes, out_dir / HISTOGRAM_FILE, unit=unit)
+        members = top_members(assignments, top_per_cluster)
+        thumbnails: dict[int, str] = {}
+        chosen = sorted(i for top in members.values() for i in top)
+        width = len(str(len(assignments.paths)))
+        for i in tqdm(chosen, desc="thumbnails", unit="img", disable=not progress):
+            name = f"{THUMBS_DIR}/{i:0{width}d}.jpg"  # digits only: nothing to escape, no clashes
+            if write_thumbnail(assignments.paths[i], out_dir / name):
+                thumbnails[i] = name
+        page = render_page(assignments, members, thumbnails, data_dir=data_dir, checkpoint=checkpoint,
+                           temperature=temperature, image_size_px=image_size_px, page_dir=str(out_dir), unit=unit,
+                           confidence_text=confidence_text)
+        page_path = write_text_atomic(out_dir / PAGE_FILE, page)
 
     return {"n_images": len(assignments.paths), "n_skipped": len(assignments.skipped),
             "skipped": assignments.skipped, "n_prototypes": assignments.n_prototypes,
             "clusters_used": int((sizes > 0).sum()), "cluster_sizes": sizes.tolist(),
-            "image_size_px": size_px, "temperature": temperature, "assignments_csv": str(csv_path),
+            "image_size_px": image_size_px, "temperature": temperature, "assignments_csv": str(csv_path),
             "histogram_png": str(histogram_path), "index_html": str(page_path)}
 
 

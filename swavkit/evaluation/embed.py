@@ -10,9 +10,11 @@ Files, for ``--out emb.npy`` (``emb.parquet``: one file of (path, vector) rows i
 * ``emb.npy``: [N, D] float32, one unit-length row per readable image;
 * ``emb.paths.txt``: N lines, row i's image in swavkit's printable form (swavkit.data.path_from_printable
   gives the exact name back); a shard sample is ``<shard>/<member>``;
-* ``emb.json``: the manifest: format, whether the run is complete, the backbone's identity (source,
-  architecture, feature dim, input channels, sha256 of its weights), the preprocessing, the sources and the
-  finished chunks. ``swavkit neighbours`` and a resumed run refuse a file whose identity differs;
+* ``emb.json``: the manifest: format, whether the run is complete, the backbone's identity (source, as an
+  absolute path when it is one; architecture, feature dim, input channels, sha256 of its weights), the
+  preprocessing, the sources, the finished chunks and, once complete, ``rows_sha256`` (of the row names in
+  order, as ``emb.paths.txt`` holds them). ``swavkit neighbours`` and a resumed run refuse a file whose
+  identity differs; ``neighbours`` refuses rows that are not finite or names that are not the recorded ones;
 * ``emb.skipped.txt``: unreadable files, ``path<TAB>reason`` (appended line by line, as in pretraining);
 * ``emb.parts/``: while the run is going, one ``.npy`` + ``.paths.txt`` per finished chunk.
 
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from swavkit.runtime.fileio import atomic_writer, write_json_atomic
+from swavkit.runtime.fileio import atomic_writer, naming_output, write_json_atomic
 
 # torch, numpy and swavkit.data (which imports torch) load inside the functions, so that the command
 # line's --help, which reads add_arguments below, stays instant (tests/test_cli.py).
@@ -148,10 +150,41 @@ def input_channels(module: torch.nn.Module) -> int:
     return int(first.in_channels) if first is not None else 3
 
 
+def nonfinite_weights(module: torch.nn.Module) -> tuple[int, list[str]]:
+    """(how many NaN/inf values the floating-point parameters and buffers of ``module`` hold, the names of
+    the tensors holding them, in state_dict order)."""
+    import torch
+
+    count, names = 0, []
+    for name, tensor in module.state_dict().items():
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                count, names = count + bad, names + [name]
+    return count, names
+
+
+def nonfinite_cause(backbone: torch.nn.Module, precision: str) -> str:
+    """The likely reason ``backbone`` gave NaN/inf features at ``precision`` (fp32 | bf16 | fp16), with
+    what to do, for a one-line message."""
+    count, names = nonfinite_weights(backbone)
+    if count:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        return (f"the backbone holds {count} non-finite weight value(s) (in {shown}): the checkpoint is corrupt "
+                "or its training diverged; use an earlier checkpoint")
+    if precision != "fp32":
+        return f"its activations overflow in {precision}: run the same command with --precision fp32"
+    return "its activations overflow even in fp32: check the backbone (does its training loss look sane?)"
+
+
 def backbone_identity(source, backbone: torch.nn.Module, feature_dim: int) -> dict:
-    """The manifest's ``backbone`` section (see :func:`same_identity` for what must match)."""
+    """The manifest's ``backbone`` section (see :func:`identity_mismatch` for what must match); a source
+    that is a file or folder is recorded as its absolute path, so a query from another directory finds it."""
+    from swavkit.data.constants import RAW_PIXELS_SOURCE
     from swavkit.evaluation.features import backbone_name, backbone_record
 
+    if str(source) != RAW_PIXELS_SOURCE and os.path.exists(source):  # a path: as found, wherever --query runs
+        source = os.path.abspath(source)
     return {**backbone_record(source, backbone_name(backbone), feature_dim),
             "in_channels": input_channels(backbone), "weights_sha256": weights_sha256(backbone)}
 
@@ -476,7 +509,13 @@ def _prepare_backbone(source, image_size_px: int | None, device: torch.device, c
     channels = input_channels(backbone)
     with torch.inference_mode():  # D from one forward pass: not every module records its width
         size = preprocessing.image_size_px
-        feature_dim = int(backbone(torch.zeros(1, channels, size, size)).shape[1])
+        probe = backbone(torch.zeros(1, channels, size, size))
+    feature_dim = int(probe.shape[1])
+    if not bool(torch.isfinite(probe).all()):  # e.g. one NaN weight: every row would be NaN
+        from swavkit.data import DataError, printable_path
+
+        raise DataError(f"{printable_path(str(source))}: the backbone's features are NaN/inf even for a blank "
+                        f"image; {nonfinite_cause(backbone, 'fp32')} (nothing was written)")
     identity = {"backbone": backbone_identity(source, backbone, feature_dim),
                 "preprocessing": preprocessing.as_dict()}
     backbone.to(device).eval()
@@ -498,12 +537,29 @@ def embed(source: str | Path, data: str | Path | list, out: str | Path, *, image
         data: a folder, a .txt/.csv list of image paths, a shard pattern ending in .tar, or a list of them.
         out: ``emb.npy`` or ``emb.parquet`` (pyarrow).
         image_size_px: input side (default: the export's input size, else the checkpoint's large crop).
-        num_workers: decoding processes (None: :func:`swavkit.config.default_num_workers`).
-        device / precision / channels_last: as for :func:`swavkit.extract_features`.
+        batch_size: images per forward pass.
+        num_workers: decoding processes (None: min(4, usable CPU cores - 1)).
+        device: "auto", "cpu", "cuda", "cuda:1", or a torch.device.
+        precision: "auto" (bf16 on GPUs that support it, else fp32), "fp32", "bf16" or "fp16"; the vectors are
+            float32 either way.
+        channels_last: NHWC inputs and weights; faster for convnets on GPUs.
         chunk_images: images per resumable chunk of a folder or list (shards: one chunk per shard).
+        progress: show a tqdm bar.
 
     Returns:
-        :class:`EmbedResult`. Raises DataError (one line) for refused outputs and sources without images.
+        :class:`EmbedResult`: the files written and the counts.
+
+    Raises:
+        DataError: one line for a refused output (a file of another backbone or preprocessing, a file
+            swavkit did not write) and for sources without images.
+        LoadError: the backbone source cannot be loaded.
+
+    Example:
+        ```python
+        result = swavkit.embed("runs/a", "/data/unlabelled", "embeddings/a.npy")   # the same call resumes
+        vectors = numpy.load(result.vectors)            # [N, D] float32, unit rows
+        paths = result.paths.read_text().splitlines()   # row i is paths[i]
+        ```
     """
     from tqdm import tqdm
 
@@ -546,6 +602,7 @@ def embed(source: str | Path, data: str | Path | list, out: str | Path, *, image
                     continue
                 vectors, names, unreadable = _embed_chunk(backbone, chunk, transform, reader, device=device, dtype=dtype,
                                                           batch_size=batch_size, num_workers=workers, bar=bar)
+                _refuse_nonfinite_rows(vectors, names, chunk, backbone, precision)
                 _save_chunk(files, chunk, vectors.reshape(-1, feature_dim), names)
                 append_skipped_report(files.skipped, unreadable)
                 manifest["chunks"].append({"index": chunk.index, "n_inputs": len(names) + len(unreadable),
@@ -556,6 +613,21 @@ def embed(source: str | Path, data: str | Path | list, out: str | Path, *, image
     return EmbedResult(files.vectors, files.manifest, None if files.is_parquet else files.paths, files.skipped,
                        manifest["n_rows"], manifest["n_skipped"], feature_dim, len(done),
                        time.perf_counter() - start_time)
+
+
+def _refuse_nonfinite_rows(vectors: np.ndarray, names: list[str], chunk: Chunk, backbone, precision: str) -> None:
+    """DataError (one line: how many, the first image, the likely cause) when any row of a chunk's vectors
+    [n, D] is not finite, before the chunk is saved: the run stops unfinished (the manifest is not marked
+    complete, ``neighbours`` refuses it), the chunks before it stay for a resume (e.g. with --precision fp32)."""
+    import numpy as np
+
+    from swavkit.data import DataError, printable_path
+
+    bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1)) if len(names) else np.zeros(0, np.int64)
+    if len(bad):
+        raise DataError(f"embed: {len(bad)} of the {len(names)} images of chunk {chunk.index} gave NaN/inf features "
+                        f"(first {printable_path(names[bad[0]])}); {nonfinite_cause(backbone, precision)}; the run "
+                        "stopped unfinished, its earlier chunks are kept")
 
 
 def _rewind_skipped(files: EmbeddingFiles, n_recorded: int) -> None:
@@ -582,7 +654,12 @@ def _finish(files: EmbeddingFiles, manifest: dict, feature_dim: int) -> None:
     if manifest["n_rows"] == 0:
         raise DataError(f"none of the {manifest['n_skipped']} images could be read (listed in "
                         f"{printable_path(files.skipped)})")
-    (_join_parquet if files.is_parquet else _join_npy)(files, chunks, feature_dim)
+    with naming_output(files.vectors):  # a full disk names emb.npy, not its temporary sibling
+        (_join_parquet if files.is_parquet else _join_npy)(files, chunks, feature_dim)
+    rows = hashlib.sha256()  # the row names in order, as .paths.txt holds them: a swapped line is found
+    for chunk in chunks:
+        rows.update(files.chunk(chunk["index"])[1].read_bytes())
+    manifest["rows_sha256"] = rows.hexdigest()
     manifest["complete"] = True
     manifest["chunks"] = chunks
     write_json_atomic(files.manifest, manifest)
@@ -604,8 +681,9 @@ class Embeddings:
 
 def load_embeddings(path: str | Path) -> Embeddings:
     """Read what :func:`embed` wrote (``emb.npy``, ``emb.parquet`` or ``emb.json``). DataError, one line:
-    no manifest (not written by swavkit embed: its backbone is unknown), an unfinished run, or files
-    whose row counts disagree with the manifest."""
+    no manifest (not written by swavkit embed: its backbone is unknown), an unfinished run, files that
+    cannot be read (zero-byte, torn, foreign), whose rows disagree with the manifest (count, width, the
+    names or their order: ``rows_sha256``), or rows that are NaN/inf."""
     import numpy as np
 
     from swavkit.data import DataError, path_from_printable, printable_path
@@ -620,20 +698,56 @@ def load_embeddings(path: str | Path) -> Embeddings:
         raise DataError(f"{printable_path(files.manifest)}: the embedding run is not finished "
                         f"({len(manifest.get('chunks', []))} of {total} chunks); run the same swavkit embed "
                         "command again to finish it")
-    if files.is_parquet:
-        import pyarrow.parquet as pq
+    changed = "the files were changed after swavkit embed wrote them; embed the images again"
+    try:
+        dim, n_rows = int(manifest["backbone"]["feature_dim"]), int(manifest["n_rows"])
+        if files.is_parquet:
+            import pyarrow.parquet as pq
 
-        table = pq.read_table(files.vectors)
-        dim = int(manifest["backbone"]["feature_dim"])
-        vectors = table.column("vector").combine_chunks().flatten().to_numpy().reshape(-1, dim)
-        paths = [path_from_printable(p) for p in table.column("path").to_pylist()]
-    else:
-        vectors = np.load(files.vectors, mmap_mode="r")
-        paths = [path_from_printable(line) for line in files.paths.read_text(encoding="utf-8").splitlines()]
-    if not (len(vectors) == len(paths) == manifest["n_rows"]):
-        raise DataError(f"{printable_path(files.vectors)}: {len(vectors)} vectors and {len(paths)} paths, the "
-                        f"manifest says {manifest['n_rows']}; the files were changed after swavkit embed wrote them")
-    return Embeddings(np.ascontiguousarray(vectors, dtype=np.float32), paths, manifest, files)
+            table = pq.read_table(files.vectors)
+            vectors = table.column("vector").combine_chunks().flatten().to_numpy().reshape(-1, dim)
+            names = table.column("path").to_pylist()
+            names_bytes = "".join(f"{name}\n" for name in names).encode("utf-8")
+        else:
+            vectors = np.load(files.vectors, mmap_mode="r", allow_pickle=False)
+            names_bytes = files.paths.read_bytes()
+            names = names_bytes.decode("utf-8").splitlines()
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as err:  # zero-byte, torn, foreign
+        raise DataError(f"{printable_path(files.vectors)}: not readable as swavkit embeddings ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else 'empty'}); {changed}") from None
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise DataError(f"{printable_path(files.vectors)}: an array of shape {list(vectors.shape)}, the manifest says "
+                        f"rows of {dim}; {changed}")
+    if n_rows < 1 or len(vectors) == 0:  # swavkit embed never finishes without a row
+        raise DataError(f"{printable_path(files.vectors)}: holds no embeddings (0 rows); {changed}")
+    if not len(vectors) == len(names) == n_rows:
+        raise DataError(f"{printable_path(files.vectors)}: {len(vectors)} vectors and {len(names)} paths, the "
+                        f"manifest says {n_rows}; {changed}")
+    recorded = manifest.get("rows_sha256")  # absent in files of swavkit before it was recorded
+    if recorded is not None and hashlib.sha256(names_bytes).hexdigest() != recorded:
+        raise DataError(f"{printable_path(files.paths if not files.is_parquet else files.vectors)}: its image names "
+                        f"are not the ones (or not in the order) swavkit embed wrote (sha256 differs from the "
+                        f"manifest's rows_sha256); {changed}")
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    refuse_nonfinite(vectors, names, files.vectors)
+    return Embeddings(vectors, [path_from_printable(name) for name in names], manifest, files)
+
+
+def refuse_nonfinite(vectors: np.ndarray, names: list[str], source: Path) -> None:
+    """DataError, one line, when a row of ``vectors`` [N, D] (named by ``names`` [N], printable) holds NaN
+    or inf: a search would silently drop
+    it (faiss ranks NaN nowhere) and a duplicate search would find no groups."""
+    import numpy as np
+
+    from swavkit.data import DataError, printable_path
+
+    bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+    if len(bad):
+        raise DataError(f"{printable_path(source)}: {len(bad)} of its {len(vectors)} rows are NaN/inf (first: row "
+                        f"{bad[0]}, {names[bad[0]]}); they cannot be searched: the file was edited, or "
+                        "made by a backbone with broken weights - embed the images again with a sound backbone")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -128,8 +128,18 @@ def extract_features(backbone: torch.nn.Module, data: Dataset | DataLoader, devi
         features [N, D] float32 on CPU, labels [N] int64 on CPU.
 
     Raises:
-        DataError naming the file when an image cannot be decoded: dropping it silently would change the
-        denominator of every reported accuracy.
+        DataError: naming the file when an image cannot be decoded: dropping it silently would change the
+            denominator of every reported accuracy.
+
+    Example:
+        ```python
+        from swavkit.artifacts.preprocessing import resolve_preprocessing
+        from swavkit.data import LabelledImageFolder
+
+        pre = resolve_preprocessing("runs/a/backbone")
+        data = LabelledImageFolder("/data/cifar10/val", pre.transform(), reader=pre.reader())
+        features, labels = swavkit.extract_features(swavkit.load_backbone("runs/a/backbone"), data)
+        ```
     """
     device = resolve_device(device)
     dtype = autocast_dtype(resolve_precision(precision, device))

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING
 
 from swavkit.config import ConfigError
 from swavkit.runtime.fileio import write_text_atomic
+from swavkit.evaluation.baselines import BASELINE_KINDS, check_baselines, display_names, trained_size, verdict
 from swavkit.evaluation.floors import floors_wanted
 from swavkit.runtime.signals import StopRequest, StopRequested
 
@@ -183,6 +184,7 @@ class FinetuneOptions:
     out_dir: str | None = None  # default runs/finetune-<backbone>-<labels>-seed<seed>
     out_json: str | None = None  # None = results/finetune-<backbone>-<UTC time>.json; "" = none
     floors: str = "auto"  # auto | on | off: also fine-tune from random init (swavkit.evaluation.floors; auto counts labelled images)
+    baselines: tuple[str, ...] = ()  # also fine-tune these backbones the same way (swavkit.evaluation.baselines)
     restart: bool = False
     checkpoint_interval_s: float = 60.0
     progress: bool = True
@@ -605,6 +607,7 @@ def _finetune(source: str, train_dir, val_dir, options: FinetuneOptions, stop_re
 
     device = _one_process_device(options)
     check_outputs(options.out_json)  # before minutes of fine-tuning
+    baseline_kinds = check_baselines(options.baselines)  # one that is not on disk: one line, before any work
     started_at, start = utc_now(), time.perf_counter()
     from swavkit.artifacts.preprocessing import resolve_preprocessing  # torch + timm: not at `swavkit --help`
 
@@ -632,6 +635,16 @@ def _finetune(source: str, train_dir, val_dir, options: FinetuneOptions, stop_re
         floors["random_init"] = {"source": floor_source, **floor["metrics"], "out_dir": floor["out_dir"],
                                  "final_train_loss": floor["history"][-1]["train_loss"],
                                  "wall_time_s": floor["wall_time_s"]}
+    baselines, shown = {}, display_names(baseline_kinds)
+    for name, kind in baseline_kinds.items():
+        baseline = _finetune_baseline(name, preprocessing, data, recipe, out_dir, train_dir, val_dir, options,
+                                      stop_request)
+        if not baseline["completed"]:
+            return {"completed": False, "out_dir": baseline["out_dir"], "history": baseline["history"]}
+        size, origin = trained_size(name)
+        baselines[name] = {"source": name, "name": shown[name], "kind": BASELINE_KINDS[kind], "image_size_px": preprocessing.image_size_px,
+                           "trained_size_px": size, "trained_size_from": origin, **baseline["metrics"],
+                           "out_dir": baseline["out_dir"], "wall_time_s": baseline["wall_time_s"]}
     result = build_result(
         evaluation="finetune", metrics=main["metrics"], protocol=_protocol(recipe, chosen_by, data, options),
         backbone={"source": source, "architecture": architecture, "feature_dim": main["feature_dim"]},
@@ -642,6 +655,9 @@ def _finetune(source: str, train_dir, val_dir, options: FinetuneOptions, stop_re
         wall_time_s=time.perf_counter() - start,
         extra={"floors": floors, "out_dir": main["out_dir"], "resumed_from_epoch": main["resumed_from_epoch"],
                "history": main["history"], "completed": True})
+    if baselines:
+        result["baselines"] = baselines
+        result["verdict"] = verdict(result)
     if options.out_json != "":
         path = Path(options.out_json) if options.out_json else default_result_path("finetune", source, started_at)
         check_outputs(path)
@@ -650,6 +666,22 @@ def _finetune(source: str, train_dir, val_dir, options: FinetuneOptions, stop_re
         write_text_atomic(labels_path_for(path), label_list_text(data.relative, data.indices))
         write_result(result, path)
     return result
+
+
+def _finetune_baseline(name: str, preprocessing, data: LabelledData, recipe: Recipe, out_dir: Path, train_dir,
+                       val_dir, options: FinetuneOptions, stop_request: StopRequest) -> dict:
+    """Fine-tune baseline ``name`` on the same labelled files with the same recipe, at the user's image size
+    with its own mean/std, in ``out_dir/baseline-<name>/`` (resumed and restarted with the main fine-tune)."""
+    from swavkit.artifacts.preprocessing import resolve_preprocessing
+    from swavkit.artifacts.rundir import FINETUNE_BASELINE_PREFIX
+
+    own = resolve_preprocessing(name, preprocessing.image_size_px)
+    own.require_rgb(name, "swavkit finetune")
+    if (own.mean, own.std) != (preprocessing.mean, preprocessing.std):  # the same files, normalised its way
+        data = load_labelled_data(train_dir, val_dir, own, options)[0]
+    folder = out_dir / (FINETUNE_BASELINE_PREFIX + re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:60])
+    return _finetune_one(name, _load(name, options.seed), data, recipe, own, folder, train_dir, options,
+                         f"baseline {name}", stop_request)
 
 
 def check_outputs(result_path: str | Path | None) -> None:
@@ -687,6 +719,9 @@ def summary_rows(result: dict) -> list[tuple[str, object]]:
             rows.append((f"{key} %", float(metrics[key])))
     for name, floor in result.get("floors", {}).items():
         rows.append((f"{name.replace('_', ' ')} ({floor['source']}) top1 %", float(floor["top1"])))
+    from swavkit.evaluation.report import baseline_rows  # torch: loaded by now, but not at `swavkit --help`
+
+    rows += baseline_rows(result)
     rows.append(("wall time s", float(result["wall_time_s"])))
     return rows
 

@@ -52,11 +52,26 @@ def add_floors_argument(parser: argparse.ArgumentParser, floors: str, default: s
     parser.add_argument("--no-floors", dest="floors", action="store_const", const="off", help=argparse.SUPPRESS)
 
 
+def evaluate_beside(result: dict, evaluate: Callable[..., dict], sources: dict[str, str], train_dir, val_dir,
+                    options, method_options) -> dict[str, dict]:
+    """Evaluate each of ``sources`` ({name: backbone source}) with ``evaluate`` (evaluate_knn or evaluate_linear,
+    collective under torchrun) at the result's image size and with its protocol: the one wrapper behind the
+    floors and the baselines (swavkit.evaluation.baselines). Returns {name: {"source", "image_size_px",
+    "top1"[, "top5"]}}; nothing is written, and a source gets no floors or baselines of its own."""
+    size_px = result["preprocessing"]["image_size_px"]
+    quiet = dataclasses.replace(options, image_size_px=size_px, out_json="", floors="off", baselines=())
+    measured = {}
+    for name, source in sources.items():
+        other = evaluate(source, train_dir, val_dir, quiet, method_options)
+        measured[name] = {"source": source, "image_size_px": other["preprocessing"]["image_size_px"],
+                          **{k: other["metrics"][k] for k in ("top1", "top5") if k in other["metrics"]}}
+    return measured
+
+
 def add_floors(result: dict, evaluate: Callable[..., dict], train_dir, val_dir, options, method_options) -> dict:
-    """Evaluate each floor of ``result`` with ``evaluate`` (evaluate_knn or evaluate_linear, collective under
-    torchrun), at the result's image size and protocol, and record them as ``result["floors"]`` =
-    {name: {"source", "top1"[, "top5"]}} in the returned copy (the caller rewrites its result file:
-    :func:`swavkit.evaluation.report.rewrite_result`)."""
+    """Evaluate each floor of ``result`` with ``evaluate`` (:func:`evaluate_beside`) and record them as
+    ``result["floors"]`` = {name: {"source", "image_size_px", "top1"[, "top5"]}} in the returned copy (the caller
+    rewrites its result file: :func:`swavkit.evaluation.report.rewrite_result`)."""
     from swavkit.runtime import distributed  # torch: this module is imported by `swavkit --help` (stdlib only)
 
     sources = floor_sources(result)
@@ -69,14 +84,8 @@ def add_floors(result: dict, evaluate: Callable[..., dict], train_dir, val_dir, 
         if distributed.is_main_process():
             print(note)
         return {**result, "floors_skipped": note}
-    size_px = result["preprocessing"]["image_size_px"]
-    quiet = dataclasses.replace(options, image_size_px=size_px, out_json="", floors="off")
-    floors = {}
-    for name, source in sources.items():
-        floor = evaluate(source, train_dir, val_dir, quiet, method_options)
-        floors[name] = {"source": source, "image_size_px": floor["preprocessing"]["image_size_px"],
-                        **{k: floor["metrics"][k] for k in ("top1", "top5") if k in floor["metrics"]}}
-    return {**result, "floors": floors}
+    return {**result, "floors": evaluate_beside(result, evaluate, sources, train_dir, val_dir, options,
+                                                method_options)}
 
 
 def below_floors(result: dict) -> list[str]:

@@ -23,6 +23,7 @@ from swavkit.config import ConfigError
 from swavkit.data import LabelledImageFolder, find_classes
 from swavkit.evaluation.options import INDEX_TYPES, EvalOptions, KnnOptions, apply_keywords
 from swavkit.evaluation.floors import add_floors, floors_wanted
+from swavkit.evaluation.baselines import add_baselines, check_baselines
 from swavkit.evaluation.features import (SplitFeatures, backbone_record, extract_features, extract_split_features, init_processes,
                               load_eval_backbone)
 from swavkit.evaluation.metrics import topk_accuracy
@@ -183,17 +184,32 @@ def evaluate_knn(backbone_source: str | Path, train_dir: str | Path, val_dir: st
     Args:
         backbone_source: exported folder, run folder, training checkpoint, released SwAV checkpoint,
             ``timm:<name>`` (random init) or ``pixels`` (raw pixels, mean-removed per image).
-        train_dir, val_dir: ``DIR/<class>/<image>`` trees with the same class names.
+        train_dir: the labelled train split, a ``DIR/<class>/<image>`` tree (the neighbours' pool).
+        val_dir: the labelled val split, a tree with the same class names (the queries).
         options: extraction and output (:class:`swavkit.evaluation.options.EvalOptions`).
         knn: the protocol (:class:`swavkit.evaluation.options.KnnOptions`).
         features: features already extracted from these folders with this backbone (e.g. shared with a
             linear probe); then nothing is loaded or extracted again.
-        keywords: any field of either options class, e.g. ``k=10, batch_size=64`` (they override it).
+        **keywords: any field of either options class, e.g. ``k=10, batch_size=64`` (they override it).
+
     Returns:
-        the result record (see :func:`swavkit.evaluation.report.build_result`); identical on every process.
+        the result record (see :func:`swavkit.evaluation.report.build_result`): ``metrics`` (``top1``,
+        ``top5`` in percent), the ``protocol``, the floors when they ran, the backbone and data; identical on
+        every process, and written to ``options.out_json`` (unless ``""``).
+
+    Raises:
+        LoadError: the backbone source cannot be loaded.
+        DataError: a split is missing, holds no class folders, or their class names differ.
+
+    Example:
+        ```python
+        result = swavkit.evaluate_knn("runs/a", "/data/cifar10/train", "/data/cifar10/val", k=20)
+        print(result["metrics"]["top1"])
+        ```
     """
     options, knn = apply_keywords(keywords, options or EvalOptions(), knn or KnnOptions())
     check_result_target(options.out_json)  # before minutes of feature extraction
+    check_baselines(options.baselines)  # a baseline that is not on disk: one line, before any work
     started_at, start = utc_now(), time.perf_counter()
     device = init_processes(options.device)
     split = features
@@ -219,6 +235,8 @@ def evaluate_knn(backbone_source: str | Path, train_dir: str | Path, val_dir: st
     result = distributed.broadcast_object(result)
     if features is None and floors_wanted(options.floors, result["data"]["n_train"]):
         result = rewrite_result(add_floors(result, evaluate_knn, train_dir, val_dir, options, knn))
+    if features is None and options.baselines:
+        result = rewrite_result(add_baselines(result, evaluate_knn, train_dir, val_dir, options, knn))
     return result
 
 

@@ -31,6 +31,7 @@ from swavkit.data.transforms import train_transform as augment
 from swavkit.runtime.device import autocast_dtype, resolve_device, resolve_precision
 from swavkit.evaluation.options import DEFAULT_WEIGHT_DECAYS, RECIPES, EvalOptions, LinearOptions, apply_keywords
 from swavkit.evaluation.floors import add_floors, floors_wanted
+from swavkit.evaluation.baselines import add_baselines, check_baselines
 from swavkit.evaluation.features import (SplitFeatures, backbone_name, backbone_record, extract_features,
                               extract_split_features, init_processes, load_eval_backbone)
 from swavkit.evaluation.metrics import topk_accuracy
@@ -293,16 +294,34 @@ def evaluate_linear(backbone_source: str | Path, train_dir: str | Path, val_dir:
     """Linear-probe top-1/top-5 of a frozen backbone on a train/val pair of labelled folders.
 
     Args:
+        backbone_source: exported folder, run folder, training checkpoint, released SwAV checkpoint,
+            ``timm:<name>`` (random init) or ``pixels`` (raw pixels).
+        train_dir: the labelled train split, a ``DIR/<class>/<image>`` tree (part of it is held out to choose
+            the weight decay; nothing is chosen on ``val_dir``).
+        val_dir: the labelled val split, a tree with the same class names (reported).
         options: extraction and output (:class:`swavkit.evaluation.options.EvalOptions`).
         linear: the recipe and its hyperparameters (:class:`swavkit.evaluation.options.LinearOptions`).
         features: (fast recipe) features already extracted from these folders with this backbone.
-        keywords: any field of either options class, e.g. ``recipe="reference", epochs=10`` (they override it).
-        Others: as :func:`swavkit.evaluation.knn.evaluate_knn`.
+        **keywords: any field of either options class, e.g. ``recipe="reference", epochs=10`` (they override it).
+
     Returns:
-        the result record (see :func:`swavkit.evaluation.report.build_result`); identical on every process.
+        the result record (see :func:`swavkit.evaluation.report.build_result`): ``metrics`` (``top1``,
+        ``top5`` in percent), the ``protocol`` and chosen hyperparameters, the floors when they ran;
+        identical on every process, and written to ``options.out_json`` (unless ``""``).
+
+    Raises:
+        LoadError: the backbone source cannot be loaded.
+        DataError: a split is missing, holds no class folders, or their class names differ.
+
+    Example:
+        ```python
+        result = swavkit.evaluate_linear("runs/a", "/data/cifar10/train", "/data/cifar10/val")
+        print(result["metrics"]["top1"])
+        ```
     """
     options, linear = apply_keywords(keywords, options or EvalOptions(), linear or LinearOptions())
     check_result_target(options.out_json)  # before minutes of feature extraction
+    check_baselines(options.baselines)  # a baseline that is not on disk: one line, before any work
     if linear.recipe not in RECIPES:
         raise ConfigError(f"recipe: '{linear.recipe}' is not one of {', '.join(RECIPES)}")
     if features is not None and linear.recipe != "fast":
@@ -337,6 +356,8 @@ def evaluate_linear(backbone_source: str | Path, train_dir: str | Path, val_dir:
     result = distributed.broadcast_object(result)
     if features is None and floors_wanted(options.floors, result["data"]["n_train"]):
         result = rewrite_result(add_floors(result, evaluate_linear, train_dir, val_dir, options, linear))
+    if features is None and options.baselines:
+        result = rewrite_result(add_baselines(result, evaluate_linear, train_dir, val_dir, options, linear))
     return result
 
 

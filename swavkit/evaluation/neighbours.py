@@ -186,6 +186,7 @@ def embed_queries(images: list[str], manifest: dict, backbone_source: str | None
     from swavkit.evaluation.embed import weights_sha256
     from swavkit.evaluation.features import load_eval_backbone
     from swavkit.data.transforms import Preprocessing
+    from swavkit.errors import is_user_error
 
     recorded, prep = manifest["backbone"], manifest["preprocessing"]
     preprocessing = Preprocessing.for_size(prep["image_size_px"], prep["mean"], prep["std"],
@@ -202,7 +203,15 @@ def embed_queries(images: list[str], manifest: dict, backbone_source: str | None
                             f"{recorded['in_channels']}-channel image")
         tensors.append(tensor)
     source = backbone_source or recorded["source"]
-    backbone = load_eval_backbone(source)
+    try:
+        backbone = load_eval_backbone(source)
+    except Exception as err:
+        if backbone_source is not None or not is_user_error(err):
+            raise
+        # the manifest's backbone moved or went: say where to point instead
+        raise DataError(f"--query: cannot load the backbone {printable_path(str(source))} that made these "
+                        f"embeddings ({str(err).splitlines()[0] if str(err) else type(err).__name__}); pass where it "
+                        "lives now with --backbone (its weights must be the same)") from None
     if weights_sha256(backbone) != recorded["weights_sha256"]:
         raise DataError(f"--query: the backbone {printable_path(source)} is not the one that made these embeddings "
                         f"(weights sha256 {weights_sha256(backbone)[:12]} vs {recorded['weights_sha256'][:12]}); "
@@ -312,12 +321,14 @@ def neighbours(embeddings: str, out_dir: str, *, k: int = 10, queries: list[str]
                progress: bool = True) -> dict:
     """Top-``k`` neighbours (of ``queries`` image files, else of every embedded image) or, with
     ``duplicates``, the groups of images whose cosine is >= ``threshold``; written to ``out_dir`` (see the
-    module docstring). Returns {"n_vectors", "index", "n_queries" | "n_groups", "csv", "page", ...}."""
+    module docstring). Returns {"n_vectors", "index", "k" (neighbours found per query: at most ``k``, fewer
+    when there are fewer images), "n_queries" | "n_groups", "csv", "page", ...}."""
     from pathlib import Path
 
     from swavkit.evaluation.cluster import check_output_folder
     from swavkit.config import ConfigError
     from swavkit.evaluation.embed import load_embeddings
+    from swavkit.runtime.fileio import removed_on_failure
 
     if k < 1 or not -1.0 <= threshold <= 1.0 or page_rows < 0:
         raise ConfigError(f"--k must be >= 1 and --threshold within [-1, 1] (got {k}, {threshold})")
@@ -329,8 +340,7 @@ def neighbours(embeddings: str, out_dir: str, *, k: int = 10, queries: list[str]
     check_output_folder(out, image_root, output_names=OUTPUT_NAMES, page_marker=PAGE_MARKER)
     query_vectors = embed_queries(queries, data.manifest, backbone, device) if queries else None
     searcher = build_search_index(data.vectors, index)
-    result = {"n_vectors": len(data.paths), "index": describe_index(searcher), "k": k}
-    out.mkdir(parents=True, exist_ok=True)
+    result = {"n_vectors": len(data.paths), "index": describe_index(searcher), "k_asked": k}
     summary = [("embeddings", str(data.files.vectors)), ("backbone", data.manifest["backbone"]["source"]),
                ("images", f"{len(data.paths)}"), ("index", result["index"])]
     if query_vectors is not None:
@@ -339,6 +349,17 @@ def neighbours(embeddings: str, out_dir: str, *, k: int = 10, queries: list[str]
     else:
         ids, cosines = search_all(searcher, data.vectors, k, progress=progress)
         names = data.paths
+    # what was found, not what was asked: 100 asked among 40 images finds 39 each (an image is not its own)
+    result["k"] = int((ids >= 0).sum(axis=1).max()) if len(ids) else 0
+    with removed_on_failure(out):  # a new folder that could not be finished is not left to block the rerun
+        _write_outputs(out, data, names, ids, cosines, result, summary, duplicates=duplicates, threshold=threshold,
+                       k=k, page_rows=page_rows, progress=progress)
+    return result
+
+
+def _write_outputs(out, data, names: list[str], ids: np.ndarray, cosines: np.ndarray, result: dict, summary: list, *,
+                   duplicates: bool, threshold: float, k: int, page_rows: int, progress: bool) -> None:
+    """The CSV, thumbnails and page of :func:`neighbours` (``ids``/``cosines`` [Q, k]); fills ``result``."""
     if duplicates:
         groups = duplicate_groups(ids, cosines, threshold)
         write_duplicates_csv(out / DUPLICATES_FILE, groups, data.paths, data.vectors)
@@ -354,9 +375,8 @@ def neighbours(embeddings: str, out_dir: str, *, k: int = 10, queries: list[str]
         rows = [(name, [(name, "query")] + [(data.paths[j], f"{c:.3f}") for j, c in zip(row_ids, row_cos) if j >= 0])
                 for name, row_ids, row_cos in zip(names[:page_rows], ids.tolist(), cosines.tolist())]
         result.update(n_queries=len(names), csv=str(out / NEIGHBOURS_FILE))
-    title = "swavkit near-duplicates" if duplicates else f"swavkit {k} nearest neighbours"
+    title = "swavkit near-duplicates" if duplicates else f"swavkit {result['k']} nearest neighbours"
     result["page"] = write_page(out, rows, summary, title, progress)
-    return result
 
 
 __all__ = ["EXACT_MAX_VECTORS", "INDEX_KINDS", "choose_index", "build_search_index", "describe_index", "recall_at_k",

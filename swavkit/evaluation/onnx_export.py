@@ -125,7 +125,7 @@ def export_onnx(source: str | Path, out_file: str | Path, *, image_size_px: int 
 
     from swavkit.evaluation.embed import input_channels, weights_sha256
     from swavkit.evaluation.features import backbone_name, load_eval_backbone
-    from swavkit.runtime.fileio import fsync_dir
+    from swavkit.runtime.fileio import file_mode, fsync_dir, naming_output
     from swavkit.artifacts.preprocessing import resolve_preprocessing
     from swavkit.artifacts.pretrained import LoadError
 
@@ -140,12 +140,11 @@ def export_onnx(source: str | Path, out_file: str | Path, *, image_size_px: int 
     with torch.inference_mode():
         expected = backbone(images).float().numpy()
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_file.name}.", suffix=".tmp", dir=out_file.parent)
+    with naming_output(out_file):  # a read-only folder: name the file asked for, not the temporary one
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out_file.name}.", suffix=".tmp", dir=out_file.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the export is an ordinary file
+    os.chmod(tmp, file_mode())  # mkstemp makes it private; the export is an ordinary file
     try:
         _trace(backbone, example, tmp)
         _add_metadata(tmp, {FORMAT_KEY: ONNX_FORMAT, "source": str(source), "architecture": backbone_name(backbone),

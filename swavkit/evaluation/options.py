@@ -30,7 +30,26 @@ DEFAULT_WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 @dataclass
 class EvalOptions:
     """What every frozen-backbone evaluation shares: how the features are extracted and where the result
-    record goes."""
+    record goes.
+
+    Attributes:
+        image_size_px: input side; None = the export's input_size, the checkpoint's large crop, else 224.
+        batch_size: images per forward pass in each process.
+        num_workers: DataLoader decoding processes.
+        device: auto | cpu | cuda | cuda:N.
+        precision: auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16 | fp16 (GPU).
+        channels_last: NHWC inputs and weights: faster convnets on GPUs.
+        max_per_class: images per class in each split, a deterministic subset (0 = all).
+        out_json: None = ``results/<evaluation>-<name>-<UTC time>.json``; ``""`` = write none.
+        progress: tqdm bars on the main process.
+        floors: auto | on | off: also evaluate random init and raw pixels.
+
+    Example:
+        ```python
+        options = swavkit.EvalOptions(image_size_px=32, batch_size=128, out_json="")
+        swavkit.evaluate_knn("runs/a", "train/", "val/", options)
+        ```
+    """
     image_size_px: int | None = None  # None: the export's input_size, the checkpoint's large crop, else 224
     batch_size: int = 256  # images per forward pass in each process
     num_workers: int = field(default_factory=default_num_workers)  # DataLoader decoding processes
@@ -41,11 +60,27 @@ class EvalOptions:
     out_json: str | Path | None = None  # None = results/<evaluation>-<name>-<UTC time>.json; "" = write none
     progress: bool = True  # tqdm bars on the main process
     floors: str = "auto"  # auto | on | off: also evaluate random init and raw pixels (swavkit.evaluation.floors)
+    # also evaluate these backbones (cached timm pretrained names, released files, other runs or exports) with
+    # the same split, size and protocol (swavkit.evaluation.baselines); a "a,b" string is split at commas
+    baselines: tuple[str, ...] = ()
 
 
 @dataclass
 class KnnOptions:
-    """The k-NN protocol: k neighbours vote with weight exp(cosine / temperature) (see swavkit.evaluation.knn)."""
+    """The k-NN protocol: k neighbours vote with weight exp(cosine / temperature) (see swavkit.evaluation.knn).
+
+    Attributes:
+        k: neighbours that vote (DINO / InstDisc: 20).
+        temperature: T of the vote weight exp(cosine / T) (0.07).
+        index: exact | ivf (approximate, for train sets of millions).
+        n_lists: ivf cells (0 = ~4 sqrt(N_train)).
+        n_probe: ivf cells searched per query (0 = min(16, n_lists)).
+
+    Example:
+        ```python
+        swavkit.evaluate_knn("runs/a", "train/", "val/", knn=swavkit.KnnOptions(k=200, temperature=0.1))
+        ```
+    """
     k: int = 20
     temperature: float = 0.07
     index: str = "exact"  # exact | ivf (approximate, for train sets of millions)
@@ -57,7 +92,26 @@ class KnnOptions:
 class LinearOptions:
     """The linear-probe protocol. ``recipe`` "fast" uses ``weight_decays``, ``holdout_fraction`` and
     ``lbfgs_iterations``; "reference" uses ``epochs``, ``lr`` (at batch 256), ``weight_decay``, ``momentum``
-    and ``min_crop_scale``; both use ``seed``."""
+    and ``min_crop_scale``; both use ``seed``.
+
+    Attributes:
+        recipe: fast (L-BFGS on cached features, weight decay chosen on held-out train) | reference (the
+            paper's SGD on augmented crops).
+        seed: held-out split (fast) / training order and head init (reference).
+        weight_decays: fast: the L2 grid searched on held-out train.
+        holdout_fraction: fast: fraction of each train class held out for the choice.
+        lbfgs_iterations: fast: L-BFGS iteration cap per fit.
+        epochs: reference: training epochs.
+        lr: reference: LR at global batch 256, scaled linearly with the batch.
+        weight_decay: reference: SGD weight decay.
+        momentum: reference: SGD momentum.
+        min_crop_scale: reference: smallest random-resized-crop area fraction.
+
+    Example:
+        ```python
+        swavkit.evaluate_linear("runs/a", "train/", "val/", linear=swavkit.LinearOptions(recipe="reference", epochs=100))
+        ```
+    """
     recipe: str = "fast"  # fast | reference
     seed: int = 0  # held-out split (fast) / training order and head init (reference)
     weight_decays: tuple[float, ...] = DEFAULT_WEIGHT_DECAYS  # fast: L2 grid searched on held-out train

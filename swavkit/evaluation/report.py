@@ -225,10 +225,36 @@ def summary_rows(result: dict) -> list[tuple[str, object]]:
     missed = below_floors(result)
     if missed:
         rows.append(("WARNING", "top-1 is not above " + " and ".join(missed) + ": the backbone adds nothing there"))
+    rows += baseline_rows(result)
     rows.append(("wall time s", float(result["wall_time_s"])))
     return rows
 
 
+def baseline_rows(result: dict) -> list[tuple[str, object]]:
+    """Table rows of a result's baselines: "baseline: NAME (kind, trained at P px) top1 %"."""
+    size_px = result["preprocessing"]["image_size_px"]
+    rows = []
+    for name, record in result.get("baselines", {}).items():
+        trained = record.get("trained_size_px")
+        note = "" if trained in (None, size_px) else f", trained at {trained} px, evaluated at {size_px} px"
+        rows.append((f"baseline: {record.get('name', name)} ({record.get('kind', 'backbone')}{note}) top1 %",
+                     float(record["top1"])))
+    return rows
+
+
+def print_report(rows: list[tuple[str, object]], result: dict) -> None:
+    """What ``knn``, ``linear`` and ``finetune`` print: the table, where the record went, and last the one
+    sentence comparing the backbone with its baselines (when it has any)."""
+    from swavkit.data.names import printable_path
+
+    print(format_table(rows))
+    if result.get("result_path"):
+        print(f"wrote {printable_path(result['result_path'])}"
+              + (f" and {printable_path(result['labels_path'])}" if result.get("labels_path") else ""))
+    if result.get("verdict"):
+        print(result["verdict"])
+
+
 __all__ = ["RESULT_SCHEMA", "RESULT_KEYS", "build_result", "data_record", "write_result", "rewrite_result", "write_evaluation_result",
-           "default_result_path", "source_name", "format_table", "summary_rows", "run_git", "git_commit",
+           "default_result_path", "source_name", "format_table", "summary_rows", "baseline_rows", "print_report", "run_git", "git_commit",
            "swavkit_version", "environment", "utc_now"]

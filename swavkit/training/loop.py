@@ -16,11 +16,12 @@ from tqdm import tqdm
 
 from swavkit.runtime import distributed
 from swavkit.training.budget import BudgetClock, BudgetPlan, fit_total_steps, share_of_run, worth_changing
-from swavkit.artifacts.checkpoint import backbone_state, export_backbone, save_atomic
+from swavkit.artifacts.checkpoint import backbone_state, export_backbone, load_training_checkpoint, save_atomic
 from swavkit.config import Config, to_dict
 from swavkit.data import (append_skipped_report, printable_path)
 from swavkit.data.device_decode import decode_batch
-from swavkit.training.diagnosis import code_statistics
+from swavkit.training.diagnosis import code_statistics, kmeans_collapse_warning
+from swavkit.training.deepcluster_epoch import cluster_epoch, fill_memory_bank
 from swavkit.training.loggers import MetricLoggers
 from swavkit.core.model import create_backbone
 from swavkit.artifacts.modelcard import card_for_training
@@ -32,6 +33,10 @@ from swavkit.training.step import StepResult, StepSettings, TrainState, train_st
 from swavkit.training.collapse import CollapsePolicy
 from swavkit.training.data_setup import TrainingData
 from swavkit.training.monitor import monitor_floors, monitor_knn
+from swavkit.training.checkpoint_signal import (SignalSample, best_so_far, measure_signal, sample_paths,
+                                                write_sample_list)
+from swavkit.artifacts.layout import RUN_BEST_CHECKPOINT, RUN_SIGNAL_SAMPLE
+from swavkit.runtime.fileio import copy_atomic, read_jsonl
 from swavkit.training.processes import Processes
 from swavkit.artifacts.sharded_checkpoint import remove_shard_folders, save_sharded_checkpoint
 from swavkit.training.sharding import full_model_state
@@ -65,6 +70,7 @@ class Loop:
     collapse_policy: CollapsePolicy | None  # None: the configured epsilon and queue throughout (the paper)
     budget_clock: BudgetClock | None  # train.budget_minutes: this attempt's clock (the plan is in the state)
     monitor_floors: dict = field(default_factory=dict)  # monitor.floors: k-NN of random init / raw pixels, once
+    signal: "CheckpointSignal | None" = None  # train.signal_images: set up by train_epochs (None: off)
 
 
 @dataclass
@@ -103,6 +109,12 @@ def train_epochs(loop: Loop, state: TrainState, stop_request: "_StopRequest", sh
     """Epochs of steps until ``total_steps``. Returns None when done, else why it stopped early (a
     signal or stop_after_steps; a checkpoint is saved then)."""
     data = loop.data
+    loop.signal = start_signal(loop)
+    if loop.settings.accumulate_steps > 1:
+        micro = data.per_rank_batch // loop.settings.accumulate_steps
+        loop.procs.say(f"accumulation: each step runs {loop.settings.accumulate_steps} micro-batches of {micro} per "
+                       f"process, codes from one Sinkhorn over the global batch {loop.cfg.train.batch_size} (one extra "
+                       "forward pass without gradients; docs/guides/accumulation.md)")
     state.model.train()
     bar = tqdm(total=min(data.total_steps, loop.lr_schedule.total_steps), initial=state.step,
                disable=not (show_progress and loop.procs.is_main), desc="pretrain", unit="step", dynamic_ncols=True, file=sys.stdout)
@@ -112,6 +124,8 @@ def train_epochs(loop: Loop, state: TrainState, stop_request: "_StopRequest", sh
     with stop_request.deferred():  # a signal now only sets a flag: the loop saves and stops in step
         while state.step < data.total_steps:
             epoch = state.step // data.steps_per_epoch
+            if state.deepcluster is not None:  # method=deepclusterv2: bank, k-means, the epoch's targets
+                _deepcluster_epoch_start(loop, state, epoch, show_progress)
             if not _train_one_epoch(loop, state, progress, epoch):
                 bar.close()
                 return stop_request.signal_name or f"stop_after_steps={loop.stop_after_steps}"
@@ -127,11 +141,12 @@ def _train_one_epoch(loop: Loop, state: TrainState, progress: Progress, epoch: i
     data.sampler.set_epoch(epoch, start=(state.step - epoch_start) * data.per_rank_batch)
     batches = iter(data.loader)
     while state.step < min(epoch_start + data.steps_per_epoch, data.total_steps):
-        crops = _next_batch(loop, state, batches, progress.window)  # ---- 7a. data
-        if crops is None:
+        batch = _next_batch(loop, state, batches, progress.window)  # ---- 7a. data
+        if batch is None:
             break
+        crops, indices = batch
         lr = loop.lr_schedule.lr(state.step)
-        result = train_step(state, crops, loop.settings, lr)  # ---- 7b-7f. the step
+        result = train_step(state, crops, loop.settings, lr, indices=indices)  # ---- 7b-7f. the step
         if not result.applied:
             _refused_step(loop, state, result)  # raises once past train.skip_nonfinite_steps
             state.step += 1  # the batch is dropped; the schedule moves on
@@ -151,12 +166,13 @@ def _train_one_epoch(loop: Loop, state: TrainState, progress: Progress, epoch: i
     return True
 
 
-def _next_batch(loop: Loop, state: TrainState, batches, window: LogWindow) -> list[torch.Tensor] | None:
-    """7a: the next V crop tensors [B, 3, s, s] on the device, or None when the epoch's batches ran out.
-    The time spent blocked here is the data-wait fraction."""
+def _next_batch(loop: Loop, state: TrainState, batches,
+                window: LogWindow) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+    """7a: the next V crop tensors [B, 3, s, s] on the device and the images' dataset indices [B] (CPU), or
+    None when the epoch's batches ran out. The time spent blocked here is the data-wait fraction."""
     wait_start = time.perf_counter()
     try:
-        crops, _, skipped = next(batches)
+        crops, indices, skipped = next(batches)
     except StopIteration:
         return None
     except RuntimeError as err:
@@ -175,12 +191,56 @@ def _next_batch(loop: Loop, state: TrainState, batches, window: LogWindow) -> li
     device = loop.procs.device
     if loop.procs.colour_on_device:  # uint8 crops + parameters: the colour half runs here
         crops = loop.data.transform.finish(crops, device)
-    return [c.to(device, non_blocking=True, memory_format=loop.memory_format) for c in crops]
+    return [c.to(device, non_blocking=True, memory_format=loop.memory_format) for c in crops], indices
+
+
+def _deepcluster_epoch_start(loop: Loop, state: TrainState, epoch: int, show_progress: bool) -> None:
+    """method=deepclusterv2 before the steps of ``epoch``: the first full pass that fills the memory bank (once,
+    or again after a resume with another process count), then the k-means unless this epoch's targets came
+    from the checkpoint; one metrics row and a collapse warning per head that needs one."""
+    data, procs, dc = loop.data, loop.procs, state.deepcluster
+    if not dc.bank_filled:
+        data.sampler.set_epoch(epoch)
+        batches, window = iter(data.loader), LogWindow.open(procs.device)
+        bar = tqdm(total=data.steps_per_epoch, disable=not (show_progress and procs.is_main), desc="memory bank",
+                   unit="step", dynamic_ncols=True, file=sys.stdout, leave=False)
+
+        def bank_batches():
+            for _ in range(data.steps_per_epoch):
+                batch = _next_batch(loop, state, batches, window)
+                if batch is None:
+                    return
+                bar.update(1)
+                yield batch
+
+        start_s = time.perf_counter()
+        written = fill_memory_bank(state, bank_batches(), loop.settings)
+        bar.close()
+        procs.say_progress(f"deepclusterv2: memory bank filled with {written} images per process in "
+                           f"{time.perf_counter() - start_s:.1f} s")
+    if dc.clustered_epoch == epoch:  # resumed inside the epoch: its targets are the checkpoint's
+        return
+    start_s = time.perf_counter()
+    stats = cluster_epoch(state, epoch, loop.cfg.seed, loop.cfg.deepcluster.kmeans_iterations)
+    row = {"step": state.step, "epoch": epoch, "kmeans_seconds": round(time.perf_counter() - start_s, 3),
+           "kmeans_empty_clusters": max(s["empty_clusters"] for s in stats),
+           "kmeans_largest_cluster_fraction": max(s["largest_cluster_fraction"] for s in stats)}
+    warnings = [w for w in (kmeans_collapse_warning(h, K, s) for h, (K, s) in enumerate(zip(dc.centroid_counts, stats)))
+                if w]
+    if procs.is_main:
+        loop.loggers.log(row)
+        if warnings and not dc.collapse_warned:  # once, not every epoch, until the clusters recover
+            tqdm.write("WARNING " + warnings[0])
+    dc.collapse_warned = bool(warnings)
 
 
 def _record_skipped(skipped_path: Path, state: TrainState, new: list[tuple[str, str]], is_main: bool) -> None:
     """Remember unreadable files (path, why) in the state and append the new ones to skipped.txt."""
-    fresh = [(p, why) for p, why in new if p not in state.skipped_files]
+    first_reason: dict[str, str] = {}  # a file can fail more than once in one batch: listed once, first reason
+    for path, why in new:
+        if path not in state.skipped_files:
+            first_reason.setdefault(path, why)
+    fresh = list(first_reason.items())
     state.skipped_files.update(p for p, _ in fresh)
     if fresh and is_main:
         append_skipped_report(skipped_path, fresh)
@@ -219,7 +279,7 @@ def _log_metrics(loop: Loop, state: TrainState, result: StepResult, lr: float, p
     epsilon = loop.settings.epsilon if math.isnan(state.epsilon) else state.epsilon
     queue_in_use = bool(result.queue_started and state.queue.is_full)
     row = {"step": state.step, "epoch": state.step / loop.data.steps_per_epoch, "loss": round(state.last_loss, 5),
-           "ln_k": round(math.log(state.core.n_prototypes), 5), "lr": lr,
+           "ln_k": round(state.collapse.ln_k, 5), "lr": lr,
            "images_per_s": round(window.steps * loop.data.per_rank_batch * procs.world / elapsed, 2),
            "data_wait_fraction": round(window.wait_s / elapsed, 4),
            "prototypes_used": usage["prototypes_used"], "code_entropy": round(usage["code_entropy"], 4),
@@ -297,7 +357,7 @@ def _follow_budget(loop: Loop, state: TrainState, progress: Progress) -> None:
         loop.procs.say_progress(
             f"budget {plan.budget_s / 60:g} min: {clock.elapsed_s():.0f} s used (start-up and the first steps at "
             f"{seconds_per_step:.3g} s/step) -> {total} steps = {total / loop.data.steps_per_epoch:.1f} epochs; "
-            f"warm-up {warmup} steps, prototypes frozen {freeze} steps"
+            f"warm-up {warmup} steps" + (f", prototypes frozen {freeze} steps" if state.deepcluster is None else "")
             + (f", queue from step {queue_start}" if state.queue is not None else "")
             + "; re-fitted as the speed changes")
     else:
@@ -343,6 +403,69 @@ def save_checkpoint(loop: Loop, state: TrainState) -> None:
         save_atomic({**checkpoint, "config": to_dict(loop.cfg)}, loop.files.checkpoint)
         remove_shard_folders(loop.files.checkpoint.parent)  # a resumed FSDP run's shards: now superseded
     distributed.barrier()
+    if loop.signal is not None and loop.procs.is_main:
+        checkpoint_signal(loop, state)
+
+
+@dataclass
+class CheckpointSignal:
+    """train.signal_images: the fixed sample and the best RankMe so far (main process only)."""
+    sample: SignalSample
+    best_rankme: float  # -inf before the first measurement
+    best_path: Path  # checkpoints/best-rankme.pt
+    measured_step: int = -1  # the step of the last measurement
+
+
+def start_signal(loop: Loop) -> CheckpointSignal | None:
+    """At the run's start (and at a resume, which gets the same images from the same file list): the sample,
+    listed in checkpoints/signal-images.txt, and the best RankMe in metrics.jsonl so far. None when off, on
+    the other processes, or where it cannot run (tar shards: no file list; FSDP: the forward needs all
+    processes, and the best checkpoint would be shards)."""
+    cfg, procs = loop.cfg, loop.procs
+    paths = getattr(loop.data.dataset, "paths", None)
+    if not cfg.train.signal_images or not procs.is_main:
+        return None
+    if paths is None or cfg.dist.strategy == "fsdp":
+        procs.say("checkpoint signal: off (" + ("dist.strategy=fsdp" if paths is not None else "tar shards have no "
+                  "file list") + "); train.signal_images=0 silences this")
+        return None
+    sample = SignalSample.from_config(cfg, [str(p) for p in sample_paths(paths, cfg.train.signal_images)])
+    write_sample_list(loop.files.path / RUN_SIGNAL_SAMPLE, sample)
+    return CheckpointSignal(sample, best_so_far(read_jsonl(loop.files.metrics)), loop.files.path / RUN_BEST_CHECKPOINT)
+
+
+def checkpoint_signal(loop: Loop, state: TrainState) -> None:
+    """7h': after a checkpoint save, the label-free signal on the fixed sample (one metrics.jsonl row); a new
+    best RankMe copies the checkpoint just written to checkpoints/best-rankme.pt."""
+    signal = loop.signal
+    if signal.measured_step == state.step:  # the end of a run saves the last epoch's state again
+        return
+    signal.measured_step = state.step
+    row = measure_signal(state.core, signal.sample, loop.procs.device, loop.settings.temperature)
+    state.model.train()
+    if not row:  # every sampled image unreadable
+        return
+    best = row["rankme"] > signal.best_rankme
+    if best:
+        signal.best_rankme = row["rankme"]
+        copy_atomic(loop.files.checkpoint, signal.best_path)
+    loop.loggers.log({"step": state.step, "epoch": state.step / loop.data.steps_per_epoch, **row,
+                      "best_rankme": best})
+
+
+def _exported_checkpoint(loop: Loop, state: TrainState, model_state: dict) -> tuple[dict, int, float, str]:
+    """train.export_checkpoint: (model state dict, its step, its loss, what was chosen, for the message; "" for the
+    last state). ``rankme`` without a best-rankme.pt (signal off, or no checkpoint measured) exports the last, and
+    says so."""
+    if loop.cfg.train.export_checkpoint != "rankme":
+        return model_state, state.step, state.last_loss, ""
+    best = loop.files.path / RUN_BEST_CHECKPOINT
+    if not best.is_file():
+        return model_state, state.step, state.last_loss, (f"the last state: train.export_checkpoint=rankme, but "
+                                                          f"{printable_path(best)} does not exist (train.signal_images=0?)")
+    saved = load_training_checkpoint(best)
+    return saved["model"], int(saved["step"]), float(saved.get("last_loss", math.nan)), \
+        f"{printable_path(best)} (step {int(saved['step'])}, train.export_checkpoint=rankme)"
 
 
 def export(loop: Loop, state: TrainState) -> Path:
@@ -353,10 +476,11 @@ def export(loop: Loop, state: TrainState) -> Path:
     if not procs.is_main:
         return files.backbone
     m = cfg.model
+    model_state, steps, loss, chosen = _exported_checkpoint(loop, state, model_state)
     export_net = create_backbone(m.backbone, **m.backbone_kwargs)
     export_net.load_state_dict(backbone_state(model_state), strict=True)
     card = card_for_training(to_dict(cfg), architecture=m.backbone, feature_dim=export_net.num_features,
-                             backbone_dir=files.backbone, steps=state.step, final_loss=state.last_loss,
+                             backbone_dir=files.backbone, steps=steps, final_loss=loss,
                              n_images=len(loop.data.dataset),
                              extra_training={"optimizer": type(state.optimizer).__name__,
                                              "peak_lr": loop.lr_schedule.peak_lr,
@@ -369,7 +493,11 @@ def export(loop: Loop, state: TrainState) -> Path:
     procs.say(f"done: {state.step} steps, final loss {state.last_loss:.4f} (ln K = {math.log(m.n_prototypes):.3f})\n"
               f"  checkpoint: {printable_path(files.checkpoint)}\n  backbone:   {backbone}  "
               f"(timm.create_model('local-dir:{backbone}', pretrained=True) or swavkit.load_backbone)\n"
-              f"  metrics:    {printable_path(files.metrics)}")
+              + (f"              made from {chosen}\n" if chosen else "")
+              + (f"  best RankMe: {printable_path(loop.signal.best_path)} (RankMe {loop.signal.best_rankme:g}; "
+                 "swavkit export RUN OUT --select rankme)\n" if loop.signal is not None and loop.signal.best_path.exists()
+                 else "")
+              + f"  metrics:    {printable_path(files.metrics)}")
     verdict = state.collapse.final_verdict(state.last_loss)
     if verdict:
         procs.say(f"WARNING {verdict}")

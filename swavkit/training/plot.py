@@ -27,10 +27,11 @@ PANELS = (
     ("prototypes_used", "prototypes used per batch", "prototypes"),
     ("code_entropy", "code entropy (dashed: {ln_k}, even use)", "nats"),
     ("knn_top1", "online k-NN top-1", "top-1 (%)"),
+    ("rankme", "RankMe at each checkpoint (label-free)", "effective rank"),
     ("images_per_s", "throughput", "images / s"),
     ("data_wait_fraction", "time waiting for data", "fraction of step time"),
 )
-OPTIONAL_PANELS = ("knn_top1", "data_wait_fraction")  # drawn only when some run has them
+OPTIONAL_PANELS = ("knn_top1", "rankme", "data_wait_fraction")  # drawn only when some run has them
 
 
 class PlotError(ConfigError):

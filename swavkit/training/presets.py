@@ -321,6 +321,8 @@ def auto_config(tree: dict, implicit: bool = False) -> Config:
                              seconds_per_image=speed)
     if speed is not None and distributed.is_main_process():
         print(f"swavkit: --auto timed {speed_backbone} on this machine in {time.perf_counter() - start:.1f} s")
+    if tree.get("method") == "deepclusterv2":  # the queue is SwAV's; deepclusterv2's memory bank replaces it
+        suggestions = [s for s in suggestions if not s.key.startswith("swav.queue")]
     applied = apply(tree, suggestions, chosen)
     cfg = from_dict(tree)
     preflight(cfg, world_size=world)

@@ -9,7 +9,7 @@ matrix; their gradient is averaged here (:func:`sync_whole_gradients`), as DDP w
 
 LARS: timm's ``Lars`` computes ``p.norm()`` and ``grad.norm()`` on the sharded DTensors, whose norm is that of
 the whole parameter (DTensor reduces the shard norms across processes), so the trust ratio, and the update,
-equal DDP's (tests/test_sharding.py checks the weights after several steps). Mixed precision: FSDP's
+equal DDP's (tests/test_sharding.py checks the weights after one step from the same state). Mixed precision: FSDP's
 ``MixedPrecisionPolicy`` reduces gradients in fp32 and the step's autocast computes in bf16, as on the DDP path
 (:func:`precision_policy` says why weights are not all-gathered in bf16); fp16 is refused (its GradScaler does
 not unscale sharded gradients).
@@ -75,6 +75,33 @@ def shard_model(core: nn.Module, precision: str, device: torch.device, backbone_
     return core
 
 
+@torch.no_grad()
+def materialise_shards(core: nn.Module, recording, device: torch.device, seed: int) -> None:
+    """A SwAVModel built on the meta device and sharded (:func:`shard_model`): every process allocates only its
+    shards (``to_empty``) and fills them with the values the unsharded build gives after ``torch.manual_seed(seed)``
+    (:mod:`swavkit.training.meta_init`); the prototypes, whole on every process, as
+    :class:`swavkit.core.model.Prototypes` draws them, from where the replay left the generator."""
+    from swavkit.core.model import Prototypes
+    from swavkit.training.meta_init import replay_into
+
+    core.to_empty(device=device)
+    replay_into(recording, core, seed, skip=("prototypes.",))
+    n_prototypes, dim = core.prototypes.weight.shape
+    with torch.device("cpu"):  # the unsharded build draws them on the CPU, after the backbone and head
+        core.prototypes.weight.copy_(Prototypes(dim, n_prototypes).weight)
+
+
+def load_backbone_into_shards(backbone: nn.Module, state: dict | None) -> None:
+    """Collective: a whole backbone state dict held by rank 0 alone (``state``; None on the other processes)
+    into a sharded backbone. Rank 0 broadcasts one tensor at a time and every process keeps its shard, so no
+    other process ever holds a whole copy; strict (missing or unexpected keys raise). ``state`` is consumed
+    (torch replaces its values as it distributes them)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(backbone, state or {}, options=StateDictOptions(full_state_dict=True,
+                                                                         broadcast_from_rank0=True, strict=True))
+
+
 def is_sharded(module: nn.Module) -> bool:
     """Whether ``module`` holds FSDP-sharded (DTensor) parameters."""
     from torch.distributed.tensor import DTensor
@@ -137,5 +164,6 @@ def local_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None 
     return out
 
 
-__all__ = ["STRATEGIES", "check_processes", "precision_policy", "shard_model", "is_sharded",
+__all__ = ["STRATEGIES", "check_processes", "precision_policy", "shard_model", "materialise_shards",
+           "load_backbone_into_shards", "is_sharded",
            "sync_whole_gradients", "broadcast_buffers", "full_model_state", "local_state_bytes"]

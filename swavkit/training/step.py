@@ -4,7 +4,9 @@
 monitor and counters; ``TrainState.state_dict()`` plus the config is the training checkpoint.
 ``train_step(state, crops, settings, lr)`` is one step (stages 7b-7f of ``swavkit.training.trainer``): projected
 prototypes, grouped forward, codes, swapped-prediction loss, backward, and an update that is applied only
-when the loss and every gradient are finite. ``assign_codes`` is the pure maths of the codes.
+when the loss and every gradient are finite. ``assign_codes`` is the pure maths of the codes. With
+``train.accumulate_steps`` > 1, ``accumulated_train_step`` takes that optimiser step over micro-batches whose
+codes come from one Sinkhorn over the whole batch.
 
 Data flow of a step: crops [B, 3, s, s] x V -> SwAVModel -> scores [V, B, K] -> assign_codes (Sinkhorn,
 with the queue once full) -> codes Q_i [B, K] -> swapped_prediction_loss -> backward -> optimiser.
@@ -12,6 +14,8 @@ with the queue once full) -> codes Q_i [B, K] -> swapped_prediction_loss -> back
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -23,10 +27,11 @@ from swavkit.training.budget import BudgetPlan
 from swavkit.artifacts.checkpoint import CHECKPOINT_FORMAT
 from swavkit.config import Config
 from swavkit.training.diagnosis import CollapseMonitor
+from swavkit.core.deepcluster import DeepClusterState, deepcluster_loss
 from swavkit.core.loss import FeatureQueue, swapped_prediction_loss
 from swavkit.core.model import SwAVModel
 from swavkit.runtime.rng import capture_rng_state, restore_rng_state
-from swavkit.core.schedule import LRSchedule
+from swavkit.core.schedule import LRSchedule, steps_of
 from swavkit.core.sinkhorn import sinkhorn
 from swavkit.training.sharding import broadcast_buffers, sync_whole_gradients
 
@@ -73,6 +78,7 @@ class StepSettings:
     autocast_dtype: torch.dtype | None = None  # None: no autocast (fp32)
     freeze_prototype_steps: int = 0  # the prototypes get no gradient while state.step is below this
     queue_start_step: int = 0  # the queue is fed (and used once full) from this step on
+    accumulate_steps: int = 1  # micro-batches per optimiser step (train.accumulate_steps; accumulated_train_step)
 
     @classmethod
     def from_config(cls, cfg: Config, steps_per_epoch: int, autocast_dtype: torch.dtype | None) -> "StepSettings":
@@ -81,8 +87,9 @@ class StepSettings:
                    sinkhorn_iterations=s.sinkhorn_iterations,
                    sinkhorn_dtype=torch.float64 if s.sinkhorn_fp64 else torch.float32, temperature=s.temperature,
                    autocast_dtype=autocast_dtype,
-                   freeze_prototype_steps=round(s.freeze_prototypes_epochs * steps_per_epoch),
-                   queue_start_step=s.queue_start_epoch * steps_per_epoch)
+                   freeze_prototype_steps=steps_of(s.freeze_prototypes_epochs, s.freeze_prototypes_steps, steps_per_epoch),
+                   queue_start_step=s.queue_start_epoch * steps_per_epoch,
+                   accumulate_steps=cfg.train.accumulate_steps)
 
 
 @dataclass(eq=False)
@@ -109,6 +116,7 @@ class TrainState:
     last_loss: float = math.nan  # mean loss of the last logging window
     skipped_files: set[str] = field(default_factory=set)  # unreadable files met so far
     sharded: bool = False  # dist.strategy=fsdp: core holds FSDP shards (swavkit.training.sharding)
+    deepcluster: DeepClusterState | None = None  # method=deepclusterv2: memory bank and the epoch's targets
     # scratch reused by every step (not state): BN buffers and their backup, Sinkhorn outputs per crop
     _bn_buffers: list[torch.Tensor] = field(init=False, repr=False)
     _bn_backup: list[torch.Tensor] = field(init=False, repr=False)
@@ -145,7 +153,8 @@ class TrainState:
         """
         device = self.device
         mine = {**capture_rng_state(device),  # rng_cpu, rng_cuda
-                "queue": {k: v.cpu() for k, v in self.queue.state_dict().items()} if self.queue is not None else None}
+                "queue": {k: v.cpu() for k, v in self.queue.state_dict().items()} if self.queue is not None else None,
+                **({"deepcluster_bank": self.deepcluster.per_rank_state_dict()} if self.deepcluster is not None else {})}
         per_rank = distributed.all_gather_objects(mine)
         return {"format": CHECKPOINT_FORMAT, "step": self.step,
                 **({"model": self.core.state_dict(), "optimizer": self.optimizer.state_dict()} if weights else {}),
@@ -155,7 +164,8 @@ class TrainState:
                 "queue_dropped_at_step": self.queue_dropped_at_step,
                 "queue_near_ln_k_windows": self.queue_near_ln_k_windows,
                 **({"lr_schedule": self.lr_schedule.state_dict()} if self.lr_schedule is not None else {}),
-                **({"budget": self.budget.state_dict()} if self.budget is not None else {})}
+                **({"budget": self.budget.state_dict()} if self.budget is not None else {}),
+                **({"deepcluster": self.deepcluster.shared_state_dict()} if self.deepcluster is not None else {})}
 
     def load_state_dict(self, state: dict) -> list[str]:
         """Restore a checkpoint dict (as ``state_dict`` or ``load_training_checkpoint`` gives it).
@@ -187,6 +197,13 @@ class TrainState:
                 self.queue.load_state_dict(mine["queue"])
             else:
                 notes.append(f"the queue was saved by {len(per_rank)} process(es), now {world}: it refills")
+        if self.deepcluster is not None and "deepcluster" in state:
+            self.deepcluster.load_shared_state_dict(state["deepcluster"])
+            if len(per_rank) == world:
+                self.deepcluster.load_per_rank_state_dict(mine["deepcluster_bank"])
+            else:
+                notes.append(f"the memory bank was saved by {len(per_rank)} process(es), now {world}: a full pass "
+                             "fills it again (the epoch's targets are kept)")
         return notes
 
 
@@ -217,14 +234,17 @@ class StepResult:
 
 
 def forward_loss(state: TrainState, crops: list[torch.Tensor], settings: StepSettings,
-                 use_queue: bool = False) -> Forward:
+                 use_queue: bool = False, indices: torch.Tensor | None = None) -> Forward:
     """Stages 7b-7e: projected prototypes, grouped forward under autocast, codes (fp32 Sinkhorn, with the
     queue once full when ``use_queue``), swapped-prediction loss. Keeps a copy of the BN statistics first.
+    method=deepclusterv2 (``state.deepcluster``): the epoch's hard targets of ``indices`` instead of codes.
 
     crops: V tensors [B, 3, s_v, s_v] on the model's device, large crops first.
+    indices: [B] int64 dataset indices of the images (deepclusterv2 only).
     """
     core = state.core
-    core.prototypes.normalize_()  # projected gradient: scores stay cosines
+    if state.deepcluster is None:  # deepclusterv2's prototypes are k-means centroids, unit rows already
+        core.prototypes.normalize_()  # projected gradient: scores stay cosines
     state.keep_bn_statistics()  # a refused step must leave no trace in the running statistics
     V, B, K = len(crops), crops[0].shape[0], core.n_prototypes
     dtype = settings.autocast_dtype
@@ -232,6 +252,8 @@ def forward_loss(state: TrainState, crops: list[torch.Tensor], settings: StepSet
         z, scores = state.model(crops)
     scores = scores.float().view(V, B, K)
     z = z.detach().float().view(V, B, -1)
+    if state.deepcluster is not None:
+        return _deepcluster_forward(state.deepcluster, scores, z, indices, settings)
     codes = _batch_codes(state, scores, settings, use_queue)
     return Forward(swapped_prediction_loss(scores, codes, settings.temperature), z, codes)
 
@@ -253,23 +275,40 @@ def _batch_codes(state: TrainState, scores: torch.Tensor, settings: StepSettings
     return codes
 
 
-def train_step(state: TrainState, crops: list[torch.Tensor], settings: StepSettings, lr: float) -> StepResult:
+def _deepcluster_forward(dc: DeepClusterState, scores: torch.Tensor, z: torch.Tensor, indices: torch.Tensor,
+                         settings: StepSettings) -> Forward:
+    """deepclusterv2's loss on scores [V, B, H*K] against the epoch's targets of ``indices`` [B]; its ``codes``
+    are head 0's targets one-hot (rows of images without a target left out), for the usage statistics."""
+    targets = dc.table.lookup(indices.cpu()).to(scores.device)  # [H, B]
+    loss = deepcluster_loss(scores, targets, dc.centroid_counts, settings.temperature)
+    head0 = targets[0][targets[0] >= 0]
+    codes = torch.nn.functional.one_hot(head0, dc.centroid_counts[0]).float()
+    if not len(codes):  # no image of the batch has a target: one empty row keeps the statistics finite
+        codes = scores.new_zeros(1, dc.centroid_counts[0])
+    return Forward(loss, z, {settings.assignment_crops[0]: codes})
+
+
+def train_step(state: TrainState, crops: list[torch.Tensor], settings: StepSettings, lr: float,
+               indices: torch.Tensor | None = None) -> StepResult:
     """One training step (train.py stages 7b-7f) on ``state``.
 
     Args:
         crops: V tensors [B, 3, s_v, s_v] on the model's device, large crops first.
         lr: this step's learning rate (``state.lr_schedule.lr(state.step)``).
+        indices: [B] int64 dataset indices of the batch's images (method=deepclusterv2: its targets and the
+            memory bank's ids; unused by SwAV).
 
     An applied step updates the weights, feeds the queue and advances ``state.step``. A refused step
     (non-finite loss or gradient; one host sync decides) restores the BN statistics, drops the
     gradients, counts ``state.nonfinite_skipped`` and leaves ``state.step`` as it was: the caller then
     stops (the state is the last good one) or drops the batch (``state.step += 1``).
     """
+    if settings.accumulate_steps > 1:  # train.accumulate_steps: one Sinkhorn over all micro-batches
+        return accumulated_train_step(state, crops, settings, lr)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
-    queue_started = (state.queue is not None and state.queue_dropped_at_step < 0
-                     and state.step >= settings.queue_start_step)
-    forward = forward_loss(state, crops, settings, use_queue=queue_started)
+    queue_started = queue_in_step(state, settings)
+    forward = forward_loss(state, crops, settings, use_queue=queue_started, indices=indices)
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(forward.loss).backward()
     if state.step < settings.freeze_prototype_steps:
@@ -278,6 +317,15 @@ def train_step(state: TrainState, crops: list[torch.Tensor], settings: StepSetti
         sync_whole_gradients(state.core)
     result = StepResult(state.step, forward.loss.detach(), forward.codes[settings.assignment_crops[0]],
                         queue_started, applied=update_is_finite(state, forward.loss))
+    return finish_step(state, result, forward.embeddings[list(settings.assignment_crops)], indices)
+
+
+def finish_step(state: TrainState, result: StepResult, queue_embeddings: torch.Tensor,
+                indices: torch.Tensor | None = None) -> StepResult:
+    """The end of a step whose gradients are in place: a refused step (``result.applied`` False) restores the
+    BN statistics, drops the gradients and is counted; an applied one updates the weights, feeds the queue
+    with ``queue_embeddings`` [n_assignment_crops, B, D] (once ``result.queue_started``; under deepclusterv2 they
+    also refresh the memory bank rows of ``indices`` [B]) and advances ``state.step``."""
     if not result.applied:
         state.restore_bn_statistics()
         result.nonfinite_loss = not bool(torch.isfinite(result.loss))
@@ -290,10 +338,139 @@ def train_step(state: TrainState, crops: list[torch.Tensor], settings: StepSetti
     state.scaler.update()
     if state.sharded:  # DDP starts every forward from rank 0's BN statistics: every rank keeps rank 0's here too
         broadcast_buffers(state.core)
-    if queue_started:
-        state.queue.push(forward.embeddings[list(settings.assignment_crops)])
+    if result.queue_started:
+        state.queue.push(queue_embeddings)
+    if state.deepcluster is not None:  # the reference: the bank takes the embeddings of the step just taken
+        state.deepcluster.bank.write(indices, queue_embeddings)
     state.step += 1
     return result
+
+
+def queue_in_step(state: TrainState, settings: StepSettings) -> bool:
+    """Whether this step feeds the queue (and uses it once full): there is one, the collapse policy has not
+    dropped it, and ``state.step`` (optimiser steps) has reached ``settings.queue_start_step``."""
+    return (state.queue is not None and state.queue_dropped_at_step < 0
+            and state.step >= settings.queue_start_step)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the step over micro-batches (train.accumulate_steps)
+#
+# Plain gradient accumulation would run Sinkhorn on each micro-batch, so its equal-partition constraint
+# would act on B / A samples instead of B: the codes of a small micro-batch are the codes of a small batch,
+# and SwAV trained that way stalls like a small-batch run (facebookresearch/swav #12). Here the codes come
+# first, from a forward pass without gradients over every micro-batch, with ONE Sinkhorn over the whole
+# per-rank batch (and the queue; its sums are all-reduced over all ranks' whole batches), and each
+# micro-batch's gradient pass then predicts its slice of those codes.
+
+def split_micro_batches(crops: list[torch.Tensor], n: int) -> list[list[torch.Tensor]]:
+    """V crop tensors [B, ...] -> n micro-batches of V tensors [B / n, ...] (views, in batch order)."""
+    B = crops[0].shape[0]
+    if B % n:
+        raise ValueError(f"a batch of {B} does not split into {n} equal micro-batches")
+    return [list(group) for group in zip(*(c.chunk(n) for c in crops))]
+
+
+@torch.no_grad()
+def micro_batch_scores(state: TrainState, micro: list[list[torch.Tensor]], settings: StepSettings
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The no-gradient pass: every micro-batch through the model in train mode -> (embeddings
+    [n_assignment_crops, B, D], scores [n_assignment_crops, B, K]), fp32, batch order.
+
+    Train mode, so BatchNorm normalises with the micro-batch's statistics exactly as the gradient pass will
+    (same weights, same micro-batches), and the scores are the ones the gradient pass computes. The running
+    statistics this pass would update are restored afterwards: only the gradient pass moves them.
+    """
+    crops_i = list(settings.assignment_crops)
+    state.keep_bn_statistics()
+    z_parts, score_parts = [], []
+    dtype = settings.autocast_dtype
+    for crops in micro:
+        V, b = len(crops), crops[0].shape[0]
+        with torch.autocast(state.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            # ``core``, not DDP around it: DDP's forward would prepare its reducer for a backward that never
+            # comes; the buffers it would broadcast do not enter a train-mode forward (FSDP: core is the module)
+            z, scores = state.core(crops)
+        z_parts.append(z.float().view(V, b, -1)[crops_i])
+        score_parts.append(scores.float().view(V, b, -1)[crops_i])
+    state.restore_bn_statistics()
+    return torch.cat(z_parts, dim=1), torch.cat(score_parts, dim=1)
+
+
+def accumulated_train_step(state: TrainState, crops: list[torch.Tensor], settings: StepSettings,
+                           lr: float) -> StepResult:
+    """One optimiser step over ``settings.accumulate_steps`` (A) micro-batches of this rank's batch: the same
+    update as :func:`train_step` on the whole batch wherever no layer couples the samples of a batch
+    (GroupNorm/LayerNorm backbones); with BatchNorm, its statistics are those of a micro-batch.
+
+    crops: V tensors [B, 3, s_v, s_v] (B divisible by A). Cost: one extra forward pass without gradients
+    over the batch (benchmarks/README.md). The RNG is replayed for the gradient pass, so stochastic layers
+    (dropout, drop-path) draw the same masks in both passes. Under DDP only the last micro-batch's backward
+    all-reduces the gradients (no_sync); under FSDP likewise (set_requires_gradient_sync).
+    """
+    A = settings.accumulate_steps
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    queue_started = queue_in_step(state, settings)
+    state.core.prototypes.normalize_()  # projected gradient: scores stay cosines
+    micro = split_micro_batches(crops, A)
+    rng = capture_rng_state(state.device)
+    embeddings, assignment_scores = micro_batch_scores(state, micro, settings)  # keeps the BN backup too
+    # _batch_codes reads scores[i] for each assignment crop i: here they are rows 0..n-1 of ``assignment_scores``
+    positions = tuple(range(len(settings.assignment_crops)))
+    by_position = _batch_codes(state, assignment_scores, dataclasses.replace(settings, assignment_crops=positions),
+                               use_queue=queue_started)
+    codes = {i: by_position[j] for j, i in enumerate(settings.assignment_crops)}  # {crop i: Q_i [B, K]}
+    restore_rng_state(rng, state.device)  # the gradient pass draws the masks the scores were computed with
+    state.optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=state.device)
+    b = crops[0].shape[0] // A
+    for m, micro_crops in enumerate(micro):
+        with gradient_sync(state.model, enabled=m == A - 1):
+            loss = _micro_batch_loss(state, micro_crops, {i: q[m * b:(m + 1) * b] for i, q in codes.items()},
+                                     settings)
+            # each micro-batch loss is a mean over b = B / A samples: / A makes the sum the batch's mean
+            state.scaler.scale(loss / A).backward()
+        loss_sum += loss.detach()
+    mean_loss = loss_sum / A
+    if state.step < settings.freeze_prototype_steps:
+        state.core.prototypes.weight.grad = None
+    if state.sharded:
+        sync_whole_gradients(state.core)
+    result = StepResult(state.step, mean_loss, codes[settings.assignment_crops[0]], queue_started,
+                        applied=update_is_finite(state, mean_loss))
+    return finish_step(state, result, embeddings)
+
+
+def _micro_batch_loss(state: TrainState, crops: list[torch.Tensor], codes: dict[int, torch.Tensor],
+                      settings: StepSettings) -> torch.Tensor:
+    """The gradient pass of one micro-batch: grouped forward under autocast -> swapped-prediction loss
+    against ``codes`` {crop i: Q_i [b, K]} (a slice of the whole batch's codes); 0-d fp32 with its graph."""
+    V, b = len(crops), crops[0].shape[0]
+    dtype = settings.autocast_dtype
+    with torch.autocast(state.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        _, scores = state.model(crops)
+    return swapped_prediction_loss(scores.float().view(V, b, -1), codes, settings.temperature)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: torch.nn.Module, enabled: bool):
+    """Inside: the backward passes all-reduce (DDP) or reduce-scatter (FSDP2) the gradients only when
+    ``enabled``; otherwise they accumulate locally, to be synchronised with the next enabled backward.
+    A no-op in a one-process run."""
+    if enabled:
+        yield
+    elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2's fully_shard module
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 def update_is_finite(state: TrainState, loss: torch.Tensor) -> bool:
@@ -329,4 +506,5 @@ def nonfinite_gradient_name(module: torch.nn.Module) -> str:
 
 
 __all__ = ["TrainState", "StepSettings", "StepResult", "Forward", "assign_codes", "forward_loss", "train_step",
-           "update_is_finite", "gradient_norm_sum", "nonfinite_gradient_name"]
+           "finish_step", "queue_in_step", "accumulated_train_step", "split_micro_batches", "micro_batch_scores",
+           "gradient_sync", "update_is_finite", "gradient_norm_sum", "nonfinite_gradient_name"]

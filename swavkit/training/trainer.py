@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -14,7 +15,8 @@ import torch
 from swavkit.runtime import distributed
 from swavkit.training.budget import BudgetClock, BudgetPlan
 from swavkit.artifacts.checkpoint import load_training_checkpoint
-from swavkit.config import Config, ConfigError, config_differences, dump_yaml, from_dict, to_dict
+from swavkit.config import (Config, ConfigError, config_differences, dump_yaml, from_dict, head_hidden_dims,
+                            prototype_rows, to_dict)
 from swavkit.data import printable_path
 from swavkit.runtime.device import autocast_dtype, resolve_auto_flag
 from swavkit.runtime.cores import training_threads
@@ -29,6 +31,8 @@ from swavkit.core.schedule import build_lr_schedule, explain_peak_lr
 from swavkit.runtime.signals import StopRequest as _StopRequest, StopRequested
 from swavkit.training.step import StepSettings, TrainState
 from swavkit.training.collapse import CollapsePolicy
+from swavkit.training.deepcluster_epoch import build_deepcluster, describe_bank
+from swavkit.training.diagnosis import DEEPCLUSTER_LEVERS
 from swavkit.training.channels import adopt_saved_mean_std
 from swavkit.training.data_setup import TrainingData, build_data, cache_file_list
 from swavkit.training.loop import (UNPLANNED_TOTAL_STEPS, DataLoaderCrashed, Loop, TrainingDiverged, export,
@@ -36,12 +40,31 @@ from swavkit.training.loop import (UNPLANNED_TOTAL_STEPS, DataLoaderCrashed, Loo
 from swavkit.training.processes import Processes, start_processes
 from swavkit.core.activation_checkpointing import apply_activation_checkpointing
 from swavkit.artifacts.sharded_checkpoint import SHARDED_KEY, load_sharded_into, load_whole_into_sharded
-from swavkit.training.sharding import shard_model
+from swavkit.training.meta_init import build_on_meta, check_replayable
+from swavkit.training.sharding import load_backbone_into_shards, materialise_shards, shard_model
 from swavkit.training.memory_plan import check_memory, out_of_memory
 
 
 @dataclass
 class TrainResult:
+    """What a pretraining run returns (:func:`swavkit.train`, :func:`swavkit.pretrain`).
+
+    Attributes:
+        out_dir: the run folder.
+        checkpoint: its ``checkpoints/last.pt`` (full training state; the same command resumes from it).
+        backbone_dir: the exported backbone (``out_dir/backbone``), None when the run stopped before the end.
+        step: the last global step done.
+        final_loss: the loss of the last logged step.
+        completed: False when the run stopped early (a signal, or ``stop_after_steps``); it is resumable.
+
+    Example:
+        ```python
+        result = swavkit.pretrain("imgs/", "runs/a", epochs=50)
+        if result.completed:
+            backbone = swavkit.load_backbone(result.backbone_dir)
+        ```
+    """
+
     out_dir: Path
     checkpoint: Path
     backbone_dir: Path | None
@@ -58,8 +81,27 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
     data folder, model build); a failure or a SIGTERM on any process ends every process of the job.
 
     Args:
+        cfg: the run's configuration (:func:`swavkit.load_config`).
         restart: discard an existing run in ``out_dir`` (its own files only) and start over.
         stop_after_steps: stop (with a checkpoint, like a preemption) once this global step is reached.
+        progress: show a tqdm progress bar (rank 0 only); ``metrics.jsonl`` is written either way.
+
+    Returns:
+        A :class:`TrainResult`: the run folder, checkpoint, exported backbone, last step and loss, and whether
+        the run completed.
+
+    Raises:
+        ConfigError: an invalid or contradictory config, or a changed config in an existing run folder
+            without ``restart``.
+        DataError: the data path is missing, holds no images, or only unreadable ones.
+        LoadError: ``model.init`` does not fit ``model.backbone``.
+        TrainingDiverged: the loss or a gradient became non-finite (the last good state is saved).
+
+    Example:
+        ```python
+        cfg = swavkit.load_config(["cifar10_resnet18"], ["data.path=/data/imgs", "out_dir=runs/c"])
+        result = swavkit.train(cfg)          # the same call again resumes runs/c
+        ```
     """
     # ================================================================================================
     # 1. processes, device, precision
@@ -98,7 +140,8 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
         # 8. training loop
         # ============================================================================================
         loop = Loop(cfg, procs, files, data, planned_settings(settings, state.budget), state.lr_schedule,
-                     memory_format, stop_after_steps, loggers, CollapsePolicy.from_config(cfg.swav),
+                     memory_format, stop_after_steps, loggers,
+                     CollapsePolicy.from_config(cfg.swav) if cfg.method == "swav" else None,
                      BudgetClock(state.budget, started_s) if state.budget is not None else None)
         try:
             stopped_by = train_epochs(loop, state, stop_request, show_progress=progress)
@@ -184,39 +227,65 @@ def _start_run_folder(cfg: Config, procs: Processes, files: RunFolder, restart: 
 def _build_model(cfg: Config, procs: Processes, fresh: bool) -> tuple[SwAVModel, torch.nn.Module,
                                                                        torch.memory_format]:
     """(core SwAVModel, what the forward runs: core or DDP around it, the crops' memory format). A ``fresh``
-    run (no checkpoint) starts its backbone from ``model.init`` when set."""
-    device, m = procs.device, cfg.model
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    core = build_model(m.backbone, m.n_prototypes, m.hidden_dim, m.output_dim, m.backbone_kwargs,
-                       zero_init_last=m.zero_init_last)
-    if m.init and fresh:
-        from swavkit.artifacts.pretrained import load_initial_backbone_state
+    run (no checkpoint) starts its backbone from ``model.init`` when set.
 
-        core.backbone.load_state_dict(load_initial_backbone_state(m.init, m.backbone, m.backbone_kwargs), strict=True)
-        procs.say(f"model: backbone weights from model.init={printable_path(m.init)} (head and prototypes fresh)")
+    Under ``dist.strategy=fsdp`` no process ever holds the whole model: it is built on the meta device, sharded,
+    then each process materialises and initialises its shards with the values of the unsharded build
+    (:mod:`swavkit.training.meta_init`), and ``model.init`` weights reach the shards from rank 0 one tensor at a
+    time."""
+    device, m, sharded = procs.device, cfg.model, cfg.dist.strategy == "fsdp"
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    deepcluster = cfg.method == "deepclusterv2"
+    build = partial(build_model, m.backbone, prototype_rows(cfg), head_hidden_dims(m), m.output_dim, m.backbone_kwargs,
+                    zero_init_last=m.zero_init_last, head_bn=m.head_bn)
+    initial = m.init if m.init and fresh else ""
+    if sharded:
+        core, recording = build_on_meta(build)
+        check_replayable(recording, core, skip=("prototypes.",))
+    else:
+        core = build()
+        if initial:
+            core.backbone.load_state_dict(_initial_backbone_state(cfg), strict=True)
+    if deepcluster:  # the heads' k-means centroids, never trained (the reference freezes them past its last step)
+        core.prototypes.weight.requires_grad_(False)
     checkpointing = apply_activation_checkpointing(core.backbone, m.activation_checkpointing, m.backbone)
-    core = core.to(device)
     memory_format = torch.channels_last if resolve_auto_flag(m.channels_last, device) else torch.contiguous_format
-    if cfg.dist.strategy != "fsdp":  # FSDP2 shards contiguous weights only; NHWC crops still make NHWC convolutions
-        core = core.to(memory_format=memory_format)
+    if not sharded:  # FSDP2 shards contiguous weights only; NHWC crops still make NHWC convolutions
+        core = core.to(device).to(memory_format=memory_format)
     core = distributed.convert_sync_batchnorm(core, m.sync_batchnorm, procs.local_world_size)
     if m.compile:
         # Static shapes: the backbone sees one fixed shape per crop resolution. Left automatic, the second
         # resolution makes dynamo recompile a dynamic-shape graph: twice the compile time on a CPU (19 vs
         # 39 s for resnet18, same speed after), and on an H100 still compiling after 170 s.
         core.backbone.compile(dynamic=False)
-    if cfg.dist.strategy == "fsdp":  # what the forward runs: the sharded core itself, not DDP around it
+    if sharded:  # what the forward runs: the sharded core itself, not DDP around it
         model = shard_model(core, procs.precision, device, m.backbone)
+        materialise_shards(core, recording, device, cfg.seed)
+        if initial:  # rank 0 reads the file; the others receive their shards tensor by tensor
+            load_backbone_into_shards(core.backbone, _initial_backbone_state(cfg) if procs.is_main else None)
     else:
-        model = distributed.wrap_ddp(core, device)
-    procs.say(f"model: {m.backbone} ({core.backbone.num_features}-d features) -> head {m.hidden_dim or '-'} -> "
-              f"{m.output_dim}-d -> {m.n_prototypes} prototypes; precision {procs.precision} on {device}"
+        # train.accumulate_steps: DDP's static graph refuses no_sync (an internal assert in its reducer)
+        model = distributed.wrap_ddp(core, device, static_graph=cfg.train.accumulate_steps == 1)
+    if initial:
+        procs.say(f"model: backbone weights from model.init={printable_path(m.init)} (head and prototypes fresh)")
+    procs.say(f"model: {m.backbone} ({core.backbone.num_features}-d features) -> head "
+              f"{' -> '.join(map(str, head_hidden_dims(m))) or '-'}{'' if m.head_bn else ' (no BN)'} -> {m.output_dim}-d"
+              f" -> {m.n_prototypes} prototypes"
+              + (f" x {cfg.deepcluster.n_heads} k-means heads" if deepcluster else "")
+              + f"; precision {procs.precision} on {device}"
               + (" (channels_last)" if memory_format == torch.channels_last else "")
               + (f" ({torch.get_num_threads()} compute thread(s) beside {cfg.data.num_workers} data worker(s); "
                  "OMP_NUM_THREADS overrides)" if device.type == "cpu" else "")
               + (f"; {checkpointing}" if checkpointing else "")
-              + (f"; FSDP over {procs.world} processes" if cfg.dist.strategy == "fsdp" else ""))
+              + (f"; FSDP over {procs.world} processes, built on the meta device" if sharded else ""))
     return core, model, memory_format
+
+
+def _initial_backbone_state(cfg: Config) -> dict:
+    """The ``model.init`` weights, whole (strictly checked against the backbone)."""
+    from swavkit.artifacts.pretrained import load_initial_backbone_state
+
+    return load_initial_backbone_state(cfg.model.init, cfg.model.backbone, cfg.model.backbone_kwargs)
 
 
 def _build_state(cfg: Config, procs: Processes, data: TrainingData, core: SwAVModel,
@@ -231,18 +300,28 @@ def _build_state(cfg: Config, procs: Processes, data: TrainingData, core: SwAVMo
     if cfg.swav.queue_length:
         queue = FeatureQueue(len(cfg.swav.assignment_crops), cfg.swav.queue_length // procs.world,
                              cfg.model.output_dim).to(procs.device)
+    deepcluster = cfg.method == "deepclusterv2"
+    levers = {"levers": DEEPCLUSTER_LEVERS} if deepcluster else {}
     state = TrainState(core, optimizer, torch.amp.GradScaler(procs.device.type, enabled=procs.precision == "fp16"),
-                       queue, CollapseMonitor(cfg.model.n_prototypes, cfg.train.collapse_patience_steps), model,
+                       queue, CollapseMonitor(cfg.model.n_prototypes, cfg.train.collapse_patience_steps, **levers), model,
                        lr_schedule=lr_schedule, epsilon=cfg.swav.epsilon,
                        budget=BudgetPlan(60.0 * cfg.train.budget_minutes) if cfg.train.budget_minutes > 0 else None)
     state.sharded = cfg.dist.strategy == "fsdp"
+    if deepcluster:
+        state.deepcluster = build_deepcluster(cfg, data.steps_per_epoch * data.per_rank_batch, procs.device)
     if state.budget is not None:  # until the first plan, the run cannot end by train.epochs
         data.total_steps = UNPLANNED_TOTAL_STEPS
     settings = StepSettings.from_config(cfg, data.steps_per_epoch, autocast_dtype(procs.precision))
+    frozen = ("prototypes = k-means centroids, never trained" if deepcluster
+              else f"prototypes frozen for {settings.freeze_prototype_steps} steps")
     procs.say(f"optimiser: {optimizer_name}, {lr_schedule.describe()} ({explain_peak_lr(cfg, optimizer_name)}); "
-              f"prototypes frozen for {settings.freeze_prototype_steps} steps"
+              f"{frozen}"
               + (f"; queue {cfg.swav.queue_length} from epoch {cfg.swav.queue_start_epoch}" if queue is not None else ""))
     s = cfg.swav
+    if deepcluster:
+        procs.say(f"targets: deepclusterv2, {cfg.deepcluster.kmeans_iterations}-iteration spherical k-means at every "
+                  f"epoch start, temperature {s.temperature:g}; {describe_bank(state.deepcluster)}")
+        return state, settings
     procs.say(f"codes: Sinkhorn epsilon {s.epsilon:g}" + (
         f", lowered towards {s.min_epsilon:g} while the codes' entropy is above {s.code_entropy_target:g} ln K "
         "(swav.prevent_collapse=false: fixed, as in the paper)" if s.prevent_collapse else ", fixed"))
