@@ -33,6 +33,9 @@ def test_model_state_is_counted_on_the_meta_device_and_split_by_fsdp(tmp_path):
     n_params = sum(p.numel() for p in real.parameters())
     plan = plan_memory(cfg)
     assert plan.parameters_bytes == plan.gradients_bytes == plan.optimizer_bytes == 4 * n_params  # LARS: momentum
+    # the head is built as training builds it: a second hidden layer (Linear 32->32 + BN) lands in the plan
+    deeper = plan_memory(tiny_config(tmp_path, **{"model.head_dims": "[32,32]", "model.hidden_dim": 2048}))
+    assert deeper.parameters_bytes - plan.parameters_bytes == 4 * (32 * 32 + 32 + 2 * 32)
     cfg.dist.strategy = "fsdp"
     cfg.train.batch_size = 16
     four, eight = plan_memory(cfg, processes=4), plan_memory(cfg, processes=8)
@@ -110,7 +113,7 @@ def test_a_cuda_out_of_memory_error_in_the_step_is_the_same_one_line(tmp_path, c
 def test_the_plan_of_seer_prints_per_process_bytes_without_allocating_the_model(capsys):
     rss_before_kib = int(next(line.split()[1] for line in Path("/proc/self/status").read_text().splitlines()
                               if line.startswith("VmRSS:")))
-    argv = ["pretrain", "--config", str(REPO / "configs" / "seer_regnety.yaml"), "--plan", "--procs", "512"]
+    argv = ["pretrain", "--config", str(REPO / "configs" / "seer_regnety_1.3b.yaml"), "--plan", "--procs", "512"]
     assert main([*argv, "--gpu-memory", "80GB"]) == 0  # SEER's 16 images per GPU
     out = capsys.readouterr().out
     assert "batch 16 per process, bf16, model on cuda" in out and "fits 80.0 GiB per GPU: yes" in out
