@@ -33,6 +33,9 @@ def test_model_state_is_counted_on_the_meta_device_and_split_by_fsdp(tmp_path):
     n_params = sum(p.numel() for p in real.parameters())
     plan = plan_memory(cfg)
     assert plan.parameters_bytes == plan.gradients_bytes == plan.optimizer_bytes == 4 * n_params  # LARS: momentum
+    # the head is built as training builds it: a second hidden layer (Linear 32->32 + BN) lands in the plan
+    deeper = plan_memory(tiny_config(tmp_path, **{"model.head_dims": "[32,32]", "model.hidden_dim": 2048}))
+    assert deeper.parameters_bytes - plan.parameters_bytes == 4 * (32 * 32 + 32 + 2 * 32)
     cfg.dist.strategy = "fsdp"
     cfg.train.batch_size = 16
     four, eight = plan_memory(cfg, processes=4), plan_memory(cfg, processes=8)

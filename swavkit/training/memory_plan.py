@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from swavkit.config import Config, ConfigError, from_dict, parse_fraction, to_dict
+from swavkit.config import Config, ConfigError, from_dict, head_hidden_dims, parse_fraction, prototype_rows, to_dict
 from swavkit.core.activation_checkpointing import apply_activation_checkpointing, backbone_blocks
 from swavkit.core.loss import swapped_prediction_loss
 from swavkit.core.model import SwAVModel, build_model
@@ -139,8 +139,8 @@ def build_meta_model(cfg: Config) -> tuple[SwAVModel, str]:
     same call as training's (trainer._build_model), so a head or backbone option there is the plan's too."""
     m = cfg.model
     with torch.device("meta"):
-        core = build_model(m.backbone, m.n_prototypes, m.hidden_dim, m.output_dim, m.backbone_kwargs,
-                           zero_init_last=m.zero_init_last)
+        core = build_model(m.backbone, prototype_rows(cfg), head_hidden_dims(m), m.output_dim, m.backbone_kwargs,
+                           zero_init_last=m.zero_init_last, head_bn=m.head_bn)
     checkpointing = apply_activation_checkpointing(core.backbone, m.activation_checkpointing, m.backbone)
     return core, checkpointing
 
@@ -233,12 +233,14 @@ def _saved_bytes(model_yaml: str, batch: int, sizes: tuple[tuple[int, int], ...]
 
 
 def _model_yaml(cfg: Config) -> str:
-    """The ``model`` section as text: the cache key of everything built from it."""
-    return yaml.safe_dump(to_dict(cfg)["model"], sort_keys=True)
+    """What the model is built from (the ``model`` section, the method and its prototype heads) as text: the cache
+    key of everything built from it."""
+    tree = to_dict(cfg)
+    return yaml.safe_dump({key: tree[key] for key in ("model", "method", "deepcluster")}, sort_keys=True)
 
 
 def _model_config(model_yaml: str) -> Config:
-    return from_dict({"model": yaml.safe_load(model_yaml)})
+    return from_dict(yaml.safe_load(model_yaml))
 
 
 def activation_bytes(cfg: Config, batch: int, precision: str) -> int:
@@ -252,7 +254,7 @@ def activation_bytes(cfg: Config, batch: int, precision: str) -> int:
 def _checkpointing(m) -> str:
     """What model.activation_checkpointing does to this backbone, in words ("" = off)."""
     return "" if parse_fraction(m.activation_checkpointing) == 0 else \
-        build_meta_model(_model_config(yaml.safe_dump(dataclasses.asdict(m))))[1]
+        build_meta_model(_model_config(yaml.safe_dump({"model": dataclasses.asdict(m)})))[1]
 
 
 def crop_bytes(cfg: Config, batch: int, dtype_bytes: int = 4) -> int:
