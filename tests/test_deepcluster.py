@@ -4,12 +4,15 @@ its distributed k-means, resume, export and released-checkpoint layout.
 The ``reference_*`` functions below re-state the reference's ``cluster_memory`` and loss as literally as a
 single process allows (its dist.broadcast / all_reduce / all_gather are identities with one process; its
 ``get_indices_sparse`` (a scipy CSR trick) is written as the per-cluster ``np.where`` it computes). They were
-written from memory of that file (no copy was at hand): the behaviours they pin are listed in
-docs/guides/deepcluster-v2.md.
+first written from memory, then checked line by line against main_deepclusterv2.py (the reference's default
+branch, read 2026-12): init centroids from a random permutation of bank j on rank 0, 10 + 1 E steps, empty
+clusters keeping their centroid, re-normalised centroids, -100 for images in no bank, the loss averaged over
+heads with the targets repeated over every crop.
 """
 
 import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -303,3 +306,45 @@ def test_auto_leaves_the_queue_to_swav(tmp_path):
     assert auto_config(merge_sources([], keys)).swav.queue_length == 16  # SwAV at batch 8 gets a queue
     cfg = auto_config(merge_sources([], keys + ["method=deepclusterv2"]))
     assert cfg.method == "deepclusterv2" and cfg.swav.queue_length == 0  # the memory bank replaces it
+
+
+# facebookresearch/swav scripts/deepclusterv2_{400,800}ep_pretrain.sh, the flags that set numbers, as written there
+REFERENCE_SCRIPTS = {
+    800: "--nmb_crops 2 6 --size_crops 224 96 --min_scale_crops 0.14 0.05 --max_scale_crops 1. 0.14 "
+         "--crops_for_assign 0 1 --temperature 0.1 --feat_dim 128 --nmb_prototypes 3000 3000 3000 --epochs 800 "
+         "--batch_size 64 --base_lr 4.8 --final_lr 0.0048 --freeze_prototypes_niters 300000 --wd 0.000001 "
+         "--warmup_epochs 10 --start_warmup 0.3",
+    400: "--nmb_crops 2 4 --size_crops 160 96 --min_scale_crops 0.08 0.05 --max_scale_crops 1. 0.14 "
+         "--crops_for_assign 0 1 --temperature 0.1 --feat_dim 128 --nmb_prototypes 3000 3000 3000 --epochs 400 "
+         "--batch_size 64 --base_lr 4.8 --final_lr 0.0048 --freeze_prototypes_niters 300000 --wd 0.000001 "
+         "--warmup_epochs 10 --start_warmup 0.3",
+}
+
+
+@pytest.mark.parametrize("epochs", [800, 400])
+def test_recipes_equal_the_reference_scripts(epochs):
+    from swavkit.config import load_config
+
+    flags, key = {}, None
+    for word in REFERENCE_SCRIPTS[epochs].split():
+        if word.startswith("--"):
+            key = word[2:]
+            flags[key] = []
+        else:
+            flags[key].append(float(word))
+    cfg = load_config([str(Path(__file__).parents[1] / "configs" / f"deepclusterv2_{epochs}ep.yaml")], [])
+    gpus = 64  # #SBATCH --gpus=64
+    assert cfg.method == "deepclusterv2"
+    assert cfg.crops.counts == flags["nmb_crops"] and cfg.crops.sizes_px == flags["size_crops"]
+    assert cfg.crops.min_scales == flags["min_scale_crops"] and cfg.crops.max_scales == flags["max_scale_crops"]
+    assert list(cfg.swav.assignment_crops) == flags["crops_for_assign"]
+    assert [cfg.swav.temperature] == flags["temperature"] and [cfg.model.output_dim] == flags["feat_dim"]
+    assert [cfg.model.n_prototypes] * cfg.deepcluster.n_heads == flags["nmb_prototypes"]
+    assert [cfg.train.epochs] == flags["epochs"] and cfg.train.batch_size == flags["batch_size"][0] * gpus
+    assert cfg.optim.reference_batch_size == cfg.train.batch_size  # the LRs below are the script's, unscaled
+    assert [cfg.optim.base_lr] == flags["base_lr"] and [cfg.optim.final_lr] == flags["final_lr"]
+    assert [cfg.optim.weight_decay] == flags["wd"] and [cfg.optim.warmup_epochs] == flags["warmup_epochs"]
+    assert [cfg.optim.warmup_start_lr] == flags["start_warmup"]
+    # never trained: 300000 iterations outlast the run (312 steps per ImageNet epoch at 4096)
+    assert flags["freeze_prototypes_niters"][0] > epochs * (1_281_167 // cfg.train.batch_size)
+    assert cfg.optim.lars_exclude == "none" and cfg.train.precision == "fp32" and cfg.deepcluster.kmeans_iterations == 10
