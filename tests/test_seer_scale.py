@@ -20,13 +20,13 @@ from test_distributed import free_port
 
 SEER_1_3B, SEER_10B = "configs/seer_regnety_1.3b.yaml", "configs/seer_10b.yaml"
 _I30 = "issue 30's reading of VISSL (not opened here)"
-_HEAD = "vissl configs/config/pretrain/swav/heads/d10444_d8192_d8192_d256_proto16k.yaml (" + _I30 + ")"
+_HEAD = "vissl configs/config/pretrain/swav/heads/d10444_d8192_d8192_d256_proto16k.yaml (opened)"
 _RUN = "released run name ..._bs16_node64_sinkhorn10_proto16k_..._syncBN64_warmup8k, wd1e5 (" + _I30 + ")"
 _SCHED = "VISSL SEER LR schedule: 0.3/256, warm-up from absolute 0.3 over 8k steps, cosine to peak/1000 (" + _I30 + ")"
-_LARC = "vissl configs/config/pretrain/swav/swav_8node_resnet.yaml: LARC over one parameter group (" + _I30 + ")"
+_LARC = "vissl configs/config/pretrain/swav/swav_8node_resnet.yaml (opened): use_larc, regularize_bn and _bias: every parameter"
 _CROP = "vissl configs/config/pretrain/swav/transforms/multicrop_6crop_2x224_4x96.yaml"
-_10B = "vissl configs/config/pretrain/seer/models/regnet10B.yaml (" + _I30 + ")"
-_NV = "the 1.3B recipe's number, NOT VERIFIED against regnet10B.yaml"
+_10B = "vissl configs/config/pretrain/seer/models/regnet10B.yaml (opened)"
+_BASE = "vissl configs/config/pretrain/swav/swav_8node_resnet.yaml, the base of the SEER overlays (opened)"
 
 # (recipe, dotted key, value, source)
 RECIPE_TABLE = [
@@ -56,10 +56,13 @@ RECIPE_TABLE = [
     (SEER_10B, "crops.sizes_px", [160, 96], _10B), (SEER_10B, "swav.epsilon", 0.03, _10B),
     (SEER_10B, "model.activation_checkpointing", "on", _10B + ": FSDP + activation checkpointing"),
     (SEER_10B, "optim.lars_exclude", "none", _10B + ": one parameter group"),
-    (SEER_10B, "train.batch_size", 8192, _NV), (SEER_10B, "optim.warmup_steps", 8000, _NV),
-    (SEER_10B, "optim.warmup_start_lr", 0.3, _NV), (SEER_10B, "optim.final_lr", 0.0003, _NV),
-    (SEER_10B, "swav.freeze_prototypes_steps", 313, _NV), (SEER_10B, "optim.weight_decay", 1e-5, _NV),
-    (SEER_10B, "model.n_prototypes", 16000, _NV), (SEER_10B, "swav.sinkhorn_iterations", 10, _NV),
+    (SEER_10B, "train.batch_size", 7936, _10B + ": BATCHSIZE_PER_REPLICA 16 x 8 x NUM_NODES 62"),
+    (SEER_10B, "optim.warmup_epochs", 0.043648, _10B + ": lengths [0.043648, 0.956352] of one epoch"),
+    (SEER_10B, "optim.warmup_start_lr", 0.3, _BASE + ": linear from 0.3"), (SEER_10B, "optim.final_lr", 0.0003, _BASE),
+    (SEER_10B, "swav.freeze_prototypes_steps", 313, _BASE + ": TEMP_FROZEN_PARAMS_ITER_MAP 313"),
+    (SEER_10B, "optim.weight_decay", 1e-5, _10B), (SEER_10B, "optim.base_lr", 0.3, _10B + ": base_value 0.3"),
+    (SEER_10B, "model.n_prototypes", 16000, _10B), (SEER_10B, "swav.sinkhorn_iterations", 10, _10B),
+    (SEER_10B, "crops.min_scales", [0.14, 0.05], _10B), (SEER_10B, "crops.max_scales", [1.0, 0.14], _10B),
 ]
 
 
