@@ -13,6 +13,7 @@ import yaml
 
 import swavkit
 from conftest import tiny_overrides, write_images
+from swavkit.artifacts.layout import RUN_CONFIG_HEADER
 from swavkit.api import build_config, pretrain_config
 from swavkit.cli.main import main
 from swavkit.config import ConfigError, load_config
@@ -159,7 +160,8 @@ def test_a_resume_takes_the_saved_config_instead_of_deriving_again(tmp_path, cap
     first = pretrain_config(tmp_path / "images", tmp_path / "run")
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints" / "last.pt").write_bytes(b"")  # only its presence is read here
-    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(swavkit.config.to_dict(first)))
+    # swavkit's own config.yaml (its header proves the run); another tool's is never read (test_run_folder.py)
+    (tmp_path / "run" / "config.yaml").write_text(RUN_CONFIG_HEADER + yaml.safe_dump(swavkit.config.to_dict(first)))
     write_images(tmp_path / "images" / "more", 460, size_px=8, seed=1)  # derivation would now differ
     again = build_config([], [f"data.path={tmp_path / 'images'}", f"out_dir={tmp_path / 'run'}", "train.epochs=3"])
     assert "resuming the run" in capsys.readouterr().out
