@@ -1,0 +1,185 @@
+"""Hostile forms of the files swavkit reads besides checkpoints and images: embeddings (`.npy`, its `.json`
+manifest, its `.paths.txt`), WebDataset tar shards and list files with the run folder's list cache. Each case:
+the code in a pickle never runs (its marker is never created), nothing outside the command's own output
+changes, and the refusal is one line with exit code 2 (tests/test_hostile_runs.py: checkpoints;
+tests/test_hostile_files.py: images)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import tiny_overrides, write_images
+from swavkit.cli import main
+from swavkit.data.filelist import CACHE_NAME, load_path_cache
+
+EMBED = ["--image-size", "32", "--workers", "0", "--device", "cpu", "--no-progress"]
+
+
+class CodeRunner:
+    """Unpickling this runs a shell command that creates ``marker`` (what a hostile file would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``root`` with its size and modification time: what "nothing changed" compares."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def write_tar(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """8 images, their embeddings by resnet10t at 32 px, and a marker that a payload would create."""
+    root = tmp_path_factory.mktemp("hostile-inputs")
+    images = write_images(root / "images", 8, seed=5)
+    emb = root / "emb" / "emb.npy"
+    assert main(["embed", "timm:resnet10t", str(root / "images"), "--out", str(emb), *EMBED]) == 0
+    return {"root": root, "images": images, "emb": emb, "marker": root / "payload-ran",
+            "payload": pickle.dumps(CodeRunner(root / "payload-ran"))}
+
+
+def refused(world, capsys, argv: list[str], *, changes: tuple[Path, ...] = ()) -> str:
+    """The one line of ``argv`` refused (exit 2): the payload never ran and nothing under the world's
+    folder changed except the paths in ``changes`` (the command's own output)."""
+    before = {k: v for k, v in snapshot(world["root"]).items() if not any(
+        str(world["root"] / k).startswith(str(c)) for c in changes)}
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert not world["marker"].exists(), f"{argv}: the payload ran"
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and err.startswith("swavkit "), err
+    after = {k: v for k, v in snapshot(world["root"]).items() if not any(
+        str(world["root"] / k).startswith(str(c)) for c in changes)}
+    assert after == before, f"{argv} changed files"
+    return err
+
+
+def copied(world, name: str) -> Path:
+    """A copy of the three embeddings files (to edit) -> its .npy."""
+    target = world["root"] / name
+    target.mkdir()
+    for suffix in (".npy", ".paths.txt", ".json"):
+        shutil.copy(world["emb"].with_suffix(suffix) if suffix != ".paths.txt" else
+                    world["emb"].with_name("emb.paths.txt"), target / ("emb" + suffix))
+    return target / "emb.npy"
+
+
+# ----------------------------------------------------------------------------------------------------
+# embeddings: the .npy, its manifest and its .paths.txt
+
+def _edit_manifest(change):
+    def edit(npy: Path, world) -> None:
+        manifest_path = npy.with_suffix(".json")
+        manifest = json.loads(manifest_path.read_text())
+        manifest_path.write_text(json.dumps(change(manifest)))
+    return edit
+
+
+def _set(path: tuple[str, ...], value):
+    def change(manifest):
+        target = manifest
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+        return manifest
+    return change
+
+
+def _paths_lines(change):
+    def edit(npy: Path, world) -> None:
+        names = npy.with_name("emb.paths.txt")
+        names.write_text("".join(change(names.read_text().splitlines(keepends=True))))
+    return edit
+
+
+EMBEDDING_FORMS = {
+    # a pickled object array saved with np.save: its element would run code when unpickled
+    "npy-object-array": (lambda npy, world: np.save(npy, np.array([CodeRunner(world["marker"])] * 2, dtype=object),
+                                                    allow_pickle=True), "pickled Python objects"),
+    "npy-object-matrix": (lambda npy, world: np.save(npy, np.full((8, 512), CodeRunner(world["marker"]), dtype=object),
+                                                     allow_pickle=True), "pickled Python objects"),
+    "npy-is-a-pickle": (lambda npy, world: npy.write_bytes(world["payload"]), "not readable as swavkit embeddings"),
+    "npy-truncated": (lambda npy, world: npy.write_bytes(npy.read_bytes()[:1000]), "not readable as swavkit embeddings"),
+    "npy-wrong-dtype": (lambda npy, world: np.save(npy, np.zeros((8, 512), np.complex64)), "float"),
+    "npy-wrong-shape": (lambda npy, world: np.save(npy, np.zeros((8, 2, 256), np.float32)), "an array of shape"),
+    "manifest-zero-byte": (lambda npy, world: npy.with_suffix(".json").write_bytes(b""), "not a swavkit embeddings manifest"),
+    "manifest-not-json": (lambda npy, world: npy.with_suffix(".json").write_bytes(b"\x80\x04garbage"),
+                          "not a swavkit embeddings manifest"),
+    "manifest-a-list": (lambda npy, world: npy.with_suffix(".json").write_text("[1, 2]"), "not a swavkit embeddings manifest"),
+    "manifest-pickle": (lambda npy, world: npy.with_suffix(".json").write_bytes(world["payload"]),
+                        "not a swavkit embeddings manifest"),
+    "manifest-backbone-a-string": (_edit_manifest(_set(("backbone",), "resnet")), "not a swavkit embeddings manifest"),
+    "manifest-feature-dim-a-string": (_edit_manifest(_set(("backbone", "feature_dim"), "wide")),
+                                      "not a swavkit embeddings manifest"),
+    "manifest-rows-a-list": (_edit_manifest(_set(("n_rows",), [8])), "not a swavkit embeddings manifest"),
+    "manifest-chunks-a-number": (_edit_manifest(_set(("chunks",), 5)), "not a swavkit embeddings manifest"),
+    "manifest-data-a-list": (_edit_manifest(_set(("data",), [])), "not a swavkit embeddings manifest"),
+    "manifest-rows-hash-a-number": (_edit_manifest(_set(("rows_sha256",), 7)), "not a swavkit embeddings manifest"),
+    "manifest-more-rows": (_edit_manifest(_set(("n_rows",), 9)), "the manifest says 9"),
+    "paths-one-fewer": (_paths_lines(lambda lines: lines[:-1]), "8 vectors and 7 paths"),
+    "paths-one-more": (_paths_lines(lambda lines: lines + lines[:1]), "8 vectors and 9 paths"),
+    "paths-not-utf8": (lambda npy, world: npy.with_name("emb.paths.txt").write_bytes(b"\xff\xfe\n" * 8),
+                       "not readable as swavkit embeddings"),
+}
+
+
+@pytest.mark.parametrize("form", list(EMBEDDING_FORMS))
+def test_neighbours_refuses_every_hostile_embeddings_file(world, capsys, form):
+    edit, message = EMBEDDING_FORMS[form]
+    npy = copied(world, f"neighbours-{form}")
+    edit(npy, world)
+    out = world["root"] / f"nn-{form}"
+    err = refused(world, capsys, ["neighbours", str(npy), "--out", str(out), "--no-progress"])
+    assert message in err, err
+    assert not out.exists()
+
+
+RESUMED_FORMS = ["manifest-zero-byte", "manifest-not-json", "manifest-a-list", "manifest-pickle",
+                 "manifest-backbone-a-string", "manifest-chunks-a-number", "manifest-data-a-list",
+                 "manifest-rows-a-list"]
+
+
+@pytest.mark.parametrize("form", RESUMED_FORMS + ["weights-hash-edited"])
+def test_embed_into_a_hostile_manifest_changes_nothing(world, capsys, form):
+    """`swavkit embed` into files whose manifest was replaced or edited: refused before anything is written."""
+    npy = copied(world, f"embed-{form}")
+    if form == "weights-hash-edited":
+        _edit_manifest(_set(("backbone", "weights_sha256"), "0" * 64))(npy, world)
+        message = "another backbone or preprocessing (weights_sha256 000000000000 there"
+    else:
+        EMBEDDING_FORMS[form][0](npy, world)
+        message = "not a swavkit embeddings manifest"
+    err = refused(world, capsys, ["embed", "timm:resnet10t", str(world["root"] / "images"), "--out", str(npy), *EMBED])
+    assert message in err, err
+
+
+def test_neighbours_query_refuses_an_edited_weights_hash(world, capsys):
+    npy = copied(world, "query-weights-hash")
+    _edit_manifest(_set(("backbone", "weights_sha256"), "0" * 64))(npy, world)
+    out = world["root"] / "nn-query-hash"
+    err = refused(world, capsys, ["neighbours", str(npy), "--query", str(world["images"][0]), "--out", str(out),
+                                  "--device", "cpu", "--no-progress"])
+    assert "weights" in err, err
+    assert not out.exists()
