@@ -6,6 +6,7 @@ tests/test_hostile_files.py: images)."""
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import os
@@ -19,6 +20,9 @@ import pytest
 
 from conftest import tiny_overrides, write_images
 from swavkit.cli import main
+from swavkit.config import load_config
+from swavkit.data.multicrop import MultiCropTransform
+from swavkit.data.shards import ShardStream, check_decodable
 from swavkit.data.filelist import CACHE_NAME, load_path_cache
 
 EMBED = ["--image-size", "32", "--workers", "0", "--device", "cpu", "--no-progress"]
@@ -183,3 +187,92 @@ def test_neighbours_query_refuses_an_edited_weights_hash(world, capsys):
                                   "--device", "cpu", "--no-progress"])
     assert "weights" in err, err
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# tar shards: only image members are ever decoded, by swavkit's image decoder
+
+def _shard_members(world) -> dict[str, bytes]:
+    """8 image samples; two carry a pickle member beside the image (webdataset's default decoders would
+    unpickle `.pyd` / `.pickle`), and one sample is a pickle alone."""
+    members = {}
+    for i, image in enumerate(world["images"]):
+        members[f"s{i:03d}{image.suffix}"] = image.read_bytes()
+    members["s000.pyd"] = members["s001.pickle"] = members["s999.pyd"] = world["payload"]
+    return members
+
+
+@pytest.fixture(scope="module")
+def shards(world):
+    folder = world["root"] / "shards"
+    folder.mkdir()
+    sound = write_tar(folder / "pickles.tar", _shard_members(world))
+    raw = sound.read_bytes()
+    return {
+        "pickles": sound,
+        "zero-byte": _write(folder / "zero-byte.tar", b""),
+        "truncated": _write(folder / "truncated.tar", raw[:700]),  # inside the first member
+        "not-a-tar": _write(folder / "not-a-tar.tar", world["payload"]),
+        "no-images": write_tar(folder / "no-images.tar", {"a.pyd": world["payload"], "a.txt": b"hello",
+                                                          "b.json": b"{}", "c.pickle": world["payload"]}),
+        "images-that-are-not": write_tar(folder / "images-that-are-not.tar", {"a.jpg": world["payload"],
+                                                                              "b.png": b"\x89PNG\r\n"}),
+    }
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_shard_pickle_members_are_never_decoded(world, shards, capsys):
+    """`swavkit embed` and one pretraining step on a shard holding `.pyd` / `.pickle` members: the images are
+    used, the pickles never unpickled."""
+    out = world["root"] / "shard-emb" / "emb.npy"
+    assert main(["embed", "timm:resnet10t", str(shards["pickles"]), "--out", str(out), *EMBED]) == 0
+    assert not world["marker"].exists()
+    assert len(out.with_name("emb.paths.txt").read_text().splitlines()) == 8
+    # pretraining's reader (the stream a data-loading worker runs), start-up check included: a whole epoch
+    cfg = load_config([], tiny_overrides("x", "y"))
+    transform = MultiCropTransform.from_config(cfg.crops)
+    assert check_decodable([str(shards["pickles"])], str(shards["pickles"])) == [str(shards["pickles"])]
+    stream = ShardStream([str(shards["pickles"])], transform, transform.collate, 4, rank=0, world=1, seed=0,
+                         shuffle_buffer=4, samples_per_epoch=8)
+    stream.set_epoch(0)
+    batches = iter(stream)  # endless: 3 batches of 4 go round the shard's 8 images and 3 pickles
+    skipped = [name for _ in range(3) for name, _ in next(batches)[2]]  # (views, indices, skipped)
+    assert not world["marker"].exists()
+    assert any(name.endswith("s999") for name in skipped), skipped  # the pickle-only sample: no image member
+    # no swavkit module reaches webdataset's decoders: what it takes from webdataset is the tar iterator
+    # (read) and TarWriter (swavkit shard), nothing that decodes
+    used = set()
+    for source in (Path(__file__).parent.parent / "swavkit").rglob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("webdataset"):
+                used |= {f"{node.module}.{alias.name}" for alias in node.names}
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and \
+                    node.value.id in ("webdataset", "wds"):
+                used.add(f"webdataset.{node.attr}")
+    assert used == {"webdataset.tariterators.tar_file_iterator", "webdataset.tariterators.group_by_keys",
+                    "webdataset.TarWriter"}, used
+
+SHARD_FORMS = ["zero-byte", "truncated", "not-a-tar", "no-images", "images-that-are-not"]
+
+
+@pytest.mark.parametrize("form", SHARD_FORMS)
+@pytest.mark.parametrize("command", ["embed", "pretrain"])
+def test_broken_shards_are_one_line(world, shards, capsys, command, form):
+    """Nothing decodable: pretrain refuses at start-up naming data.path; embed after reading the set, naming
+    its list of unreadable members (its own output)."""
+    out = world["root"] / f"shard-{command}-{form}"
+    if command == "embed":
+        argv = ["embed", "timm:resnet10t", str(shards[form]), "--out", str(out / "emb.npy"), *EMBED]
+    else:
+        argv = ["pretrain", *tiny_overrides(shards[form], out, **{"train.epochs": 1, "data.samples_per_epoch": 8})]
+    err = refused(world, capsys, argv, changes=(out,))
+    if command == "pretrain":
+        assert "data.path: nothing in" in err and shards[form].name in err, err
+        assert not out.exists()
+    else:
+        assert "images could be read (listed in" in err, err
+        assert not (out / "emb.npy").exists()
