@@ -276,3 +276,79 @@ def test_broken_shards_are_one_line(world, shards, capsys, command, form):
     else:
         assert "images could be read (listed in" in err, err
         assert not (out / "emb.npy").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# list files (data.path=LIST.txt / .csv) and the run folder's cached list
+
+LIST_FORMS = {
+    "zero-byte.txt": b"",
+    "blank-lines.txt": b"\n\n  \n",
+    "garbage.txt": bytes(range(256)) * 4,
+    "garbage.csv": b"path\n" + bytes(range(256)) * 4,
+    "a-pickle.txt": None,  # the payload's bytes as a list
+    "missing-files.txt": None,  # names only files that do not exist
+}
+
+
+@pytest.fixture(scope="module")
+def lists(world):
+    folder = world["root"] / "lists"
+    folder.mkdir()
+    made = {}
+    for name, data in LIST_FORMS.items():
+        if name == "a-pickle.txt":
+            data = world["payload"]
+        elif name == "missing-files.txt":
+            data = "".join(f"{folder / 'gone'}/img{i}.png\n" for i in range(5)).encode()
+        made[name] = _write(folder / name, data)
+    return made
+
+
+@pytest.mark.parametrize("form", list(LIST_FORMS))
+@pytest.mark.parametrize("command", ["embed", "pretrain"])
+def test_hostile_list_files_are_one_line(world, lists, capsys, command, form):
+    out = world["root"] / f"list-{command}-{form}"
+    if command == "embed":
+        argv = ["embed", "timm:resnet10t", str(lists[form]), "--out", str(out / "emb.npy"), *EMBED]
+    else:
+        argv = ["pretrain", *tiny_overrides(lists[form], out, **{"train.epochs": 1})]
+    err = refused(world, capsys, argv, changes=(out,))
+    assert not (out / "emb.npy").exists() and not (out / "checkpoints").exists(), err
+    if form in ("zero-byte.txt", "blank-lines.txt"):
+        assert f"list file {lists[form]} names no files" in err, err
+    elif form == "garbage.csv":
+        assert "unreadable CSV" in err and "line 3" in err, err
+    elif command == "pretrain":  # names that are no files: the start-up check tries them all
+        assert "data.path: none of the" in err and f"under {lists[form]} can be decoded" in err, err
+    else:  # embed lists each unreadable name in its own report
+        assert "images could be read (listed in" in err, err
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=True)
+    return buffer.getvalue()
+
+
+def test_a_hostile_list_cache_is_never_unpickled(world, tmp_path):
+    """The run folder's cached list replaced by pickle-bearing files: read without unpickling, found
+    unreadable, and the images are found again (the cache is only ever a shortcut)."""
+    key = "[]"
+    forms = {
+        "a-pickle": lambda path: path.write_bytes(world["payload"]),
+        "npz-of-objects": lambda path: np.savez(path, buffer=np.array([CodeRunner(world["marker"])], object),
+                                                offsets=np.array([CodeRunner(world["marker"])], object),
+                                                source=np.array(key)),
+        "npy-of-objects": lambda path: _write(path, _npy_bytes(np.array([CodeRunner(world["marker"])], object))),
+        "zero-byte": lambda path: path.write_bytes(b""),
+        "wrong-dtype": lambda path: np.savez(path, buffer=np.zeros(3, np.float32),
+                                             offsets=np.zeros(2, np.float32), source=np.array(key)),
+    }
+    for form, write in forms.items():
+        folder = tmp_path / form
+        folder.mkdir()
+        write(folder / CACHE_NAME)
+        paths, why = load_path_cache(folder, key)
+        assert paths is None and str(folder / CACHE_NAME) in why, (form, why)
+        assert not world["marker"].exists(), form
