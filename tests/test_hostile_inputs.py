@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import io
 import json
-import os
 import pickle
 import shutil
 import tarfile
@@ -19,28 +18,14 @@ import numpy as np
 import pytest
 
 from conftest import tiny_overrides, write_images
+from test_hostile_runs import CodeRunner, snapshot  # one home for the payload and the change check
 from swavkit.cli import main
 from swavkit.config import load_config
+from swavkit.data.filelist import CACHE_NAME, load_path_cache
 from swavkit.data.multicrop import MultiCropTransform
 from swavkit.data.shards import ShardStream, check_decodable
-from swavkit.data.filelist import CACHE_NAME, load_path_cache
 
 EMBED = ["--image-size", "32", "--workers", "0", "--device", "cpu", "--no-progress"]
-
-
-class CodeRunner:
-    """Unpickling this runs a shell command that creates ``marker`` (what a hostile file would do)."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    """Every path under ``root`` with its size and modification time: what "nothing changed" compares."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
 
 
 def write_tar(path: Path, members: dict[str, bytes]) -> Path:
@@ -126,7 +111,8 @@ EMBEDDING_FORMS = {
                                                      allow_pickle=True), "pickled Python objects"),
     "npy-is-a-pickle": (lambda npy, world: npy.write_bytes(world["payload"]), "not readable as swavkit embeddings"),
     "npy-truncated": (lambda npy, world: npy.write_bytes(npy.read_bytes()[:1000]), "not readable as swavkit embeddings"),
-    "npy-wrong-dtype": (lambda npy, world: np.save(npy, np.zeros((8, 512), np.complex64)), "float"),
+    "npy-wrong-dtype": (lambda npy, world: np.save(npy, np.zeros((8, 512), np.complex64)),
+                        "holds complex64 values, not the float32 vectors"),
     "npy-wrong-shape": (lambda npy, world: np.save(npy, np.zeros((8, 2, 256), np.float32)), "an array of shape"),
     "manifest-zero-byte": (lambda npy, world: npy.with_suffix(".json").write_bytes(b""), "not a swavkit embeddings manifest"),
     "manifest-not-json": (lambda npy, world: npy.with_suffix(".json").write_bytes(b"\x80\x04garbage"),
