@@ -123,7 +123,65 @@ def read_manifest(files: EmbeddingFiles) -> dict | None:
         manifest = {"error": str(err)}
     if not isinstance(manifest, dict) or manifest.get("format") != EMBEDDINGS_FORMAT:
         raise DataError(f"{printable_path(files.manifest)} is not a swavkit embeddings manifest; choose another --out")
+    problem = manifest_problem(manifest)
+    if problem:
+        raise DataError(f"{printable_path(files.manifest)} is not a swavkit embeddings manifest ({problem}): it was "
+                        "edited or written by something else; embed the images again into another --out")
     return manifest
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# (section, key, test, what it must be): every field embed, neighbours and --query read from a manifest,
+# so that an edited one is refused in one line here instead of failing wherever the field is first used.
+# Fields that older swavkit versions did not write (None section = top level) may be absent.
+_MANIFEST_FIELDS = (
+    (None, "complete", lambda v: isinstance(v, bool), "true or false", True),
+    (None, "vectors_file", lambda v: isinstance(v, str), "a file name", True),
+    (None, "backbone", lambda v: isinstance(v, dict), "a mapping", True),
+    (None, "data", lambda v: isinstance(v, dict), "a mapping", True),
+    (None, "chunks", lambda v: isinstance(v, list) and all(
+        isinstance(c, dict) and all(_is_int(c.get(k)) and c.get(k) >= 0 for k in ("index", "n_inputs", "n_rows",
+                                                                                  "n_skipped")) for c in v),
+     "a list of chunk records", True),
+    (None, "preprocessing", lambda v: isinstance(v, dict), "a mapping", False),
+    (None, "n_rows", lambda v: _is_int(v) and v >= 0, "a whole number", False),
+    (None, "n_skipped", lambda v: _is_int(v) and v >= 0, "a whole number", False),
+    (None, "rows_sha256", lambda v: v is None or isinstance(v, str), "a hex digest", False),
+    ("backbone", "feature_dim", lambda v: _is_int(v) and v > 0, "a positive whole number", True),
+    ("backbone", "source", lambda v: isinstance(v, str), "a path or name", False),
+    ("backbone", "in_channels", lambda v: _is_int(v) and v > 0, "a positive whole number", False),
+    ("backbone", "weights_sha256", lambda v: isinstance(v, str), "a hex digest", False),
+    ("preprocessing", "image_size_px", lambda v: _is_int(v) and v > 0, "a positive whole number", False),
+    ("preprocessing", "mean", lambda v: isinstance(v, list) and v and all(map(_is_number, v)), "a list of numbers",
+     False),
+    ("preprocessing", "std", lambda v: isinstance(v, list) and v and all(map(_is_number, v)), "a list of numbers",
+     False),
+    ("data", "n_chunks", _is_int, "a whole number", False),
+)
+
+
+def manifest_problem(manifest: dict) -> str:
+    """"" when every field of ``manifest`` that swavkit reads has the type swavkit writes; else which one
+    does not (a finished manifest must also give its row count)."""
+    for section, key, sound, what, required in _MANIFEST_FIELDS:
+        holder = manifest if section is None else manifest.get(section, {})
+        if not isinstance(holder, dict):  # its section was checked first and is refused above
+            continue
+        name = key if section is None else f"{section}.{key}"
+        if key not in holder:
+            if required or (key == "n_rows" and manifest.get("complete") is True):
+                return f"no {name}"
+            continue
+        if not sound(holder[key]):
+            return f"{name} is not {what}"
+    return ""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -709,6 +767,7 @@ def load_embeddings(path: str | Path) -> Embeddings:
             names = table.column("path").to_pylist()
             names_bytes = "".join(f"{name}\n" for name in names).encode("utf-8")
         else:
+            _refuse_other_dtype(files.vectors)  # from the header: a pickled object array is never opened
             vectors = np.load(files.vectors, mmap_mode="r", allow_pickle=False)
             names_bytes = files.paths.read_bytes()
             names = names_bytes.decode("utf-8").splitlines()
@@ -733,6 +792,30 @@ def load_embeddings(path: str | Path) -> Embeddings:
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     refuse_nonfinite(vectors, names, files.vectors)
     return Embeddings(vectors, [path_from_printable(name) for name in names], manifest, files)
+
+
+def _refuse_other_dtype(path: Path) -> None:
+    """DataError, one line, when the .npy at ``path`` does not hold float32 (what embed writes), read from
+    its header alone: an object array (pickled Python objects, code when unpickled) or a complex or
+    integer array never reaches np.load, whose cast to float32 would accept the latter silently."""
+    import numpy as np
+
+    from swavkit.data import DataError, printable_path
+
+    with open(path, "rb") as handle:
+        try:
+            version = np.lib.format.read_magic(handle)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}[version]
+            _, _, dtype = read_header(handle)
+        except (ValueError, KeyError, EOFError):
+            return  # not a readable .npy header: np.load (allow_pickle=False) says what is wrong with it
+    if dtype.hasobject:
+        raise DataError(f"{printable_path(path)}: holds pickled Python objects, not float32 vectors (never unpickled: "
+                        "such a file can run code); it is not what swavkit embed wrote - embed the images again")
+    if dtype != np.float32:
+        raise DataError(f"{printable_path(path)}: holds {dtype} values, not the float32 vectors swavkit embed "
+                        "writes; embed the images again")
 
 
 def refuse_nonfinite(vectors: np.ndarray, names: list[str], source: Path) -> None:
