@@ -54,6 +54,7 @@ MOVED = {
     "swavkit.diagnosis": "swavkit.training.diagnosis",
     "swavkit.plot": "swavkit.training.plot",
     "swavkit.rng": "swavkit.runtime.rng",
+    "swavkit.data.errors": "swavkit.errors",  # DataError joined the other one-line errors
 }
 
 

@@ -1,7 +1,9 @@
 """Which exceptions are the user's to fix (one line, exit code 2) and which exit code each failure gets.
 
-Named by module rather than imported, so the command line can ask without importing torch: an error can
-only be an instance of a class whose module is already loaded.
+Every one-line error derives from ``UserError``: raising one is how a layer says "the message is for the
+user as is". The classes every layer raises live here (standard library only, so the command line and
+``import swavkit.config`` can catch them without torch); a layer's own kind (``LoadError``,
+``CheckpointError``, ``LaunchError``) lives beside its code and derives from ``UserError`` too.
 """
 
 from __future__ import annotations
@@ -10,7 +12,12 @@ import errno
 import sys
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A failure the user can fix, described in one line that names the file, key or option and what to do.
+    The command line prints the message as is and exits with code 2 (``EXIT_USER_ERROR``)."""
+
+
+class ConfigError(UserError, ValueError):
     """A configuration problem, described in one line that names the key (a config key, a CLI option or a
     file). Every layer raises it; ``swavkit.config`` re-exports it where users always found it. The command
     line prints its message as one line and exits with code 2.
@@ -24,11 +31,20 @@ class ConfigError(ValueError):
         refused: unknown config key 'train.epoch' (did you mean train.epochs?)
     """
 
-# Exceptions whose message is meant for the user as is: printed as one line, exit code 2.
-USER_ERROR_NAMES = (("swavkit.errors", "ConfigError"), ("swavkit.data.errors", "DataError"),
-                    ("swavkit.artifacts.pretrained", "LoadError"), ("swavkit.artifacts.checkpoint", "CheckpointError"),
-                    ("swavkit.runtime.distributed", "LaunchError"), ("swavkit.training.loop", "TrainingDiverged"),
-                    ("swavkit.training.loop", "DataLoaderCrashed"))
+
+
+class DataError(UserError, ValueError):
+    """A data problem, described in one line naming the file or folder."""
+
+
+class TrainingDiverged(UserError, FloatingPointError):
+    """The loss became non-finite; the last good state was saved first (pretraining and the supervised loop)."""
+
+
+class DataLoaderCrashed(UserError, RuntimeError):
+    """A data-loading worker died; the message names the files it was reading."""
+
+
 EXIT_USER_ERROR = 2
 EXIT_STOPPED = 3  # stopped by a signal: resumable, run the same command again
 
@@ -54,9 +70,10 @@ def is_unwritable(err: BaseException) -> bool:
 
 
 def is_user_error(err: BaseException) -> bool:
-    if isinstance(err, (FileNotFoundError, NotADirectoryError, FileExistsError)) or is_unwritable(err):
+    """A ``UserError``, a missing or clashing path, or an unwritable destination: one line, exit code 2."""
+    if isinstance(err, (UserError, FileNotFoundError, NotADirectoryError, FileExistsError)):
         return True
-    return any(_is_instance(err, module_name, class_name) for module_name, class_name in USER_ERROR_NAMES)
+    return is_unwritable(err)
 
 
 def is_stop_request(err: BaseException) -> bool:

@@ -18,7 +18,7 @@ from swavkit.data import LabelledImageFolder, UnreadableImage, read_rgb, read_sk
 from swavkit.data import images as images_module
 from swavkit.data.channels import (ArrayEvalTransform, ChannelCropTransform, ChannelReader, estimate_mean_std,
                                    read_channels)
-from swavkit.data.errors import DataError
+from swavkit.errors import DataError
 from swavkit.evaluation.features import extract_features
 from swavkit.evaluation.knn import evaluate_knn
 from swavkit.data.multicrop import P_GRAY, P_JITTER, MultiCropTransform

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from swavkit.errors import UserError
 from swavkit.runtime.fileio import (atomic_writer, file_mode, fsync_dir, make_temp_folder, naming, write_json_atomic,
                                     write_text_atomic)
 from swavkit.data.constants import crop_fraction_for
@@ -27,7 +28,7 @@ from swavkit.artifacts.layout import EXPORT_CONFIG, EXPORT_FILES, EXPORT_WEIGHTS
 CHECKPOINT_FORMAT = "swavkit-train-v1"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message names the file and what to do."""
 
 

@@ -19,6 +19,7 @@ import torch
 import timm
 from safetensors.torch import load_file, save
 
+from swavkit.errors import UserError
 from swavkit.artifacts.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, backbone_state, check_export_target,
                                 export_backbone, load_state)
 from swavkit.config import from_dict, head_hidden_dims, prototype_rows
@@ -30,7 +31,7 @@ from swavkit.data.constants import DEFAULT_IMAGE_SIZE_PX, IMAGENET_MEAN, IMAGENE
 from swavkit.artifacts.layout import EXPORT_CONFIG, EXPORT_WEIGHTS, RUN_CHECKPOINT, RUN_EXPORT_DIR, holds_export, run_folder_of
 
 
-class LoadError(RuntimeError):
+class LoadError(UserError, RuntimeError):
     """The weights do not fit the model, or the source is not a checkpoint swavkit can read; the message
     names the source and lists the missing, unexpected and mis-shaped keys. Loading never falls back to
     random weights. The command line prints it as one line and exits with code 2.

@@ -30,7 +30,7 @@ def _add_plot(subparsers) -> None:
 
 
 def _cmd_shard(args) -> int:
-    from swavkit.data.errors import DataError
+    from swavkit.errors import DataError
     from swavkit.data.names import printable_path
 
     index = shard_writer.write_shards(args.source, args.out, args.images_per_shard, seed=None if args.keep_order else args.seed,

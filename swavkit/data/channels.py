@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from PIL import ImageOps
 
 from swavkit.data import images
-from swavkit.data.errors import DataError
+from swavkit.errors import DataError
 from swavkit.data.images import (GREY16_BAND_PIXELS, GREY16_MODES, UnreadableImage, describe_failure, open_image,
                                  read_rgb)
 from swavkit.data.multicrop import MultiCropTransform

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import Dataset
 
-from swavkit.data.errors import DataError
+from swavkit.errors import DataError
 from swavkit.data.folders import find_classes, find_images, walk_images
 from swavkit.data.images import IMAGE_EXTENSIONS, UnreadableImage, describe_failure, read_rgb
 from swavkit.data.names import printable_path

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from swavkit.data.errors import DataError
+from swavkit.errors import DataError
 from swavkit.data.images import UnreadableImage, describe_failure, open_image, read_rgb_bytes
 from swavkit.data.names import printable_path
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from swavkit.data.errors import DataError
+from swavkit.errors import DataError
 from swavkit.data.names import printable_path
 from swavkit.runtime.fileio import atomic_writer
 

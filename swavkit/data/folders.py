@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from swavkit.data.errors import DataError
+from swavkit.errors import DataError
 from swavkit.data.images import IMAGE_EXTENSIONS
 from swavkit.data.names import printable_path
 

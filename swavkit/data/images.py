@@ -22,7 +22,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from swavkit.data.errors import DataError
+from swavkit.errors import DataError
 from swavkit.data.names import printable_path
 
 # The image files swavkit reads, and the Pillow decoder of each. JPEG covers MPO too (multi-picture JPEGs

@@ -62,7 +62,7 @@ def _leftovers(out_dir: Path) -> list[Path]:
 def check_shard_target(out_dir: str | os.PathLike) -> set[str]:
     """Refuse (DataError, one line) an ``out_dir`` holding files ``swavkit shard`` did not write; the names
     of the files it did write there (replaced or removed by the new set)."""
-    from swavkit.data.errors import DataError
+    from swavkit.errors import DataError
     from swavkit.data.names import printable_path
 
     out_dir = Path(out_dir)
@@ -85,7 +85,7 @@ def write_shards(source: str, out_dir: str | os.PathLike, images_per_shard: int,
     content. ``seed`` None keeps the source's order."""
     import numpy as np
 
-    from swavkit.data.errors import DataError
+    from swavkit.errors import DataError
     from swavkit.data.names import printable_path
     from swavkit.data.sources import resolve_images
 

@@ -50,7 +50,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from swavkit.data.datasets import seeded_transform
-from swavkit.data.errors import DataError
+from swavkit.errors import DataError
 from swavkit.data.filelist import LIST_SUFFIXES, first_list_entry, read_list_file
 from swavkit.data.images import IMAGE_EXTENSIONS, UnreadableImage, describe_failure, read_rgb_bytes
 from swavkit.data.names import printable_path

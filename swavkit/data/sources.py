@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from swavkit.data.errors import DataError
+from swavkit.errors import DataError
 from swavkit.data.filelist import LIST_SUFFIXES, PathList, read_list_file
 from swavkit.data.folders import find_images
 from swavkit.data.names import printable_path

@@ -20,8 +20,10 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from swavkit.errors import UserError
 
-class LaunchError(RuntimeError):
+
+class LaunchError(UserError, RuntimeError):
     """The launcher environment is inconsistent (e.g. more processes than devices on a node)."""
 
 

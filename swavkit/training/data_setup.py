@@ -13,7 +13,7 @@ from swavkit.config import Config, ConfigError
 from swavkit.data import (BUNDLED_SAMPLE, EpochSampler, UnlabeledImageFolder, check_readable, printable_path)
 from swavkit.data.filelist import CACHE_NAME, PathList, load_path_cache, save_path_cache, source_key
 from swavkit.data.device_decode import (EncodedCrops, collate_encoded, encoded_or_rgb, read_encoded)
-from swavkit.data.errors import DataError
+from swavkit.errors import DataError
 from swavkit.data.shards import (SHARD_INDEX, ShardStream, check_decodable, expand_shards, is_shard_spec, pass_batch,
                                   stored_count)
 from swavkit.data.sources import data_specs, describe_specs, resolve_images

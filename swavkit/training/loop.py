@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from swavkit.errors import DataLoaderCrashed, TrainingDiverged  # noqa: F401 (re-exported: trainer)
 from swavkit.runtime import distributed
 from swavkit.training.budget import BudgetClock, BudgetPlan, fit_total_steps, share_of_run, worth_changing
 from swavkit.artifacts.checkpoint import backbone_state, export_backbone, load_training_checkpoint, save_atomic
@@ -41,14 +42,6 @@ from swavkit.training.processes import Processes
 from swavkit.artifacts.sharded_checkpoint import remove_shard_folders, save_sharded_checkpoint
 from swavkit.training.sharding import full_model_state
 from swavkit.data.constants import eval_size_px
-
-
-class TrainingDiverged(FloatingPointError):
-    """The loss became non-finite; the last good state was saved first."""
-
-
-class DataLoaderCrashed(RuntimeError):
-    """A data-loading worker died; the message names the files it was reading."""
 
 
 UNPLANNED_TOTAL_STEPS = 2 ** 62  # a budget run before its first plan: it ends when the plan says
