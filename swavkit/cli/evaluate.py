@@ -140,11 +140,11 @@ def _cmd_cluster(args) -> int:
     common = dict(top_per_cluster=args.top, batch_size=args.batch_size, device=args.device, num_workers=args.workers,
                   image_size_px=args.image_size, progress=not args.no_progress)
     if args.k is None:
-        from swavkit.evaluation.cluster import explore_clusters
+        from swavkit.clusters.explorer import explore_clusters
 
         result = explore_clusters(args.checkpoint, args.data, args.out, **common)
     else:
-        from swavkit.evaluation.groups import group_images
+        from swavkit.clusters.groups import group_images
 
         result = group_images(args.checkpoint, args.data, args.out, k=args.k, max_k=args.k_max, seed=args.seed, **common)
         for row in result["k_selection"] or []:
@@ -206,7 +206,7 @@ def _add_cluster(subparsers) -> None:
 
 def _cmd_assign(args) -> int:
     from swavkit.data import printable_path
-    from swavkit.evaluation.groups import assign_images
+    from swavkit.clusters.groups import assign_images
 
     result = assign_images(args.clusters, args.data, args.out, backbone_source=args.backbone, threshold=args.threshold,
                            batch_size=args.batch_size, device=args.device, num_workers=args.workers,

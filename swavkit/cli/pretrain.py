@@ -118,7 +118,7 @@ def _cmd_export(args) -> int:
         raise ConfigError("export: give OUT_DIR (the timm layout; --torchvision converts it), --onnx FILE, or both")
     args.source = _selected_checkpoint(args.source, args.select)
     if args.onnx:  # checked before anything is written
-        from swavkit.evaluation.onnx_export import check_onnx_target, require_exporter
+        from swavkit.artifacts.onnx_export import check_onnx_target, require_exporter
 
         require_exporter()
         check_onnx_target(args.onnx)
@@ -158,7 +158,7 @@ def _selected_checkpoint(source: str, select: str) -> str:
 
 
 def _export_onnx(args) -> int:
-    from swavkit.evaluation.onnx_export import describe, export_onnx
+    from swavkit.artifacts.onnx_export import describe, export_onnx
 
     print(describe(export_onnx(args.source, args.onnx)))
     return 0

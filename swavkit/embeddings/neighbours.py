@@ -1,6 +1,6 @@
 """Nearest neighbours and near-duplicates in an embeddings file (``swavkit neighbours``).
 
-Reads what ``swavkit embed`` wrote (:mod:`swavkit.evaluation.embed`: L2-normalised vectors, their image paths and a
+Reads what ``swavkit embed`` wrote (:mod:`swavkit.embeddings.embed`: L2-normalised vectors, their image paths and a
 manifest naming the backbone), searches it with faiss by cosine similarity (inner product of unit vectors)
 and writes:
 
@@ -183,7 +183,7 @@ def embed_queries(images: list[str], manifest: dict, backbone_source: str | None
 
     from swavkit.data import DataError, printable_path, read_rgb
     from swavkit.runtime.device import resolve_device
-    from swavkit.evaluation.embed import weights_sha256
+    from swavkit.artifacts.identity import weights_sha256
     from swavkit.evaluation.features import load_eval_backbone
     from swavkit.data.transforms import Preprocessing
     from swavkit.errors import is_user_error
@@ -275,7 +275,7 @@ def render_page(rows: list[tuple[str, list[tuple[str, str]]]], summary: list[tup
     thumbnail path relative to the page. Built from the cluster explorer's page pieces."""
     import html
 
-    from swavkit.evaluation.cluster import EAGER_THUMBNAILS, page_head, thumbnail_figure
+    from swavkit.artifacts.pages import EAGER_THUMBNAILS, page_head, thumbnail_figure
     from swavkit.data import printable_path
 
     out = [*page_head(title, PAGE_MARKER), f"<h1>{html.escape(title)}</h1>", '<table class="summary">']
@@ -297,7 +297,7 @@ def write_page(out_dir, rows, summary, title: str, progress: bool) -> str:
     """Thumbnails of every image ``rows`` shows (once each, numbered), then ``index.html`` (atomic)."""
     from tqdm import tqdm
 
-    from swavkit.evaluation.cluster import write_thumbnail
+    from swavkit.artifacts.pages import write_thumbnail
     from swavkit.runtime.fileio import write_text_atomic
 
     (out_dir / THUMBS_DIR).mkdir(parents=True, exist_ok=True)
@@ -325,9 +325,9 @@ def neighbours(embeddings: str, out_dir: str, *, k: int = 10, queries: list[str]
     when there are fewer images), "n_queries" | "n_groups", "csv", "page", ...}."""
     from pathlib import Path
 
-    from swavkit.evaluation.cluster import check_output_folder
+    from swavkit.artifacts.pages import check_output_folder
     from swavkit.config import ConfigError
-    from swavkit.evaluation.embed import load_embeddings
+    from swavkit.embeddings.embed import load_embeddings
     from swavkit.runtime.fileio import removed_on_failure
 
     if k < 1 or not -1.0 <= threshold <= 1.0 or page_rows < 0:

@@ -1,4 +1,4 @@
-"""Embeddings of every image of a data source (``swavkit embed``, ``swavkit.evaluation.embed``).
+"""Embeddings of every image of a data source (``swavkit embed``, ``swavkit.embeddings.embed``).
 
 Each image is decoded as in pretraining (every mode to RGB; an unreadable file is skipped and listed,
 not fatal), cut by the backbone's evaluation crop rule (:func:`swavkit.artifacts.preprocessing.resolve_preprocessing`),
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from swavkit.artifacts.identity import backbone_name, input_channels, weights_sha256
 from swavkit.runtime.fileio import atomic_writer, naming_output, write_json_atomic
 
 # torch, numpy and swavkit.data (which imports torch) load inside the functions, so that the command
@@ -187,27 +188,6 @@ def manifest_problem(manifest: dict) -> str:
 # ----------------------------------------------------------------------------------------------------
 # identity: which backbone and preprocessing made the vectors
 
-def weights_sha256(module: torch.nn.Module) -> str:
-    """sha256 over every parameter and buffer (name, dtype, shape, bytes), in state_dict order: the same
-    weights give the same hash wherever the files live, any changed weight another."""
-    import torch
-
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        tensor = tensor.detach().to("cpu").contiguous().reshape(-1)  # 0-d buffers (BN counters) too
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
-def input_channels(module: torch.nn.Module) -> int:
-    """Channels the backbone takes: its first convolution's (timm's patch embedding is one too), else 3."""
-    import torch
-
-    first = next((m for m in module.modules() if isinstance(m, torch.nn.Conv2d)), None)
-    return int(first.in_channels) if first is not None else 3
-
-
 def nonfinite_weights(module: torch.nn.Module) -> tuple[int, list[str]]:
     """(how many NaN/inf values the floating-point parameters and buffers of ``module`` hold, the names of
     the tensors holding them, in state_dict order)."""
@@ -239,7 +219,7 @@ def backbone_identity(source, backbone: torch.nn.Module, feature_dim: int) -> di
     """The manifest's ``backbone`` section (see :func:`identity_mismatch` for what must match); a source
     that is a file or folder is recorded as its absolute path, so a query from another directory finds it."""
     from swavkit.data.constants import RAW_PIXELS_SOURCE
-    from swavkit.evaluation.features import backbone_name, backbone_record
+    from swavkit.evaluation.features import backbone_record  # torch: this module is read by `swavkit --help`
 
     if str(source) != RAW_PIXELS_SOURCE and os.path.exists(source):  # a path: as found, wherever --query runs
         source = os.path.abspath(source)
