@@ -33,6 +33,14 @@ def backbone_name(backbone) -> str:
     return cfg.get("architecture") or type(backbone).__name__
 
 
+def backbone_record(source, architecture: str, feature_dim: int) -> dict:
+    """The ``backbone`` section of a result record and an embeddings manifest."""
+    record = {"source": str(source), "architecture": architecture, "feature_dim": int(feature_dim)}
+    if str(source).startswith("timm:"):
+        record["random_init_seed"] = RANDOM_INIT_SEED
+    return record
+
+
 def weights_sha256(module) -> str:
     """sha256 over every parameter and buffer (name, dtype, shape, bytes), in state_dict order: the same
     weights give the same hash wherever the files live, any changed weight another."""

@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 from urllib.parse import quote
 
-from swavkit.data.images import UnreadableImage, read_rgb
 from swavkit.data.names import printable_path
 from swavkit.errors import DataError
 
@@ -54,6 +53,8 @@ def check_output_folder(out_dir: Path, data_dir: str, *, output_names: tuple[str
 
 def write_thumbnail(source: str, destination: Path) -> bool:
     """Small JPEG of ``source`` (longest side THUMBNAIL_SIZE_PX); False if it cannot be read any more."""
+    from swavkit.data.images import UnreadableImage, read_rgb  # PIL: this module is read by `swavkit --help`
+
     try:
         image = read_rgb(source)
     except UnreadableImage:  # the file changed or vanished since assignment; the page shows its name instead

@@ -30,12 +30,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from swavkit.data import DataError, printable_path, read_skipped_report
-from swavkit.errors import ConfigError
+from swavkit.data import find_images, printable_path, read_skipped_report
+from swavkit.errors import ConfigError, DataError
 from swavkit.clusters import kmeans
 from swavkit.clusters.explorer import (OUTPUT_NAMES, PAGE_FILE, PAGE_MARKER, ClusterAssignments, check_output_folder,
                                        page_head, write_explorer)
 from swavkit.runtime.fileio import atomic_writer, write_json_atomic, write_text_atomic
+from swavkit.artifacts.identity import weights_sha256
+from swavkit.embeddings.embed import embed, load_embeddings
+from swavkit.evaluation.features import load_eval_backbone
 
 CENTROIDS_FILE = "centroids.safetensors"
 CENTROIDS_FORMAT = "swavkit-centroids-v1"
@@ -177,7 +180,6 @@ def parse_k(text: str | int) -> int | str:
 
 def _embed_folder(source, data, out_dir: Path, *, image_size_px, batch_size, device, num_workers, progress):
     """(embeddings, skipped [(path, reason)]) of every image of ``data``, written to ``out_dir/embeddings.npy``."""
-    from swavkit.embeddings.embed import embed, load_embeddings
 
     written = embed(source, data, out_dir / EMBEDDINGS_FILE, image_size_px=image_size_px, batch_size=batch_size,
                     num_workers=num_workers, device=device, progress=progress)
@@ -219,7 +221,6 @@ def group_images(backbone_source: str | Path, data_dir: str | Path, out_dir: str
         "thresholds_cosine_distance" [K], "centroids", "groups_dir", "groups_written" ("links" | "lists") and,
         for "auto", "k_selection" (rows).
     """
-    from swavkit.data import find_images
 
     k = parse_k(k)
     data_dir = os.path.abspath(data_dir)
@@ -273,8 +274,6 @@ def group_images(backbone_source: str | Path, data_dir: str | Path, out_dir: str
 
 def _check_same_backbone(source, metadata: dict) -> None:
     """DataError (one line) unless ``source``'s weights are the ones the centroids were made with."""
-    from swavkit.artifacts.identity import weights_sha256
-    from swavkit.evaluation.features import load_eval_backbone
 
     recorded = metadata["backbone"]["weights_sha256"]
     current = weights_sha256(load_eval_backbone(source))

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from swavkit.artifacts.identity import RANDOM_INIT_SEED, backbone_name, load_seeded_backbone
+from swavkit.artifacts.identity import RANDOM_INIT_SEED, backbone_name, backbone_record, load_seeded_backbone
 from swavkit.runtime import distributed
 from swavkit.evaluation import report
 from swavkit.runtime.cores import default_num_workers
@@ -209,14 +209,6 @@ class SplitFeatures:
         """The ``data`` section of a result record."""
         return report.data_record(train_dir, val_dir, len(self.train_labels), len(self.val_labels), self.classes,
                            max_per_class)
-
-
-def backbone_record(source, architecture: str, feature_dim: int) -> dict:
-    """The ``backbone`` section of a result record."""
-    record = {"source": str(source), "architecture": architecture, "feature_dim": int(feature_dim)}
-    if str(source).startswith("timm:"):
-        record["random_init_seed"] = RANDOM_INIT_SEED
-    return record
 
 
 def extract_split_features(backbone: torch.nn.Module, train_dir: str | Path, val_dir: str | Path,

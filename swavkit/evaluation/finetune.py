@@ -47,6 +47,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from swavkit.config import ConfigError
+from swavkit.data.names import path_from_printable, printable_path
+from swavkit.errors import DataError
 from swavkit.runtime.fileio import write_text_atomic
 from swavkit.artifacts.identity import backbone_name
 from swavkit.evaluation.baselines import BASELINE_KINDS, display_names, trained_size, verdict
@@ -128,15 +130,11 @@ def select_labelled(relative: list[str], labels: list[int], spec: LabelSpec, see
 
 def label_list_text(relative: list[str], indices: list[int]) -> str:
     """One relative path per line (printable form: a name with a newline stays on one line)."""
-    from swavkit.data import printable_path
-
     return "".join(printable_path(relative[i]) + "\n" for i in indices)
 
 
 def read_label_list(path: str | Path, relative: list[str]) -> list[int]:
     """The indices of the files a label list names; DataError naming the first one not in the train folder."""
-    from swavkit.data import DataError, path_from_printable, printable_path
-
     position = {name: i for i, name in enumerate(relative)}
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
@@ -504,7 +502,7 @@ def _load(source: str, seed: int) -> torch.nn.Module:
 
 def default_out_dir(backbone_source: str, spec_text: str, seed: int) -> Path:
     """``runs/finetune-<run or backbone name>-<labels>-seed<seed>``: the same command, the same folder."""
-    from swavkit.evaluation.report import source_name
+    from swavkit.evaluation.report import source_name  # torch: not at `swavkit --help`
 
     labels = re.sub(r"[^A-Za-z0-9.]+", "-", spec_text).strip("-")
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", source_name(backbone_source)).strip("-.") or "backbone"
@@ -514,7 +512,7 @@ def default_out_dir(backbone_source: str, spec_text: str, seed: int) -> Path:
 def load_labelled_data(train_dir, val_dir, preprocessing, options: FinetuneOptions) -> tuple[LabelledData, str]:
     """The folders, and the labelled subset drawn by the options (or read from ``labels_file``); returns the
     data and what chose the subset (the spec text or the list's file name)."""
-    from swavkit.data import LabelledImageFolder
+    from swavkit.data import LabelledImageFolder  # torch: not at `swavkit --help`
     from swavkit.data.transforms import train_transform  # the linear probe's augmentation, too
 
     train = LabelledImageFolder(train_dir, train_transform(preprocessing.image_size_px, preprocessing.mean,
@@ -542,7 +540,7 @@ def _setup(source: str, train_dir, data: LabelledData, recipe: Recipe, preproces
 
 def _finetune_one(source: str, backbone, data, recipe, preprocessing, folder_path, train_dir, options,
                   description: str, stop_request: StopRequest) -> dict:
-    from swavkit.artifacts.rundir import FinetuneFolder
+    from swavkit.artifacts.rundir import FinetuneFolder  # torch: not at `swavkit --help`
 
     folder = FinetuneFolder(folder_path)
     if options.restart:
@@ -649,8 +647,8 @@ def _finetune_baseline(name: str, preprocessing, data: LabelledData, recipe: Rec
                        val_dir, options: FinetuneOptions, stop_request: StopRequest) -> dict:
     """Fine-tune baseline ``name`` on the same labelled files with the same recipe, at the user's image size
     with its own mean/std, in ``out_dir/baseline-<name>/`` (resumed and restarted with the main fine-tune)."""
-    from swavkit.artifacts.preprocessing import resolve_preprocessing
-    from swavkit.artifacts.rundir import FINETUNE_BASELINE_PREFIX
+    from swavkit.artifacts.preprocessing import resolve_preprocessing  # torch + timm: not at `swavkit --help`
+    from swavkit.artifacts.rundir import FINETUNE_BASELINE_PREFIX  # torch: as above
 
     own = resolve_preprocessing(name, preprocessing.image_size_px)
     own.require_rgb(name, "swavkit finetune")
@@ -691,7 +689,7 @@ _IN_RUNDIR = {"FinetuneFolder": "FinetuneFolder", "RUN_FORMAT": "FINETUNE_FORMAT
 def __getattr__(name: str):
     if name not in _IN_RUNDIR:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import swavkit.artifacts.rundir
+    import swavkit.artifacts.rundir  # torch: see above
 
     return getattr(swavkit.artifacts.rundir, _IN_RUNDIR[name])
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from swavkit.runtime import distributed
 from swavkit.config import ConfigError
 from swavkit.data import LabelledImageFolder, find_classes
-from swavkit.evaluation.options import INDEX_TYPES, EvalOptions, KnnOptions, apply_keywords
+from swavkit.evaluation.options import INDEX_TYPES, EvalOptions, KnnOptions, apply_keywords, default_ivf_lists
 from swavkit.evaluation import setup
 from swavkit.evaluation.features import (SplitFeatures, backbone_record, extract_features, extract_split_features,
                                          load_eval_backbone)
@@ -29,17 +29,8 @@ from swavkit.evaluation.metrics import topk_accuracy
 from swavkit.data.constants import IMAGENET_MEAN, IMAGENET_STD
 from swavkit.data.transforms import Preprocessing
 
-# faiss's k-means wants >= 39 training points per list; fewer lists than that cannot be trained.
-_IVF_MIN_POINTS_PER_LIST = 39
-
-
 def _as_faiss_array(features: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(features.detach().to("cpu", torch.float32).numpy())
-
-
-def default_ivf_lists(n_train: int) -> int:
-    """~4 sqrt(N) inverted lists (faiss's rule of thumb), at least 39 points each."""
-    return max(1, min(int(4 * math.sqrt(n_train)), n_train // _IVF_MIN_POINTS_PER_LIST))
 
 
 def build_index(train_features: torch.Tensor, index: str = "exact", n_lists: int = 0, n_probe: int = 0):

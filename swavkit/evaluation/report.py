@@ -20,6 +20,8 @@ import torch
 from swavkit.runtime import distributed
 from swavkit.runtime.fileio import write_json_atomic
 from swavkit.artifacts.layout import run_folder_of
+from swavkit.evaluation.floors import FLOOR_NAMES, below_floors
+from swavkit.data.names import printable_path
 
 RESULT_SCHEMA = "swavkit-eval-v1"
 DEFAULT_RESULTS_DIR = "results"
@@ -214,7 +216,6 @@ def _method_rows(result: dict) -> list[tuple[str, object]]:
 def summary_rows(result: dict) -> list[tuple[str, object]]:
     """The lines ``swavkit knn`` / ``linear`` / ``finetune`` print for a result record: what was measured,
     top-1 / top-5, the floors (with a warning when the backbone does not beat one), the baselines."""
-    from swavkit.evaluation.floors import FLOOR_NAMES, below_floors
 
     rows = _method_rows(result)
     for key in ("top1", "top5"):
@@ -245,7 +246,6 @@ def baseline_rows(result: dict) -> list[tuple[str, object]]:
 def print_report(rows: list[tuple[str, object]], result: dict) -> None:
     """What ``knn``, ``linear`` and ``finetune`` print: the table, where the record went, and last the one
     sentence comparing the backbone with its baselines (when it has any)."""
-    from swavkit.data.names import printable_path
 
     print(format_table(rows))
     if result.get("result_path"):
