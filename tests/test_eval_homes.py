@@ -136,10 +136,11 @@ class _PilFree(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def test_one_set_up_writes_the_record_and_what_belongs_beside_it(tmp_path):
+def test_one_set_up_writes_the_record_and_what_belongs_beside_it(tmp_path, monkeypatch):
     """evaluation/setup: the record gets its path, the file beside it is written first, "" writes nothing."""
-    from swavkit.evaluation import setup
-    from swavkit.evaluation.report import RESULT_SCHEMA
+    from swavkit.evaluation import report, setup
+
+    monkeypatch.setattr(report, "git_commit", lambda path=None: (None, None))  # no git subprocess: a fast test
 
     def record(run):
         return run.record(metrics={"top1": 50.0}, protocol={}, backbone={"source": "x"}, data={"n_train": 1},
@@ -149,7 +150,7 @@ def test_one_set_up_writes_the_record_and_what_belongs_beside_it(tmp_path):
     run = setup.start("knn", "x", EvalOptions(out_json=str(out), device="cpu"))
     written = []
     result = run.publish(record(run), str(out), write_beside=lambda path: written.append(path.exists()))
-    assert written == [False] and json.loads(out.read_text())["schema"] == RESULT_SCHEMA
+    assert written == [False] and json.loads(out.read_text())["schema"] == report.RESULT_SCHEMA
     assert result["result_path"] == str(out) and result["evaluation"] == "knn" and result["wall_time_s"] >= 0
     quiet = setup.start("knn", "x", EvalOptions(out_json="", device="cpu"))
     assert "result_path" not in quiet.publish(record(quiet), "")
