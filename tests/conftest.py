@@ -61,3 +61,14 @@ def tiny_overrides(data_path: Path, out_dir: Path, **extra) -> list[str]:
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="session")
+def gloo_pair():
+    """Two worker processes for the session's two-rank gloo tests (tests/gloo_pair.py): one torch import each,
+    not one per test."""
+    from gloo_pair import GlooPair
+
+    pair = GlooPair()
+    yield pair
+    pair.close()

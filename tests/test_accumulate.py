@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from swavkit.runtime import distributed
 from swavkit.config import ConfigError, load_config
@@ -15,7 +14,7 @@ from swavkit.core.loss import FeatureQueue
 from swavkit.core.model import build_model
 from swavkit.core.optim import build_optimizer
 from swavkit.training.step import StepSettings, TrainState, forward_loss, split_micro_batches, train_step
-from test_distributed import _set_env, free_port
+from test_distributed import _set_env
 
 K, D, BATCH = 12, 16, 128
 
@@ -111,11 +110,11 @@ def _accumulating_rank(rank, world, port, crops, out_dir):
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_accumulating_equal_one_plain_step(tmp_path):
+def test_two_gloo_ranks_accumulating_equal_one_plain_step(tmp_path, gloo_pair):
     """One optimiser step of batch 128: one process without accumulation vs 2 processes x 2 micro-batches of 32
     (DDP no_sync for the first; Sinkhorn's sums all-reduced over both ranks' whole batches and queues)."""
     crops = crops_of(3)
-    mp.spawn(_accumulating_rank, args=(2, free_port(), crops, str(tmp_path)), nprocs=2)
+    gloo_pair.run(_accumulating_rank, crops, str(tmp_path))
     plain = gn_state(queue_length=BATCH)
     # the one-process queue holds both ranks' rows: Sinkhorn sees the same [queues; batches] columns
     plain.queue.push(queued_embeddings())

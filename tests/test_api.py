@@ -35,10 +35,12 @@ def tiny_overrides(data: Path, out_dir: Path) -> list[str]:
     return [f"{k}={v}" for k, v in keys.items()]
 
 
-def test_import_is_light_and_names_are_the_real_objects():
-    """In a fresh process: ``import swavkit`` loads neither torch nor timm, and after the submodule
-    ``swavkit.train`` is imported (by anyone), ``swavkit.train`` is still the function."""
-    code = textwrap.dedent("""
+# The two checks below each need a fresh interpreter, and each pays the torch import there: the module's
+# fixture starts both at once, so they take one import's time on two cores instead of two.
+FRESH_INTERPRETER_CHECKS = {
+    # ``import swavkit`` loads neither torch nor timm; after the submodule ``swavkit.train`` is imported (by
+    # anyone), ``swavkit.train`` is still the function
+    "light": """
         import sys
         import swavkit
         assert "torch" not in sys.modules and "timm" not in sys.modules, "import swavkit loaded torch/timm"
@@ -48,15 +50,9 @@ def test_import_is_light_and_names_are_the_real_objects():
         assert callable(swavkit.sinkhorn) and swavkit.sinkhorn.__module__ == "swavkit.core.sinkhorn"
         assert swavkit.train is sys.modules["swavkit.train"].train
         print("ok")
-    """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
-
-
-def test_submodules_named_like_their_function_import_as_documented():
-    """What works for ``swavkit.train`` / ``swavkit.sinkhorn`` (swavkit/__init__.py says why ``import
-    swavkit.train as m`` binds the function): from-imports, plain import, importlib."""
-    code = textwrap.dedent("""
+    """,
+    # what works for ``swavkit.train`` / ``swavkit.sinkhorn``: from-imports, plain import, importlib
+    "submodules": """
         import importlib, types
         import swavkit.train
         from swavkit.train import train, TrainResult
@@ -67,9 +63,35 @@ def test_submodules_named_like_their_function_import_as_documented():
         from swavkit.sinkhorn import sinkhorn
         assert importlib.import_module("swavkit.sinkhorn").sinkhorn is sinkhorn is swavkit.sinkhorn
         print("ok")
-    """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    """,
+}
+
+
+@pytest.fixture(scope="module")
+def fresh_interpreters() -> dict[str, tuple[int, str, str]]:
+    """name -> (exit code, stdout, stderr) of each FRESH_INTERPRETER_CHECKS script, run concurrently."""
+    procs = {name: subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+             for name, code in FRESH_INTERPRETER_CHECKS.items()}
+    results = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=240)
+        results[name] = (proc.returncode, stdout, stderr)
+    return results
+
+
+def test_import_is_light_and_names_are_the_real_objects(fresh_interpreters):
+    """In a fresh process: ``import swavkit`` loads neither torch nor timm, and after the submodule
+    ``swavkit.train`` is imported (by anyone), ``swavkit.train`` is still the function."""
+    code, stdout, stderr = fresh_interpreters["light"]
+    assert code == 0 and stdout.strip() == "ok", stderr[-2000:]
+
+
+def test_submodules_named_like_their_function_import_as_documented(fresh_interpreters):
+    """What works for ``swavkit.train`` / ``swavkit.sinkhorn`` (swavkit/__init__.py says why ``import
+    swavkit.train as m`` binds the function): from-imports, plain import, importlib."""
+    code, stdout, stderr = fresh_interpreters["submodules"]
+    assert code == 0 and stdout.strip() == "ok", stderr[-2000:]
 
 
 def test_public_functions_have_real_signatures():

@@ -11,13 +11,11 @@ heads with the targets repeated over every crop.
 """
 
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 # Light imports only at the top: the 2-process test's workers import this module again (spawn).
@@ -123,12 +121,6 @@ def test_loss_equals_the_reference():
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _kmeans_worker(rank, world, port, bank_embeddings, ids, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
@@ -144,11 +136,11 @@ def _kmeans_worker(rank, world, port, bank_embeddings, ids, out_dir):
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_give_the_single_process_kmeans(tmp_path):
+def test_two_gloo_processes_give_the_single_process_kmeans(tmp_path, gloo_pair):
     N, D = 80, 8
     embeddings = clustered_bank(N, D, seed=2)
     ids = torch.randperm(N, generator=torch.Generator().manual_seed(4)) + 1000
-    mp.spawn(_kmeans_worker, args=(2, _free_port(), embeddings, ids, str(tmp_path)), nprocs=2)
+    gloo_pair.run(_kmeans_worker, embeddings, ids, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
     # one process over the whole bank, from the centroids process 0 draws from its own half

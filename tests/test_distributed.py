@@ -10,9 +10,9 @@ import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from conftest import tiny_overrides
+from gloo_pair import PairTimeout
 from swavkit.runtime import distributed
 from swavkit.artifacts.checkpoint import load_training_checkpoint
 from swavkit.config import load_config
@@ -41,11 +41,11 @@ def _sinkhorn_worker(rank, world, port, scores, out_dir):
     distributed.shutdown()
 
 
-def test_sinkhorn_two_ranks_equals_one(tmp_path):
+def test_sinkhorn_two_ranks_equals_one(tmp_path, gloo_pair):
     g = torch.Generator().manual_seed(0)
     scores = torch.nn.functional.normalize(torch.randn(64, 8, generator=g), dim=1) @ \
         torch.nn.functional.normalize(torch.randn(30, 8, generator=g), dim=1).t()
-    mp.spawn(_sinkhorn_worker, args=(2, free_port(), scores, str(tmp_path)), nprocs=2)
+    gloo_pair.run(_sinkhorn_worker, scores, str(tmp_path))
     together = torch.cat([torch.load(tmp_path / f"codes{r}.pt") for r in range(2)])
     torch.testing.assert_close(together, sinkhorn(scores, 0.05, 3), rtol=0, atol=1e-6)
 
@@ -62,27 +62,26 @@ def _sinkhorn_one_rank_falls_back_worker(rank, world, port, scores, out_dir):
             return codes.fill_(float("nan")), check.fill_(float("nan"))
 
         module._scaled_codes = overflowing
-    half = scores.shape[0] // world
-    codes = module.sinkhorn(scores[rank * half:(rank + 1) * half], 0.05, 3)
+    try:
+        half = scores.shape[0] // world
+        codes = module.sinkhorn(scores[rank * half:(rank + 1) * half], 0.05, 3)
+    finally:
+        module._scaled_codes = scaled  # the process runs later tests' jobs (tests/gloo_pair.py)
     torch.save(codes, os.path.join(out_dir, f"codes{rank}.pt"))
     distributed.shutdown()
 
 
-def test_sinkhorn_fallback_on_one_rank_is_taken_by_all(tmp_path):
+def test_sinkhorn_fallback_on_one_rank_is_taken_by_all(tmp_path, gloo_pair):
     """The fallback runs its own all-reduces: if only one rank took it, the ranks' collectives would not
     match (gloo then fails at once; NCCL can wait forever)."""
     g = torch.Generator().manual_seed(1)
     scores = torch.nn.functional.normalize(torch.randn(64, 8, generator=g), dim=1) @ \
         torch.nn.functional.normalize(torch.randn(30, 8, generator=g), dim=1).t()
-    context = mp.spawn(_sinkhorn_one_rank_falls_back_worker, args=(2, free_port(), scores, str(tmp_path)), nprocs=2,
-                       join=False)
-    deadline = time.monotonic() + 90
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the ranks deadlocked: one took the fallback, the other did not")
-    # (a rank that raised, e.g. on a collective mismatch, makes join() above raise instead)
+    try:
+        gloo_pair.run(_sinkhorn_one_rank_falls_back_worker, scores, str(tmp_path), timeout_s=90)
+    except PairTimeout:
+        pytest.fail("the ranks deadlocked: one took the fallback, the other did not")
+    # (a rank that raised, e.g. on a collective mismatch, makes run() above raise instead)
     together = torch.cat([torch.load(tmp_path / f"codes{r}.pt") for r in range(2)])
     torch.testing.assert_close(together, sinkhorn(scores, 0.05, 3), rtol=0, atol=1e-5)
 
@@ -100,13 +99,13 @@ def _train_worker(rank, world, port, overrides, stop_after_steps):
     distributed.shutdown()
 
 
-def test_training_steps_two_ranks_equal_one(image_folder, tmp_path):
+def test_training_steps_two_ranks_equal_one(image_folder, tmp_path, gloo_pair):
     single = train(load_config([], tiny_overrides(image_folder, tmp_path / "one", **EQUIVALENCE)), progress=False,
                    stop_after_steps=2)
     # The two ranks also take the route GPUs take by default (colour ops in the training loop, not the
     # workers); it gives the same views, so the weights must still match the one-process run.
     two_ranks = tiny_overrides(image_folder, tmp_path / "two", **EQUIVALENCE, **{"data.colour_on_device": "true"})
-    mp.spawn(_train_worker, args=(2, free_port(), two_ranks, 2), nprocs=2)
+    gloo_pair.run(_train_worker, two_ranks, 2)
     a = load_training_checkpoint(single.checkpoint)
     b = load_training_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")
     assert a["step"] == b["step"] == 2 and len(b["per_rank"]) == 2

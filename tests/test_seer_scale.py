@@ -9,14 +9,12 @@ import resource
 import pytest
 import timm
 import torch
-import torch.multiprocessing as mp
 
 from swavkit.config import ConfigError, load_config, head_hidden_dims
 from swavkit.core.model import ProjectionHead, build_model, create_backbone
 from swavkit.core.schedule import build_lr_schedule
 from swavkit.training.meta_init import build_on_meta, check_replayable
 from swavkit.training.step import StepSettings
-from test_distributed import free_port
 
 SEER_1_3B, SEER_10B = "configs/seer_regnety_1.3b.yaml", "configs/seer_10b.yaml"
 _I30 = "issue 30's reading of VISSL (not opened here)"
@@ -217,12 +215,12 @@ def _scale_worker(rank, world, port, out):
 
 
 @pytest.mark.slow
-def test_sharded_start_up_and_reference_larc_equal_the_unsharded_run(tmp_path):
+def test_sharded_start_up_and_reference_larc_equal_the_unsharded_run(tmp_path, gloo_pair):
     """timm's test_resnet + a BN-free [32, 24] head on 2 gloo processes: the meta build initialises its shards with the
     unsharded build's exact values; then ReferenceLARC steps equal DDP's (the first to 1e-6: multi-step
     trajectories drift apart by rounding); model.init weights broadcast from rank 0 land in every shard."""
     out = tmp_path / "result.pt"
-    mp.spawn(_scale_worker, args=(2, free_port(), str(out)), nprocs=2)
+    gloo_pair.run(_scale_worker, str(out))
     result = torch.load(out)
     assert result["init_equal"] and result["init_loaded"]
     assert result["max_diff_step1"] < 1e-6

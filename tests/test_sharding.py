@@ -10,7 +10,6 @@ import subprocess
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from conftest import tiny_overrides, write_images
 from swavkit.runtime import distributed
@@ -24,7 +23,7 @@ from swavkit.artifacts.pretrained import load_backbone
 from swavkit.training.sharding import check_processes, shard_model
 from swavkit.training.trainer import train
 from swavkit.runtime.fileio import read_jsonl
-from test_distributed import free_port, torchrun_killed_after, torchrun_pretrain
+from test_distributed import torchrun_killed_after, torchrun_pretrain
 
 RUN = {"train.epochs": 2, "train.checkpoint_every_steps": 1}  # 8 steps; prototypes frozen for the first 2
 
@@ -51,7 +50,7 @@ def _runs_worker(rank, world, port, runs, one_step):
 
 
 @pytest.fixture(scope="module")
-def two_process_runs(tmp_path_factory):
+def two_process_runs(tmp_path_factory, gloo_pair):
     """(image folder, DDP run folder, FSDP run folder): the same 8 steps on 2 gloo processes each; beside them
     ``one-step-ddp`` and ``one-step-fsdp``: the DDP run's step-8 checkpoint continued for one step by each."""
     root = tmp_path_factory.mktemp("sharding")
@@ -66,7 +65,7 @@ def two_process_runs(tmp_path_factory):
     one_step = [tiny_overrides(root / "images", root / f"one-step-{strategy}", **{**RUN, "train.epochs": 3},
                                **{"dist.strategy": strategy, "model.channels_last": "true"})
                 for strategy in ("ddp", "fsdp")]
-    mp.spawn(_runs_worker, args=(2, free_port(), [ddp, fsdp], one_step), nprocs=2)
+    gloo_pair.run(_runs_worker, [ddp, fsdp], one_step)
     return root / "images", root / "ddp", root / "fsdp"
 
 
@@ -243,8 +242,8 @@ def _prototypes_worker(rank, world, port, out_dir):
 
 
 @pytest.mark.slow
-def test_prototypes_whole_normalised_and_frozen_under_fsdp_with_checkpointing(tmp_path):
-    mp.spawn(_prototypes_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+def test_prototypes_whole_normalised_and_frozen_under_fsdp_with_checkpointing(tmp_path, gloo_pair):
+    gloo_pair.run(_prototypes_worker, str(tmp_path))
     results = torch.load(tmp_path / "results.pt")
     assert_same_model(results["off"], results["on"], atol=1e-6)
 

@@ -12,7 +12,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
 from conftest import tiny_overrides, write_images
@@ -24,7 +23,7 @@ from swavkit.data.shards import ShardStream, expand_shards, is_shard_spec, pass_
 from swavkit.data.multicrop import MultiCropTransform
 from swavkit.data.shard_writer import check_shard_target, write_shards
 from swavkit.training.trainer import train
-from test_distributed import _train_worker, free_port
+from test_distributed import _train_worker
 from test_train import assert_same_state
 
 
@@ -162,10 +161,10 @@ def test_pattern_matching_nothing_is_one_line(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 0 and "no shard matches" in err and "nothing-{0..3}.tar" in err
 
 
-def test_two_processes_train_from_shards(shard_folder, tmp_path):
+def test_two_processes_train_from_shards(shard_folder, tmp_path, gloo_pair):
     overrides = tiny_overrides(shard_folder / "shard-*.tar", tmp_path / "two",
                                **{"train.epochs": 1, "data.colour_on_device": "true"})
-    mp.spawn(_train_worker, args=(2, free_port(), overrides, None), nprocs=2)
+    gloo_pair.run(_train_worker, overrides, None)
     checkpoint = load_training_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")
     assert checkpoint["step"] == 5 and len(checkpoint["per_rank"]) == 2
 

@@ -5,7 +5,6 @@ import pickle
 
 import numpy as np
 import pytest
-import torch.multiprocessing as mp
 
 import importlib
 from conftest import tiny_overrides, write_images
@@ -16,7 +15,7 @@ from swavkit.data.sources import data_specs, resolve_images
 from swavkit.training.trainer import train
 
 data_setup = importlib.import_module("swavkit.training.data_setup")  # where train() resolves its images
-from test_distributed import _train_worker, free_port
+from test_distributed import _train_worker
 
 
 def test_path_list_round_trips_any_name_and_slices():
@@ -111,11 +110,11 @@ def test_resume_with_a_corrupt_cache_walks_again(image_folder, tmp_path, monkeyp
     assert load_path_cache(out, data_setup.source_key([str(image_folder)]))[0] is not None  # rewritten
 
 
-def test_two_processes_train_from_a_list(image_folder, tmp_path):
+def test_two_processes_train_from_a_list(image_folder, tmp_path, gloo_pair):
     listing = tmp_path / "list.csv"
     listing.write_text("path\n" + "".join(f"images/{p.name}\n" for p in sorted(image_folder.iterdir())))
     overrides = tiny_overrides(listing, tmp_path / "two", **{"train.epochs": 1})
-    mp.spawn(_train_worker, args=(2, free_port(), overrides, None), nprocs=2)
+    gloo_pair.run(_train_worker, overrides, None)
     assert (tmp_path / "two" / "backbone").is_dir() and (tmp_path / "two" / CACHE_NAME).is_file()
 
 

@@ -12,6 +12,7 @@ import torch
 
 from conftest import tiny_overrides
 from swavkit import load_backbone
+from swavkit.cli.main import main
 from swavkit.artifacts.checkpoint import load_training_checkpoint
 from swavkit.config import ConfigError, load_config
 from swavkit.training.trainer import train
@@ -70,11 +71,10 @@ def test_run_directory_and_export_round_trip(image_folder, tmp_path):
     missing, unexpected = net.load_state_dict(ours.state_dict(), strict=False)
     assert not missing and not unexpected
 
-    # `swavkit export` gives the same folder layout from the checkpoint
+    # `swavkit export` gives the same folder layout from the checkpoint (in this process: test_cli_end_to_end
+    # runs `python -m swavkit` itself)
     exported = tmp_path / "exported"
-    proc = subprocess.run([sys.executable, "-m", "swavkit", "export", str(result.checkpoint), str(exported)],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    assert main(["export", str(result.checkpoint), str(exported)]) == 0
     again = timm.create_model(f"local-dir:{exported}", pretrained=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(again(x), net(x), rtol=0, atol=0)
@@ -91,15 +91,20 @@ def test_same_out_dir_with_other_config_refuses_then_restart(image_folder, tmp_p
 
 
 @pytest.mark.parametrize("layout", ["flat", "nested"])
-def test_cli_end_to_end(layout, image_folder, nested_image_folder, tmp_path):
+def test_cli_end_to_end(layout, image_folder, nested_image_folder, tmp_path, capsys):
     data = image_folder if layout == "flat" else nested_image_folder
     out = tmp_path / "cli"
-    proc = subprocess.run([sys.executable, "-m", "swavkit", "pretrain", "--no-progress",
-                           *tiny_overrides(data, out, **{"train.epochs": 1})], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "32 images" in proc.stdout
-    assert f"checkpoint: {out / 'checkpoints' / 'last.pt'}" in proc.stdout
-    assert f"backbone:   {out / 'backbone'}" in proc.stdout
+    argv = ["pretrain", "--no-progress", *tiny_overrides(data, out, **{"train.epochs": 1})]
+    if layout == "flat":  # a real `python -m swavkit` process
+        proc = subprocess.run([sys.executable, "-m", "swavkit", *argv], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        stdout = proc.stdout
+    else:  # the same command in this process: what the nested layout changes is the folder walk, not the process
+        assert main(argv) == 0
+        stdout = capsys.readouterr().out
+    assert "32 images" in stdout
+    assert f"checkpoint: {out / 'checkpoints' / 'last.pt'}" in stdout
+    assert f"backbone:   {out / 'backbone'}" in stdout
     assert (out / "backbone" / "model.safetensors").is_file() and (out / "backbone" / "config.json").is_file()
 
 
