@@ -269,7 +269,7 @@ def _log_metrics(loop: Loop, state: TrainState, result: StepResult, lr: float, p
     elapsed = time.perf_counter() - window.start_s
     usage = code_statistics(result.codes)
     state.last_loss = mean_loss
-    epsilon = loop.settings.epsilon if math.isnan(state.epsilon) else state.epsilon
+    epsilon = state.epsilon  # the one this window's codes used (the collapse policy may move it below)
     queue_in_use = bool(result.queue_started and state.queue.is_full)
     row = {"step": state.step, "epoch": state.step / loop.data.steps_per_epoch, "loss": round(state.last_loss, 5),
            "ln_k": round(state.collapse.ln_k, 5), "lr": lr,
