@@ -563,6 +563,17 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
 # ----------------------------------------------------------------------------------------------------
 # validation: every message names the key
 
+# dist.strategy: ddp = a whole model per process (DistributedDataParallel); fsdp = the weights sharded over the
+# processes (FSDP2). Decided once, at start-up, by :func:`shards_weights` (swavkit.training.processes.Processes.sharded).
+STRATEGIES = ("ddp", "fsdp")
+
+
+def shards_weights(cfg: Config) -> bool:
+    """True when ``dist.strategy`` shards the weights over the processes (fsdp), False for a whole model per
+    process (ddp): the one place the strategy's name is read."""
+    return cfg.dist.strategy == "fsdp"
+
+
 CHOICES = {
     "model.sync_batchnorm": ("none", "node", "global"),
     "optim.optimizer": ("auto", "lars", "sgd", "adamw"),
@@ -572,7 +583,7 @@ CHOICES = {
     "data.colour_on_device": ("auto", "true", "false"),
     "data.decode_on_device": ("auto", "true", "false"),
     "model.channels_last": ("auto", "true", "false"),
-    "dist.strategy": ("ddp", "fsdp"),
+    "dist.strategy": STRATEGIES,
     "train.export_checkpoint": ("last", "rankme"),
 }
 LOGGER_CHOICES = ("jsonl", "tensorboard", "wandb", "mlflow")  # train.loggers entries (swavkit/training/loggers.py)
@@ -652,17 +663,19 @@ def parse_fraction(value: str) -> float:
 
 def check_strategy(cfg: Config) -> None:
     """``model.activation_checkpointing`` and ``dist.strategy`` values (ConfigError, one line). The process count
-    is checked at launch (:func:`check_processes`)."""
+    is checked at launch (:func:`swavkit.training.processes.check_processes`)."""
     parse_fraction(cfg.model.activation_checkpointing)
-    if cfg.dist.strategy == "fsdp" and cfg.train.precision == "fp16":
+    if not shards_weights(cfg):
+        return
+    if cfg.train.precision == "fp16":
         raise ConfigError("train.precision=fp16 with dist.strategy=fsdp: fp16's loss scaler cannot unscale sharded "
                           "gradients here; use train.precision=bf16 (or fp32)")
-    if cfg.dist.strategy == "fsdp" and cfg.monitor.knn_data:
+    if cfg.monitor.knn_data:
         # its feature pass splits the images over the processes, possibly unevenly: a sharded backbone would
         # then wait in an all-gather that another process never joins
         raise ConfigError("monitor.knn_data with dist.strategy=fsdp is not supported yet; leave monitor.knn_data "
                           "empty and run `swavkit knn` on the export (or on a checkpoint) instead")
-    if cfg.dist.strategy == "fsdp" and cfg.model.compile:
+    if cfg.model.compile:
         raise ConfigError("model.compile=true with dist.strategy=fsdp is not supported yet; set model.compile=false")
 
 
@@ -682,7 +695,7 @@ def check_method(cfg: Config) -> None:
     if cfg.swav.queue_length:
         raise ConfigError(f"swav.queue_length={cfg.swav.queue_length}: the queue is SwAV's; method=deepclusterv2 keeps "
                           "a memory bank of the whole epoch instead; set swav.queue_length=0")
-    if cfg.dist.strategy == "fsdp":
+    if shards_weights(cfg):
         # the memory bank, the epoch's targets and the k-means writes into the prototypes have not been
         # carried through the sharded (DCP) checkpoint and its re-sharding on resume
         raise ConfigError("method=deepclusterv2 with dist.strategy=fsdp is not supported yet (its memory bank and "

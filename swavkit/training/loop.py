@@ -418,7 +418,7 @@ def start_signal(loop: Loop) -> CheckpointSignal | None:
     paths = getattr(loop.data.dataset, "paths", None)
     if not cfg.train.signal_images or not procs.is_main:
         return None
-    if paths is None or cfg.dist.strategy == "fsdp":
+    if paths is None or procs.sharded:
         procs.say("checkpoint signal: off (" + ("dist.strategy=fsdp" if paths is not None else "tar shards have no "
                   "file list") + "); train.signal_images=0 silences this")
         return None

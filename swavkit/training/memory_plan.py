@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from swavkit.config import Config, ConfigError, from_dict, head_hidden_dims, parse_fraction, prototype_rows, to_dict
+from swavkit.config import (Config, ConfigError, from_dict, head_hidden_dims, parse_fraction, prototype_rows,
+                            shards_weights, to_dict)
 from swavkit.core.activation_checkpointing import apply_activation_checkpointing, backbone_blocks
 from swavkit.core.loss import swapped_prediction_loss
 from swavkit.core.model import SwAVModel, build_model
@@ -269,7 +270,7 @@ def plan_memory(cfg: Config, processes: int = 1, device_type: str = "cpu", preci
     ``device_type`` in ``precision`` (resolved: fp32 | bf16 | fp16). Allocates nothing."""
     batch = max(1, cfg.train.batch_size // processes)
     params, grads, state = model_state_bytes(_model_yaml(cfg), cfg.optim.optimizer, processes,
-                                             sharded=cfg.dist.strategy == "fsdp" and processes > 1)
+                                             sharded=shards_weights(cfg) and processes > 1)
     activations = activation_bytes(cfg, batch, precision)
     # workers hand over uint8 crops when the colour ops run on the device, float32 views otherwise
     handed_over = crop_bytes(cfg, batch, 1 if colour_on_device else 4)

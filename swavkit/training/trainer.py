@@ -41,7 +41,7 @@ from swavkit.training.processes import Processes, start_processes
 from swavkit.core.activation_checkpointing import apply_activation_checkpointing
 from swavkit.artifacts.sharded_checkpoint import SHARDED_KEY, load_sharded_into, load_whole_into_sharded
 from swavkit.training.meta_init import build_on_meta, check_replayable
-from swavkit.training.sharding import load_backbone_into_shards, materialise_shards, shard_model
+from swavkit.training.sharding import parallelize
 from swavkit.training.memory_plan import check_memory, out_of_memory
 
 
@@ -233,13 +233,14 @@ def _build_model(cfg: Config, procs: Processes, fresh: bool) -> tuple[SwAVModel,
     then each process materialises and initialises its shards with the values of the unsharded build
     (:mod:`swavkit.training.meta_init`), and ``model.init`` weights reach the shards from rank 0 one tensor at a
     time."""
-    device, m, sharded = procs.device, cfg.model, cfg.dist.strategy == "fsdp"
+    device, m = procs.device, cfg.model
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     deepcluster = cfg.method == "deepclusterv2"
     build = partial(build_model, m.backbone, prototype_rows(cfg), head_hidden_dims(m), m.output_dim, m.backbone_kwargs,
                     zero_init_last=m.zero_init_last, head_bn=m.head_bn)
     initial = m.init if m.init and fresh else ""
-    if sharded:
+    recording = None
+    if procs.sharded:
         core, recording = build_on_meta(build)
         check_replayable(recording, core, skip=("prototypes.",))
     else:
@@ -250,22 +251,14 @@ def _build_model(cfg: Config, procs: Processes, fresh: bool) -> tuple[SwAVModel,
         core.prototypes.weight.requires_grad_(False)
     checkpointing = apply_activation_checkpointing(core.backbone, m.activation_checkpointing, m.backbone)
     memory_format = torch.channels_last if resolve_auto_flag(m.channels_last, device) else torch.contiguous_format
-    if not sharded:  # FSDP2 shards contiguous weights only; NHWC crops still make NHWC convolutions
-        core = core.to(device).to(memory_format=memory_format)
     core = distributed.convert_sync_batchnorm(core, m.sync_batchnorm, procs.local_world_size)
     if m.compile:
         # Static shapes: the backbone sees one fixed shape per crop resolution. Left automatic, the second
         # resolution makes dynamo recompile a dynamic-shape graph: twice the compile time on a CPU (19 vs
         # 39 s for resnet18, same speed after), and on an H100 still compiling after 170 s.
         core.backbone.compile(dynamic=False)
-    if sharded:  # what the forward runs: the sharded core itself, not DDP around it
-        model = shard_model(core, procs.precision, device, m.backbone)
-        materialise_shards(core, recording, device, cfg.seed)
-        if initial:  # rank 0 reads the file; the others receive their shards tensor by tensor
-            load_backbone_into_shards(core.backbone, _initial_backbone_state(cfg) if procs.is_main else None)
-    else:
-        # train.accumulate_steps: DDP's static graph refuses no_sync (an internal assert in its reducer)
-        model = distributed.wrap_ddp(core, device, static_graph=cfg.train.accumulate_steps == 1)
+    model = parallelize(core, cfg, procs, memory_format, recording,
+                        partial(_initial_backbone_state, cfg) if initial and procs.sharded else None)
     if initial:
         procs.say(f"model: backbone weights from model.init={printable_path(m.init)} (head and prototypes fresh)")
     procs.say(f"model: {m.backbone} ({core.backbone.num_features}-d features) -> head "
@@ -277,7 +270,7 @@ def _build_model(cfg: Config, procs: Processes, fresh: bool) -> tuple[SwAVModel,
               + (f" ({torch.get_num_threads()} compute thread(s) beside {cfg.data.num_workers} data worker(s); "
                  "OMP_NUM_THREADS overrides)" if device.type == "cpu" else "")
               + (f"; {checkpointing}" if checkpointing else "")
-              + (f"; FSDP over {procs.world} processes, built on the meta device" if sharded else ""))
+              + (f"; FSDP over {procs.world} processes, built on the meta device" if procs.sharded else ""))
     return core, model, memory_format
 
 
@@ -306,7 +299,7 @@ def _build_state(cfg: Config, procs: Processes, data: TrainingData, core: SwAVMo
                        queue, CollapseMonitor(cfg.model.n_prototypes, cfg.train.collapse_patience_steps, **levers), model,
                        lr_schedule=lr_schedule, epsilon=cfg.swav.epsilon,
                        budget=BudgetPlan(60.0 * cfg.train.budget_minutes) if cfg.train.budget_minutes > 0 else None)
-    state.sharded = cfg.dist.strategy == "fsdp"
+    state.sharded = procs.sharded
     if deepcluster:
         state.deepcluster = build_deepcluster(cfg, data.steps_per_epoch * data.per_rank_batch, procs.device)
     if state.budget is not None:  # until the first plan, the run cannot end by train.epochs
