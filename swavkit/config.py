@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from swavkit.data.constants import IMAGENET_MEAN, IMAGENET_STD  # stdlib only
+from swavkit.data.constants import IMAGENET_MEAN, IMAGENET_STD, is_rgb8  # stdlib only
 from swavkit.errors import ConfigError
 from swavkit.runtime.cores import default_num_workers
 
@@ -635,7 +635,7 @@ def check_channel_settings(cfg: Config) -> None:
                           "set data.channels only")
     if d.channels != 3:
         cfg.model.backbone_kwargs = {**cfg.model.backbone_kwargs, "in_chans": d.channels}
-    if d.channels == 3 and d.bit_depth == 8:
+    if is_rgb8(d.channels, d.bit_depth):
         return
     if d.decode_on_device == "true":
         raise ConfigError(f"data.decode_on_device=true: decodes 8-bit RGB JPEGs only; with data.channels="
