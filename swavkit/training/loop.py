@@ -419,8 +419,8 @@ def start_signal(loop: Loop) -> CheckpointSignal | None:
     if not cfg.train.signal_images or not procs.is_main:
         return None
     if paths is None or procs.sharded:
-        procs.say("checkpoint signal: off (" + ("dist.strategy=fsdp" if paths is not None else "tar shards have no "
-                  "file list") + "); train.signal_images=0 silences this")
+        procs.say("checkpoint signal: off (" + ("it does not run with dist.strategy=fsdp" if paths is not None else
+                  "tar shards have no file list") + "); set train.signal_images=0 to silence this line")
         return None
     sample = SignalSample.from_config(cfg, [str(p) for p in sample_paths(paths, cfg.train.signal_images)])
     write_sample_list(loop.files.path / RUN_SIGNAL_SAMPLE, sample)

@@ -315,10 +315,19 @@ def _build_state(cfg: Config, procs: Processes, data: TrainingData, core: SwAVMo
         procs.say(f"targets: deepclusterv2, {cfg.deepcluster.kmeans_iterations}-iteration spherical k-means at every "
                   f"epoch start, temperature {s.temperature:g}; {describe_bank(state.deepcluster)}")
         return state, settings
-    procs.say(f"codes: Sinkhorn epsilon {s.epsilon:g}" + (
-        f", lowered towards {s.min_epsilon:g} while the codes' entropy is above {s.code_entropy_target:g} ln K "
-        "(swav.prevent_collapse=false: fixed, as in the paper)" if s.prevent_collapse else ", fixed"))
+    procs.say(codes_banner(s))
     return state, settings
+
+
+def codes_banner(swav) -> str:
+    """The start-up line on the Sinkhorn epsilon: what is in force, then how to change it (``swav``: the config's
+    SwAVConfig). Never "(key=value: ...)", which reads as if both held."""
+    if swav.prevent_collapse:
+        return (f"codes: Sinkhorn epsilon starts at {swav.epsilon:g} and is lowered towards {swav.min_epsilon:g} while "
+                f"the codes' entropy is above {swav.code_entropy_target:g} ln K (swav.prevent_collapse=true; to keep it "
+                f"fixed at {swav.epsilon:g} as in the paper, set swav.prevent_collapse=false)")
+    return (f"codes: Sinkhorn epsilon fixed at {swav.epsilon:g}, as in the paper (swav.prevent_collapse=false; to "
+            "lower it while the codes' entropy is high, set swav.prevent_collapse=true)")
 
 
 __all__ = ["train", "TrainResult", "TrainingDiverged", "DataLoaderCrashed", "StopRequested"]
