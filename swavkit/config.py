@@ -547,8 +547,32 @@ RESUMABLE_CHANGES = ("train.epochs", "train.budget_minutes", "swav.prevent_colla
                      "model.activation_checkpointing", "dist.strategy")  # recompute / sharding: same maths
 
 
+def backbone_kwargs(cfg: Config) -> dict:
+    """The keyword arguments every place that builds the backbone from a run's config (training, the memory plan,
+    export, load_backbone, model.init checks) passes to timm: ``model.backbone_kwargs`` with data.channels as
+    ``in_chans`` when it is not 3 (timm's default), so they all build the same one."""
+    kwargs = dict(cfg.model.backbone_kwargs)
+    if cfg.data.channels != 3:
+        kwargs["in_chans"] = cfg.data.channels
+    return kwargs
+
+
+def _without_derived_in_chans(tree: dict) -> dict:
+    """A ``to_dict`` config without ``model.backbone_kwargs.in_chans`` when it equals data.channels: runs saved
+    before :func:`backbone_kwargs` derived it recorded it there, and it changes nothing."""
+    model, data = tree.get("model"), tree.get("data")
+    if not (isinstance(model, dict) and isinstance(data, dict) and isinstance(model.get("backbone_kwargs"), dict)):
+        return tree
+    kwargs = model["backbone_kwargs"]
+    if "in_chans" not in kwargs or kwargs["in_chans"] != data.get("channels", 3):
+        return tree
+    return {**tree, "model": {**model, "backbone_kwargs": {k: v for k, v in kwargs.items() if k != "in_chans"}}}
+
+
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two ``to_dict`` configs, ignoring RESUMABLE_CHANGES."""
+    if not prefix:
+        saved, current = _without_derived_in_chans(saved), _without_derived_in_chans(current)
     diffs = []
     for key in sorted(set(saved) | set(current)):
         dotted = f"{prefix}{key}"
@@ -613,9 +637,8 @@ def mean_std_from_data(cfg: Config) -> bool:
 
 
 def check_channel_settings(cfg: Config) -> None:
-    """ConfigError (one line naming the key) for settings the array route cannot take; records
-    data.channels as ``model.backbone_kwargs.in_chans``, so every place that builds the backbone from a run's
-    config (training, export, load_backbone, model.init checks) builds the same one."""
+    """ConfigError (one line naming the key) for settings the array route cannot take. data.channels reaches the
+    backbone as ``in_chans`` through :func:`backbone_kwargs`, not written here (this check is pure)."""
     d, c = cfg.data, cfg.crops
     if d.channels < 1:
         raise ConfigError(f"data.channels: must be >= 1, got {d.channels}")
@@ -633,8 +656,6 @@ def check_channel_settings(cfg: Config) -> None:
     if in_chans != d.channels:
         raise ConfigError(f"model.backbone_kwargs.in_chans={in_chans} differs from data.channels={d.channels}; "
                           "set data.channels only")
-    if d.channels != 3:
-        cfg.model.backbone_kwargs = {**cfg.model.backbone_kwargs, "in_chans": d.channels}
     if is_rgb8(d.channels, d.bit_depth):
         return
     if d.decode_on_device == "true":

@@ -18,7 +18,7 @@ from swavkit.errors import DataLoaderCrashed, TrainingDiverged  # noqa: F401 (re
 from swavkit.runtime import distributed
 from swavkit.training.budget import BudgetClock, BudgetPlan, fit_total_steps, share_of_run, worth_changing
 from swavkit.artifacts.checkpoint import backbone_state, export_backbone, load_training_checkpoint, save_atomic
-from swavkit.config import Config, to_dict
+from swavkit.config import Config, backbone_kwargs, to_dict
 from swavkit.data import (append_skipped_report, printable_path)
 from swavkit.data.device_decode import decode_batch
 from swavkit.training.diagnosis import code_statistics, kmeans_collapse_warning
@@ -470,7 +470,7 @@ def export(loop: Loop, state: TrainState) -> Path:
         return files.backbone
     m = cfg.model
     model_state, steps, loss, chosen = _exported_checkpoint(loop, state, model_state)
-    export_net = create_backbone(m.backbone, **m.backbone_kwargs)
+    export_net = create_backbone(m.backbone, **backbone_kwargs(cfg))
     export_net.load_state_dict(backbone_state(model_state), strict=True)
     card = card_for_training(to_dict(cfg), architecture=m.backbone, feature_dim=export_net.num_features,
                              backbone_dir=files.backbone, steps=steps, final_loss=loss,

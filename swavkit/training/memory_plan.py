@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from swavkit.config import (Config, ConfigError, from_dict, head_hidden_dims, parse_fraction, prototype_rows,
-                            shards_weights, to_dict)
+from swavkit.config import (Config, ConfigError, backbone_kwargs, from_dict, head_hidden_dims, parse_fraction,
+                            prototype_rows, shards_weights, to_dict)
 from swavkit.core.activation_checkpointing import apply_activation_checkpointing, backbone_blocks
 from swavkit.core.loss import swapped_prediction_loss
 from swavkit.core.model import SwAVModel, build_model
@@ -140,7 +140,7 @@ def build_meta_model(cfg: Config) -> tuple[SwAVModel, str]:
     same call as training's (trainer._build_model), so a head or backbone option there is the plan's too."""
     m = cfg.model
     with torch.device("meta"):
-        core = build_model(m.backbone, prototype_rows(cfg), head_hidden_dims(m), m.output_dim, m.backbone_kwargs,
+        core = build_model(m.backbone, prototype_rows(cfg), head_hidden_dims(m), m.output_dim, backbone_kwargs(cfg),
                            zero_init_last=m.zero_init_last, head_bn=m.head_bn)
     checkpointing = apply_activation_checkpointing(core.backbone, m.activation_checkpointing, m.backbone)
     return core, checkpointing
@@ -237,7 +237,8 @@ def _model_yaml(cfg: Config) -> str:
     """What the model is built from (the ``model`` section, the method and its prototype heads) as text: the cache
     key of everything built from it."""
     tree = to_dict(cfg)
-    return yaml.safe_dump({key: tree[key] for key in ("model", "method", "deepcluster")}, sort_keys=True)
+    return yaml.safe_dump({**{key: tree[key] for key in ("model", "method", "deepcluster")},
+                           "data": {"channels": tree["data"]["channels"]}}, sort_keys=True)  # in_chans
 
 
 def _model_config(model_yaml: str) -> Config:

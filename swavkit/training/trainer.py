@@ -15,8 +15,8 @@ import torch
 from swavkit.runtime import distributed
 from swavkit.training.budget import BudgetClock, BudgetPlan
 from swavkit.artifacts.checkpoint import load_training_checkpoint
-from swavkit.config import (Config, ConfigError, config_differences, dump_yaml, from_dict, head_hidden_dims,
-                            prototype_rows, to_dict)
+from swavkit.config import (Config, ConfigError, backbone_kwargs, config_differences, dump_yaml, from_dict,
+                            head_hidden_dims, prototype_rows, to_dict)
 from swavkit.data import printable_path
 from swavkit.runtime.device import autocast_dtype, resolve_auto_flag
 from swavkit.runtime.cores import training_threads
@@ -236,7 +236,7 @@ def _build_model(cfg: Config, procs: Processes, fresh: bool) -> tuple[SwAVModel,
     device, m = procs.device, cfg.model
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     deepcluster = cfg.method == "deepclusterv2"
-    build = partial(build_model, m.backbone, prototype_rows(cfg), head_hidden_dims(m), m.output_dim, m.backbone_kwargs,
+    build = partial(build_model, m.backbone, prototype_rows(cfg), head_hidden_dims(m), m.output_dim, backbone_kwargs(cfg),
                     zero_init_last=m.zero_init_last, head_bn=m.head_bn)
     initial = m.init if m.init and fresh else ""
     recording = None
@@ -278,7 +278,7 @@ def _initial_backbone_state(cfg: Config) -> dict:
     """The ``model.init`` weights, whole (strictly checked against the backbone)."""
     from swavkit.artifacts.pretrained import load_initial_backbone_state
 
-    return load_initial_backbone_state(cfg.model.init, cfg.model.backbone, cfg.model.backbone_kwargs)
+    return load_initial_backbone_state(cfg.model.init, cfg.model.backbone, backbone_kwargs(cfg))
 
 
 def _build_state(cfg: Config, procs: Processes, data: TrainingData, core: SwAVModel,
