@@ -42,6 +42,7 @@ from swavkit.core.activation_checkpointing import apply_activation_checkpointing
 from swavkit.artifacts.sharded_checkpoint import SHARDED_KEY, load_sharded_into, load_whole_into_sharded
 from swavkit.training.meta_init import build_on_meta, check_replayable
 from swavkit.training.sharding import parallelize
+from swavkit.training.speed import measured_step_seconds
 from swavkit.training.memory_plan import check_memory, out_of_memory
 
 
@@ -142,7 +143,7 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
         loop = Loop(cfg, procs, files, data, planned_settings(settings, state.budget), state.lr_schedule,
                      memory_format, stop_after_steps, loggers,
                      CollapsePolicy.from_config(cfg.swav) if cfg.method == "swav" else None,
-                     BudgetClock(state.budget, started_s) if state.budget is not None else None)
+                     _budget_clock(cfg, procs, state, started_s))
         try:
             stopped_by = train_epochs(loop, state, stop_request, show_progress=progress)
         except torch.cuda.OutOfMemoryError:  # the pre-flight check's one line, with the plan's numbers
@@ -165,6 +166,16 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
             procs.say(f"budget: {state.step} steps, {loop.budget_clock.elapsed_s() / 60:.1f} of "
                       f"{cfg.train.budget_minutes:g} min used, export included")
     return TrainResult(files.path, files.checkpoint, backbone_dir, state.step, state.last_loss, completed=True)
+
+
+def _budget_clock(cfg: Config, procs: Processes, state: TrainState, started_s: float) -> BudgetClock | None:
+    """train.budget_minutes: this attempt's clock, with the seconds per step --auto measured for this very run in
+    this process (swavkit.training.speed), from which the first plan is made before the first step. One
+    process only: several would each have timed themselves while sharing the machine."""
+    if state.budget is None:
+        return None
+    measured = measured_step_seconds(cfg, procs.device, procs.world, procs.precision) if procs.world == 1 else None
+    return BudgetClock(state.budget, started_s, measured_step_s=measured)
 
 
 def _open_run_folder(cfg: Config, restart: bool) -> tuple[RunFolder, dict | None]:
