@@ -35,8 +35,9 @@ REFERENCE_FREEZE_STEPS = 313  # one ImageNet epoch at batch 4096
 # learned the most per CPU-minute in the cifar10-small probes (benchmarks/README.md, "Evaluation").
 CPU_BACKBONE = "resnet10t"
 # With a budget on a CPU, the largest crop side (of CROP_LADDER_PX, at most the images' side) that still
-# affords this many passes over the data at the measured speed (swavkit.training.speed: the run's own step). On cifar10-small the 20-NN accuracy kept
-# rising from 10 to 89 passes (37.6 -> 44.8 %): passes matter more than pixels on a CPU.
+# affords this many passes over the data at the measured speed (swavkit.training.speed: the run's own step). On
+# cifar10-small the 20-NN accuracy kept rising from 10 to 89 passes (37.6 -> 44.8 %): passes matter more than
+# pixels on a CPU.
 CPU_MIN_PASSES = 30
 CROP_LADDER_PX = (32, 48, 64, 96, 128, 160, 224)
 BUDGET_TRAINING_SHARE = 0.85  # of the budget, for steps (start-up, checkpoints and export take the rest)
