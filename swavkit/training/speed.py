@@ -64,7 +64,7 @@ def measure_step_seconds(cfg: Config, device: torch.device, world: int = 1, prec
     The global RNG is left as it was (training seeds its own)."""
     batch = max(1, cfg.train.batch_size // world)
     m = cfg.model
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         core = build_model(m.backbone, prototype_rows(cfg), head_hidden_dims(m), m.output_dim, backbone_kwargs(cfg),
                            zero_init_last=m.zero_init_last, head_bn=m.head_bn)
         memory_format = torch.channels_last if resolve_auto_flag(m.channels_last, device) else torch.contiguous_format
