@@ -323,7 +323,9 @@ def _follow_budget(loop: Loop, state: TrainState, progress: Progress) -> None:
     proposal = [0.0] * 4  # total, warm-up, freeze, queue start; 0 total = no change
     measured = not plan.planned and clock.measured_step_s is not None  # the first plan from --auto's figure
     seconds_per_step = clock.measured_step_s if measured else clock.seconds_per_step()
-    if loop.procs.is_main and seconds_per_step is not None and (plan.planned or measured or clock.calibrated()):
+    # the clock re-fits (or makes) the plan once it has timed as long as a first plan needs: a few noisy
+    # early steps do not override --auto's figure
+    if loop.procs.is_main and seconds_per_step is not None and (measured or clock.calibrated()):
         # the final checkpoint and the export (about two checkpoint writes) must fit too
         reserve_s = 1.0 + 2.0 * progress.save_duration_s
         total = fit_total_steps(state.step, clock.elapsed_s(), plan.budget_s, seconds_per_step, reserve_s)
