@@ -49,7 +49,7 @@ def _worker(arm: str, backbone: str) -> None:
     if arm == "fsdp":
         distributed.init("cpu")
     procs = Processes(device, distributed.world_size(), distributed.rank(), distributed.is_main_process(),
-                      distributed.world_size(), "fp32", False, False)
+                      distributed.world_size(), "fp32", False, False, sharded=arm == "fsdp")
     core, _, _ = _build_model(cfg, procs, fresh=True)
     n_params = sum(p.numel() for p in core.parameters())
     print(json.dumps({"rss_imports_mb": imports_mb, "peak_rss_mb": peak_rss_mb(), "parameters": n_params}),

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from swavkit.data.constants import IMAGENET_MEAN, IMAGENET_STD  # stdlib only
+from swavkit.data.constants import IMAGENET_MEAN, IMAGENET_STD, is_rgb8  # stdlib only
 from swavkit.errors import ConfigError
 from swavkit.runtime.cores import default_num_workers
 
@@ -547,8 +547,32 @@ RESUMABLE_CHANGES = ("train.epochs", "train.budget_minutes", "swav.prevent_colla
                      "model.activation_checkpointing", "dist.strategy")  # recompute / sharding: same maths
 
 
+def backbone_kwargs(cfg: Config) -> dict:
+    """The keyword arguments every place that builds the backbone from a run's config (training, the memory plan,
+    export, load_backbone, model.init checks) passes to timm: ``model.backbone_kwargs`` with data.channels as
+    ``in_chans`` when it is not 3 (timm's default), so they all build the same one."""
+    kwargs = dict(cfg.model.backbone_kwargs)
+    if cfg.data.channels != 3:
+        kwargs["in_chans"] = cfg.data.channels
+    return kwargs
+
+
+def _without_derived_in_chans(tree: dict) -> dict:
+    """A ``to_dict`` config without ``model.backbone_kwargs.in_chans`` when it equals data.channels: runs saved
+    before :func:`backbone_kwargs` derived it recorded it there, and it changes nothing."""
+    model, data = tree.get("model"), tree.get("data")
+    if not (isinstance(model, dict) and isinstance(data, dict) and isinstance(model.get("backbone_kwargs"), dict)):
+        return tree
+    kwargs = model["backbone_kwargs"]
+    if "in_chans" not in kwargs or kwargs["in_chans"] != data.get("channels", 3):
+        return tree
+    return {**tree, "model": {**model, "backbone_kwargs": {k: v for k, v in kwargs.items() if k != "in_chans"}}}
+
+
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two ``to_dict`` configs, ignoring RESUMABLE_CHANGES."""
+    if not prefix:
+        saved, current = _without_derived_in_chans(saved), _without_derived_in_chans(current)
     diffs = []
     for key in sorted(set(saved) | set(current)):
         dotted = f"{prefix}{key}"
@@ -563,6 +587,17 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
 # ----------------------------------------------------------------------------------------------------
 # validation: every message names the key
 
+# dist.strategy: ddp = a whole model per process (DistributedDataParallel); fsdp = the weights sharded over the
+# processes (FSDP2). Decided once, at start-up, by :func:`shards_weights` (swavkit.training.processes.Processes.sharded).
+STRATEGIES = ("ddp", "fsdp")
+
+
+def shards_weights(cfg: Config) -> bool:
+    """True when ``dist.strategy`` shards the weights over the processes (fsdp), False for a whole model per
+    process (ddp): the one place the strategy's name is read."""
+    return cfg.dist.strategy == "fsdp"
+
+
 CHOICES = {
     "model.sync_batchnorm": ("none", "node", "global"),
     "optim.optimizer": ("auto", "lars", "sgd", "adamw"),
@@ -572,7 +607,7 @@ CHOICES = {
     "data.colour_on_device": ("auto", "true", "false"),
     "data.decode_on_device": ("auto", "true", "false"),
     "model.channels_last": ("auto", "true", "false"),
-    "dist.strategy": ("ddp", "fsdp"),
+    "dist.strategy": STRATEGIES,
     "train.export_checkpoint": ("last", "rankme"),
 }
 LOGGER_CHOICES = ("jsonl", "tensorboard", "wandb", "mlflow")  # train.loggers entries (swavkit/training/loggers.py)
@@ -602,9 +637,8 @@ def mean_std_from_data(cfg: Config) -> bool:
 
 
 def check_channel_settings(cfg: Config) -> None:
-    """ConfigError (one line naming the key) for settings the array route cannot take; records
-    data.channels as ``model.backbone_kwargs.in_chans``, so every place that builds the backbone from a run's
-    config (training, export, load_backbone, model.init checks) builds the same one."""
+    """ConfigError (one line naming the key) for settings the array route cannot take. data.channels reaches the
+    backbone as ``in_chans`` through :func:`backbone_kwargs`, not written here (this check is pure)."""
     d, c = cfg.data, cfg.crops
     if d.channels < 1:
         raise ConfigError(f"data.channels: must be >= 1, got {d.channels}")
@@ -622,9 +656,7 @@ def check_channel_settings(cfg: Config) -> None:
     if in_chans != d.channels:
         raise ConfigError(f"model.backbone_kwargs.in_chans={in_chans} differs from data.channels={d.channels}; "
                           "set data.channels only")
-    if d.channels != 3:
-        cfg.model.backbone_kwargs = {**cfg.model.backbone_kwargs, "in_chans": d.channels}
-    if d.channels == 3 and d.bit_depth == 8:
+    if is_rgb8(d.channels, d.bit_depth):
         return
     if d.decode_on_device == "true":
         raise ConfigError(f"data.decode_on_device=true: decodes 8-bit RGB JPEGs only; with data.channels="
@@ -652,17 +684,19 @@ def parse_fraction(value: str) -> float:
 
 def check_strategy(cfg: Config) -> None:
     """``model.activation_checkpointing`` and ``dist.strategy`` values (ConfigError, one line). The process count
-    is checked at launch (:func:`check_processes`)."""
+    is checked at launch (:func:`swavkit.training.processes.check_processes`)."""
     parse_fraction(cfg.model.activation_checkpointing)
-    if cfg.dist.strategy == "fsdp" and cfg.train.precision == "fp16":
+    if not shards_weights(cfg):
+        return
+    if cfg.train.precision == "fp16":
         raise ConfigError("train.precision=fp16 with dist.strategy=fsdp: fp16's loss scaler cannot unscale sharded "
                           "gradients here; use train.precision=bf16 (or fp32)")
-    if cfg.dist.strategy == "fsdp" and cfg.monitor.knn_data:
+    if cfg.monitor.knn_data:
         # its feature pass splits the images over the processes, possibly unevenly: a sharded backbone would
         # then wait in an all-gather that another process never joins
         raise ConfigError("monitor.knn_data with dist.strategy=fsdp is not supported yet; leave monitor.knn_data "
                           "empty and run `swavkit knn` on the export (or on a checkpoint) instead")
-    if cfg.dist.strategy == "fsdp" and cfg.model.compile:
+    if cfg.model.compile:
         raise ConfigError("model.compile=true with dist.strategy=fsdp is not supported yet; set model.compile=false")
 
 
@@ -682,7 +716,7 @@ def check_method(cfg: Config) -> None:
     if cfg.swav.queue_length:
         raise ConfigError(f"swav.queue_length={cfg.swav.queue_length}: the queue is SwAV's; method=deepclusterv2 keeps "
                           "a memory bank of the whole epoch instead; set swav.queue_length=0")
-    if cfg.dist.strategy == "fsdp":
+    if shards_weights(cfg):
         # the memory bank, the epoch's targets and the k-means writes into the prototypes have not been
         # carried through the sharded (DCP) checkpoint and its re-sharding on resume
         raise ConfigError("method=deepclusterv2 with dist.strategy=fsdp is not supported yet (its memory bank and "

@@ -1,16 +1,13 @@
-"""train.budget_minutes: the plan's arithmetic, the clock, and runs that end on time (also across a resume)."""
+"""train.budget_minutes: the plan's arithmetic (it ends on time, also across a resume), the clock, and the one
+speed figure that --auto prints and the run plans from."""
 
-import json
 import math
-import time
 
 import pytest
 
-from conftest import tiny_overrides
-from swavkit.training.budget import (CALIBRATION_S, BudgetClock, BudgetPlan, fit_total_steps, share_of_run,
-                            worth_changing)
+from swavkit.training.budget import (CALIBRATION_S, BudgetClock, BudgetPlan, first_plan, fit_total_steps,
+                                    share_of_run, worth_changing)
 from swavkit.artifacts.checkpoint import load_training_checkpoint
-from swavkit.config import load_config
 from swavkit.training.trainer import train
 
 
@@ -76,47 +73,62 @@ def test_plan_survives_a_state_dict_round_trip_but_the_new_budget_wins():
             again.queue_start_step) == (1200.0, 123.5, 900, 90, 9, 45)
 
 
-def budget_overrides(image_folder, out_dir, minutes, **extra):
-    # log every step so the plan follows the speed closely; train.epochs=2 only sets the shape (warm-up 50 %)
-    return tiny_overrides(image_folder, out_dir, **{"train.budget_minutes": minutes, "train.log_every_steps": 1,
-                                                     "optim.warmup_epochs": 1, **extra})
+def test_the_first_plan_fits_the_budget_and_keeps_the_shares_the_config_gives():
+    # 20 s used, 0.5 s/step, 10 s reserve in 600 s: (600 - 20 - 10) / 0.5 = 1140 steps; the config's run of 100
+    # steps had 10 warm-up, 5 frozen, queue from 20: the same shares of 1140
+    plan = first_plan(0, 20.0, 600.0, 0.5, 10.0, shape_total=100, warmup_steps=10, freeze_steps=5,
+                      queue_start_step=20)
+    assert (plan.total_steps, plan.warmup_steps, plan.freeze_prototype_steps, plan.queue_start_step) == (1140, 114,
+                                                                                                       57, 228)
+    assert plan.used_s + plan.total_steps * 0.5 + 10.0 <= plan.budget_s  # it ends on time, export reserved
+    # planned after a few timed steps: a warm-up already over stays; one still running never ends before now
+    assert first_plan(15, 20.0, 600.0, 0.5, 10.0, 100, 10, 5, 20).warmup_steps == 10
+    short = first_plan(8, 20.0, 30.0, 0.5, 5.0, 100, 10, 5, 20)  # 8 + 10 steps: the share would be 2
+    assert short.total_steps == 18 and short.warmup_steps == 8
+    # a spent budget ends the run now
+    assert first_plan(40, 700.0, 600.0, 0.5, 10.0, 100, 10, 5, 20).total_steps == 40
 
 
-def test_a_budget_run_ends_on_time_with_its_export(image_folder, tmp_path):
-    budget_s = 12.0
-    start = time.monotonic()
-    result = train(load_config([], budget_overrides(image_folder, tmp_path / "run", budget_s / 60)), progress=False)
-    wall_s = time.monotonic() - start
-    assert result.completed and result.backbone_dir is not None
-    # train.epochs=2 would be 8 steps; the budget gives many more, and ends within it (slack: a noisy machine)
-    assert result.step > 40
-    assert wall_s <= budget_s + 4.0, wall_s
-    assert wall_s >= 0.6 * budget_s, wall_s  # it used the time it was given
-    plan = load_training_checkpoint(result.checkpoint)["budget"]
-    assert plan["total_steps"] == result.step and plan["used_s"] <= budget_s + 1.0
-    # the configured warm-up (1 epoch = 4 steps) is never cut short by the plan, and never reaches the end
-    assert 4 <= plan["warmup_steps"] < result.step
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    lrs = [r["lr"] for r in rows if "lr" in r]
-    peak = max(lrs)
-    assert lrs[-1] < 0.05 * peak  # the cosine reached its end: the run was planned, not cut off
+def test_a_resumed_plan_counts_the_seconds_of_the_first_attempt():
+    first = first_plan(0, 30.0, 600.0, 0.5, 10.0, 100, 10, 5, 20)
+    first.used_s = 250.0  # saved with the checkpoint at step 400
+    again = BudgetPlan(budget_s=600.0)
+    again.load_state_dict(first.state_dict())
+    fake = FakeClock()
+    clock = BudgetClock(again, started_s=fake.now, clock=fake)
+    fake.now += 20.0  # the resumed attempt's start-up
+    total = fit_total_steps(400, clock.elapsed_s(), again.budget_s, 0.5, 10.0)
+    assert total == 400 + (600 - 270 - 10) / 0.5
+    # both attempts together: what the first used, the second's start-up, the rest of the steps, the reserve
+    assert 250.0 + 20.0 + (total - 400) * 0.5 + 10.0 <= 600.0
+    assert worth_changing(total, first.total_steps, 400)  # the loop re-paces the cosine to it
 
 
-def test_a_resumed_budget_run_counts_the_first_attempt(image_folder, tmp_path):
-    budget_s = 12.0
-    overrides = budget_overrides(image_folder, tmp_path / "run", budget_s / 60)
-    first = train(load_config([], overrides), progress=False, stop_after_steps=30)
-    assert not first.completed
-    saved = load_training_checkpoint(first.checkpoint)["budget"]
-    assert saved["used_s"] > 0 and saved["total_steps"] > 30  # planned before it stopped
-    start = time.monotonic()
-    last = train(load_config([], overrides), progress=False)
-    second_s = time.monotonic() - start
-    assert last.completed
-    plan = load_training_checkpoint(last.checkpoint)["budget"]
-    assert plan["total_steps"] == last.step
-    # both attempts together stay within the budget (the first one's time was carried over)
-    assert saved["used_s"] + second_s <= budget_s + 4.0
+def test_auto_prints_the_epochs_warm_up_and_freezing_that_the_budget_run_plans(tmp_path, capsys):
+    """--auto's passes and the budget plan come from one measurement of the run's own step (swavkit.training.speed):
+    the printed epochs are within 25 % of the planned ones, and the warm-up and freezing keep their printed shares."""
+    from conftest import write_images
+    from swavkit.config import merge_sources
+    from swavkit.training.presets import auto_config
+
+    write_images(tmp_path / "imgs", 64)  # 32 px: one candidate crop size (32), batch 16, 4 steps per epoch
+    cfg = auto_config(merge_sources([], [f"data.path={tmp_path / 'imgs'}", f"out_dir={tmp_path / 'run'}",
+                                         "train.budget_minutes=2", "data.num_workers=0", "train.signal_images=0",
+                                         "train.loggers=[jsonl]", "model.hidden_dim=32", "model.output_dim=16"]))
+    printed = capsys.readouterr().out
+    assert f"train.epochs = {cfg.train.epochs} " in printed and "the run plans its budget from the same figure" in printed
+    assert "timed training steps of resnet10t" in printed and "passes over the data at the measured speed" in printed
+    assert cfg.model.backbone == "resnet10t" and cfg.crops.sizes_px == [32] and cfg.train.budget_minutes == 2
+    result = train(cfg, progress=False, stop_after_steps=1)
+    assert "a step as --auto timed it" in capsys.readouterr().out  # planned before the first step, from that figure
+    saved = load_training_checkpoint(result.checkpoint)
+    plan, steps_per_epoch = saved["budget"], 64 // cfg.train.batch_size
+    planned_epochs = plan["total_steps"] / steps_per_epoch
+    assert abs(cfg.train.epochs - planned_epochs) <= 0.25 * planned_epochs, (cfg.train.epochs, planned_epochs)
+    # the warm-up and freezing the config was given (epochs) are the same shares of the planned run
+    warmup_steps = cfg.optim.warmup_epochs * steps_per_epoch * plan["total_steps"] / (cfg.train.epochs * steps_per_epoch)
+    assert abs(plan["warmup_steps"] - warmup_steps) <= 1
+    assert saved["lr_schedule"]["total_steps"] == plan["total_steps"]  # the cosine is paced to the plan
 
 
 def test_budget_can_be_given_as_a_cli_duration():

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import tiny_overrides
-from swavkit.config import ConfigError, load_config
+from swavkit.config import ConfigError, backbone_kwargs, config_differences, load_config, to_dict
 from swavkit.data import LabelledImageFolder, UnreadableImage, read_rgb, read_skipped_report
 from swavkit.data import images as images_module
 from swavkit.data.channels import (ArrayEvalTransform, ChannelCropTransform, ChannelReader, estimate_mean_std,
@@ -277,5 +277,12 @@ def test_rgb_only_commands_refuse_other_inputs_in_one_line():
 
 def test_channels_reach_the_backbone_as_in_chans():
     cfg = load_config([], ["model.backbone=resnet10t", "data.channels=4"])
-    assert cfg.model.backbone_kwargs == {"in_chans": 4}
-    assert load_config([], ["model.backbone=resnet10t"]).model.backbone_kwargs == {}
+    assert backbone_kwargs(cfg) == {"in_chans": 4}
+    assert cfg.model.backbone_kwargs == {}  # derived where the backbone is built: validate writes nothing
+    assert backbone_kwargs(load_config([], ["model.backbone=resnet10t"])) == {}
+    # a run saved when validate recorded in_chans in its config resumes with the same settings
+    saved = to_dict(cfg)
+    saved["model"]["backbone_kwargs"] = {"in_chans": 4}
+    assert config_differences(saved, to_dict(cfg)) == []
+    saved["model"]["backbone_kwargs"] = {"in_chans": 5}
+    assert config_differences(saved, to_dict(cfg)) == ["model.backbone_kwargs"]

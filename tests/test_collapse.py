@@ -6,9 +6,20 @@ import math
 from conftest import tiny_overrides
 from swavkit.config import load_config
 from swavkit.training.diagnosis import CollapseMonitor, code_statistics
-from swavkit.training.trainer import train
+from swavkit.training.trainer import codes_banner, train
 
+import re
 import torch
+
+
+def test_the_codes_banner_says_what_is_in_force_then_how_to_change_it():
+    on, off = load_config([], []).swav, load_config([], ["swav.prevent_collapse=false"]).swav
+    adaptive, fixed = codes_banner(on), codes_banner(off)
+    assert "starts at 0.05 and is lowered towards 0.005" in adaptive and "fixed" not in adaptive.split("(")[0]
+    assert adaptive.endswith("set swav.prevent_collapse=false)")
+    assert "fixed at 0.05, as in the paper" in fixed and fixed.endswith("set swav.prevent_collapse=true)")
+    for line in (adaptive, fixed):  # never "(key=value: what that would do)", which reads as if both held
+        assert not re.search(r"\(\w+\.\w+=\w+:", line), line
 
 
 def test_monitor_warns_once_after_patience():

@@ -181,3 +181,16 @@ def test_cpu_training_threads_share_the_cores_between_processes_and_restore_the_
             assert inside == 3
     finally:
         torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def test_decisions_are_read_once_and_validate_changes_nothing():
+    from swavkit.config import CHOICES, STRATEGIES, shards_weights, to_dict
+    from swavkit.data.constants import is_rgb8
+
+    assert CHOICES["dist.strategy"] is STRATEGIES  # the strategy's choices are declared once
+    assert not shards_weights(load_config([], [])) and shards_weights(load_config([], ["dist.strategy=fsdp"]))
+    assert is_rgb8(3, 8) and not is_rgb8(3, 16) and not is_rgb8(1, 8) and not is_rgb8(4, 8)
+    cfg = load_config([], ["data.channels=4", "data.bit_depth=16"])
+    before = to_dict(cfg)
+    validate(cfg)  # pure: the config is the same after its checks
+    assert to_dict(cfg) == before

@@ -80,39 +80,37 @@ def test_auto_never_freezes_the_prototypes_for_more_than_5_percent_of_the_run():
 
 
 def test_a_cpu_budget_picks_the_largest_crop_that_affords_enough_passes():
-    from swavkit.training.presets import CPU_MIN_PASSES, derive
+    from swavkit.training.presets import CPU_MIN_PASSES, budget_passes, derive
 
-    def speed(seconds_at_32):  # cost grows with the pixels, as for a convnet
-        return lambda size_px: seconds_at_32 * (size_px / 32) ** 2
+    def speed(seconds_at_32, seen=None):  # a step of the candidate: its batch x its crops, cost growing with pixels
+        def seconds(candidate):
+            values = {s.key: s.value for s in candidate}
+            if seen is not None:
+                seen.append(values)
+            return values["train.batch_size"] * sum(c * seconds_at_32 * (s / 32) ** 2
+                                                    for c, s in zip(values["crops.counts"], values["crops.sizes_px"]))
+        return seconds
 
     # 10,000 photos of 224 px, 20 minutes: a fast machine affords larger crops than a slow one
-    fast = {s.key: s.value for s in derive(10_000, 224, budget_minutes=20, seconds_per_image=speed(1e-4))}
-    slow = {s.key: s.value for s in derive(10_000, 224, budget_minutes=20, seconds_per_image=speed(2e-3))}
+    seen = []
+    fast = {s.key: s.value for s in derive(10_000, 224, budget_minutes=20, seconds_per_step=speed(1e-4, seen))}
+    slow = {s.key: s.value for s in derive(10_000, 224, budget_minutes=20, seconds_per_step=speed(2e-3))}
     assert fast["crops.sizes_px"][0] > slow["crops.sizes_px"][0] == 32
     assert fast["model.backbone"] == slow["model.backbone"] == "resnet10t"
-    # the chosen crops afford the passes the choice promises; the next size up would not
-    size = fast["crops.sizes_px"][0]
-    per_image = sum(c * speed(1e-4)(s) for c, s in zip(fast["crops.counts"], fast["crops.sizes_px"]))
-    assert 0.85 * 20 * 60 / (per_image * 10_000) >= CPU_MIN_PASSES
-    assert fast["train.epochs"] == round(0.85 * 20 * 60 / (per_image * 10_000))
-    bigger = {s.key: s.value for s in derive(10_000, 224, budget_minutes=20, seconds_per_image=speed(1e-4 / 4))}
+    # each candidate timed is the config the run would be: backbone, prototypes, crops and the batch derived for them
+    assert seen[0]["model.backbone"] == "resnet10t" and seen[0]["model.n_prototypes"] == fast["model.n_prototypes"]
+    assert [v["train.batch_size"] for v in seen[:3]] == [128, 128, 128] and seen[3]["train.batch_size"] == 32
+    # the chosen crops afford the passes the choice promises, at the figure of the step the run will take
+    size, batch = fast["crops.sizes_px"][0], fast["train.batch_size"]
+    passes = budget_passes(20 * 60, speed(1e-4)([s for s in derive(10_000, 224, budget_minutes=20,
+                                                                    seconds_per_step=speed(1e-4))]), 10_000 // batch)
+    assert passes >= CPU_MIN_PASSES and fast["train.epochs"] == round(passes)
+    bigger = {s.key: s.value for s in derive(10_000, 224, budget_minutes=20, seconds_per_step=speed(1e-4 / 4))}
     assert bigger["crops.sizes_px"][0] > size  # 4x the speed: the next size fits
     # a user's backbone is kept (not suggested)
     mine = {s.key: s.value for s in derive(10_000, 224, budget_minutes=20, backbone="resnet18",
-                                           seconds_per_image=speed(1e-4))}
+                                           seconds_per_step=speed(1e-4))}
     assert "model.backbone" not in mine
-
-
-def test_auto_with_a_budget_times_the_backbone_and_says_so(tmp_path, capsys):
-    from conftest import write_images
-    from swavkit.config import merge_sources
-
-    write_images(tmp_path / "imgs", 300)
-    cfg = presets.auto_config(merge_sources([], [f"data.path={tmp_path / 'imgs'}", "train.budget_minutes=2"]))
-    printed = capsys.readouterr().out
-    assert cfg.model.backbone == "resnet10t" and cfg.crops.sizes_px == [32]
-    assert "timed resnet10t" in printed and "passes over the data at the measured speed" in printed
-    assert cfg.train.epochs >= 1 and cfg.train.budget_minutes == 2
 
 
 def test_a_crop_layout_the_user_set_is_not_mixed_with_a_derived_one():

@@ -20,7 +20,8 @@ from swavkit.artifacts.sharded_checkpoint import load_whole_training_checkpoint
 from swavkit.config import ConfigError, load_config
 from swavkit.core.model import build_model
 from swavkit.artifacts.pretrained import load_backbone
-from swavkit.training.sharding import check_processes, shard_model
+from swavkit.training.processes import check_processes
+from swavkit.training.sharding import shard_model
 from swavkit.training.trainer import train
 from swavkit.runtime.fileio import read_jsonl
 from test_distributed import torchrun_killed_after, torchrun_pretrain
@@ -307,8 +308,8 @@ def test_bad_input_is_one_line(image_folder, tmp_path):
         train(load_config([], tiny_overrides(image_folder, out, **{"dist.strategy": "fsdp"})), progress=False)
     assert not out.exists()
     with pytest.raises(ConfigError, match="launch with torchrun"):
-        check_processes("fsdp", 1, "cuda")
-    check_processes("ddp", 1, "cpu")
+        check_processes(True, 1, "cuda")
+    check_processes(False, 1, "cpu")
     # a backbone the strategy cannot use: no blocks to shard or checkpoint
     no_blocks = torch.nn.Sequential(torch.nn.Linear(2, 2))
     with pytest.raises(ConfigError, match="model.activation_checkpointing=0.5: mlp has neither"):

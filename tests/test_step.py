@@ -65,6 +65,7 @@ def test_train_state_round_trips_through_its_dict():
     for i in range(3):  # fills the queue (2 batches) and uses it once, gives the optimiser momentum
         assert train_step(state, tiny_crops(i), StepSettings(), lr=0.1).applied
     state.nonfinite_skipped, state.last_loss, state.skipped_files = 2, 1.5, {"b.png", "a.png"}
+    state.epsilon = 0.02  # as the collapse policy leaves it
     state.collapse.update(3, float(torch.log(torch.tensor(float(K)))))
     saved = state.state_dict()
     assert saved["format"] == "swavkit-train-v1" and saved["step"] == 3 and len(saved["per_rank"]) == 1
@@ -78,6 +79,12 @@ def test_train_state_round_trips_through_its_dict():
     assert torch.equal(torch.get_rng_state(), saved["per_rank"][0]["rng_cpu"])
     assert fresh.queue.is_full and (fresh.step, fresh.nonfinite_skipped) == (3, 2)
     assert fresh.collapse.since_step == 3 and fresh.skipped_files == {"a.png", "b.png"}
+    assert fresh.epsilon == 0.02
+    # older checkpoints held NaN (or no key) for "the configured epsilon": the state keeps the one it was built with
+    for old in ({**saved, "epsilon": float("nan")}, {k: v for k, v in saved.items() if k != "epsilon"}):
+        fresh.epsilon = 0.03
+        fresh.load_state_dict(old)
+        assert fresh.epsilon == 0.03
 
 
 def test_state_from_another_process_count_refills_the_queue():

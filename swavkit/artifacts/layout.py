@@ -28,6 +28,14 @@ RUN_SIGNAL_SAMPLE = Path("checkpoints") / "signal-images.txt"
 # ``swavkit export RUN --select`` / train.export_checkpoint: which checkpoint of a run folder
 RUN_CHECKPOINT_CHOICES = {"last": RUN_CHECKPOINT, "rankme": RUN_BEST_CHECKPOINT}
 RUN_EXPORT_DIR = "backbone"
+# what the metric loggers (swavkit.training.loggers) write beside metrics.jsonl: the remote backends' run ids (a
+# resume appends to the same W&B / MLflow run), MLflow's local store, TensorBoard's and W&B's folders
+RUN_LOGGER_IDS = "loggers.json"
+RUN_MLFLOW_DB = "mlflow.db"
+RUN_TENSORBOARD_DIR = "tensorboard"
+RUN_WANDB_DIR = "wandb"  # W&B makes it inside the dir it is given (the run folder)
+RUN_LOGGER_FILES = (RUN_LOGGER_IDS, RUN_MLFLOW_DB)
+RUN_LOGGER_FOLDERS = (RUN_TENSORBOARD_DIR, RUN_WANDB_DIR)
 
 
 def holds_export(folder: Path) -> bool:
@@ -49,4 +57,5 @@ def run_folder_of(path: Path) -> Path | None:
 
 __all__ = ["EXPORT_CONFIG", "EXPORT_WEIGHTS", "EXPORT_CARD", "EXPORT_FILES", "RUN_CONFIG", "RUN_METRICS",
            "RUN_SKIPPED", "RUN_CHECKPOINT", "RUN_BEST_CHECKPOINT", "RUN_SIGNAL_SAMPLE",
-           "RUN_CHECKPOINT_CHOICES", "RUN_EXPORT_DIR", "holds_export", "run_folder_of"]
+           "RUN_CHECKPOINT_CHOICES", "RUN_EXPORT_DIR", "RUN_LOGGER_IDS", "RUN_MLFLOW_DB", "RUN_TENSORBOARD_DIR",
+           "RUN_WANDB_DIR", "RUN_LOGGER_FILES", "RUN_LOGGER_FOLDERS", "holds_export", "run_folder_of"]

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save
 from swavkit.errors import UserError
 from swavkit.artifacts.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, backbone_state, check_export_target,
                                 export_backbone, load_state)
-from swavkit.config import from_dict, head_hidden_dims, prototype_rows
+from swavkit.config import backbone_kwargs, from_dict, head_hidden_dims, prototype_rows
 from swavkit.core.model import SwAVModel, build_model, create_backbone
 from swavkit.artifacts.modelcard import card_for_training
 from swavkit.artifacts.seer import is_vissl_regnet, vissl_regnet_to_timm
@@ -232,7 +232,7 @@ def load_backbone(source: str | Path, *, architecture: str = "resnet50") -> torc
     state = with_model_tensors(state, Path(path))  # an FSDP run's shards: its whole model
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         cfg = from_dict(state["config"])
-        net = create_backbone(cfg.model.backbone, **cfg.model.backbone_kwargs)
+        net = create_backbone(cfg.model.backbone, **backbone_kwargs(cfg))
         return load_strict(net, backbone_state(state["model"]), str(path)).eval()
     backbone, _ = split_reference_state(state)
     net = create_backbone(architecture)
@@ -270,7 +270,7 @@ def load_swav_model(source: str | Path, *, architecture: str = "resnet50") -> tu
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         cfg = from_dict(state["config"])
         m = cfg.model
-        model = build_model(m.backbone, prototype_rows(cfg), head_hidden_dims(m), m.output_dim, m.backbone_kwargs,
+        model = build_model(m.backbone, prototype_rows(cfg), head_hidden_dims(m), m.output_dim, backbone_kwargs(cfg),
                             head_bn=m.head_bn)
         return load_strict(model, state["model"], str(path)).eval(), state["config"]
     backbone, head = split_reference_state(state)
@@ -482,7 +482,7 @@ def export_checkpoint(source: str | Path, out_dir: str | Path) -> Path:
         return export_backbone(backbone, out_dir, image_size_px=DEFAULT_IMAGE_SIZE_PX, mean=IMAGENET_MEAN,
                                std=IMAGENET_STD)
     cfg = from_dict(state["config"])
-    net = create_backbone(cfg.model.backbone, **cfg.model.backbone_kwargs)
+    net = create_backbone(cfg.model.backbone, **backbone_kwargs(cfg))
     load_strict(net, backbone_state(state["model"]), str(checkpoint))
     card = card_for_training(state["config"], architecture=cfg.model.backbone, feature_dim=net.num_features,
                              backbone_dir=out_dir, steps=int(state["step"]),

@@ -24,7 +24,8 @@ import shutil
 from pathlib import Path
 
 from swavkit.artifacts.layout import (RUN_BEST_CHECKPOINT, RUN_CHECKPOINT, RUN_CONFIG, RUN_CONFIG_HEADER,
-                                     RUN_EXPORT_DIR, RUN_METRICS, RUN_SIGNAL_SAMPLE, RUN_SKIPPED)
+                                     RUN_EXPORT_DIR, RUN_LOGGER_FILES, RUN_LOGGER_FOLDERS, RUN_METRICS,
+                                     RUN_SIGNAL_SAMPLE, RUN_SKIPPED)
 from swavkit.artifacts.sharded_checkpoint import remove_shard_folders
 from swavkit.artifacts.checkpoint import CheckpointError, check_export_target, is_swavkit_checkpoint, is_swavkit_export
 from swavkit.config import ConfigError
@@ -33,9 +34,6 @@ from swavkit.data.names import printable_path, read_skipped_report, skipped_repo
 from swavkit.runtime.fileio import jsonl_line, read_jsonl, write_json_atomic, write_text_atomic
 
 CONFIG_HEADER = RUN_CONFIG_HEADER
-# What swavkit.training.loggers writes into the run folder (deleted with the run on --restart).
-LOGGER_FILES = ("loggers.json", "mlflow.db")
-LOGGER_FOLDERS = ("tensorboard", "wandb")
 
 # A fine-tune's folder (swavkit.evaluation.finetune): finetune.json says what was run (its "format" is the marker),
 # labels.txt lists the labelled files, checkpoint.pt is the training state; the random-init floor is a
@@ -121,9 +119,9 @@ class OwnedFolder:
 class RunFolder(OwnedFolder):
     """The files of one pretraining run inside ``out_dir``; construction checks that the folder may hold a run."""
 
-    OWN_FILES = (RUN_METRICS, RUN_SKIPPED, LIST_CACHE_FILE, *LOGGER_FILES, str(RUN_BEST_CHECKPOINT),
+    OWN_FILES = (RUN_METRICS, RUN_SKIPPED, LIST_CACHE_FILE, *RUN_LOGGER_FILES, str(RUN_BEST_CHECKPOINT),
                  str(RUN_SIGNAL_SAMPLE), str(RUN_CHECKPOINT), RUN_CONFIG)
-    OWN_FOLDERS = LOGGER_FOLDERS
+    OWN_FOLDERS = RUN_LOGGER_FOLDERS  # what swavkit.training.loggers writes (deleted with the run on --restart)
 
     def __init__(self, out_dir: str):
         path = resolve_out_dir(out_dir)

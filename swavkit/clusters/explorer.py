@@ -40,7 +40,7 @@ from swavkit.errors import DataError
 from swavkit.runtime.device import resolve_device
 from swavkit.runtime.fileio import atomic_writer, removed_on_failure, write_text_atomic
 from swavkit.data.transforms import Preprocessing
-from swavkit.data.constants import eval_size_px
+from swavkit.data.constants import eval_size_px, is_rgb8
 
 HISTOGRAM_FILE = "cluster_sizes.png"
 ASSIGNMENTS_FILE = "assignments.csv"
@@ -310,7 +310,7 @@ def explore_clusters(checkpoint: str | Path, data_dir: str | Path, out_dir: str 
 
     model, config = load_swav_model(checkpoint)
     cfg = from_dict(config)
-    if (cfg.data.channels, cfg.data.bit_depth) != (3, 8):  # not yet: thumbnails and decoding here are 8-bit RGB
+    if not is_rgb8(cfg.data.channels, cfg.data.bit_depth):  # not yet: thumbnails and decoding here are 8-bit RGB
         raise LoadError(f"{printable_path(str(checkpoint))}: trained with data.channels={cfg.data.channels} "
                         f"data.bit_depth={cfg.data.bit_depth}; the cluster explorer reads 8-bit RGB images only")
     size_px = image_size_px or eval_size_px(cfg.crops.sizes_px)

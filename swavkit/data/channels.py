@@ -50,11 +50,6 @@ TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 FULL_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
 
 
-def uses_arrays(channels: int, bit_depth: int) -> bool:
-    """True when images take this module's route (anything but 8-bit RGB)."""
-    return channels != 3 or bit_depth != 8
-
-
 # ----------------------------------------------------------------------------------------------------
 # decoding: file -> [C, H, W] uint8 | uint16
 
@@ -278,5 +273,5 @@ def estimate_mean_std(paths, reader: ChannelReader, n_images: int) -> tuple[list
     return [float(m) for m in mean], [float(s) if s > 1e-6 else 1.0 for s in std], used
 
 
-__all__ = ["BIT_DEPTHS", "uses_arrays", "read_channels", "header_size", "ChannelReader", "ChannelCountMismatch", "to_8bit",
+__all__ = ["BIT_DEPTHS", "read_channels", "header_size", "ChannelReader", "ChannelCountMismatch", "to_8bit",
            "as_float", "ChannelCropTransform", "ArrayEvalTransform", "estimate_mean_std"]

@@ -26,6 +26,13 @@ def crop_fraction_for(image_size_px: int) -> float:
     return 1.0 if image_size_px <= FULL_IMAGE_MAX_SIZE_PX else CENTRE_CROP_FRACTION
 
 
+def is_rgb8(channels: int, bit_depth: int) -> bool:
+    """Whether images of ``channels`` channels at ``bit_depth`` bits are 8-bit RGB: the default route (PIL RGB
+    images, colour augmentation, JPEG decoding on the device, thumbnails, floors). Anything else is read as
+    arrays by :mod:`swavkit.data.channels`; the one rule every layer asks."""
+    return channels == 3 and bit_depth == 8
+
+
 def eval_size_px(crop_sizes_px) -> int:
     """The image side a backbone is evaluated and exported at: its largest training crop (``crops.sizes_px[0]``,
     the groups being listed largest first). Every evaluation of a run, its export's ``input_size`` and the
@@ -33,5 +40,5 @@ def eval_size_px(crop_sizes_px) -> int:
     return int(crop_sizes_px[0])
 
 
-__all__ = ["eval_size_px", "IMAGENET_MEAN", "IMAGENET_STD", "DEFAULT_IMAGE_SIZE_PX", "CENTRE_CROP_FRACTION", "FULL_IMAGE_MAX_SIZE_PX",
+__all__ = ["eval_size_px", "is_rgb8", "IMAGENET_MEAN", "IMAGENET_STD", "DEFAULT_IMAGE_SIZE_PX", "CENTRE_CROP_FRACTION", "FULL_IMAGE_MAX_SIZE_PX",
            "RAW_PIXELS_SOURCE", "RAW_PIXELS_DEFAULT_SIZE_PX", "crop_fraction_for"]

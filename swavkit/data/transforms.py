@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 from torchvision.transforms import v2
 
-from swavkit.data.channels import ArrayEvalTransform, ChannelReader, uses_arrays
-from swavkit.data.constants import IMAGENET_MEAN, IMAGENET_STD, crop_fraction_for
+from swavkit.data.channels import ArrayEvalTransform, ChannelReader
+from swavkit.data.constants import IMAGENET_MEAN, IMAGENET_STD, crop_fraction_for, is_rgb8
 from swavkit.errors import ConfigError
 
 
@@ -68,12 +68,12 @@ class Preprocessing:
     def reader(self):
         """path -> what :meth:`transform` takes: None = swavkit.data.read_rgb (RGB PIL image), else a
         swavkit.data.channels.ChannelReader ([C, H, W] array) for other channel counts or 16 bits."""
-        return ChannelReader(self.channels, self.bit_depth) if uses_arrays(self.channels, self.bit_depth) else None
+        return None if is_rgb8(self.channels, self.bit_depth) else ChannelReader(self.channels, self.bit_depth)
 
     def require_rgb(self, source, what: str) -> None:
         """ConfigError (one line) when ``source``'s backbone takes other than 8-bit RGB and ``what`` (a command whose
         augmentation is RGB-only: swavkit finetune, the reference linear probe) cannot feed it yet."""
-        if (self.channels, self.bit_depth) != (3, 8):
+        if not is_rgb8(self.channels, self.bit_depth):
             raise ConfigError(f"{source}: the backbone takes {self.channels} channel(s) at {self.bit_depth} bits; "
                               f"{what} augments 8-bit RGB images only (not yet): use swavkit knn or the fast linear "
                               "probe, which read images as the export says")
@@ -88,6 +88,6 @@ class Preprocessing:
     def as_dict(self) -> dict:
         record = {"image_size_px": self.image_size_px, "crop_fraction": self.crop_fraction,
                   "mean": list(self.mean), "std": list(self.std), "image_size_from": self.size_from}
-        if self.channels != 3 or self.bit_depth != 8:  # RGB records stay as they were
+        if not is_rgb8(self.channels, self.bit_depth):  # RGB records stay as they were
             record.update(channels=self.channels, bit_depth=self.bit_depth)
         return record

@@ -9,6 +9,8 @@ import argparse
 import dataclasses
 from typing import Callable
 
+from swavkit.data.constants import is_rgb8
+
 
 # Stdlib only at import: the CLI registers --floors from here (torch loads inside add_floors).
 
@@ -78,7 +80,7 @@ def add_floors(result: dict, evaluate: Callable[..., dict], train_dir, val_dir, 
     if not sources:
         return result
     channels, bit_depth = result["preprocessing"].get("channels", 3), result["preprocessing"].get("bit_depth", 8)
-    if (channels, bit_depth) != (3, 8):  # not yet: floors are built for 8-bit RGB inputs (swavkit/data/channels.py)
+    if not is_rgb8(channels, bit_depth):  # not yet: floors are built for 8-bit RGB inputs (swavkit/data/channels.py)
         note = (f"floors skipped: they are built for 8-bit RGB inputs and this backbone takes {channels} channel(s) "
                 f"at {bit_depth} bits")
         if distributed.is_main_process():

@@ -3,9 +3,12 @@
 A user knows how long they can wait, not how many epochs their machine manages in that time. With a
 budget, ``train.epochs`` only sets the *shape* of the run: the warm-up, prototype freezing and queue start
 keep the share of the run that the config gives them (``optim.warmup_epochs / train.epochs``, ...). The
-first steps measure the speed; at the first logging step after ``CALIBRATION_S`` (or 2 % of the budget,
-whichever is less) of timed steps the plan is made: total steps = what fits in the budget left, minus a
-reserve for the final checkpoint and export. At each later logging step the total is re-fitted to the
+plan (:func:`first_plan`): total steps = what fits in the budget left, minus a reserve for the final
+checkpoint and export, at a measured speed. When ``--auto`` timed this run's step in this process
+(:mod:`swavkit.training.speed`), the plan is made from that figure before the first step, so the passes,
+warm-up and freezing ``--auto`` printed are the run's; otherwise the first steps measure the speed, and the
+plan is made at the first logging step after ``CALIBRATION_S`` (or 2 % of the budget, whichever is less) of
+timed steps. At each later logging step the total is re-fitted to the
 recent speed (the LR then continues from where it is, :meth:`LRSchedule.change_total_steps`), so a machine
 that slows down or speeds up still ends on time.
 
@@ -60,10 +63,14 @@ class BudgetPlan:
 
 
 class BudgetClock:
-    """This attempt's wall clock and recent speed. ``clock`` is injectable for tests."""
+    """This attempt's wall clock and recent speed. ``clock`` is injectable for tests. ``measured_step_s``: the
+    seconds per step --auto measured for this run (swavkit.training.speed), from which the first plan is made
+    before the first step; None: the first timed steps make it."""
 
-    def __init__(self, plan: BudgetPlan, started_s: float, clock=time.monotonic):
+    def __init__(self, plan: BudgetPlan, started_s: float, clock=time.monotonic,
+                 measured_step_s: float | None = None):
         self.plan, self.started_s, self.clock = plan, started_s, clock
+        self.measured_step_s = measured_step_s
         self.used_before_s = plan.used_s
         self.marks: deque[tuple[int, float]] = deque()  # (step, time) at logging steps, timed steps only
         self.first_step: int | None = None  # state.step when this attempt's loop began
@@ -106,6 +113,20 @@ def fit_total_steps(step: int, elapsed_s: float, budget_s: float, seconds_per_st
     return step + max(0, math.floor(remaining_s / max(seconds_per_step, 1e-9)))
 
 
+def first_plan(step: int, elapsed_s: float, budget_s: float, seconds_per_step: float, reserve_s: float,
+               shape_total: int, warmup_steps: int, freeze_steps: int, queue_start_step: int) -> BudgetPlan:
+    """The plan made once the speed is known: the total that fits (:func:`fit_total_steps`), and the warm-up,
+    prototype freezing and queue start at the shares of the run the config gives them (``shape_total``:
+    train.epochs x steps per epoch, what the config's settings refer to). A warm-up already over stays as
+    it was; one still running never ends before ``step`` (no LR jump). ``used_s``: ``elapsed_s``."""
+    total = fit_total_steps(step, elapsed_s, budget_s, seconds_per_step, reserve_s)
+    warmup = warmup_steps
+    if step < warmup_steps:
+        warmup = max(share_of_run(warmup_steps, total, shape_total), step)
+    return BudgetPlan(budget_s, elapsed_s, total, warmup, share_of_run(freeze_steps, total, shape_total),
+                      share_of_run(queue_start_step, total, shape_total))
+
+
 def share_of_run(steps: int, total_steps: int, configured_total: int) -> int:
     """A setting of ``steps`` in a run of ``configured_total`` steps, kept at the same share of a run of
     ``total_steps`` (the warm-up, prototype freezing and queue start of a budget run)."""
@@ -117,4 +138,4 @@ def worth_changing(new_total: int, current_total: int, step: int) -> bool:
     return abs(new_total - current_total) > max(1, MIN_CHANGE_FRACTION * max(0, current_total - step))
 
 
-__all__ = ["BudgetPlan", "BudgetClock", "fit_total_steps", "share_of_run", "worth_changing"]
+__all__ = ["BudgetPlan", "BudgetClock", "fit_total_steps", "first_plan", "share_of_run", "worth_changing"]

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from swavkit.config import Config
-from swavkit.data.channels import ArrayEvalTransform, ChannelReader, uses_arrays
-from swavkit.data.constants import crop_fraction_for, eval_size_px
+from swavkit.data.channels import ArrayEvalTransform, ChannelReader
+from swavkit.data.constants import crop_fraction_for, eval_size_px, is_rgb8
 from swavkit.data.images import UnreadableImage, read_rgb
 from swavkit.data.transforms import eval_transform
 from swavkit.runtime.fileio import write_text_atomic
@@ -67,7 +67,7 @@ class SignalSample:
     def batches(self):
         """Yields [b, C, size_px, size_px] float32 batches of the readable sample images, in order. Reads with no
         DataLoader and no random numbers: measuring must not move the training RNG (a resume is exact)."""
-        if uses_arrays(self.channels, self.bit_depth):
+        if not is_rgb8(self.channels, self.bit_depth):
             reader = ChannelReader(self.channels, self.bit_depth)
             transform = ArrayEvalTransform(self.size_px, self.mean, self.std, crop_fraction_for(self.size_px))
         else:

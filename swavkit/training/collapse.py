@@ -118,7 +118,7 @@ class CollapsePolicy:
             return None
         state.queue_dropped_at_step = state.step
         return (f"step {state.step}: the loss returned to ln K while the queue was in use; going on without the "
-                "queue (swav.prevent_collapse=false keeps it)")
+                "queue (to keep the queue in such a case, set swav.prevent_collapse=false)")
 
 
 __all__ = ["EpsilonControl", "CollapsePolicy", "row_entropy", "queue_should_stop", "QUEUE_GUARD_MARGIN",

@@ -23,7 +23,8 @@ from swavkit.artifacts.rundir import RunFolder
 from swavkit.training.monitor import monitor_folders
 from swavkit.config import mean_std_from_data
 from swavkit.training.channels import channel_crops, resolve_mean_std
-from swavkit.data.channels import ChannelReader, uses_arrays
+from swavkit.data.channels import ChannelReader
+from swavkit.data.constants import is_rgb8
 from swavkit.training.processes import Processes
 
 
@@ -49,7 +50,7 @@ def build_data(cfg: Config, procs: Processes, files: RunFolder, resuming: bool) 
     shown = describe_specs(specs)
     paths, from_cache = resolve_file_list(specs, procs, files, resuming)
     channels, bit_depth = cfg.data.channels, cfg.data.bit_depth
-    reader = ChannelReader(channels, bit_depth) if uses_arrays(channels, bit_depth) else None
+    reader = None if is_rgb8(channels, bit_depth) else ChannelReader(channels, bit_depth)
     check_readable(paths, shown, reader)  # reader None: 8-bit RGB (read_rgb); else swavkit.data.channels
     per_rank_batch = cfg.train.batch_size // procs.world
     if len(paths) < cfg.train.batch_size:
@@ -86,7 +87,7 @@ def build_data(cfg: Config, procs: Processes, files: RunFolder, resuming: bool) 
 def _build_shard_data(cfg: Config, procs: Processes, specs: list[str], files: RunFolder, resuming: bool) -> TrainingData:
     """Stage 3 for WebDataset shards: a stream of per-rank batches (swavkit.data.shards), an epoch of
     data.samples_per_epoch images."""
-    if uses_arrays(cfg.data.channels, cfg.data.bit_depth):
+    if not is_rgb8(cfg.data.channels, cfg.data.bit_depth):
         raise DataError(f"data.path: shards are decoded as 8-bit RGB; with data.channels={cfg.data.channels} "
                         f"data.bit_depth={cfg.data.bit_depth} give a folder or a list of the image files")
     if mean_std_from_data(cfg):

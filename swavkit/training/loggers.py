@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Protocol
 
 from swavkit.config import ConfigError, check_logger_names
+from swavkit.artifacts.layout import RUN_LOGGER_IDS, RUN_METRICS, RUN_MLFLOW_DB, RUN_TENSORBOARD_DIR
 from swavkit.runtime.fileio import append_jsonl, write_json_atomic
 
 DEFAULT_LOGGERS = ("jsonl", "tensorboard")
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
-# Run ids of the remote backends, so a resume appends to the same W&B / MLflow run.
-RUN_IDS_FILE = "loggers.json"
+# the files they write in the run folder are named in swavkit.artifacts.layout (--restart deletes those)
+METRICS_FILE = RUN_METRICS
+TENSORBOARD_DIR = RUN_TENSORBOARD_DIR
+RUN_IDS_FILE = RUN_LOGGER_IDS  # run ids of the remote backends, so a resume appends to the same W&B / MLflow run
 # name -> (module to import, pyproject extra that installs it)
 OPTIONAL_BACKENDS = {"wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
 # TensorBoard's "custom scalars" tab draws these tags in one chart: the loss against its collapse level
@@ -175,7 +176,7 @@ class MlflowLogger:
         from mlflow.tracking import MlflowClient
 
         uri = os.environ.get("MLFLOW_TRACKING_URI") or run_ids.get("mlflow_tracking_uri") or \
-            f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+            f"sqlite:///{(run_dir / RUN_MLFLOW_DB).resolve()}"
         self.client = MlflowClient(tracking_uri=uri)
         self.run_id = run_ids.get("mlflow_run_id") if run_ids.get("mlflow_tracking_uri") == uri else None
         if self.run_id is None:

@@ -16,9 +16,9 @@ from tqdm import tqdm
 
 from swavkit.errors import DataLoaderCrashed, TrainingDiverged  # noqa: F401 (re-exported: trainer)
 from swavkit.runtime import distributed
-from swavkit.training.budget import BudgetClock, BudgetPlan, fit_total_steps, share_of_run, worth_changing
+from swavkit.training.budget import BudgetClock, BudgetPlan, first_plan, fit_total_steps, worth_changing
 from swavkit.artifacts.checkpoint import backbone_state, export_backbone, load_training_checkpoint, save_atomic
-from swavkit.config import Config, to_dict
+from swavkit.config import Config, backbone_kwargs, to_dict
 from swavkit.data import (append_skipped_report, printable_path)
 from swavkit.data.device_decode import decode_batch
 from swavkit.training.diagnosis import code_statistics, kmeans_collapse_warning
@@ -114,6 +114,8 @@ def train_epochs(loop: Loop, state: TrainState, stop_request: "_StopRequest", sh
     progress = Progress(bar, stop_request, LogWindow.open(loop.procs.device), time.monotonic())
     if loop.budget_clock is not None:
         loop.budget_clock.mark(state.step)
+        if loop.budget_clock.measured_step_s is not None and not state.budget.planned:
+            _follow_budget(loop, state, progress)  # the plan from --auto's figure, before the first step
     with stop_request.deferred():  # a signal now only sets a flag: the loop saves and stops in step
         while state.step < data.total_steps:
             epoch = state.step // data.steps_per_epoch
@@ -269,7 +271,7 @@ def _log_metrics(loop: Loop, state: TrainState, result: StepResult, lr: float, p
     elapsed = time.perf_counter() - window.start_s
     usage = code_statistics(result.codes)
     state.last_loss = mean_loss
-    epsilon = loop.settings.epsilon if math.isnan(state.epsilon) else state.epsilon
+    epsilon = state.epsilon  # the one this window's codes used (the collapse policy may move it below)
     queue_in_use = bool(result.queue_started and state.queue.is_full)
     row = {"step": state.step, "epoch": state.step / loop.data.steps_per_epoch, "loss": round(state.last_loss, 5),
            "ln_k": round(state.collapse.ln_k, 5), "lr": lr,
@@ -319,19 +321,19 @@ def _follow_budget(loop: Loop, state: TrainState, progress: Progress) -> None:
     recent speed. Rank 0's clock decides; every rank applies the same numbers."""
     clock, plan, schedule = loop.budget_clock, state.budget, loop.lr_schedule
     proposal = [0.0] * 4  # total, warm-up, freeze, queue start; 0 total = no change
-    seconds_per_step = clock.seconds_per_step()
-    if loop.procs.is_main and seconds_per_step is not None and (plan.planned or clock.calibrated()):
+    measured = not plan.planned and clock.measured_step_s is not None  # the first plan from --auto's figure
+    seconds_per_step = clock.measured_step_s if measured else clock.seconds_per_step()
+    # the clock re-fits (or makes) the plan once it has timed as long as a first plan needs: a few noisy
+    # early steps do not override --auto's figure
+    if loop.procs.is_main and seconds_per_step is not None and (measured or clock.calibrated()):
         # the final checkpoint and the export (about two checkpoint writes) must fit too
         reserve_s = 1.0 + 2.0 * progress.save_duration_s
         total = fit_total_steps(state.step, clock.elapsed_s(), plan.budget_s, seconds_per_step, reserve_s)
         if not plan.planned:
-            shape_total = loop.cfg.train.epochs * loop.data.steps_per_epoch  # what the config's shares refer to
-            warmup = schedule.warmup_steps  # a warm-up already over stays as it was
-            if state.step < warmup:  # its share of the planned run, never ending before now (no LR jump)
-                warmup = max(share_of_run(warmup, total, shape_total), state.step)
-            proposal = [total, warmup,
-                        share_of_run(loop.settings.freeze_prototype_steps, total, shape_total),
-                        share_of_run(loop.settings.queue_start_step, total, shape_total)]
+            made = first_plan(state.step, clock.elapsed_s(), plan.budget_s, seconds_per_step, reserve_s,
+                              loop.cfg.train.epochs * loop.data.steps_per_epoch, schedule.warmup_steps,
+                              loop.settings.freeze_prototype_steps, loop.settings.queue_start_step)
+            proposal = [made.total_steps, made.warmup_steps, made.freeze_prototype_steps, made.queue_start_step]
         elif worth_changing(total, plan.total_steps, state.step):
             proposal = [total, plan.warmup_steps, plan.freeze_prototype_steps, plan.queue_start_step]
     if loop.procs.world > 1:
@@ -347,9 +349,11 @@ def _follow_budget(loop: Loop, state: TrainState, progress: Progress) -> None:
             schedule.change_total_steps(total, state.step, loop.data.steps_per_epoch)
         plan.warmup_steps, plan.freeze_prototype_steps, plan.queue_start_step = warmup, freeze, queue_start
         loop.settings = planned_settings(loop.settings, dataclasses.replace(plan, total_steps=total))
+        speed = (f"start-up; a step as --auto timed it: {seconds_per_step:.3g} s" if measured else
+                 f"start-up and the first steps at {seconds_per_step:.3g} s/step")
         loop.procs.say_progress(
-            f"budget {plan.budget_s / 60:g} min: {clock.elapsed_s():.0f} s used (start-up and the first steps at "
-            f"{seconds_per_step:.3g} s/step) -> {total} steps = {total / loop.data.steps_per_epoch:.1f} epochs; "
+            f"budget {plan.budget_s / 60:g} min: {clock.elapsed_s():.0f} s used ({speed}) -> {total} steps = "
+            f"{total / loop.data.steps_per_epoch:.1f} epochs; "
             f"warm-up {warmup} steps" + (f", prototypes frozen {freeze} steps" if state.deepcluster is None else "")
             + (f", queue from step {queue_start}" if state.queue is not None else "")
             + "; re-fitted as the speed changes")
@@ -418,9 +422,9 @@ def start_signal(loop: Loop) -> CheckpointSignal | None:
     paths = getattr(loop.data.dataset, "paths", None)
     if not cfg.train.signal_images or not procs.is_main:
         return None
-    if paths is None or cfg.dist.strategy == "fsdp":
-        procs.say("checkpoint signal: off (" + ("dist.strategy=fsdp" if paths is not None else "tar shards have no "
-                  "file list") + "); train.signal_images=0 silences this")
+    if paths is None or procs.sharded:
+        procs.say("checkpoint signal: off (" + ("it does not run with dist.strategy=fsdp" if paths is not None else
+                  "tar shards have no file list") + "); set train.signal_images=0 to silence this line")
         return None
     sample = SignalSample.from_config(cfg, [str(p) for p in sample_paths(paths, cfg.train.signal_images)])
     write_sample_list(loop.files.path / RUN_SIGNAL_SAMPLE, sample)
@@ -470,7 +474,7 @@ def export(loop: Loop, state: TrainState) -> Path:
         return files.backbone
     m = cfg.model
     model_state, steps, loss, chosen = _exported_checkpoint(loop, state, model_state)
-    export_net = create_backbone(m.backbone, **m.backbone_kwargs)
+    export_net = create_backbone(m.backbone, **backbone_kwargs(cfg))
     export_net.load_state_dict(backbone_state(model_state), strict=True)
     card = card_for_training(to_dict(cfg), architecture=m.backbone, feature_dim=export_net.num_features,
                              backbone_dir=files.backbone, steps=steps, final_loss=loss,

@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from swavkit.config import Config, ConfigError, from_dict, head_hidden_dims, parse_fraction, prototype_rows, to_dict
+from swavkit.config import (Config, ConfigError, backbone_kwargs, from_dict, head_hidden_dims, parse_fraction,
+                            prototype_rows, shards_weights, to_dict)
 from swavkit.core.activation_checkpointing import apply_activation_checkpointing, backbone_blocks
 from swavkit.core.loss import swapped_prediction_loss
 from swavkit.core.model import SwAVModel, build_model
@@ -139,7 +140,7 @@ def build_meta_model(cfg: Config) -> tuple[SwAVModel, str]:
     same call as training's (trainer._build_model), so a head or backbone option there is the plan's too."""
     m = cfg.model
     with torch.device("meta"):
-        core = build_model(m.backbone, prototype_rows(cfg), head_hidden_dims(m), m.output_dim, m.backbone_kwargs,
+        core = build_model(m.backbone, prototype_rows(cfg), head_hidden_dims(m), m.output_dim, backbone_kwargs(cfg),
                            zero_init_last=m.zero_init_last, head_bn=m.head_bn)
     checkpointing = apply_activation_checkpointing(core.backbone, m.activation_checkpointing, m.backbone)
     return core, checkpointing
@@ -236,7 +237,8 @@ def _model_yaml(cfg: Config) -> str:
     """What the model is built from (the ``model`` section, the method and its prototype heads) as text: the cache
     key of everything built from it."""
     tree = to_dict(cfg)
-    return yaml.safe_dump({key: tree[key] for key in ("model", "method", "deepcluster")}, sort_keys=True)
+    return yaml.safe_dump({**{key: tree[key] for key in ("model", "method", "deepcluster")},
+                           "data": {"channels": tree["data"]["channels"]}}, sort_keys=True)  # in_chans
 
 
 def _model_config(model_yaml: str) -> Config:
@@ -269,7 +271,7 @@ def plan_memory(cfg: Config, processes: int = 1, device_type: str = "cpu", preci
     ``device_type`` in ``precision`` (resolved: fp32 | bf16 | fp16). Allocates nothing."""
     batch = max(1, cfg.train.batch_size // processes)
     params, grads, state = model_state_bytes(_model_yaml(cfg), cfg.optim.optimizer, processes,
-                                             sharded=cfg.dist.strategy == "fsdp" and processes > 1)
+                                             sharded=shards_weights(cfg) and processes > 1)
     activations = activation_bytes(cfg, batch, precision)
     # workers hand over uint8 crops when the colour ops run on the device, float32 views otherwise
     handed_over = crop_bytes(cfg, batch, 1 if colour_on_device else 4)

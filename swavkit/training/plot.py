@@ -12,10 +12,11 @@ import io
 import math
 from pathlib import Path
 
+from swavkit.artifacts.layout import RUN_METRICS
 from swavkit.config import ConfigError
 from swavkit.runtime.fileio import atomic_writer, read_jsonl
 
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = RUN_METRICS
 DEFAULT_PLOT_NAME = "metrics.png"
 # Written into the PNG's text chunks; a file without it was not made by swavkit and is never overwritten.
 PNG_SOFTWARE_TAG = "swavkit plot"

@@ -8,9 +8,11 @@ queue for small batches, one epoch of frozen prototypes) and scale it down to sm
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -22,7 +24,8 @@ from swavkit.training.preflight import preflight
 from swavkit.data import BUNDLED_SAMPLE
 from swavkit.data.channels import header_size
 from swavkit.runtime.cores import AUTO_WORKER_CAP, default_num_workers, training_threads, usable_cores
-from swavkit.runtime.device import resolve_device
+from swavkit.runtime.device import resolve_device, resolve_precision
+from swavkit.training.speed import step_seconds
 from swavkit.core.schedule import reference_peak_lr
 
 REFERENCE_IMAGES = 1_281_167  # ImageNet-1k train, what the paper's numbers are tuned for
@@ -32,8 +35,9 @@ REFERENCE_FREEZE_STEPS = 313  # one ImageNet epoch at batch 4096
 # learned the most per CPU-minute in the cifar10-small probes (benchmarks/README.md, "Evaluation").
 CPU_BACKBONE = "resnet10t"
 # With a budget on a CPU, the largest crop side (of CROP_LADDER_PX, at most the images' side) that still
-# affords this many passes over the data at the measured speed. On cifar10-small the 20-NN accuracy kept
-# rising from 10 to 89 passes (37.6 -> 44.8 %): passes matter more than pixels on a CPU.
+# affords this many passes over the data at the measured speed (swavkit.training.speed: the run's own step). On
+# cifar10-small the 20-NN accuracy kept rising from 10 to 89 passes (37.6 -> 44.8 %): passes matter more than
+# pixels on a CPU.
 CPU_MIN_PASSES = 30
 CROP_LADDER_PX = (32, 48, 64, 96, 128, 160, 224)
 BUDGET_TRAINING_SHARE = 0.85  # of the budget, for steps (start-up, checkpoints and export take the rest)
@@ -44,6 +48,10 @@ class Suggestion:
     key: str
     value: object
     reason: str
+
+
+# the suggestions that make a candidate config -> measured wall seconds of one of its training steps
+SecondsPerStep = Callable[[list[Suggestion]], float]
 
 
 def typical_side_px(paths: list[str], sample: int = 200) -> int:
@@ -88,39 +96,58 @@ def _cpu_crops(size_px: int) -> dict:
             "blur_probability": 0.0 if size_px <= 48 else 0.5}
 
 
-def _crop_seconds_per_image(crops: dict, seconds_per_image: Callable[[int], float]) -> float:
-    return sum(count * seconds_per_image(size) for count, size in zip(crops["counts"], crops["sizes_px"]))
+def budget_passes(budget_s: float, seconds_per_step: float, steps_per_epoch: int) -> float:
+    """Passes over the data a budget affords at ``seconds_per_step``: the share of the budget left for steps
+    (start-up, checkpoints and export take the rest)."""
+    return BUDGET_TRAINING_SHARE * budget_s / (seconds_per_step * steps_per_epoch)
 
 
-def _budget_crops_on_cpu(side_px: int, n_images: int, budget_s: float,
-                         seconds_per_image: Callable[[int], float]) -> tuple[dict, float, str]:
-    """(crops, passes over the data they afford, reason): the largest ladder size <= the images' side whose
-    crops still afford CPU_MIN_PASSES passes in the budget at the measured speed."""
+def _global_batch(size_px: int, n_images: int, world_size: int, on_gpu: bool) -> int:
+    """The derived global batch for a largest crop side: 64 per GPU process, 128 (<= 64 px) or 32 per CPU
+    process, at most a quarter of the data (an epoch of several steps), a multiple of the process count."""
+    per_process = 64 if on_gpu else 128 if size_px <= 64 else 32
+    global_batch = per_process * world_size
+    while global_batch > max(world_size, n_images // 4) and global_batch > world_size:
+        global_batch //= 2
+    return max(world_size, global_batch // world_size * world_size)
+
+
+def _budget_crops_on_cpu(side_px: int, n_images: int, budget_s: float, fixed: list[Suggestion],
+                         global_batch: int | None, world_size: int,
+                         seconds_per_step: SecondsPerStep) -> tuple[dict, int, float, str]:
+    """(crops, global batch, passes over the data they afford, reason): the largest ladder size <= the images'
+    side whose crops still afford CPU_MIN_PASSES passes in the budget at the measured speed of a step of the
+    candidate (``fixed``: the suggestions made before the crops, e.g. the backbone)."""
     sizes = [s for s in CROP_LADDER_PX if s <= max(32, side_px)]
-    chosen, chosen_passes, tried = None, 0.0, []
+    chosen, tried = None, []
     for size in sizes:  # small to large: stop at the first that no longer affords the passes
         crops = _cpu_crops(size)
-        passes = BUDGET_TRAINING_SHARE * budget_s / (_crop_seconds_per_image(crops, seconds_per_image) * n_images)
+        batch = global_batch or _global_batch(size, n_images, world_size, on_gpu=False)
+        candidate = fixed + [Suggestion(f"crops.{k}", v, "") for k, v in crops.items()] + \
+            [Suggestion("train.batch_size", batch, "")]
+        passes = budget_passes(budget_s, seconds_per_step(candidate), max(1, n_images // batch))
         tried.append(f"{size} px: {passes:.0f}")
         if chosen is not None and passes < CPU_MIN_PASSES:
             break
-        chosen, chosen_passes = crops, passes
-    groups = " + ".join(f"{c}x{s}" for c, s in zip(chosen["counts"], chosen["sizes_px"]))
-    return (chosen, chosen_passes,
+        chosen = crops, batch, passes
+    crops, batch, passes = chosen
+    groups = " + ".join(f"{c}x{s}" for c, s in zip(crops["counts"], crops["sizes_px"]))
+    return (crops, batch, passes,
             f"images are ~{side_px} px, budget {budget_s / 60:g} min on a CPU: passes over the data at the measured "
-            f"speed ({', '.join(tried)}); {groups} crops, the largest affording >= {CPU_MIN_PASSES} passes "
-            "(passes mattered more than pixels on cifar10-small)")
+            f"speed of a training step ({', '.join(tried)}); {groups} crops, the largest affording >= "
+            f"{CPU_MIN_PASSES} passes (passes mattered more than pixels on cifar10-small)")
 
 
 def derive(n_images: int, side_px: int, world_size: int = 1, global_batch: int | None = None,
            on_gpu: bool = False, epochs: int | None = None, local_world_size: int = 1,
            budget_minutes: float | None = None, backbone: str | None = None,
-           seconds_per_image: Callable[[int], float] | None = None) -> list[Suggestion]:
+           seconds_per_step: SecondsPerStep | None = None) -> list[Suggestion]:
     """Suggested values (with reasons) for a dataset of ``n_images`` images of ~``side_px`` pixels.
 
     ``budget_minutes``: the run's time budget (None: none). ``backbone``: the user's choice (None: derived
-    here). ``seconds_per_image(size_px)``: measured forward + backward seconds per crop of that side for the
-    backbone on this machine (:func:`measure_seconds_per_image`); needed with a budget on a CPU.
+    here). ``seconds_per_step(suggestions)``: measured wall seconds of one training step of the config these
+    suggestions (backbone, prototypes, crops, batch) make (:func:`swavkit.training.speed.step_seconds`, the
+    figure the run's budget plan starts from); needed with a budget on a CPU.
     """
     out: list[Suggestion] = []
     if backbone is None:
@@ -136,10 +163,15 @@ def derive(n_images: int, side_px: int, world_size: int = 1, global_batch: int |
                                   "cifar10-small probes (resnet50 trains ~2 images/s here: benchmarks/README.md)"))
             out.append(Suggestion("model.zero_init_last", True, "timm's ResNet init, with which the CPU recipes were "
                                   "measured"))
+    n_prototypes = int(min(3000, max(10, round(n_images / 50, -1 if n_images >= 500 else 0))))
+    out.append(Suggestion("model.n_prototypes", n_prototypes,
+                          f"~1 prototype per 50 images ({n_images} images), capped at the paper's 3000: over-cluster, "
+                          "but keep every prototype fed"))
     budget_s = 60.0 * budget_minutes if budget_minutes else None
-    passes = None
-    if budget_s and not on_gpu and seconds_per_image is not None:
-        crops, passes, why = _budget_crops_on_cpu(side_px, n_images, budget_s, seconds_per_image)
+    passes, derived_batch = None, None
+    if budget_s and not on_gpu and seconds_per_step is not None:
+        crops, derived_batch, passes, why = _budget_crops_on_cpu(side_px, n_images, budget_s, list(out),
+                                                                  global_batch, world_size, seconds_per_step)
     else:
         crops, why = _crop_recipe(side_px, on_gpu)
     for key, value in crops.items():
@@ -149,25 +181,16 @@ def derive(n_images: int, side_px: int, world_size: int = 1, global_batch: int |
                               "and 0.25 both lost 1.6-2.4 k-NN points on cifar10-small)"))
 
     if global_batch is None:
-        per_process = 64 if on_gpu else 128 if crops["sizes_px"][0] <= 64 else 32
-        global_batch = per_process * world_size
-        while global_batch > max(world_size, n_images // 4) and global_batch > world_size:
-            global_batch //= 2
-        global_batch = max(world_size, global_batch // world_size * world_size)
+        global_batch = derived_batch or _global_batch(crops["sizes_px"][0], n_images, world_size, on_gpu)
         out.append(Suggestion("train.batch_size", global_batch,
                               f"{global_batch // world_size} per process x {world_size} process(es), at most a quarter "
                               "of the data so an epoch has several steps"))
 
-    n_prototypes = int(min(3000, max(10, round(n_images / 50, -1 if n_images >= 500 else 0))))
-    out.append(Suggestion("model.n_prototypes", n_prototypes,
-                          f"~1 prototype per 50 images ({n_images} images), capped at the paper's 3000: over-cluster, "
-                          "but keep every prototype fed"))
-
     if epochs is None and passes is not None:
         epochs = max(1, round(passes))
         out.append(Suggestion("train.epochs", epochs,
-                              f"the passes the budget affords at the measured speed; the run measures its own speed "
-                              "and fits the schedule to the budget, this only shapes warm-up, freezing and queue"))
+                              "the passes the budget affords at the measured speed; the run plans its steps from the "
+                              "same figure before its first step, then re-fits the total to the speed it sees"))
     elif epochs is None:
         epochs = 800 if n_images <= 20_000 else 400 if n_images <= 200_000 else 200 if n_images <= 2_000_000 else 100
         out.append(Suggestion("train.epochs", epochs,
@@ -208,29 +231,6 @@ def derive(n_images: int, side_px: int, world_size: int = 1, global_batch: int |
                           "paper: 0.6 at 256, 4.8 at 4096, not linear: 0.6 x 16 would be 9.6), AdamW "
                           f"{adamw_peak:.3g} (5e-4 per 256); cosine to peak / 1000"))
     return out
-
-
-def measure_seconds_per_image(backbone: str, backbone_kwargs: dict | None = None, batch: int = 16,
-                              device: str = "cpu") -> Callable[[int], float]:
-    """A function size_px -> seconds of forward + backward per crop of that side, for ``backbone`` on this
-    machine (random weights and pixels, median of 3 timed passes after one warm-up; cached per size)."""
-    from swavkit.core.model import create_backbone
-
-    net = create_backbone(backbone, **(backbone_kwargs or {})).to(device).train()
-    cache: dict[int, float] = {}
-
-    def seconds(size_px: int) -> float:
-        if size_px not in cache:
-            x = torch.randn(batch, 3, size_px, size_px, device=device)
-            times = []
-            for _ in range(4):
-                start = time.perf_counter()
-                net(x).float().square().mean().backward()
-                times.append(time.perf_counter() - start)
-            cache[size_px] = statistics.median(times[1:]) / batch
-        return cache[size_px]
-
-    return seconds
 
 
 def explicit_keys(tree: dict, prefix: str = "") -> set[str]:
@@ -317,18 +317,18 @@ def auto_config(tree: dict, implicit: bool = False) -> Config:
     on_gpu = resolve_device(tree.get("train", {}).get("device", "auto"), launch.local_rank).type == "cuda"
     budget = tree.get("train", {}).get("budget_minutes") or None
     backbone = tree["model"]["backbone"] if "model.backbone" in chosen else None
-    speed, start, speed_backbone = None, time.perf_counter(), backbone or CPU_BACKBONE
+    device, start = torch.device("cuda" if on_gpu else "cpu"), time.perf_counter()
+    speed = partial(_candidate_step_seconds, tree, chosen, device, world) if budget and not on_gpu else None
     # timed with the thread count the run will use (swavkit.runtime.cores.training_threads)
-    with training_threads(torch.device("cuda" if on_gpu else "cpu"), launch.local_world_size):
-        if budget and not on_gpu:
-            speed = measure_seconds_per_image(speed_backbone, tree.get("model", {}).get("backbone_kwargs"))
+    with training_threads(device, launch.local_world_size):
         suggestions = derive(len(paths), typical_side_px(paths), world, local_world_size=launch.local_world_size,
                              global_batch=tree["train"]["batch_size"] if "train.batch_size" in chosen else None,
                              on_gpu=on_gpu, epochs=tree["train"]["epochs"] if "train.epochs" in chosen else None,
                              budget_minutes=float(budget) if budget else None, backbone=backbone,
-                             seconds_per_image=speed)
+                             seconds_per_step=speed)
     if speed is not None and distributed.is_main_process():
-        print(f"swavkit: --auto timed {speed_backbone} on this machine in {time.perf_counter() - start:.1f} s")
+        print(f"swavkit: --auto timed training steps of {backbone or CPU_BACKBONE} on this machine in "
+              f"{time.perf_counter() - start:.1f} s (the run plans its budget from the same figure)")
     if tree.get("method") == "deepclusterv2":  # the queue is SwAV's; deepclusterv2's memory bank replaces it
         suggestions = [s for s in suggestions if not s.key.startswith("swav.queue")]
     applied = apply(tree, suggestions, chosen)
@@ -344,6 +344,17 @@ def auto_config(tree: dict, implicit: bool = False) -> Config:
     return cfg
 
 
+def _candidate_step_seconds(tree: dict, chosen: set[str], device: torch.device, world: int,
+                            candidate: list[Suggestion]) -> float:
+    """Seconds per training step of the config ``candidate`` makes of ``tree`` (the user's keys kept), measured
+    once (swavkit.training.speed: a budget run started in this process plans from the same figure)."""
+    trial = copy.deepcopy(tree)
+    apply(trial, candidate, chosen)
+    cfg = from_dict(trial)
+    validate(cfg)
+    return step_seconds(cfg, device, world, resolve_precision(cfg.train.precision, device))
+
+
 def _schema_defaults(tree: dict, why: str) -> Config:
     """The config of ``tree`` with every unset key at its schema default, saying so (implicit derivation only)."""
     cfg = from_dict(tree)
@@ -354,4 +365,4 @@ def _schema_defaults(tree: dict, why: str) -> Config:
     return cfg
 
 
-__all__ = ["Suggestion", "auto_config", "derive", "typical_side_px", "explicit_keys", "apply", "describe"]
+__all__ = ["Suggestion", "SecondsPerStep", "auto_config", "derive", "budget_passes", "typical_side_px", "explicit_keys", "apply", "describe"]

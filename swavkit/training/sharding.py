@@ -20,19 +20,37 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from typing import Callable
+
 from swavkit.core.activation_checkpointing import backbone_blocks
-from swavkit.config import ConfigError
+from swavkit.config import Config, ConfigError
+from swavkit.runtime import distributed
+from swavkit.training.processes import Processes
 
-STRATEGIES = ("ddp", "fsdp")
 
+def parallelize(core: nn.Module, cfg: Config, procs: Processes, memory_format: torch.memory_format,
+                recording=None, initial_backbone: Callable[[], dict] | None = None) -> nn.Module:
+    """What the forward runs, as ``procs.sharded`` (dist.strategy, decided at start-up) says: DDP around
+    ``core`` moved to the device, or ``core`` itself sharded by FSDP2 (torchtitan's ``parallelize`` shape:
+    the model is built first, then distributed in one place).
 
-def check_processes(strategy: str, world_size: int, device_type: str) -> None:
-    """Refuse FSDP in one process: there is nothing to shard over, and it would only slow the step."""
-    if strategy == "fsdp" and world_size < 2:
-        where = "torchrun --nproc_per_node=N (N GPUs; on a CPU, N >= 2)" if device_type == "cuda" else \
-            "torchrun --nproc_per_node=2 or more"
-        raise ConfigError(f"dist.strategy=fsdp needs several processes, this run has 1 on {device_type}: launch "
-                          f"with {where}, or use dist.strategy=ddp (one process holds the whole model anyway)")
+    Args:
+        core: the SwAVModel: built on the CPU (DDP), or on the meta device by
+            :func:`swavkit.training.meta_init.build_on_meta` (FSDP); changed in place.
+        memory_format: the crops' memory format (DDP moves the weights to it; FSDP2 shards contiguous ones).
+        recording: FSDP: build_on_meta's recording, replayed into each process's shards.
+        initial_backbone: FSDP with ``model.init``: gives the whole backbone state, called on rank 0 only (a DDP
+            run loads it into ``core`` before this call).
+    """
+    if not procs.sharded:
+        core.to(procs.device).to(memory_format=memory_format)
+        # train.accumulate_steps: DDP's static graph refuses no_sync (an internal assert in its reducer)
+        return distributed.wrap_ddp(core, procs.device, static_graph=cfg.train.accumulate_steps == 1)
+    model = shard_model(core, procs.precision, procs.device, cfg.model.backbone)
+    materialise_shards(core, recording, procs.device, cfg.seed)
+    if initial_backbone is not None:  # rank 0 reads the file; the others receive their shards tensor by tensor
+        load_backbone_into_shards(core.backbone, initial_backbone() if procs.is_main else None)
+    return model
 
 
 def precision_policy(precision: str):
@@ -112,8 +130,6 @@ def is_sharded(module: nn.Module) -> bool:
 def sync_whole_gradients(core: nn.Module) -> None:
     """Average the prototypes' gradient over the processes (FSDP leaves ignored parameters alone; DDP would
     average it). No-op while the prototypes are frozen (no gradient on any process)."""
-    from swavkit.runtime import distributed
-
     grad = core.prototypes.weight.grad
     if grad is not None and distributed.world_size() > 1:
         distributed.all_reduce_sum(grad).div_(distributed.world_size())
@@ -164,6 +180,6 @@ def local_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None 
     return out
 
 
-__all__ = ["STRATEGIES", "check_processes", "precision_policy", "shard_model", "materialise_shards",
+__all__ = ["parallelize", "precision_policy", "shard_model", "materialise_shards",
            "load_backbone_into_shards", "is_sharded",
            "sync_whole_gradients", "broadcast_buffers", "full_model_state", "local_state_bytes"]

@@ -71,7 +71,6 @@ class StepSettings:
     """The fixed hyperparameters of a step, in the step's own units. Defaults: the config's SwAV defaults
     with no prototype freezing and the queue (if any) on from the first step."""
     assignment_crops: tuple[int, ...] = (0, 1)
-    epsilon: float = 0.05
     sinkhorn_iterations: int = 3
     sinkhorn_dtype: torch.dtype = torch.float32
     temperature: float = 0.1
@@ -83,8 +82,7 @@ class StepSettings:
     @classmethod
     def from_config(cls, cfg: Config, steps_per_epoch: int, autocast_dtype: torch.dtype | None) -> "StepSettings":
         s = cfg.swav
-        return cls(assignment_crops=tuple(s.assignment_crops), epsilon=s.epsilon,
-                   sinkhorn_iterations=s.sinkhorn_iterations,
+        return cls(assignment_crops=tuple(s.assignment_crops), sinkhorn_iterations=s.sinkhorn_iterations,
                    sinkhorn_dtype=torch.float64 if s.sinkhorn_fp64 else torch.float32, temperature=s.temperature,
                    autocast_dtype=autocast_dtype,
                    freeze_prototype_steps=steps_of(s.freeze_prototypes_epochs, s.freeze_prototypes_steps, steps_per_epoch),
@@ -108,7 +106,9 @@ class TrainState:
     model: torch.nn.Module | None = None  # None: ``core``
     lr_schedule: LRSchedule | None = None  # saved with the state: a resume continues the same curve
     budget: BudgetPlan | None = None  # train.budget_minutes: the plan, saved with the state
-    epsilon: float = math.nan  # Sinkhorn's epsilon now (swavkit.training.collapse moves it); NaN: settings.epsilon
+    # Sinkhorn's epsilon now, its one holder: swav.epsilon at the start (the trainer passes it; this default is
+    # the config's), moved by swavkit.training.collapse when swav.prevent_collapse is on
+    epsilon: float = 0.05
     queue_dropped_at_step: int = -1  # >= 0: swavkit.training.collapse stopped the queue at that step (-1: in use)
     queue_near_ln_k_windows: int = 0  # logging windows in a row at ln K with the queue in use (the guard's count)
     step: int = 0  # optimiser steps taken or dropped so far (the schedule's clock)
@@ -179,7 +179,9 @@ class TrainState:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.nonfinite_skipped = int(state["step"]), int(state.get("nonfinite_skipped", 0))
         self.last_loss = float(state.get("last_loss", math.nan))
-        self.epsilon = float(state.get("epsilon", math.nan))
+        saved_epsilon = float(state.get("epsilon", math.nan))
+        if math.isfinite(saved_epsilon):  # older checkpoints saved NaN (or nothing) for "swav.epsilon": kept
+            self.epsilon = saved_epsilon
         self.queue_dropped_at_step = int(state.get("queue_dropped_at_step", -1))
         self.queue_near_ln_k_windows = int(state.get("queue_near_ln_k_windows", 0))
         self.collapse.load_state_dict(state.get("collapse", {}))
@@ -262,7 +264,6 @@ def _batch_codes(state: TrainState, scores: torch.Tensor, settings: StepSettings
                  use_queue: bool) -> dict[int, torch.Tensor]:
     """scores [V, B, K] -> {assignment crop i: Q_i [B, K]}, into Sinkhorn buffers kept in ``state``."""
     _, B, K = scores.shape
-    epsilon = settings.epsilon if math.isnan(state.epsilon) else state.epsilon
     codes = {}
     for j, i in enumerate(settings.assignment_crops):
         queued = state.queue.embeddings[j] if use_queue and state.queue.is_full else None
@@ -270,7 +271,7 @@ def _batch_codes(state: TrainState, scores: torch.Tensor, settings: StepSettings
         out = state._code_buffers.get(j)
         if out is None or out.shape != (rows, K):  # first step, or the queue joined
             out = state._code_buffers[j] = torch.empty(rows, K, dtype=settings.sinkhorn_dtype, device=scores.device)
-        codes[i] = assign_codes(scores[i], queued, state.core.prototypes.weight, epsilon,
+        codes[i] = assign_codes(scores[i], queued, state.core.prototypes.weight, state.epsilon,
                                 settings.sinkhorn_iterations, settings.sinkhorn_dtype, out=out)
     return codes
 

@@ -15,8 +15,8 @@ import torch
 from swavkit.runtime import distributed
 from swavkit.training.budget import BudgetClock, BudgetPlan
 from swavkit.artifacts.checkpoint import load_training_checkpoint
-from swavkit.config import (Config, ConfigError, config_differences, dump_yaml, from_dict, head_hidden_dims,
-                            prototype_rows, to_dict)
+from swavkit.config import (Config, ConfigError, backbone_kwargs, config_differences, dump_yaml, from_dict,
+                            head_hidden_dims, prototype_rows, to_dict)
 from swavkit.data import printable_path
 from swavkit.runtime.device import autocast_dtype, resolve_auto_flag
 from swavkit.runtime.cores import training_threads
@@ -41,7 +41,8 @@ from swavkit.training.processes import Processes, start_processes
 from swavkit.core.activation_checkpointing import apply_activation_checkpointing
 from swavkit.artifacts.sharded_checkpoint import SHARDED_KEY, load_sharded_into, load_whole_into_sharded
 from swavkit.training.meta_init import build_on_meta, check_replayable
-from swavkit.training.sharding import load_backbone_into_shards, materialise_shards, shard_model
+from swavkit.training.sharding import parallelize
+from swavkit.training.speed import measured_step_seconds
 from swavkit.training.memory_plan import check_memory, out_of_memory
 
 
@@ -142,7 +143,7 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
         loop = Loop(cfg, procs, files, data, planned_settings(settings, state.budget), state.lr_schedule,
                      memory_format, stop_after_steps, loggers,
                      CollapsePolicy.from_config(cfg.swav) if cfg.method == "swav" else None,
-                     BudgetClock(state.budget, started_s) if state.budget is not None else None)
+                     _budget_clock(cfg, procs, state, started_s))
         try:
             stopped_by = train_epochs(loop, state, stop_request, show_progress=progress)
         except torch.cuda.OutOfMemoryError:  # the pre-flight check's one line, with the plan's numbers
@@ -165,6 +166,16 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
             procs.say(f"budget: {state.step} steps, {loop.budget_clock.elapsed_s() / 60:.1f} of "
                       f"{cfg.train.budget_minutes:g} min used, export included")
     return TrainResult(files.path, files.checkpoint, backbone_dir, state.step, state.last_loss, completed=True)
+
+
+def _budget_clock(cfg: Config, procs: Processes, state: TrainState, started_s: float) -> BudgetClock | None:
+    """train.budget_minutes: this attempt's clock, with the seconds per step --auto measured for this very run in
+    this process (swavkit.training.speed), from which the first plan is made before the first step. One
+    process only: several would each have timed themselves while sharing the machine."""
+    if state.budget is None:
+        return None
+    measured = measured_step_seconds(cfg, procs.device, procs.world, procs.precision) if procs.world == 1 else None
+    return BudgetClock(state.budget, started_s, measured_step_s=measured)
 
 
 def _open_run_folder(cfg: Config, restart: bool) -> tuple[RunFolder, dict | None]:
@@ -233,13 +244,14 @@ def _build_model(cfg: Config, procs: Processes, fresh: bool) -> tuple[SwAVModel,
     then each process materialises and initialises its shards with the values of the unsharded build
     (:mod:`swavkit.training.meta_init`), and ``model.init`` weights reach the shards from rank 0 one tensor at a
     time."""
-    device, m, sharded = procs.device, cfg.model, cfg.dist.strategy == "fsdp"
+    device, m = procs.device, cfg.model
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     deepcluster = cfg.method == "deepclusterv2"
-    build = partial(build_model, m.backbone, prototype_rows(cfg), head_hidden_dims(m), m.output_dim, m.backbone_kwargs,
+    build = partial(build_model, m.backbone, prototype_rows(cfg), head_hidden_dims(m), m.output_dim, backbone_kwargs(cfg),
                     zero_init_last=m.zero_init_last, head_bn=m.head_bn)
     initial = m.init if m.init and fresh else ""
-    if sharded:
+    recording = None
+    if procs.sharded:
         core, recording = build_on_meta(build)
         check_replayable(recording, core, skip=("prototypes.",))
     else:
@@ -250,22 +262,14 @@ def _build_model(cfg: Config, procs: Processes, fresh: bool) -> tuple[SwAVModel,
         core.prototypes.weight.requires_grad_(False)
     checkpointing = apply_activation_checkpointing(core.backbone, m.activation_checkpointing, m.backbone)
     memory_format = torch.channels_last if resolve_auto_flag(m.channels_last, device) else torch.contiguous_format
-    if not sharded:  # FSDP2 shards contiguous weights only; NHWC crops still make NHWC convolutions
-        core = core.to(device).to(memory_format=memory_format)
     core = distributed.convert_sync_batchnorm(core, m.sync_batchnorm, procs.local_world_size)
     if m.compile:
         # Static shapes: the backbone sees one fixed shape per crop resolution. Left automatic, the second
         # resolution makes dynamo recompile a dynamic-shape graph: twice the compile time on a CPU (19 vs
         # 39 s for resnet18, same speed after), and on an H100 still compiling after 170 s.
         core.backbone.compile(dynamic=False)
-    if sharded:  # what the forward runs: the sharded core itself, not DDP around it
-        model = shard_model(core, procs.precision, device, m.backbone)
-        materialise_shards(core, recording, device, cfg.seed)
-        if initial:  # rank 0 reads the file; the others receive their shards tensor by tensor
-            load_backbone_into_shards(core.backbone, _initial_backbone_state(cfg) if procs.is_main else None)
-    else:
-        # train.accumulate_steps: DDP's static graph refuses no_sync (an internal assert in its reducer)
-        model = distributed.wrap_ddp(core, device, static_graph=cfg.train.accumulate_steps == 1)
+    model = parallelize(core, cfg, procs, memory_format, recording,
+                        partial(_initial_backbone_state, cfg) if initial and procs.sharded else None)
     if initial:
         procs.say(f"model: backbone weights from model.init={printable_path(m.init)} (head and prototypes fresh)")
     procs.say(f"model: {m.backbone} ({core.backbone.num_features}-d features) -> head "
@@ -277,7 +281,7 @@ def _build_model(cfg: Config, procs: Processes, fresh: bool) -> tuple[SwAVModel,
               + (f" ({torch.get_num_threads()} compute thread(s) beside {cfg.data.num_workers} data worker(s); "
                  "OMP_NUM_THREADS overrides)" if device.type == "cpu" else "")
               + (f"; {checkpointing}" if checkpointing else "")
-              + (f"; FSDP over {procs.world} processes, built on the meta device" if sharded else ""))
+              + (f"; FSDP over {procs.world} processes, built on the meta device" if procs.sharded else ""))
     return core, model, memory_format
 
 
@@ -285,7 +289,7 @@ def _initial_backbone_state(cfg: Config) -> dict:
     """The ``model.init`` weights, whole (strictly checked against the backbone)."""
     from swavkit.artifacts.pretrained import load_initial_backbone_state
 
-    return load_initial_backbone_state(cfg.model.init, cfg.model.backbone, cfg.model.backbone_kwargs)
+    return load_initial_backbone_state(cfg.model.init, cfg.model.backbone, backbone_kwargs(cfg))
 
 
 def _build_state(cfg: Config, procs: Processes, data: TrainingData, core: SwAVModel,
@@ -306,7 +310,7 @@ def _build_state(cfg: Config, procs: Processes, data: TrainingData, core: SwAVMo
                        queue, CollapseMonitor(cfg.model.n_prototypes, cfg.train.collapse_patience_steps, **levers), model,
                        lr_schedule=lr_schedule, epsilon=cfg.swav.epsilon,
                        budget=BudgetPlan(60.0 * cfg.train.budget_minutes) if cfg.train.budget_minutes > 0 else None)
-    state.sharded = cfg.dist.strategy == "fsdp"
+    state.sharded = procs.sharded
     if deepcluster:
         state.deepcluster = build_deepcluster(cfg, data.steps_per_epoch * data.per_rank_batch, procs.device)
     if state.budget is not None:  # until the first plan, the run cannot end by train.epochs
@@ -322,10 +326,19 @@ def _build_state(cfg: Config, procs: Processes, data: TrainingData, core: SwAVMo
         procs.say(f"targets: deepclusterv2, {cfg.deepcluster.kmeans_iterations}-iteration spherical k-means at every "
                   f"epoch start, temperature {s.temperature:g}; {describe_bank(state.deepcluster)}")
         return state, settings
-    procs.say(f"codes: Sinkhorn epsilon {s.epsilon:g}" + (
-        f", lowered towards {s.min_epsilon:g} while the codes' entropy is above {s.code_entropy_target:g} ln K "
-        "(swav.prevent_collapse=false: fixed, as in the paper)" if s.prevent_collapse else ", fixed"))
+    procs.say(codes_banner(s))
     return state, settings
+
+
+def codes_banner(swav) -> str:
+    """The start-up line on the Sinkhorn epsilon: what is in force, then how to change it (``swav``: the config's
+    SwAVConfig). Never "(key=value: ...)", which reads as if both held."""
+    if swav.prevent_collapse:
+        return (f"codes: Sinkhorn epsilon starts at {swav.epsilon:g} and is lowered towards {swav.min_epsilon:g} while "
+                f"the codes' entropy is above {swav.code_entropy_target:g} ln K (swav.prevent_collapse=true; to keep it "
+                f"fixed at {swav.epsilon:g} as in the paper, set swav.prevent_collapse=false)")
+    return (f"codes: Sinkhorn epsilon fixed at {swav.epsilon:g}, as in the paper (swav.prevent_collapse=false; to "
+            "lower it while the codes' entropy is high, set swav.prevent_collapse=true)")
 
 
 __all__ = ["train", "TrainResult", "TrainingDiverged", "DataLoaderCrashed", "StopRequested"]
