@@ -383,27 +383,27 @@ def test_cli_runs_and_prints_a_table(folders, tmp_path, monkeypatch, capsys):
 
 def test_cli_sigterm_exits_3_with_the_state_saved_and_the_same_command_resumes(folders, tmp_path, monkeypatch,
                                                                                capsys):
-    import swavkit.evaluation.finetune
+    import swavkit.evaluation.supervised
 
     train_dir, val_dir = folders
     args = ("--backbone", "timm:resnet10t", "--train", str(train_dir), "--val", str(val_dir), "--label-fraction",
             "4/class", "--epochs", "2", "--batch-size", "4", "--image-size", "32", "--workers", "0", "--no-progress",
             "--out-dir", "ft")
-    one_epoch = swavkit.evaluation.finetune.train_one_epoch
+    one_step = swavkit.evaluation.supervised._step
 
-    def signalled_epoch(*a, **k):
-        os.kill(os.getpid(), signal.SIGTERM)  # caught, deferred: the epoch stops after its first batch
-        return one_epoch(*a, **k)
+    def signalled_step(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)  # caught, deferred: the run stops after this batch
+        return one_step(*a, **k)
 
     handler_before = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(swavkit.evaluation.finetune, "train_one_epoch", signalled_epoch)
+    monkeypatch.setattr(swavkit.evaluation.supervised, "_step", signalled_step)
     done = _cli(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert done.returncode == 3, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("swavkit finetune: stopped by SIGTERM at epoch 1, batch 1/3")
     assert load_state(tmp_path / "ft" / CHECKPOINT_FILE)["part_epoch"]["batches"] == 1
     assert not (tmp_path / "results").exists()
-    monkeypatch.setattr(swavkit.evaluation.finetune, "train_one_epoch", one_epoch)
+    monkeypatch.setattr(swavkit.evaluation.supervised, "_step", one_step)
     done = _cli(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert done.returncode == 0, done.stderr
     assert signal.getsignal(signal.SIGTERM) == handler_before  # swavkit's handler only while it runs
