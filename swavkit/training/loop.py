@@ -358,8 +358,8 @@ def pretraining_checkpointer(cfg: Config, procs: Processes, files: RunFolder, st
     under FSDP) every ``train.checkpoint_every_steps`` / ``_minutes``, at the end of each epoch, on a stop
     request. Every rank contributes its queue and RNG; rank 0 writes the file."""
     train_cfg = cfg.train
-    checkpointer = Checkpointer(files.checkpoint, CHECKPOINT_FORMAT, state, every_steps=train_cfg.checkpoint_every_steps,
-                                every_minutes=train_cfg.checkpoint_every_minutes, epoch_steps=steps_per_epoch,
+    checkpointer = Checkpointer(files.checkpoint, CHECKPOINT_FORMAT, state,
+                                every_steps=train_cfg.checkpoint_every_steps, every_minutes=train_cfg.checkpoint_every_minutes, epoch_steps=steps_per_epoch,
                                 stop_request=stop_request, stop_after_steps=stop_after_steps,
                                 sync_every_steps=train_cfg.log_every_steps, extra=lambda: {"config": to_dict(cfg)},
                                 sharded=state.sharded, device=procs.device)

@@ -1,0 +1,178 @@
+"""The one checkpointer (cadence, stop, format tag) and the one supervised loop of fine-tuning and the reference
+linear probe: resume after kill -9 equals an uninterrupted run, a non-finite loss saves the last good state
+and raises TrainingDiverged, two gloo processes train like one."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from evaluation_fixtures import ONE_THREAD_ENV, one_thread, write_labelled_folders  # noqa: F401
+from swavkit.artifacts.checkpoint import CheckpointError, load_state
+from swavkit.artifacts.checkpointer import Checkpointer
+from swavkit.errors import TrainingDiverged
+from swavkit.runtime.signals import StopRequest
+
+
+class _Counter:
+    """A stateful whose state is the number of times it was saved."""
+
+    def __init__(self):
+        self.saves = 0
+
+    def state_dict(self):
+        self.saves += 1
+        return {"saves": torch.tensor(self.saves)}
+
+    def load_state_dict(self, state):
+        self.saves = int(state["saves"])
+
+
+def test_checkpointer_cadence_stop_and_format(tmp_path):
+    path = tmp_path / "c.pt"
+    counter = _Counter()
+    by_steps = Checkpointer(path, "test-v1", counter, every_steps=3, epoch_steps=5, stop_after_steps=8)
+    decisions = [by_steps.due(step) for step in range(1, 10)]
+    assert [step for step, (save, _) in enumerate(decisions, 1) if save] == [3, 5, 6, 8, 9]  # steps, epochs, stop
+    assert [step for step, (_, stop) in enumerate(decisions, 1) if stop] == [8, 9]
+    assert by_steps.maybe_save(3) is False and load_state(path) == {"saves": 1, "format": "test-v1"}
+    assert Checkpointer(path, "test-v1", counter, every_minutes=0.0).due(1) == (True, False)  # 0 min: every step
+    assert Checkpointer(path, "test-v1", counter).due(1) == (False, False)  # no cadence: never by itself
+    with StopRequest() as stop_request, stop_request.deferred():
+        signalled = Checkpointer(path, "test-v1", counter, stop_request=stop_request)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signalled.maybe_save(7) is True and signalled.stop_reason == "SIGTERM"
+    assert Checkpointer(path, "test-v1", _Counter()).read()["saves"] == 2
+    with pytest.raises(CheckpointError, match=r"c.pt is not a swavkit checkpoint \(no format 'other-v1'\)"):
+        Checkpointer(path, "other-v1", counter).read()
+
+
+class _Nan(torch.nn.Module):
+    """A trunk [B, 3, 4, 4] -> [B, 4] whose output turns NaN from its ``bad_call``-th training batch on."""
+
+    def __init__(self, bad_call: int):
+        super().__init__()
+        self.linear, self.calls, self.bad_call = torch.nn.Linear(48, 4), 0, bad_call
+
+    def forward(self, images):
+        self.calls += 1
+        features = self.linear(images.flatten(1))
+        return features * math.nan if self.calls == self.bad_call else features
+
+
+class _Items(torch.utils.data.Dataset):
+    def __init__(self, n):
+        generator = torch.Generator().manual_seed(0)
+        self.items = [(torch.randn(3, 4, 4, generator=generator), i % 2) for i in range(n)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def test_a_non_finite_loss_saves_the_last_good_state_and_raises_training_diverged(tmp_path):
+    from swavkit.evaluation.linear_probe import linear_probe_reference
+
+    path = tmp_path / "probe.pt"
+    # call 1 measures the feature size; 8 items at batch 4: steps 0-1 are epoch 1, the NaN comes at step 3
+    with pytest.raises(TrainingDiverged) as raised:
+        linear_probe_reference(_Nan(bad_call=5), _Items(8), _Items(8), n_classes=2, epochs=3, batch_size=4,
+                               num_workers=0, progress=False, checkpoint=path, checkpoint_every_minutes=math.inf)
+    message = str(raised.value)
+    assert "\n" not in message and "non-finite training loss at step 3 (epoch 2)" in message and "--lr" in message
+    saved = load_state(path)
+    assert saved["epoch"] == 1 and saved["part_epoch"]["batches"] == 1  # the 3 good steps, not the bad one
+    assert all(torch.isfinite(v).all() for v in saved["model"].values())
+
+
+# ----------------------------------------------------------------------------------------------------
+# kill -9 after a checkpoint, then the same call again = the uninterrupted result
+
+_RUNNER = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    import torch
+    torch.set_num_threads(1)
+    import swavkit.artifacts.checkpointer as checkpointer
+    sys.path.insert(0, {tests!r})
+    from test_supervised import run_case
+
+    save = checkpointer.Checkpointer.save
+
+    def save_then_die(self, step):
+        save(self, step)
+        if step == {kill_at_step}:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpointer.Checkpointer.save = save_then_die
+    run_case({case!r}, Path({data!r}), Path({out!r}))
+""")
+
+
+def run_case(case: str, data, out, workers: int = 0) -> dict:
+    """Fine-tune (trunk trained) or reference-probe (trunk frozen) resnet10t at 16 px on 12 images: 3 steps of
+    batch 4 per epoch, 2 epochs, a save after every step, images read by ``workers`` DataLoader workers;
+    {"history", "metrics", "weights"}."""
+    from swavkit.artifacts.pretrained import load_backbone
+
+    torch.manual_seed(0)
+    backbone = load_backbone("timm:resnet10t")
+    if case == "finetune":
+        from swavkit.artifacts.preprocessing import resolve_preprocessing
+        from swavkit.evaluation.finetune import (FinetuneFolder, FinetuneOptions, label_list_text, load_labelled_data,
+                                                 resolve_recipe, run_finetune)
+
+        options = FinetuneOptions(label_fraction="0.5", epochs=2, batch_size=4, image_size_px=16,
+                                  num_workers=workers, device="cpu", progress=False, checkpoint_interval_s=0.0)
+        labelled = load_labelled_data(data / "train", data / "val", resolve_preprocessing("timm:resnet10t", 16),
+                                      options)[0]
+        folder = FinetuneFolder(out)
+        folder.start({"test": 1}, label_list_text(labelled.relative, labelled.indices))
+        outcome = run_finetune(backbone, labelled, resolve_recipe(options, 12, 24), folder, options, "test")
+        return {"history": outcome["history"], "metrics": outcome["metrics"],
+                "weights": load_state(folder.checkpoint)["model"]}
+    from swavkit.data import LabelledImageFolder, eval_transform
+    from swavkit.data.transforms import Preprocessing
+    from swavkit.evaluation.linear_probe import linear_probe_reference, train_transform
+
+    preprocessing = Preprocessing(16, 1.0, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "argument")
+    train = LabelledImageFolder(data / "train", train_transform(preprocessing, min_crop_scale=0.5), max_per_class=4)
+    val = LabelledImageFolder(data / "val", eval_transform(16, preprocessing.mean, preprocessing.std, 1.0),
+                              classes=train.classes)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = linear_probe_reference(backbone, train, val, n_classes=3, epochs=2, batch_size=4, lr=3.0,
+                                     num_workers=workers, progress=False, checkpoint=out / "probe.pt",
+                                     checkpoint_every_minutes=0.0)
+    return {"history": [metrics.pop("final_train_loss")], "metrics": metrics,
+            "weights": load_state(out / "probe.pt")["model"]}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_labelled_folders(root, n_train=8, n_val=4, size_px=16)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["finetune", "probe"])
+def test_killed_with_sigkill_after_a_checkpoint_then_rerun_equals_an_uninterrupted_run(case, data, tmp_path):
+    straight = run_case(case, data, tmp_path / "straight")
+    runner = _RUNNER.format(tests=os.path.dirname(__file__), kill_at_step=4, case=case, data=str(data),
+                            out=str(tmp_path / "killed"))
+    killed = subprocess.run([sys.executable, "-c", runner], env=ONE_THREAD_ENV, capture_output=True, text=True,
+                            timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    saved = load_state(next((tmp_path / "killed").glob("*.pt")))
+    assert saved["epoch"] == 1 and saved["part_epoch"]["batches"] == 1  # step 4: epoch 2's first batch
+    # the rest in a DataLoader worker: each image's crop is seeded by (seed, epoch, image), not by the worker
+    resumed = run_case(case, data, tmp_path / "killed", workers=1)
+    assert resumed["history"] == straight["history"] and resumed["metrics"] == straight["metrics"]
+    assert all(torch.equal(straight["weights"][k], resumed["weights"][k]) for k in straight["weights"])
