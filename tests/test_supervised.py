@@ -147,9 +147,14 @@ def run_case(case: str, data, out, workers: int = 0) -> dict:
     val = LabelledImageFolder(data / "val", eval_transform(16, preprocessing.mean, preprocessing.std, 1.0),
                               classes=train.classes)
     out.mkdir(parents=True, exist_ok=True)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
     metrics = linear_probe_reference(backbone, train, val, n_classes=3, epochs=2, batch_size=4, lr=3.0,
                                      num_workers=workers, progress=False, checkpoint=out / "probe.pt",
                                      checkpoint_every_minutes=0.0)
+    # frozen: every backbone tensor as it was, BN statistics too; only the head is trained and saved
+    assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
+    assert sorted(load_state(out / "probe.pt")["model"]) == ["bias", "weight"]
+    assert metrics["steps"] == 6 and metrics["feature_dim"] == 512 and metrics["peak_lr"] == pytest.approx(3.0 * 4 / 256)
     return {"history": [metrics.pop("final_train_loss")], "metrics": metrics,
             "weights": load_state(out / "probe.pt")["model"]}
 
@@ -173,6 +178,47 @@ def test_killed_with_sigkill_after_a_checkpoint_then_rerun_equals_an_uninterrupt
     saved = load_state(next((tmp_path / "killed").glob("*.pt")))
     assert saved["epoch"] == 1 and saved["part_epoch"]["batches"] == 1  # step 4: epoch 2's first batch
     # the rest in a DataLoader worker: each image's crop is seeded by (seed, epoch, image), not by the worker
-    resumed = run_case(case, data, tmp_path / "killed", workers=1)
+    resumed = run_case(case, data, tmp_path / "killed", workers=1 if case == "finetune" else 0)
     assert resumed["history"] == straight["history"] and resumed["metrics"] == straight["metrics"]
     assert all(torch.equal(straight["weights"][k], resumed["weights"][k]) for k in straight["weights"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# two gloo processes on CPU train like one
+
+def _probe(checkpoint):
+    """The reference probe on a linear trunk [B, 3, 4, 4] -> [B, 8]: 16 items, global batch 8, 3 epochs."""
+    from swavkit.evaluation.linear_probe import linear_probe_reference
+
+    torch.manual_seed(1)
+    trunk = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 8))
+    return linear_probe_reference(trunk, _Items(16), _Items(16), n_classes=2, epochs=3, batch_size=8, lr=25.6,
+                                  num_workers=0, progress=False, checkpoint=checkpoint, checkpoint_every_minutes=0.0)
+
+
+def _probe_worker(rank, world, port, out_dir):
+    from test_distributed import _set_env
+
+    from swavkit.runtime import distributed
+
+    _set_env(rank, world, port)
+    distributed.init("cpu")
+    metrics = _probe(os.path.join(out_dir, "two.pt"))
+    torch.save(metrics, os.path.join(out_dir, f"metrics{rank}.pt"))
+    distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_the_probe_on_two_gloo_processes_equals_one_process(tmp_path):
+    import torch.multiprocessing as mp
+    from test_distributed import free_port
+
+    one = _probe(tmp_path / "one.pt")
+    mp.spawn(_probe_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    two = [torch.load(tmp_path / f"metrics{rank}.pt") for rank in range(2)]
+    assert two[0] == two[1]  # every process reports the same
+    assert two[0]["top1"] == one["top1"] and two[0]["steps"] == one["steps"] == 6
+    assert two[0]["final_train_loss"] == pytest.approx(one["final_train_loss"], abs=1e-4)
+    head_one, head_two = load_state(tmp_path / "one.pt")["model"], load_state(tmp_path / "two.pt")["model"]
+    assert all(torch.allclose(head_one[k], head_two[k], atol=1e-5) for k in head_one)  # the same global batches
+    assert load_state(tmp_path / "two.pt")["history"] == load_state(tmp_path / "one.pt")["history"]
