@@ -24,9 +24,11 @@ last epoch, and that number is reported.
 A run lives in its own folder (``out_dir``): ``finetune.json`` (what was run), ``labels.txt`` (the labelled
 files) and ``checkpoint.pt`` (weights, optimiser, epoch; written atomically every
 ``checkpoint_interval_s``, at the end, and after the current batch on SIGTERM / SIGINT, which then exits with
-code 3 like ``pretrain``). Running the same command again resumes from what was saved, and the result equals
-that of an uninterrupted run (each epoch's order is seeded by (seed, epoch) and
-each image's crop by (seed, epoch, image), whichever DataLoader worker reads it). A folder that holds
+code 3 like ``pretrain``). Running the same command again resumes from what was saved (after a kill -9 too), and
+the result equals that of an uninterrupted run (each epoch's order is seeded by (seed, epoch) and each image's
+crop by (seed, epoch, image), whichever DataLoader worker reads it). A non-finite loss saves the last good state
+and raises TrainingDiverged (exit 2). The loop, its saves and its resume are the reference linear probe's too
+(:mod:`swavkit.evaluation.supervised`, :mod:`swavkit.artifacts.checkpointer`). A folder that holds
 anything else is refused, and ``restart`` deletes only those files (the rule of every run folder:
 :class:`swavkit.artifacts.rundir.OwnedFolder`). A fine-tune runs in one process (the CPU or one GPU): under torchrun or
 srun it stops with a LaunchError before anything is written. ``--precision fp16`` (GPU only) scales the loss
