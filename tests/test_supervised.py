@@ -92,6 +92,27 @@ def test_a_non_finite_loss_saves_the_last_good_state_and_raises_training_diverge
     assert all(torch.isfinite(v).all() for v in saved["model"].values())
 
 
+def test_a_probe_checkpoint_of_another_setup_or_kind_is_refused_in_one_line(tmp_path):
+    from swavkit.evaluation.linear_probe import linear_probe_reference
+
+    path = tmp_path / "probe.pt"
+
+    def probe(lr):
+        torch.manual_seed(0)
+        trunk = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 4))
+        return linear_probe_reference(trunk, _Items(8), _Items(8), n_classes=2, epochs=1, batch_size=4, lr=lr,
+                                      num_workers=0, progress=False, checkpoint=path)
+
+    done = probe(0.1)
+    assert probe(0.1) == done  # a finished run read back: the same result, nothing trained again
+    with pytest.raises(CheckpointError, match=r"probe.pt holds a run of another setup \(lr: 0.1 there, 0.2 now\); "
+                                              "delete it or choose another checkpoint path$"):
+        probe(0.2)
+    torch.save({"format": "swavkit-finetune-v1"}, path)
+    with pytest.raises(CheckpointError, match="no format 'swavkit-linear-reference-v1'"):
+        probe(0.1)
+
+
 # ----------------------------------------------------------------------------------------------------
 # kill -9 after a checkpoint, then the same call again = the uninterrupted result
 

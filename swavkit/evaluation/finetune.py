@@ -326,7 +326,7 @@ def run_finetune(backbone: torch.nn.Module, data: LabelledData, recipe: Recipe, 
             num_workers=options.num_workers, checkpoint=folder.checkpoint, format_tag=FINETUNE_FORMAT,
             every_minutes=options.checkpoint_interval_s / 60.0, stop_request=stop_request,
             stop_after_epochs=options.stop_after_epochs, description=description, progress=options.progress,
-            lr_hint="lower --trunk-lr / --head-lr")
+            lr_hint="lower --trunk-lr / --head-lr", remedy="pass --restart to start over")
         outcome = train_supervised(run)
     outcome.update(feature_dim=feature_dim, metrics={})
     if outcome["completed"]:

@@ -221,7 +221,7 @@ def linear_probe_reference(backbone: torch.nn.Module, train_dataset, val_dataset
                             format_tag=REFERENCE_PROBE_FORMAT, every_minutes=checkpoint_every_minutes,
                             setup=setup, stop_request=stop_request,
                             description="linear probe", progress=progress and distributed.is_main_process(),
-                            lr_hint="lower --lr")
+                            lr_hint="lower --lr", remedy="delete it or choose another checkpoint path")
         outcome = train_supervised(run)
     val_features, val_labels = extract_features(backbone, val_dataset, device, batch_size // distributed.world_size(),
                                                 num_workers, precision=precision, progress=progress,

@@ -22,7 +22,7 @@ The checkpoint keeps the layout fine-tuning has always written (``swavkit-finetu
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,8 @@ EPOCH_SEED_STRIDE = 1_000_003  # each epoch's RNG (e.g. drop-path) is seeded by 
 def feature_dim_of(trunk: torch.nn.Module, dataset, index: int, device: torch.device) -> int:
     """D of the trunk's pooled features [B, D], measured once by a forward pass (eval mode, no gradients) of
     ``dataset[index]``'s image [C, H, W] (any item: the shape is what counts); the trunk's mode is left as it was."""
-    image = dataset[index][0]
+    with torch.random.fork_rng(devices=[]):  # an augmenting transform must not move the caller's RNG
+        image = dataset[index][0]
     was_training = trunk.training
     with torch.no_grad():
         dim = int(trunk.eval()(torch.zeros((1, *image.shape), device=device)).shape[1])
@@ -109,7 +110,7 @@ class SupervisedRun:
     description: str = "train"
     progress: bool = True
     lr_hint: str = "lower the learning rate"  # the option a diverged run should change
-    notes: list[str] = field(default_factory=list)
+    remedy: str = "delete it to start over"  # what to do with a checkpoint that is not this run's
 
     @property
     def steps_per_epoch(self) -> int:
@@ -172,7 +173,7 @@ def train_supervised(run: SupervisedRun) -> dict:
     state = SupervisedState(run, trained)
     checkpointer = _checkpointer(run, state)
     if checkpointer is not None:
-        saved = checkpointer.read("checkpoint of this run", "pass --restart (or delete it) to start over")
+        saved = checkpointer.read("checkpoint for this run", run.remedy)
         if saved is not None:
             _check_setup(run, saved)
             checkpointer.restore(saved)
@@ -220,8 +221,8 @@ def _check_setup(run: SupervisedRun, saved: dict) -> None:
     there = saved.get("setup") or {}
     changed = sorted(key for key in set(there) | set(run.setup) if there.get(key) != run.setup.get(key))
     details = "; ".join(f"{key}: {there.get(key)!r} there, {run.setup.get(key)!r} now" for key in changed[:3])
-    raise CheckpointError(f"{printable_path(run.checkpoint)} holds a run of another setup ({details}); delete it "
-                          "or choose another checkpoint path")
+    raise CheckpointError(f"{printable_path(run.checkpoint)} holds a run of another setup ({details}); "
+                          f"{run.remedy}")
 
 
 def _loader(run: SupervisedRun) -> tuple[DataLoader, EpochSampler]:
