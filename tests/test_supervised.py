@@ -5,14 +5,11 @@ and raises TrainingDiverged, two gloo processes train like one."""
 import math
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
-from evaluation_fixtures import ONE_THREAD_ENV, one_thread, write_labelled_folders  # noqa: F401
+from evaluation_fixtures import one_thread, write_labelled_folders  # noqa: F401
 from swavkit.artifacts.checkpoint import CheckpointError, load_state
 from swavkit.artifacts.checkpointer import Checkpointer
 from swavkit.errors import TrainingDiverged
@@ -116,25 +113,27 @@ def test_a_probe_checkpoint_of_another_setup_or_kind_is_refused_in_one_line(tmp_
 # ----------------------------------------------------------------------------------------------------
 # kill -9 after a checkpoint, then the same call again = the uninterrupted result
 
-_RUNNER = textwrap.dedent("""
-    import os, signal, sys
-    from pathlib import Path
-    import torch
-    torch.set_num_threads(1)
+def _killed_at(step: int, case: str, data, out) -> int:
+    """Run ``case`` in a forked child that SIGKILLs itself right after the save of ``step``; its wait status.
+    A fork, not a new interpreter: no second import of torch (the DataLoader's own workers are forks too)."""
     import swavkit.artifacts.checkpointer as checkpointer
-    sys.path.insert(0, {tests!r})
-    from test_supervised import run_case
 
-    save = checkpointer.Checkpointer.save
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            torch.set_num_threads(1)
+            save = checkpointer.Checkpointer.save
 
-    def save_then_die(self, step):
-        save(self, step)
-        if step == {kill_at_step}:
-            os.kill(os.getpid(), signal.SIGKILL)
+            def save_then_die(self, saved_step):
+                save(self, saved_step)
+                if saved_step == step:
+                    os.kill(os.getpid(), signal.SIGKILL)
 
-    checkpointer.Checkpointer.save = save_then_die
-    run_case({case!r}, Path({data!r}), Path({out!r}))
-""")
+            checkpointer.Checkpointer.save = save_then_die
+            run_case(case, data, out)
+        finally:
+            os._exit(1)  # reached only when the kill did not happen
+    return os.waitpid(pid, 0)[1]
 
 
 def run_case(case: str, data, out, workers: int = 0) -> dict:
@@ -191,11 +190,8 @@ def data(tmp_path_factory):
 @pytest.mark.parametrize("case", ["finetune", "probe"])
 def test_killed_with_sigkill_after_a_checkpoint_then_rerun_equals_an_uninterrupted_run(case, data, tmp_path):
     straight = run_case(case, data, tmp_path / "straight")
-    runner = _RUNNER.format(tests=os.path.dirname(__file__), kill_at_step=4, case=case, data=str(data),
-                            out=str(tmp_path / "killed"))
-    killed = subprocess.run([sys.executable, "-c", runner], env=ONE_THREAD_ENV, capture_output=True, text=True,
-                            timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    status = _killed_at(4, case, data, tmp_path / "killed")
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
     saved = load_state(next((tmp_path / "killed").glob("*.pt")))
     assert saved["epoch"] == 1 and saved["part_epoch"]["batches"] == 1  # step 4: epoch 2's first batch
     # the rest in a DataLoader worker: each image's crop is seeded by (seed, epoch, image), not by the worker
@@ -235,7 +231,8 @@ def test_the_probe_on_two_gloo_processes_equals_one_process(tmp_path):
     from test_distributed import free_port
 
     one = _probe(tmp_path / "one.pt")
-    mp.spawn(_probe_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    # forked, not spawned: the workers need no second import of torch
+    mp.start_processes(_probe_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="fork")
     two = [torch.load(tmp_path / f"metrics{rank}.pt") for rank in range(2)]
     assert two[0] == two[1]  # every process reports the same
     assert two[0]["top1"] == one["top1"] and two[0]["steps"] == one["steps"] == 6
