@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from swavkit.artifacts.checkpoint import CheckpointError, load_state, save_atomic
+from swavkit.artifacts.checkpoint import read_checkpoint, save_atomic
 from swavkit.artifacts.sharded_checkpoint import (SHARDED_KEY, load_sharded_into, load_whole_into_sharded,
                                                   remove_shard_folders, save_sharded_checkpoint)
 from swavkit.runtime import distributed
@@ -138,15 +138,4 @@ class Checkpointer:
         return read_checkpoint(self.path, self.format_tag, what, remedy)
 
 
-def read_checkpoint(path: str | Path, format_tag: str | tuple[str, ...], what: str = "checkpoint",
-                    remedy: str = "pass --restart to start over") -> dict:
-    """A checkpoint file whose ``format`` is ``format_tag`` (or one of them); CheckpointError (one line) for any
-    other file, naming it and ``remedy``."""
-    tags = (format_tag,) if isinstance(format_tag, str) else tuple(format_tag)
-    state = load_state(path)
-    if not isinstance(state, dict) or state.get("format") not in tags:
-        raise CheckpointError(f"{path} is not a swavkit {what} (no format '{tags[-1]}'); {remedy}")
-    return state
-
-
-__all__ = ["Checkpointer", "read_checkpoint"]
+__all__ = ["Checkpointer"]

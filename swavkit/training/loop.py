@@ -110,6 +110,7 @@ def train_epochs(loop: Loop, state: TrainState, show_progress: bool) -> str | No
     bar = tqdm(total=min(data.total_steps, loop.lr_schedule.total_steps), initial=state.step,
                disable=not (show_progress and loop.procs.is_main), desc="pretrain", unit="step", dynamic_ncols=True, file=sys.stdout)
     progress = Progress(bar, LogWindow.open(loop.procs.device))
+    checkpointer.last_save_s = time.monotonic()  # the minutes between saves count from the first step
     if loop.budget_clock is not None:
         loop.budget_clock.mark(state.step)
     with checkpointer.stop_request.deferred():  # a signal now only sets a flag: the loop saves and stops in step
