@@ -287,23 +287,33 @@ def test_the_floor_is_discarded_with_its_run(tmp_path):
     assert list(run.path.iterdir()) == []
 
 
-@pytest.mark.parametrize("env", [{"RANK": "1", "WORLD_SIZE": "2"}, {"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}])
-def test_a_multi_process_launch_is_refused_in_one_line_before_anything_is_written(folders, tmp_path, monkeypatch,
-                                                                                 capsys, env):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    from swavkit.runtime.distributed import LaunchError
+def _finetune_worker(rank, world, port, folders, tmp_path):
+    from test_distributed import _set_env
 
-    with pytest.raises(LaunchError, match="runs in one process.*not torchrun or srun"):
-        finetune("timm:resnet10t", *folders, FinetuneOptions(out_dir=str(tmp_path / "run"), out_json="", **TINY))
-    train_dir, val_dir = folders
-    done = _cli("--backbone", "timm:resnet10t", "--train", str(train_dir), "--val", str(val_dir), "--image-size",
-                "32", "--workers", "0", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and len(lines) == 1 and "runs in one process" in lines[0], done.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither run folder nor result
+    from swavkit.runtime import distributed
+
+    _set_env(rank, world, port)
+    distributed.init("cpu")
+    options = FinetuneOptions(label_fraction="0.5", out_dir=str(tmp_path / "run"), out_json=str(tmp_path / "ft.json"),
+                              floors="off", **TINY)
+    result = finetune("timm:resnet10t", *folders, options)
+    torch.save({"completed": result["completed"], "history": result["history"]}, tmp_path / f"rank{rank}.pt")
+    distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_fine_tune_with_the_batch_split_and_one_writer(folders, tmp_path):
+    import torch.multiprocessing as mp
+    from test_distributed import free_port
+
+    # forked, not spawned: the workers need no second import of torch
+    mp.start_processes(_finetune_worker, args=(2, free_port(), folders, tmp_path), nprocs=2, start_method="fork")
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    assert ranks[0]["completed"] and ranks[0]["history"] == ranks[1]["history"]  # losses all-reduced every step
+    saved = json.loads((tmp_path / "ft.json").read_text())
+    assert saved["protocol"]["n_labelled"] == 12 and saved["history"] == ranks[0]["history"]
+    assert load_state(tmp_path / "run" / CHECKPOINT_FILE)["epoch"] == 2  # 12 images at global batch 4: 3 steps
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ft.json", "ft.labels.txt", "rank0.pt", "rank1.pt", "run"]
 
 
 def test_fine_tuning_augments_like_the_linear_probe(folders):

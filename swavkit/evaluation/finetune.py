@@ -30,8 +30,9 @@ crop by (seed, epoch, image), whichever DataLoader worker reads it). A non-finit
 and raises TrainingDiverged (exit 2). The loop, its saves and its resume are the reference linear probe's too
 (:mod:`swavkit.evaluation.supervised`, :mod:`swavkit.artifacts.checkpointer`). A folder that holds
 anything else is refused, and ``restart`` deletes only those files (the rule of every run folder:
-:class:`swavkit.artifacts.rundir.OwnedFolder`). A fine-tune runs in one process (the CPU or one GPU): under torchrun or
-srun it stops with a LaunchError before anything is written. ``--precision fp16`` (GPU only) scales the loss
+:class:`swavkit.artifacts.rundir.OwnedFolder`). Under torchrun or srun the global batch is split over the processes
+(DistributedDataParallel; BatchNorm statistics per process) and the main process writes the
+folder and the result. ``--precision fp16`` (GPU only) scales the loss
 like pretraining does.
 """
 
@@ -308,8 +309,9 @@ def run_finetune(backbone: torch.nn.Module, data: LabelledData, recipe: Recipe, 
     from swavkit.artifacts.rundir import FINETUNE_FORMAT
     from swavkit.evaluation.supervised import SupervisedRun, feature_dim_of, linear_head, train_supervised
     from swavkit.runtime.device import autocast_dtype, resolve_device, resolve_precision
+    from swavkit.runtime.distributed import detect_launch
 
-    device = resolve_device(options.device)
+    device = resolve_device(options.device, detect_launch().local_rank)  # under torchrun: this process's GPU
     precision = resolve_precision(options.precision, device)
     dtype = autocast_dtype(precision)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -391,10 +393,16 @@ def _finetune_one(source: str, backbone, data, recipe, preprocessing, folder_pat
                   description: str, stop_request: StopRequest) -> dict:
     from swavkit.artifacts.rundir import FinetuneFolder
 
+    from swavkit.runtime import distributed
+
+    if distributed.is_main_process():  # under torchrun the main process checks and writes the folder first
+        folder = FinetuneFolder(folder_path)
+        if options.restart:
+            folder.discard()
+        folder.start(_setup(source, train_dir, data, recipe, preprocessing),
+                     label_list_text(data.relative, data.indices))
+    distributed.barrier()
     folder = FinetuneFolder(folder_path)
-    if options.restart:
-        folder.discard()
-    folder.start(_setup(source, train_dir, data, recipe, preprocessing), label_list_text(data.relative, data.indices))
     start = time.perf_counter()
     outcome = run_finetune(backbone, data, recipe, folder, options, description, stop_request)
     outcome.update(out_dir=str(folder.path), wall_time_s=round(time.perf_counter() - start, 3))
@@ -435,16 +443,13 @@ def finetune(backbone_source: str | Path, train_dir: str | Path, val_dir: str | 
 
 
 def _one_process_device(options: FinetuneOptions) -> torch.device:
-    """The device of this fine-tune, after the checks that need no data: one process (fine-tuning is not
-    distributed; LaunchError under torchrun or srun), a device that is there, a precision it runs."""
-    from swavkit.runtime.device import resolve_device, resolve_precision
-    from swavkit.runtime.distributed import LaunchError, detect_launch
+    """The device of this process, after the checks that need no data: the process group joined under torchrun /
+    srun (the global batch is split over the processes, like the reference linear probe's), a device that is
+    there, a precision it runs."""
+    from swavkit.evaluation.features import init_processes
+    from swavkit.runtime.device import resolve_precision
 
-    launch = detect_launch()
-    if launch.world_size > 1:
-        raise LaunchError(f"swavkit finetune runs in one process (one GPU or the CPU), but {launch.launcher} started "
-                          f"{launch.world_size}; launch it with plain python or swavkit, not torchrun or srun")
-    device = resolve_device(options.device)
+    device = init_processes(options.device)
     resolve_precision(options.precision, device)  # fp16 on a CPU is refused now, not after reading the data
     return device
 
@@ -506,7 +511,9 @@ def _finetune(source: str, train_dir, val_dir, options: FinetuneOptions, stop_re
     if baselines:
         result["baselines"] = baselines
         result["verdict"] = verdict(result)
-    if options.out_json != "":
+    from swavkit.runtime import distributed
+
+    if options.out_json != "" and distributed.is_main_process():
         path = Path(options.out_json) if options.out_json else default_result_path("finetune", source, started_at)
         check_outputs(path)
         result["result_path"] = str(path)
