@@ -6,7 +6,7 @@
 For each size N: N base vectors and 1,000 separate query vectors, L2-normalised, dimension --dim; two data
 kinds: "random" (isotropic Gaussian, the worst case for any partitioning index: no structure to exploit)
 and "clustered" (1,000 Gaussian clusters on the sphere, closer to real embeddings). Ground truth: exact
-top-10 by inner product (faiss IndexFlatIP). Each index is built by swavkit.evaluation.neighbours.build_search_index,
+top-10 by inner product (faiss IndexFlatIP). Each index is built by swavkit.embeddings.neighbours.build_search_index,
 the code the command runs; recall@10 = mean |approximate top-10 ∩ exact top-10| / 10; queries/s = 1,000
 queries in one search call, one thread (--threads); build s = train + add.
 

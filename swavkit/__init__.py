@@ -1,7 +1,8 @@
 """swavkit: SwAV self-supervised online clustering for any timm backbone.
 
 The small public API; everything else lives in its layer's sub-package (ARCHITECTURE.md): ``runtime``,
-``data``, ``core``, ``artifacts``, ``evaluation``, ``training``, ``cli``.
+``data``, ``core``, ``artifacts``, ``evaluation``, ``training``, ``embeddings``, ``clusters``,
+``cli``.
 
 Names are imported on first use (PEP 562), so ``import swavkit`` and ``swavkit --help`` do not pay for
 torch and timm. Each name is the real object from its module (real signature, no wrapper).
@@ -33,7 +34,7 @@ _PUBLIC = {
     "train": "swavkit.training.trainer", "TrainResult": "swavkit.training.trainer", "pretrain": "swavkit.api",
     "extract_features": "swavkit.evaluation.features", "evaluate_knn": "swavkit.evaluation.knn", "evaluate_linear": "swavkit.evaluation.linear_probe",
     "EvalOptions": "swavkit.evaluation.options", "KnnOptions": "swavkit.evaluation.options",
-    "LinearOptions": "swavkit.evaluation.options", "embed": "swavkit.evaluation.embed",
+    "LinearOptions": "swavkit.evaluation.options", "embed": "swavkit.embeddings.embed",
 }
 
 # Functions named like an (old) submodule path. Importing a submodule makes Python set the package

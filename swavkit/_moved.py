@@ -40,7 +40,7 @@ MOVED = {
     "swavkit.knn": "swavkit.evaluation.knn",
     "swavkit.linear_probe": "swavkit.evaluation.linear_probe",
     "swavkit.finetune": "swavkit.evaluation.finetune",
-    "swavkit.cluster": "swavkit.evaluation.cluster",
+    "swavkit.cluster": "swavkit.clusters.explorer",
     "swavkit.floors": "swavkit.evaluation.floors",
     "swavkit.metrics": "swavkit.evaluation.metrics",
     "swavkit.report": "swavkit.evaluation.report",
@@ -55,6 +55,13 @@ MOVED = {
     "swavkit.plot": "swavkit.training.plot",
     "swavkit.rng": "swavkit.runtime.rng",
     "swavkit.data.errors": "swavkit.errors",  # DataError joined the other one-line errors
+    # evaluation/ holds evaluations only (issue 29): embeddings, search, clusters and the ONNX export moved out
+    "swavkit.evaluation.embed": "swavkit.embeddings.embed",
+    "swavkit.evaluation.neighbours": "swavkit.embeddings.neighbours",
+    "swavkit.evaluation.cluster": "swavkit.clusters.explorer",
+    "swavkit.evaluation.kmeans": "swavkit.clusters.kmeans",
+    "swavkit.evaluation.groups": "swavkit.clusters.groups",
+    "swavkit.evaluation.onnx_export": "swavkit.artifacts.onnx_export",
 }
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from swavkit.config import Config, ConfigError, from_dict, merge_sources, merge_trees, validate
+from swavkit.artifacts.layout import RUN_CHECKPOINT, RUN_CONFIG, RUN_CONFIG_HEADER
 
 if TYPE_CHECKING:
     from swavkit.training.trainer import TrainResult
@@ -139,8 +140,6 @@ def build_config(config_files: Sequence[str | Path] = (), overrides: Sequence[st
 def _saved_run_config(tree: dict) -> dict | None:
     """The config.yaml of the run in ``out_dir`` when it has a checkpoint to resume from; None otherwise."""
     import yaml
-
-    from swavkit.artifacts.layout import RUN_CHECKPOINT, RUN_CONFIG, RUN_CONFIG_HEADER
 
     out_dir = Path(str(tree.get("out_dir") or Config().out_dir))
     if not (out_dir / RUN_CHECKPOINT).is_file() or not (out_dir / RUN_CONFIG).is_file():

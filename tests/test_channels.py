@@ -97,7 +97,7 @@ def test_pretrain_export_load_embed_on_n_channel_16bit_tiffs(tmp_path, channels)
     assert "floors skipped" in result["floors_skipped"] and "floors" not in result
     # swavkit embed on the same folder: one unit row per image, the same features as extract_features
     from swavkit import embed
-    from swavkit.evaluation.neighbours import neighbours
+    from swavkit.embeddings.neighbours import neighbours
 
     embedded = embed(tmp_path / "run" / "backbone", data, tmp_path / "emb.npy", num_workers=0, device="cpu",
                      progress=False)

@@ -97,7 +97,7 @@ def test_csv_has_one_row_per_readable_image(explored):
 
 
 def test_confidence_is_the_softmax_of_the_assigned_prototype(explored):
-    from swavkit.evaluation.cluster import soft_codes
+    from swavkit.clusters.explorer import soft_codes
     from swavkit.artifacts.pretrained import load_swav_model
 
     model, _ = load_swav_model(explored["checkpoint"])
@@ -178,7 +178,7 @@ def test_hostile_files_are_skipped_and_odd_names_written_exactly(tmp_path, monke
     """Issue 17: PostScript in a .jpg is never given to the EPS decoder, an image just over swavkit's pixel
     limit is refused as in training, a link loop adds no row, and names that are not UTF-8 or hold control
     characters reach the CSV reversibly and the page printable (they used to crash both writers)."""
-    from swavkit.evaluation.cluster import explore_clusters
+    from swavkit.clusters.explorer import explore_clusters
 
     spy = EpsSpy(monkeypatch)
     data = tmp_path / "images"

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from evaluation_fixtures import one_thread  # noqa: F401
-from swavkit.evaluation import kmeans
+from swavkit.clusters import kmeans
 
 SAMPLE_VAL = Path(__file__).resolve().parents[1] / "swavkit" / "sample_data" / "fashion_mnist" / "val"
 # Three obviously distinct groups: a colour each, plus a texture (stripes) in one of them.
@@ -66,7 +66,7 @@ def test_ari_and_silhouette_match_their_definitions():
 
 def test_auto_finds_the_generated_groups_and_assign_places_new_images(tmp_path, capsys):
     from swavkit.cli.main import main
-    from swavkit.evaluation.groups import read_centroids
+    from swavkit.clusters.groups import read_centroids
 
     truth = _write_group_images(tmp_path / "images", 16, seed=0)
     out = tmp_path / "groups"
@@ -118,7 +118,7 @@ def test_auto_finds_the_generated_groups_and_assign_places_new_images(tmp_path, 
 
 
 def test_without_symlinks_each_group_is_a_list(tmp_path, monkeypatch):
-    from swavkit.evaluation.groups import write_group_links
+    from swavkit.clusters.groups import write_group_links
 
     def no_links(*args, **kwargs):
         raise OSError("symbolic links are not supported here")

@@ -22,7 +22,7 @@ from swavkit.data import DataError, find_images, read_rgb, read_skipped_report
 from swavkit.evaluation.features import load_eval_backbone
 from swavkit.artifacts.preprocessing import Preprocessing
 
-embed_module = importlib.import_module("swavkit.evaluation.embed")
+embed_module = importlib.import_module("swavkit.embeddings.embed")
 BACKBONE = "timm:resnet10t"
 SIZE_PX = 32
 COMMON = dict(image_size_px=SIZE_PX, batch_size=8, num_workers=0, device="cpu", progress=False)
@@ -188,7 +188,7 @@ def test_embed_and_neighbours_need_none_of_the_extras(images, embedded, tmp_path
     """The core path (.npy, faiss search, page) with pyarrow and the ONNX packages unimportable."""
     for extra in ("pyarrow", "pyarrow.parquet", "onnx", "onnxscript", "onnxruntime"):
         monkeypatch.setitem(sys.modules, extra, None)
-    from swavkit.evaluation.neighbours import neighbours
+    from swavkit.embeddings.neighbours import neighbours
 
     root, readable, _ = images
     _, loaded = embedded

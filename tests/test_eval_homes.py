@@ -134,3 +134,47 @@ class _PilFree(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.items[i]
+
+
+def test_one_set_up_writes_the_record_and_what_belongs_beside_it(tmp_path, monkeypatch):
+    """evaluation/setup: the record gets its path, the file beside it is written first, "" writes nothing."""
+    from swavkit.evaluation import report, setup
+
+    monkeypatch.setattr(report, "git_commit", lambda path=None: (None, None))  # no git subprocess: a fast test
+
+    def record(run):
+        return run.record(metrics={"top1": 50.0}, protocol={}, backbone={"source": "x"}, data={"n_train": 1},
+                          preprocessing=Preprocessing.for_size(32))
+
+    out = tmp_path / "r.json"
+    run = setup.start("knn", "x", EvalOptions(out_json=str(out), device="cpu"))
+    written = []
+    result = run.publish(record(run), str(out), write_beside=lambda path: written.append(path.exists()))
+    assert written == [False] and json.loads(out.read_text())["schema"] == report.RESULT_SCHEMA
+    assert result["result_path"] == str(out) and result["evaluation"] == "knn" and result["wall_time_s"] >= 0
+    quiet = setup.start("knn", "x", EvalOptions(out_json="", device="cpu"))
+    assert "result_path" not in quiet.publish(record(quiet), "")
+    (tmp_path / "foreign.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="not a swavkit result"):  # checked before any work
+        setup.start("knn", "x", EvalOptions(out_json=str(tmp_path / "foreign.json"), device="cpu"))
+
+
+def test_one_summary_for_every_evaluation():
+    """report.summary_rows prints k-NN, linear and fine-tune records, floors and their warning alike."""
+    import swavkit.evaluation.finetune as finetune_module
+    from swavkit.evaluation.report import summary_rows
+
+    common = {"backbone": {"source": "runs/a", "feature_dim": 8}, "preprocessing": {"image_size_px": 32},
+              "metrics": {"top1": 20.0}, "wall_time_s": 1.0,
+              "floors": {"random_init": {"source": "timm:resnet10t", "top1": 30.0}}}
+    knn = {**common, "evaluation": "knn", "protocol": {"k": 20, "temperature": 0.07, "index": "exact"},
+           "data": {"n_train": 10, "n_val": 5, "n_classes": 2}}
+    tune = {**common, "evaluation": "finetune",
+            "protocol": {"label_fraction": "2/class", "n_labelled": 4, "epochs": 3, "global_batch_size": 4,
+                         "trunk_lr": 0.01, "head_lr": 0.2, "lr_schedule": "step: x0.2 at epochs [2]"},
+            "data": {"n_train_folder": 10, "n_val": 5, "n_classes": 2}}
+    for result in (knn, tune):
+        rows = dict(summary_rows(result))
+        assert rows["floor: random init (timm:resnet10t) top1 %"] == 30.0 and "random init 30.00 %" in rows["WARNING"]
+    assert dict(summary_rows(tune))["labels"] == "2/class: 4 of 10 train images, 2 classes"
+    assert not hasattr(finetune_module, "summary_rows")

@@ -2,7 +2,7 @@
 in a circle - function-local imports included, since a local import that closes a loop still is one.
 
 Layers, bottom to top; a module may import its own layer and the ones below it:
-errors < runtime < data < config < core < artifacts < evaluation < training < api < cli
+errors < runtime < data < config < core < artifacts < evaluation < training < embeddings < clusters < api < cli
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "swavkit"
-LAYERS = ["errors", "_moved", "runtime", "data", "config", "core", "artifacts", "evaluation", "training", "api",
-          "cli", "__main__", "__init__"]
+LAYERS = ["errors", "_moved", "runtime", "data", "config", "core", "artifacts", "evaluation", "training", "embeddings",
+          "clusters", "api", "cli", "__main__", "__init__"]
 RANK = {name: LAYERS.index(name) for name in LAYERS}
 RANK["_moved"] = RANK["errors"]
 
@@ -122,7 +122,9 @@ def test_the_checks_can_fail():
 
 
 @pytest.mark.parametrize("old, new", [("swavkit.knn", "swavkit.evaluation.knn"),
-                                      ("swavkit.checkpoint", "swavkit.artifacts.checkpoint")])
+                                      ("swavkit.checkpoint", "swavkit.artifacts.checkpoint"),
+                                      ("swavkit.evaluation.embed", "swavkit.embeddings.embed"),
+                                      ("swavkit.cluster", "swavkit.clusters.explorer")])
 def test_old_module_paths_still_import_and_name_the_new_home(old, new):
     import importlib
     import sys
@@ -134,6 +136,16 @@ def test_old_module_paths_still_import_and_name_the_new_home(old, new):
         module = importlib.import_module(old)
     assert module is importlib.import_module(new)
     assert any(new in str(w.message) and issubclass(w.category, DeprecationWarning) for w in caught)
+
+
+def test_every_old_path_names_an_existing_module_directly():
+    """An alias points at a module that exists, never at another old path (one hop, one warning)."""
+    from swavkit._moved import MOVED
+
+    known = module_names()
+    assert sorted(new for new in MOVED.values() if new not in known) == []
+    assert sorted(old for old, new in MOVED.items() if new in MOVED) == []
+    assert sorted(old for old in MOVED if old in known) == []  # an old path that still exists is no alias
 
 
 # Python's default warning filters (what a user's script runs under): DeprecationWarning shown only where it

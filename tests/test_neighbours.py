@@ -15,10 +15,10 @@ import pytest
 from conftest import write_images
 from swavkit.cli import main
 from swavkit.data import DataError, find_images, path_from_printable
-from swavkit.evaluation.neighbours import (PAGE_MARKER, build_search_index, choose_index, duplicate_groups, recall_at_k, search,
+from swavkit.embeddings.neighbours import (PAGE_MARKER, build_search_index, choose_index, duplicate_groups, recall_at_k, search,
                                 search_all)
 
-embed_module = importlib.import_module("swavkit.evaluation.embed")
+embed_module = importlib.import_module("swavkit.embeddings.embed")
 
 
 def unit_rows(n: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -170,7 +170,7 @@ def test_query_of_another_channel_count_or_for_changed_weights_is_one_line(embed
     shutil.rmtree(tmp_path / "copy")
     other = edited_copy(out, tmp_path, lambda m: m["backbone"].update(weights_sha256="0" * 64))
     with pytest.raises(DataError, match="is not the one that made these embeddings"):
-        from swavkit.evaluation.neighbours import neighbours
+        from swavkit.embeddings.neighbours import neighbours
 
         neighbours(str(other), str(tmp_path / "q2"), queries=[query], device="cpu", progress=False)
     assert not (tmp_path / "q2" / "neighbours.csv").exists()

@@ -42,8 +42,8 @@ def onnx_file(backbone_dir, tmp_path_factory):
 def test_onnx_reproduces_pytorch_at_any_batch_and_records_the_backbone(backbone_dir, onnx_file, tmp_path, capsys):
     import onnxruntime
 
-    from swavkit.evaluation.embed import weights_sha256
-    from swavkit.evaluation.onnx_export import read_metadata
+    from swavkit.embeddings.embed import weights_sha256
+    from swavkit.artifacts.onnx_export import read_metadata
 
     target, printed = onnx_file
     assert "max abs difference to PyTorch" in printed and "checked at batch 3 with onnxruntime" in printed
@@ -70,7 +70,7 @@ def test_onnx_reproduces_pytorch_at_any_batch_and_records_the_backbone(backbone_
 
 
 def test_onnx_check_runs_without_onnxruntime_and_replaces_its_own_file(backbone_dir, onnx_file, monkeypatch):
-    from swavkit.evaluation.onnx_export import export_onnx
+    from swavkit.artifacts.onnx_export import export_onnx
 
     target, _ = onnx_file
     before = target.stat().st_ino

@@ -178,7 +178,7 @@ def test_a_full_disk_mid_run_leaves_the_run_resumable(sources, tmp_path, monkeyp
     gives the same vectors as an uninterrupted one (the chunks before the failure are kept)."""
     import numpy as np
 
-    from swavkit.evaluation.embed import load_embeddings
+    from swavkit.embeddings.embed import load_embeddings
 
     out = tmp_path / "emb.npy"
     argv = ["embed", str(sources["run"]), str(sources["images"]), "--out", str(out), "--chunk-images", "4",

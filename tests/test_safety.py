@@ -199,7 +199,7 @@ def test_a_run_whose_backbone_folder_holds_user_files_is_refused_before_training
 
 
 def test_cluster_out_never_overwrites_user_files_or_writes_into_the_images(tmp_path):
-    from swavkit.evaluation.cluster import check_output_folder
+    from swavkit.clusters.explorer import check_output_folder
     from swavkit.data import DataError
 
     images = tmp_path / "images"
@@ -248,7 +248,7 @@ def test_export_refusal_names_only_the_foreign_files(tiny_net, tmp_path):
 
 
 def test_cluster_out_with_only_look_alike_names_is_not_taken_for_ours(tmp_path):
-    from swavkit.evaluation.cluster import check_output_folder
+    from swavkit.clusters.explorer import check_output_folder
     from swavkit.data import DataError
 
     user = tmp_path / "mine"

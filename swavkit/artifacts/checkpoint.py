@@ -24,6 +24,7 @@ from swavkit.runtime.fileio import (atomic_writer, file_mode, fsync_dir, make_te
                                     write_text_atomic)
 from swavkit.data.constants import crop_fraction_for
 from swavkit.artifacts.layout import EXPORT_CONFIG, EXPORT_FILES, EXPORT_WEIGHTS
+from swavkit.artifacts.modelcard import MODEL_CARD_FILE, is_swavkit_model_card
 
 CHECKPOINT_FORMAT = "swavkit-train-v1"
 
@@ -144,7 +145,6 @@ def is_swavkit_export(path: str | Path) -> bool:
     path = Path(path)
     if not path.is_dir() or path.is_symlink():
         return False
-    from swavkit.artifacts.modelcard import MODEL_CARD_FILE, is_swavkit_model_card
 
     names = {entry.name for entry in path.iterdir()}
     if not names or not names <= set(EXPORT_FILES) or EXPORT_CONFIG not in names:
@@ -160,7 +160,6 @@ def is_swavkit_export(path: str | Path) -> bool:
 
 def _foreign_entries(path: Path) -> list[str]:
     """The entries of a folder that an export would not hold (a README counts unless it is our card)."""
-    from swavkit.artifacts.modelcard import MODEL_CARD_FILE, is_swavkit_model_card
 
     ours = set(EXPORT_FILES) - {MODEL_CARD_FILE}
     if is_swavkit_model_card(path / MODEL_CARD_FILE):
@@ -223,8 +222,6 @@ def export_backbone(backbone: torch.nn.Module, out_dir: str | Path, *, image_siz
             config[EXPORT_BIT_DEPTH_KEY] = int(bit_depth)
         write_json_atomic(tmp / EXPORT_CONFIG, config)
         if model_card is not None:
-            from swavkit.artifacts.modelcard import MODEL_CARD_FILE
-
             write_text_atomic(tmp / MODEL_CARD_FILE, model_card)
         with open(tmp / EXPORT_WEIGHTS, "rb+") as handle:
             os.fchmod(handle.fileno(), file_mode())  # safetensors writes it 0600: others could not load it

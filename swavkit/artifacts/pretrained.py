@@ -29,6 +29,7 @@ from swavkit.artifacts.seer import is_vissl_regnet, vissl_regnet_to_timm
 from swavkit.artifacts.sharded_checkpoint import with_model_tensors
 from swavkit.data.constants import DEFAULT_IMAGE_SIZE_PX, IMAGENET_MEAN, IMAGENET_STD, eval_size_px
 from swavkit.artifacts.layout import EXPORT_CONFIG, EXPORT_WEIGHTS, RUN_CHECKPOINT, RUN_EXPORT_DIR, holds_export, run_folder_of
+from swavkit.runtime.fileio import atomic_writer
 
 
 class LoadError(UserError, RuntimeError):
@@ -498,7 +499,6 @@ def export_torchvision(source: str | Path, out_file: str | Path, state: dict | N
     ``model.fc = torch.nn.Identity(); model.load_state_dict(load_file(path))`` (strict). ``state``: the
     result of :func:`torchvision_state` when it was checked already.
     """
-    from swavkit.runtime.fileio import atomic_writer
 
     state = state if state is not None else torchvision_state(source)
     with atomic_writer(out_file) as handle:

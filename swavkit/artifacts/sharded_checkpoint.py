@@ -51,7 +51,7 @@ def _safe_reader(folder: Path):
 
 def _refused(err: BaseException) -> CheckpointError | None:
     """The reader's own one-line refusal (unsafe or inconsistent folder) inside DCP's wrapped error, if any."""
-    from swavkit.artifacts.dcp_reader import unwrap_read_error
+    from swavkit.artifacts.dcp_reader import unwrap_read_error  # torch.distributed.checkpoint: as above
 
     return unwrap_read_error(err)
 

@@ -1,4 +1,4 @@
-"""``swavkit embed`` and ``swavkit neighbours``: parse, call the library (swavkit/evaluation/embed.py and
+"""``swavkit embed`` and ``swavkit neighbours``: parse, call the library (swavkit/embeddings/embed.py and
 neighbours.py; stdlib and numpy at import, torch and faiss inside the calls)."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import os
 
 from swavkit.cli.args import PRECISIONS, add_command, non_negative_int, positive_int, workers_default
 from swavkit.data.names import printable_path
-from swavkit.evaluation.embed import DEFAULT_CHUNK_IMAGES, embed
-from swavkit.evaluation.neighbours import (DEFAULT_PAGE_ROWS, EXACT_MAX_VECTORS, INDEX_KINDS, IVF_DEFAULT_PROBE,
+from swavkit.embeddings.embed import DEFAULT_CHUNK_IMAGES, embed
+from swavkit.embeddings.neighbours import (DEFAULT_PAGE_ROWS, EXACT_MAX_VECTORS, INDEX_KINDS, IVF_DEFAULT_PROBE,
                                           neighbours)
 
 

@@ -12,6 +12,7 @@ from swavkit.data.constants import (CENTRE_CROP_FRACTION, DEFAULT_IMAGE_SIZE_PX,
 from swavkit.evaluation.baselines import add_baselines_argument  # stdlib only
 from swavkit.evaluation.floors import add_floors_argument  # stdlib only
 from swavkit.evaluation.options import INDEX_TYPES, RECIPES, EvalOptions, KnnOptions, LinearOptions  # stdlib only
+from swavkit.data.names import printable_path  # stdlib only
 
 def evaluation_options(args, method_options: type) -> tuple:
     """Parsed ``knn``/``linear`` flags -> (EvalOptions, ``method_options``): the one place that maps flags
@@ -54,8 +55,8 @@ def _add_eval_options(p, evaluation: str) -> None:
     add_baselines_argument(p, "the same split, image size and protocol")
 
 def _finish_evaluation(result: dict) -> int:
-    from swavkit.runtime import distributed
-    from swavkit.evaluation.report import print_report, summary_rows
+    from swavkit.evaluation.report import print_report, summary_rows  # torch: not at `swavkit --help`
+    from swavkit.runtime import distributed  # torch: as above
 
     if distributed.is_main_process():
         print_report(summary_rows(result), result)
@@ -63,13 +64,13 @@ def _finish_evaluation(result: dict) -> int:
     return 0
 
 def _cmd_knn(args) -> int:
-    from swavkit.evaluation.knn import evaluate_knn
+    from swavkit.evaluation.knn import evaluate_knn  # torch + faiss: not at `swavkit --help`
 
     options, knn = evaluation_options(args, KnnOptions)
     return _finish_evaluation(evaluate_knn(args.backbone, args.train, args.val, options, knn))
 
 def _cmd_linear(args) -> int:
-    from swavkit.evaluation.linear_probe import evaluate_linear
+    from swavkit.evaluation.linear_probe import evaluate_linear  # torch: not at `swavkit --help`
 
     options, linear = evaluation_options(args, LinearOptions)
     return _finish_evaluation(evaluate_linear(args.backbone, args.train, args.val, options, linear))
@@ -135,16 +136,14 @@ def _add_linear(subparsers) -> None:
                 "reference: smallest random-resized-crop area fraction", type=positive_float)
 
 def _cmd_cluster(args) -> int:
-    from swavkit.data import printable_path
-
     common = dict(top_per_cluster=args.top, batch_size=args.batch_size, device=args.device, num_workers=args.workers,
                   image_size_px=args.image_size, progress=not args.no_progress)
     if args.k is None:
-        from swavkit.evaluation.cluster import explore_clusters
+        from swavkit.clusters.explorer import explore_clusters  # torch: not at `swavkit --help`
 
         result = explore_clusters(args.checkpoint, args.data, args.out, **common)
     else:
-        from swavkit.evaluation.groups import group_images
+        from swavkit.clusters.groups import group_images  # torch: not at `swavkit --help`
 
         result = group_images(args.checkpoint, args.data, args.out, k=args.k, max_k=args.k_max, seed=args.seed, **common)
         for row in result["k_selection"] or []:
@@ -205,8 +204,7 @@ def _add_cluster(subparsers) -> None:
 
 
 def _cmd_assign(args) -> int:
-    from swavkit.data import printable_path
-    from swavkit.evaluation.groups import assign_images
+    from swavkit.clusters.groups import assign_images  # torch: not at `swavkit --help`
 
     result = assign_images(args.clusters, args.data, args.out, backbone_source=args.backbone, threshold=args.threshold,
                            batch_size=args.batch_size, device=args.device, num_workers=args.workers,

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 
 from swavkit.cli.args import PRECISIONS, WORKERS_DEFAULT_HELP, add_workers, positive_float, positive_int, workers_default
-from swavkit.evaluation.finetune import REFERENCE_EPOCHS, FinetuneOptions, finetune, summary_rows  # torch: inside
+from swavkit.evaluation.finetune import REFERENCE_EPOCHS, FinetuneOptions, finetune  # torch: inside
 from swavkit.evaluation.baselines import add_baselines_argument  # stdlib only
 from swavkit.evaluation.floors import add_floors_argument  # stdlib only
 
 
 def _cmd_finetune(args) -> int:
-    from swavkit.evaluation.report import print_report
+    from swavkit.evaluation.report import print_report, summary_rows  # torch: not at `swavkit --help`
 
     options = FinetuneOptions(
         label_fraction=args.label_fraction, labels_file=args.labels_file, seed=args.seed, epochs=args.epochs,

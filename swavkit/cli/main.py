@@ -13,7 +13,9 @@ import os
 import sys
 
 from swavkit.cli import embed, evaluate, finetune, pretrain, tools
-from swavkit.errors import EXIT_STOPPED, UNWRITABLE_ERRNOS, is_stop_request, is_unwritable, is_user_error
+from swavkit.api import config_key
+from swavkit.data.names import printable_path
+from swavkit.errors import EXIT_STOPPED, UNWRITABLE_ERRNOS, ConfigError, is_stop_request, is_unwritable, is_user_error
 
 # the sub-command modules, in the order `swavkit --help` lists their commands
 COMMAND_MODULES = (pretrain, evaluate, embed, finetune, tools)
@@ -64,8 +66,6 @@ def _did_you_mean(parser: argparse.ArgumentParser, stray: list[str], argv: list[
         value = following[0]
     name = given.lstrip("-")
     if any(action.dest == "overrides" for action in parser._actions):  # pretrain: key=value overrides
-        from swavkit.api import config_key
-        from swavkit.config import ConfigError
 
         try:
             return f" (did you mean {config_key(name.replace('-', '_'))}={value or '...'}?)"
@@ -83,7 +83,6 @@ def describe_unwritable(err: OSError) -> str:
     """One line for an ``is_unwritable`` OSError: the file it concerns, what happened, what to do. The
     writers of swavkit.runtime.fileio name the file they were writing (not their temporary sibling) and
     remove what they had written, so nothing half-written is left behind."""
-    from swavkit.data.names import printable_path
 
     name = err.filename if err.filename is not None else err.filename2
     where = f"{printable_path(name)}: " if name is not None else ""

@@ -6,23 +6,24 @@ import argparse
 from pathlib import Path
 
 from swavkit.cli.args import WORKERS_DEFAULT_HELP, add_command, add_workers, duration
+from swavkit.api import build_config
+from swavkit.artifacts.layout import RUN_CHECKPOINT_CHOICES
+from swavkit.artifacts import onnx_export
+from swavkit.config import describe, describe_recipes, load_config, validate
+from swavkit.errors import ConfigError
+
 
 def _cmd_pretrain(args) -> int:
     if args.help_config:
-        from swavkit.config import describe, describe_recipes, load_config
-
         recipe = load_config(args.config, args.overrides) if args.config else None
         print("\n".join(describe(recipe=recipe)))
         print("\nrecipes (--config NAME, or a path to your own YAML file):")
         print("\n".join(f"  {line}" for line in describe_recipes()))
         return 0
-    from swavkit.runtime import distributed
-    from swavkit.api import build_config
-    from swavkit.training.trainer import train
+    from swavkit.runtime import distributed  # torch: not at `swavkit --help`
+    from swavkit.training.trainer import train  # torch + timm: as above
 
     if args.auto and args.no_auto:
-        from swavkit.errors import ConfigError
-
         raise ConfigError("--auto and --no-auto: choose one (derive the unset keys, or keep the schema defaults)")
     # --workers first, so an explicit data.num_workers=N (applied later) wins
     workers = [f"data.num_workers={args.workers}"] if args.workers is not None else []
@@ -41,8 +42,7 @@ def _print_plan(cfg, args) -> int:
     """``--plan``: the memory plan of ``cfg`` at ``--procs`` processes (nothing allocated, nothing written)."""
     import torch
 
-    from swavkit.config import validate
-    from swavkit.training.memory_plan import describe_plan, parse_bytes, plan_memory
+    from swavkit.training.memory_plan import describe_plan, parse_bytes, plan_memory  # torch + timm: not at --help
 
     validate(cfg, world_size=args.procs)
     gpu_bytes = parse_bytes(args.gpu_memory, "--gpu-memory") if args.gpu_memory else None
@@ -110,18 +110,17 @@ def _add_pretrain(subparsers) -> None:
     p.set_defaults(func=_cmd_pretrain)
 
 def _cmd_export(args) -> int:
-    from swavkit.artifacts.checkpoint import check_export_target
-    from swavkit.artifacts.pretrained import LoadError, export_checkpoint, export_torchvision, torchvision_state
-    from swavkit.errors import ConfigError
+    from swavkit.artifacts.checkpoint import check_export_target  # torch: not at `swavkit --help`
+    from swavkit.artifacts.pretrained import (LoadError, export_checkpoint, export_torchvision,  # torch + timm: as above
+                                              torchvision_state)
 
     if args.out_dir is None and (args.torchvision or not args.onnx):
         raise ConfigError("export: give OUT_DIR (the timm layout; --torchvision converts it), --onnx FILE, or both")
     args.source = _selected_checkpoint(args.source, args.select)
     if args.onnx:  # checked before anything is written
-        from swavkit.evaluation.onnx_export import check_onnx_target, require_exporter
 
-        require_exporter()
-        check_onnx_target(args.onnx)
+        onnx_export.require_exporter()
+        onnx_export.check_onnx_target(args.onnx)
     if args.out_dir is None:
         return _export_onnx(args)
     check_export_target(args.out_dir)
@@ -145,8 +144,6 @@ def _cmd_export(args) -> int:
 
 def _selected_checkpoint(source: str, select: str) -> str:
     """--select rankme: a run folder's checkpoints/best-rankme.pt (ConfigError, one line, when there is none)."""
-    from swavkit.artifacts.layout import RUN_CHECKPOINT_CHOICES
-    from swavkit.errors import ConfigError
 
     if select == "last":
         return source
@@ -158,9 +155,7 @@ def _selected_checkpoint(source: str, select: str) -> str:
 
 
 def _export_onnx(args) -> int:
-    from swavkit.evaluation.onnx_export import describe, export_onnx
-
-    print(describe(export_onnx(args.source, args.onnx)))
+    print(onnx_export.describe(onnx_export.export_onnx(args.source, args.onnx)))
     return 0
 
 def _add_export(subparsers) -> None:

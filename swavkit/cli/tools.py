@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from swavkit.cli.args import add_command, positive_int
+from swavkit.data.names import printable_path
+from swavkit.errors import DataError
 from swavkit.data import shard_writer  # torch and webdataset are imported only when shards are written
 from swavkit.training.plot import DEFAULT_PLOT_NAME, plot_runs  # matplotlib: only when a plot is drawn
 
@@ -30,9 +32,6 @@ def _add_plot(subparsers) -> None:
 
 
 def _cmd_shard(args) -> int:
-    from swavkit.errors import DataError
-    from swavkit.data.names import printable_path
-
     index = shard_writer.write_shards(args.source, args.out, args.images_per_shard, seed=None if args.keep_order else args.seed,
                          progress=not args.no_progress)
     if not index["counts"]:

@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import importlib
 
+from swavkit.errors import DataError  # stdlib only; its old home data/errors.py merged into swavkit/errors.py
+
 # public name -> the submodule that defines it
 _NAMES = {
     "ImageFiles": "datasets", "LabelledImageFolder": "datasets", "ReadBatch": "datasets", "ReadOrReport": "datasets",
     "UnlabeledImageFolder": "datasets", "collate_read_or_report": "datasets", "raise_for_unreadable": "datasets",
-    "DataError": "errors", "PathList": "filelist", "read_list_file": "filelist",
+    "PathList": "filelist", "read_list_file": "filelist",
     "BUNDLED_SAMPLE": "folders", "find_classes": "folders", "find_images": "folders", "walk_images": "folders",
     "IMAGE_EXTENSIONS": "images", "IMAGE_FORMATS": "images", "MAX_IMAGE_PIXELS": "images",
     "ImageTooLarge": "images", "UnreadableImage": "images", "check_readable": "images", "open_image": "images",
@@ -57,4 +59,4 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_NAMES))
 
 
-__all__ = list(_NAMES)
+__all__ = ["DataError", *_NAMES]

@@ -24,6 +24,10 @@ import os
 import re
 from pathlib import Path
 
+from swavkit.data.names import printable_path, skipped_report_text
+from swavkit.errors import DataError
+from swavkit.runtime.fileio import atomic_writer, fsync_dir, write_json_atomic, write_text_atomic
+
 # Only the standard library at import: cli.py imports this module for every command (--help stays instant);
 # torch, numpy and webdataset load when shards are written.
 WRITTEN_BY = "swavkit shard"
@@ -62,8 +66,6 @@ def _leftovers(out_dir: Path) -> list[Path]:
 def check_shard_target(out_dir: str | os.PathLike) -> set[str]:
     """Refuse (DataError, one line) an ``out_dir`` holding files ``swavkit shard`` did not write; the names
     of the files it did write there (replaced or removed by the new set)."""
-    from swavkit.errors import DataError
-    from swavkit.data.names import printable_path
 
     out_dir = Path(out_dir)
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
@@ -85,9 +87,7 @@ def write_shards(source: str, out_dir: str | os.PathLike, images_per_shard: int,
     content. ``seed`` None keeps the source's order."""
     import numpy as np
 
-    from swavkit.errors import DataError
-    from swavkit.data.names import printable_path
-    from swavkit.data.sources import resolve_images
+    from swavkit.data.sources import resolve_images  # PIL: `swavkit --help` reads this module
 
     if images_per_shard < 1:
         raise DataError(f"--images-per-shard: must be >= 1, got {images_per_shard}")
@@ -117,8 +117,6 @@ def _write_staged(paths: list[str], order, out_dir: Path, images_per_shard: int,
     import webdataset
     from tqdm import tqdm
 
-    from swavkit.runtime.fileio import atomic_writer
-
     counts: dict[str, int] = {}
     position = 0
     try:
@@ -146,7 +144,7 @@ def _fill_shard(writer, paths: list[str], order, position: int, images_per_shard
                 skipped: list[tuple[str, str]], bar) -> tuple[int, int]:
     """Write up to ``images_per_shard`` decodable images from ``order[position:]``; (images written, the
     new position)."""
-    from swavkit.data.images import UnreadableImage, describe_failure, read_rgb_bytes
+    from swavkit.data.images import UnreadableImage, describe_failure, read_rgb_bytes  # PIL: as above
 
     written = 0
     while written < images_per_shard and position < len(order):
@@ -173,8 +171,6 @@ def _swap_in(out_dir: Path, index: dict, earlier: set[str], skipped: list[tuple[
     skipped.txt and shards.json. Until the last write, shards.json names both sets (so a run killed here
     leaves no file the next run would take for a foreign one) and gives no counts (so no one trains on
     the mix)."""
-    from swavkit.data.names import skipped_report_text
-    from swavkit.runtime.fileio import fsync_dir, write_json_atomic, write_text_atomic
 
     new = set(index["counts"])
     write_json_atomic(out_dir / SHARD_INDEX, {"written_by": WRITTEN_BY, "replacing": sorted(earlier | new), "counts": {}})

@@ -1,2 +1,2 @@
 """Layer 6, what a backbone is worth: feature extraction, k-NN, linear probe, fine-tuning with few labels,
-the cluster explorer, the floors (random init, raw pixels) and the result records."""
+their shared set-up (``setup``), the floors (random init, raw pixels), baselines and the result records."""

@@ -14,13 +14,16 @@ which backbone is best, by how many points, and whether the user's backbone beat
 trained at another resolution (timm's pretrained cfg ``input_size``, an export's ``input_size``, a run's large
 crop) is evaluated at the user's size, and the sentence says so.
 
-Stdlib only at import: the CLI registers ``--baselines`` from here.
+Stdlib only at import (swavkit.errors, swavkit.evaluation.floors): the CLI registers ``--baselines`` from here.
 """
 
 from __future__ import annotations
 
 import argparse
 from typing import Callable
+
+from swavkit.errors import ConfigError
+from swavkit.evaluation.floors import evaluate_beside
 
 RAW_PIXELS_SOURCE = "pixels"  # = swavkit.data.constants.RAW_PIXELS_SOURCE (not imported: it loads torch)
 BASELINE_KINDS = {"timm": "timm pretrained (cached)", "export": "swavkit export", "file": "checkpoint file"}
@@ -53,7 +56,6 @@ def check_baselines(names) -> dict[str, str]:
             a missing file, a folder that holds no backbone.
         ConfigError: ``timm:<name>`` or ``pixels``, which are the floors (``--floors``), not baselines.
     """
-    from swavkit.errors import ConfigError
     from swavkit.artifacts.pretrained import locate_initial_source  # timm registry: only when asked
 
     kinds = {}
@@ -89,7 +91,6 @@ def add_baselines(result: dict, evaluate: Callable[..., dict], train_dir, val_di
     """Evaluate each of ``options.baselines`` beside ``result`` (same split, size, protocol) and record them as
     ``result["baselines"]`` = {name: {"source", "kind", "image_size_px", "trained_size_px", "trained_size_from",
     "top1"[, "top5"]}} and ``result["verdict"]`` (:func:`verdict`) in the returned copy."""
-    from swavkit.evaluation.floors import evaluate_beside
 
     kinds = check_baselines(options.baselines)
     if not kinds:

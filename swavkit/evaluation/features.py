@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from swavkit.artifacts.identity import RANDOM_INIT_SEED, backbone_name, backbone_record, load_seeded_backbone
 from swavkit.runtime import distributed
 from swavkit.evaluation import report
 from swavkit.runtime.cores import default_num_workers
@@ -45,9 +46,6 @@ class RawPixels(torch.nn.Module):
         return flat - flat.mean(dim=1, keepdim=True)
 
 
-RANDOM_INIT_SEED = 0
-
-
 def load_eval_backbone(source: str | Path) -> torch.nn.Module:
     """``load_backbone(source)``, plus ``"pixels"`` for the raw-pixel floor. Eval mode, on CPU.
 
@@ -56,11 +54,7 @@ def load_eval_backbone(source: str | Path) -> torch.nn.Module:
     """
     if str(source) == RAW_PIXELS_SOURCE:
         return RawPixels().eval()
-    from swavkit.artifacts.pretrained import load_backbone  # heavy (timm registry); only when needed
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_INIT_SEED)
-        return load_backbone(source)
+    return load_seeded_backbone(source)
 
 
 def init_processes(device: str | torch.device = "auto") -> torch.device:
@@ -215,20 +209,6 @@ class SplitFeatures:
         """The ``data`` section of a result record."""
         return report.data_record(train_dir, val_dir, len(self.train_labels), len(self.val_labels), self.classes,
                            max_per_class)
-
-
-def backbone_record(source, architecture: str, feature_dim: int) -> dict:
-    """The ``backbone`` section of a result record."""
-    record = {"source": str(source), "architecture": architecture, "feature_dim": int(feature_dim)}
-    if str(source).startswith("timm:"):
-        record["random_init_seed"] = RANDOM_INIT_SEED
-    return record
-
-
-def backbone_name(backbone: torch.nn.Module) -> str:
-    """timm architecture name when known, else the class name."""
-    cfg = getattr(backbone, "pretrained_cfg", None) or {}
-    return cfg.get("architecture") or type(backbone).__name__
 
 
 def extract_split_features(backbone: torch.nn.Module, train_dir: str | Path, val_dir: str | Path,

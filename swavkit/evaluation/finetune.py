@@ -49,8 +49,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from swavkit.config import ConfigError
+from swavkit.data.names import path_from_printable, printable_path
+from swavkit.errors import DataError
 from swavkit.runtime.fileio import write_text_atomic
-from swavkit.evaluation.baselines import BASELINE_KINDS, check_baselines, display_names, trained_size, verdict
+from swavkit.artifacts.identity import backbone_name
+from swavkit.evaluation.baselines import BASELINE_KINDS, display_names, trained_size, verdict
 from swavkit.evaluation.floors import floors_wanted
 from swavkit.core.schedule import StepDecaySchedule
 from swavkit.runtime.signals import StopRequest
@@ -130,15 +133,11 @@ def select_labelled(relative: list[str], labels: list[int], spec: LabelSpec, see
 
 def label_list_text(relative: list[str], indices: list[int]) -> str:
     """One relative path per line (printable form: a name with a newline stays on one line)."""
-    from swavkit.data import printable_path
-
     return "".join(printable_path(relative[i]) + "\n" for i in indices)
 
 
 def read_label_list(path: str | Path, relative: list[str]) -> list[int]:
     """The indices of the files a label list names; DataError naming the first one not in the train folder."""
-    from swavkit.data import DataError, path_from_printable, printable_path
-
     position = {name: i for i, name in enumerate(relative)}
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
@@ -353,7 +352,7 @@ def _load(source: str, seed: int) -> torch.nn.Module:
 
 def default_out_dir(backbone_source: str, spec_text: str, seed: int) -> Path:
     """``runs/finetune-<run or backbone name>-<labels>-seed<seed>``: the same command, the same folder."""
-    from swavkit.evaluation.report import source_name
+    from swavkit.evaluation.report import source_name  # torch: not at `swavkit --help`
 
     labels = re.sub(r"[^A-Za-z0-9.]+", "-", spec_text).strip("-")
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", source_name(backbone_source)).strip("-.") or "backbone"
@@ -363,7 +362,7 @@ def default_out_dir(backbone_source: str, spec_text: str, seed: int) -> Path:
 def load_labelled_data(train_dir, val_dir, preprocessing, options: FinetuneOptions) -> tuple[LabelledData, str]:
     """The folders, and the labelled subset drawn by the options (or read from ``labels_file``); returns the
     data and what chose the subset (the spec text or the list's file name)."""
-    from swavkit.data import LabelledImageFolder
+    from swavkit.data import LabelledImageFolder  # torch: not at `swavkit --help`
     from swavkit.data.transforms import train_transform  # the linear probe's augmentation, too
 
     train = LabelledImageFolder(train_dir, train_transform(preprocessing.image_size_px, preprocessing.mean,
@@ -391,7 +390,7 @@ def _setup(source: str, train_dir, data: LabelledData, recipe: Recipe, preproces
 
 def _finetune_one(source: str, backbone, data, recipe, preprocessing, folder_path, train_dir, options,
                   description: str, stop_request: StopRequest) -> dict:
-    from swavkit.artifacts.rundir import FinetuneFolder
+    from swavkit.artifacts.rundir import FinetuneFolder  # torch: not at `swavkit --help`
 
     from swavkit.runtime import distributed
 
@@ -442,29 +441,14 @@ def finetune(backbone_source: str | Path, train_dir: str | Path, val_dir: str | 
         return _finetune(str(backbone_source), train_dir, val_dir, options or FinetuneOptions(), stop_request)
 
 
-def _one_process_device(options: FinetuneOptions) -> torch.device:
-    """The device of this process, after the checks that need no data: the process group joined under torchrun /
-    srun (the global batch is split over the processes, like the reference linear probe's), a device that is
-    there, a precision it runs."""
-    from swavkit.evaluation.features import init_processes
-    from swavkit.runtime.device import resolve_precision
-
-    device = init_processes(options.device)
-    resolve_precision(options.precision, device)  # fp16 on a CPU is refused now, not after reading the data
-    return device
-
-
 def _finetune(source: str, train_dir, val_dir, options: FinetuneOptions, stop_request: StopRequest) -> dict:
-    from swavkit.evaluation.report import build_result, default_result_path, utc_now, write_result
-    from swavkit.artifacts.rundir import FINETUNE_FLOOR_FOLDER
+    from swavkit.artifacts.rundir import FINETUNE_FLOOR_FOLDER  # torch: not at `swavkit --help`
+    from swavkit.evaluation import setup  # torch + timm: not at `swavkit --help`
+    from swavkit.runtime.device import resolve_precision  # torch: as above
 
-    device = _one_process_device(options)
-    check_outputs(options.out_json)  # before minutes of fine-tuning
-    baseline_kinds = check_baselines(options.baselines)  # one that is not on disk: one line, before any work
-    started_at, start = utc_now(), time.perf_counter()
-    from swavkit.artifacts.preprocessing import resolve_preprocessing  # torch + timm: not at `swavkit --help`
-
-    preprocessing = resolve_preprocessing(source, options.image_size_px)
+    run = setup.start("finetune", source, options, check_output=check_outputs)  # torchrun: the batch split
+    resolve_precision(options.precision, run.device)  # fp16 on a CPU is refused now, not after reading the data
+    preprocessing = setup.preprocessing_for(source, options.image_size_px)
     preprocessing.require_rgb(source, "swavkit finetune")  # before any image is read
     data, chosen_by = load_labelled_data(train_dir, val_dir, preprocessing, options)
     recipe = resolve_recipe(options, len(data.indices), len(data.train))
@@ -475,8 +459,6 @@ def _finetune(source: str, train_dir, val_dir, options: FinetuneOptions, stop_re
                          stop_request)
     if not main["completed"]:
         return {"completed": False, "out_dir": main["out_dir"], "history": main["history"]}
-    from swavkit.evaluation.features import backbone_name
-
     floors = {}
     architecture = backbone_name(backbone)
     if with_floor:
@@ -488,8 +470,8 @@ def _finetune(source: str, train_dir, val_dir, options: FinetuneOptions, stop_re
         floors["random_init"] = {"source": floor_source, **floor["metrics"], "out_dir": floor["out_dir"],
                                  "final_train_loss": floor["history"][-1]["train_loss"],
                                  "wall_time_s": floor["wall_time_s"]}
-    baselines, shown = {}, display_names(baseline_kinds)
-    for name, kind in baseline_kinds.items():
+    baselines, shown = {}, display_names(run.baseline_kinds)
+    for name, kind in run.baseline_kinds.items():
         baseline = _finetune_baseline(name, preprocessing, data, recipe, out_dir, train_dir, val_dir, options,
                                       stop_request)
         if not baseline["completed"]:
@@ -498,37 +480,33 @@ def _finetune(source: str, train_dir, val_dir, options: FinetuneOptions, stop_re
         baselines[name] = {"source": name, "name": shown[name], "kind": BASELINE_KINDS[kind], "image_size_px": preprocessing.image_size_px,
                            "trained_size_px": size, "trained_size_from": origin, **baseline["metrics"],
                            "out_dir": baseline["out_dir"], "wall_time_s": baseline["wall_time_s"]}
-    result = build_result(
-        evaluation="finetune", metrics=main["metrics"], protocol=_protocol(recipe, chosen_by, data, options),
+    result = run.record(
+        metrics=main["metrics"], protocol=_protocol(recipe, chosen_by, data, options),
         backbone={"source": source, "architecture": architecture, "feature_dim": main["feature_dim"]},
         data={"train_dir": str(train_dir), "val_dir": str(val_dir), "n_train": len(data.indices),
               "n_train_folder": len(data.train), "n_val": len(data.val), "n_classes": data.n_classes,
               "classes": data.train.classes},
-        preprocessing=preprocessing.as_dict(), device=device, started_at=started_at,
-        wall_time_s=time.perf_counter() - start,
+        preprocessing=preprocessing,
         extra={"floors": floors, "out_dir": main["out_dir"], "resumed_from_epoch": main["resumed_from_epoch"],
                "history": main["history"], "completed": True})
     if baselines:
         result["baselines"] = baselines
         result["verdict"] = verdict(result)
-    from swavkit.runtime import distributed
 
-    if options.out_json != "" and distributed.is_main_process():
-        path = Path(options.out_json) if options.out_json else default_result_path("finetune", source, started_at)
+    def write_label_list(path: Path) -> None:  # beside the record, checked again now that its name is known
         check_outputs(path)
-        result["result_path"] = str(path)
         result["labels_path"] = str(labels_path_for(path))
         write_text_atomic(labels_path_for(path), label_list_text(data.relative, data.indices))
-        write_result(result, path)
-    return result
+
+    return run.publish(result, options.out_json, write_beside=write_label_list)
 
 
 def _finetune_baseline(name: str, preprocessing, data: LabelledData, recipe: Recipe, out_dir: Path, train_dir,
                        val_dir, options: FinetuneOptions, stop_request: StopRequest) -> dict:
     """Fine-tune baseline ``name`` on the same labelled files with the same recipe, at the user's image size
     with its own mean/std, in ``out_dir/baseline-<name>/`` (resumed and restarted with the main fine-tune)."""
-    from swavkit.artifacts.preprocessing import resolve_preprocessing
-    from swavkit.artifacts.rundir import FINETUNE_BASELINE_PREFIX
+    from swavkit.artifacts.preprocessing import resolve_preprocessing  # torch + timm: not at `swavkit --help`
+    from swavkit.artifacts.rundir import FINETUNE_BASELINE_PREFIX  # torch: as above
 
     own = resolve_preprocessing(name, preprocessing.image_size_px)
     own.require_rgb(name, "swavkit finetune")
@@ -542,7 +520,7 @@ def _finetune_baseline(name: str, preprocessing, data: LabelledData, recipe: Rec
 def check_outputs(result_path: str | Path | None) -> None:
     """The result JSON and its label list may be new or an earlier swavkit record; anything else is refused
     in one line (FileExistsError) - checked before the fine-tune starts, and again before writing."""
-    from swavkit.evaluation.report import check_result_target
+    from swavkit.evaluation.report import check_result_target  # torch: not at `swavkit --help`
 
     if not result_path:
         return
@@ -558,29 +536,6 @@ def labels_path_for(result_path: str | Path) -> Path:
     return result_path.with_name(result_path.stem + ".labels.txt")
 
 
-def summary_rows(result: dict) -> list[tuple[str, object]]:
-    """The lines ``swavkit finetune`` prints."""
-    protocol, data, metrics = result["protocol"], result["data"], result["metrics"]
-    rows: list[tuple[str, object]] = [
-        ("evaluation", "fine-tune (whole backbone + linear head)"), ("backbone", result["backbone"]["source"]),
-        ("labels", f"{protocol['label_fraction']}: {protocol['n_labelled']} of {data['n_train_folder']} train "
-                   f"images, {data['n_classes']} classes"),
-        ("recipe", f"{protocol['epochs']} epochs, batch {protocol['global_batch_size']}, SGD lr trunk "
-                   f"{protocol['trunk_lr']:.4g} / head {protocol['head_lr']:.4g}, x{protocol['decay_gamma']} at "
-                   f"epochs {protocol['decay_epochs']}"),
-        ("image size px", result["preprocessing"]["image_size_px"]), ("val images", data["n_val"])]
-    for key in ("top1", "top5"):
-        if key in metrics:
-            rows.append((f"{key} %", float(metrics[key])))
-    for name, floor in result.get("floors", {}).items():
-        rows.append((f"{name.replace('_', ' ')} ({floor['source']}) top1 %", float(floor["top1"])))
-    from swavkit.evaluation.report import baseline_rows  # torch: loaded by now, but not at `swavkit --help`
-
-    rows += baseline_rows(result)
-    rows.append(("wall time s", float(result["wall_time_s"])))
-    return rows
-
-
 # The fine-tune folder and its file names live in swavkit.artifacts.rundir (the one module that knows run-folder
 # layouts); they stay importable from here under their old names. Resolved on first use: swavkit.artifacts.rundir
 # imports torch, and this module must not (it registers its command for `swavkit --help`).
@@ -592,11 +547,11 @@ _IN_RUNDIR = {"FinetuneFolder": "FinetuneFolder", "RUN_FORMAT": "FINETUNE_FORMAT
 def __getattr__(name: str):
     if name not in _IN_RUNDIR:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import swavkit.artifacts.rundir
+    import swavkit.artifacts.rundir  # torch: see above
 
     return getattr(swavkit.artifacts.rundir, _IN_RUNDIR[name])
 
 
 __all__ = ["FinetuneOptions", "LabelSpec", "Recipe", "finetune", "run_finetune", "parse_label_spec",
            "select_labelled", "read_label_list", "label_list_text", "resolve_recipe", "build_finetune_optimizer",
-           "finetune_schedules", "labels_path_for", "summary_rows", "FinetuneFolder"]
+           "finetune_schedules", "labels_path_for", "FinetuneFolder"]

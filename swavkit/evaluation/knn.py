@@ -21,29 +21,16 @@ import torch.nn.functional as F
 from swavkit.runtime import distributed
 from swavkit.config import ConfigError
 from swavkit.data import LabelledImageFolder, find_classes
-from swavkit.evaluation.options import INDEX_TYPES, EvalOptions, KnnOptions, apply_keywords
-from swavkit.evaluation.floors import add_floors, floors_wanted
-from swavkit.evaluation.baselines import add_baselines, check_baselines
-from swavkit.evaluation.features import (SplitFeatures, backbone_record, extract_features, extract_split_features, init_processes,
-                              load_eval_backbone)
+from swavkit.evaluation.options import INDEX_TYPES, EvalOptions, KnnOptions, apply_keywords, default_ivf_lists
+from swavkit.evaluation import setup
+from swavkit.evaluation.features import (SplitFeatures, backbone_record, extract_features, extract_split_features,
+                                         load_eval_backbone)
 from swavkit.evaluation.metrics import topk_accuracy
 from swavkit.data.constants import IMAGENET_MEAN, IMAGENET_STD
 from swavkit.data.transforms import Preprocessing
-from swavkit.artifacts.preprocessing import resolve_preprocessing
-from swavkit.evaluation.report import (build_result, check_result_target, rewrite_result, utc_now,
-                                      write_evaluation_result)
-
-# faiss's k-means wants >= 39 training points per list; fewer lists than that cannot be trained.
-_IVF_MIN_POINTS_PER_LIST = 39
-
 
 def _as_faiss_array(features: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(features.detach().to("cpu", torch.float32).numpy())
-
-
-def default_ivf_lists(n_train: int) -> int:
-    """~4 sqrt(N) inverted lists (faiss's rule of thumb), at least 39 points each."""
-    return max(1, min(int(4 * math.sqrt(n_train)), n_train // _IVF_MIN_POINTS_PER_LIST))
 
 
 def build_index(train_features: torch.Tensor, index: str = "exact", n_lists: int = 0, n_probe: int = 0):
@@ -208,36 +195,28 @@ def evaluate_knn(backbone_source: str | Path, train_dir: str | Path, val_dir: st
         ```
     """
     options, knn = apply_keywords(keywords, options or EvalOptions(), knn or KnnOptions())
-    check_result_target(options.out_json)  # before minutes of feature extraction
-    check_baselines(options.baselines)  # a baseline that is not on disk: one line, before any work
-    started_at, start = utc_now(), time.perf_counter()
-    device = init_processes(options.device)
+    run = setup.start("knn", backbone_source, options)
     split = features
     if split is None:
-        preprocessing = resolve_preprocessing(backbone_source, options.image_size_px)
+        preprocessing = setup.preprocessing_for(backbone_source, options.image_size_px)
         split = extract_split_features(load_eval_backbone(backbone_source), train_dir, val_dir, preprocessing,
-                                       replace(options, device=device))
+                                       replace(options, device=run.device))
     result = None
     if distributed.is_main_process():
         search_start = time.perf_counter()
         metrics = knn_accuracy(split.train_features, split.train_labels, split.val_features, split.val_labels,
                                knn.k, knn.temperature, n_classes=len(split.classes), index=knn.index,
                                n_lists=knn.n_lists, n_probe=knn.n_probe)
-        result = build_result(
-            evaluation="knn", metrics=metrics, protocol=knn_protocol(knn, len(split.train_labels), options.precision),
+        result = run.record(
+            metrics=metrics, protocol=knn_protocol(knn, len(split.train_labels), options.precision),
             backbone=backbone_record(backbone_source, split.backbone_name, split.feature_dim),
-            data=split.data_record(train_dir, val_dir, options.max_per_class),
-            preprocessing=split.preprocessing.as_dict(), device=device, started_at=started_at,
-            wall_time_s=time.perf_counter() - start, world_size=distributed.world_size(),
+            data=split.data_record(train_dir, val_dir, options.max_per_class), preprocessing=split.preprocessing,
             extra={"timings_s": {"features": round(split.extraction_s, 3),
                                  "search": round(time.perf_counter() - search_start, 3)}})
-        write_evaluation_result(result, options.out_json, backbone_source, started_at)
-    result = distributed.broadcast_object(result)
-    if features is None and floors_wanted(options.floors, result["data"]["n_train"]):
-        result = rewrite_result(add_floors(result, evaluate_knn, train_dir, val_dir, options, knn))
-    if features is None and options.baselines:
-        result = rewrite_result(add_baselines(result, evaluate_knn, train_dir, val_dir, options, knn))
-    return result
+    result = run.publish(result, options.out_json)
+    if features is not None:  # features shared with another evaluation: its floors are that one's
+        return result
+    return run.beside(result, evaluate_knn, train_dir, val_dir, options, knn)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -28,15 +28,12 @@ from swavkit.data import LabelledImageFolder
 from swavkit.data.transforms import train_transform as augment
 from swavkit.runtime.device import autocast_dtype, resolve_device, resolve_precision
 from swavkit.evaluation.options import DEFAULT_WEIGHT_DECAYS, RECIPES, EvalOptions, LinearOptions, apply_keywords
-from swavkit.evaluation.floors import add_floors, floors_wanted
-from swavkit.evaluation.baselines import add_baselines, check_baselines
+from swavkit.evaluation import setup
 from swavkit.evaluation.features import (SplitFeatures, backbone_name, backbone_record, extract_features,
-                              extract_split_features, init_processes, load_eval_backbone)
+                              extract_split_features, load_eval_backbone)
 from swavkit.evaluation.metrics import topk_accuracy
 from swavkit.data.transforms import Preprocessing
-from swavkit.artifacts.preprocessing import resolve_preprocessing
-from swavkit.evaluation.report import (build_result, check_result_target, data_record, rewrite_result, utc_now,
-                                      write_evaluation_result)
+from swavkit.evaluation.report import data_record
 from swavkit.core.schedule import LRSchedule
 from swavkit.evaluation.supervised import SupervisedRun, feature_dim_of, linear_head, train_supervised
 from swavkit.runtime.signals import StopRequest
@@ -315,21 +312,17 @@ def evaluate_linear(backbone_source: str | Path, train_dir: str | Path, val_dir:
         ```
     """
     options, linear = apply_keywords(keywords, options or EvalOptions(), linear or LinearOptions())
-    check_result_target(options.out_json)  # before minutes of feature extraction
-    check_baselines(options.baselines)  # a baseline that is not on disk: one line, before any work
     if linear.recipe not in RECIPES:
         raise ConfigError(f"recipe: '{linear.recipe}' is not one of {', '.join(RECIPES)}")
     if features is not None and linear.recipe != "fast":
         raise ConfigError("precomputed features only fit the fast recipe (the reference one augments images)")
-    started_at, start = utc_now(), time.perf_counter()
-    device = init_processes(options.device)
-    options = replace(options, device=device)
-    preprocessing = (features.preprocessing if features is not None
-                     else resolve_preprocessing(backbone_source, options.image_size_px))
+    run = setup.start("linear", backbone_source, options)
+    options = replace(options, device=run.device)
+    preprocessing = setup.preprocessing_for(backbone_source, options.image_size_px, features)
     backbone = load_eval_backbone(backbone_source) if features is None else None
     if linear.recipe == "fast":
         split = features or extract_split_features(backbone, train_dir, val_dir, preprocessing, options)
-        metrics, protocol, timings = _run_fast(split, linear, device, options.precision)
+        metrics, protocol, timings = _run_fast(split, linear, run.device, options.precision)
         data = split.data_record(train_dir, val_dir, options.max_per_class)
         feature_dim, name = split.feature_dim, split.backbone_name
     else:
@@ -341,19 +334,12 @@ def evaluate_linear(backbone_source: str | Path, train_dir: str | Path, val_dir:
         for key in ("selected_weight_decay", "holdout_top1", "n_fit", "n_holdout"):
             if key in metrics:
                 protocol[key] = metrics.pop(key)
-        result = build_result(
-            evaluation="linear", metrics=metrics, protocol=protocol,
-            backbone=backbone_record(backbone_source, name, feature_dim),
-            data=data, preprocessing=preprocessing.as_dict(), device=device, started_at=started_at,
-            wall_time_s=time.perf_counter() - start, world_size=distributed.world_size(),
-            extra={"timings_s": timings})
-        write_evaluation_result(result, options.out_json, backbone_source, started_at)
-    result = distributed.broadcast_object(result)
-    if features is None and floors_wanted(options.floors, result["data"]["n_train"]):
-        result = rewrite_result(add_floors(result, evaluate_linear, train_dir, val_dir, options, linear))
-    if features is None and options.baselines:
-        result = rewrite_result(add_baselines(result, evaluate_linear, train_dir, val_dir, options, linear))
-    return result
+        result = run.record(metrics=metrics, protocol=protocol, backbone=backbone_record(backbone_source, name, feature_dim),
+                            data=data, preprocessing=preprocessing, extra={"timings_s": timings})
+    result = run.publish(result, options.out_json)
+    if features is not None:  # features shared with another evaluation: its floors are that one's
+        return result
+    return run.beside(result, evaluate_linear, train_dir, val_dir, options, linear)
 
 
 __all__ = ["linear_probe_fast", "linear_probe_reference", "evaluate_linear", "fit_softmax_regression",

@@ -8,11 +8,15 @@ Imports neither torch nor timm: the CLI reads the defaults for its ``--help`` fr
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from swavkit.runtime.cores import default_num_workers
+
+# faiss's k-means wants >= 39 training points per list; fewer lists than that cannot be trained.
+IVF_MIN_POINTS_PER_LIST = 39
 
 if TYPE_CHECKING:
     import torch
@@ -63,6 +67,12 @@ class EvalOptions:
     # also evaluate these backbones (cached timm pretrained names, released files, other runs or exports) with
     # the same split, size and protocol (swavkit.evaluation.baselines); a "a,b" string is split at commas
     baselines: tuple[str, ...] = ()
+
+
+def default_ivf_lists(n_train: int) -> int:
+    """What ``n_lists=0`` means: ~4 sqrt(N) inverted lists (faiss's rule of thumb), at least
+    ``IVF_MIN_POINTS_PER_LIST`` points each (``swavkit knn`` and ``swavkit neighbours``)."""
+    return max(1, min(int(4 * math.sqrt(n_train)), n_train // IVF_MIN_POINTS_PER_LIST))
 
 
 @dataclass
@@ -140,4 +150,4 @@ def apply_keywords(keywords: dict, *options) -> list:
 
 
 __all__ = ["EvalOptions", "KnnOptions", "LinearOptions", "apply_keywords", "INDEX_TYPES", "RECIPES",
-           "DEFAULT_WEIGHT_DECAYS"]
+           "DEFAULT_WEIGHT_DECAYS", "default_ivf_lists", "IVF_MIN_POINTS_PER_LIST"]

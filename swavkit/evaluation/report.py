@@ -20,6 +20,8 @@ import torch
 from swavkit.runtime import distributed
 from swavkit.runtime.fileio import write_json_atomic
 from swavkit.artifacts.layout import run_folder_of
+from swavkit.evaluation.floors import FLOOR_NAMES, below_floors
+from swavkit.data.names import printable_path
 
 RESULT_SCHEMA = "swavkit-eval-v1"
 DEFAULT_RESULTS_DIR = "results"
@@ -179,17 +181,6 @@ def rewrite_result(result: dict) -> dict:
     return result
 
 
-def write_evaluation_result(result: dict, out_json: str | Path | None, backbone_source, started_at) -> Path | None:
-    """Write ``result`` to ``out_json`` (None = :func:`default_result_path`; "" = write nothing) and record
-    the path in ``result["result_path"]``."""
-    if out_json == "":
-        return None
-    path = Path(out_json) if out_json else default_result_path(result["evaluation"], str(backbone_source),
-                                                               started_at)
-    result["result_path"] = str(path)
-    return write_result(result, path)
-
-
 def format_table(rows: list[tuple[str, object]]) -> str:
     """Two aligned columns, e.g. ``[("top-1 %", 71.3), ("k", 20)]``; floats get two decimals."""
     def text(value) -> str:
@@ -199,27 +190,37 @@ def format_table(rows: list[tuple[str, object]]) -> str:
     return "\n".join(f"{label:<{width}}  {text(value)}" for label, value in rows)
 
 
-def summary_rows(result: dict) -> list[tuple[str, object]]:
-    """The lines ``swavkit knn`` / ``swavkit linear`` print for a result record."""
-    metrics, protocol, data = result["metrics"], result["protocol"], result["data"]
-    rows: list[tuple[str, object]] = [("evaluation", result["evaluation"]),
-                                      ("backbone", result["backbone"].get("source")),
+def _method_rows(result: dict) -> list[tuple[str, object]]:
+    """The rows that say what was measured and how, per evaluation (knn, linear, finetune)."""
+    protocol, data, evaluation = result["protocol"], result["data"], result["evaluation"]
+    if evaluation == "finetune":
+        return [("evaluation", "fine-tune (whole backbone + linear head)"), ("backbone", result["backbone"]["source"]),
+                ("labels", f"{protocol['label_fraction']}: {protocol['n_labelled']} of {data['n_train_folder']} "
+                           f"train images, {data['n_classes']} classes"),
+                ("recipe", f"{protocol['epochs']} epochs, batch {protocol['global_batch_size']}, SGD lr trunk "
+                           f"{protocol['trunk_lr']:.4g} / head {protocol['head_lr']:.4g}, {protocol['lr_schedule']}"),
+                ("image size px", result["preprocessing"]["image_size_px"]), ("val images", data["n_val"])]
+    rows: list[tuple[str, object]] = [("evaluation", evaluation), ("backbone", result["backbone"].get("source")),
                                       ("feature dim", result["backbone"].get("feature_dim"))]
-    if result["evaluation"] == "knn":
+    if evaluation == "knn":
         rows.append(("protocol", f"{protocol['k']}-NN cosine, weights exp(sim/{protocol['temperature']}), "
                                  f"{protocol['index']} index"))
     else:
         rows.append(("protocol", f"{protocol['recipe']} linear probe"))
         if "selected_weight_decay" in protocol:
             rows.append(("weight decay (chosen on held-out train)", f"{protocol['selected_weight_decay']:g}"))
-    rows += [("image size px", result["preprocessing"].get("image_size_px")),
-             ("train / val images", f"{data['n_train']} / {data['n_val']}"),
-             ("classes", data["n_classes"])]
-    for key in ("top1", "top5"):
-        if key in metrics:
-            rows.append((f"{key} %", float(metrics[key])))
-    from swavkit.evaluation.floors import FLOOR_NAMES, below_floors
+    return rows + [("image size px", result["preprocessing"].get("image_size_px")),
+                   ("train / val images", f"{data['n_train']} / {data['n_val']}"), ("classes", data["n_classes"])]
 
+
+def summary_rows(result: dict) -> list[tuple[str, object]]:
+    """The lines ``swavkit knn`` / ``linear`` / ``finetune`` print for a result record: what was measured,
+    top-1 / top-5, the floors (with a warning when the backbone does not beat one), the baselines."""
+
+    rows = _method_rows(result)
+    for key in ("top1", "top5"):
+        if key in result["metrics"]:
+            rows.append((f"{key} %", float(result["metrics"][key])))
     for name, floor in result.get("floors", {}).items():
         rows.append((f"floor: {FLOOR_NAMES.get(name, name)} ({floor['source']}) top1 %", float(floor["top1"])))
     missed = below_floors(result)
@@ -245,7 +246,6 @@ def baseline_rows(result: dict) -> list[tuple[str, object]]:
 def print_report(rows: list[tuple[str, object]], result: dict) -> None:
     """What ``knn``, ``linear`` and ``finetune`` print: the table, where the record went, and last the one
     sentence comparing the backbone with its baselines (when it has any)."""
-    from swavkit.data.names import printable_path
 
     print(format_table(rows))
     if result.get("result_path"):
@@ -255,6 +255,6 @@ def print_report(rows: list[tuple[str, object]], result: dict) -> None:
         print(result["verdict"])
 
 
-__all__ = ["RESULT_SCHEMA", "RESULT_KEYS", "build_result", "data_record", "write_result", "rewrite_result", "write_evaluation_result",
+__all__ = ["RESULT_SCHEMA", "RESULT_KEYS", "build_result", "data_record", "write_result", "rewrite_result",
            "default_result_path", "source_name", "format_table", "summary_rows", "baseline_rows", "print_report", "run_git", "git_commit",
            "swavkit_version", "environment", "utc_now"]

@@ -1,4 +1,4 @@
-"""Embeddings of every image of a data source (``swavkit embed``, ``swavkit.evaluation.embed``).
+"""Embeddings of every image of a data source (``swavkit embed``, ``swavkit.embeddings.embed``).
 
 Each image is decoded as in pretraining (every mode to RGB; an unreadable file is skipped and listed,
 not fatal), cut by the backbone's evaluation crop rule (:func:`swavkit.artifacts.preprocessing.resolve_preprocessing`),
@@ -34,9 +34,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from swavkit.runtime.fileio import atomic_writer, naming_output, write_json_atomic
+from swavkit.artifacts.identity import backbone_name, backbone_record, input_channels, weights_sha256
+from swavkit.runtime.fileio import atomic_writer, fsync_dir, naming_output, write_json_atomic, write_text_atomic
+from swavkit.data.constants import RAW_PIXELS_SOURCE
+from swavkit.data.names import (append_skipped_report, path_from_printable, printable_path, read_skipped_report,
+                                skipped_report_text)
+from swavkit.errors import ConfigError, DataError
+from swavkit.runtime.cores import default_num_workers
 
-# torch, numpy and swavkit.data (which imports torch) load inside the functions, so that the command
+# torch, numpy, PIL and the swavkit modules that import them (swavkit.data's datasets, shards and sources,
+# runtime.device, evaluation.features, embeddings.reading) load inside the functions, so that the command
 # line's --help, which reads add_arguments below, stays instant (tests/test_cli.py).
 if TYPE_CHECKING:
     import numpy as np
@@ -60,7 +67,6 @@ class EmbeddingFiles:
     @classmethod
     def for_output(cls, out: str | Path) -> EmbeddingFiles:
         """``emb.npy`` / ``emb.parquet`` -> its files; ``emb.json`` (the manifest) finds the vectors it names."""
-        from swavkit.data import DataError, printable_path
 
         out = Path(out)
         if out.suffix == ".json":
@@ -113,7 +119,6 @@ def _manifest_vectors(path: Path) -> str | None:
 
 def read_manifest(files: EmbeddingFiles) -> dict | None:
     """The manifest of ``files``; None when there is none. DataError when the file is not one of ours."""
-    from swavkit.data import DataError, printable_path
 
     if not files.manifest.exists():
         return None
@@ -187,27 +192,6 @@ def manifest_problem(manifest: dict) -> str:
 # ----------------------------------------------------------------------------------------------------
 # identity: which backbone and preprocessing made the vectors
 
-def weights_sha256(module: torch.nn.Module) -> str:
-    """sha256 over every parameter and buffer (name, dtype, shape, bytes), in state_dict order: the same
-    weights give the same hash wherever the files live, any changed weight another."""
-    import torch
-
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        tensor = tensor.detach().to("cpu").contiguous().reshape(-1)  # 0-d buffers (BN counters) too
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
-def input_channels(module: torch.nn.Module) -> int:
-    """Channels the backbone takes: its first convolution's (timm's patch embedding is one too), else 3."""
-    import torch
-
-    first = next((m for m in module.modules() if isinstance(m, torch.nn.Conv2d)), None)
-    return int(first.in_channels) if first is not None else 3
-
-
 def nonfinite_weights(module: torch.nn.Module) -> tuple[int, list[str]]:
     """(how many NaN/inf values the floating-point parameters and buffers of ``module`` hold, the names of
     the tensors holding them, in state_dict order)."""
@@ -238,8 +222,6 @@ def nonfinite_cause(backbone: torch.nn.Module, precision: str) -> str:
 def backbone_identity(source, backbone: torch.nn.Module, feature_dim: int) -> dict:
     """The manifest's ``backbone`` section (see :func:`identity_mismatch` for what must match); a source
     that is a file or folder is recorded as its absolute path, so a query from another directory finds it."""
-    from swavkit.data.constants import RAW_PIXELS_SOURCE
-    from swavkit.evaluation.features import backbone_name, backbone_record
 
     if str(source) != RAW_PIXELS_SOURCE and os.path.exists(source):  # a path: as found, wherever --query runs
         source = os.path.abspath(source)
@@ -266,80 +248,7 @@ def identity_mismatch(recorded: dict, current: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# reading the images of one chunk
-
-class _NamedFiles:  # map-style: a DataLoader needs only __len__ and __getitem__
-    """``paths[i]`` -> (i, [C, H, W] tensor | None, path, None | (path, reason)): ReadOrReport's item with
-    the name, so a worker's result says which image it is."""
-
-    def __init__(self, paths: list[str], transform, reader=None):
-        from swavkit.data import ImageFiles, ReadOrReport
-
-        self.paths, self.files = paths, ReadOrReport(ImageFiles(paths, transform=transform, reader=reader))
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        _, sample, _, unreadable = self.files[index]
-        return index, sample, self.paths[index], unreadable
-
-
-def _shard_samples_class():
-    """:class:`_ShardSamples`, defined on first use: a DataLoader streams only from a subclass of torch's
-    IterableDataset, and torch must not load when this module is imported (see the imports)."""
-    from torch.utils.data import IterableDataset
-
-    class _ShardSamples(IterableDataset):
-        """The samples of one tar shard, in tar order, as :class:`_NamedFiles` items; data worker w of W
-        decodes samples w, w + W, ... (each worker reads the tar; decoding, not reading, is the cost)."""
-
-        def __init__(self, shard: str, transform):
-            self.shard, self.transform = shard, transform
-
-        def __iter__(self):
-            from torch.utils.data import get_worker_info
-
-            from swavkit.data import UnreadableImage
-            from swavkit.data.images import describe_failure, read_rgb_bytes
-            from swavkit.data.shards import _shard_samples
-
-            worker = get_worker_info()
-            slot, n_slots = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-            for position, (name, data, reason) in enumerate(_shard_samples(self.shard)):
-                if position % n_slots != slot:
-                    continue
-                if data is None:
-                    yield position, None, name, (name, reason)
-                    continue
-                try:
-                    yield position, self.transform(read_rgb_bytes(data, name)), name, None
-                except UnreadableImage as err:
-                    yield position, None, name, (err.path, err.reason)
-                except Exception as err:  # a decodable but degenerate image: still this sample's fault
-                    yield position, None, name, (name, describe_failure(err))
-
-    _ShardSamples.__module__, _ShardSamples.__qualname__ = __name__, "_ShardSamples"
-    globals()["_ShardSamples"] = _ShardSamples  # workers started by spawn find it by name (__getattr__)
-    return _ShardSamples
-
-
-def __getattr__(name: str):
-    if name == "_ShardSamples":
-        return _shard_samples_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _collate(items):
-    """[(position, sample | None, name, unreadable | None)] -> (positions [B'], samples [B', C, H, W] | None,
-    names [B'], unreadable [(path, reason)]) for the B' readable items."""
-    import torch
-
-    readable = [item for item in items if item[3] is None]
-    samples = torch.stack([item[1] for item in readable]) if readable else None
-    return ([item[0] for item in readable], samples, [item[2] for item in readable],
-            [item[3] for item in items if item[3] is not None])
-
+# chunks
 
 @dataclass(frozen=True)
 class Chunk:
@@ -353,17 +262,18 @@ class Chunk:
 
     def dataset(self, transform, reader=None):
         """``reader``: Preprocessing.reader() (None: 8-bit RGB, the only decoding of shards)."""
+        from swavkit.embeddings.reading import NamedFiles, ShardSamples  # torch: this module is read by --help
+
         if self.shard:
-            return _shard_samples_class()(self.shard, transform)
-        return _NamedFiles([os.path.abspath(p) for p in self.images[self.start:self.stop]], transform, reader)
+            return ShardSamples(self.shard, transform)
+        return NamedFiles([os.path.abspath(p) for p in self.images[self.start:self.stop]], transform, reader)
 
 
 def plan_chunks(data: list[str], chunk_images: int) -> tuple[list[Chunk], dict]:
     """The chunks of the sources ``data`` (folders and list files, or shards; not both) and the manifest's
     ``data`` section, whose ``paths_sha256`` tells a resumed run whether the images are still the same."""
-    from swavkit.data import DataError
-    from swavkit.data.shards import expand_shards, is_shard_spec, stored_count
-    from swavkit.data.sources import resolve_images
+    from swavkit.data.shards import expand_shards, is_shard_spec, stored_count  # torch: not at `swavkit --help`
+    from swavkit.data.sources import resolve_images  # PIL: not at `swavkit --help`
 
     if not data:
         raise DataError("embed: name at least one folder, list file or shard pattern")
@@ -425,8 +335,10 @@ def _embed_batches(backbone, chunk, transform, reader, *, device, dtype, batch_s
     import torch
     from torch.utils.data import DataLoader
 
+    from swavkit.embeddings.reading import collate_named  # torch: this module is read by `swavkit --help`
+
     loader = DataLoader(chunk.dataset(transform, reader), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=_collate, pin_memory=device.type == "cuda")
+                        collate_fn=collate_named, pin_memory=device.type == "cuda")
     positions, vectors, names, unreadable = [], [], [], []
     for batch_positions, images, batch_names, batch_unreadable in loader:
         unreadable += batch_unreadable
@@ -445,8 +357,6 @@ def _embed_batches(backbone, chunk, transform, reader, *, device, dtype, batch_s
 def _save_chunk(files: EmbeddingFiles, chunk: Chunk, vectors: np.ndarray, names: list[str]) -> None:
     import numpy as np
 
-    from swavkit.data import printable_path
-
     vectors_path, names_path = files.chunk(chunk.index)
     files.parts.mkdir(parents=True, exist_ok=True)
     with atomic_writer(vectors_path) as handle:
@@ -456,14 +366,10 @@ def _save_chunk(files: EmbeddingFiles, chunk: Chunk, vectors: np.ndarray, names:
 
 
 def _require_pyarrow(files: EmbeddingFiles) -> None:
-    from swavkit.data import printable_path
-
     if files.is_parquet:
         try:
             import pyarrow  # noqa: F401
         except ImportError:
-            from swavkit.config import ConfigError
-
             raise ConfigError(f"--out {printable_path(files.vectors)}: .parquet needs pyarrow; pip install "
                               "\"swavkit[parquet]\", or name a .npy file") from None
 
@@ -472,7 +378,6 @@ def check_output(files: EmbeddingFiles, identity: dict, data_record: dict) -> di
     """The earlier manifest to resume (None: a new output). Refused with one line (DataError), before
     anything is written: files there that no swavkit embed run wrote (no manifest), or a manifest made by
     another backbone, preprocessing or set of images - the earlier vectors stay as they are."""
-    from swavkit.data import DataError, printable_path
 
     manifest = read_manifest(files)
     if manifest is None:
@@ -500,8 +405,6 @@ def _join_npy(files: EmbeddingFiles, chunks: list[dict], feature_dim: int) -> No
     """The chunks' vectors -> ``files.vectors`` [N, D], streamed through a memory map (never all in RAM),
     written to a temporary sibling and renamed; the paths list likewise."""
     import numpy as np
-
-    from swavkit.runtime.fileio import fsync_dir
 
     n_rows = sum(chunk["n_rows"] for chunk in chunks)
     tmp = files.vectors.with_name(f".{files.vectors.name}.{os.getpid()}.tmp")
@@ -559,8 +462,8 @@ def _prepare_backbone(source, image_size_px: int | None, device: torch.device, c
     """(backbone on ``device`` in eval mode, Preprocessing, identity dict, feature dim D)."""
     import torch
 
-    from swavkit.evaluation.features import load_eval_backbone
-    from swavkit.artifacts.preprocessing import resolve_preprocessing
+    from swavkit.artifacts.preprocessing import resolve_preprocessing  # torch + timm: not at `swavkit --help`
+    from swavkit.evaluation.features import load_eval_backbone  # torch: not at `swavkit --help`
 
     preprocessing = resolve_preprocessing(source, image_size_px)
     backbone = load_eval_backbone(source)
@@ -570,7 +473,6 @@ def _prepare_backbone(source, image_size_px: int | None, device: torch.device, c
         probe = backbone(torch.zeros(1, channels, size, size))
     feature_dim = int(probe.shape[1])
     if not bool(torch.isfinite(probe).all()):  # e.g. one NaN weight: every row would be NaN
-        from swavkit.data import DataError, printable_path
 
         raise DataError(f"{printable_path(str(source))}: the backbone's features are NaN/inf even for a blank "
                         f"image; {nonfinite_cause(backbone, 'fp32')} (nothing was written)")
@@ -621,9 +523,7 @@ def embed(source: str | Path, data: str | Path | list, out: str | Path, *, image
     """
     from tqdm import tqdm
 
-    from swavkit.runtime.cores import default_num_workers
-    from swavkit.data import append_skipped_report
-    from swavkit.runtime.device import autocast_dtype, resolve_device, resolve_precision
+    from swavkit.runtime.device import autocast_dtype, resolve_device, resolve_precision  # torch: as above
 
     if chunk_images < 1 or batch_size < 1:
         raise ValueError(f"chunk_images and batch_size must be >= 1, got {chunk_images} and {batch_size}")
@@ -637,8 +537,6 @@ def embed(source: str | Path, data: str | Path | list, out: str | Path, *, image
     dtype = autocast_dtype(precision)
     backbone, preprocessing, identity, feature_dim = _prepare_backbone(source, image_size_px, device, channels_last)
     if preprocessing.reader() is not None and any(chunk.shard for chunk in chunks):
-        from swavkit.data import DataError
-
         raise DataError(f"{data}: shards are decoded as 8-bit RGB and this backbone takes {preprocessing.channels} "
                         f"channel(s) at {preprocessing.bit_depth} bits; embed a folder or a list of the image files")
     earlier = check_output(files, identity, data_record)  # all checks before the first write
@@ -679,8 +577,6 @@ def _refuse_nonfinite_rows(vectors: np.ndarray, names: list[str], chunk: Chunk, 
     complete, ``neighbours`` refuses it), the chunks before it stay for a resume (e.g. with --precision fp32)."""
     import numpy as np
 
-    from swavkit.data import DataError, printable_path
-
     bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1)) if len(names) else np.zeros(0, np.int64)
     if len(bad):
         raise DataError(f"embed: {len(bad)} of the {len(names)} images of chunk {chunk.index} gave NaN/inf features "
@@ -692,9 +588,6 @@ def _rewind_skipped(files: EmbeddingFiles, n_recorded: int) -> None:
     """Keep the first ``n_recorded`` lines of the skipped list (those of the chunks the manifest records):
     a run killed after listing a chunk's unreadable files but before recording the chunk would otherwise
     list them twice once the chunk is redone - as a resumed training run takes skipped.txt back."""
-    from swavkit.data import read_skipped_report
-    from swavkit.data.names import skipped_report_text
-    from swavkit.runtime.fileio import write_text_atomic
 
     if files.skipped.exists():
         entries = read_skipped_report(files.skipped)
@@ -704,7 +597,6 @@ def _rewind_skipped(files: EmbeddingFiles, n_recorded: int) -> None:
 
 def _finish(files: EmbeddingFiles, manifest: dict, feature_dim: int) -> None:
     """Join the chunks in order, mark the manifest complete, remove the parts."""
-    from swavkit.data import DataError, printable_path
 
     chunks = sorted(manifest["chunks"], key=lambda chunk: chunk["index"])
     manifest["n_rows"] = sum(chunk["n_rows"] for chunk in chunks)
@@ -743,8 +635,6 @@ def load_embeddings(path: str | Path) -> Embeddings:
     cannot be read (zero-byte, torn, foreign), whose rows disagree with the manifest (count, width, the
     names or their order: ``rows_sha256``), or rows that are NaN/inf."""
     import numpy as np
-
-    from swavkit.data import DataError, path_from_printable, printable_path
 
     files = EmbeddingFiles.for_output(path)
     manifest = read_manifest(files)
@@ -800,8 +690,6 @@ def _refuse_other_dtype(path: Path) -> None:
     integer array never reaches np.load, whose cast to float32 would accept the latter silently."""
     import numpy as np
 
-    from swavkit.data import DataError, printable_path
-
     with open(path, "rb") as handle:
         try:
             version = np.lib.format.read_magic(handle)
@@ -823,8 +711,6 @@ def refuse_nonfinite(vectors: np.ndarray, names: list[str], source: Path) -> Non
     or inf: a search would silently drop
     it (faiss ranks NaN nowhere) and a duplicate search would find no groups."""
     import numpy as np
-
-    from swavkit.data import DataError, printable_path
 
     bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
     if len(bad):

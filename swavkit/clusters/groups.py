@@ -1,8 +1,8 @@
 """K groups of a folder's images and which group a new image belongs to (``swavkit cluster --k``,
 ``swavkit assign``).
 
-``group_images`` embeds every image with the backbone (:func:`swavkit.evaluation.embed.embed`: L2-normalised,
-unreadable files skipped and listed), runs spherical k-means (:mod:`swavkit.evaluation.kmeans`; K given, or
+``group_images`` embeds every image with the backbone (:func:`swavkit.embeddings.embed.embed`: L2-normalised,
+unreadable files skipped and listed), runs spherical k-means (:mod:`swavkit.clusters.kmeans`; K given, or
 chosen by silhouette and stability over seeds) and writes to ``out_dir`` what ``swavkit cluster`` writes for
 prototypes (``assignments.csv`` with confidence = cosine similarity to the group's centroid, the size
 histogram, ``index.html`` + ``thumbs/``) plus:
@@ -30,12 +30,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from swavkit.data import DataError, printable_path, read_skipped_report
-from swavkit.errors import ConfigError
-from swavkit.evaluation import kmeans
-from swavkit.evaluation.cluster import (OUTPUT_NAMES, PAGE_FILE, PAGE_MARKER, ClusterAssignments, check_output_folder,
+from swavkit.data import find_images, printable_path, read_skipped_report
+from swavkit.errors import ConfigError, DataError
+from swavkit.clusters import kmeans
+from swavkit.clusters.explorer import (OUTPUT_NAMES, PAGE_FILE, PAGE_MARKER, ClusterAssignments, check_output_folder,
                                        page_head, write_explorer)
 from swavkit.runtime.fileio import atomic_writer, write_json_atomic, write_text_atomic
+from swavkit.artifacts.identity import weights_sha256
+from swavkit.embeddings.embed import embed, load_embeddings
+from swavkit.evaluation.features import load_eval_backbone
 
 CENTROIDS_FILE = "centroids.safetensors"
 CENTROIDS_FORMAT = "swavkit-centroids-v1"
@@ -44,7 +47,7 @@ K_SELECTION_CSV = "k_selection.csv"
 K_SELECTION_JSON = "k_selection.json"
 EMBEDDINGS_FILE = "embeddings.npy"
 EMBEDDING_NAMES = (EMBEDDINGS_FILE, "embeddings.paths.txt", "embeddings.json", "embeddings.skipped.txt",
-                   "embeddings.parts")  # swavkit.evaluation.embed.EmbeddingFiles of EMBEDDINGS_FILE
+                   "embeddings.parts")  # swavkit.embeddings.embed.EmbeddingFiles of EMBEDDINGS_FILE
 GROUP_OUTPUT_NAMES = (*OUTPUT_NAMES, CENTROIDS_FILE, GROUPS_DIR, K_SELECTION_CSV, K_SELECTION_JSON, *EMBEDDING_NAMES)
 ASSIGN_FILE = "assign.json"  # the summary of `swavkit assign`; its format marks the folder as ours
 ASSIGN_FORMAT = "swavkit-assign-v1"
@@ -177,7 +180,6 @@ def parse_k(text: str | int) -> int | str:
 
 def _embed_folder(source, data, out_dir: Path, *, image_size_px, batch_size, device, num_workers, progress):
     """(embeddings, skipped [(path, reason)]) of every image of ``data``, written to ``out_dir/embeddings.npy``."""
-    from swavkit.evaluation.embed import embed, load_embeddings
 
     written = embed(source, data, out_dir / EMBEDDINGS_FILE, image_size_px=image_size_px, batch_size=batch_size,
                     num_workers=num_workers, device=device, progress=progress)
@@ -215,11 +217,10 @@ def group_images(backbone_source: str | Path, data_dir: str | Path, out_dir: str
         max_k: the largest K "auto" tries. seed: the k-means seed of a given K ("auto" compares seeds 0, 1, 2
             and keeps seed 0's groups).
     Returns:
-        the summary of :func:`swavkit.evaluation.cluster.explore_clusters`, plus "k", "threshold_cosine_distance",
+        the summary of :func:`swavkit.clusters.explorer.explore_clusters`, plus "k", "threshold_cosine_distance",
         "thresholds_cosine_distance" [K], "centroids", "groups_dir", "groups_written" ("links" | "lists") and,
         for "auto", "k_selection" (rows).
     """
-    from swavkit.data import find_images
 
     k = parse_k(k)
     data_dir = os.path.abspath(data_dir)
@@ -273,8 +274,6 @@ def group_images(backbone_source: str | Path, data_dir: str | Path, out_dir: str
 
 def _check_same_backbone(source, metadata: dict) -> None:
     """DataError (one line) unless ``source``'s weights are the ones the centroids were made with."""
-    from swavkit.evaluation.embed import weights_sha256
-    from swavkit.evaluation.features import load_eval_backbone
 
     recorded = metadata["backbone"]["weights_sha256"]
     current = weights_sha256(load_eval_backbone(source))

@@ -1,6 +1,6 @@
 """Nearest neighbours and near-duplicates in an embeddings file (``swavkit neighbours``).
 
-Reads what ``swavkit embed`` wrote (:mod:`swavkit.evaluation.embed`: L2-normalised vectors, their image paths and a
+Reads what ``swavkit embed`` wrote (:mod:`swavkit.embeddings.embed`: L2-normalised vectors, their image paths and a
 manifest naming the backbone), searches it with faiss by cosine similarity (inner product of unit vectors)
 and writes:
 
@@ -24,15 +24,24 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import numpy as np
+
+from swavkit.artifacts.identity import weights_sha256
+from swavkit.artifacts.pages import EAGER_THUMBNAILS, check_output_folder, page_head, thumbnail_figure, write_thumbnail
+from swavkit.data.names import printable_path
+from swavkit.embeddings.embed import load_embeddings
+from swavkit.errors import ConfigError, DataError, is_user_error
+from swavkit.evaluation.options import default_ivf_lists
+from swavkit.runtime.fileio import atomic_writer, removed_on_failure, write_text_atomic
 
 # Up to this many vectors `--index auto` searches exactly (see the module docstring and
 # benchmarks/bench_neighbours.py): an exact all-against-all search of this many 128-d vectors took
 # 45-60 s on one CPU core (4x that at 512-d), and below it an approximate index saves less than it costs.
 EXACT_MAX_VECTORS = 100_000
 INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")
-# IVF: faiss's rule of thumb for the cell count, ~4 sqrt(N) (swavkit.evaluation.knn.default_ivf_lists), and k-means
+# IVF: faiss's rule of thumb for the cell count, ~4 sqrt(N) (swavkit.evaluation.options.default_ivf_lists), and k-means
 # trained on a sample of IVF_TRAIN_POINTS_PER_LIST points per cell: faiss's default (256 per cell, i.e.
 # every vector at 1M) took minutes on 2 cores, 40 per cell ~20 s, above faiss's 39-point minimum.
 IVF_TRAIN_POINTS_PER_LIST = 40
@@ -44,7 +53,6 @@ HNSW_DEFAULT_EF_SEARCH = 128
 
 def choose_index(n_vectors: int, kind: str = "auto") -> str:
     """The index kind ``auto`` means for ``n_vectors`` (flat up to EXACT_MAX_VECTORS, else ivf)."""
-    from swavkit.config import ConfigError
 
     if kind not in INDEX_KINDS:
         raise ConfigError(f"--index: '{kind}' is not one of {', '.join(INDEX_KINDS)}")
@@ -64,8 +72,6 @@ def build_search_index(vectors: np.ndarray, kind: str = "auto", *, n_lists: int 
         seed: picks the k-means training sample, so a run is repeatable.
     """
     import faiss  # its OpenMP runtime only when searching
-
-    from swavkit.evaluation.knn import default_ivf_lists
 
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n_vectors, dim = vectors.shape
@@ -181,12 +187,10 @@ def embed_queries(images: list[str], manifest: dict, backbone_source: str | None
     lives now, when it moved)."""
     import torch
 
-    from swavkit.data import DataError, printable_path, read_rgb
-    from swavkit.runtime.device import resolve_device
-    from swavkit.evaluation.embed import weights_sha256
-    from swavkit.evaluation.features import load_eval_backbone
-    from swavkit.data.transforms import Preprocessing
-    from swavkit.errors import is_user_error
+    from swavkit.data.images import read_rgb  # PIL: not at `swavkit --help`
+    from swavkit.data.transforms import Preprocessing  # torch: not at `swavkit --help`
+    from swavkit.evaluation.features import load_eval_backbone  # torch: not at `swavkit --help`
+    from swavkit.runtime.device import resolve_device  # torch: not at `swavkit --help`
 
     recorded, prep = manifest["backbone"], manifest["preprocessing"]
     preprocessing = Preprocessing.for_size(prep["image_size_px"], prep["mean"], prep["std"],
@@ -240,9 +244,6 @@ def write_neighbours_csv(path, query_names: list[str], neighbour_paths: list[str
     """``query, rank, neighbour, cosine``: one row per (query, rank 1..k), names printable; atomic."""
     import csv
 
-    from swavkit.data import printable_path
-    from swavkit.runtime.fileio import atomic_writer
-
     with atomic_writer(path, "w") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["query", "rank", "neighbour", "cosine"])
@@ -255,9 +256,6 @@ def write_neighbours_csv(path, query_names: list[str], neighbour_paths: list[str
 def write_duplicates_csv(path, groups: list[list[int]], paths: list[str], vectors: np.ndarray) -> None:
     """``group, path, cosine_to_first``: group 1 is the largest; atomic."""
     import csv
-
-    from swavkit.data import printable_path
-    from swavkit.runtime.fileio import atomic_writer
 
     with atomic_writer(path, "w") as handle:
         writer = csv.writer(handle, lineterminator="\n")
@@ -274,9 +272,6 @@ def render_page(rows: list[tuple[str, list[tuple[str, str]]]], summary: list[tup
     duplicate group). ``rows``: (heading, [(image path, score text)]); ``thumbnails``: image path ->
     thumbnail path relative to the page. Built from the cluster explorer's page pieces."""
     import html
-
-    from swavkit.evaluation.cluster import EAGER_THUMBNAILS, page_head, thumbnail_figure
-    from swavkit.data import printable_path
 
     out = [*page_head(title, PAGE_MARKER), f"<h1>{html.escape(title)}</h1>", '<table class="summary">']
     out += [f"<tr><td>{html.escape(k)}</td><td>{html.escape(printable_path(v))}</td></tr>" for k, v in summary]
@@ -296,9 +291,6 @@ def render_page(rows: list[tuple[str, list[tuple[str, str]]]], summary: list[tup
 def write_page(out_dir, rows, summary, title: str, progress: bool) -> str:
     """Thumbnails of every image ``rows`` shows (once each, numbered), then ``index.html`` (atomic)."""
     from tqdm import tqdm
-
-    from swavkit.evaluation.cluster import write_thumbnail
-    from swavkit.runtime.fileio import write_text_atomic
 
     (out_dir / THUMBS_DIR).mkdir(parents=True, exist_ok=True)
     thumbnails: dict[str, str] = {}
@@ -323,13 +315,6 @@ def neighbours(embeddings: str, out_dir: str, *, k: int = 10, queries: list[str]
     ``duplicates``, the groups of images whose cosine is >= ``threshold``; written to ``out_dir`` (see the
     module docstring). Returns {"n_vectors", "index", "k" (neighbours found per query: at most ``k``, fewer
     when there are fewer images), "n_queries" | "n_groups", "csv", "page", ...}."""
-    from pathlib import Path
-
-    from swavkit.evaluation.cluster import check_output_folder
-    from swavkit.config import ConfigError
-    from swavkit.evaluation.embed import load_embeddings
-    from swavkit.runtime.fileio import removed_on_failure
-
     if k < 1 or not -1.0 <= threshold <= 1.0 or page_rows < 0:
         raise ConfigError(f"--k must be >= 1 and --threshold within [-1, 1] (got {k}, {threshold})")
     if duplicates and queries:

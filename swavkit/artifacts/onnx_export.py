@@ -24,6 +24,10 @@ import os
 import tempfile
 from pathlib import Path
 
+from swavkit.artifacts.identity import backbone_name, input_channels, load_seeded_backbone, weights_sha256
+from swavkit.errors import ConfigError
+from swavkit.runtime.fileio import file_mode, fsync_dir, naming_output
+
 ONNX_FORMAT = "swavkit-onnx-v1"
 FORMAT_KEY = "swavkit_format"
 EXPORT_BATCH = 2  # traced with this batch; batch 1 would let the exporter specialise the axis to 1
@@ -36,8 +40,6 @@ EXTRA_HINT = 'pip install "swavkit[onnx]" (onnx, onnxscript, onnxruntime)'
 
 def require_exporter() -> None:
     """ConfigError, one line, when torch's ONNX exporter cannot run here (it needs onnx and onnxscript)."""
-    from swavkit.config import ConfigError
-
     missing = []
     for name in ("onnx", "onnxscript"):
         try:
@@ -123,16 +125,13 @@ def export_onnx(source: str | Path, out_file: str | Path, *, image_size_px: int 
     import numpy as np
     import torch
 
-    from swavkit.evaluation.embed import input_channels, weights_sha256
-    from swavkit.evaluation.features import backbone_name, load_eval_backbone
-    from swavkit.runtime.fileio import file_mode, fsync_dir, naming_output
-    from swavkit.artifacts.preprocessing import resolve_preprocessing
-    from swavkit.artifacts.pretrained import LoadError
+    from swavkit.artifacts.preprocessing import resolve_preprocessing  # torch + timm: not at `swavkit --help`
+    from swavkit.artifacts.pretrained import LoadError  # torch + timm: not at `swavkit --help`
 
     require_exporter()
     out_file = check_onnx_target(out_file)
     preprocessing = resolve_preprocessing(source, image_size_px)
-    backbone = load_eval_backbone(source).eval()
+    backbone = load_seeded_backbone(source).eval()
     channels, size = input_channels(backbone), preprocessing.image_size_px
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(EXPORT_BATCH, channels, size, size, generator=generator)
