@@ -24,7 +24,7 @@ from swavkit.runtime.signals import StopRequest, StopRequested
 
 # Seconds-long runs: 32 px images, batch 4, an explicit epoch count (the default would raise it to 500 steps).
 TINY = dict(epochs=2, batch_size=4, image_size_px=32, num_workers=0, device="cpu", progress=False,
-            checkpoint_interval_s=0.0)
+            checkpoint_interval_s=3600.0)
 
 
 @pytest.fixture(scope="module")
@@ -148,18 +148,8 @@ def test_the_whole_backbone_is_trained(folders, tmp_path):
     assert outcome["metrics"]["top1"] >= 66.0  # colour classes, chance is 33 %
 
 
-def test_resume_after_a_stop_equals_an_uninterrupted_run(folders, tmp_path):
-    _, straight = _run(folders, tmp_path / "straight", epochs=3)
-    _, first = _run(folders, tmp_path / "resumed", epochs=3, stop_after_epochs=1)
-    assert not first["completed"] and load_state(tmp_path / "resumed" / CHECKPOINT_FILE)["epoch"] == 1
-    # the rest in a DataLoader worker: each image's crop is seeded by (seed, epoch, image), not by the worker
-    _, second = _run(folders, tmp_path / "resumed", epochs=3, num_workers=1)
-    assert second["resumed_from_epoch"] == 1 and second["completed"]
-    assert second["history"] == straight["history"]  # same losses epoch by epoch
-    assert second["metrics"] == straight["metrics"]
-    a = load_state(tmp_path / "straight" / CHECKPOINT_FILE)["model"]
-    b = load_state(tmp_path / "resumed" / CHECKPOINT_FILE)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical weights, BN statistics included
+# Resume after kill -9 equals an uninterrupted run: tests/test_supervised.py (the loop fine-tuning shares with the
+# reference linear probe); a SIGTERM saves after the batch and exits 3: test_cli_sigterm_exits_3_... below.
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -175,31 +165,6 @@ def _sigterm_at_training_forward(n: int):
             if len(calls) == n:
                 os.kill(os.getpid(), signal.SIGTERM)
     return hook
-
-
-@pytest.mark.parametrize("signal_at_batch, saved_epoch, saved_batches", [(5, 1, 2), (3, 1, None)])
-def test_sigterm_saves_after_the_batch_and_the_resume_equals_an_uninterrupted_run(
-        folders, tmp_path, signal_at_batch, saved_epoch, saved_batches):
-    # 12 labelled images at batch 4: 3 batches an epoch; batch 5 is the middle of epoch 2, batch 3 ends epoch 1
-    _, straight = _run(folders, tmp_path / "straight", epochs=3)
-    options = FinetuneOptions(label_fraction="0.5", **{**TINY, "epochs": 3})
-    data = _data(folders, options)
-    torch.manual_seed(0)
-    backbone = load_backbone("timm:resnet10t")
-    backbone.register_forward_hook(_sigterm_at_training_forward(signal_at_batch))
-    folder = FinetuneFolder(tmp_path / "resumed")
-    folder.start({"test": 1}, label_list_text(data.relative, data.indices))
-    with StopRequest() as stop_request, pytest.raises(StopRequested, match="stopped by SIGTERM"):
-        run_finetune(backbone, data, resolve_recipe(options, 12, 24), folder, options, "test", stop_request)
-    saved = load_state(tmp_path / "resumed" / CHECKPOINT_FILE)
-    assert saved["epoch"] == saved_epoch and len(saved["history"]) == saved_epoch
-    assert (saved.get("part_epoch") or {}).get("batches") == saved_batches
-    _, resumed = _run(folders, tmp_path / "resumed", epochs=3)
-    assert resumed["resumed_from_epoch"] == saved_epoch and resumed["completed"]
-    assert resumed["history"] == straight["history"] and resumed["metrics"] == straight["metrics"]
-    a = load_state(tmp_path / "straight" / CHECKPOINT_FILE)["model"]
-    b = load_state(tmp_path / "resumed" / CHECKPOINT_FILE)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_checkpoint_with_the_old_rng_keys_still_resumes_to_the_same_result(folders, tmp_path):
@@ -322,23 +287,33 @@ def test_the_floor_is_discarded_with_its_run(tmp_path):
     assert list(run.path.iterdir()) == []
 
 
-@pytest.mark.parametrize("env", [{"RANK": "1", "WORLD_SIZE": "2"}, {"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}])
-def test_a_multi_process_launch_is_refused_in_one_line_before_anything_is_written(folders, tmp_path, monkeypatch,
-                                                                                 capsys, env):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    from swavkit.runtime.distributed import LaunchError
+def _finetune_worker(rank, world, port, folders, tmp_path):
+    from test_distributed import _set_env
 
-    with pytest.raises(LaunchError, match="runs in one process.*not torchrun or srun"):
-        finetune("timm:resnet10t", *folders, FinetuneOptions(out_dir=str(tmp_path / "run"), out_json="", **TINY))
-    train_dir, val_dir = folders
-    done = _cli("--backbone", "timm:resnet10t", "--train", str(train_dir), "--val", str(val_dir), "--image-size",
-                "32", "--workers", "0", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and len(lines) == 1 and "runs in one process" in lines[0], done.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither run folder nor result
+    from swavkit.runtime import distributed
+
+    _set_env(rank, world, port)
+    distributed.init("cpu")
+    options = FinetuneOptions(label_fraction="0.5", out_dir=str(tmp_path / "run"), out_json=str(tmp_path / "ft.json"),
+                              floors="off", **TINY)
+    result = finetune("timm:resnet10t", *folders, options)
+    torch.save({"completed": result["completed"], "history": result["history"]}, tmp_path / f"rank{rank}.pt")
+    distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_fine_tune_with_the_batch_split_and_one_writer(folders, tmp_path):
+    import torch.multiprocessing as mp
+    from test_distributed import free_port
+
+    # forked, not spawned: the workers need no second import of torch
+    mp.start_processes(_finetune_worker, args=(2, free_port(), folders, tmp_path), nprocs=2, start_method="fork")
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    assert ranks[0]["completed"] and ranks[0]["history"] == ranks[1]["history"]  # losses all-reduced every step
+    saved = json.loads((tmp_path / "ft.json").read_text())
+    assert saved["protocol"]["n_labelled"] == 12 and saved["history"] == ranks[0]["history"]
+    assert load_state(tmp_path / "run" / CHECKPOINT_FILE)["epoch"] == 2  # 12 images at global batch 4: 3 steps
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ft.json", "ft.labels.txt", "rank0.pt", "rank1.pt", "run"]
 
 
 def test_fine_tuning_augments_like_the_linear_probe(folders):
@@ -383,27 +358,27 @@ def test_cli_runs_and_prints_a_table(folders, tmp_path, monkeypatch, capsys):
 
 def test_cli_sigterm_exits_3_with_the_state_saved_and_the_same_command_resumes(folders, tmp_path, monkeypatch,
                                                                                capsys):
-    import swavkit.evaluation.finetune
+    import swavkit.evaluation.supervised
 
     train_dir, val_dir = folders
     args = ("--backbone", "timm:resnet10t", "--train", str(train_dir), "--val", str(val_dir), "--label-fraction",
             "4/class", "--epochs", "2", "--batch-size", "4", "--image-size", "32", "--workers", "0", "--no-progress",
             "--out-dir", "ft")
-    one_epoch = swavkit.evaluation.finetune.train_one_epoch
+    one_step = swavkit.evaluation.supervised._step
 
-    def signalled_epoch(*a, **k):
-        os.kill(os.getpid(), signal.SIGTERM)  # caught, deferred: the epoch stops after its first batch
-        return one_epoch(*a, **k)
+    def signalled_step(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)  # caught, deferred: the run stops after this batch
+        return one_step(*a, **k)
 
     handler_before = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(swavkit.evaluation.finetune, "train_one_epoch", signalled_epoch)
+    monkeypatch.setattr(swavkit.evaluation.supervised, "_step", signalled_step)
     done = _cli(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert done.returncode == 3, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("swavkit finetune: stopped by SIGTERM at epoch 1, batch 1/3")
     assert load_state(tmp_path / "ft" / CHECKPOINT_FILE)["part_epoch"]["batches"] == 1
     assert not (tmp_path / "results").exists()
-    monkeypatch.setattr(swavkit.evaluation.finetune, "train_one_epoch", one_epoch)
+    monkeypatch.setattr(swavkit.evaluation.supervised, "_step", one_step)
     done = _cli(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert done.returncode == 0, done.stderr
     assert signal.getsignal(signal.SIGTERM) == handler_before  # swavkit's handler only while it runs

@@ -8,12 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from evaluation_fixtures import ONE_THREAD_ENV, clusters, one_thread, write_labelled_folders  # noqa: F401
-from swavkit.data import eval_transform
-from swavkit.data import LabelledImageFolder
-from swavkit.evaluation.features import load_eval_backbone
-from swavkit.data.transforms import Preprocessing
 from swavkit.evaluation.linear_probe import (evaluate_linear, fit_softmax_regression, linear_probe_fast,
-                                  linear_probe_reference, stratified_holdout, train_transform)
+                                  stratified_holdout)
 from swavkit.evaluation.report import RESULT_KEYS
 
 
@@ -59,21 +55,7 @@ def test_fast_probe_never_looks_at_val_labels_for_selection():
     assert honest["top1"] > 60.0 and scrambled["top1"] < 40.0  # the same classifier, judged differently
 
 
-def test_reference_recipe_trains_only_the_head(tmp_path):
-    train_dir, val_dir = write_labelled_folders(tmp_path, n_train=8, n_val=4)
-    preprocessing = Preprocessing(32, 1.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "argument")
-    train = LabelledImageFolder(train_dir, train_transform(preprocessing, min_crop_scale=0.5))
-    val = LabelledImageFolder(val_dir, eval_transform(32, preprocessing.mean, preprocessing.std, 1.0),
-                              classes=train.classes)
-    backbone = load_eval_backbone("timm:resnet10t")
-    before = {k: v.clone() for k, v in backbone.state_dict().items()}
-    metrics = linear_probe_reference(backbone, train, val, n_classes=3, epochs=3, batch_size=8, lr=3.0,
-                                     num_workers=0, device="cpu", progress=False)
-    assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())  # frozen, BN stats too
-    assert metrics["steps"] == 9 and metrics["feature_dim"] == 512
-    assert abs(metrics["peak_lr"] - 3.0 * 8 / 256) < 1e-12
-    # colour classes: a linear head on random features separates them, well above chance (33 %)
-    assert metrics["top1"] >= 66.0 and metrics["final_train_loss"] < 5.0
+# The reference recipe's loop (frozen trunk, resume after kill -9, two processes): tests/test_supervised.py.
 
 
 def test_evaluate_linear_reference_writes_its_protocol(tmp_path):

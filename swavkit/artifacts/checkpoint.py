@@ -92,13 +92,20 @@ def load_state(path: str | Path) -> dict:
     return state
 
 
+def read_checkpoint(path: str | Path, format_tag: str, what: str, remedy: str = "") -> dict:
+    """A checkpoint file whose ``format`` entry is ``format_tag``; CheckpointError (one line) for any other file,
+    naming it, ``what`` it should be and the ``remedy``."""
+    state = load_state(path)
+    if not isinstance(state, dict) or state.get("format") != format_tag:
+        raise CheckpointError(f"{path} is not a swavkit {what} (no format '{format_tag}')" + (f"; {remedy}" if remedy
+                                                                                              else ""))
+    return state
+
+
 def load_training_checkpoint(path: str | Path) -> dict:
     """A swavkit training checkpoint as saved (an FSDP run's holds ``sharded`` instead of ``model``: its whole
     model comes from :func:`swavkit.artifacts.sharded_checkpoint.load_whole_training_checkpoint`)."""
-    state = load_state(path)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a swavkit training checkpoint (no format '{CHECKPOINT_FORMAT}')")
-    return state
+    return read_checkpoint(path, CHECKPOINT_FORMAT, "training checkpoint")
 
 
 def is_swavkit_checkpoint(path: str | Path) -> bool:

@@ -37,6 +37,15 @@ RUN_WANDB_DIR = "wandb"  # W&B makes it inside the dir it is given (the run fold
 RUN_LOGGER_FILES = (RUN_LOGGER_IDS, RUN_MLFLOW_DB)
 RUN_LOGGER_FOLDERS = (RUN_TENSORBOARD_DIR, RUN_WANDB_DIR)
 
+# a fine-tune's folder (``swavkit finetune --out-dir``; swavkit.artifacts.rundir.FinetuneFolder): finetune.json says
+# what was run, labels.txt lists the labelled files, checkpoint.pt is the training state; the random-init floor
+# and each baseline are fine-tunes of their own in sub-folders
+FINETUNE_RUN_FILE = "finetune.json"
+FINETUNE_CHECKPOINT_FILE = "checkpoint.pt"
+FINETUNE_LABELS_FILE = "labels.txt"
+FINETUNE_FLOOR_FOLDER = "random-init"
+FINETUNE_BASELINE_PREFIX = "baseline-"  # + the baseline's name: its fine-tune beside the floor's
+
 
 def holds_export(folder: Path) -> bool:
     """True for a folder with an export's config and weights (swavkit's or anyone's timm local-dir)."""
@@ -58,4 +67,5 @@ def run_folder_of(path: Path) -> Path | None:
 __all__ = ["EXPORT_CONFIG", "EXPORT_WEIGHTS", "EXPORT_CARD", "EXPORT_FILES", "RUN_CONFIG", "RUN_METRICS",
            "RUN_SKIPPED", "RUN_CHECKPOINT", "RUN_BEST_CHECKPOINT", "RUN_SIGNAL_SAMPLE",
            "RUN_CHECKPOINT_CHOICES", "RUN_EXPORT_DIR", "RUN_LOGGER_IDS", "RUN_MLFLOW_DB", "RUN_TENSORBOARD_DIR",
-           "RUN_WANDB_DIR", "RUN_LOGGER_FILES", "RUN_LOGGER_FOLDERS", "holds_export", "run_folder_of"]
+           "RUN_WANDB_DIR", "RUN_LOGGER_FILES", "RUN_LOGGER_FOLDERS", "FINETUNE_RUN_FILE", "FINETUNE_CHECKPOINT_FILE",
+           "FINETUNE_LABELS_FILE", "FINETUNE_FLOOR_FOLDER", "FINETUNE_BASELINE_PREFIX", "holds_export", "run_folder_of"]

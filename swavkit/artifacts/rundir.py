@@ -26,6 +26,9 @@ from pathlib import Path
 from swavkit.artifacts.layout import (RUN_BEST_CHECKPOINT, RUN_CHECKPOINT, RUN_CONFIG, RUN_CONFIG_HEADER,
                                      RUN_EXPORT_DIR, RUN_LOGGER_FILES, RUN_LOGGER_FOLDERS, RUN_METRICS,
                                      RUN_SIGNAL_SAMPLE, RUN_SKIPPED)
+# the fine-tune folder's names, also importable from here as before (swavkit.evaluation.finetune reads them here)
+from swavkit.artifacts.layout import (FINETUNE_BASELINE_PREFIX, FINETUNE_CHECKPOINT_FILE,  # noqa: F401
+                                     FINETUNE_FLOOR_FOLDER, FINETUNE_LABELS_FILE, FINETUNE_RUN_FILE)
 from swavkit.artifacts.sharded_checkpoint import remove_shard_folders
 from swavkit.artifacts.checkpoint import CheckpointError, check_export_target, is_swavkit_checkpoint, is_swavkit_export
 from swavkit.config import ConfigError
@@ -35,15 +38,9 @@ from swavkit.runtime.fileio import jsonl_line, read_jsonl, write_json_atomic, wr
 
 CONFIG_HEADER = RUN_CONFIG_HEADER
 
-# A fine-tune's folder (swavkit.evaluation.finetune): finetune.json says what was run (its "format" is the marker),
-# labels.txt lists the labelled files, checkpoint.pt is the training state; the random-init floor is a
-# fine-tune of its own in random-init/.
+# A fine-tune's folder (its file names: artifacts/layout.py); the "format" of its finetune.json is the marker
+# that makes a folder a fine-tune, and the format tag of its checkpoint.pt.
 FINETUNE_FORMAT = "swavkit-finetune-v1"
-FINETUNE_RUN_FILE = "finetune.json"
-FINETUNE_CHECKPOINT_FILE = "checkpoint.pt"
-FINETUNE_LABELS_FILE = "labels.txt"
-FINETUNE_FLOOR_FOLDER = "random-init"
-FINETUNE_BASELINE_PREFIX = "baseline-"  # + the baseline's name: its fine-tune beside the floor's
 
 
 def resolve_out_dir(text: str) -> Path:

@@ -136,6 +136,23 @@ class LRSchedule:
         return f"peak LR {self.peak_lr:.4g}, {warmup}cosine to {self.final_lr:.3g} at step {self.total_steps}"
 
 
+@dataclass
+class StepDecaySchedule:
+    """``peak_lr`` times ``gamma`` for each boundary in ``decay_steps`` that the step has reached: the step
+    decay of the SwAV semi-supervised fine-tuning recipe (x0.2 at epochs 12 and 16 of 20, given here in
+    optimiser steps). Like :class:`LRSchedule`, a function of the 0-based optimiser step."""
+
+    peak_lr: float
+    decay_steps: list[int]
+    gamma: float
+
+    def lr(self, step: int) -> float:
+        return self.peak_lr * self.gamma ** sum(step >= boundary for boundary in self.decay_steps)
+
+    def describe(self) -> str:
+        return f"LR {self.peak_lr:.4g}, x{self.gamma:g} at steps {list(self.decay_steps)}"
+
+
 def build_lr_schedule(cfg: Config, steps_per_epoch: int, optimizer_name: str) -> LRSchedule:
     """The schedule ``cfg.optim`` asks for at the global batch ``cfg.train.batch_size``.
 

@@ -24,18 +24,20 @@ last epoch, and that number is reported.
 A run lives in its own folder (``out_dir``): ``finetune.json`` (what was run), ``labels.txt`` (the labelled
 files) and ``checkpoint.pt`` (weights, optimiser, epoch; written atomically every
 ``checkpoint_interval_s``, at the end, and after the current batch on SIGTERM / SIGINT, which then exits with
-code 3 like ``pretrain``). Running the same command again resumes from what was saved, and the result equals
-that of an uninterrupted run (each epoch's order is seeded by (seed, epoch) and
-each image's crop by (seed, epoch, image), whichever DataLoader worker reads it). A folder that holds
+code 3 like ``pretrain``). Running the same command again resumes from what was saved (after a kill -9 too), and
+the result equals that of an uninterrupted run (each epoch's order is seeded by (seed, epoch) and each image's
+crop by (seed, epoch, image), whichever DataLoader worker reads it). A non-finite loss saves the last good state
+and raises TrainingDiverged (exit 2). The loop, its saves and its resume are the reference linear probe's too
+(:mod:`swavkit.evaluation.supervised`, :mod:`swavkit.artifacts.checkpointer`). A folder that holds
 anything else is refused, and ``restart`` deletes only those files (the rule of every run folder:
-:class:`swavkit.artifacts.rundir.OwnedFolder`). A fine-tune runs in one process (the CPU or one GPU): under torchrun or
-srun it stops with a LaunchError before anything is written. ``--precision fp16`` (GPU only) scales the loss
+:class:`swavkit.artifacts.rundir.OwnedFolder`). Under torchrun or srun the global batch is split over the processes
+(DistributedDataParallel; BatchNorm statistics per process) and the main process writes the
+folder and the result. ``--precision fp16`` (GPU only) scales the loss
 like pretraining does.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -53,7 +55,8 @@ from swavkit.runtime.fileio import write_text_atomic
 from swavkit.artifacts.identity import backbone_name
 from swavkit.evaluation.baselines import BASELINE_KINDS, display_names, trained_size, verdict
 from swavkit.evaluation.floors import floors_wanted
-from swavkit.runtime.signals import StopRequest, StopRequested
+from swavkit.core.schedule import StepDecaySchedule
+from swavkit.runtime.signals import StopRequest
 
 # torch, torchvision, timm and the modules that import them (swavkit.artifacts.rundir, swavkit.runtime.rng, swavkit.runtime.distributed)
 # load inside the functions, so that `swavkit --help` (which registers this command) stays instant.
@@ -235,11 +238,6 @@ def resolve_recipe(options: FinetuneOptions, n_labelled: int, n_train: int) -> R
         else "given", notes=notes)
 
 
-def lr_factor(epoch: int, decay_epochs: list[int], gamma: float) -> float:
-    """Step decay: gamma ** (number of decay epochs <= epoch); epoch is 0-based."""
-    return gamma ** sum(epoch >= boundary for boundary in decay_epochs)
-
-
 def build_finetune_optimizer(backbone: torch.nn.Module, head: torch.nn.Module, recipe: Recipe) -> torch.optim.SGD:
     """SGD with two groups: 0 = trunk (every backbone parameter) at trunk_lr, 1 = head at head_lr."""
     import torch
@@ -266,88 +264,6 @@ class LabelledData:
         return len(self.train.classes)
 
 
-class SeededItems:
-    """``items[(i, seed)]`` -> ``dataset[indices[i]]`` with the augmentation RNG seeded by ``seed``: the crops an
-    image gets depend on (seed, epoch, image) only, not on the worker that reads it or on a resume."""
-
-    def __init__(self, dataset, indices: list[int]):
-        self.dataset, self.indices = dataset, list(indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, key):
-        import torch
-
-        position, seed = key
-        if torch.utils.data.get_worker_info() is not None:  # a worker's RNG is its own
-            torch.default_generator.manual_seed(seed)
-            return self.dataset[self.indices[position]]
-        with torch.random.fork_rng(devices=[]):  # in this process: leave the caller's RNG alone
-            torch.default_generator.manual_seed(seed)
-            return self.dataset[self.indices[position]]
-
-
-def _labelled_loader(data: LabelledData, recipe: Recipe, num_workers: int, device):
-    """(loader, sampler) over the labelled images; ``sampler.set_epoch(e)`` gives epoch e's order and seeds.
-    One loader for the whole run (persistent workers): a 1 % label set makes many one-step epochs."""
-    from torch.utils.data import DataLoader
-
-    from swavkit.data import EpochSampler, ReadOrReport, collate_read_or_report
-
-    sampler = EpochSampler(len(data.indices), seed=recipe.seed)
-    loader = DataLoader(ReadOrReport(SeededItems(data.train, data.indices)), batch_size=recipe.batch_size,
-                        sampler=sampler, drop_last=True, num_workers=num_workers, collate_fn=collate_read_or_report,
-                        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
-    return loader, sampler
-
-
-def train_one_epoch(model: torch.nn.Module, loader, optimizer, device: torch.device, dtype: torch.dtype | None,
-                    sums: dict | None = None, stop_request: StopRequest | None = None,
-                    scaler: torch.amp.GradScaler | None = None) -> dict:
-    """One pass of SGD over ``loader`` (images [B, 3, s, s] -> logits [B, C]); returns the epoch's running sums
-    {"batches", "loss_sum", "correct", "seen"}, continuing ``sums`` (an epoch resumed in its middle). Ends
-    early, after the current batch, once ``stop_request`` has caught a signal. ``scaler``: the fp16 loss
-    scaler (a disabled one, or None, leaves the step a plain ``backward`` + ``step``)."""
-    import torch
-    import torch.nn.functional as F
-
-    from swavkit.data import raise_for_unreadable
-
-    model.train()
-    sums = dict(sums or {"batches": 0, "loss_sum": 0.0, "correct": 0, "seen": 0})
-    for _, images, labels, unreadable in loader:
-        raise_for_unreadable(unreadable)
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels)
-        if not torch.isfinite(loss):
-            raise ConfigError(f"fine-tuning loss became {loss.item()}: the LRs are too high for this backbone; "
-                              "lower --trunk-lr / --head-lr")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:  # fp16 gradients underflow without loss scaling; it skips a step whose gradients are not finite
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        sums["batches"] += 1
-        sums["loss_sum"] += loss.item() * len(labels)
-        sums["correct"] += int((logits.argmax(1) == labels).sum())
-        sums["seen"] += len(labels)
-        if stop_request is not None and stop_request.signal_name is not None:
-            break
-    return sums
-
-
-def _epoch_row(sums: dict) -> dict:
-    """The epoch's mean loss and top-1 % from :func:`train_one_epoch`'s sums."""
-    return {"train_loss": sums["loss_sum"] / max(1, sums["seen"]),
-            "train_top1": 100.0 * sums["correct"] / max(1, sums["seen"])}
-
-
 def evaluate_classifier(model: torch.nn.Module, dataset, device: torch.device, batch_size: int, num_workers: int,
                         dtype: torch.dtype | None) -> dict:
     """Top-1 (and top-5 with more than 5 classes) accuracy in % of ``model`` (eval mode) on ``dataset``."""
@@ -370,121 +286,55 @@ def evaluate_classifier(model: torch.nn.Module, dataset, device: torch.device, b
     return topk_accuracy(torch.cat(all_logits), torch.cat(all_labels))
 
 
-def _save(folder: FinetuneFolder, epoch: int, model, optimizer, scaler, history: list[dict],
-          part_epoch: dict | None = None) -> None:
-    """``epoch`` epochs done; ``part_epoch``: the next one's sums and RNG state, when stopped in its middle."""
-    from swavkit.artifacts.checkpoint import save_atomic
-    from swavkit.artifacts.rundir import FINETUNE_FORMAT
-
-    state = {"format": FINETUNE_FORMAT, "epoch": epoch, "model": model.state_dict(),
-             "optimizer": optimizer.state_dict(), "history": history}
-    if scaler.is_enabled():  # fp16 only: its loss scale
-        state["scaler"] = scaler.state_dict()
-    if part_epoch is not None:
-        state["part_epoch"] = part_epoch
-    save_atomic(state, folder.checkpoint)
-
-
-def _rng_state_of(part_epoch: dict) -> dict:
-    """The RNG state saved with a part epoch, as :func:`swavkit.runtime.rng.capture_rng_state` gives it; checkpoints
-    written before that module saved it as {"cpu", "cuda"}."""
-    rng = part_epoch.pop("rng")
-    return {"rng_cpu": rng["cpu"], "rng_cuda": rng["cuda"]} if "cpu" in rng else rng
-
-
-def _resume(folder: FinetuneFolder, model, optimizer, scaler) -> tuple[int, list[dict], dict | None]:
-    """(epochs done, per-epoch history, the part of the next epoch done or None) from the folder's checkpoint;
-    (0, [], None) without one."""
-    from swavkit.artifacts.checkpoint import CheckpointError, load_state
-    from swavkit.artifacts.rundir import FINETUNE_FORMAT
-
-    if not folder.checkpoint.is_file():
-        return 0, [], None
-    state = load_state(folder.checkpoint)
-    if not isinstance(state, dict) or state.get("format") != FINETUNE_FORMAT:
-        raise CheckpointError(f"{folder.checkpoint} is not a swavkit fine-tune checkpoint; pass --restart to "
-                              "start over")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if scaler.is_enabled() and "scaler" in state:  # saved at fp16 and resumed at fp16; else it starts afresh
-        scaler.load_state_dict(state["scaler"])
-    return int(state["epoch"]), list(state["history"]), state.get("part_epoch")
+def finetune_schedules(recipe: Recipe, steps_per_epoch: int) -> list[StepDecaySchedule]:
+    """The LR of the trunk group and of the head group (swavkit.core.schedule): each at its own LR, x
+    ``decay_gamma`` at each of the recipe's decay epochs."""
+    decay_steps = [epoch * steps_per_epoch for epoch in recipe.decay_epochs]
+    return [StepDecaySchedule(lr, decay_steps, recipe.decay_gamma) for lr in (recipe.trunk_lr, recipe.head_lr)]
 
 
 def run_finetune(backbone: torch.nn.Module, data: LabelledData, recipe: Recipe, folder: FinetuneFolder,
                  options: FinetuneOptions, description: str, stop_request: StopRequest | None = None) -> dict:
-    """Fine-tune ``backbone`` + a new linear head on the labelled images, resuming from ``folder``; evaluate
-    val once after the last epoch. Returns {"metrics", "history", "resumed_from_epoch", "completed"}.
+    """Fine-tune ``backbone`` + a new linear head on the labelled images (:mod:`swavkit.evaluation.supervised`,
+    trunk trained), resuming from ``folder``; evaluate val once after the last epoch. Returns {"metrics",
+    "history", "resumed_from_epoch", "completed", "feature_dim"}.
 
     A signal caught by ``stop_request`` during the epochs saves the state after the current batch and raises
-    StopRequested (exit code 3); the same call again resumes from that batch.
+    StopRequested (exit code 3); the same call again resumes from that batch. A non-finite loss saves the last
+    good state and raises TrainingDiverged.
     """
     import torch
-    from tqdm import tqdm
 
+    from swavkit.artifacts.rundir import FINETUNE_FORMAT
+    from swavkit.evaluation.supervised import SupervisedRun, feature_dim_of, linear_head, train_supervised
     from swavkit.runtime.device import autocast_dtype, resolve_device, resolve_precision
-    from swavkit.runtime.rng import capture_rng_state, restore_rng_state
+    from swavkit.runtime.distributed import detect_launch
 
-    device = resolve_device(options.device)
+    device = resolve_device(options.device, detect_launch().local_rank)  # under torchrun: this process's GPU
     precision = resolve_precision(options.precision, device)
     dtype = autocast_dtype(precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(recipe.seed)
-        with torch.no_grad():
-            feature_dim = int(backbone.eval()(data.val[0][0][None]).shape[1])
-        head = torch.nn.Linear(feature_dim, data.n_classes)
-        torch.nn.init.normal_(head.weight, std=0.01)
-        torch.nn.init.zeros_(head.bias)
-        model = torch.nn.Sequential(backbone, head).to(device)
-        optimizer = build_finetune_optimizer(backbone, head, recipe)
-        start_epoch, history, part_epoch = _resume(folder, model, optimizer, scaler)
-        stop_at = recipe.epochs if options.stop_after_epochs is None else min(
-            recipe.epochs, start_epoch + options.stop_after_epochs)
-        last_save = time.monotonic()
-        bar = tqdm(range(start_epoch, stop_at), desc=description, unit="epoch", initial=start_epoch,
-                   total=recipe.epochs, disable=not options.progress, dynamic_ncols=True)
-        loader, sampler = _labelled_loader(data, recipe, options.num_workers, device)
-        steps_per_epoch = len(data.indices) // recipe.batch_size  # the loader drops the last partial batch
-        with stop_request.deferred() if stop_request else contextlib.nullcontext():
-            for epoch in bar:
-                if part_epoch is None:
-                    torch.manual_seed(recipe.seed * 1_000_003 + epoch)  # e.g. drop-path: the same after a resume
-                else:
-                    restore_rng_state(_rng_state_of(part_epoch), device)
-                sampler.set_epoch(epoch, start=(part_epoch or {}).get("batches", 0) * recipe.batch_size)
-                for group in optimizer.param_groups:
-                    group["lr"] = group["base_lr"] * lr_factor(epoch, recipe.decay_epochs, recipe.decay_gamma)
-                sums = train_one_epoch(model, loader, optimizer, device, dtype, part_epoch, stop_request, scaler)
-                part_epoch = None
-                if sums["batches"] < steps_per_epoch:  # a signal in the middle of the epoch
-                    bar.close()
-                    _save(folder, epoch, model, optimizer, scaler, history, {**sums, "rng": capture_rng_state(device)})
-                    _raise_stopped(stop_request, folder, f"epoch {epoch + 1}, batch {sums['batches']}/{steps_per_epoch}")
-                row = _epoch_row(sums)
-                history.append({"epoch": epoch + 1, **{k: round(v, 4) for k, v in row.items()},
-                                "trunk_lr": optimizer.param_groups[0]["lr"], "head_lr": optimizer.param_groups[1]["lr"]})
-                bar.set_postfix(loss=f"{row['train_loss']:.3f}", train_top1=f"{row['train_top1']:.1f}")
-                stopped = stop_request is not None and stop_request.signal_name is not None
-                if stopped or epoch + 1 == stop_at or time.monotonic() - last_save >= options.checkpoint_interval_s:
-                    _save(folder, epoch + 1, model, optimizer, scaler, history)
-                    last_save = time.monotonic()
-                if stopped:
-                    bar.close()
-                    _raise_stopped(stop_request, folder, f"the end of epoch {epoch + 1}")
-        bar.close()
-    if stop_at < recipe.epochs:
-        return {"metrics": {}, "history": history, "resumed_from_epoch": start_epoch, "completed": False}
-    metrics = evaluate_classifier(model, data.val, device, max(recipe.batch_size, 256), options.num_workers, dtype)
-    return {"metrics": metrics, "history": history, "resumed_from_epoch": start_epoch, "completed": True,
-            "feature_dim": feature_dim}
-
-
-def _raise_stopped(stop_request: StopRequest, folder: FinetuneFolder, where: str) -> None:
-    from swavkit.data import printable_path
-
-    raise StopRequested(f"stopped by {stop_request.signal_name} at {where}; saved to "
-                        f"{printable_path(folder.checkpoint)}: run the same command again to resume")
+        backbone.to(device)
+        feature_dim = feature_dim_of(backbone, data.train, data.indices[0], device)
+        head = linear_head(feature_dim, data.n_classes)
+        run = SupervisedRun(
+            trunk=backbone, head=head, train_trunk=True, dataset=data.train, indices=data.indices,
+            epochs=recipe.epochs, batch_size=recipe.batch_size, seed=recipe.seed,
+            optimizer=build_finetune_optimizer(backbone, head, recipe),
+            schedules=finetune_schedules(recipe, len(data.indices) // recipe.batch_size), device=device,
+            dtype=dtype, scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+            num_workers=options.num_workers, checkpoint=folder.checkpoint, format_tag=FINETUNE_FORMAT,
+            every_minutes=options.checkpoint_interval_s / 60.0, stop_request=stop_request,
+            stop_after_epochs=options.stop_after_epochs, description=description, progress=options.progress,
+            lr_hint="lower --trunk-lr / --head-lr", remedy="pass --restart to start over")
+        outcome = train_supervised(run)
+    outcome.update(feature_dim=feature_dim, metrics={})
+    if outcome["completed"]:
+        model = torch.nn.Sequential(backbone, head)
+        outcome["metrics"] = evaluate_classifier(model, data.val, device, max(recipe.batch_size, 256),
+                                                 options.num_workers, dtype)
+    return outcome
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -542,10 +392,16 @@ def _finetune_one(source: str, backbone, data, recipe, preprocessing, folder_pat
                   description: str, stop_request: StopRequest) -> dict:
     from swavkit.artifacts.rundir import FinetuneFolder  # torch: not at `swavkit --help`
 
+    from swavkit.runtime import distributed
+
+    if distributed.is_main_process():  # under torchrun the main process checks and writes the folder first
+        folder = FinetuneFolder(folder_path)
+        if options.restart:
+            folder.discard()
+        folder.start(_setup(source, train_dir, data, recipe, preprocessing),
+                     label_list_text(data.relative, data.indices))
+    distributed.barrier()
     folder = FinetuneFolder(folder_path)
-    if options.restart:
-        folder.discard()
-    folder.start(_setup(source, train_dir, data, recipe, preprocessing), label_list_text(data.relative, data.indices))
     start = time.perf_counter()
     outcome = run_finetune(backbone, data, recipe, folder, options, description, stop_request)
     outcome.update(out_dir=str(folder.path), wall_time_s=round(time.perf_counter() - start, 3))
@@ -588,8 +444,10 @@ def finetune(backbone_source: str | Path, train_dir: str | Path, val_dir: str | 
 def _finetune(source: str, train_dir, val_dir, options: FinetuneOptions, stop_request: StopRequest) -> dict:
     from swavkit.artifacts.rundir import FINETUNE_FLOOR_FOLDER  # torch: not at `swavkit --help`
     from swavkit.evaluation import setup  # torch + timm: not at `swavkit --help`
+    from swavkit.runtime.device import resolve_precision  # torch: as above
 
-    run = setup.start("finetune", source, options, check_output=check_outputs, one_process="swavkit finetune")
+    run = setup.start("finetune", source, options, check_output=check_outputs)  # torchrun: the batch split
+    resolve_precision(options.precision, run.device)  # fp16 on a CPU is refused now, not after reading the data
     preprocessing = setup.preprocessing_for(source, options.image_size_px)
     preprocessing.require_rgb(source, "swavkit finetune")  # before any image is read
     data, chosen_by = load_labelled_data(train_dir, val_dir, preprocessing, options)
@@ -696,4 +554,4 @@ def __getattr__(name: str):
 
 __all__ = ["FinetuneOptions", "LabelSpec", "Recipe", "finetune", "run_finetune", "parse_label_spec",
            "select_labelled", "read_label_list", "label_list_text", "resolve_recipe", "build_finetune_optimizer",
-           "lr_factor", "labels_path_for", "FinetuneFolder"]
+           "finetune_schedules", "labels_path_for", "FinetuneFolder"]

@@ -20,13 +20,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from swavkit.runtime import distributed
 from swavkit.errors import ConfigError
 from swavkit.runtime.cores import default_num_workers, threads_for_size
-from swavkit.data import LabelledImageFolder, ReadOrReport, collate_read_or_report, raise_for_unreadable
+from swavkit.data import LabelledImageFolder
 from swavkit.data.transforms import train_transform as augment
 from swavkit.runtime.device import autocast_dtype, resolve_device, resolve_precision
 from swavkit.evaluation.options import DEFAULT_WEIGHT_DECAYS, RECIPES, EvalOptions, LinearOptions, apply_keywords
@@ -37,6 +35,8 @@ from swavkit.evaluation.metrics import topk_accuracy
 from swavkit.data.transforms import Preprocessing
 from swavkit.evaluation.report import data_record
 from swavkit.core.schedule import LRSchedule
+from swavkit.evaluation.supervised import SupervisedRun, feature_dim_of, linear_head, train_supervised
+from swavkit.runtime.signals import StopRequest
 
 
 
@@ -166,73 +166,68 @@ def train_transform(preprocessing: Preprocessing, min_crop_scale: float = 0.08):
     return augment(preprocessing.image_size_px, preprocessing.mean, preprocessing.std, min_crop_scale)
 
 
+REFERENCE_PROBE_FORMAT = "swavkit-linear-reference-v1"  # the checkpoint of a reference linear probe
+
+
 def linear_probe_reference(backbone: torch.nn.Module, train_dataset, val_dataset, *, n_classes: int,
                            epochs: int = 100, batch_size: int = 256, lr: float = 0.3,
                            weight_decay: float = 1e-6, momentum: float = 0.9, num_workers: int | None = None,
                            device: str | torch.device = "cpu", precision: str = "auto", seed: int = 0,
-                           progress: bool = True) -> dict:
+                           progress: bool = True, checkpoint: str | Path | None = None,
+                           checkpoint_every_minutes: float = 10.0, stop_request: StopRequest | None = None) -> dict:
     """Train a linear layer on frozen-backbone features of augmented images; evaluate the last epoch.
+
+    The loop is :mod:`swavkit.evaluation.supervised` with the trunk frozen: under torchrun the global batch is
+    split over the processes; with ``checkpoint`` (a file path) the state is saved there every
+    ``checkpoint_every_minutes``, at the end and on a signal caught by ``stop_request``, and the same call
+    resumes from it (after a kill -9 too) to the result of an uninterrupted run.
 
     Args:
         train_dataset: labelled items with the augmenting transform (:func:`train_transform`).
         val_dataset: labelled items with the centre-crop eval transform.
         batch_size: GLOBAL batch (split over torchrun processes); the peak LR is lr x batch_size / 256.
     Returns:
-        {"top1", "top5" (more than 5 classes), "final_train_loss" (last epoch, this process's batches),
+        {"top1", "top5" (more than 5 classes), "final_train_loss" (last epoch, all processes' batches),
          "peak_lr", "steps", "feature_dim"}
+    Raises:
+        TrainingDiverged: the loss became non-finite (the last good state is saved).
+        CheckpointError: ``checkpoint`` is not a reference probe's, or one of another setup.
     """
     device = resolve_device(device)
     dtype = autocast_dtype(resolve_precision(precision, device))
     num_workers = default_num_workers() if num_workers is None else num_workers
-    world = distributed.world_size()
-    if batch_size % world:
-        raise ConfigError(f"batch_size {batch_size} does not divide by {world} processes")
-    torch.manual_seed(seed)
-    backbone.to(device).eval()  # frozen: BN uses its running statistics, no parameter is updated
-    with torch.no_grad():
-        feature_dim = int(backbone(val_dataset[0][0][None].to(device)).shape[1])
-    head = torch.nn.Linear(feature_dim, n_classes).to(device)
-    torch.nn.init.normal_(head.weight, std=0.01)
-    torch.nn.init.zeros_(head.bias)
-    trainable = distributed.wrap_ddp(head, device)
     peak_lr = lr * batch_size / 256
-    optimizer = torch.optim.SGD(head.parameters(), lr=peak_lr, momentum=momentum, weight_decay=weight_decay)
-    sampler = torch.utils.data.DistributedSampler(ReadOrReport(train_dataset), num_replicas=world,
-                                                  rank=distributed.rank(), shuffle=True, seed=seed,
-                                                  drop_last=True)
-    loader = DataLoader(ReadOrReport(train_dataset), batch_size=batch_size // world, sampler=sampler,
-                        num_workers=num_workers, collate_fn=collate_read_or_report, drop_last=True,
-                        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
-    if len(loader) == 0:
-        raise ConfigError(f"batch_size {batch_size} is larger than the {len(train_dataset)} training images")
-    total_steps, step, loss = epochs * len(loader), 0, torch.tensor(float("nan"))
-    # cosine from the peak to 0, no warm-up: the SwAV/DINO linear-evaluation schedule
-    schedule = LRSchedule(peak_lr=peak_lr, final_lr=0.0, warmup_start_lr=0.0, warmup_steps=0,
-                          total_steps=total_steps)
-    show = progress and distributed.is_main_process()
-    for epoch in tqdm(range(epochs), desc="linear probe", unit="epoch", disable=not show, dynamic_ncols=True):
-        sampler.set_epoch(epoch)
-        running, seen = 0.0, 0
-        for _, images, labels, unreadable in loader:
-            raise_for_unreadable(unreadable)
-            for group in optimizer.param_groups:
-                group["lr"] = schedule.lr(step)
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                features = backbone(images)
-            loss = F.cross_entropy(trainable(features.float()), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            running, seen, step = running + loss.item() * len(labels), seen + len(labels), step + 1
-        final_train_loss = running / max(1, seen)
-    val_features, val_labels = extract_features(backbone, val_dataset, device, batch_size // world, num_workers,
-                                                precision=precision, progress=progress,
+    backbone.to(device).eval()  # frozen: BN uses its running statistics, no parameter is updated
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        feature_dim = feature_dim_of(backbone, train_dataset, 0, device)
+        head = linear_head(feature_dim, n_classes).to(device)
+        optimizer = torch.optim.SGD([{"params": list(head.parameters()), "name": "head"}], lr=peak_lr,
+                                    momentum=momentum, weight_decay=weight_decay)
+        steps_per_epoch = len(train_dataset) // batch_size
+        # cosine from the peak to 0, no warm-up: the SwAV/DINO linear-evaluation schedule
+        schedule = LRSchedule(peak_lr=peak_lr, final_lr=0.0, warmup_start_lr=0.0, warmup_steps=0,
+                              total_steps=epochs * steps_per_epoch)
+        setup = {"n_classes": n_classes, "feature_dim": feature_dim, "n_train": len(train_dataset), "epochs": epochs,
+                 "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "momentum": momentum, "seed": seed}
+        run = SupervisedRun(trunk=backbone, head=head, train_trunk=False, dataset=train_dataset,
+                            indices=list(range(len(train_dataset))), epochs=epochs, batch_size=batch_size, seed=seed,
+                            optimizer=optimizer, schedules=[schedule], device=device, dtype=dtype,
+                            scaler=torch.amp.GradScaler(device.type, enabled=False), num_workers=num_workers,
+                            checkpoint=Path(checkpoint) if checkpoint is not None else None,
+                            format_tag=REFERENCE_PROBE_FORMAT, every_minutes=checkpoint_every_minutes,
+                            setup=setup, stop_request=stop_request,
+                            description="linear probe", progress=progress and distributed.is_main_process(),
+                            lr_hint="lower --lr", remedy="delete it or choose another checkpoint path")
+        outcome = train_supervised(run)
+    val_features, val_labels = extract_features(backbone, val_dataset, device, batch_size // distributed.world_size(),
+                                                num_workers, precision=precision, progress=progress,
                                                 description="val features")
     with torch.no_grad():
         logits = head.cpu()(val_features)
     metrics = topk_accuracy(logits, val_labels)
-    metrics.update(final_train_loss=final_train_loss, peak_lr=peak_lr, steps=total_steps, feature_dim=feature_dim)
+    metrics.update(final_train_loss=outcome["history"][-1]["train_loss"], peak_lr=peak_lr, steps=outcome["steps"],
+                   feature_dim=feature_dim)
     return metrics
 
 

@@ -17,7 +17,8 @@ from tqdm import tqdm
 from swavkit.errors import DataLoaderCrashed, TrainingDiverged  # noqa: F401 (re-exported: trainer)
 from swavkit.runtime import distributed
 from swavkit.training.budget import BudgetClock, BudgetPlan, first_plan, fit_total_steps, worth_changing
-from swavkit.artifacts.checkpoint import backbone_state, export_backbone, load_training_checkpoint, save_atomic
+from swavkit.artifacts.checkpoint import CHECKPOINT_FORMAT, backbone_state, export_backbone, load_training_checkpoint
+from swavkit.artifacts.checkpointer import Checkpointer
 from swavkit.config import Config, backbone_kwargs, to_dict
 from swavkit.data import (append_skipped_report, printable_path)
 from swavkit.data.device_decode import decode_batch
@@ -29,7 +30,6 @@ from swavkit.artifacts.modelcard import card_for_training
 from swavkit.artifacts.rundir import RunFolder
 from swavkit.core.schedule import LRSchedule
 from swavkit.training.collapse import row_entropy
-from swavkit.runtime.signals import StopRequest as _StopRequest
 from swavkit.training.step import StepResult, StepSettings, TrainState, train_step
 from swavkit.training.collapse import CollapsePolicy
 from swavkit.training.data_setup import TrainingData
@@ -39,7 +39,6 @@ from swavkit.training.checkpoint_signal import (SignalSample, best_so_far, measu
 from swavkit.artifacts.layout import RUN_BEST_CHECKPOINT, RUN_SIGNAL_SAMPLE
 from swavkit.runtime.fileio import copy_atomic, read_jsonl
 from swavkit.training.processes import Processes
-from swavkit.artifacts.sharded_checkpoint import remove_shard_folders, save_sharded_checkpoint
 from swavkit.training.sharding import full_model_state
 from swavkit.data.constants import eval_size_px
 
@@ -58,7 +57,7 @@ class Loop:
     settings: StepSettings
     lr_schedule: LRSchedule
     memory_format: torch.memory_format
-    stop_after_steps: int | None
+    checkpointer: Checkpointer  # saves (cadence, stop signals, stop_after_steps) and says when to stop
     loggers: MetricLoggers | None  # the main process's metric backends; None on the others
     collapse_policy: CollapsePolicy | None  # None: the configured epsilon and queue throughout (the paper)
     budget_clock: BudgetClock | None  # train.budget_minutes: this attempt's clock (the plan is in the state)
@@ -84,10 +83,7 @@ class LogWindow:
 class Progress:
     """What the loop changes besides the TrainState."""
     bar: tqdm
-    stop_request: "_StopRequest"
     window: LogWindow
-    last_save_s: float  # time.monotonic() of the last checkpoint
-    save_duration_s: float = 0.0  # how long the last checkpoint took to write (the budget's reserve)
 
 
 def planned_settings(settings: StepSettings, plan: BudgetPlan | None) -> StepSettings:
@@ -98,11 +94,13 @@ def planned_settings(settings: StepSettings, plan: BudgetPlan | None) -> StepSet
                                queue_start_step=plan.queue_start_step)
 
 
-def train_epochs(loop: Loop, state: TrainState, stop_request: "_StopRequest", show_progress: bool) -> str | None:
+def train_epochs(loop: Loop, state: TrainState, show_progress: bool) -> str | None:
     """Epochs of steps until ``total_steps``. Returns None when done, else why it stopped early (a
     signal or stop_after_steps; a checkpoint is saved then)."""
-    data = loop.data
+    data, checkpointer = loop.data, loop.checkpointer
     loop.signal = start_signal(loop)
+    if loop.signal is not None:  # after each save, the label-free signal on the checkpoint just written
+        checkpointer.after_save.append(lambda: checkpoint_signal(loop, state))
     if loop.settings.accumulate_steps > 1:
         micro = data.per_rank_batch // loop.settings.accumulate_steps
         loop.procs.say(f"accumulation: each step runs {loop.settings.accumulate_steps} micro-batches of {micro} per "
@@ -111,19 +109,20 @@ def train_epochs(loop: Loop, state: TrainState, stop_request: "_StopRequest", sh
     state.model.train()
     bar = tqdm(total=min(data.total_steps, loop.lr_schedule.total_steps), initial=state.step,
                disable=not (show_progress and loop.procs.is_main), desc="pretrain", unit="step", dynamic_ncols=True, file=sys.stdout)
-    progress = Progress(bar, stop_request, LogWindow.open(loop.procs.device), time.monotonic())
+    progress = Progress(bar, LogWindow.open(loop.procs.device))
+    checkpointer.last_save_s = time.monotonic()  # the minutes between saves count from the first step
     if loop.budget_clock is not None:
         loop.budget_clock.mark(state.step)
         if loop.budget_clock.measured_step_s is not None and not state.budget.planned:
             _follow_budget(loop, state, progress)  # the plan from --auto's figure, before the first step
-    with stop_request.deferred():  # a signal now only sets a flag: the loop saves and stops in step
+    with checkpointer.stop_request.deferred():  # a signal now only sets a flag: the loop saves and stops in step
         while state.step < data.total_steps:
             epoch = state.step // data.steps_per_epoch
             if state.deepcluster is not None:  # method=deepclusterv2: bank, k-means, the epoch's targets
                 _deepcluster_epoch_start(loop, state, epoch, show_progress)
             if not _train_one_epoch(loop, state, progress, epoch):
                 bar.close()
-                return stop_request.signal_name or f"stop_after_steps={loop.stop_after_steps}"
+                return checkpointer.stop_reason
             _end_of_epoch(loop, state, epoch)
     bar.close()
     return None
@@ -156,7 +155,7 @@ def _train_one_epoch(loop: Loop, state: TrainState, progress: Progress, epoch: i
             _log_metrics(loop, state, result, lr, progress)  # ---- 7g. logging
             if loop.budget_clock is not None:
                 _follow_budget(loop, state, progress)  # ---- 7g'. the time budget's plan
-        if _checkpoint_and_stop(loop, state, progress):  # ---- 7h. checkpoints and stop requests
+        if loop.checkpointer.maybe_save(state.step) and state.step < data.total_steps:  # ---- 7h. checkpoints, stops
             return False
     return True
 
@@ -249,7 +248,7 @@ def _refused_step(loop: Loop, state: TrainState, result: StepResult) -> None:
     if state.nonfinite_skipped <= loop.cfg.train.skip_nonfinite_steps:
         tqdm.write(f"step {result.step}: non-finite {result.nonfinite}, step skipped ({state.nonfinite_skipped} so far)")
         return
-    save_checkpoint(loop, state)  # the weights are still those of the last good step
+    loop.checkpointer.save(state.step)  # the weights are still those of the last good step
     if not result.nonfinite_loss and loop.procs.device.type == "cpu" and loop.settings.autocast_dtype == torch.bfloat16:
         hint = (f"CPU bf16 convolutions return corrupt weight gradients in torch {torch.__version__} when a "
                 "stride-2 3x3 convolution sees a 1x1 map (crops under 32 px): use train.precision=fp32")
@@ -292,30 +291,6 @@ def _log_metrics(loop: Loop, state: TrainState, result: StepResult, lr: float, p
     progress.window = LogWindow.open(procs.device)
 
 
-def _checkpoint_and_stop(loop: Loop, state: TrainState, progress: Progress) -> bool:
-    """7h: save when due (every N steps or M minutes, at the end of an epoch, on a stop request); whether the
-    run must stop now. Every rank takes the same decisions."""
-    train_cfg, step = loop.cfg.train, state.step
-    stop = progress.stop_request.signal_name is not None
-    steps_due = train_cfg.checkpoint_every_steps > 0 and step % train_cfg.checkpoint_every_steps == 0
-    time_due = time.monotonic() - progress.last_save_s > 60 * train_cfg.checkpoint_every_minutes
-    if loop.procs.world > 1:
-        # Signals and wall clocks differ between ranks: act on them only at logging steps, where every
-        # rank joins the same all-reduce.
-        if step % train_cfg.log_every_steps == 0:
-            stop, steps_due, time_due = _on_any_rank(loop.procs.device, stop, steps_due, time_due)
-        else:
-            stop = time_due = False
-    if loop.stop_after_steps is not None and step >= loop.stop_after_steps:
-        stop = True
-    if stop or steps_due or time_due or step % loop.data.steps_per_epoch == 0:
-        save_start_s = time.monotonic()
-        save_checkpoint(loop, state)
-        progress.last_save_s = time.monotonic()
-        progress.save_duration_s = progress.last_save_s - save_start_s
-    return stop and step < loop.data.total_steps
-
-
 def _follow_budget(loop: Loop, state: TrainState, progress: Progress) -> None:
     """7g': with train.budget_minutes, make the plan once the speed is measured, then re-fit the total to the
     recent speed. Rank 0's clock decides; every rank applies the same numbers."""
@@ -327,7 +302,7 @@ def _follow_budget(loop: Loop, state: TrainState, progress: Progress) -> None:
     # early steps do not override --auto's figure
     if loop.procs.is_main and seconds_per_step is not None and (measured or clock.calibrated()):
         # the final checkpoint and the export (about two checkpoint writes) must fit too
-        reserve_s = 1.0 + 2.0 * progress.save_duration_s
+        reserve_s = 1.0 + 2.0 * loop.checkpointer.save_duration_s
         total = fit_total_steps(state.step, clock.elapsed_s(), plan.budget_s, seconds_per_step, reserve_s)
         if not plan.planned:
             made = first_plan(state.step, clock.elapsed_s(), plan.budget_s, seconds_per_step, reserve_s,
@@ -364,12 +339,6 @@ def _follow_budget(loop: Loop, state: TrainState, progress: Progress) -> None:
     progress.bar.refresh()
 
 
-def _on_any_rank(device: torch.device, *flags: bool) -> tuple[bool, ...]:
-    """Each flag OR-ed over the ranks, in one all-reduce (on ``device``: NCCL reduces GPU tensors only)."""
-    reduced = distributed.all_reduce_max(torch.tensor([float(f) for f in flags], device=device))
-    return tuple(bool(v) for v in reduced.tolist())
-
-
 def _end_of_epoch(loop: Loop, state: TrainState, epoch: int) -> None:
     """7i: after a complete epoch, the optional online k-NN on a labelled folder (swavkit/training/monitor.py)."""
     cfg = loop.cfg
@@ -387,21 +356,24 @@ def _end_of_epoch(loop: Loop, state: TrainState, epoch: int) -> None:
     state.model.train()
 
 
-def save_checkpoint(loop: Loop, state: TrainState) -> None:
-    """The checkpoint is the state's dict plus the config. Every rank contributes its queue and RNG; rank 0
-    writes one file atomically."""
-    if loop.budget_clock is not None:
-        state.budget.used_s = loop.budget_clock.elapsed_s()
-    if state.sharded:
-        save_sharded_checkpoint(state, loop.files.checkpoint, to_dict(loop.cfg))
-        return
-    checkpoint = state.state_dict()
-    if loop.procs.is_main:
-        save_atomic({**checkpoint, "config": to_dict(loop.cfg)}, loop.files.checkpoint)
-        remove_shard_folders(loop.files.checkpoint.parent)  # a resumed FSDP run's shards: now superseded
-    distributed.barrier()
-    if loop.signal is not None and loop.procs.is_main:
-        checkpoint_signal(loop, state)
+def pretraining_checkpointer(cfg: Config, procs: Processes, files: RunFolder, state: TrainState, steps_per_epoch: int,
+                             stop_request, stop_after_steps: int | None) -> Checkpointer:
+    """Pretraining's saves: the state's dict plus the config in ``checkpoints/last.pt`` (DCP shards beside it
+    under FSDP) every ``train.checkpoint_every_steps`` / ``_minutes``, at the end of each epoch, on a stop
+    request. Every rank contributes its queue and RNG; rank 0 writes the file."""
+    train_cfg = cfg.train
+    checkpointer = Checkpointer(files.checkpoint, CHECKPOINT_FORMAT, state,
+                                every_steps=train_cfg.checkpoint_every_steps, every_minutes=train_cfg.checkpoint_every_minutes, epoch_steps=steps_per_epoch,
+                                stop_request=stop_request, stop_after_steps=stop_after_steps,
+                                sync_every_steps=train_cfg.log_every_steps, extra=lambda: {"config": to_dict(cfg)},
+                                sharded=state.sharded, device=procs.device)
+    return checkpointer
+
+
+def save_budget_with_checkpoints(checkpointer: Checkpointer, state: TrainState, budget_clock: BudgetClock) -> None:
+    """train.budget_minutes: every save writes the budget seconds used so far (earlier attempts included) into
+    the saved plan. The clock is made after the resume, when the restored plan knows what earlier attempts used."""
+    checkpointer.before_save.append(lambda: setattr(state.budget, "used_s", budget_clock.elapsed_s()))
 
 
 @dataclass

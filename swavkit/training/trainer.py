@@ -36,10 +36,11 @@ from swavkit.training.diagnosis import DEEPCLUSTER_LEVERS
 from swavkit.training.channels import adopt_saved_mean_std
 from swavkit.training.data_setup import TrainingData, build_data, cache_file_list
 from swavkit.training.loop import (UNPLANNED_TOTAL_STEPS, DataLoaderCrashed, Loop, TrainingDiverged, export,
-                                   planned_settings, save_checkpoint, train_epochs)
+                                   planned_settings, pretraining_checkpointer, save_budget_with_checkpoints,
+                                   train_epochs)
 from swavkit.training.processes import Processes, start_processes
 from swavkit.core.activation_checkpointing import apply_activation_checkpointing
-from swavkit.artifacts.sharded_checkpoint import SHARDED_KEY, load_sharded_into, load_whole_into_sharded
+from swavkit.artifacts.checkpointer import Checkpointer
 from swavkit.training.meta_init import build_on_meta, check_replayable
 from swavkit.training.sharding import parallelize
 from swavkit.training.speed import measured_step_seconds
@@ -129,7 +130,12 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
         # 5. optimiser, LR schedule, queue, prototype freezing; 6. resume
         # ============================================================================================
         state, settings = _build_state(cfg, procs, data, core, model)
-        resumed_at_step = _resume(state, checkpoint, procs, data, files) if checkpoint is not None else None
+        checkpointer = pretraining_checkpointer(cfg, procs, files, state, data.steps_per_epoch, stop_request,
+                                                stop_after_steps)
+        resumed_at_step = _resume(checkpointer, checkpoint, procs, data) if checkpoint is not None else None
+        budget_clock = _budget_clock(cfg, procs, state, started_s)  # after the resume: it reads the minutes used
+        if budget_clock is not None:
+            save_budget_with_checkpoints(checkpointer, state, budget_clock)
         if not cfg.swav.prevent_collapse:  # switched off on resume: the configured epsilon and queue again
             state.epsilon, state.queue_dropped_at_step = cfg.swav.epsilon, -1
         # ============================================================================================
@@ -141,11 +147,10 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
         # 8. training loop
         # ============================================================================================
         loop = Loop(cfg, procs, files, data, planned_settings(settings, state.budget), state.lr_schedule,
-                     memory_format, stop_after_steps, loggers,
-                     CollapsePolicy.from_config(cfg.swav) if cfg.method == "swav" else None,
-                     _budget_clock(cfg, procs, state, started_s))
+                     memory_format, checkpointer, loggers,
+                     CollapsePolicy.from_config(cfg.swav) if cfg.method == "swav" else None, budget_clock)
         try:
-            stopped_by = train_epochs(loop, state, stop_request, show_progress=progress)
+            stopped_by = train_epochs(loop, state, show_progress=progress)
         except torch.cuda.OutOfMemoryError:  # the pre-flight check's one line, with the plan's numbers
             raise out_of_memory(cfg, procs.device, procs.world, procs.precision, state.step) from None
         finally:
@@ -158,8 +163,8 @@ def train(cfg: Config, *, restart: bool = False, stop_after_steps: int | None = 
         # ============================================================================================
         # 9. final checkpoint and backbone export (with its model card)
         # ============================================================================================
-        if resumed_at_step != state.step:
-            save_checkpoint(loop, state)
+        if resumed_at_step != state.step and checkpointer.saved_step != state.step:
+            checkpointer.save(state.step)
         backbone_dir = export(loop, state)
         distributed.barrier()
         if loop.budget_clock is not None:
@@ -201,14 +206,10 @@ def _with_defaults(saved: dict) -> dict:
         return saved
 
 
-def _resume(state: TrainState, checkpoint: dict, procs: Processes, data: TrainingData, files: RunFolder) -> int:
+def _resume(checkpointer: Checkpointer, checkpoint: dict, procs: Processes, data: TrainingData) -> int:
     """Stage 6: weights, optimiser, step, queue, RNG and LR schedule from the checkpoint; its step."""
-    if SHARDED_KEY in checkpoint:  # an FSDP run's weights and optimiser: DCP shards, re-sharded to this run
-        load_sharded_into(state, files.checkpoint, checkpoint)
-    elif state.sharded:  # a DDP run's whole checkpoint, continued with dist.strategy=fsdp
-        load_whole_into_sharded(state, checkpoint)
-        checkpoint = {k: v for k, v in checkpoint.items() if k not in ("model", "optimizer")}
-    for note in state.load_state_dict(checkpoint):
+    state = checkpointer.stateful
+    for note in checkpointer.restore(checkpoint):
         procs.say(f"resume: {note}")
     if state.budget is not None:  # the budget's plan (when made) decides the length, not train.epochs
         if state.budget.planned:
@@ -218,7 +219,7 @@ def _resume(state: TrainState, checkpoint: dict, procs: Processes, data: Trainin
         note = state.lr_schedule.change_total_steps(data.total_steps, state.step, data.steps_per_epoch)
         if note:
             procs.say(f"resume: {note}")
-    procs.say(f"resume: {printable_path(files.checkpoint)} at step {state.step}/{data.total_steps}")
+    procs.say(f"resume: {printable_path(checkpointer.path)} at step {state.step}/{data.total_steps}")
     return state.step
 
 
