@@ -20,7 +20,7 @@ def _cmd_finetune(args) -> int:
         device=args.device, precision=args.precision, out_dir=args.out_dir, out_json=args.out,
         floors=args.floors, baselines=args.baselines, restart=args.restart, progress=not args.no_progress)
     result = finetune(args.backbone, args.train, args.val, options)
-    from swavkit.runtime import distributed
+    from swavkit.runtime import distributed  # torch: not at `swavkit --help`
 
     if distributed.is_main_process():  # under torchrun: one report
         print_report(summary_rows(result), result)  # --out "" writes no record: no "wrote" line

@@ -270,8 +270,8 @@ def evaluate_classifier(model: torch.nn.Module, dataset, device: torch.device, b
     import torch
     from torch.utils.data import DataLoader
 
-    from swavkit.data import ReadOrReport, collate_read_or_report, raise_for_unreadable
-    from swavkit.evaluation.metrics import topk_accuracy
+    from swavkit.data import ReadOrReport, collate_read_or_report, raise_for_unreadable  # torch (not at --help)
+    from swavkit.evaluation.metrics import topk_accuracy  # torch: as above
 
     model.eval()
     loader = DataLoader(ReadOrReport(dataset), batch_size=batch_size, num_workers=num_workers,
@@ -305,10 +305,10 @@ def run_finetune(backbone: torch.nn.Module, data: LabelledData, recipe: Recipe, 
     """
     import torch
 
-    from swavkit.artifacts.rundir import FINETUNE_FORMAT
-    from swavkit.evaluation.supervised import SupervisedRun, feature_dim_of, linear_head, train_supervised
-    from swavkit.runtime.device import autocast_dtype, resolve_device, resolve_precision
-    from swavkit.runtime.distributed import detect_launch
+    from swavkit.artifacts.rundir import FINETUNE_FORMAT  # torch: not at `swavkit --help`
+    from swavkit.evaluation.supervised import SupervisedRun, feature_dim_of, linear_head, train_supervised  # torch: as above
+    from swavkit.runtime.device import autocast_dtype, resolve_device, resolve_precision  # torch: as above
+    from swavkit.runtime.distributed import detect_launch  # torch: as above
 
     device = resolve_device(options.device, detect_launch().local_rank)  # under torchrun: this process's GPU
     precision = resolve_precision(options.precision, device)
@@ -391,8 +391,7 @@ def _setup(source: str, train_dir, data: LabelledData, recipe: Recipe, preproces
 def _finetune_one(source: str, backbone, data, recipe, preprocessing, folder_path, train_dir, options,
                   description: str, stop_request: StopRequest) -> dict:
     from swavkit.artifacts.rundir import FinetuneFolder  # torch: not at `swavkit --help`
-
-    from swavkit.runtime import distributed
+    from swavkit.runtime import distributed  # torch: as above
 
     if distributed.is_main_process():  # under torchrun the main process checks and writes the folder first
         folder = FinetuneFolder(folder_path)

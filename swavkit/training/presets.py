@@ -23,6 +23,9 @@ from swavkit.core.model import check_backbone_name
 from swavkit.training.preflight import preflight
 from swavkit.data import BUNDLED_SAMPLE
 from swavkit.data.channels import header_size
+from swavkit.data.shards import is_shard_spec
+from swavkit.data.sources import data_specs, describe_specs, resolve_images
+from swavkit.errors import is_user_error
 from swavkit.runtime.cores import AUTO_WORKER_CAP, default_num_workers, training_threads, usable_cores
 from swavkit.runtime.device import resolve_device, resolve_precision
 from swavkit.training.speed import step_seconds
@@ -288,10 +291,6 @@ def auto_config(tree: dict, implicit: bool = False) -> Config:
     ``implicit``: derived because no recipe was given (``swavkit pretrain data.path=DIR``), not asked for. Then
     data that cannot be looked at (tar shards, a folder that is missing or holds no images) derives nothing:
     the keys keep the schema defaults, and training reports the data itself."""
-    from swavkit.data.shards import is_shard_spec
-    from swavkit.data.sources import data_specs, describe_specs, resolve_images
-    from swavkit.errors import is_user_error
-
     chosen = explicit_keys(tree)
     from_dict(tree)  # unknown keys and wrong types are named before any folder is read
     if "model.backbone" in chosen:

@@ -24,7 +24,9 @@ from typing import Callable
 
 from swavkit.core.activation_checkpointing import backbone_blocks
 from swavkit.config import Config, ConfigError
+from swavkit.core.model import Prototypes
 from swavkit.runtime import distributed
+from swavkit.training.meta_init import replay_into
 from swavkit.training.processes import Processes
 
 
@@ -99,9 +101,6 @@ def materialise_shards(core: nn.Module, recording, device: torch.device, seed: i
     shards (``to_empty``) and fills them with the values the unsharded build gives after ``torch.manual_seed(seed)``
     (:mod:`swavkit.training.meta_init`); the prototypes, whole on every process, as
     :class:`swavkit.core.model.Prototypes` draws them, from where the replay left the generator."""
-    from swavkit.core.model import Prototypes
-    from swavkit.training.meta_init import replay_into
-
     core.to_empty(device=device)
     replay_into(recording, core, seed, skip=("prototypes.",))
     n_prototypes, dim = core.prototypes.weight.shape

@@ -27,6 +27,7 @@ from swavkit.core.loss import FeatureQueue
 from swavkit.core.model import SwAVModel, build_model
 from swavkit.core.optim import build_optimizer, resolve_optimizer_name
 from swavkit.artifacts.rundir import RunFolder
+from swavkit.artifacts.pretrained import load_initial_backbone_state
 from swavkit.core.schedule import build_lr_schedule, explain_peak_lr
 from swavkit.runtime.signals import StopRequest as _StopRequest, StopRequested
 from swavkit.training.step import StepSettings, TrainState
@@ -288,8 +289,6 @@ def _build_model(cfg: Config, procs: Processes, fresh: bool) -> tuple[SwAVModel,
 
 def _initial_backbone_state(cfg: Config) -> dict:
     """The ``model.init`` weights, whole (strictly checked against the backbone)."""
-    from swavkit.artifacts.pretrained import load_initial_backbone_state
-
     return load_initial_backbone_state(cfg.model.init, cfg.model.backbone, backbone_kwargs(cfg))
 
 
