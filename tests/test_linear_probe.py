@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from evaluation_fixtures import ONE_THREAD_ENV, clusters, one_thread, write_labelled_folders  # noqa: F401
-from swavkit.evaluation.linear_probe import (evaluate_linear, fit_softmax_regression, linear_probe_fast,
-                                  stratified_holdout)
+from swavkit.cli.main import main
+from swavkit.evaluation.linear_probe import (REFERENCE_PROBE_FORMAT, evaluate_linear, fit_softmax_regression,
+                                             linear_probe_fast, stratified_holdout)
 from swavkit.evaluation.report import RESULT_KEYS
 
 
@@ -60,9 +61,12 @@ def test_fast_probe_never_looks_at_val_labels_for_selection():
 
 def test_evaluate_linear_reference_writes_its_protocol(tmp_path):
     train_dir, val_dir = write_labelled_folders(tmp_path / "data", n_train=4, n_val=2)
-    result = evaluate_linear("timm:resnet10t", train_dir, val_dir, recipe="reference", epochs=2, batch_size=4,
-                             image_size_px=32, num_workers=0, device="cpu", out_json=tmp_path / "ref.json",
-                             progress=False)
+    common = dict(recipe="reference", epochs=2, batch_size=4, image_size_px=32, num_workers=0, device="cpu",
+                  progress=False, checkpoint=str(tmp_path / "probe.pt"))
+    result = evaluate_linear("timm:resnet10t", train_dir, val_dir, out_json=tmp_path / "ref.json", **common)
+    # the same call again reads the finished state from its checkpoint: the same head, the same numbers
+    again = evaluate_linear("timm:resnet10t", train_dir, val_dir, out_json=tmp_path / "again.json", **common)
+    assert again["metrics"] == result["metrics"] and torch.load(tmp_path / "probe.pt")["format"] == REFERENCE_PROBE_FORMAT
     assert json.loads((tmp_path / "ref.json").read_text()) == json.loads(json.dumps(result))
     assert set(RESULT_KEYS) <= set(result)
     protocol = result["protocol"]
@@ -89,6 +93,10 @@ def test_cli_linear_end_to_end(tmp_path):
     assert set(protocol["holdout_top1"]) == {"0.0001", "0.01"}
     assert protocol["n_fit"] + protocol["n_holdout"] == result["data"]["n_train"] == 30
     assert result["metrics"]["top1"] > 90.0 and "top5" not in result["metrics"]  # 3 colour classes
+
+    # a checkpoint is the reference recipe's: the fast one refuses it in one line before any work
+    assert main(["linear", "--backbone", "timm:resnet10t", "--train", str(train_dir), "--val", str(val_dir),
+                 "--checkpoint", str(tmp_path / "probe.pt")]) == 2 and not (tmp_path / "probe.pt").exists()
 
     bad = subprocess.run([sys.executable, "-m", "swavkit", "linear", "--backbone", "timm:resnet10t", "--train",
                           str(train_dir), "--val", str(tmp_path / "missing")], cwd=tmp_path, capture_output=True,

@@ -132,6 +132,9 @@ def _add_linear(subparsers) -> None:
     _add_option(p, "--lr", linear, "lr", "reference: LR at batch 256, scaled linearly with --batch-size",
                 type=positive_float)
     _add_option(p, "--weight-decay", linear, "weight_decay", "reference: SGD weight decay", type=float)
+    _add_option(p, "--checkpoint", linear, "checkpoint",
+                "reference: save the probe's training state to this file (every 10 min, at the end, on SIGTERM); "
+                "the same command resumes from it", type=str)
     _add_option(p, "--min-crop-scale", linear, "min_crop_scale",
                 "reference: smallest random-resized-crop area fraction", type=positive_float)
 

@@ -263,11 +263,14 @@ def _run_reference(backbone, train_dir, val_dir, preprocessing: Preprocessing, o
     val = LabelledImageFolder(val_dir, preprocessing.transform(), classes=train.classes,
                               max_per_class=options.max_per_class)
     fit_start = time.perf_counter()
-    metrics = linear_probe_reference(backbone, train, val, n_classes=len(train.classes), epochs=linear.epochs,
-                                     batch_size=options.batch_size, lr=linear.lr, weight_decay=linear.weight_decay,
-                                     momentum=linear.momentum, num_workers=options.num_workers,
-                                     device=options.device, precision=options.precision, seed=linear.seed,
-                                     progress=options.progress)
+    with StopRequest() as stop_request:  # with a checkpoint, SIGTERM saves and exits 3; the same command resumes
+        metrics = linear_probe_reference(backbone, train, val, n_classes=len(train.classes), epochs=linear.epochs,
+                                         batch_size=options.batch_size, lr=linear.lr,
+                                         weight_decay=linear.weight_decay, momentum=linear.momentum,
+                                         num_workers=options.num_workers, device=options.device,
+                                         precision=options.precision, seed=linear.seed, progress=options.progress,
+                                         checkpoint=linear.checkpoint or None,
+                                         stop_request=stop_request if linear.checkpoint else None)
     timings = {"train_and_eval": round(time.perf_counter() - fit_start, 3)}
     data = data_record(train_dir, val_dir, len(train), len(val), train.classes, options.max_per_class)
     protocol = {"recipe": "reference", "epochs": linear.epochs, "global_batch_size": options.batch_size,
@@ -316,6 +319,9 @@ def evaluate_linear(backbone_source: str | Path, train_dir: str | Path, val_dir:
         raise ConfigError(f"recipe: '{linear.recipe}' is not one of {', '.join(RECIPES)}")
     if features is not None and linear.recipe != "fast":
         raise ConfigError("precomputed features only fit the fast recipe (the reference one augments images)")
+    if linear.checkpoint and linear.recipe != "reference":
+        raise ConfigError("--checkpoint / checkpoint: only the reference recipe trains long enough to resume; the "
+                          "fast recipe is minutes on cached features: drop it, or pass --recipe reference")
     run = setup.start("linear", backbone_source, options)
     options = replace(options, device=run.device)
     preprocessing = setup.preprocessing_for(backbone_source, options.image_size_px, features)

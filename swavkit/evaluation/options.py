@@ -116,6 +116,8 @@ class LinearOptions:
         weight_decay: reference: SGD weight decay.
         momentum: reference: SGD momentum.
         min_crop_scale: reference: smallest random-resized-crop area fraction.
+        checkpoint: reference: a file for the probe's training state, saved every 10 minutes, at the end and on
+            SIGTERM / SIGINT; the same call again resumes from it (after a kill -9 too). "": nothing saved.
 
     Example:
         ```python
@@ -132,6 +134,7 @@ class LinearOptions:
     weight_decay: float = 1e-6  # reference: SGD weight decay
     momentum: float = 0.9  # reference: SGD momentum
     min_crop_scale: float = 0.08  # reference: smallest random-resized-crop area fraction
+    checkpoint: str = ""  # reference: the probe's resumable training state ("" = none)
 
 
 def apply_keywords(keywords: dict, *options) -> list:
