@@ -21,9 +21,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.wheel
 
-# what never belongs in the source tree that the wheel is built from
-_NOT_SOURCE = shutil.ignore_patterns(".git", ".venv*", "runs", "build", "dist", "site", "*.egg-info", "__pycache__",
-                                     ".pytest_cache", "_work", "exports", "results", "embeddings", "clusters")
+# what never belongs in the source tree that the wheel is built from: anywhere, and (the outputs commands leave in
+# the checkout) at its top only - swavkit/embeddings and swavkit/clusters are packages of the same names
+_NOT_SOURCE_ANYWHERE = shutil.ignore_patterns(".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__",
+                                              ".pytest_cache")
+_NOT_SOURCE_AT_TOP = {"runs", "site", "_work", "exports", "results", "embeddings", "clusters"}
+
+
+def _not_source(folder: str, names: list[str]) -> set[str]:
+    ignored = set(_NOT_SOURCE_ANYWHERE(folder, names))
+    return ignored | (_NOT_SOURCE_AT_TOP & set(names) if Path(folder) == REPO else set())
 
 
 def _run(argv: list, cwd: Path, timeout_s: float = 1800) -> str:
@@ -38,7 +45,7 @@ def installed(tmp_path_factory) -> tuple[Path, Path]:
     """(the built wheel, a fresh venv's bin/ with it installed)."""
     work = tmp_path_factory.mktemp("wheel")
     source = work / "source"
-    shutil.copytree(REPO, source, ignore=_NOT_SOURCE)
+    shutil.copytree(REPO, source, ignore=_not_source)
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", work / "dist", source], cwd=work)
     wheel = next((work / "dist").glob("swavkit-*.whl"))
     subprocess.run([sys.executable, "-m", "venv", work / "venv"], check=True)  # no --system-site-packages: clean
@@ -52,6 +59,10 @@ def test_the_wheel_ships_every_recipe_of_configs(installed):
     shipped = {Path(name).name for name in zipfile.ZipFile(wheel).namelist() if name.startswith("swavkit/recipes/")}
     missing = sorted(path.name for path in (REPO / "configs").glob("*.yaml") if path.name not in shipped)
     assert not missing, f"configs/ files not in the wheel (check setup.py / pyproject package-data): {missing}"
+    modules = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".py")}
+    left_out = sorted(str(path.relative_to(REPO)) for path in (REPO / "swavkit").rglob("*.py")
+                      if str(path.relative_to(REPO)) not in modules)
+    assert not left_out, f"package modules not in the wheel (check setup.py's packages): {left_out}"
 
 
 def test_installed_quickstart_runs_outside_the_checkout(installed, tmp_path):
