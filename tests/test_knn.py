@@ -93,13 +93,17 @@ def _cli(*args, cwd):
                           timeout=300, env=ONE_THREAD_ENV)
 
 
-def test_cli_knn_end_to_end(tmp_path):
+def test_cli_knn_end_to_end(tmp_path, capsys, monkeypatch):
+    from swavkit.cli.main import main
+
+    # the two runs in this process (no second torch import); the refused one below as a real process
+    monkeypatch.chdir(tmp_path)
     train_dir, val_dir = write_labelled_folders(tmp_path / "data", n_train=8, n_val=4)
     out = tmp_path / "result.json"
-    done = _cli("knn", "--backbone", "timm:resnet10t", "--train", str(train_dir), "--val", str(val_dir),
-                "--image-size", "32", "--k", "5", "--workers", "0", "--out", str(out), "--no-progress", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert "top1 %" in done.stdout and str(out) in done.stdout
+    assert main(["knn", "--backbone", "timm:resnet10t", "--train", str(train_dir), "--val", str(val_dir),
+                 "--image-size", "32", "--k", "5", "--workers", "0", "--out", str(out), "--no-progress"]) == 0
+    stdout = capsys.readouterr().out
+    assert "top1 %" in stdout and str(out) in stdout
     result = json.loads(out.read_text())
     assert set(RESULT_KEYS) <= set(result) and result["evaluation"] == "knn"
     assert result["protocol"]["k"] == 5 and math.isclose(result["protocol"]["temperature"], 0.07)
@@ -111,9 +115,8 @@ def test_cli_knn_end_to_end(tmp_path):
     assert {"swavkit_version", "git_commit", "device", "torch_version"} <= set(result["environment"])
     assert result["metrics"]["top1"] > 90.0  # colour classes: even random conv features separate them
 
-    default = _cli("knn", "--backbone", "pixels", "--train", str(train_dir), "--val", str(val_dir),
-                   "--image-size", "16", "--workers", "0", "--no-progress", cwd=tmp_path)
-    assert default.returncode == 0, default.stderr
+    assert main(["knn", "--backbone", "pixels", "--train", str(train_dir), "--val", str(val_dir),
+                 "--image-size", "16", "--workers", "0", "--no-progress"]) == 0
     written = list((tmp_path / "results").glob("knn-pixels-*.json"))
     assert len(written) == 1 and json.loads(written[0].read_text())["backbone"]["feature_dim"] == 3 * 16 * 16
 

@@ -75,16 +75,15 @@ def test_evaluate_linear_reference_writes_its_protocol(tmp_path):
     assert result["data"]["n_train"] == 12 and result["backbone"]["feature_dim"] == 512
 
 
-def test_cli_linear_end_to_end(tmp_path):
+def test_cli_linear_end_to_end(tmp_path, capsys):
+    # the run in this process (no second torch import); the refused one below as a real process
     train_dir, val_dir = write_labelled_folders(tmp_path / "data", n_train=10, n_val=4)
     out = tmp_path / "linear.json"
-    done = subprocess.run([sys.executable, "-m", "swavkit", "linear", "--backbone", "timm:resnet10t",
-                           "--train", str(train_dir), "--val", str(val_dir), "--image-size", "32", "--workers", "0",
-                           "--weight-decays", "1e-4", "1e-2", "--out", str(out), "--no-progress"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env=ONE_THREAD_ENV)
-    assert done.returncode == 0, done.stderr
-    assert "top1 %" in done.stdout and "held-out train" in done.stdout
+    assert main(["linear", "--backbone", "timm:resnet10t", "--train", str(train_dir), "--val", str(val_dir),
+                 "--image-size", "32", "--workers", "0", "--weight-decays", "1e-4", "1e-2", "--out", str(out),
+                 "--no-progress"]) == 0
+    stdout = capsys.readouterr().out
+    assert "top1 %" in stdout and "held-out train" in stdout
     result = json.loads(out.read_text())
     assert set(RESULT_KEYS) <= set(result) and result["evaluation"] == "linear"
     protocol = result["protocol"]
