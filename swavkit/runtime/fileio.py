@@ -29,18 +29,18 @@ from pathlib import Path
 from typing import IO, Iterator
 
 from swavkit.errors import is_unwritable
+from swavkit.runtime.procfs import proc_field
 
 
 def current_umask() -> int:
     """The process umask. Read from /proc where it is shown (Linux >= 4.7): setting it to read it back
     would, for a moment, let another thread create files with no mask at all."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
+    shown = proc_field("/proc/self/status", "Umask")
+    if shown is not None:
+        try:
+            return int(shown, 8)
+        except ValueError:
+            pass
     mask = os.umask(0o077)
     os.umask(mask)
     return mask

@@ -42,6 +42,7 @@ from swavkit.core.loss import swapped_prediction_loss
 from swavkit.core.model import SwAVModel, build_model
 from swavkit.core.optim import resolve_optimizer_name
 from swavkit.runtime.device import autocast_dtype
+from swavkit.runtime.procfs import proc_kib_bytes
 
 # Host memory of a training process before its model and data: the interpreter with torch, timm, torchvision
 # and swavkit imported, the allocator's arenas and the step's bookkeeping (measured: RSS of a training process
@@ -285,13 +286,7 @@ def plan_memory(cfg: Config, processes: int = 1, device_type: str = "cpu", preci
 # what is available
 
 def _meminfo_available() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return proc_kib_bytes("/proc/meminfo", "MemAvailable")
 
 
 def _cgroup_available() -> int | None:
@@ -309,13 +304,7 @@ def _cgroup_available() -> int | None:
 
 
 def _own_rss_bytes() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return proc_kib_bytes("/proc/self/status", "VmRSS") or 0
 
 
 def host_available_bytes(local_processes: int = 1) -> tuple[int | None, str]:
