@@ -208,26 +208,14 @@ def test_resume_equals_uninterrupted_and_the_export_loads(tiny_images_16, tmp_pa
 
 def _killed_after(overrides: list[str], checkpoint, min_step: int) -> int:
     """``swavkit pretrain`` in a subprocess, killed with SIGKILL once ``checkpoint`` holds ``min_step`` or later;
-    the step of the checkpoint it left."""
-    import signal
-    import subprocess
+    the step of the checkpoint it left. The environment as it is: another thread count would change the float
+    sums of the convolutions."""
     import sys
-    import time
 
-    from swavkit.artifacts.checkpoint import load_training_checkpoint
+    from test_distributed import killed_after
 
-    proc = subprocess.Popen([sys.executable, "-m", "swavkit", "pretrain", "--no-progress", "--no-auto", *overrides],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    # the environment as it is: another thread count would change the float sums of the convolutions
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if checkpoint.exists() and load_training_checkpoint(checkpoint)["step"] >= min_step:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return load_training_checkpoint(checkpoint)["step"]
+    return killed_after([sys.executable, "-m", "swavkit", "pretrain", "--no-progress", "--no-auto", *overrides],
+                        checkpoint, min_step, timeout_s=300, poll_s=0.05)
 
 
 @pytest.fixture

@@ -143,20 +143,26 @@ def torchrun_pretrain(overrides: list[str]) -> tuple[list[str], dict]:
     return command, dict(os.environ, OMP_NUM_THREADS="1")
 
 
-def torchrun_killed_after(overrides: list[str], checkpoint, min_step: int) -> int:
-    """:func:`torchrun_pretrain`, killed with SIGKILL once ``checkpoint`` holds step ``min_step`` or later: no
-    chance to save anything. Returns the step of the checkpoint it left."""
-    command, env = torchrun_pretrain(overrides)
+def killed_after(command: list[str], checkpoint, min_step: int, env: dict | None = None, timeout_s: float = 120,
+                 poll_s: float = 0.2) -> int:
+    """``command`` (a training run) killed with SIGKILL, with every process it started, once ``checkpoint`` holds
+    step ``min_step`` or later: no chance to save anything. Returns the step of the checkpoint it left."""
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    deadline = time.time() + 120
+    deadline = time.time() + timeout_s
     while time.time() < deadline and proc.poll() is None:
         if checkpoint.exists() and load_training_checkpoint(checkpoint)["step"] >= min_step:
             break
-        time.sleep(0.2)
+        time.sleep(poll_s)
     assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
     kill_tree(proc.pid)
     proc.wait()
     return load_training_checkpoint(checkpoint)["step"]
+
+
+def torchrun_killed_after(overrides: list[str], checkpoint, min_step: int) -> int:
+    """:func:`torchrun_pretrain`, killed by :func:`killed_after`."""
+    command, env = torchrun_pretrain(overrides)
+    return killed_after(command, checkpoint, min_step, env=env)
 
 
 def test_torchrun_cli_killed_then_resumed(image_folder, tmp_path):
