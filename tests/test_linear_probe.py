@@ -59,13 +59,17 @@ def test_fast_probe_never_looks_at_val_labels_for_selection():
 # The reference recipe's loop (frozen trunk, resume after kill -9, two processes): tests/test_supervised.py.
 
 
-def test_evaluate_linear_reference_writes_its_protocol(tmp_path):
+def test_evaluate_linear_reference_writes_its_protocol(tmp_path, monkeypatch):
     train_dir, val_dir = write_labelled_folders(tmp_path / "data", n_train=4, n_val=2)
     common = dict(recipe="reference", epochs=2, batch_size=4, image_size_px=32, num_workers=0, device="cpu",
                   progress=False, checkpoint=str(tmp_path / "probe.pt"))
     result = evaluate_linear("timm:resnet10t", train_dir, val_dir, out_json=tmp_path / "ref.json", **common)
     # the same call again reads the finished state from its checkpoint: the same head, the same numbers
+    from test_supervised import _record_saves
+
+    saved_steps = _record_saves(monkeypatch)
     again = evaluate_linear("timm:resnet10t", train_dir, val_dir, out_json=tmp_path / "again.json", **common)
+    assert all(step == 6 for step in saved_steps), saved_steps  # nothing trained again (6 steps: 2 epochs of 3)
     assert again["metrics"] == result["metrics"] and torch.load(tmp_path / "probe.pt")["format"] == REFERENCE_PROBE_FORMAT
     assert json.loads((tmp_path / "ref.json").read_text()) == json.loads(json.dumps(result))
     assert set(RESULT_KEYS) <= set(result)

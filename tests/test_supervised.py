@@ -179,6 +179,20 @@ def run_case(case: str, data, out, workers: int = 0) -> dict:
             "weights": load_state(out / "probe.pt")["model"]}
 
 
+def _record_saves(monkeypatch) -> list[int]:
+    """The steps every Checkpointer.save is called with from now on (the saves still happen)."""
+    from swavkit.artifacts.checkpointer import Checkpointer
+
+    steps, save = [], Checkpointer.save
+
+    def recording(self, step):
+        steps.append(step)
+        return save(self, step)
+
+    monkeypatch.setattr(Checkpointer, "save", recording)
+    return steps
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
@@ -188,14 +202,17 @@ def data(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["finetune", "probe"])
-def test_killed_with_sigkill_after_a_checkpoint_then_rerun_equals_an_uninterrupted_run(case, data, tmp_path):
+def test_killed_with_sigkill_after_a_checkpoint_then_rerun_equals_an_uninterrupted_run(case, data, tmp_path,
+                                                                                       monkeypatch):
     straight = run_case(case, data, tmp_path / "straight")
     status = _killed_at(4, case, data, tmp_path / "killed")
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
     saved = load_state(next((tmp_path / "killed").glob("*.pt")))
     assert saved["epoch"] == 1 and saved["part_epoch"]["batches"] == 1  # step 4: epoch 2's first batch
     # the rest in a DataLoader worker: each image's crop is seeded by (seed, epoch, image), not by the worker
+    saved_steps = _record_saves(monkeypatch)
     resumed = run_case(case, data, tmp_path / "killed", workers=1 if case == "finetune" else 0)
+    assert min(saved_steps) == 5, saved_steps  # it went on from step 4 (a rerun from scratch saves step 1 first)
     assert resumed["history"] == straight["history"] and resumed["metrics"] == straight["metrics"]
     assert all(torch.equal(straight["weights"][k], resumed["weights"][k]) for k in straight["weights"])
 
