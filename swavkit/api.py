@@ -141,7 +141,7 @@ def _saved_run_config(tree: dict) -> dict | None:
     """The config.yaml of the run in ``out_dir`` when it has a checkpoint to resume from; None otherwise."""
     import yaml
 
-    out_dir = Path(str(tree.get("out_dir") or Config().out_dir))
+    out_dir = Path(str(tree.get("out_dir") or Config().out_dir)).expanduser()  # as training reads it
     if not (out_dir / RUN_CHECKPOINT).is_file() or not (out_dir / RUN_CONFIG).is_file():
         return None
     try:

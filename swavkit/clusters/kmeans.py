@@ -1,6 +1,6 @@
 """K groups from a backbone's embeddings: spherical k-means (faiss), the choice of K, and the distance past
 which a new image belongs to no group. Pure functions of explicit arrays; the command is
-:func:`swavkit.clusters.explorer.group_images` / :func:`swavkit.clusters.explorer.assign_images`.
+:func:`swavkit.clusters.groups.group_images` / :func:`swavkit.clusters.groups.assign_images`.
 
 Embeddings are L2-normalised, so k-means on the unit sphere (centroids re-normalised after each update)
 groups by cosine similarity, the similarity the backbone was trained with; the cosine distance of an image to

@@ -108,8 +108,7 @@ class MemoryBank(torch.nn.Module):
     def write(self, ids: torch.Tensor, embeddings: torch.Tensor) -> None:
         """ids [B] int64, embeddings [A, B, D] unit rows -> the next B slots (wrapping round at the end)."""
         B = ids.shape[0]
-        slots = (torch.arange(B) + self.next_slot) % self.slots
-        slots = slots.to(self.ids.device)
+        slots = (torch.arange(B, device=self.ids.device) + self.next_slot) % self.slots
         self.ids[slots] = ids.to(self.ids.device)
         self.embeddings[:, slots] = embeddings.to(self.embeddings)
         self.next_slot = (self.next_slot + B) % self.slots

@@ -22,10 +22,10 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
+from swavkit.data.constants import RAW_PIXELS_SOURCE
 from swavkit.errors import ConfigError
 from swavkit.evaluation.floors import evaluate_beside
 
-RAW_PIXELS_SOURCE = "pixels"  # = swavkit.data.constants.RAW_PIXELS_SOURCE (not imported: it loads torch)
 BASELINE_KINDS = {"timm": "timm pretrained (cached)", "export": "swavkit export", "file": "checkpoint file"}
 
 

@@ -3,7 +3,7 @@
 1. keywords -> options (:func:`swavkit.evaluation.options.apply_keywords`, done by the caller);
 2. the output check: ``--out`` is new or an earlier swavkit result, the baselines are on disk (one line each,
    before minutes of work);
-3. processes: join torchrun / srun (k-NN, linear), or refuse them in one line (fine-tuning); the device;
+3. processes: join torchrun / srun (k-NN, linear and fine-tuning); the device;
 4. preprocessing: the backbone's image size and mean/std (:func:`preprocessing_for`);
 5. the result record (:meth:`Evaluation.record`: device, start time, wall time, world size filled in);
 6. write it (main process) and broadcast it, so every process returns the same record (:meth:`Evaluation.publish`);
@@ -31,8 +31,6 @@ from swavkit.evaluation.floors import add_floors, floors_wanted
 from swavkit.evaluation.report import (build_result, check_result_target, default_result_path, rewrite_result,
                                        utc_now, write_result)
 from swavkit.runtime import distributed
-from swavkit.runtime.device import resolve_device, resolve_precision
-from swavkit.runtime.distributed import LaunchError, detect_launch
 
 
 @dataclass
@@ -86,30 +84,15 @@ class Evaluation:
         return result
 
 
-def one_process_device(device: str, precision: str, command: str) -> torch.device:
-    """The device of an evaluation that runs in one process (``command``, e.g. "swavkit finetune"): refused in
-    one line (LaunchError) under torchrun or srun; a device that is there; a precision it runs (fp16 on a CPU
-    is refused now, not after reading the data)."""
-    launch = detect_launch()
-    if launch.world_size > 1:
-        raise LaunchError(f"{command} runs in one process (one GPU or the CPU), but {launch.launcher} started "
-                          f"{launch.world_size}; launch it with plain python or swavkit, not torchrun or srun")
-    resolved = resolve_device(device)
-    resolve_precision(precision, resolved)
-    return resolved
-
-
-def start(evaluation: str, source: str | Path, options, *, check_output: Callable = check_result_target,
-          one_process: str = "") -> Evaluation:
+def start(evaluation: str, source: str | Path, options, *, check_output: Callable = check_result_target) -> Evaluation:
     """Steps 2-3 for ``options`` (EvalOptions or FinetuneOptions: ``out_json``, ``baselines``, ``device``,
     ``precision``): the output and baselines checked before any work, then the processes joined (torchrun /
-    srun), or, with ``one_process`` naming the command, refused (:func:`one_process_device`).
+    srun; every evaluation runs under them).
     ``check_output(out_json)`` may check more than the record (fine-tuning: its label list too)."""
     check_output(options.out_json)  # before minutes of feature extraction or training
     baseline_kinds = check_baselines(options.baselines)  # a baseline that is not on disk: one line, before any work
     started_at, start_s = utc_now(), time.perf_counter()
-    device = (one_process_device(options.device, options.precision, one_process) if one_process
-              else init_processes(options.device))
+    device = init_processes(options.device)
     return Evaluation(evaluation, str(source), device, started_at, start_s, baseline_kinds)
 
 
@@ -120,4 +103,4 @@ def preprocessing_for(source: str | Path, image_size_px: int | None,
     return features.preprocessing if features is not None else resolve_preprocessing(source, image_size_px)
 
 
-__all__ = ["Evaluation", "start", "preprocessing_for", "one_process_device"]
+__all__ = ["Evaluation", "start", "preprocessing_for"]
