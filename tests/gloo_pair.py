@@ -3,9 +3,10 @@
 ``torch.multiprocessing.spawn`` starts two fresh interpreters per test, and each pays the torch/timm import
 (~4 s of CPU) before its first collective. :class:`GlooPair` pays it once: ``pair.run(fn, *args)`` calls
 ``fn(rank, 2, port, *args)`` on both processes at the same time (the signature ``mp.spawn`` gives its
-workers), with a fresh port, and raises what a rank raised. What one job leaves in a process does not reach
-the next: the environment is restored, a process group still open is destroyed, and after a failed or timed
-out job both processes are killed and the next job starts a new pair.
+workers), with a fresh port, and raises what a rank raised. Every job starts as a fresh worker would: the
+environment as the process began, no process group, one torch thread, torch's global RNG at its initial seed;
+after a failed or timed out job both processes are killed and the next job starts a new pair. Module-level
+state of the test modules themselves does carry over (as in any one pytest process).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def _serve(rank: int, conn) -> None:
     import torch
     import torch.distributed as dist
 
-    environ = dict(os.environ)
+    environ, initial_seed = dict(os.environ), torch.initial_seed()
+    torch.set_num_threads(1)
     while True:
         try:
             job = conn.recv_bytes()
@@ -53,6 +55,7 @@ def _serve(rank: int, conn) -> None:
             os.environ.clear()
             os.environ.update(environ)
             torch.set_num_threads(1)
+            torch.manual_seed(initial_seed)
         conn.send(reply)
 
 
