@@ -61,7 +61,10 @@ def step_seconds(cfg: Config, device: torch.device, world: int = 1, precision: s
 def measure_step_seconds(cfg: Config, device: torch.device, world: int = 1, precision: str = "fp32") -> float:
     """Median wall seconds of :data:`TIMED_STEPS` optimiser steps of ``cfg``'s model (built as training builds
     it, on ``device``) on random crops [B, C, size, size] at the per-process batch B, after one untimed step.
-    The global RNG is left as it was (training seeds its own)."""
+    The global RNG is left as it was (training seeds its own). ``method=deepclusterv2`` is timed on the SwAV step of
+    the same model and crops (Sinkhorn codes instead of its memory bank and k-means targets, which need the data
+    set): the backbone's forward and backward, the same in both, are nearly all of a step; the epoch-start
+    k-means is not in the figure."""
     batch = max(1, cfg.train.batch_size // world)
     m = cfg.model
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
