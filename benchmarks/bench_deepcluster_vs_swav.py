@@ -39,7 +39,6 @@ def main() -> int:
                                                                                  DEFAULT_SHARED_DATA)))
     parser.add_argument("--budget", type=float, default=4.0, metavar="MINUTES", help="train.budget_minutes per run")
     parser.add_argument("--repeats", type=int, default=1, help="runs per arm (ABBA order)")
-    parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-progress", action="store_true")
